@@ -1,0 +1,620 @@
+"""The Cognica / nanochat GPT cut into Product-of-Experts stages: one definition for
+training, native inference and the Hugging Face remote code.
+
+    from poelm.model import GPT, GPTConfig
+    model = GPT(GPTConfig(n_layer=4, n_embd=128, n_head=2, vocab_size=512, sequence_len=256))
+    model.init_weights()
+    loss = model(idx, targets)                       # the loss of config.poe_mode
+    logits, stage_logits = model(idx, return_stage_logits=True)
+
+Architecture (../shared/spec/model.md): weightless RMSNorm, smear (bigram mix of the
+previous token's normed embedding), x0 blend before every block, rotary + QK-norm
+attention with sliding windows ("SSSL", last layer always L), value embeddings on
+alternating layers, relu^2 MLP, backout of the middle residual, soft-capped logits.
+The layers are cut into K consecutive stages; every stage boundary has a readout through
+the shared `lm_head` (plus an optional per-stage head). Training objectives are those of
+poe.md §1. The cached path (`KVCache`, `embed`, `run_layers`, `readout`) runs any layer
+range on any chunk of positions, which the engine uses for pruning, WAND and
+self-speculative decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+POE_MODES = ("none", "flat", "hier", "residual_logop")
+SOFTCAP = 15.0
+SMEAR_DIM = 24  # the smear gate reads the first 24 channels of the normed embedding
+VE_GATE_DIM = 12  # the value-embedding gate reads the first 12 channels
+QK_SCALE = 1.2
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class GPTConfig:
+    """Every architecture and objective setting. Sizes left as None are derived."""
+
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 24
+    n_embd: int | None = None  # None: ceil(n_layer * aspect_ratio / head_dim) * head_dim
+    n_head: int | None = None  # None: n_embd // head_dim
+    n_kv_head: int | None = None  # None: n_head (multi-head attention)
+    head_dim: int = 128
+    aspect_ratio: int = 64
+    intermediate_size: int | None = None  # None: 4 * n_embd
+    window_pattern: str = "SSSL"
+    short_window: int | None = None  # None: sequence_len // 4 rounded up to 128
+    poe_mode: str = "flat"  # none | flat | hier | residual_logop
+    poe_alpha: float = 0.0
+    poe_every: int | None = None  # uniform stages of this many layers
+    poe_stage_layers: tuple[int, ...] | None = None  # explicit stage sizes
+    per_stage_head: bool = False
+    backout: bool | None = None  # final readout subtracts backout_lambda * x_mid; None: only for BP
+
+    def __post_init__(self) -> None:
+        if self.n_layer < 1:
+            raise ValueError(f"n_layer must be >= 1, got {self.n_layer}")
+        if self.n_embd is None:
+            hd = self.head_dim
+            self.n_embd = math.ceil(self.n_layer * self.aspect_ratio / hd) * hd
+        if self.n_head is None:
+            if self.n_embd % self.head_dim:
+                raise ValueError(f"n_embd {self.n_embd} is not a multiple of head_dim {self.head_dim}: set n_head")
+            self.n_head = self.n_embd // self.head_dim
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        self.head_dim = self.n_embd // self.n_head
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}")
+        if self.n_embd < SMEAR_DIM:
+            raise ValueError(f"n_embd must be >= {SMEAR_DIM} (the smear gate reads 24 channels)")
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.n_embd
+        if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:
+            raise ValueError(f"window_pattern {self.window_pattern!r} may only hold the letters S and L")
+        self.window_pattern = self.window_pattern.upper()
+        if self.poe_mode not in POE_MODES:
+            raise ValueError(f"poe_mode {self.poe_mode!r} is not one of {', '.join(POE_MODES)}")
+        self._resolve_stages()
+        if self.backout is None:
+            self.backout = self.poe_mode == "none"
+
+    def _resolve_stages(self) -> None:
+        if self.poe_stage_layers is not None:
+            layers = tuple(int(n) for n in self.poe_stage_layers)
+            if any(n < 1 for n in layers) or sum(layers) != self.n_layer:
+                raise ValueError(f"poe_stage_layers {layers} must be positive and sum to n_layer={self.n_layer}")
+            if self.poe_every is not None and layers != (self.poe_every,) * len(layers):
+                raise ValueError("set either poe_every or poe_stage_layers, not both")
+        else:
+            every = self.poe_every
+            if every is None:  # default: 4 equal stages when the depth allows, else one stage
+                every = self.n_layer // 4 if self.n_layer % 4 == 0 else self.n_layer
+            if every < 1 or self.n_layer % every:
+                raise ValueError(f"poe_every={every} does not divide n_layer={self.n_layer}: use poe_stage_layers")
+            layers = (every,) * (self.n_layer // every)
+        self.poe_stage_layers = layers
+        self.poe_every = layers[0] if len(set(layers)) == 1 else None
+
+    # --- derived quantities ---------------------------------------------------
+    @property
+    def n_stages(self) -> int:
+        return len(self.poe_stage_layers)
+
+    @property
+    def stage_ends(self) -> list[int]:
+        """Index of the last layer of each stage (d24, 4x6: [5, 11, 17, 23])."""
+        ends, total = [], 0
+        for n in self.poe_stage_layers:
+            total += n
+            ends.append(total - 1)
+        return ends
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / 64) * 64
+
+    @property
+    def backout_layer(self) -> int:
+        return self.n_layer // 2
+
+    def window_sizes(self) -> list[int]:
+        """Window w of each layer: a query at t sees keys t-w ... t."""
+        long = self.sequence_len
+        short = self.short_window
+        if short is None:
+            short = math.ceil((self.sequence_len // 4) / 128) * 128
+        short = min(short, long)
+        sizes = [short if self.window_pattern[i % len(self.window_pattern)] == "S" else long
+                 for i in range(self.n_layer)]
+        sizes[-1] = long
+        return sizes
+
+    def has_value_embed(self, layer: int) -> bool:
+        return layer % 2 == (self.n_layer - 1) % 2
+
+    def is_poe(self) -> bool:
+        return self.poe_mode != "none"
+
+    # --- serialisation --------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["poe_stage_layers"] = list(self.poe_stage_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, *, ignore: tuple[str, ...] = ()) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in d if k not in known and k not in ignore)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        kw = {k: v for k, v in d.items() if k in known}
+        if kw.get("poe_stage_layers") is not None:
+            kw["poe_stage_layers"] = tuple(kw["poe_stage_layers"])
+        return cls(**kw)
+
+
+# -----------------------------------------------------------------------------
+# Small pieces
+
+
+def rmsnorm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def softcap(logits: torch.Tensor) -> torch.Tensor:
+    return SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, D); cos/sin broadcastable to (B, T, 1, D/2). Half-split layout."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1)
+
+
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """Boolean mask (..., Tq, Tk): key visible iff q-window <= k <= q."""
+    diff = q_pos.unsqueeze(-1) - k_pos.unsqueeze(-2)
+    return (diff >= 0) & (diff <= window)
+
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Per-layer keys/values plus what the smear needs, for cached decoding.
+
+    Rows may be left-padded (`pad[b]` leading pad slots): row b's token at slot s has
+    position s - pad[b]. Each layer has its own filled length so WAND can leave deeper
+    layers behind and back-fill them later; `crop(n)` rolls every layer back to n slots.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None,
+                 dtype: torch.dtype = torch.float32, pad: torch.Tensor | None = None):
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.lengths = [0] * config.n_layer
+        self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.n_tokens = 0  # slots that went through embed()
+        self.pad = pad.to(device) if pad is not None else torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    def crop(self, n: int) -> None:
+        self.lengths = [min(length, n) for length in self.lengths]
+        self.n_tokens = min(self.n_tokens, n)
+
+    def positions(self, start: int, count: int) -> torch.Tensor:
+        """(B, count) positions of slots start ... start+count-1 of every row."""
+        slots = torch.arange(start, start + count, device=self.tokens.device)
+        return slots.unsqueeze(0) - self.pad.unsqueeze(1)
+
+
+# -----------------------------------------------------------------------------
+# Blocks
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        d, hd = config.n_embd, config.head_dim
+        self.c_q = nn.Linear(d, self.n_head * hd, bias=False)
+        self.c_k = nn.Linear(d, self.n_kv_head * hd, bias=False)
+        self.c_v = nn.Linear(d, self.n_kv_head * hd, bias=False)
+        self.c_proj = nn.Linear(self.n_head * hd, d, bias=False)
+        self.ve_gate = nn.Linear(VE_GATE_DIM, self.n_kv_head, bias=False) if config.has_value_embed(layer_idx) else None
+
+    def forward(self, x: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                window: int, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_DIM]))  # (B, T, Hkv)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+        q = rmsnorm(apply_rotary(q, cos, sin)) * QK_SCALE
+        k = rmsnorm(apply_rotary(k, cos, sin)) * QK_SCALE
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if cache is None:
+            y = self._attend_full(q, k, v, window)
+        else:
+            y = self._attend_cached(q, k, v, window, cache, start)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.c_proj(y)
+
+    def _attend_full(self, q, k, v, window: int) -> torch.Tensor:
+        T = q.shape[2]
+        gqa = self.n_head != self.n_kv_head
+        if window >= T - 1:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        pos = torch.arange(T, device=q.device)
+        mask = window_mask(pos, pos, window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+    def _attend_cached(self, q, k, v, window: int, cache: KVCache, start: int) -> torch.Tensor:
+        i, T = self.layer_idx, q.shape[2]
+        if cache.lengths[i] != start:
+            raise RuntimeError(f"layer {i} cache holds {cache.lengths[i]} slots, chunk starts at {start}")
+        end = start + T
+        if end > cache.max_len:
+            raise ValueError(f"KV cache of {cache.max_len} slots is full; allocate a longer cache")
+        cache.k[i][:, :, start:end] = k.to(cache.k[i].dtype)
+        cache.v[i][:, :, start:end] = v.to(cache.v[i].dtype)
+        cache.lengths[i] = end
+        lo = max(0, start - window)  # the earliest key any query of this chunk can see
+        keys = cache.k[i][:, :, lo:end].to(q.dtype)
+        values = cache.v[i][:, :, lo:end].to(q.dtype)
+        q_slot = torch.arange(start, end, device=q.device)
+        k_slot = torch.arange(lo, end, device=q.device)
+        mask = window_mask(q_slot, k_slot, window).unsqueeze(0)  # (1, T, Tk)
+        mask = mask & (k_slot.unsqueeze(0) >= cache.pad.unsqueeze(1)).unsqueeze(1)  # (B, T, Tk)
+        mask = mask | ~mask.any(-1, keepdim=True)  # pad-slot queries: attend anywhere, result unused
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1),
+                                              enable_gqa=self.n_head != self.n_kv_head)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.c_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin, window, cache=None, start=0):
+        x = x + self.attn(rmsnorm(x), ve, cos, sin, window, cache, start)
+        return x + self.mlp(rmsnorm(x))
+
+
+# -----------------------------------------------------------------------------
+# Chunked soft-capped cross-entropy: never holds a full (N, V) logit tensor for backward
+
+
+def _capped_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    raw = (hidden @ weight[:vocab].t()).float()  # (n, V)
+    t = torch.tanh(raw / SOFTCAP)
+    return SOFTCAP * t, t
+
+
+class _SoftcapCrossEntropy(torch.autograd.Function):
+    """Sum of token NLLs of softcap(hidden @ weight.T) (optionally the running Log-OP with
+    detached earlier readouts). The gradients are computed chunk by chunk in the forward
+    pass and only (N, d) + (V, d) of them are kept, not the (N, V) logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, priors, vocab, chunk, need_grad):
+        n_terms = len(priors) + 1
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.zeros_like(hidden) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        for s in range(0, hidden.shape[0], chunk):
+            h, tgt = hidden[s:s + chunk], targets[s:s + chunk]
+            z, t = _capped_logits(h, weight, vocab)
+            logq = z.log_softmax(-1)
+            if priors:
+                total = logq + sum(_capped_logits(ph[s:s + chunk], pw, vocab)[0].log_softmax(-1) for ph, pw in priors)
+                logq = (total / n_terms).log_softmax(-1)
+            valid = tgt >= 0
+            safe = tgt.clamp(min=0).unsqueeze(1)
+            loss += -(logq.gather(1, safe).squeeze(1) * valid).sum()
+            if need_grad:
+                g = logq.exp()
+                g.scatter_add_(1, safe, -torch.ones_like(safe, dtype=g.dtype))
+                g *= (valid.to(g.dtype) / n_terms).unsqueeze(1)
+                g *= 1 - t * t  # through the soft cap
+                g = g.to(h.dtype)
+                grad_h[s:s + chunk] = g @ weight[:vocab]
+                grad_w[:vocab] += g.t().float() @ h.float()
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_grad else None)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None, None, None, None, None
+
+
+def softcap_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: int,
+                          priors: list[tuple[torch.Tensor, torch.Tensor]] = (), chunk_elems: int = 2 ** 23) -> torch.Tensor:
+    """Summed NLL over targets >= 0. hidden (N, d) already normed, weight (Vp, d), targets (N,)."""
+    chunk = max(1, chunk_elems // vocab)
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    priors = [(ph.detach(), pw.detach()) for ph, pw in priors]
+    return _SoftcapCrossEntropy.apply(hidden, weight, targets, priors, vocab, chunk, need_grad)
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        V, d, L = config.padded_vocab_size, config.n_embd, config.n_layer
+        kv_dim = config.n_kv_head * config.head_dim
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(V, d),
+            h=nn.ModuleList([Block(config, i) for i in range(L)]),
+        ))
+        self.lm_head = nn.Linear(d, V, bias=False)
+        if config.per_stage_head:
+            self.lm_head_stages = nn.ModuleList([nn.Linear(d, V, bias=False) for _ in range(config.n_stages)])
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in range(L) if config.has_value_embed(i)})
+        self.resid_lambdas = nn.Parameter(torch.ones(L))
+        self.x0_lambdas = nn.Parameter(torch.zeros(L))
+        self.smear_gate = nn.Linear(SMEAR_DIM, 1, bias=False)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.zeros(1))
+        self.windows = config.window_sizes()
+        self._rotary_len = 0
+        self.register_buffer("rotary_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rotary_sin", torch.empty(0), persistent=False)
+
+    # --- init -----------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The initialisation of model.md (call after moving off the meta device)."""
+        cfg = self.config
+        s = math.sqrt(3) / math.sqrt(cfg.n_embd)
+        L = cfg.n_layer
+        nn.init.normal_(self.transformer.wte.weight, 0.0, 0.8)
+        nn.init.normal_(self.lm_head.weight, 0.0, 0.001)
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                nn.init.uniform_(lin.weight, -s, s)
+            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        for emb in self.value_embeds.values():
+            nn.init.uniform_(emb.weight, -s, s)
+        nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        self.smear_lambda.zero_()
+        self.backout_lambda.fill_(0.2)
+        frac = torch.arange(L, dtype=torch.float32) / max(L - 1, 1)
+        self.resid_lambdas.copy_(1.15 - 0.10 * frac)
+        self.x0_lambdas.copy_(0.20 - 0.15 * frac)
+        if self.config.per_stage_head:
+            for head in self.lm_head_stages:
+                nn.init.zeros_(head.weight)
+        self.rotary_cos = torch.empty(0, device=self.lm_head.weight.device)
+        self._rotary_len = 0
+
+    # --- helpers --------------------------------------------------------------
+    def _rotary(self, positions: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for positions (T,) or (B, T), all < need -> broadcastable to (B, T, 1, D/2)."""
+        device = self.lm_head.weight.device
+        if need > self._rotary_len or self.rotary_cos.device != device:
+            length = max(need, self.config.sequence_len * 2)
+            hd = self.config.head_dim
+            inv_freq = 1.0 / (100000 ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+            angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+            self.rotary_cos, self.rotary_sin = angles.cos(), angles.sin()
+            self._rotary_len = length
+        pos = positions.clamp(min=0)
+        cos, sin = self.rotary_cos[pos], self.rotary_sin[pos]
+        if cos.dim() == 2:
+            cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+        return cos.unsqueeze(2), sin.unsqueeze(2)
+
+    def stage_of_layer(self, layer: int) -> int:
+        return next(k for k, end in enumerate(self.config.stage_ends) if layer <= end)
+
+    def _detaches(self) -> bool:
+        return self.config.poe_mode in ("flat", "residual_logop")
+
+    def stage_head_weight(self, stage: int) -> torch.Tensor:
+        """Effective head of stage k: the shared head plus its own head (when present)."""
+        w = self.lm_head.weight
+        if self.config.per_stage_head:
+            w = w + self.lm_head_stages[stage].weight
+        return w
+
+    # --- embedding and layers (shared by every path) ---------------------------
+    def embed(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Normed, smeared token embeddings (B, T, d). With a cache, idx continues its slots."""
+        x = rmsnorm(self.transformer.wte(idx))  # (B, T, d)
+        if cache is None:
+            prev = x[:, :-1]
+            gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_DIM]))  # (B, T-1, 1)
+            return torch.cat([x[:, :1], x[:, 1:] + gate * prev], dim=1)
+        start, T = cache.n_tokens, idx.shape[1]
+        if start == 0:
+            prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        else:
+            prev_first = rmsnorm(self.transformer.wte(cache.tokens[:, start - 1:start]))
+            prev = torch.cat([prev_first, x[:, :-1]], dim=1)
+        cache.tokens[:, start:start + T] = idx
+        cache.n_tokens = start + T
+        has_prev = (cache.positions(start, T) >= 1).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_DIM]))
+        return x + gate * prev * has_prev
+
+    def run_layers(self, x: torch.Tensor, x0: torch.Tensor, idx: torch.Tensor, start_layer: int, end_layer: int,
+                   cache: KVCache | None = None, start: int = 0, keep: set[int] = frozenset(),
+                   detach_stages: bool = False) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Run layers [start_layer, end_layer) on x (B, T, d) at slots start ... start+T-1.
+
+        Returns the new residual and the residual after every layer listed in `keep`.
+        `detach_stages` cuts the residual (not x0) at every stage boundary (PoE flat)."""
+        B, T, _ = x.shape
+        positions = cache.positions(start, T) if cache is not None else torch.arange(start, start + T, device=x.device)
+        cos, sin = self._rotary(positions, start + T)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        ends = set(self.config.stage_ends[:-1])
+        kept = {}
+        for i in range(start_layer, end_layer):
+            if detach_stages and (i - 1) in ends:
+                x = x.detach()
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = self.transformer.h[i](x, ve, cos, sin, self.windows[i], cache, start)
+            if i in keep:
+                kept[i] = x
+        return x, kept
+
+    def readout(self, x: torch.Tensor, stage: int | None = None, x_mid: torch.Tensor | None = None) -> torch.Tensor:
+        """Soft-capped fp32 logits (..., vocab). stage=None: the final readout (backout if set)."""
+        if stage is None:
+            stage = self.config.n_stages - 1
+            if self.config.backout:
+                x = x - self.backout_lambda * x_mid
+        logits = rmsnorm(x) @ self.stage_head_weight(stage).t()
+        return softcap(logits[..., : self.config.vocab_size].float())
+
+    # --- full-sequence forward -------------------------------------------------
+    def trunk(self, idx: torch.Tensor, upto_stage: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """One pass over the layers: the residual at every stage boundary (up to `upto_stage`)
+        and x_mid (None when the backout layer was not reached)."""
+        cfg = self.config
+        last = cfg.n_stages - 1 if upto_stage is None else upto_stage
+        ends = cfg.stage_ends[: last + 1]
+        x = x0 = self.embed(idx)
+        x, kept = self.run_layers(x, x0, idx, 0, ends[-1] + 1, keep=set(ends) | {cfg.backout_layer},
+                                  detach_stages=self._detaches())
+        return [kept[e] for e in ends], kept.get(cfg.backout_layer)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_stage_logits: bool = False,
+                return_stage_losses: bool = False):
+        """idx (B, T). With targets: the scalar loss of config.poe_mode (and the detached
+        per-stage losses (K,) when return_stage_losses). Without: final logits (B, T, V)
+        and, when return_stage_logits, the list of K stage logits from the same pass."""
+        stage_x, x_mid = self.trunk(idx)
+        if targets is None:
+            logits = self.readout(stage_x[-1], None, x_mid)
+            if return_stage_logits:
+                return logits, [self.readout(x, k) for k, x in enumerate(stage_x)]
+            return logits
+        loss, stage_losses = self._loss(stage_x, x_mid, targets)
+        return (loss, stage_losses) if return_stage_losses else loss
+
+    def _loss(self, stage_x: list[torch.Tensor], x_mid: torch.Tensor | None, targets: torch.Tensor):
+        cfg = self.config
+        tgt = targets.reshape(-1)
+        count = (tgt >= 0).sum().clamp(min=1)
+        flat = lambda x: rmsnorm(x).reshape(-1, x.shape[-1])  # noqa: E731  (B*T, d)
+        if cfg.poe_mode == "none":
+            x = stage_x[-1] - self.backout_lambda * x_mid if cfg.backout else stage_x[-1]
+            loss = softcap_cross_entropy(flat(x), self.stage_head_weight(cfg.n_stages - 1), tgt, cfg.vocab_size) / count
+            return loss, loss.detach().unsqueeze(0)
+        normed = [flat(x) for x in stage_x]
+        weights = [self.stage_head_weight(k) for k in range(cfg.n_stages)]
+        losses = []
+        for k in range(cfg.n_stages):
+            priors = list(zip(normed[:k], weights[:k])) if cfg.poe_mode == "residual_logop" else []
+            losses.append(softcap_cross_entropy(normed[k], weights[k], tgt, cfg.vocab_size, priors) / count)
+        loss = sum(losses) / cfg.n_stages ** (1 - cfg.poe_alpha)
+        return loss, torch.stack([l.detach() for l in losses])
+
+    @torch.no_grad()
+    def token_nats(self, idx: torch.Tensor, targets: torch.Tensor, logop_alpha: float | None = None,
+                   chunk_elems: int = 2 ** 23) -> dict[str, torch.Tensor]:
+        """Per-token NLL in nats of the final readout, every stage and the renormalised
+        Log-OP of all stages: {"final": (B,T), "stages": (K,B,T), "logop": (B,T)}."""
+        cfg = self.config
+        stage_x, x_mid = self.trunk(idx)
+        alpha = cfg.poe_alpha if logop_alpha is None else logop_alpha
+        w = 1.0 / cfg.n_stages ** (1 - alpha)
+        B, T = targets.shape
+        tgt = targets.reshape(-1).clamp(min=0).unsqueeze(1)
+        final_x = stage_x[-1] - self.backout_lambda * x_mid if cfg.backout else stage_x[-1]
+        sources = [final_x] + stage_x
+        heads = [self.stage_head_weight(cfg.n_stages - 1)] + [self.stage_head_weight(k) for k in range(cfg.n_stages)]
+        flat = [rmsnorm(x).reshape(B * T, -1) for x in sources]
+        out = torch.empty(len(sources) + 1, B * T, device=idx.device)
+        chunk = max(1, chunk_elems // cfg.vocab_size)
+        for s in range(0, B * T, chunk):
+            logop = 0
+            for j, (h, wt) in enumerate(zip(flat, heads)):
+                logp = _capped_logits(h[s:s + chunk], wt, cfg.vocab_size)[0].log_softmax(-1)
+                out[j, s:s + chunk] = -logp.gather(1, tgt[s:s + chunk]).squeeze(1)
+                if j > 0:
+                    logop = logop + w * logp
+            out[-1, s:s + chunk] = -logop.log_softmax(-1).gather(1, tgt[s:s + chunk]).squeeze(1)
+        out = out.view(-1, B, T)
+        return {"final": out[0], "stages": out[1:-1], "logop": out[-1]}
+
+    # --- cached inference -------------------------------------------------------
+    def new_cache(self, batch_size: int, max_len: int | None = None, pad: torch.Tensor | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len or self.config.sequence_len, p.device, dtype or p.dtype, pad)
+
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache, stage: int | None = None) -> torch.Tensor:
+        """Continue every row of the cache with idx (B, T): logits (B, T, V) of the final
+        readout, or of stage `stage` (then the deeper layers never run)."""
+        start = cache.n_tokens
+        x = x0 = self.embed(idx, cache)
+        end_layer = self.config.n_layer if stage is None else self.config.stage_ends[stage] + 1
+        keep = {self.config.backout_layer} if stage is None and self.config.backout else set()
+        x, kept = self.run_layers(x, x0, idx, 0, end_layer, cache, start, keep=keep)
+        return self.readout(x, stage, kept.get(self.config.backout_layer))
+
+    # --- accounting ----------------------------------------------------------------
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def matmul_params(self) -> int:
+        """Parameters that take part in matmuls (blocks and heads; not embeddings or scalars)."""
+        n = sum(p.numel() for p in self.transformer.h.parameters())
+        return n + self.lm_head.weight.numel()
+
+    def flops_per_token(self, seq_len: int | None = None, training_heads: bool = True) -> float:
+        """6 * matmul params + attention, plus the extra head projections PoE training runs."""
+        cfg = self.config
+        T = seq_len or cfg.sequence_len
+        attn = sum(12 * cfg.n_head * cfg.head_dim * min(w, T) for w in self.windows)
+        extra_heads = cfg.n_stages - 1 if (training_heads and cfg.is_poe()) else 0
+        return 6 * (self.matmul_params() + extra_heads * self.lm_head.weight.numel()) + attn
