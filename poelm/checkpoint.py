@@ -1,0 +1,405 @@
+"""Saving and loading models: the Hugging Face directory layout, nanochat checkpoint
+directories, training runs, presets and hub ids — everything `MODEL` may name.
+
+    from poelm.checkpoint import load_model, save_model
+    model, tokenizer = load_model("runs/demo")        # a run, model dir, nanochat dir or preset
+    save_model(model, "out/model", tokenizer)           # config.json + model.safetensors + tokenizer
+
+A model directory (formats.md) holds `config.json`, `model.safetensors` and the tokenizer
+files; `poelm export` adds the remote code. Every write goes to a temporary name first and
+is renamed into place, so a crash never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from poelm.model import GPT, GPTConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+GENERATION_CONFIG_NAME = "generation_config.json"
+LATEST_NAME = "latest"  # a training run's pointer to its newest checkpoint directory
+MODEL_TYPE = "cognica_poe"
+# Fields written next to GPTConfig's own for transformers (read back only by transformers).
+HF_FIELDS = ("model_type", "architectures", "auto_map", "num_hidden_layers", "hidden_size", "num_attention_heads",
+             "num_key_value_heads", "max_position_embeddings", "torch_dtype", "dtype", "bos_token_id",
+             "eos_token_id", "pad_token_id", "transformers_version", "tie_word_embeddings", "use_cache",
+             "_name_or_path")
+KEY_PREFIXES = ("_orig_mod.", "model.", "module.")
+
+
+# -----------------------------------------------------------------------------
+# Atomic file helpers
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Move a fully written tmp_dir onto final_dir (the old one is removed only after)."""
+    final_dir = Path(final_dir)
+    old = None
+    if final_dir.exists():
+        old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# Config <-> config.json
+
+
+def config_to_json(config: GPTConfig, dtype: str = "float32") -> dict:
+    d = config.to_dict()
+    d.update({
+        "model_type": MODEL_TYPE,
+        "architectures": ["CognicaPoEForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_cognica_poe.CognicaPoEConfig",
+            "AutoModelForCausalLM": "modeling_cognica_poe.CognicaPoEForCausalLM",
+        },
+        "num_hidden_layers": config.n_layer,
+        "hidden_size": config.n_embd,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "max_position_embeddings": config.sequence_len,
+        "torch_dtype": dtype,
+    })
+    return d
+
+
+def config_from_json(d: dict) -> GPTConfig:
+    return GPTConfig.from_dict({k: v for k, v in d.items() if k not in HF_FIELDS}, ignore=())
+
+
+# -----------------------------------------------------------------------------
+# State dicts
+
+
+def normalize_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip `_orig_mod.` / `model.` / `module.` prefixes (torch.compile, HF wrappers, DDP)."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in KEY_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy a state dict into the model (casting dtypes); names every missing/unexpected key."""
+    state = normalize_state_dict(state)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {', '.join(unexpected)}")
+        raise ValueError(f"{source} does not match the model config ({'; '.join(parts)})")
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"{source} has tensors of the wrong shape for this config: {', '.join(wrong)}")
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(state[k].to(v.dtype))
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the model directory needs its weights ({WEIGHTS_NAME})")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # truncated or foreign files raise assorted errors
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); re-export or re-download it") from None
+
+
+def write_safetensors(model: GPT, path: Path, dtype: torch.dtype | None = None) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# -----------------------------------------------------------------------------
+# Model directories
+
+
+def save_model(model: GPT, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | None = None,
+               generation_config: dict | None = None) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer files, generation_config.json)
+    into a temporary directory, then move it onto out_dir in one rename."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        dtype_name = str(dtype or model.lm_head.weight.dtype).replace("torch.", "")
+        atomic_write_json(tmp / CONFIG_NAME, config_to_json(model.config, dtype_name))
+        write_safetensors(model, tmp / WEIGHTS_NAME, dtype)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        gen = {"bos_token_id": tokenizer.bos_token_id} if tokenizer is not None else {}
+        old_gen = out_dir / GENERATION_CONFIG_NAME
+        if old_gen.exists():  # keep calibration etc. stored with an earlier save
+            gen = {**json.loads(old_gen.read_text()), **gen}
+        gen.update(generation_config or {})
+        if gen:
+            atomic_write_json(tmp / GENERATION_CONFIG_NAME, gen)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_model_dir(path: Path, device="cpu", dtype: torch.dtype = torch.float32) -> tuple[GPT, object]:
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path} is missing: not a poelm/Hugging Face model directory")
+    try:
+        config = config_from_json(json.loads(cfg_path.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
+    state = read_safetensors(path / WEIGHTS_NAME)
+    model = build_model(config, device="meta")
+    model.to_empty(device=device)
+    model.to(dtype)
+    load_state_into(model, state, source=str(path / WEIGHTS_NAME))
+    tokenizer = load_tokenizer_if_any(path, config)
+    return model.eval(), tokenizer
+
+
+def load_tokenizer_if_any(path: Path, config: GPTConfig | None = None):
+    """The tokenizer stored in a directory (or None); its vocab must match the model's."""
+    has = any((path / n).exists() for n in ("tokenizer.json", "tokenizer.pkl"))
+    if not has:
+        return None
+    from poelm.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(path)
+    if config is not None:
+        check_tokenizer(tok, config, str(path))
+    return tok
+
+
+def check_tokenizer(tokenizer, config: GPTConfig, where: str = "tokenizer") -> None:
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(f"{where}: tokenizer vocab {tokenizer.vocab_size} != model vocab {config.vocab_size}; "
+                         "use the tokenizer the model was trained with")
+
+
+def build_model(config: GPTConfig, device="cpu", init: bool = False) -> GPT:
+    if device == "meta":
+        with torch.device("meta"):
+            return GPT(config)
+    with torch.device(device):
+        model = GPT(config)
+    if init:
+        model.init_weights()
+    return model
+
+
+# -----------------------------------------------------------------------------
+# nanochat checkpoint directories
+
+
+def _latest_step(directory: Path, pattern: str) -> int | None:
+    steps = []
+    for f in glob.glob(str(directory / pattern)):
+        m = re.search(r"_(\d+)\.(pt|json)$", f)
+        if m:
+            steps.append(int(m.group(1)))
+    return max(steps) if steps else None
+
+
+def is_nanochat_dir(path: Path) -> bool:
+    return path.is_dir() and _latest_step(path, "model_*.pt") is not None
+
+
+def nanochat_config(meta: dict, poe_mode: str | None = None) -> GPTConfig:
+    """GPTConfig from a nanochat meta_*.json (`model_config` + the PoE fork's fields)."""
+    mc = dict(meta.get("model_config", meta))
+    for key in ("dual_head", "frozen_layers"):
+        value = mc.pop(key, None)
+        if value:
+            raise ValueError(f"nanochat checkpoint has {key}={value}: it is a specialist checkpoint; "
+                             "attach it to its base with the specialist tools instead")
+    poe_every = mc.pop("poe_every", None)
+    user = meta.get("user_config", {}) or {}
+    mode = poe_mode or mc.pop("poe_mode", None) or user.get("poe_mode")
+    mc.pop("poe_mode", None)
+    if mode is None:
+        mode = "flat" if poe_every else "none"
+    kw = {k: mc[k] for k in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
+                             "window_pattern", "intermediate_size", "per_stage_head", "poe_stage_layers",
+                             "poe_alpha", "short_window") if mc.get(k) is not None}
+    if poe_every:
+        kw["poe_every"] = int(poe_every)
+    return GPTConfig(poe_mode=mode, **kw)
+
+
+def load_nanochat_dir(path: Path, device="cpu", dtype=torch.float32, step: int | None = None,
+                      tokenizer_dir: str | Path | None = None, poe_mode: str | None = None) -> tuple[GPT, object]:
+    step = step if step is not None else _latest_step(path, "model_*.pt")
+    model_file, meta_file = path / f"model_{step:06d}.pt", path / f"meta_{step:06d}.json"
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{meta_file} is missing: a nanochat checkpoint needs its meta json beside the model file")
+    config = nanochat_config(json.loads(meta_file.read_text()), poe_mode)
+    state = torch.load(model_file, map_location="cpu", weights_only=True)
+    model = build_model(config, device="meta")
+    model.to_empty(device=device)
+    model.to(dtype)
+    load_state_into(model, state, source=str(model_file))
+    tokenizer = None
+    candidates = [Path(tokenizer_dir)] if tokenizer_dir else [path, path.parent / "tokenizer", path.parent.parent / "tokenizer"]
+    for cand in candidates:
+        tokenizer = load_tokenizer_if_any(cand, config) if cand.is_dir() else None
+        if tokenizer is not None:
+            break
+    return model.eval(), tokenizer
+
+
+def save_nanochat_dir(model: GPT, out_dir: str | Path, step: int, meta_extra: dict | None = None,
+                      prefix: str = "") -> None:
+    """Write the nanochat layout (model_{step}.pt + meta_{step}.json); used by tests and export."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    state = {prefix + k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_torch_save(state, out_dir / f"model_{step:06d}.pt")
+    mc = dict(sequence_len=cfg.sequence_len, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+              n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, window_pattern=cfg.window_pattern,
+              poe_every=cfg.poe_every or 0, per_stage_head=cfg.per_stage_head, dual_head=False, frozen_layers=0,
+              intermediate_size=cfg.intermediate_size)
+    if cfg.poe_every is None:
+        mc["poe_stage_layers"] = list(cfg.poe_stage_layers)
+    if cfg.short_window is not None:  # poelm extension; nanochat derives it from sequence_len
+        mc["short_window"] = cfg.short_window
+    meta = {"step": step, "model_config": mc, "user_config": {"poe_mode": cfg.poe_mode}}
+    meta.update(meta_extra or {})
+    atomic_write_json(out_dir / f"meta_{step:06d}.json", meta)
+
+
+# -----------------------------------------------------------------------------
+# Anything MODEL may name
+
+
+def resolve_run_dir(path: Path) -> Path | None:
+    """The newest checkpoint directory of a `poelm train --out` run, or None."""
+    pointer = path / LATEST_NAME
+    if pointer.is_file():
+        target = path / pointer.read_text().strip()
+        if (target / CONFIG_NAME).exists():
+            return target
+    return None
+
+
+def looks_like_hub_id(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name)) and not os.path.exists(name)
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """Fetch a hub repo into the local cache (needs a network and huggingface_hub)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ValueError(f"{repo_id!r} looks like a hub id but huggingface_hub is not installed; "
+                         "pip install huggingface_hub or pass a local directory") from None
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as e:
+        raise ValueError(f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}); offline? "
+                         f"download it elsewhere with `huggingface-cli download {repo_id} --local-dir DIR` "
+                         "and pass DIR") from None
+
+
+def load_model(spec: str | Path, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
+               tokenizer_dir: str | Path | None = None, **overrides) -> tuple[GPT, object]:
+    """Load MODEL: a preset name (random init), a model directory, a nanochat checkpoint
+    directory, the --out directory of `poelm train` (its latest checkpoint) or a hub id.
+    Returns (model in eval mode, tokenizer or None)."""
+    from poelm.presets import PRESETS, get_preset
+
+    name = str(spec)
+    path = Path(name)
+    if name in PRESETS and not path.exists():
+        torch.manual_seed(seed)
+        model = build_model(get_preset(name, **overrides), device=device, init=True).to(dtype).eval()
+        tokenizer = load_tokenizer_if_any(Path(tokenizer_dir), model.config) if tokenizer_dir else None
+        return model, tokenizer
+    if not path.exists():
+        if looks_like_hub_id(name):
+            path = download_from_hub(name)
+        else:
+            raise FileNotFoundError(f"{name!r} is neither a preset ({', '.join(PRESETS)}), a directory nor a hub id")
+    if path.is_dir():
+        run = resolve_run_dir(path)
+        if run is not None:
+            path = run
+        if (path / CONFIG_NAME).exists():
+            model, tokenizer = load_model_dir(path, device, dtype)
+        elif is_nanochat_dir(path):
+            model, tokenizer = load_nanochat_dir(path, device, dtype, tokenizer_dir=tokenizer_dir)
+        else:
+            raise FileNotFoundError(f"{path} holds no config.json, no model_*.pt and no training run: nothing to load")
+        if tokenizer_dir and tokenizer is None:
+            tokenizer = load_tokenizer_if_any(Path(tokenizer_dir), model.config)
+        return model, tokenizer
+    raise ValueError(f"{path} is a file; pass the directory that holds it")

@@ -1,0 +1,223 @@
+"""
+Best-fit packing data loader over a directory of parquet shards (see poelm/corpus.py).
+
+Every document is tokenised on the fly with `<|bos|>` prepended (no EOS). Rows of T+1
+tokens are packed by best fit: keep a buffer of >= buffer_docs tokenised documents; to fill
+a row, repeatedly place the largest document that still fits; when none fits, crop the
+shortest one to fill the row exactly (the rest of it is dropped). So every row starts with
+BOS and there is no padding. A batch is inputs = rows[:, :-1], targets = rows[:, 1:].
+
+Sharding: the split's row groups are numbered across files; rank r reads those with
+index % world_size == r (if the split has fewer row groups than ranks, every rank reads all
+of them and keeps documents index % world_size == r instead).
+
+Resume: state_dict() is a small JSON-able dict (epoch, file, row group, plus the buffer as
+references (row group, document index)); a loader built with it yields exactly the batches
+the original would have yielded next (same data, split, rank and world size; otherwise it
+resumes approximately at the saved file / row group, with a warning).
+
+Usage:
+    loader = BestFitLoader("data/default", tok, batch_size=8, seq_len=512)
+    for step, (x, y) in zip(range(100), loader): ...   # x, y: LongTensor (B, T)
+    ckpt["loader"] = loader.state_dict()
+"""
+
+import bisect
+import math
+import os
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+from poelm.corpus import list_shards, read_row_group, row_group_counts
+
+STATE_VERSION = 1
+
+
+class BestFitLoader:
+    """Iterator of (inputs, targets) LongTensor (B, T) batches, packed by best fit."""
+
+    def __init__(self, data_dir: str | os.PathLike, tokenizer, batch_size: int, seq_len: int,
+                 split: str = "train", rank: int = 0, world_size: int = 1,
+                 device: str | torch.device = "cpu", state: dict | None = None,
+                 buffer_docs: int = 1000, tokenizer_threads: int = 4,
+                 loop: bool | None = None, max_rows: int | None = None):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        train, val = list_shards(data_dir)
+        self.paths = train if split == "train" else [val]
+        self.tok, self.B, self.T = tokenizer, batch_size, seq_len
+        self.split, self.rank, self.world_size = split, rank, world_size
+        self.device = torch.device(device)
+        self.buffer_docs, self.threads = max(1, buffer_docs), tokenizer_threads
+        self.loop = (split == "train") if loop is None else loop
+        self.max_rows = max_rows
+
+        units = [(f, g) for f, n in enumerate(row_group_counts(self.paths)) for g in range(n)]
+        if not units:
+            raise ValueError(f"the {split} shards of {data_dir} have no row groups; rebuild the corpus")
+        self.doc_split = len(units) < world_size  # too few row groups: split by document instead
+        self.units = units if self.doc_split else units[rank::world_size]  # [(file, row group)]
+
+        self.next_unit = 0  # row groups read so far by this rank, counted across epochs
+        self.buffer: list[tuple[int, int, int]] = []  # sorted (n_tokens, unit, doc index)
+        self.docs: dict[tuple[int, int], list[int]] = {}  # (unit, doc index) -> tokens
+        self.rows = self.tokens_emitted = self.tokens_cropped = 0
+        self._empty_units = 0
+        if state is not None:
+            self.load_state_dict(state)
+
+    # ------------------------------------------------------------------ reading
+    def _read_unit(self, k: int, keep: set[int] | None = None) -> list[tuple[int, list[int]]]:
+        """Tokenised documents (doc index, tokens) of the k-th row group this rank reads."""
+        f, g = self.units[k % len(self.units)]
+        texts = read_row_group(self.paths[f], g)
+        idx = [i for i in range(len(texts))
+               if (not self.doc_split or i % self.world_size == self.rank) and (keep is None or i in keep)]
+        toks = self.tok.encode_batch([texts[i] for i in idx], prepend_bos=True, num_threads=self.threads)
+        return list(zip(idx, toks))
+
+    def _add(self, k: int, i: int, toks: list[int]) -> None:
+        bisect.insort(self.buffer, (len(toks), k, i))
+        self.docs[(k, i)] = toks
+
+    def _refill(self) -> bool:
+        """Read the next row group into the buffer; False when the split is exhausted."""
+        if not self.loop and self.next_unit >= len(self.units):
+            return False
+        k = self.next_unit
+        docs = self._read_unit(k)
+        self.next_unit += 1
+        for i, toks in docs:
+            self._add(k, i, toks)
+        self._empty_units = 0 if docs else self._empty_units + 1
+        if self._empty_units > len(self.units):
+            raise ValueError(f"the {self.split} split has no documents for rank {self.rank}; "
+                             "use fewer ranks or more data")
+        return True
+
+    # ------------------------------------------------------------------ packing
+    def _next_row(self) -> list[int] | None:
+        """One row of T+1 tokens, or None when a non-looping split runs out."""
+        row: list[int] = []
+        need = self.T + 1
+        while len(row) < need:
+            while len(self.buffer) < self.buffer_docs and self._refill():
+                pass
+            if not self.buffer:
+                return None
+            room = need - len(row)
+            j = bisect.bisect_right(self.buffer, (room, math.inf, math.inf)) - 1  # largest that fits
+            if j >= 0:
+                _, k, i = self.buffer.pop(j)
+                row += self.docs.pop((k, i))
+            else:  # nothing fits: crop the shortest document to fill the row exactly
+                _, k, i = self.buffer.pop(0)
+                toks = self.docs.pop((k, i))
+                row += toks[:room]
+                self.tokens_cropped += len(toks) - room
+        self.rows += 1
+        self.tokens_emitted += need
+        return row
+
+    def __iter__(self) -> "BestFitLoader":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.max_rows is not None and self.rows + self.B > self.max_rows:
+            raise StopIteration
+        rows = []
+        for _ in range(self.B):
+            row = self._next_row()
+            if row is None:
+                raise StopIteration
+            rows.append(row)
+        x = torch.tensor(rows, dtype=torch.long)  # (B, T+1)
+        inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()  # (B, T) each
+        if self.device.type == "cuda":
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
+        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------------ stats and state
+    @property
+    def epoch(self) -> int:
+        return self.next_unit // len(self.units)
+
+    @property
+    def cropped_fraction(self) -> float:
+        """Tokens dropped by cropping / tokens taken from documents so far."""
+        return self.tokens_cropped / max(1, self.tokens_cropped + self.tokens_emitted)
+
+    def state_dict(self) -> dict:
+        f, g = self.units[self.next_unit % len(self.units)]
+        runs: list[list[int]] = []  # buffer as [unit, first doc index, count] runs
+        for k, i in sorted(self.docs):
+            if runs and runs[-1][0] == k and runs[-1][1] + runs[-1][2] == i:
+                runs[-1][2] += 1
+            else:
+                runs.append([k, i, 1])
+        return {
+            "version": STATE_VERSION, "split": self.split, "rank": self.rank,
+            "world_size": self.world_size, "n_units": len(self.units),
+            "epoch": self.epoch, "file": self.paths[f].name, "file_index": f, "row_group": g,
+            "next_unit": self.next_unit, "buffer": runs, "rows": self.rows,
+            "tokens_emitted": self.tokens_emitted, "tokens_cropped": self.tokens_cropped,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError("loader state is not a BestFitLoader state (version "
+                             f"{STATE_VERSION}); start the data from scratch by passing state=None")
+        self.rows = state["rows"]
+        self.tokens_emitted, self.tokens_cropped = state["tokens_emitted"], state["tokens_cropped"]
+        self.buffer, self.docs = [], {}
+        same = all(state.get(key) == val for key, val in [
+            ("split", self.split), ("rank", self.rank), ("world_size", self.world_size),
+            ("n_units", len(self.units))])
+        if not same:
+            self._resume_approximately(state)
+            return
+        self.next_unit = state["next_unit"]
+        wanted: dict[int, set[int]] = {}
+        for k, i, n in state["buffer"]:
+            wanted.setdefault(k, set()).update(range(i, i + n))
+        for k, keep in wanted.items():
+            docs = self._read_unit(k, keep)
+            if len(docs) != len(keep):
+                raise ValueError("loader state does not match the shards on disk "
+                                 "(data changed?); start the data from scratch with state=None")
+            for i, toks in docs:
+                self._add(k, i, toks)
+
+    def _resume_approximately(self, state: dict) -> None:
+        pos = (state.get("file_index", 0), state.get("row_group", 0))
+        j = next((n for n, u in enumerate(self.units) if u >= pos), len(self.units))
+        self.next_unit = state.get("epoch", 0) * len(self.units) + j
+        warnings.warn(f"loader state was saved for split={state.get('split')} rank={state.get('rank')} "
+                      f"world_size={state.get('world_size')}; resuming approximately at epoch "
+                      f"{self.epoch}, file {pos[0]}, row group {pos[1]} with an empty buffer")
+
+
+def val_batches(data_dir: str | os.PathLike, tokenizer, batch_size: int, seq_len: int,
+                n_tokens: int, rank: int = 0, world_size: int = 1,
+                device: str | torch.device = "cpu", **kw) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed budget of validation batches: n_tokens // (B*T*world_size) steps (>= 1) per rank.
+
+    The validation split is re-read from its start each call, and wraps around (with a
+    warning) if it is smaller than the budget, so every rank yields the same number of batches.
+    """
+    steps = max(1, n_tokens // (batch_size * seq_len * world_size))
+    loader = BestFitLoader(data_dir, tokenizer, batch_size, seq_len, split="val", rank=rank,
+                           world_size=world_size, device=device, loop=True, **kw)
+    warned = False
+    for _ in range(steps):
+        yield next(loader)
+        if loader.epoch > 0 and not warned:
+            warnings.warn(f"validation split of {data_dir} is smaller than the {n_tokens:,}-token "
+                          "budget; it wraps around")
+            warned = True

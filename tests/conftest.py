@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny models (~1 M parameters or less) that run in seconds on 2 cores."""
+
+import pytest
+import torch
+
+from poelm.model import GPT, GPTConfig
+
+torch.set_num_threads(2)
+
+
+def tiny_config(**overrides) -> GPTConfig:
+    base = dict(n_layer=4, n_embd=64, n_head=4, n_kv_head=2, vocab_size=300, sequence_len=64, short_window=8,
+                poe_every=1, poe_mode="flat")
+    base.update(overrides)
+    return GPTConfig(**base)
+
+
+def tiny_model(seed: int = 0, noise: float = 0.05, **overrides) -> GPT:
+    """A random-init model with noise on every parameter (the zero-init projections
+    would otherwise make every block an identity)."""
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(**overrides))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * noise)
+    return model
+
+
+@pytest.fixture
+def make_model():
+    return tiny_model

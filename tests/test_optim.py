@@ -1,0 +1,341 @@
+"""Tests for poelm.optim: AdamW parity with torch, Muon pieces, grouping, resume, and a
+2-rank gloo run matching a single-process run over the same global batch."""
+
+import io
+import math
+import os
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from poelm.optim import (MuonAdamW, build_optimizer, cautious_step_, equilibrate_rows,
+                         muon_direction, nesterov_, normuon_, polar_express)
+from poelm.schedule import apply_schedules
+
+# -----------------------------------------------------------------------------
+# a tiny stand-in with model.md's parameter names (self-contained, so the distributed test
+# does not move when the real model does)
+
+class TinyNamed(nn.Module):
+    """L layers, width d, vocab V; value embeddings on odd layers, per-stage heads."""
+
+    def __init__(self, L: int = 3, d: int = 32, V: int = 64, n_head: int = 2):
+        super().__init__()
+        self.config = types.SimpleNamespace(n_embd=d, n_layer=L)
+        self.n_head = n_head
+
+        def block(i):
+            attn = nn.ModuleDict({k: nn.Linear(d, d, bias=False) for k in ("c_q", "c_k", "c_v", "c_proj")})
+            if i % 2 == (L - 1) % 2:
+                attn["ve_gate"] = nn.Linear(12, n_head, bias=False)
+            mlp = nn.ModuleDict(dict(c_fc=nn.Linear(d, 4 * d, bias=False), c_proj=nn.Linear(4 * d, d, bias=False)))
+            return nn.ModuleDict(dict(attn=attn, mlp=mlp))
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(V, d), h=nn.ModuleList([block(i) for i in range(L)])))
+        self.lm_head = nn.Linear(d, V, bias=False)
+        self.lm_head_stages = nn.ModuleList([nn.Linear(d, V, bias=False) for _ in range(2)])
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, d) for i in range(L) if i % 2 == (L - 1) % 2})
+        self.resid_lambdas = nn.Parameter(torch.ones(L))
+        self.x0_lambdas = nn.Parameter(torch.full((L,), 0.1))
+        self.smear_gate = nn.Linear(24, 1, bias=False)
+        self.smear_lambda = nn.Parameter(torch.full((1,), 0.1))
+        self.backout_lambda = nn.Parameter(torch.full((1,), 0.2))
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        norm = lambda x: F.rms_norm(x, (x.size(-1),))  # noqa: E731
+        x = norm(self.transformer.wte(idx))                                       # (B, T, d)
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[:, 1:, :24]))
+        x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+        x0, mid = x, None
+        for i, blk in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            h = norm(x)
+            q, k, v = (blk.attn[n](h).view(B, T, self.n_head, -1).transpose(1, 2) for n in ("c_q", "c_k", "c_v"))
+            if "ve_gate" in blk.attn:
+                ve = self.value_embeds[str(i)](idx).view(B, T, self.n_head, -1).transpose(1, 2)
+                v = v + 3 * torch.sigmoid(blk.attn["ve_gate"](h[..., :12])).transpose(1, 2).unsqueeze(-1) * ve
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+            x = x + blk.attn["c_proj"](y)
+            x = x + blk.mlp["c_proj"](F.relu(blk.mlp["c_fc"](norm(x))).square())
+            if i == 0:
+                mid = x
+        loss = 0.0
+        for k, head in enumerate(self.lm_head_stages):
+            hk = norm(x - self.backout_lambda * mid) if k == 1 else norm(mid)
+            logits = self.lm_head(hk) + head(hk)
+            loss = loss + F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return loss
+
+
+def tiny_model(seed: int = 0) -> TinyNamed:
+    torch.manual_seed(seed)
+    return TinyNamed()
+
+
+def global_batch(step: int, B: int = 4, T: int = 8, V: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    tok = torch.randint(0, V, (B, T + 1), generator=g)
+    return tok[:, :-1], tok[:, 1:]
+
+
+def train(model: nn.Module, opt: MuonAdamW, steps: range, total: int, rank: int = 0, world: int = 1) -> None:
+    for step in steps:
+        x, y = global_batch(step)
+        part = x.size(0) // world
+        apply_schedules(opt, step, total, warmup_steps=2)
+        model(x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+# -----------------------------------------------------------------------------
+# AdamW
+
+def test_adamw_matches_torch():
+    torch.manual_seed(0)
+    shapes = [(5, 7), (3,), (1,), (4, 2, 3)]
+    a = [torch.randn(s) for s in shapes]
+    b = [t.clone() for t in a]
+    hp = [dict(lr=0.03, betas=(0.8, 0.96), weight_decay=0.01), dict(lr=0.2, betas=(0.96, 0.95), weight_decay=0.0)]
+    ours = MuonAdamW([dict(kind="adamw", params=a[:2], eps=1e-10, **hp[0]),
+                      dict(kind="adamw", params=a[2:], eps=1e-10, **hp[1])])
+    ref = torch.optim.AdamW([dict(params=b[:2], **hp[0]), dict(params=b[2:], **hp[1])], eps=1e-10, foreach=False)
+    for _ in range(6):
+        for x, y in zip(a, b):
+            x.grad = torch.randn_like(x)
+            y.grad = x.grad.clone()
+        ours.step()
+        ref.step()
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+# -----------------------------------------------------------------------------
+# Muon pieces
+
+@pytest.mark.parametrize("shape", [(3, 64, 32), (3, 32, 64), (2, 48, 48)])
+def test_polar_express_is_near_orthogonal(shape):
+    """Singular values spread over 100x come out in a band around 1 (tall, wide, square)."""
+    torch.manual_seed(0)
+    K, m, n = shape
+    r = min(m, n)
+    u = torch.linalg.qr(torch.randn(K, m, r)).Q
+    v = torch.linalg.qr(torch.randn(K, n, r)).Q
+    g = u @ torch.diag_embed(torch.logspace(-2, 0, r).expand(K, r)) @ v.mT
+    s = torch.linalg.svdvals(polar_express(g))                   # (K, min(m, n))
+    assert s.min() > 0.7 and s.max() < 1.2, (s.min(), s.max())
+    assert polar_express(g).shape == g.shape
+
+
+def test_equilibrate_rows_and_normuon_keep_norm():
+    torch.manual_seed(0)
+    g = torch.randn(2, 6, 4) * torch.arange(1, 7.0).view(1, 6, 1)
+    e = equilibrate_rows(g)
+    rows = e.norm(dim=-1)
+    torch.testing.assert_close(rows, g.norm(dim=-1).mean(-1, keepdim=True).expand_as(rows))
+    v = torch.zeros(2, 6, 1)                                     # tall: one moment per row
+    out = normuon_(e.clone(), v, 0.9)
+    torch.testing.assert_close(v, 0.1 * e.square().mean(-1, keepdim=True))
+    torch.testing.assert_close(out.norm(dim=(-2, -1)), e.norm(dim=(-2, -1)))
+
+
+def test_nesterov_momentum_math():
+    torch.manual_seed(0)
+    mu = 0.9
+    buf = torch.zeros(3, 4)
+    g1, g2 = torch.randn(3, 4), torch.randn(3, 4)
+    d1 = nesterov_(buf, g1, mu)
+    torch.testing.assert_close(buf, (1 - mu) * g1)
+    torch.testing.assert_close(d1, (1 - mu) * g1 + mu * buf)
+    d2 = nesterov_(buf, g2, mu)
+    torch.testing.assert_close(buf, mu * (1 - mu) * g1 + (1 - mu) * g2)
+    torch.testing.assert_close(d2, (1 - mu) * g2 + mu * buf)
+
+
+def test_muon_step_state_and_scale():
+    """Momentum buffer through the optimizer; update norm = lr*max(1,m/n)^.5*sqrt(min(m,n))."""
+    torch.manual_seed(0)
+    for m, n in [(16, 4), (4, 16)]:
+        ps = [torch.randn(m, n) for _ in range(3)]
+        before = [p.clone() for p in ps]
+        opt = MuonAdamW([dict(kind="muon", params=ps, lr=0.01, momentum=0.9, weight_decay=0.0)])
+        grads = [torch.randn(m, n) for _ in ps]
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opt.step()
+        state = opt.state[ps[0]]
+        torch.testing.assert_close(state["momentum_buffer"], 0.1 * torch.stack(grads))
+        assert state["second_momentum"].shape == ((3, m, 1) if m >= n else (3, 1, n))
+        expect = 0.01 * max(1, m / n) ** 0.5 * math.sqrt(min(m, n))
+        for p, b in zip(ps, before):
+            assert abs((p - b).norm().item() - expect) < 1e-4 * expect
+
+
+def test_cautious_weight_decay_mask():
+    p = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5])
+    g = torch.tensor([1.0, 1.0, -1.0, -2.0, 0.0])                # g*p: +, -, -, +, 0
+    lr, wd = 0.1, 0.5
+    out = p.clone()
+    cautious_step_(out, g, lr, wd)
+    mask = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0])
+    torch.testing.assert_close(out, p - lr * g - lr * wd * p * mask)
+
+
+def test_muon_direction_is_deterministic_function_of_state():
+    torch.manual_seed(0)
+    g = torch.randn(2, 8, 5)
+    b1, v1 = torch.zeros_like(g), torch.zeros(2, 8, 1)
+    b2, v2 = b1.clone(), v1.clone()
+    torch.testing.assert_close(muon_direction(g, b1, v1, 0.95, 0.9), muon_direction(g, b2, v2, 0.95, 0.9), rtol=0, atol=0)
+
+# -----------------------------------------------------------------------------
+# grouping
+
+def real_or_tiny_model() -> nn.Module:
+    try:
+        from poelm.model import GPT, GPTConfig
+    except ImportError:
+        return tiny_model()
+    cfg = GPTConfig(n_layer=4, n_embd=64, n_head=4, vocab_size=256, sequence_len=32,
+                    per_stage_head=True, poe_every=2)
+    return GPT(cfg)
+
+
+def test_every_param_in_exactly_one_group():
+    model = real_or_tiny_model()
+    opt = build_optimizer(model)
+    seen = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    scale = (model.config.n_embd / 768) ** -0.5
+    for name, p in model.named_parameters():
+        g = group_of[id(p)]
+        assert g["initial_lr"] == g["lr"]
+        if name.startswith("transformer.h."):
+            assert g["kind"] == "muon" and all(q.shape == p.shape for q in g["params"])
+            assert g["lr"] == 0.02 and g["initial_weight_decay"] == 0.2
+        elif name.startswith("lm_head"):
+            assert g["name"] == "lm_head" and g["betas"] == (0.8, 0.96) and g["lr"] == pytest.approx(0.008 * scale)
+        elif name.startswith("value_embeds."):
+            assert g["name"] == "value_embeds" and g["lr"] == pytest.approx(0.15 * scale)
+        elif name in ("smear_gate.weight", "smear_lambda", "backout_lambda"):
+            assert g["name"] == "scalars" and g["weight_decay"] == 0.0
+        else:
+            assert g["kind"] == "adamw" and g["eps"] == 1e-10
+    assert any(n.endswith("ve_gate.weight") for n, _ in model.named_parameters())
+
+
+def test_frozen_params_skipped_and_unknown_names_rejected():
+    model = tiny_model()
+    model.transformer.wte.weight.requires_grad_(False)
+    model.transformer.h[0].attn["c_q"].weight.requires_grad_(False)
+    opt = build_optimizer(model)
+    grouped = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert id(model.transformer.wte.weight) not in grouped
+    assert len(grouped) == sum(p.requires_grad for p in model.parameters())
+    model.extra = nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="extra"):
+        build_optimizer(model)
+
+
+def test_real_model_trains_one_step():
+    model = real_or_tiny_model()
+    if hasattr(model, "init_weights"):
+        model.init_weights()
+    opt = build_optimizer(model)
+    before = params_of(model)
+    idx = torch.randint(0, 256 if hasattr(model, "init_weights") else 64, (2, 16))
+    model(idx, idx).backward()
+    opt.step()
+    after = params_of(model)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+
+# -----------------------------------------------------------------------------
+# resume
+
+def test_state_dict_round_trip_continues_exactly():
+    total = 8
+    model = tiny_model()
+    opt = build_optimizer(model)
+    train(model, opt, range(0, 4), total)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    train(model, opt, range(4, total), total)
+
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    resumed = tiny_model(seed=123)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = build_optimizer(resumed)
+    opt2.load_state_dict(ckpt["opt"])
+    train(resumed, opt2, range(4, total), total)
+    for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+# -----------------------------------------------------------------------------
+# distributed: 2 gloo ranks == 1 process on the same global batch
+
+STEPS = 5
+
+
+def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        results = {}
+        for mode in ("auto", "all_reduce"):
+            model = tiny_model()
+            opt = build_optimizer(model)
+            if mode == "all_reduce":
+                opt.collectives = "all_reduce"
+            train(model, opt, range(STEPS), STEPS, rank, world)
+            results[mode] = params_of(model)
+            results[mode + "_collectives"] = opt.collectives
+            if mode == "auto":
+                results["muon_state_rows"] = {g["name"]: opt.state[g["params"][0]]["momentum_buffer"].shape[0]
+                                              for g in opt.param_groups if g["kind"] == "muon"
+                                              and g["params"][0] in opt.state}
+        # resume mid-run from this rank's own optimizer file
+        model = tiny_model()
+        opt = build_optimizer(model)
+        train(model, opt, range(3), STEPS, rank, world)
+        path = os.path.join(out_dir, f"opt_rank{rank}.pt")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+        ckpt = torch.load(path)
+        model = tiny_model(seed=7)
+        model.load_state_dict(ckpt["model"])
+        opt = build_optimizer(model)
+        opt.load_state_dict(ckpt["opt"])
+        train(model, opt, range(3, STEPS), STEPS, rank, world)
+        results["resumed"] = params_of(model)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_rank_gloo_matches_single_process(tmp_path):
+    init = f"file://{tmp_path}/pg_init"
+    mp.spawn(_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert r0["auto_collectives"] == "reduce_scatter"                # torch 2.13 gloo has it
+    # sharded state: K=3 stacks over 2 ranks -> 2 rows on rank 0, 1 on rank 1
+    assert set(r0["muon_state_rows"].values()) == {2} and set(r1["muon_state_rows"].values()) == {1}
+
+    model = tiny_model()
+    train(model, build_optimizer(model), range(STEPS), STEPS)
+    single = params_of(model)
+    start = params_of(tiny_model())
+    for name, ref in single.items():
+        assert not torch.equal(ref, start[name]), f"{name} never moved"
+        for key in ("auto", "all_reduce", "resumed"):
+            for r in (r0, r1):
+                torch.testing.assert_close(r[key][name], ref, rtol=1e-5, atol=1e-5, msg=f"{key} {name}")
+        assert torch.equal(r0["auto"][name], r1["auto"][name]), name
