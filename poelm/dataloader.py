@@ -5,7 +5,8 @@ Every document is tokenised on the fly with `<|bos|>` prepended (no EOS). Rows o
 tokens are packed by best fit: keep a buffer of >= buffer_docs tokenised documents; to fill
 a row, repeatedly place the largest document that still fits; when none fits, crop the
 shortest one to fill the row exactly (the rest of it is dropped). So every row starts with
-BOS and there is no padding. A batch is inputs = rows[:, :-1], targets = rows[:, 1:].
+BOS and there is no padding. A batch is inputs = rows[:, :-1], targets = rows[:, 1:]. Each epoch is one full pass:
+the buffer drains before the next pass starts, so no document repeats inside a pass.
 
 Sharding: the split's row groups are numbered across files; rank r reads those with
 index % world_size == r (if the split has fewer row groups than ranks, every rank reads all
@@ -88,8 +89,9 @@ class BestFitLoader:
 
     def _refill(self) -> bool:
         """Read the next row group into the buffer; False when the split is exhausted."""
-        if not self.loop and self.next_unit >= len(self.units):
-            return False
+        n = len(self.units)
+        if self.next_unit > 0 and self.next_unit % n == 0 and (not self.loop or self.buffer):
+            return False  # epoch boundary: drain the buffer before starting the next pass
         k = self.next_unit
         docs = self._read_unit(k)
         self.next_unit += 1
@@ -121,8 +123,6 @@ class BestFitLoader:
                 toks = self.docs.pop((k, i))
                 row += toks[:room]
                 self.tokens_cropped += len(toks) - room
-        self.rows += 1
-        self.tokens_emitted += need
         return row
 
     def __iter__(self) -> "BestFitLoader":
@@ -137,6 +137,8 @@ class BestFitLoader:
             if row is None:
                 raise StopIteration
             rows.append(row)
+        self.rows += self.B
+        self.tokens_emitted += self.B * (self.T + 1)
         x = torch.tensor(rows, dtype=torch.long)  # (B, T+1)
         inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()  # (B, T) each
         if self.device.type == "cuda":
@@ -217,7 +219,7 @@ def val_batches(data_dir: str | os.PathLike, tokenizer, batch_size: int, seq_len
     warned = False
     for _ in range(steps):
         yield next(loader)
-        if loader.epoch > 0 and not warned:
+        if loader.next_unit > len(loader.units) and not warned:
             warnings.warn(f"validation split of {data_dir} is smaller than the {n_tokens:,}-token "
                           "budget; it wraps around")
             warned = True

@@ -8,8 +8,8 @@ Param groups carry `kind`:
   one shape (m, n) so they are stacked (K, m, n) and updated together: Nesterov momentum,
   row equilibration, Polar Express orthogonalisation, rescale to ||g||_F = sqrt(min(m, n)),
   NorMuon variance normalisation, cautious weight decay, lr * max(1, m/n)**0.5.
-  The orthogonalisation runs in bf16 on CUDA and in fp32 on CPU (CPUs here have no fast
-  bf16, and fp32 keeps CPU runs bit-comparable across process counts).
+  The orthogonalisation runs in bf16 on CUDA (tensor cores) and in fp32 on CPU (these CPUs
+  have no fast bf16; fp64 params stay fp64, which the equivalence tests use).
 
 Usage:
     opt = build_optimizer(model)                 # groups by parameter name, training.md
@@ -81,8 +81,8 @@ def equilibrate_rows(g: Tensor) -> Tensor:
 
 def polar_express(g: Tensor, steps: int = 5) -> Tensor:
     """Approximate the orthogonal polar factor of each (m, n) matrix of g (..., m, n).
-    bf16 on CUDA, fp32 elsewhere; returns g's dtype."""
-    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    Runs in bf16 on CUDA, in fp32 elsewhere (fp64 stays fp64); returns g's dtype."""
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.promote_types(g.dtype, torch.float32))
     x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
     tall = g.size(-2) > g.size(-1)
     for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
@@ -168,7 +168,7 @@ def reduce_scatter_mean(full: Tensor, world: int, rank: int, use_rs: bool) -> Ca
         work = dist.all_reduce(full, async_op=True)
 
     def wait() -> Tensor:
-        work.wait()
+        work.wait()                                      # (the Work object keeps `full` alive)
         return out.div_(world)
     return wait
 
@@ -361,7 +361,9 @@ def build_optimizer(model: torch.nn.Module, *, unembedding_lr: float = 0.008,
             adamw[key].append(p)
         else:
             raise ValueError(f"parameter {name} {tuple(p.shape)} has no optimizer group")
-    groups = [dict(kind="adamw", name=k, params=ps, lr=adamw_lr[k] * scale, betas=ADAMW_BETAS[k],
+    # "0.2 fixed" (training.md): the smear/backout scalars are not scaled with the width
+    groups = [dict(kind="adamw", name=k, params=ps, lr=adamw_lr[k] * (1.0 if k == "scalars" else scale),
+                   betas=ADAMW_BETAS[k],
                    eps=adam_eps, weight_decay=ADAMW_WD[k]) for k, ps in adamw.items() if ps]
     groups += [dict(kind="muon", name=f"muon{tuple(shape)}", params=ps, lr=matrix_lr,
                     momentum=momentum, weight_decay=weight_decay, beta2=0.9, ns_steps=5)

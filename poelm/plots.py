@@ -1,0 +1,57 @@
+"""PNG plots of runs and experiments (matplotlib, Agg backend: no display needed).
+
+    from poelm.plots import plot_run
+    plot_run("runs/tiny")        # runs/tiny/loss.png and runs/tiny/bpb.png from metrics.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of a run's metrics.jsonl."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    return [r for r in records if r.get("type") == "train"], [r for r in records if r.get("type") == "eval"]
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    train, evals = read_metrics(run_dir)
+    written = []
+    if train:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        steps = [r["step"] for r in train]
+        n_stages = len(train[0].get("stage_losses") or [])
+        if n_stages > 1:
+            for k in range(n_stages):
+                ax.plot(steps, [r["stage_losses"][k] for r in train], lw=0.8, label=f"stage {k}")
+        ax.plot(steps, [r["loss"] for r in train], lw=1.2, color="black", label="training loss")
+        ax.set_xlabel("step"), ax.set_ylabel("loss (nats)"), ax.set_title(f"training loss: {run_dir.name}")
+        ax.legend(), ax.grid(alpha=0.3)
+        written.append(_save(fig, run_dir / "loss.png"))
+    if evals:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        steps = [r["step"] for r in evals]
+        for k in range(len(evals[0]["stages"])):
+            ax.plot(steps, [r["stages"][k] for r in evals], marker="o", ms=3, label=f"stage {k}")
+        ax.plot(steps, [r["logop"] for r in evals], ls="--", label="Log-OP")
+        ax.plot(steps, [r["bpb"] for r in evals], color="black", lw=1.5, label="final readout")
+        ax.set_xlabel("step"), ax.set_ylabel("val bits per byte"), ax.set_title(f"validation bpb: {run_dir.name}")
+        ax.legend(), ax.grid(alpha=0.3)
+        written.append(_save(fig, run_dir / "bpb.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

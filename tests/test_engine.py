@@ -1,0 +1,639 @@
+"""Tests of poelm/engine.py: cached decoding, stage pruning, Log-OP, WAND, self-speculative
+decoding, sampling, stops, streaming and the CLI.  Run: .venv/bin/pytest -q tests/test_engine.py"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from poelm.engine import (Engine, PlainDecoder, DecodeOptions, Sampler, TextStream, _Collector, calibrate,
+                          load_calibration, new_cache, save_calibration, wand_teacher_forced)
+from poelm.model import GPT, GPTConfig
+
+BOS, ASSISTANT_END = 256, 257
+BYTE_VOCAB = 258
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models decode fastest (and least noisily on a shared box) on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class ByteTokenizer:
+    """ids 0..255 = UTF-8 bytes, 256 = <|bos|>, 257 = <|assistant_end|>."""
+
+    bos_token_id = BOS
+    special_tokens = {"<|bos|>": BOS, "<|assistant_end|>": ASSISTANT_END}
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        out = bytearray()
+        for i in ids:
+            out += bytes([i]) if i < 256 else {BOS: b"<|bos|>", ASSISTANT_END: b"<|assistant_end|>"}[i]
+        return out.decode("utf-8", errors="replace")
+
+
+def tiny_config(**kw) -> GPTConfig:
+    base = dict(n_layer=4, n_embd=64, n_head=2, vocab_size=BYTE_VOCAB, sequence_len=128, short_window=16, poe_every=1)
+    return GPTConfig(**{**base, **kw})
+
+
+def random_model(seed: int = 0, noise: float = 0.05, **kw) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(**kw))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():  # zero-init projections make a fresh model trivial
+            p.add_(noise * torch.randn_like(p))
+    return model.eval()
+
+
+WORDS = ["the", "cat", "dog", "sat", "on", "mat", "café", "naïve", "日本", "ran", "to", "a", "big", "red", "house"]
+
+
+def synthetic_text(rng: random.Random) -> str:
+    """Structured sentences: easy for the first stage, a bit more for the deeper ones."""
+    s = []
+    for _ in range(8):
+        s.append(f"the {rng.choice(['big', 'red', 'naïve'])} {rng.choice(['cat', 'dog', 'café'])} "
+                 f"{rng.choice(['sat', 'ran'])} {rng.choice(['on', 'to'])} the {rng.choice(['mat', 'house', '日本'])}. ")
+    return "".join(s)
+
+
+def train_batch(rng: random.Random, B: int, T: int) -> torch.Tensor:
+    rows = []
+    for _ in range(B):
+        ids = [BOS] + list(synthetic_text(rng).encode())
+        while len(ids) < T + 1:
+            ids += [BOS] + list(synthetic_text(rng).encode())
+        rows.append(ids[: T + 1])
+    return torch.tensor(rows)
+
+
+@pytest.fixture(scope="module")
+def trained() -> GPT:
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    model.init_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=4e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    rng = random.Random(0)
+    model.train()
+    for _ in range(150):
+        batch = train_batch(rng, 16, 64)
+        loss = model(batch[:, :-1], batch[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def rand_model() -> GPT:
+    return random_model()
+
+
+def prompts() -> list[list[int]]:
+    rng = random.Random(1)
+    return [[BOS] + [rng.randrange(256) for _ in range(n)] for n in (3, 20, 41)]
+
+
+def text_prompt_ids(s: str) -> list[int]:
+    return [BOS] + list(s.encode())
+
+
+@torch.no_grad()
+def full_logits(model: GPT, ids: list[int]) -> torch.Tensor:
+    return model(torch.tensor([ids]))[0]  # (T, V)
+
+
+# -----------------------------------------------------------------------------
+# cached == uncached
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=1), dict(backout=True)])
+@torch.no_grad()
+def test_cached_matches_uncached_left_padded_batch(kw):
+    model = random_model(seed=3, **kw)
+    rows = prompts()
+    P = max(len(r) for r in rows)
+    pad = torch.tensor([P - len(r) for r in rows])
+    idx = torch.tensor([[0] * (P - len(r)) + r for r in rows])
+    dec = PlainDecoder(model, DecodeOptions(), len(rows), 128, pad)
+    logits = dec.forward(idx, last_only=False)  # (B, P, V)
+    seqs = [list(r) for r in rows]
+    for b, r in enumerate(rows):
+        ref = full_logits(model, r)
+        assert (logits[b, P - len(r):] - ref).abs().max().item() <= 1e-5
+    nxt = logits[:, -1].argmax(-1)
+    for _ in range(30):  # decode steps cross the short window (16) for every row
+        for b in range(len(rows)):
+            seqs[b].append(nxt[b].item())
+        step = dec.forward(nxt[:, None])  # (B, V)
+        for b in range(len(rows)):
+            assert (step[b] - full_logits(model, seqs[b])[-1]).abs().max().item() <= 1e-5
+        nxt = step.argmax(-1)
+
+
+@torch.no_grad()
+def test_cached_stage_and_logop_readouts_match_uncached(rand_model):
+    rows = prompts()
+    final, stage_logits = rand_model(torch.tensor([rows[2]]), return_stage_logits=True)
+    for k in range(4):
+        dec = PlainDecoder(rand_model, DecodeOptions(mode="stage", stage=k), 1, 128)
+        assert (dec.forward(torch.tensor([rows[2]]), last_only=False)[0] - stage_logits[k][0]).abs().max() <= 1e-5
+    dec = PlainDecoder(rand_model, DecodeOptions(mode="logop", stages=[0, 2]), 1, 128)
+    s = 0.5 ** 1.0 * (stage_logits[0][0].log_softmax(-1) + stage_logits[2][0].log_softmax(-1))  # alpha 0
+    ref = s - s.logsumexp(-1, keepdim=True)
+    assert (dec.forward(torch.tensor([rows[2]]), last_only=False)[0] - ref).abs().max() <= 1e-5
+
+
+def test_batch_generation_equals_rows_alone(rand_model):
+    engine = Engine(rand_model)
+    rows = prompts()
+    batch = engine.generate(rows, max_new_tokens=25)
+    for r, out in zip(rows, batch):
+        assert out.tokens == engine.generate(r, max_new_tokens=25).tokens
+
+
+# -----------------------------------------------------------------------------
+# speculative decoding
+
+
+@pytest.mark.parametrize("which", ["random", "trained"])
+def test_speculative_greedy_token_identical(which, rand_model, trained):
+    model = rand_model if which == "random" else trained
+    engine = Engine(model)
+    rows = prompts()[1:] + [text_prompt_ids("the red cat sat on")]
+    for row in rows:
+        plain = engine.generate(row, max_new_tokens=48).tokens
+        for gamma in (1, 2, 4, 7):
+            for draft in (0, 1):
+                out = engine.generate(row, mode="speculative", gamma=gamma, draft_stage=draft, max_new_tokens=48)
+                assert out.tokens == plain, (which, gamma, draft)
+                assert out.stats["tokens_per_verify"] >= 1.0
+        out = engine.generate(row, mode="speculative", gamma=3, adaptive_gamma=True, draft_threshold=0.3, max_new_tokens=48)
+        assert out.tokens == plain
+
+
+def test_speculative_trained_model_accepts_often(trained):
+    out = Engine(trained).generate(text_prompt_ids("the big dog ran to"), mode="speculative", gamma=4, max_new_tokens=60)
+    assert out.stats["acceptance_rate"] > 0.3
+    assert out.stats["tokens_per_verify"] > 1.5
+
+
+@pytest.mark.parametrize("draft_stage", [0, 2])  # backout layer 2: produced by verify / kept from drafting
+def test_speculative_greedy_with_backout_and_penalty(draft_stage):
+    model = random_model(seed=5, backout=True)
+    engine = Engine(model)
+    row = prompts()[1]
+    for rp in (1.0, 1.4):
+        plain = engine.generate(row, max_new_tokens=40, repetition_penalty=rp).tokens
+        out = engine.generate(row, mode="speculative", draft_stage=draft_stage, gamma=3, max_new_tokens=40,
+                              repetition_penalty=rp)
+        assert out.tokens == plain
+
+
+@torch.no_grad()
+def full_depth_cache(model: GPT, ids: list[int]):
+    cache = new_cache(model, 1, 128)
+    model.forward_cached(torch.tensor([ids]), cache)
+    return cache
+
+
+def assert_cache_equal(cache, ref, n: int, layers=None):
+    for i in layers if layers is not None else range(len(ref.k)):
+        assert cache.lengths[i] >= n
+        assert (cache.k[i][:, :, :n] - ref.k[i][:, :, :n]).abs().max().item() <= 1e-5, f"layer {i} K"
+        assert (cache.v[i][:, :, :n] - ref.v[i][:, :, :n]).abs().max().item() <= 1e-5, f"layer {i} V"
+
+
+def test_speculative_rollback_leaves_full_depth_cache(rand_model):
+    engine = Engine(rand_model)
+    row = prompts()[1]
+    out = engine.generate(row, mode="speculative", gamma=5, max_new_tokens=30, keep_cache=True)
+    assert out.stats["acceptance_rate"] < 1.0  # some drafts were rejected and rolled back
+    fed = row + out.tokens[:-1]
+    assert out.cache.n_tokens == len(fed) and all(n == len(fed) for n in out.cache.lengths)
+    assert_cache_equal(out.cache, full_depth_cache(rand_model, fed), len(fed))
+
+
+@torch.no_grad()
+def test_speculative_sampling_matches_target_distribution():
+    """Leviathan/Chen: the first tokens' empirical distribution equals the target's."""
+    V = 8
+    model = random_model(seed=11, noise=0.3, n_layer=2, n_embd=32, vocab_size=V)
+    engine = Engine(model)
+    prompt = [0, 3, 5]
+    opts = dict(temperature=0.9, top_k=6, repetition_penalty=1.3)
+    sampler = Sampler(DecodeOptions(**opts), torch.device("cpu"))
+
+    def target(prefix: list[int], stage: int | None = None) -> torch.Tensor:
+        idx = torch.tensor([prefix])
+        logits = model(idx)[0, -1] if stage is None else model(idx, return_stage_logits=True)[1][stage][0, -1]
+        seen = torch.zeros(1, V, dtype=torch.bool)
+        seen[0, prefix] = True
+        return sampler.probs(sampler.penalise(logits[None], seen))[0]
+
+    def joint(stage=None) -> torch.Tensor:  # (V, V) p(t1, t2)
+        p1 = target(prompt, stage)
+        return torch.stack([p1[a] * target(prompt + [a], stage) for a in range(V)])
+
+    exact = joint()
+    exact3 = torch.zeros(V)
+    for a in range(V):
+        for b in range(V):
+            if exact[a, b] > 0:
+                exact3 += exact[a, b] * target(prompt + [a, b])
+    N = 1500
+    counts, counts3 = torch.zeros(V, V), torch.zeros(V)
+    accepted = drafted = 0
+    for seed in range(N):
+        out = engine.generate(prompt, mode="speculative", gamma=3, max_new_tokens=3, seed=seed, **opts)
+        a, b, c = out.tokens
+        counts[a, b] += 1
+        counts3[c] += 1
+        accepted, drafted = accepted + out.stats["accepted"], drafted + out.stats["drafted"]
+    assert 0.05 < accepted / drafted < 0.95  # both the accept and the resample paths ran
+    assert chi2(counts.flatten(), exact.flatten(), N) < chi2_limit(counts.numel())
+    assert chi2(counts3, exact3, N) < chi2_limit(V)
+    # the test has power: the draft's own distribution is far from the target (and from the samples)
+    draft = joint(stage=0)
+    tv_samples = 0.5 * (counts / N - exact).abs().sum().item()
+    assert 0.5 * (draft - exact).abs().sum().item() > 3 * tv_samples
+
+
+def chi2(observed: torch.Tensor, expected_probs: torch.Tensor, n: int) -> float:
+    """Pearson chi-square; cells with expected count < 5 are pooled; impossible cells must be empty."""
+    expected = expected_probs.double() * n
+    observed = observed.double()
+    assert observed[expected_probs == 0].sum() == 0
+    small = expected < 5
+    obs = torch.cat([observed[~small], observed[small].sum()[None]])
+    exp = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = exp > 0
+    return (((obs - exp) ** 2)[keep] / exp[keep]).sum().item()
+
+
+def chi2_limit(cells: int, z: float = 4.0) -> float:
+    """~1e-5 upper tail of chi-square with cells-1 dof (Wilson-Hilferty)."""
+    k = max(cells - 1, 1)
+    return k * (1 - 2 / (9 * k) + z * math.sqrt(2 / (9 * k))) ** 3
+
+
+# -----------------------------------------------------------------------------
+# WAND
+
+
+@pytest.fixture(scope="module")
+def trained_calib(trained):
+    rng = random.Random(7)
+    return calibrate(trained, [train_batch(rng, 8, 64)[:, :-1] for _ in range(2)])
+
+
+def test_calibration_shape(trained, trained_calib):
+    b = trained_calib["wand_bounds"]
+    assert len(b) == 4 and b[0] == 0.0 and all(x >= 0 for x in b)
+    assert trained_calib["wand_quantile"] == 0.99 and trained_calib["wand_calibration_tokens"] == 2 * 8 * 64
+
+
+@pytest.mark.parametrize("which", ["random", "trained"])
+def test_wand_infinite_factor_equals_full_depth(which, rand_model, trained, trained_calib):
+    model = rand_model if which == "random" else trained
+    engine = Engine(model, calibration=trained_calib)
+    for row in prompts()[1:]:
+        plain = engine.generate(row, max_new_tokens=40)
+        out = engine.generate(row, mode="wand", wand_factor=math.inf, max_new_tokens=40)
+        assert out.tokens == plain.tokens
+        assert out.stats["mean_stages_per_token"] == 4
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.05, 0.5])
+def test_wand_lazy_backfill_gives_full_depth_cache(factor, trained, trained_calib):
+    engine = Engine(trained, calibration=trained_calib)
+    row = text_prompt_ids("the naïve cat sat on the")
+    out = engine.generate(row, mode="wand", wand_factor=factor, max_new_tokens=50, keep_cache=True)
+    assert out.stats["mean_stages_per_token"] < 4  # tokens exited early
+    fed = row + out.tokens[:-1]
+    assert out.cache.n_tokens == len(fed)
+    assert_cache_equal(out.cache, full_depth_cache(trained, fed), len(fed))
+
+
+def test_wand_cache_before_flush_has_no_holes(rand_model):
+    calib = {"wand_bounds": [0.0, 0.3, 0.3, 0.3]}
+    engine = Engine(rand_model, calibration=calib)
+    row = prompts()[1]
+    out = engine.generate(row, mode="wand", wand_factor=0.5, max_new_tokens=40)
+    assert out.stats["backfilled"] > 0 and 1 < out.stats["mean_stages_per_token"] < 4
+    # replay the run: after every step each layer's filled slots equal full depth; deeper layers may lag
+    from poelm.engine import WandDecoder
+    dec = WandDecoder(rand_model, 128, calib, 0.5)
+    dec.prefill(torch.tensor([row[:-1]]))
+    fed = row + out.tokens[:-1]
+    ref = full_depth_cache(rand_model, fed)
+    lagged = 0
+    for t in range(len(row) - 1, len(fed)):
+        dec.step(fed[t])
+        lengths = dec.cache.lengths
+        assert lengths == sorted(lengths, reverse=True) and lengths[0] == t + 1
+        lagged += min(lengths) < t + 1  # pending slots (their inputs are kept), never holes
+        for i, n in enumerate(lengths):
+            assert_cache_equal(dec.cache, ref, n, layers=[i])
+    assert lagged > 0
+
+
+def test_wand_logop_target_infinite_factor_equals_logop(trained, trained_calib):
+    calib = dict(trained_calib, wand_target="logop")
+    engine = Engine(trained, calibration=calib)
+    row = text_prompt_ids("the red dog")
+    ref = engine.generate(row, mode="logop", max_new_tokens=30).tokens
+    assert engine.generate(row, mode="wand", wand_factor=math.inf, max_new_tokens=30).tokens == ref
+
+
+def test_wand_teacher_forced_agreement(trained, trained_calib):
+    idx = train_batch(random.Random(99), 4, 64)[:, :-1]
+    tf = wand_teacher_forced(trained, idx, trained_calib, factor=1.0)
+    agree = (tf["pred"] == tf["full"]).float().mean().item()
+    assert agree > 0.9 and tf["depth"].float().mean().item() <= 4
+    tf = wand_teacher_forced(trained, idx, trained_calib, factor=math.inf)
+    assert bool((tf["pred"] == tf["full"]).all()) and bool((tf["depth"] == 4).all())
+
+
+def test_wand_without_calibration_says_how(rand_model):
+    with pytest.raises(ValueError, match="poelm calibrate MODEL --data DIR"):
+        Engine(rand_model).generate([1, 2], mode="wand")
+
+
+def test_calibration_saved_with_the_model(tmp_path, trained_calib):
+    (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 256}))
+    save_calibration(tmp_path, trained_calib)
+    stored = json.loads((tmp_path / "generation_config.json").read_text())
+    assert stored["bos_token_id"] == 256 and stored["wand_bounds"] == trained_calib["wand_bounds"]
+    assert load_calibration(tmp_path) == trained_calib
+    assert load_calibration(tmp_path / "nothing") is None
+
+
+# -----------------------------------------------------------------------------
+# pruning, BP refusal
+
+
+def count_block_calls(model: GPT):
+    calls = [0] * len(model.transformer.h)
+    hooks = [block.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, block in enumerate(model.transformer.h)]
+    return calls, hooks
+
+
+@pytest.mark.parametrize("kw,deepest", [(dict(mode="stage", stage=0), 0), (dict(mode="stage", stage=2), 2),
+                                         (dict(mode="logop", stages=[0, 1]), 1)])
+def test_prefix_pruning_runs_no_deeper_layer(kw, deepest, rand_model):
+    calls, hooks = count_block_calls(rand_model)
+    try:
+        out = Engine(rand_model).generate(prompts()[1], max_new_tokens=20, keep_cache=True, **kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(c > 0 for c in calls[: deepest + 1]) and all(c == 0 for c in calls[deepest + 1:])
+    assert len(out.cache.k) == deepest + 1  # K/V allocated for the pruned prefix only
+    assert out.stats["mean_stages_per_token"] == deepest + 1
+
+
+def test_stage_mode_matches_uncached_stage_argmax(rand_model):
+    row = prompts()[1]
+    out = Engine(rand_model).generate(row, mode="stage", stage=1, max_new_tokens=20)
+    seq = list(row)
+    for t in out.tokens:
+        with torch.no_grad():
+            z = rand_model(torch.tensor([seq]), return_stage_logits=True)[1][1][0, -1]
+        assert t == z.argmax().item()
+        seq.append(t)
+
+
+def test_bp_model_refuses_poe_modes_unless_forced():
+    model = random_model(seed=2, poe_mode="none")
+    engine = Engine(model, calibration={"wand_bounds": [0.0, 1.0, 1.0, 1.0]})
+    row = prompts()[1]
+    plain = engine.generate(row, max_new_tokens=30).tokens
+    for kw in (dict(mode="stage", stage=0), dict(mode="logop"), dict(mode="wand"), dict(mode="speculative")):
+        with pytest.raises(ValueError, match="never trained to predict"):
+            engine.generate(row, max_new_tokens=5, **kw)
+        engine.generate(row, max_new_tokens=5, force=True, **kw)
+    assert engine.generate(row, mode="speculative", force=True, max_new_tokens=30).tokens == plain  # backout path
+    with pytest.raises(ValueError, match="never trained to predict"):
+        calibrate(model, [torch.tensor([row])])
+    calibrate(model, [torch.tensor([row])], force=True)
+
+
+# -----------------------------------------------------------------------------
+# sampling semantics
+
+
+def test_repetition_penalty_hand_computed():
+    sampler = Sampler(DecodeOptions(repetition_penalty=2.0), torch.device("cpu"))
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -4.0]])
+    seen = torch.tensor([[True, True, False, False, True]])
+    assert torch.equal(sampler.penalise(logits, seen), torch.tensor([[1.0, -2.0, 0.5, 3.0, -8.0]]))
+
+
+@torch.no_grad()
+def test_repetition_penalty_end_to_end_includes_prompt(rand_model):
+    row = [BOS, 7, 7, 9, 200, 7]
+    logits = rand_model(torch.tensor([row]))[0, -1].clone()
+    for t in set(row):
+        logits[t] = logits[t] / 1.7 if logits[t] > 0 else logits[t] * 1.7
+    out = Engine(rand_model).generate(row, max_new_tokens=1, repetition_penalty=1.7)
+    assert out.tokens == [logits.argmax().item()]
+
+
+def test_top_k_top_p_and_seeds(rand_model):
+    sampler = Sampler(DecodeOptions(temperature=1.0, top_k=3, top_p=0.7), torch.device("cpu"))
+    probs = sampler.probs(torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.05, 0.05]])))
+    assert torch.allclose(probs, torch.tensor([[0.625, 0.375, 0, 0, 0]]))
+    engine, row = Engine(rand_model), prompts()[1]
+    greedy = engine.generate(row, max_new_tokens=15).tokens
+    assert engine.generate(row, max_new_tokens=15, temperature=1.0, top_k=1, seed=3).tokens == greedy
+    a = engine.generate(row, max_new_tokens=15, temperature=1.0, seed=3).tokens
+    assert a == engine.generate(row, max_new_tokens=15, temperature=1.0, seed=3).tokens
+    assert a != engine.generate(row, max_new_tokens=15, temperature=1.0, seed=4).tokens
+
+
+# -----------------------------------------------------------------------------
+# prompts, stops, streaming
+
+
+def test_bos_prepended_once(trained):
+    engine = Engine(trained, ByteTokenizer())
+    assert engine.generate("the", max_new_tokens=1).prompt_tokens == [BOS] + list(b"the")
+    assert engine.generate([BOS, 1, 2], max_new_tokens=1).prompt_tokens == [BOS, 1, 2]
+    assert engine.generate([1, 2], max_new_tokens=1).prompt_tokens == [BOS, 1, 2]
+    assert engine.generate([1, 2], max_new_tokens=1, add_bos=False).prompt_tokens == [1, 2]
+    assert Engine(trained).generate([1, 2], max_new_tokens=1).prompt_tokens == [1, 2]  # no tokenizer: as given
+
+
+def test_stop_strings_and_stop_tokens(trained):
+    engine = Engine(trained, ByteTokenizer())
+    full = engine.generate("the big", max_new_tokens=40, stop_token_ids=[])
+    text = full.text
+    start = next(i for i in range(3, len(text) - 2) if text[i] == " ")
+    stop = text[start:start + 3]
+    out = engine.generate("the big", max_new_tokens=40, stop_strings=[stop], stop_token_ids=[])
+    assert out.stats["stop_reason"] == "stop_string"
+    assert out.text == text[: text.find(stop)]
+    assert out.tokens == full.tokens[: len(out.tokens)] and len(out.tokens) < 40
+    stop_id = full.tokens[5]
+    out = engine.generate("the big", max_new_tokens=40, stop_token_ids=[stop_id])
+    k = full.tokens.index(stop_id)
+    assert out.tokens == full.tokens[: k + 1] and out.stats["stop_reason"] == "stop_token"
+    assert out.text == ByteTokenizer().decode(full.tokens[:k])
+    for mode in ("speculative", "stage"):
+        out = engine.generate("the big", mode=mode, max_new_tokens=40, stop_strings=[stop], stop_token_ids=[])
+        assert stop not in out.text
+
+
+def scripted_stream(tokens: list[int], stop_strings=()) -> TextStream:
+    tok = ByteTokenizer()
+    opts = DecodeOptions(max_new_tokens=len(tokens), stop_strings=list(stop_strings))
+
+    def session():
+        col = _Collector(1, opts, tok, {BOS})
+        for t in tokens:
+            col.add(0, [t])
+            yield col
+            if col.done:
+                break
+        from poelm.engine import Generation
+        return [Generation(col.text(0), col.tokens[0], {})]
+
+    return TextStream(session())
+
+
+def test_stream_never_splits_a_character():
+    text = "héllo 日本語 ok 🎉!"
+    stream = scripted_stream(list(text.encode()))
+    deltas = list(stream)
+    assert "".join(deltas) == text == stream.result.text
+    assert all("\ufffd" not in d for d in deltas)
+    assert "日" in deltas or any(d.endswith("日") or d.startswith("日") for d in deltas)
+    stream = scripted_stream(list("ab STOP cd".encode()), stop_strings=["STOP"])
+    deltas = list(stream)
+    assert "".join(deltas) == "ab " == stream.result.text  # the partial "ST", "STO" were held back
+
+
+def test_stream_end_to_end(trained):
+    engine = Engine(trained, ByteTokenizer())
+    multibyte = 0
+    for seed in range(4):
+        for mode in ("final", "speculative"):
+            stream = engine.stream("the naïve café", mode=mode, temperature=1.0, seed=seed, max_new_tokens=40)
+            deltas = list(stream)
+            assert "".join(deltas) == stream.result.text
+            multibyte += sum(len(c.encode()) > 1 and c != "\ufffd" for c in stream.result.text)
+    assert multibyte > 0  # the check above covered multi-byte characters
+
+
+# -----------------------------------------------------------------------------
+# bad inputs, limits
+
+
+@pytest.mark.parametrize("prompt,kw,match", [
+    ("", {}, "empty prompt"), ([], {}, "empty prompt"),
+    ([1], dict(temperature=-0.1), "temperature"), ([1], dict(top_p=0.0), "top_p"), ([1], dict(top_p=1.5), "top_p"),
+    ([1], dict(top_k=-1), "top_k"), ([1], dict(repetition_penalty=0.0), "repetition_penalty"),
+    ([1], dict(max_new_tokens=-1), "max_new_tokens"), ([1], dict(mode="stage", stage=4), "out of range"),
+    ([1], dict(mode="stage", stage=-1), "out of range"), ([1], dict(mode="speculative", draft_stage=3), "out of range"),
+    ([1], dict(mode="logop", stages=[0, 9]), "out of range"), ([1], dict(mode="nope"), "unknown mode"),
+    ([1], dict(mode="speculative", gamma=0), "gamma"), ([1], dict(bogus=1), "unknown generation option"),
+    ([1], dict(mode="wand", wand_factor=-1.0), "wand_factor"), ([BYTE_VOCAB], {}, "token ids"),
+    ([1] * 129, {}, "context holds 128"),
+])
+def test_bad_inputs_one_line_value_error(prompt, kw, match, rand_model):
+    engine = Engine(rand_model, ByteTokenizer() if isinstance(prompt, str) else None,
+                    calibration={"wand_bounds": [0.0, 1.0, 1.0, 1.0]})
+    with pytest.raises(ValueError, match=match) as err:
+        engine.generate(prompt, **kw)
+    assert "\n" not in str(err.value)
+
+
+def test_text_prompt_without_tokenizer(rand_model):
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        Engine(rand_model).generate("hello")
+
+
+@pytest.mark.parametrize("mode", ["final", "speculative", "wand"])
+def test_generation_stops_when_the_context_is_full(mode, rand_model):
+    engine = Engine(rand_model, calibration={"wand_bounds": [0.0, 1.0, 1.0, 1.0]})
+    row = [1] * 125
+    out = engine.generate(row, mode=mode, max_new_tokens=10)
+    assert len(out.tokens) == 4 and out.stats["stop_reason"] == "context"
+    assert engine.generate(row, mode=mode, max_new_tokens=0).tokens == []
+
+
+def test_stats_present(rand_model, trained_calib):
+    engine = Engine(rand_model, calibration=trained_calib)
+    for mode in ("final", "stage", "logop", "wand", "speculative"):
+        s = engine.generate(prompts()[1], mode=mode, max_new_tokens=10).stats
+        for key in ("tokens_per_s", "new_tokens", "wall_s", "mean_stages_per_token", "mean_layers_per_token"):
+            assert key in s, (mode, key)
+    s = engine.generate(prompts()[1], mode="speculative", max_new_tokens=10).stats
+    assert "acceptance_rate" in s and "tokens_per_verify" in s
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+@pytest.mark.filterwarnings("ignore:validation split")
+def test_cli_generate_and_calibrate(tmp_path, trained, capsys):
+    checkpoint = pytest.importorskip("poelm.checkpoint")
+    tokenizer_mod = pytest.importorskip("poelm.tokenizer")
+    corpus = pytest.importorskip("poelm.corpus")
+    pytest.importorskip("poelm.dataloader")
+    import argparse
+    import tiktoken
+
+    from poelm import engine_cli
+
+    enc = tiktoken.Encoding(name="bytes", pat_str=tokenizer_mod.SPLIT_PATTERN,
+                            mergeable_ranks={bytes([i]): i for i in range(256)},
+                            special_tokens={s: 256 + i for i, s in enumerate(tokenizer_mod.SPECIAL_TOKENS)})
+    tok = tokenizer_mod.Tokenizer(enc)
+    model = GPT(tiny_config(vocab_size=tok.vocab_size))
+    model.init_weights()
+    model_dir = tmp_path / "model"
+    checkpoint.save_model(model, model_dir, tok)
+    parser = argparse.ArgumentParser()
+    engine_cli.add_commands(parser.add_subparsers())
+
+    def run(*argv) -> int:
+        args = parser.parse_args([str(a) for a in argv])
+        return args.func(args)
+
+    assert run("generate", model_dir, "the cat", "--max-new-tokens", 5, "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"text", "tokens", "stats"} and len(out["tokens"]) == 5
+    with pytest.raises(ValueError, match="poelm calibrate"):
+        run("generate", model_dir, "the cat", "--mode", "wand")
+    rng = random.Random(0)
+    corpus.write_corpus([synthetic_text(rng) for _ in range(40)], tmp_path / "data")
+    capsys.readouterr()
+    assert run("calibrate", model_dir, "--data", tmp_path / "data", "--tokens", 512, "--json") == 0
+    calib = json.loads(capsys.readouterr().out)
+    assert len(calib["wand_bounds"]) == 4 and load_calibration(model_dir)["wand_bounds"] == calib["wand_bounds"]
+    assert run("generate", model_dir, "the cat", "--mode", "wand", "--max-new-tokens", 4) == 0
+    assert run("generate", model_dir, "the", "--mode", "speculative", "--gamma", 2, "--seed", 1,
+               "--temperature", 0.8, "--top-p", 0.9, "--max-new-tokens", 6, "--json") == 0
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="out of range"):
+        run("generate", model_dir, "the", "--mode", "logop", "--stages", "0,7")
+    args = parser.parse_args(["generate", "tiny", "1 2 x"])
+    with pytest.raises(ValueError, match="space-separated token ids"):
+        engine_cli.parse_prompt(args.prompt, None)
