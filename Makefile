@@ -17,7 +17,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q -x --durations=15 tests
 
 demo: $(STAMP)
-	$(PY) -m poelm.demo
+	$(PY) -m poelm experiment tiny --out runs/demo
+	@echo "report: runs/demo/report.md (plots and results.json beside it)"
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py

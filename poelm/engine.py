@@ -426,7 +426,8 @@ class PlainDecoder:
             self.end_layer = cfg.stage_ends[max(self.stages)] + 1
             self.keep = {cfg.stage_ends[k] for k in self.stages}
         self.cache = new_cache(model, batch_size, capacity, pad, n_layers=self.end_layer)
-        self.layer_passes = 0  # layer x token executions
+        self.layer_passes = 0  # layer x position executions (compute)
+        self.layer_calls = 0  # sequential layer invocations (latency on overhead-bound hardware)
 
     def forward(self, idx: torch.Tensor, last_only: bool = True) -> torch.Tensor:
         """Feed idx (B, T) -> logits (B, V) of the last position, or (B, T, V)."""
@@ -434,7 +435,8 @@ class PlainDecoder:
         start = cache.n_tokens
         x = x0 = model.embed(idx, cache)
         x, kept = model.run_layers(x, x0, idx, 0, self.end_layer, cache, start, keep=self.keep)
-        self.layer_passes += self.end_layer * idx.numel()
+        self.layer_passes += self.end_layer * idx.shape[1]
+        self.layer_calls += self.end_layer
         sel = (lambda t: t[:, -1]) if last_only else (lambda t: t)  # noqa: E731
         if self.mode == "final":
             mid = kept.get(self.cfg.backout_layer)
@@ -470,6 +472,7 @@ class WandDecoder:
         self.first_layer = [0] + [e + 1 for e in cfg.stage_ends[:-1]]
         self.depths: list[int] = []
         self.layer_passes = 0
+        self.layer_calls = 0
         self.backfilled = 0  # (slot, stage) pairs run lazily
 
     def prefill(self, ids: torch.Tensor) -> None:
@@ -487,6 +490,7 @@ class WandDecoder:
         if s < self.K - 1:
             self.boundary[s][:, lo:hi] = out
         self.layer_passes += (end - first) * (hi - lo)
+        self.layer_calls += end - first
         return out, kept
 
     def step(self, token: int) -> tuple[torch.Tensor, int]:
@@ -746,8 +750,9 @@ class Engine:
             "time_to_first_token_s": first_token_s,
             "batch_size": len(rows),
         })
-        if "layer_passes" in stats and n_new:
-            stats["mean_layers_per_token"] = stats.pop("layer_passes") / n_new
+        if "layer_passes" in stats and n_new:  # decode-phase work per new token (per row for a batch)
+            stats["mean_layers_per_token"] = stats.pop("layer_passes") * len(rows) / n_new
+            stats["mean_layer_calls_per_token"] = stats.pop("layer_calls") * len(rows) / n_new
         out = []
         for b, row in enumerate(rows):
             row_stats = dict(stats, new_tokens=len(collector.tokens[b]), stop_reason=collector.reason[b])
@@ -769,12 +774,12 @@ class Engine:
         sampler, seen = Sampler(opts, self.device), self._seen(rows)
         stats["mean_stages_per_token"] = dec.stages_per_token
         logits = dec.forward(idx)  # (B, V)
-        dec.layer_passes = 0  # count decode work only
+        dec.layer_passes = dec.layer_calls = 0  # count decode work only
         arange = torch.arange(B, device=self.device)
         while True:
             token = sampler.pick(logits, seen)  # (B,)
             seen[arange, token] = True
-            stats["layer_passes"] = dec.layer_passes
+            stats.update(layer_passes=dec.layer_passes, layer_calls=dec.layer_calls)
             yield [[t] for t in token.tolist()]
             if dec.cache.n_tokens >= capacity:
                 return
@@ -787,7 +792,7 @@ class Engine:
         state["cache"], state["flush"] = dec.cache, dec.flush
         if len(row) > 1:
             dec.prefill(torch.tensor([row[:-1]], device=self.device))
-        dec.layer_passes = 0
+        dec.layer_passes = dec.layer_calls = 0
         sampler, seen = Sampler(opts, self.device), self._seen(rows)
         token = row[-1]
         while True:
@@ -796,6 +801,7 @@ class Engine:
             seen[0, token] = True
             K = self.model.config.n_stages
             stats.update(mean_stages_per_token=sum(dec.depths) / len(dec.depths), layer_passes=dec.layer_passes,
+                         layer_calls=dec.layer_calls,
                          exit_stage_counts=[dec.depths.count(k + 1) for k in range(K)], backfilled=dec.backfilled,
                          wand_factor=opts.wand_factor)
             yield [[token]]
@@ -818,7 +824,7 @@ class Engine:
             model.run_layers(x, x0, ids, 0, L, cache, 0)
         sampler, seen = Sampler(opts, device), self._seen(rows)[0]  # (V,)
         pending, produced, gamma = row[-1], 0, opts.gamma
-        n_drafted = n_accepted = n_verify = layer_passes = 0
+        n_drafted = n_accepted = n_verify = layer_passes = layer_calls = 0
         while True:
             slot0 = cache.n_tokens
             n_max = max(0, min(gamma, capacity - slot0 - 1, opts.max_new_tokens - produced - 1))
@@ -831,7 +837,7 @@ class Engine:
                 x = x0 = model.embed(idx, cache)
                 x, kept = model.run_layers(x, x0, idx, 0, split, cache, cache.n_tokens - 1,
                                            keep={bl} if mid_in_draft else set())
-                layer_passes += split
+                layer_passes, layer_calls = layer_passes + split, layer_calls + split
                 xs.append(x), x0s.append(x0), mids.append(kept.get(bl))
                 if len(drafts) == n_max:
                     break
@@ -854,7 +860,7 @@ class Engine:
             idx = torch.tensor([[pending] + drafts], device=device)  # (1, n+1)
             x, kept = model.run_layers(torch.cat(xs, 1), torch.cat(x0s, 1), idx, split, L, cache, slot0,
                                        keep={bl} if bl >= split else set())
-            layer_passes += (L - split) * (n + 1)
+            layer_passes, layer_calls = layer_passes + (L - split) * (n + 1), layer_calls + L - split
             x_mid = torch.cat(mids, 1) if mid_in_draft else kept.get(bl)
             p_logits = model.readout(x[0], None, x_mid[0] if x_mid is not None else None)  # (n+1, V)
             rows_seen = seen.expand(n + 1, -1).clone()
@@ -872,7 +878,7 @@ class Engine:
                 gamma = min(gamma + 2, MAX_GAMMA) if (n and n_acc == n) else max(1, gamma - 1)
             stats.update(draft_stage=d, drafted=n_drafted, accepted=n_accepted, verify_passes=n_verify,
                          acceptance_rate=n_accepted / n_drafted if n_drafted else None,
-                         tokens_per_verify=produced / n_verify, layer_passes=layer_passes,
+                         tokens_per_verify=produced / n_verify, layer_passes=layer_passes, layer_calls=layer_calls,
                          mean_stages_per_token=cfg.n_stages, gamma=gamma)
             yield [accepted]
             if cache.n_tokens >= capacity:

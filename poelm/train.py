@@ -182,6 +182,9 @@ def save_checkpoint(rt: Runtime, out: Path, step: int, model: GPT, optimizer, lo
                     trainer_state: dict, keep: int) -> Path:
     """Every rank writes its optimizer/loader shard into a temporary directory; rank 0
     writes the model, renames the directory into place and only then moves `latest`."""
+    if not params_finite(model):  # the same weights on every rank: all ranks stop together
+        raise NonFiniteLoss(f"parameters became non-finite before the checkpoint of step {step}; stopping. "
+                            f"The last good checkpoint in {out} is intact (lower the learning rates or check the data)")
     final = out / step_dir_name(step)
     tmp = out / f".{final.name}.tmp"
     if rt.master:
@@ -213,6 +216,18 @@ def barrier(rt: Runtime) -> None:
         dist.barrier()
 
 
+def params_finite(model: GPT) -> bool:
+    """True when every parameter is finite (checked before a checkpoint is written, so a
+    step that finished with a finite loss but produced inf/NaN weights is never saved)."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def same_tokenizer(a, b) -> bool:
+    """Same merges and special tokens (not just the same vocabulary size)."""
+    strip = lambda t: {k: v for k, v in t.to_json().items() if k != "name"}  # noqa: E731
+    return strip(a) == strip(b)
+
+
 def config_diff(a: GPTConfig, b: GPTConfig) -> list[str]:
     da, db = a.to_dict(), b.to_dict()
     return [f"{k}: checkpoint {da[k]!r} vs now {db[k]!r}" for k in da if da[k] != db[k]]
@@ -228,7 +243,8 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool, truncate_after_step: int | None = None):
         self.path, self.enabled = path, enabled
         if enabled and truncate_after_step is not None and path.exists():  # drop lines past the resumed step
-            kept = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= truncate_after_step]
+            kept = [l for l in path.read_text().splitlines()
+                    if l and truncate_after_step > 0 and json.loads(l).get("step", 0) <= truncate_after_step]
             atomic_write_bytes(path, ("\n".join(kept) + "\n").encode() if kept else b"")
 
     def write(self, record: dict) -> None:
@@ -288,6 +304,9 @@ def prepare(tc: TrainConfig, rt: Runtime):
     tokenizer = Tokenizer.load(tc.tokenizer)
     config = tc.model_config(tokenizer.vocab_size)
     check_tokenizer(tokenizer, config, tc.tokenizer)
+    if tc.device_batch_size < 1 or tc.seq_len < 1 or tc.total_batch_size < 1:
+        raise ValueError(f"--device-batch-size, --seq-len and --total-batch-size must be >= 1 (got "
+                         f"{tc.device_batch_size}, {tc.seq_len}, {tc.total_batch_size})")
     tokens_per_micro = tc.device_batch_size * tc.seq_len * rt.world
     if tc.total_batch_size % tokens_per_micro:
         raise ValueError(f"--total-batch-size {tc.total_batch_size} is not a multiple of device batch x seq len x "
@@ -306,16 +325,29 @@ def prepare(tc: TrainConfig, rt: Runtime):
     if ckpt is not None and not tc.resume:
         raise ValueError(f"{out} already holds a run (checkpoint {ckpt.name}); pass --resume to continue it "
                          "or choose another --out")
+    if tc.resume and ckpt is None and rt.master and not tc.quiet:
+        print(f"--resume: no checkpoint in {out} yet; starting a fresh run", flush=True)
     if tc.resume and ckpt is not None:
         saved = json.loads((ckpt / "config.json").read_text())
         from poelm.checkpoint import config_from_json
-        diff = config_diff(config_from_json(saved), config)
+        saved_config = config_from_json(saved)
+        if saved_config.vocab_size != config.vocab_size:
+            raise ValueError(f"--resume: tokenizer {tc.tokenizer} has {config.vocab_size} tokens but the model in "
+                             f"{ckpt} was trained with a {saved_config.vocab_size}-token tokenizer; pass the run's "
+                             "own tokenizer (it is saved in every checkpoint)")
+        if any((ckpt / n).exists() for n in ("tokenizer.json", "tokenizer.pkl")) and \
+                not same_tokenizer(Tokenizer.load(ckpt), tokenizer):
+            raise ValueError(f"--resume: tokenizer {tc.tokenizer} does not match the one {ckpt} was trained with "
+                             "(same size, different merges or specials); pass the run's own tokenizer")
+        diff = config_diff(saved_config, config)
         if diff:
             raise ValueError(f"--resume: {ckpt} was trained with another architecture ({'; '.join(diff)})")
         load_state_into(model, read_safetensors(ckpt / "model.safetensors"), str(ckpt))
+        shards = len(list(ckpt.glob("optim_rank*.pt")))
+        if shards != rt.world:
+            raise ValueError(f"--resume: {ckpt} was written by {shards} process(es), this run has {rt.world}; "
+                             "resume with the same number of processes (optimizer state is sharded per rank)")
         shard = ckpt / f"optim_rank{rt.rank}.pt"
-        if not shard.exists():
-            raise ValueError(f"--resume: {shard} is missing (the run used another number of processes?)")
         blob = torch.load(shard, map_location=rt.device, weights_only=False)
         optimizer.load_state_dict(blob["optimizer"])
         state = json.loads((ckpt / "trainer.json").read_text())
@@ -342,6 +374,7 @@ def train(tc: TrainConfig) -> dict:
 
     rt = setup_runtime(tc)
     tokenizer, model, optimizer, loader, grad_accum, num_iterations, rule, start_step, state = prepare(tc, rt)
+    val = load_val(tc, tokenizer, rt) if tc.eval_every > 0 else []  # bad validation data fails before any write
     out = Path(tc.out)
     if rt.master:
         out.mkdir(parents=True, exist_ok=True)
@@ -353,7 +386,6 @@ def train(tc: TrainConfig) -> dict:
         f"poe_mode={cfg.poe_mode} alpha={cfg.poe_alpha}, {model.num_params():,} params")
     say(f"batch: {tc.total_batch_size:,} tokens/step = {tc.device_batch_size} x {tc.seq_len} x {rt.world} ranks "
         f"x {grad_accum} accumulation steps; {rule}")
-    val = load_val(tc, tokenizer, rt)
     token_bytes = tokenizer.token_bytes()
     train_model = torch.compile(model) if tc.compile else model
     flops_per_step = model.flops_per_token(tc.seq_len) * tc.total_batch_size
@@ -380,7 +412,8 @@ def train(tc: TrainConfig) -> dict:
         task = progress.add_task("train", total=num_iterations, completed=start_step, status="")
         while True:
             last = step == num_iterations
-            if tc.eval_every > 0 and (step % tc.eval_every == 0 or last) and (step > start_step or step == 0 or last):
+            if tc.eval_every > 0 and (step % tc.eval_every == 0 or last) and (step > start_step or step == 0 or last) \
+                    and last_eval.get("step") != step:
                 do_eval(step)
             if rt.master and tc.sample_every > 0 and step > 0 and (step % tc.sample_every == 0 or last):
                 say(f"sample: {greedy_sample(model, tokenizer, tc.sample_prompt)!r}")
@@ -398,6 +431,11 @@ def train(tc: TrainConfig) -> dict:
                 (loss / grad_accum).backward()
                 loss_sum += loss.detach().float().item() / grad_accum
                 stage_sum = stage_losses / grad_accum if stage_sum is None else stage_sum + stage_losses / grad_accum
+            if rt.world > 1:  # mean over ranks, so a non-finite loss on any rank stops every rank
+                both = torch.cat([torch.tensor([loss_sum], device=stage_sum.device), stage_sum.float()])
+                dist.all_reduce(both)
+                both /= rt.world
+                loss_sum, stage_sum = both[0].item(), both[1:]
             if not math.isfinite(loss_sum):
                 raise NonFiniteLoss(f"loss became {loss_sum} at step {step}; stopping. The last good checkpoint "
                                     f"in {out} is intact (lower the learning rates or check the data)")
@@ -410,17 +448,18 @@ def train(tc: TrainConfig) -> dict:
             dt = time.time() - t0
             step += 1
             total_time += dt
-            ema = loss_sum if step == 1 else 0.9 * ema + 0.1 * loss_sum
-            debiased = ema / (1 - 0.9 ** step) if step < 50 and start_step == 0 else ema
+            ema = 0.9 * ema + 0.1 * loss_sum
+            debiased = ema / (1 - 0.9 ** step)
             tok_s = tc.total_batch_size / dt
             mfu = flops_per_step / dt / (peak * rt.world) if peak else None
             record = {"type": "train", "step": step, "loss": loss_sum, "stage_losses": stage_sum.tolist(),
                       "lr_mult": lrm, "tokens_per_s": tok_s, "dt": dt, "mfu": mfu,
                       "cropped_fraction": getattr(loader, "cropped_fraction", None)}
             log.write(record)
-            status = f"loss {debiased:.4f} lr {lrm:.3f} {tok_s:,.0f} tok/s" + (f" MFU {100 * mfu:.1f}%" if mfu else "")
+            status = f"loss {debiased:.4f} lr {lrm:.3f} {tok_s:,.0f} tok/s MFU " + (f"{100 * mfu:.1f}%" if mfu else "n/a")
             progress.update(task, completed=step, status=status)
-    result = {"step": step, "num_iterations": num_iterations, "train_seconds": total_time, "final_loss": ema,
+    final_loss = ema / (1 - 0.9 ** step) if step > 0 else None
+    result = {"step": step, "num_iterations": num_iterations, "train_seconds": total_time, "final_loss": final_loss,
               "eval": last_eval, "out": str(out), "cropped_fraction": getattr(loader, "cropped_fraction", None)}
     if rt.master:
         atomic_write_json(out / "result.json", result)
