@@ -154,6 +154,7 @@ def plot(speedups: dict[str, float], path: Path, title: str) -> None:
     names, values = list(speedups), list(speedups.values())
     bars = ax.bar(names, values, color=["#888888", "#4C72B0", "#55A868", "#C44E52"][: len(names)])
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_ylim(0, max(values) * 1.18)
     for bar, v in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.2f}x", ha="center", va="bottom")
     ax.set_ylabel("tokens/s relative to plain")

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,7 +34,16 @@ MODEL_TYPE = "cognica_poe"
 HF_FIELDS = ("model_type", "architectures", "auto_map", "num_hidden_layers", "hidden_size", "num_attention_heads",
              "num_key_value_heads", "max_position_embeddings", "torch_dtype", "dtype", "bos_token_id",
              "eos_token_id", "pad_token_id", "transformers_version", "tie_word_embeddings", "use_cache",
-             "_name_or_path")
+             "_name_or_path",
+             # what transformers' save_pretrained may add (PretrainedConfig's own attributes, 4.x and 5.x)
+             "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward",
+             "is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size", "id2label",
+             "label2id", "problem_type", "tokenizer_class", "prefix", "task_specific_params", "torchscript",
+             "pruned_heads", "finetuning_task", "sep_token_id", "decoder_start_token_id", "tf_legacy_loss",
+             "use_bfloat16", "attn_implementation")
+# GPTConfig field -> the standard transformers name for it (config.json carries both; either fills the other)
+STANDARD_NAMES = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads",
+                  "n_kv_head": "num_key_value_heads", "sequence_len": "max_position_embeddings"}
 KEY_PREFIXES = ("_orig_mod.", "model.", "module.")
 
 
@@ -110,7 +120,17 @@ def config_to_json(config: GPTConfig, dtype: str = "float32") -> dict:
 
 
 def config_from_json(d: dict) -> GPTConfig:
-    return GPTConfig.from_dict({k: v for k, v in d.items() if k not in HF_FIELDS}, ignore=())
+    """GPTConfig from config.json; the standard transformers names fill in missing fields
+    (num_hidden_layers is the HF-side runtime depth and may be smaller than n_layer)."""
+    d = dict(d)
+    for field, name in STANDARD_NAMES.items():
+        if d.get(field) is None and d.get(name) is not None:
+            d[field] = d[name]
+    config = GPTConfig.from_dict({k: v for k, v in d.items() if k not in HF_FIELDS}, ignore=())
+    for field, name in STANDARD_NAMES.items():
+        if name != "num_hidden_layers" and d.get(name) is not None and d[name] != getattr(config, field):
+            raise ValueError(f"config {name}={d[name]} disagrees with {field}={getattr(config, field)}; fix one of them")
+    return config
 
 
 # -----------------------------------------------------------------------------
@@ -234,6 +254,9 @@ def load_tokenizer_if_any(path: Path, config: GPTConfig | None = None):
     from poelm.tokenizer import Tokenizer
 
     tok = Tokenizer.load(path)
+    if not (path / "token_bytes.pt").exists():
+        warnings.warn(f"{path / 'token_bytes.pt'} is missing: token byte lengths (for bits per byte) are "
+                      "recomputed from the tokenizer's vocabulary", stacklevel=2)
     if config is not None:
         check_tokenizer(tok, config, str(path))
     return tok
@@ -366,8 +389,8 @@ def download_from_hub(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id))
     except Exception as e:
         raise ValueError(f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}); offline? "
-                         f"download it elsewhere with `huggingface-cli download {repo_id} --local-dir DIR` "
-                         "and pass DIR") from None
+                         f"download it elsewhere with `hf download {repo_id} --local-dir DIR` "
+                         "(older huggingface_hub: `huggingface-cli download`) and pass DIR") from None
 
 
 def load_model(spec: str | Path, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0,

@@ -47,6 +47,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import os
 import tempfile
 import time
@@ -511,11 +512,8 @@ class WandDecoder:
             if bl in kept:
                 x_mid = kept[bl][:, -1]
             last = out[:, -1]  # (1, d)
-            if s == self.K - 1 and self.target == "final":
-                z = model.readout(last, None, x_mid)
-                r = z
-            elif self.target == "final":
-                r = model.readout(last, s)
+            if self.target == "final":  # r_k = z_k; the last stage reads out like the final readout
+                r = model.readout(last, None, x_mid) if s == self.K - 1 else model.readout(last, s)
             else:
                 r = r + logop_weight(self.K, self.alpha) * model.readout(last, s).log_softmax(-1)
             if s == self.K - 1 or top_gap(r).item() > self.thresholds[s]:
@@ -649,7 +647,8 @@ class Engine:
             ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
             _check(len(ids) > 0, "empty prompt: give at least one character or token")
         V = self.model.config.vocab_size
-        _check(all(isinstance(i, int) and 0 <= i < V for i in ids), f"prompt token ids must be integers in [0, {V})")
+        _check(all(isinstance(i, numbers.Integral) and 0 <= i < V for i in ids), f"prompt token ids must be integers in [0, {V})")
+        ids = [int(i) for i in ids]
         bos = self.bos_id()
         if add_bos and bos is not None and ids[0] != bos:
             ids = [bos] + ids
@@ -659,7 +658,8 @@ class Engine:
 
     def _rows(self, prompt, add_bos: bool) -> tuple[list[list[int]], bool]:
         """(rows of ids, whether the caller passed a single prompt)."""
-        if isinstance(prompt, (str, torch.Tensor)) or (isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], int)):
+        if isinstance(prompt, (str, torch.Tensor)) or (isinstance(prompt, (list, tuple)) and prompt
+                                                       and isinstance(prompt[0], numbers.Integral)):
             return [self.encode_prompt(prompt, add_bos)], True
         _check(isinstance(prompt, (list, tuple)) and len(prompt) > 0, "empty prompt: give a string, token ids or a list of them")
         return [self.encode_prompt(p, add_bos) for p in prompt], False

@@ -339,8 +339,8 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
         for s in range(0, hidden.shape[0], chunk):
             h, tgt = hidden[s:s + chunk], targets[s:s + chunk]
-            z, t = _capped_logits(h, weight, vocab)
-            logq = z.log_softmax(-1)
+            t = (h @ weight[:vocab].t()).float().mul_(1 / SOFTCAP).tanh_()  # (n, V)
+            logq = (t * SOFTCAP).log_softmax(-1)
             if priors:
                 total = logq + sum(_capped_logits(ph[s:s + chunk], pw, vocab)[0].log_softmax(-1) for ph, pw in priors)
                 logq = (total / n_terms).log_softmax(-1)
@@ -348,13 +348,15 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
             safe = tgt.clamp(min=0).unsqueeze(1)
             loss += -(logq.gather(1, safe).squeeze(1) * valid).sum()
             if need_grad:
-                g = logq.exp()
-                g.scatter_add_(1, safe, -torch.ones_like(safe, dtype=g.dtype))
-                g *= (valid.to(g.dtype) / n_terms).unsqueeze(1)
-                g *= 1 - t * t  # through the soft cap
+                g = logq.exp_()  # softmax, in place: logq is not needed any more
+                g.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=g.dtype))
+                scale = valid.to(g.dtype).unsqueeze(1) / n_terms if not bool(valid.all()) or n_terms > 1 else None
+                if scale is not None:
+                    g.mul_(scale)
+                g.mul_(t.square_().neg_().add_(1))  # through the soft cap: 1 - tanh^2
                 g = g.to(h.dtype)
                 grad_h[s:s + chunk] = g @ weight[:vocab]
-                grad_w[:vocab] += g.t().float() @ h.float()
+                grad_w[:vocab].addmm_(g.t().float(), h.float())
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_grad else None)
         return loss
 

@@ -66,7 +66,10 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, name: str = "poelm") -> "Tokenizer":
         """Train BPE on `texts`; vocab_size counts 256 bytes + merges + 9 specials."""
-        import rustbpe
+        try:  # inside try: transformers' remote-code import check skips it (the HF export ships this module)
+            import rustbpe
+        except ImportError:
+            raise ImportError("training a tokenizer needs the rustbpe package: pip install rustbpe") from None
         n_ranks = vocab_size - len(SPECIAL_TOKENS)
         if n_ranks < 256:
             raise ValueError(f"vocab_size {vocab_size} is too small: need at least "

@@ -437,7 +437,7 @@ def train(tc: TrainConfig) -> dict:
                 both /= rt.world
                 loss_sum, stage_sum = both[0].item(), both[1:]
             if not math.isfinite(loss_sum):
-                raise NonFiniteLoss(f"loss became {loss_sum} at step {step}; stopping. The last good checkpoint "
+                raise NonFiniteLoss(f"loss became {loss_sum} at step {step + 1}; stopping. The last good checkpoint "
                                     f"in {out} is intact (lower the learning rates or check the data)")
             lrm = apply_schedules(optimizer, step, num_iterations, warmup_steps=tc.warmup_steps,
                                   warmdown_frac=tc.warmdown_frac, final_lr_frac=tc.final_lr_frac)

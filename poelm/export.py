@@ -1,0 +1,141 @@
+"""Write a model as a Hugging Face directory (formats.md, "Hugging Face layout").
+
+    from poelm.export import export_model
+    export_model(model, tokenizer, "out/hf", dtype=torch.bfloat16)
+
+    poelm export runs/tiny --out out/hf [--dtype bf16|fp32]
+
+The directory then loads with transformers (`AutoConfig`, `AutoModelForCausalLM`,
+`AutoTokenizer`, `trust_remote_code=True`) and with every poelm command:
+
+    config.json                  GPTConfig fields + model_type, architectures, auto_map (strings
+                                 only), num_hidden_layers, hidden_size, num_attention_heads,
+                                 num_key_value_heads, max_position_embeddings, vocab_size, ...
+    model.safetensors            model.md's tensor names, in --dtype (bf16 like the releases)
+    generation_config.json       bos / eos (<|bos|>, <|assistant_end|>) / pad ids, plus whatever
+                                 the source directory stored there (WAND calibration)
+    configuration_cognica_poe.py, modeling_cognica_poe.py, tokenization_cognica_poe.py
+    poe_model.py, poe_tokenizer.py   copies of poelm/model.py and poelm/tokenizer.py, which the
+                                 remote code imports relatively (one definition of each)
+    tokenizer.pkl, token_bytes.pt, tokenizer_config.json (auto_map.AutoTokenizer =
+                                 [slow class, null]), special_tokens_map.json
+
+No `tokenizer.json` is written: transformers would take it for a fast-tokenizer file.
+Everything is written to a temporary directory first and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from poelm.checkpoint import (CONFIG_NAME, GENERATION_CONFIG_NAME, atomic_write_json, config_to_json, replace_dir,
+                              save_model)
+from poelm.model import GPT
+
+ASSISTANT_END = "<|assistant_end|>"
+
+
+def hf_config(model: GPT, tokenizer=None, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """config.json of an export."""
+    d = config_to_json(model.config, str(dtype).replace("torch.", ""))
+    d.update({"tie_word_embeddings": False, "use_cache": True})
+    if tokenizer is not None:
+        bos = tokenizer.bos_token_id
+        d.update({"bos_token_id": bos, "eos_token_id": bos, "pad_token_id": bos})
+    return d
+
+
+def tokenizer_files(tokenizer, sequence_len: int) -> dict[str, dict]:
+    """tokenizer_config.json and special_tokens_map.json of an export."""
+    from poelm.hf import TOKENIZER_CLASS
+
+    special = {"bos_token": "<|bos|>", "eos_token": "<|bos|>", "pad_token": "<|bos|>"}
+    specials = tokenizer.special_tokens
+    added = {str(i): {"content": name, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                      "special": True} for name, i in sorted(specials.items(), key=lambda kv: kv[1])}
+    config = {
+        "tokenizer_class": TOKENIZER_CLASS.split(".")[-1],
+        "auto_map": {"AutoTokenizer": [TOKENIZER_CLASS, None]},
+        **special,
+        "add_bos_token": True,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": True,
+        "padding_side": "left",
+        "model_max_length": sequence_len,
+        "added_tokens_decoder": added,
+    }
+    return {"tokenizer_config.json": config, "special_tokens_map.json": special}
+
+
+def generation_defaults(tokenizer) -> dict:
+    if tokenizer is None:
+        return {}
+    bos = tokenizer.bos_token_id
+    eos = [bos]
+    end = tokenizer.special_tokens.get(ASSISTANT_END)
+    if end is not None:
+        eos.append(end)
+    return {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": bos}
+
+
+def export_model(model: GPT, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
+                 generation_config: dict | None = None) -> Path:
+    """Write the whole Hugging Face layout of `model` (+ `tokenizer`) into out_dir."""
+    from poelm.hf import REMOTE_CODE_FILES
+
+    if tokenizer is not None and tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} != model vocab {model.config.vocab_size}; "
+                         "export the model with the tokenizer it was trained with")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
+    try:
+        stage = work / "model"
+        gen = {**(generation_config or {}), **generation_defaults(tokenizer)}
+        save_model(model, stage, tokenizer, dtype=dtype, generation_config=gen)
+        atomic_write_json(stage / CONFIG_NAME, hf_config(model, tokenizer, dtype))
+        if not gen:
+            (stage / GENERATION_CONFIG_NAME).unlink(missing_ok=True)
+        (stage / "tokenizer.json").unlink(missing_ok=True)
+        if tokenizer is not None:
+            for name, obj in tokenizer_files(tokenizer, model.config.sequence_len).items():
+                atomic_write_json(stage / name, obj)
+        for name, source in REMOTE_CODE_FILES.items():
+            shutil.copyfile(source, stage / name)
+        _share(stage)
+        replace_dir(stage, out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out_dir
+
+
+def _share(directory: Path) -> None:
+    """Ordinary permissions (the temporary files are created private): rw-r--r-- under the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o755 & ~umask)
+    for f in directory.iterdir():
+        f.chmod(0o644 & ~umask)
+
+
+def source_generation_config(spec: str) -> dict:
+    """generation_config.json of MODEL's directory (a run resolves to its latest checkpoint), or {}."""
+    from poelm.checkpoint import resolve_run_dir
+
+    path = Path(spec)
+    if not path.is_dir():
+        return {}
+    path = resolve_run_dir(path) or path
+    file = path / GENERATION_CONFIG_NAME
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON ({e})") from None
