@@ -23,10 +23,12 @@ Memory ("peak MB", one extra step per arm):
 - CPU: peak bytes of live tensors allocated during the step, above what existed before it
   (weights, optimizer state), tracked exactly with a TorchDispatchMode that sees every op
   output's storage (forward, backward and optimizer) and a finalizer on each storage: the
-  allocator-independent quantity the "never K (B,T,V) tensors" claim is about. Also peak
-  RSS growth during the step (VmHWM reset via /proc/self/clear_refs; the script re-executes
-  itself with MALLOC_MMAP_THRESHOLD_=65536 so freed tensors go back to the OS), which
-  includes allocator effects and is noisier.
+  allocator-independent quantity the "never K (B,T,V) tensors" claim is about. As a cross
+  check, peak RSS growth during the step ("peak RSS MB"), measured in a child process run
+  with MALLOC_MMAP_THRESHOLD_=65536 (freed tensors go straight back to the OS, so RSS
+  follows live memory) after resetting VmHWM through /proc/self/clear_refs. The timings
+  are NOT taken under that setting: the mmap/munmap per tensor costs ~50 % extra step
+  time (mostly system time) and shrinks the measured ratio toward 1.
 - CUDA: torch.cuda.max_memory_allocated() above the allocation before the step.
 
 Predicted ratio: `model.flops_per_token` (6 x matmul params + attention, plus the K-1 extra
@@ -42,15 +44,11 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 import weakref
 from pathlib import Path
-
-if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ and "--no-reexec" not in sys.argv:
-    # a fixed mmap threshold: freed tensors are unmapped at once, so RSS follows live memory
-    os.execve(sys.executable, [sys.executable, *sys.argv, "--no-reexec"],
-              {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -69,7 +67,7 @@ CONFIGS = {
     # trunk dominated (the issue's example): K = 4 stages of 2 layers
     "trunk": dict(n_layer=8, n_embd=256, n_head=4, vocab_size=2048, sequence_len=256, poe_every=2, batch=4),
     # more so: predicted ratio ~1.08
-    "scale": dict(n_layer=12, n_embd=512, n_head=4, vocab_size=2048, sequence_len=256, poe_every=3, batch=4),
+    "scale": dict(n_layer=12, n_embd=512, n_head=4, vocab_size=2048, sequence_len=256, poe_every=3, batch=2),
 }
 ARMS = ("bp", "poe", "poe-naive")
 
@@ -126,8 +124,9 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure_memory(arm: "Arm", x: torch.Tensor, y: torch.Tensor) -> dict:
-    """Peak memory of one training step above the state before it, in MB."""
+def measure_memory(arm: "Arm", x: torch.Tensor, y: torch.Tensor) -> float:
+    """Peak memory of one training step above the state before it, in MB (live tensor
+    bytes on CPU, the CUDA caching allocator's allocated bytes on GPU)."""
     import gc
 
     gc.collect()
@@ -137,17 +136,36 @@ def measure_memory(arm: "Arm", x: torch.Tensor, y: torch.Tensor) -> dict:
         torch.cuda.reset_peak_memory_stats()
         arm.step(x, y)
         torch.cuda.synchronize()
-        return {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2 ** 20, "rss_mb": None}
-    rss_mb = None
-    if _reset_peak_rss():
-        before = _rss_kb("VmRSS")
-        arm.step(x, y)
-        peak = _rss_kb("VmHWM")
-        rss_mb = (peak - before) / 1024 if peak is not None and before is not None else None
-    gc.collect()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     with LiveTensorBytes() as tracker:
         arm.step(x, y)
-    return {"peak_mb": tracker.peak / 2 ** 20, "rss_mb": rss_mb}
+    return tracker.peak / 2 ** 20
+
+
+def measure_rss(arm: "Arm", x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Peak RSS growth (MB) during one step; meaningful only under a fixed mmap threshold."""
+    import gc
+
+    gc.collect()
+    if not _reset_peak_rss():
+        return None
+    before = _rss_kb("VmRSS")
+    arm.step(x, y)
+    peak = _rss_kb("VmHWM")
+    return (peak - before) / 1024 if peak is not None and before is not None else None
+
+
+def rss_in_child(name: str, args) -> dict[str, float | None]:
+    """Run this script for one config as a child with MALLOC_MMAP_THRESHOLD_=65536; its
+    last stdout line is {arm: peak RSS MB}."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--configs", name, "--rss-child", "--seed", str(args.seed),
+           "--threads", str(args.threads)] + (["--batch", str(args.batch)] if args.batch else [])
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"   (peak RSS child failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode})")
+        return {}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # -----------------------------------------------------------------------------
@@ -214,17 +232,28 @@ def check_naive_matches(config: GPTConfig, device: torch.device, x: torch.Tensor
 # One config
 
 
-def run_config(name: str, spec: dict, args, device: torch.device, autocast) -> dict:
-    spec = dict(spec)
-    B = args.batch or spec.pop("batch")
-    spec.pop("batch", None)
-    T = spec["sequence_len"]
+def setup(name: str, args, device: torch.device, autocast, n_batches: int):
+    spec = dict(CONFIGS[name])
+    B = args.batch or spec["batch"]
+    del spec["batch"]
+    T, V = spec["sequence_len"], spec["vocab_size"]
     configs = {arm: GPTConfig(**spec, poe_mode="none" if arm == "bp" else "flat") for arm in ARMS}
-    arms = [Arm(a, configs[a], device, args.seed, args.warmup + args.steps + 4, autocast) for a in ARMS]
+    arms = [Arm(a, configs[a], device, args.seed, n_batches + 4, autocast) for a in ARMS]
     gen = torch.Generator().manual_seed(args.seed)
-    V = spec["vocab_size"]
     batches = [(torch.randint(0, V, (B, T), generator=gen).to(device), torch.randint(0, V, (B, T), generator=gen).to(device))
-               for _ in range(args.warmup + args.steps)]
+               for _ in range(n_batches)]
+    return spec, B, T, configs, arms, batches
+
+
+def rss_child(name: str, args) -> None:
+    spec, B, T, configs, arms, batches = setup(name, args, torch.device("cpu"), None, 1)
+    for arm in arms:
+        arm.step(*batches[0])  # optimizer state exists before the measured step
+    print(json.dumps({arm.name: measure_rss(arm, *batches[0]) for arm in arms}))
+
+
+def run_config(name: str, args, device: torch.device, autocast) -> dict:
+    spec, B, T, configs, arms, batches = setup(name, args, device, autocast, args.warmup + args.steps)
 
     bp_model, poe_model = arms[0].model, arms[1].model
     flops_bp = bp_model.flops_per_token(T)
@@ -246,19 +275,19 @@ def run_config(name: str, spec: dict, args, device: torch.device, autocast) -> d
             else:
                 arm.timed_step(x, y)
     memory = {arm.name: measure_memory(arm, *batches[0]) for arm in arms}
+    rss = rss_in_child(name, args) if device.type == "cpu" and not args.no_rss else {}
 
-    rows, result = [], {"config": name, "spec": {**spec, "batch": B}, "device": str(device),
+    result = {"config": name, "spec": {**spec, "batch": B}, "device": str(device),
                         "threads": torch.get_num_threads(), "flops_per_token": {"bp": flops_bp, "poe": flops_poe},
                         "predicted_ratio": flops_poe / flops_bp, "head_share": head / flops_bp, "arms": {}}
     print(f"   {'arm':<10} {'step ms':>9} {'tokens/s':>10} {'peak MB':>9} {'peak RSS MB':>12}")
     for arm in arms:
         med = statistics.median(arm.times)
-        mem = memory[arm.name]
         tok_s = B * T / med
-        rss = "n/a" if mem["rss_mb"] is None else f"{mem['rss_mb']:.1f}"
-        print(f"   {arm.name:<10} {1e3 * med:9.1f} {tok_s:10,.0f} {mem['peak_mb']:9.1f} {rss:>12}")
+        mem = {"peak_mb": memory[arm.name], "rss_mb": rss.get(arm.name)}
+        rss_text = "n/a" if mem["rss_mb"] is None else f"{mem['rss_mb']:.1f}"
+        print(f"   {arm.name:<10} {1e3 * med:9.1f} {tok_s:10,.0f} {mem['peak_mb']:9.1f} {rss_text:>12}")
         result["arms"][arm.name] = {"step_s": med, "steps_s": arm.times, "tokens_per_s": tok_s, **mem}
-        rows.append(med)
     a = result["arms"]
     result["ratio"] = a["poe"]["step_s"] / a["bp"]["step_s"]
     result["naive_ratio"] = a["poe-naive"]["step_s"] / a["bp"]["step_s"]
@@ -282,7 +311,8 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the figures to this file")
-    p.add_argument("--no-reexec", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS cross check (a child process per config)")
+    p.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in names if c not in CONFIGS]
@@ -294,9 +324,12 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA GPU is visible")
     torch.set_num_threads(args.threads)
+    if args.rss_child:
+        rss_child(names[0], args)
+        return
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     autocast = torch.bfloat16 if dtype == "bf16" else None
-    results = [run_config(n, CONFIGS[n], args, device, autocast) for n in names]
+    results = [run_config(n, args, device, autocast) for n in names]
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print()

@@ -318,14 +318,18 @@ def experiment_plots(out: Path, results: dict) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / max(1, len(evals))
-    for j, (arm, recs) in enumerate(evals.items()):
-        last = final_eval(recs)
-        if last:
-            values = last["stages"] + [last["logop"]]
-            xs = [i + j * width for i in range(len(values))]
-            ax.bar(xs, values, width, label=labels.get(arm, arm))
-    n = len(final_eval(next(iter(evals.values()))) or {"stages": []}["stages"]) if evals else 0
-    ax.set_xticks([i + width for i in range(n + 1)], [f"stage {k}" for k in range(n)] + ["Log-OP"])
+    lasts = {arm: final_eval(recs) for arm, recs in evals.items() if recs}
+    values_all = []
+    for j, (arm, last) in enumerate(lasts.items()):
+        values = last["stages"] + [last["logop"], last["bpb"]]
+        values_all += values
+        ax.bar([i + j * width for i in range(len(values))], values, width, label=labels.get(arm, arm))
+    n = _n_stages(evals)
+    ax.set_xticks([i + width * (len(lasts) - 1) / 2 for i in range(n + 2)],
+                  [f"stage {k}" for k in range(n)] + ["Log-OP", "final"])
+    if values_all:
+        lo, hi = min(values_all), max(values_all)
+        ax.set_ylim(lo - 0.15 * (hi - lo + 1e-3), hi + 0.1 * (hi - lo + 1e-3))
     ax.set_ylabel("val bits per byte"), ax.set_title("bpb per stage readout (final step)")
     ax.grid(alpha=0.3, axis="y"), ax.legend()
     written.append(_save(fig, out / "bpb_per_stage.png"))

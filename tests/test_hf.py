@@ -460,3 +460,230 @@ def test_client_mismatched_weights_name_keys(tmp_path, export_dir):
     save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing keys: model\.lm_head\.weight; unexpected keys: foo\.bar"):
         AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True)
+
+
+# -----------------------------------------------------------------------------
+# poelm's side of the layout: export command, loading exports, bad input
+
+
+def _cli(*argv: str) -> tuple[int, str, str]:
+    """Run `poelm` in a subprocess (offline, so a hub id fails fast)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "poelm", *argv], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_export_command_bf16_and_poelm_loads_it(tmp_path, native, tok):
+    from poelm.checkpoint import save_model
+    from poelm.cli import main
+
+    src = save_model(native, tmp_path / "src", tok)
+    (src / "generation_config.json").write_text(json.dumps({"wand_bounds": [1.0, 2.0, 3.0, 4.0]}))
+    out = tmp_path / "hf"
+    assert main(["export", str(src), "--out", str(out), "--json"]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        assert set(f.keys()) == set(native.state_dict())
+    assert dtypes == {"BF16"}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["wand_bounds"] == [1.0, 2.0, 3.0, 4.0]  # calibration travels with the model
+    assert oct((out / "config.json").stat().st_mode & 0o777) != oct(0o600)
+    model, loaded_tok = load_model(out)  # every poelm command accepts the export
+    assert loaded_tok is not None and loaded_tok.encode("the cat") == tok.encode("the cat")
+    ids = torch.tensor([[tok.bos_token_id] + tok.encode("the cat sat")])
+    rounded = make_model(tok.vocab_size)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+        torch.testing.assert_close(model(ids), rounded(ids), atol=1e-5, rtol=0)
+    rc, stdout, _ = _cli("inspect", str(out), "--json")
+    assert rc == 0 and json.loads(stdout)["n_layer"] == 4
+    hf_model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)  # dtype from the config
+    assert hf_model.dtype == torch.bfloat16 or transformers.__version__.startswith("4.")
+    hf_tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    gen_ids = hf_model.generate(**hf_tok("the cat", return_tensors="pt"), max_new_tokens=5, do_sample=False)
+    assert gen_ids.shape[1] > 3
+
+
+def test_export_fp32_cli_json(tmp_path, native, tok):
+    from poelm.checkpoint import save_model
+
+    src = save_model(native, tmp_path / "src", tok)
+    rc, stdout, stderr = _cli("export", str(src), "--out", str(tmp_path / "hf32"), "--dtype", "fp32", "--json")
+    assert rc == 0, stderr
+    result = json.loads(stdout)
+    assert result["dtype"] == "float32" and "modeling_cognica_poe.py" in result["files"]
+    model, _ = load_model(tmp_path / "hf32")
+    ids = torch.tensor([[tok.bos_token_id, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.equal(model(ids), native(ids))
+
+
+def test_export_without_tokenizer_warns(tmp_path):
+    rc, stdout, stderr = _cli("export", "tiny", "--out", str(tmp_path / "t"), "--dtype", "fp32")
+    assert rc == 0
+    assert "no tokenizer" in stderr and not (tmp_path / "t" / "tokenizer.pkl").exists()
+    rc, _, stderr = _cli("export", "tiny", "--out", str(tmp_path / "t"), "--dtype", "int3")
+    assert rc == 2 and stderr.count("\n") == 1 and "dtype" in stderr
+
+
+def test_bad_input_one_line_errors(tmp_path, export_dir, tok):
+    # a config but no weights
+    d = tmp_path / "noweights"
+    d.mkdir()
+    shutil.copy(export_dir / "config.json", d / "config.json")
+    rc, _, stderr = _cli("inspect", str(d))  # inspect reads only the config: fine
+    assert rc == 0
+    rc, _, stderr = _cli("export", str(d), "--out", str(tmp_path / "x"))
+    assert rc == 2 and stderr.count("\n") == 1 and "model.safetensors" in stderr
+    # weights of another shape
+    other = export_model(make_model(tok.vocab_size, n_embd=32, n_head=2, n_kv_head=2), tok, tmp_path / "other",
+                         dtype=torch.float32)
+    shutil.copy(other / "model.safetensors", d / "model.safetensors")
+    rc, _, stderr = _cli("export", str(d), "--out", str(tmp_path / "x"))
+    assert rc == 2 and stderr.count("\n") == 1
+    assert "model.safetensors" in stderr and "transformer.wte.weight (320, 32) != (320, 64)" in stderr
+    # a hub id while offline: says how to get the files
+    rc, _, stderr = _cli("inspect", "cognica/Cognica-PoE-v1.0-1.3B-base")
+    assert rc == 2 and stderr.count("\n") == 1
+    assert "cognica/Cognica-PoE-v1.0-1.3B-base" in stderr and "--local-dir" in stderr
+    with pytest.raises(ValueError, match="download"):
+        load_model("cognica/Cognica-BP-v1.0-1.3B-base")
+    assert not list(tmp_path.glob("x*"))  # nothing half-written
+
+
+def test_missing_token_bytes_warns_and_still_works(tmp_path, export_dir, tok):
+    d = tmp_path / "no_tb"
+    shutil.copytree(export_dir, d)
+    (d / "token_bytes.pt").unlink()
+    with pytest.warns(UserWarning, match=r"token_bytes\.pt is missing"):
+        model, loaded_tok = load_model(d)
+    assert loaded_tok.encode("the cat") == tok.encode("the cat")
+    assert torch.equal(loaded_tok.token_bytes(), tok.token_bytes())
+
+
+def test_config_json_standard_names(tmp_path, export_dir, native):
+    from poelm.checkpoint import config_from_json
+
+    cfg = json.loads((export_dir / "config.json").read_text())
+    only_standard = {k: v for k, v in cfg.items() if k not in ("n_layer", "n_embd", "n_head", "n_kv_head", "sequence_len")}
+    assert config_from_json(only_standard).to_dict() == native.config.to_dict()
+    with pytest.raises(ValueError, match="hidden_size=65 disagrees with n_embd=64"):
+        config_from_json({**cfg, "hidden_size": 65})
+    with pytest.raises(ValueError, match="unknown config field"):
+        config_from_json({**cfg, "n_layers": 4})
+
+
+def test_native_registration(export_dir, native):
+    """poelm's own copy of the classes serves the export without trust_remote_code."""
+    import poelm.hf
+    from poelm.hf.modeling_cognica_poe import CognicaPoEForCausalLM
+
+    poelm.hf.register()
+    model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32)
+    assert type(model) is CognicaPoEForCausalLM and isinstance(model.gpt, GPT)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, native(ids), atol=1e-5, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# The released checkpoints' inventory (model.md)
+
+
+def released_inventory(L: int, d: int, V: int, n_head: int, n_kv_head: int, hd: int, inner: int) -> dict[str, tuple]:
+    """Tensor name -> shape, written out from model.md's table (independently of poelm.model)."""
+    kv = n_kv_head * hd
+    inv = {"resid_lambdas": (L,), "x0_lambdas": (L,), "smear_lambda": (1,), "backout_lambda": (1,),
+           "transformer.wte.weight": (V, d), "lm_head.weight": (V, d), "smear_gate.weight": (1, 24)}
+    for i in range(L):
+        p = f"transformer.h.{i}."
+        inv.update({p + "attn.c_q.weight": (n_head * hd, d), p + "attn.c_k.weight": (kv, d),
+                    p + "attn.c_v.weight": (kv, d), p + "attn.c_proj.weight": (d, n_head * hd),
+                    p + "mlp.c_fc.weight": (inner, d), p + "mlp.c_proj.weight": (d, inner)})
+        if i % 2 == (L - 1) % 2:
+            inv[p + "attn.ve_gate.weight"] = (n_kv_head, 12)
+            inv[f"value_embeds.{i}.weight"] = (V, kv)
+    return inv
+
+
+def test_d24_inventory_matches_model_md_on_meta():
+    from poelm.presets import get_preset
+
+    want = released_inventory(24, 1536, 32768, 12, 12, 128, 4 * 1536)
+    assert len(want) == 175 and sum(math.prod(s) for s in want.values()) == 1_384_122_122
+    for name in ("bp-1.3b", "poe-1.3b"):
+        with torch.device("meta"):
+            model = GPT(get_preset(name))
+        got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert got == want
+
+
+def released_like_state(tok_vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A small-depth state dict named and typed like the released 1.3B: bf16 wte and value
+    embeddings, fp32 everything else."""
+    g = torch.Generator().manual_seed(seed)
+    V = math.ceil(tok_vocab / 64) * 64
+    state = {}
+    for name, shape in released_inventory(4, 64, V, 4, 4, 16, 256).items():
+        t = torch.randn(shape, generator=g) * 0.1
+        bf16 = name == "transformer.wte.weight" or name.startswith("value_embeds.")
+        state[name] = t.to(torch.bfloat16) if bf16 else t
+    state["resid_lambdas"] = torch.ones(4)
+    return state
+
+
+def write_released_like(directory: Path, state: dict, tok: Tokenizer, prefix: str = "") -> Path:
+    from safetensors.torch import save_file
+
+    from poelm.hf import REMOTE_CODE_FILES
+
+    directory.mkdir(parents=True)
+    save_file({prefix + k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = {  # the release layout: architecture fields, stage layout, standard names, auto_map
+        "model_type": "cognica_poe", "architectures": ["CognicaPoEForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_cognica_poe.CognicaPoEConfig",
+                     "AutoModelForCausalLM": "modeling_cognica_poe.CognicaPoEForCausalLM"},
+        "vocab_size": tok.vocab_size, "num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "max_position_embeddings": 64, "intermediate_size": 256,
+        "window_pattern": "SSSL", "short_window": 16, "poe_mode": "flat", "poe_alpha": 0.0, "poe_every": 1,
+        "per_stage_head": False, "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    tok.save(directory)
+    (directory / "tokenizer.json").unlink()
+    for name, source in REMOTE_CODE_FILES.items():
+        shutil.copyfile(source, directory / name)
+    return directory
+
+
+@pytest.mark.parametrize("prefix", ["", "model.", "_orig_mod."])
+def test_released_like_checkpoint_loads(tmp_path, tok, prefix):
+    state = released_like_state(tok.vocab_size)
+    d = write_released_like(tmp_path / "rel", state, tok, prefix)
+    model, loaded_tok = load_model(d)
+    assert len(model.state_dict()) == len(state) == 7 * 4 + 7
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k].float()), k
+    assert loaded_tok is not None
+    hf_model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True, dtype=torch.float32)
+    ids = torch.tensor([[tok.bos_token_id, 7, 8, 9, 10]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, model(ids), atol=1e-5, rtol=0)
+
+
+def test_released_like_mismatch_names_keys(tmp_path, tok):
+    state = released_like_state(tok.vocab_size)
+    state.pop("value_embeds.3.weight")
+    state["lm_head_stages.0.weight"] = torch.zeros(1)
+    d = write_released_like(tmp_path / "rel", state, tok, "model.")
+    with pytest.raises(ValueError) as err:
+        load_model(d)
+    msg = str(err.value)
+    assert "missing keys: value_embeds.3.weight" in msg and "unexpected keys: lm_head_stages.0.weight" in msg
+    assert "model.safetensors" in msg
