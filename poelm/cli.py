@@ -153,23 +153,22 @@ def _cap_chars(texts, max_chars: int):
 
 def cmd_eval(args) -> int:
     from poelm.checkpoint import load_model
-    from poelm.dataloader import BestFitLoader
+    from poelm.dataloader import val_batches
     from poelm.evaluate import evaluate_bpb
 
     model, tokenizer = load_model(args.model, device=args.device, tokenizer_dir=args.tokenizer)
     if tokenizer is None:
         raise CliError(f"{args.model} has no tokenizer: pass --tokenizer DIR (bpb needs token_bytes.pt)")
     T = args.seq_len or model.config.sequence_len
-    B = args.batch_size
-    loader = BestFitLoader(args.data, tokenizer, B, T, split="val", device=args.device)
-    max_batches = max(1, args.tokens // (B * T))
-    batches = (b for _, b in zip(range(max_batches), loader))
-    result = evaluate_bpb(model, batches, tokenizer.token_bytes())
+
+    def batches():
+        return val_batches(args.data, tokenizer, args.batch_size, T, args.tokens, device=args.device)
+
+    result = evaluate_bpb(model, batches(), tokenizer.token_bytes())
     result["model"] = str(args.model)
     if model.config.is_poe() and args.backout_both:
         model.config.backout = not model.config.backout
-        loader = BestFitLoader(args.data, tokenizer, B, T, split="val", device=args.device)
-        other = evaluate_bpb(model, (b for _, b in zip(range(max_batches), loader)), tokenizer.token_bytes())
+        other = evaluate_bpb(model, batches(), tokenizer.token_bytes())
         result["bpb_with_backout" if model.config.backout else "bpb_without_backout"] = other["bpb"]
     lines = [f"final bpb: {result['bpb']:.4f}", *(f"stage {k} bpb: {v:.4f}" for k, v in enumerate(result["stages"])),
              f"log-op bpb: {result['logop']:.4f}", f"({result['tokens']} tokens)"]

@@ -68,11 +68,16 @@ class ExperimentConfig:
 
 
 PRESETS: dict[str, dict] = {
-    # ~15-20 minutes on 2 CPU cores: 3 arms x 360 steps x 8,192 tokens (about 2.9 M tokens each).
-    "tiny": dict(name="tiny", depth=4, n_embd=128, n_head=2, vocab_size=4096, seq_len=256, poe_every=1,
-                 total_batch_size=8192, device_batch_size=32, num_iterations=360, eval_every=60,
-                 eval_tokens=2 ** 16, save_every=60,
+    # At most ~20 minutes on 2 CPU cores (fp32): 3 arms x 80 steps x 8,192 tokens (655 k tokens per arm).
+    "tiny": dict(name="tiny", depth=4, n_embd=128, n_head=2, vocab_size=1024, seq_len=256, poe_every=1,
+                 total_batch_size=8192, device_batch_size=32, num_iterations=80, eval_every=20,
+                 eval_tokens=2 ** 15, save_every=20, tokenizer="data/tokenizer-1k",
                  compute_note="about 20 minutes on 2 CPU cores (fp32)"),
+    # The same shape for longer on CPU: several million tokens per arm (a few hours on 2 cores).
+    "cpu-long": dict(name="cpu-long", depth=4, n_embd=128, n_head=2, vocab_size=1024, seq_len=256, poe_every=1,
+                     total_batch_size=8192, device_batch_size=32, num_iterations=600, eval_every=100,
+                     eval_tokens=2 ** 16, save_every=100, tokenizer="data/tokenizer-1k",
+                     compute_note="4.9 M tokens per arm: about 2-3 hours on 2 CPU cores"),
     # One GPU (bf16): d12, 4 x 3 stages, 32k vocab, ~20 tokens per parameter on ClimbMix or any corpus.
     "gpu-small": dict(name="gpu-small", depth=12, n_embd=None, n_head=None, vocab_size=32768, seq_len=2048,
                       poe_every=3, total_batch_size=2 ** 19, device_batch_size=32, target_param_data_ratio=20.0,
@@ -255,7 +260,8 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
     saved = out / "experiment.json"
     if saved.exists():
         old = json.loads(saved.read_text())
-        diff = [k for k in old if k not in ("out",) and old[k] != json.loads(json.dumps(dataclasses.asdict(cfg))).get(k)]
+        now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        diff = [k for k in old if k not in ("out", "arms", "decode_tokens", "decode_prompts") and old[k] != now.get(k)]
         if diff:
             raise ValueError(f"{out} holds an experiment with other settings ({', '.join(diff)}); "
                              "use another --out or rerun with the same settings to resume")

@@ -20,6 +20,13 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network (before transformers is imported)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+try:  # transformers copies remote code into this cache: keep it inside the (ignored) .cache/ of the repo
+    from importlib.metadata import version as _version
+
+    os.environ.setdefault("HF_MODULES_CACHE", str(Path(__file__).resolve().parents[1] / ".cache"
+                                                  / f"hf_modules_{_version('transformers')}"))
+except Exception:
+    pass
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -58,6 +65,16 @@ def make_model(vocab_size: int, seed: int = 0, **overrides) -> GPT:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model.eval()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; with two on a busy 2-core machine every op waits
+    for the other thread (seconds instead of milliseconds per generate call)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +209,38 @@ def test_client_logits_equal_native(hf, native, tok):
 
 
 @torch.no_grad()
+def test_client_cache_grows_and_crops(hf, native):
+    """The cache starts at 64 slots and doubles; crop(-n) / crop(n) roll it back like transformers does."""
+    model, _ = hf
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 300, (2, 100), generator=g)
+    want = native(ids)
+    out = model(ids[:, :10], use_cache=True)
+    past, pieces = out.past_key_values, [out.logits]
+    for t in range(10, 100, 7):  # chunks of 7: multi-token steps across the growth points
+        out = model(ids[:, t:t + 7], past_key_values=past, use_cache=True)
+        pieces.append(out.logits)
+    assert past.kv.max_len >= 100 and past.get_seq_length() == 100
+    torch.testing.assert_close(torch.cat(pieces, 1), want, atol=1e-5, rtol=0)
+    past.crop(-30)  # drop the last 30 positions, then redo them
+    assert past.get_seq_length() == 70
+    again = model(ids[:, 70:], past_key_values=past, use_cache=True).logits
+    torch.testing.assert_close(again, want[:, 70:], atol=1e-5, rtol=0)
+    past.crop(50)  # absolute (the transformers 4 convention)
+    assert past.get_seq_length() == 50
+    torch.testing.assert_close(model(ids[:, 50:60], past_key_values=past).logits, want[:, 50:60], atol=1e-5, rtol=0)
+
+
+def test_client_to_device_and_dtype(export_dir, tok):
+    model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True, dtype=torch.float32)
+    assert not any(b.is_meta for b in model.buffers())  # transformers 4 left the rotary tables on meta
+    model = model.to("cpu").to(torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(export_dir, trust_remote_code=True)
+    out = model.generate(**tokenizer("the cat", return_tensors="pt"), max_new_tokens=6, do_sample=False)
+    assert out.shape[1] > 3 and model.dtype == torch.bfloat16
+
+
+@torch.no_grad()
 def test_client_labels_loss(hf, native, tok):
     model, _ = hf
     ids = torch.tensor([[tok.bos_token_id] + tok.encode("birds sing songs of joy")])
@@ -251,6 +300,20 @@ def test_client_batched_left_padding(hf):
             new_single = single[0, enc["input_ids"].shape[1]:].tolist()
             new_batch = out[row, width:width + len(new_single)].tolist()
             assert new_batch == new_single, (prompt, use_cache)
+
+
+def test_client_beam_search_and_return_sequences(hf):
+    model, tokenizer = hf
+    batch = tokenizer(["the quick brown", "cat"], return_tensors="pt", padding=True)
+    beams = [model.generate(**batch, max_new_tokens=8, num_beams=3, do_sample=False, use_cache=use_cache)
+             for use_cache in (True, False)]
+    assert torch.equal(beams[0], beams[1])
+    runs = []
+    for use_cache in (True, False):
+        torch.manual_seed(7)
+        runs.append(model.generate(**batch, max_new_tokens=8, do_sample=True, num_return_sequences=2,
+                                   use_cache=use_cache))
+    assert runs[0].shape[0] == 4 and torch.equal(runs[0], runs[1])
 
 
 def test_client_pipeline(hf):
@@ -322,7 +385,8 @@ def test_client_early_exit_non_boundary_and_stage_heads(tmp_path, tok):
     enc = tokenizer("the cat sat on", return_tensors="pt")
     plain = model.generate(**enc, max_new_tokens=16, do_sample=False)
     for k in (1, 2, 3):
-        assert model.generate(**enc, max_new_tokens=16, do_sample=False, assistant_early_exit=k).tolist() == plain.tolist()
+        early = model.generate(**enc, max_new_tokens=16, do_sample=False, assistant_early_exit=k)
+        assert early.tolist() == plain.tolist()
 
 
 def test_client_bp_model_backout_readout(tmp_path, tok):
@@ -468,7 +532,7 @@ def test_client_mismatched_weights_name_keys(tmp_path, export_dir):
 
 def _cli(*argv: str) -> tuple[int, str, str]:
     """Run `poelm` in a subprocess (offline, so a hub id fails fast)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "poelm", *argv], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=300)
     return proc.returncode, proc.stdout, proc.stderr
@@ -570,7 +634,8 @@ def test_config_json_standard_names(tmp_path, export_dir, native):
     from poelm.checkpoint import config_from_json
 
     cfg = json.loads((export_dir / "config.json").read_text())
-    only_standard = {k: v for k, v in cfg.items() if k not in ("n_layer", "n_embd", "n_head", "n_kv_head", "sequence_len")}
+    poelm_names = ("n_layer", "n_embd", "n_head", "n_kv_head", "sequence_len")
+    only_standard = {k: v for k, v in cfg.items() if k not in poelm_names}
     assert config_from_json(only_standard).to_dict() == native.config.to_dict()
     with pytest.raises(ValueError, match="hidden_size=65 disagrees with n_embd=64"):
         config_from_json({**cfg, "hidden_size": 65})

@@ -67,7 +67,7 @@ class _DepthLinkedConfig(GPTConfig):
 
 def _linked_gpt_config(config: CognicaPoEConfig) -> _DepthLinkedConfig:
     base = config.to_gpt_config()
-    linked = _DepthLinkedConfig(**{k: v for k, v in base.to_dict().items()})
+    linked = _DepthLinkedConfig(**base.to_dict())
     linked._hf_config = config
     return linked
 
@@ -96,8 +96,9 @@ class PoECache:
         return len(self.kv.k)
 
     def crop(self, n: int) -> None:
-        """n < 0: drop the last -n positions; n > 0: keep the first n; n == 0: nothing
-        (transformers 5 calls crop(-0)), or empty the cache on transformers 4 (absolute)."""
+        """n < 0: drop the last -n positions (transformers 5); n > 0: keep the first n positions
+        (transformers 4). n == 0 is `crop(-0)` on transformers 5 (nothing to drop) and "keep 0"
+        on transformers 4."""
         n = int(n)
         if n < 0:
             keep = max(self.kv.n_tokens + n, 0)
@@ -122,14 +123,15 @@ class PoECache:
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
-    # --- growth ----------------------------------------------------------------------
     def _rows(self, fn) -> None:
+        """Apply a batch-dimension map (beam reorder, selection, repeat) to every per-row tensor."""
         kv = self.kv
         kv.k = [fn(t) for t in kv.k]
         kv.v = [fn(t) for t in kv.v]
         kv.tokens = fn(kv.tokens)
         kv.pad = fn(kv.pad)
 
+    # --- growth ----------------------------------------------------------------------
     def reserve(self, length: int) -> None:
         """Make room for `length` slots (doubling the capacity)."""
         kv = self.kv
@@ -178,6 +180,7 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
         want_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("key_mapping", {_WRAPPER_PREFIXES: ""})
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        model._materialize_buffers()
         problems = []
         for label, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys")):
             names = sorted(str(k) for k in info.get(key) or ())
@@ -190,6 +193,16 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
             where = args[0] if args else kwargs.get("pretrained_model_name_or_path", "")
             raise ValueError(f"{where}: the weights do not match config.json ({'; '.join(problems)})")
         return (model, info) if want_info else model
+
+    def _materialize_buffers(self) -> None:
+        """transformers 4 leaves non-persistent buffers (the rotary tables, never saved) on the
+        meta device, and `.to(device)` then fails: make them empty tables, rebuilt on first use."""
+        device = self.model.lm_head.weight.device
+        for module in self.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.is_meta:
+                    module._buffers[name] = torch.empty(0, dtype=buf.dtype, device=device)
+        self.model._rotary_len = 0
 
     # --- transformers plumbing ---------------------------------------------------------
     def get_input_embeddings(self) -> torch.nn.Module:
@@ -220,17 +233,20 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
                 logits_to_keep: int | torch.Tensor = 0, inputs_embeds: torch.Tensor | None = None,
                 return_dict: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
         if inputs_embeds is not None:
-            raise ValueError("this model takes input_ids, not inputs_embeds (its smear and value embeddings read token ids)")
+            raise ValueError("this model takes input_ids, not inputs_embeds "
+                             "(its smear and value embeddings read token ids)")
         if input_ids is None:
             raise ValueError("input_ids is required")
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:  # transformers' default, except when training or computing a loss
+            use_cache = bool(self.config.use_cache) and not self.training and labels is None
         depth = self.depth()
         cache = past_key_values if isinstance(past_key_values, PoECache) else None
-        if past_key_values is not None and cache is None and past_key_values.get_seq_length() > 0:
-            raise ValueError(f"past_key_values is a filled {type(past_key_values).__name__}; this model keeps its keys "
-                             "and values in a PoECache: pass the past_key_values it returned")
+        foreign = past_key_values is not None and cache is None
+        if foreign and (not hasattr(past_key_values, "get_seq_length") or past_key_values.get_seq_length() > 0):
+            raise ValueError(f"past_key_values is a {type(past_key_values).__name__} with content; this model keeps "
+                             "its keys and values in a PoECache: pass the past_key_values it returned")
         B, T = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
         pad = self._left_padding(attention_mask, B, past, T)
@@ -250,8 +266,8 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
         logits = self._readout(x, x_mid, depth)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device),
-                                   ignore_index=-100)
+            targets = labels[:, 1:].reshape(-1).to(logits.device)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
 
     def _left_padding(self, mask: torch.Tensor | None, B: int, past: int, T: int) -> torch.Tensor | None:

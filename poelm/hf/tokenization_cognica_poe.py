@@ -129,7 +129,8 @@ class CognicaPoETokenizer(PreTrainedTokenizer):
         return self.poe.decode(ids)
 
     # --- special tokens --------------------------------------------------------------------------
-    def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None) -> list[int]:
+    def build_inputs_with_special_tokens(self, token_ids_0: list[int],
+                                         token_ids_1: list[int] | None = None) -> list[int]:
         ids = list(token_ids_0) + (list(token_ids_1) if token_ids_1 is not None else [])
         if self.add_bos_token and (not ids or ids[0] != self.poe.bos_token_id):
             ids = [self.poe.bos_token_id] + ids
@@ -144,7 +145,8 @@ class CognicaPoETokenizer(PreTrainedTokenizer):
         added = 1 if self.add_bos_token and (not ids or ids[0] != self.poe.bos_token_id) else 0
         return [1] * added + [0] * len(ids)
 
-    def create_token_type_ids_from_sequences(self, token_ids_0: list[int], token_ids_1: list[int] | None = None) -> list[int]:
+    def create_token_type_ids_from_sequences(self, token_ids_0: list[int],
+                                             token_ids_1: list[int] | None = None) -> list[int]:
         return [0] * len(self.build_inputs_with_special_tokens(token_ids_0, token_ids_1))
 
     # --- files -----------------------------------------------------------------------------------

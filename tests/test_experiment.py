@@ -1,0 +1,124 @@
+"""`poelm experiment` and `poelm compare` end to end on a micro configuration: results,
+report and plots, resume after an interruption, and the errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from poelm.cli import main
+from poelm import experiment as exp
+
+MICRO = dict(depth=2, n_embd=32, n_head=2, vocab_size=300, seq_len=32, poe_every=1, total_batch_size=256,
+             device_batch_size=8, num_iterations=4, eval_every=2, eval_tokens=512, save_every=2,
+             decode_tokens=8, decode_prompts=2, device="cpu", dtype="fp32")
+
+
+def _texts(folder: Path, n: int = 300) -> Path:
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 5))) for _ in range(60)]
+    folder.mkdir(parents=True)
+    for i in range(n):
+        (folder / f"doc{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) + ".")
+    return folder
+
+
+@pytest.fixture
+def micro(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny steps: one thread beats two on a shared 2-core box
+    src = _texts(tmp_path / "texts")
+    yield exp.load_config("tiny", dict(MICRO, out=str(tmp_path / "exp"), data_source=str(src),
+                                       data=str(tmp_path / "data"), tokenizer=str(tmp_path / "tok")))
+    torch.set_num_threads(threads)
+
+
+def test_experiment_end_to_end_and_resume(micro, monkeypatch):
+    real_run_arm = exp.run_arm
+
+    def interrupted(cfg, arm, say):
+        if arm == "poe_a05":
+            raise KeyboardInterrupt
+        return real_run_arm(cfg, arm, say)
+
+    monkeypatch.setattr(exp, "run_arm", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        exp.run_experiment(micro, quiet=True)
+    out = Path(micro.out)
+    bp_result = (out / "arms" / "bp" / "result.json").read_bytes()
+    assert not (out / "arms" / "poe_a05" / "result.json").exists()
+
+    monkeypatch.setattr(exp, "run_arm", real_run_arm)
+    said = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: said.append(" ".join(map(str, a))))
+    results = exp.run_experiment(micro)
+    assert any("[bp] finished earlier: skipped" in s for s in said)
+    assert any("[poe] finished earlier: skipped" in s for s in said)
+    assert (out / "arms" / "bp" / "result.json").read_bytes() == bp_result  # not retrained
+
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["arms"]) == {"bp", "poe", "poe_a05"}
+    for arm in ("bp", "poe", "poe_a05"):
+        evals = saved["evals"][arm]
+        assert [r["step"] for r in evals] == [0, 2, 4]
+        assert len(evals[-1]["stages"]) == 2 and evals[-1]["logop"] > 0
+    # identical architecture, data and seed: step-0 evaluations agree across arms
+    assert saved["evals"]["bp"][0]["stages"] == saved["evals"]["poe"][0]["stages"]
+    assert [g["step"] for g in saved["gap"]] == [2, 4]
+    modes = saved["inference"]["poe"]["modes"]
+    assert set(modes) == {"plain", "stage0", "wand", "speculative"}
+    assert modes["speculative"]["identical_to_plain"] is True
+    assert set(saved["inference"]["bp_refusals"]) == {"stage", "logop", "wand", "speculative"}
+    report = (out / "report.md").read_text()
+    assert "| poe |" in report and "gap vs BP" in report and "refuses" in report
+    for png in ("bpb_curves.png", "bpb_per_stage.png", "gap.png", "speedups.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert results["wall_seconds"] > 0
+
+
+def test_compare_models(micro, tmp_path, capsys):
+    micro.arms = ["bp", "poe"]
+    exp.run_experiment(micro, quiet=True)
+    arms = Path(micro.out) / "arms"
+    plot = tmp_path / "cmp.png"
+    capsys.readouterr()
+    assert main(["compare", str(arms / "bp"), str(arms / "poe"), "--data", micro.data, "--tokens", "512",
+                 "--seq-len", "32", "--plot", str(plot), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = {Path(r["model"]).name: r for r in result["models"]}
+    assert rows["bp"]["modes"] == ["final"] and "speculative" in rows["poe"]["modes"]
+    assert len(rows["poe"]["stage_bpb"]) == 2 and result["note"] is None
+    assert plot.exists()
+    # the same checkpoints through `poelm eval` give the same bpb
+    assert main(["eval", str(arms / "poe"), "--data", micro.data, "--tokens", "512", "--seq-len", "32",
+                 "--batch-size", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bpb"] == pytest.approx(rows["poe"]["bpb"], rel=1e-6)
+
+
+def test_bad_input(tmp_path, capsys):
+    assert main(["experiment", "no-such-preset"]) == 2
+    assert "unknown experiment preset" in capsys.readouterr().err
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text('depth = 2\nmystery_knob = 3\n')
+    assert main(["experiment", str(cfg)]) == 2
+    assert "mystery_knob" in capsys.readouterr().err
+    data = tmp_path / "data"
+    data.mkdir()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": ["only one shard"]}), data / "shard_00000.parquet")
+    assert main(["experiment", "tiny", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    assert "shard" in capsys.readouterr().err
+
+
+def test_presets_are_valid():
+    for name in exp.PRESETS:
+        cfg = exp.load_config(name, {})
+        tc = exp.arm_train_config(cfg, "poe")
+        assert tc.model_config(cfg.vocab_size).n_stages >= 2
+    paper = exp.load_config("paper-d24", {})
+    assert paper.total_batch_size == 2 ** 20 and paper.depth == 24 and paper.target_param_data_ratio == 20
