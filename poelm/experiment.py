@@ -247,6 +247,28 @@ def measure_inference(cfg: ExperimentConfig, say) -> dict:
     return result
 
 
+def backout_compat(cfg: ExperimentConfig) -> dict:
+    """PoE arms: final bpb with the reference code's backout on the plain final path
+    (which PoE training never saw) beside the default without it (poe.md §2)."""
+    from poelm.checkpoint import load_model
+    from poelm.dataloader import val_batches
+    from poelm.evaluate import evaluate_bpb
+
+    out = {}
+    for arm in cfg.arms:
+        path = Path(cfg.out) / "arms" / arm
+        if arm == "bp" or not path.exists():
+            continue
+        model, tok = load_model(path)
+        row = {}
+        for backout in (False, True):
+            model.config.backout = backout
+            batches = val_batches(cfg.data, tok, cfg.device_batch_size, cfg.seq_len, cfg.eval_tokens)
+            row["with_backout" if backout else "without_backout"] = evaluate_bpb(model, batches, tok.token_bytes())["bpb"]
+        out[arm] = row
+    return out
+
+
 def resolve(run_dir: Path) -> Path:
     from poelm.checkpoint import resolve_run_dir
 
@@ -275,6 +297,7 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
     results["evals"] = evals
     results["gap"] = gap_trajectory(evals)
     results["gap_alpha05"] = gap_trajectory(evals, "poe_a05")
+    results["backout_compat"] = backout_compat(cfg)
     results["inference"] = measure_inference(cfg, say)
     results["wall_seconds"] = round(time.time() - t0, 1)
     results["machine"] = machine_description()
@@ -392,6 +415,9 @@ def render_report(results: dict) -> str:
         stages = " | ".join(f"{b:.4f}" for b in last["stages"])
         lines.append(f"| {arm} | {steps} | {steps * cfg['total_batch_size']:,} | {last['bpb']:.4f} | {stages} | "
                      f"{last['logop']:.4f} | {gap} |")
+    for arm, row in (results.get("backout_compat") or {}).items():
+        lines.append(f"- `{arm}` final readout without backout (default for PoE) {row['without_backout']:.4f} bpb; "
+                     f"with the reference code's backout {row['with_backout']:.4f} bpb.")
     lines += ["", f"Paper (d24, 27.7 B tokens): BP {PAPER['bp_bpb']}, PoE α=0 {PAPER['poe_bpb']} "
               f"(+{PAPER['gap_pct_final']} %); the gap grew from +{PAPER['gap_pct_step1000']} % at step 1000.", ""]
     if results["gap"]:
