@@ -2,6 +2,8 @@
 # Both set up .venv on first use (torch pinned to the CPU wheel in requirements.txt).
 PY := .venv/bin/python
 STAMP := .venv/.installed
+# A second environment with transformers 4.57.x: the remote code is tested against both majors.
+TF457 := .venv-tf457/.installed
 
 .PHONY: setup test demo bench clean
 
@@ -11,10 +13,15 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
-setup: $(STAMP)
+$(TF457):
+	test -x .venv-tf457/bin/python || python3 -m venv .venv-tf457
+	.venv-tf457/bin/python -m pip install -q torch==2.13.0 "transformers==4.57.*" safetensors tiktoken rustbpe==0.1.0 numpy pytest hypothesis
+	touch $(TF457)
 
-test: $(STAMP)
-	$(PY) -m pytest -q -x --durations=15 tests
+setup: $(STAMP) $(TF457)
+
+test: $(STAMP) $(TF457)
+	$(PY) -m pytest -q --durations=15 tests
 
 demo: $(STAMP)
 	$(PY) -m poelm experiment tiny --out runs/demo
@@ -25,4 +32,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/decode.py
 
 clean:
-	rm -rf .venv .pytest_cache
+	rm -rf .venv .venv-tf457 .pytest_cache
