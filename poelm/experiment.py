@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from poelm.checkpoint import atomic_write_bytes, atomic_write_json
+from poelm.plots import save_figure
 
 # The paper's figures (poe.md §1, training.md): d24, 27.7 B ClimbMix tokens.
 PAPER = {"bp_bpb": 0.676788, "poe_bpb": 0.720935, "gap_pct_final": 6.52, "gap_pct_step1000": 4.32,
@@ -68,16 +69,16 @@ class ExperimentConfig:
 
 
 PRESETS: dict[str, dict] = {
-    # At most ~20 minutes on 2 CPU cores (fp32): 3 arms x 80 steps x 8,192 tokens (655 k tokens per arm).
+    # About 17 minutes on 2 idle CPU cores (fp32): 3 arms x 300 steps x 8,192 tokens (2.46 M tokens per arm).
     "tiny": dict(name="tiny", depth=4, n_embd=128, n_head=2, vocab_size=1024, seq_len=256, poe_every=1,
-                 total_batch_size=8192, device_batch_size=32, num_iterations=80, eval_every=20,
-                 eval_tokens=2 ** 15, save_every=20, tokenizer="data/tokenizer-1k",
-                 compute_note="about 20 minutes on 2 CPU cores (fp32)"),
-    # The same shape for longer on CPU: several million tokens per arm (a few hours on 2 cores).
-    "cpu-long": dict(name="cpu-long", depth=4, n_embd=128, n_head=2, vocab_size=1024, seq_len=256, poe_every=1,
-                     total_batch_size=8192, device_batch_size=32, num_iterations=600, eval_every=100,
-                     eval_tokens=2 ** 16, save_every=100, tokenizer="data/tokenizer-1k",
-                     compute_note="4.9 M tokens per arm: about 2-3 hours on 2 CPU cores"),
+                 total_batch_size=8192, device_batch_size=32, num_iterations=300, eval_every=50,
+                 eval_tokens=2 ** 16, save_every=50, tokenizer="data/tokenizer-1k",
+                 compute_note="about 17 minutes on 2 idle CPU cores (fp32)"),
+    # A wider model for longer on CPU: depth 8, 256 wide, 4 x 2 stages, 9.8 M tokens per arm.
+    "cpu-long": dict(name="cpu-long", depth=8, n_embd=256, n_head=4, vocab_size=4096, seq_len=512, poe_every=2,
+                     total_batch_size=16384, device_batch_size=16, num_iterations=600, eval_every=100,
+                     eval_tokens=2 ** 17, save_every=100, tokenizer="data/tokenizer-4k",
+                     compute_note="9.8 M tokens per arm: a few hours on 2 CPU cores"),
     # One GPU (bf16): d12, 4 x 3 stages, 32k vocab, ~20 tokens per parameter on ClimbMix or any corpus.
     "gpu-small": dict(name="gpu-small", depth=12, n_embd=None, n_head=None, vocab_size=32768, seq_len=2048,
                       poe_every=3, total_batch_size=2 ** 19, device_batch_size=32, target_param_data_ratio=20.0,
@@ -343,7 +344,7 @@ def experiment_plots(out: Path, results: dict) -> list[Path]:
                     marker="o", ms=3, label=labels.get(arm, arm))
     ax.set_xlabel("step"), ax.set_ylabel("val bits per byte"), ax.set_title("3-way experiment: final readout")
     ax.grid(alpha=0.3), ax.legend()
-    written.append(_save(fig, out / "bpb_curves.png"))
+    written.append(save_figure(fig, out / "bpb_curves.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / max(1, len(evals))
@@ -361,7 +362,7 @@ def experiment_plots(out: Path, results: dict) -> list[Path]:
         ax.set_ylim(lo - 0.15 * (hi - lo + 1e-3), hi + 0.1 * (hi - lo + 1e-3))
     ax.set_ylabel("val bits per byte"), ax.set_title("bpb per stage readout (final step)")
     ax.grid(alpha=0.3, axis="y"), ax.legend()
-    written.append(_save(fig, out / "bpb_per_stage.png"))
+    written.append(save_figure(fig, out / "bpb_per_stage.png"))
 
     if results["gap"]:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -373,7 +374,7 @@ def experiment_plots(out: Path, results: dict) -> list[Path]:
         ax.axhline(PAPER["gap_pct_final"], ls="--", color="gray", label="paper final gap (+6.52 %)")
         ax.set_xlabel("step"), ax.set_ylabel("bpb gap (%)"), ax.set_title("PoE-vs-BP gap trajectory")
         ax.grid(alpha=0.3), ax.legend()
-        written.append(_save(fig, out / "gap.png"))
+        written.append(save_figure(fig, out / "gap.png"))
 
     modes = (results.get("inference") or {}).get("poe", {}).get("modes", {})
     if modes:
@@ -382,17 +383,8 @@ def experiment_plots(out: Path, results: dict) -> list[Path]:
         ax.bar(names, [modes[m]["speedup"] for m in names], color="tab:green")
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_ylabel("tokens/s relative to plain decoding"), ax.set_title("PoE inference modes (this machine)")
-        written.append(_save(fig, out / "speedups.png"))
+        written.append(save_figure(fig, out / "speedups.png"))
     return written
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def render_report(results: dict) -> str:
@@ -520,7 +512,7 @@ def compare_plot(result: dict, path: Path) -> Path:
         ax.axhline(row["bpb"], ls=":", lw=0.8, color=ax.lines[-1].get_color())
     ax.set_xlabel("stage"), ax.set_ylabel("val bits per byte"), ax.set_title("bpb per stage (dotted: final readout)")
     ax.grid(alpha=0.3), ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.plot(steps, [r["loss"] for r in train], lw=1.2, color="black", label="training loss")
         ax.set_xlabel("step"), ax.set_ylabel("loss (nats)"), ax.set_title(f"training loss: {run_dir.name}")
         ax.legend(), ax.grid(alpha=0.3)
-        written.append(_save(fig, run_dir / "loss.png"))
+        written.append(save_figure(fig, run_dir / "loss.png"))
     if evals:
         fig, ax = plt.subplots(figsize=(7, 4))
         steps = [r["step"] for r in evals]
@@ -46,11 +46,12 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.plot(steps, [r["bpb"] for r in evals], color="black", lw=1.5, label="final readout")
         ax.set_xlabel("step"), ax.set_ylabel("val bits per byte"), ax.set_title(f"validation bpb: {run_dir.name}")
         ax.legend(), ax.grid(alpha=0.3)
-        written.append(_save(fig, run_dir / "bpb.png"))
+        written.append(save_figure(fig, run_dir / "bpb.png"))
     return written
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write as PNG and close."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
