@@ -425,6 +425,14 @@ def render_report(results: dict) -> str:
             acc = f"{100 * m['acceptance']:.1f} %" if m.get("acceptance") is not None else "—"
             lines.append(f"| {mode} | {m['tokens_per_s']:.1f} | {m['speedup']:.2f}x | {agree} | {acc} | "
                          f"{m.get('note', '')} |")
+        sweep = inf["poe"].get("speculative_sweep") or []
+        if len(sweep) > 1:
+            lines += ["", "Speculative decoding by draft stage (γ fixed):", "",
+                      "| draft stage | tokens/s | speedup | acceptance | tokens per verify | identical to greedy |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {r['draft_stage']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
+                      f"{100 * (r['acceptance'] or 0):.1f} % | {r['tokens_per_verify'] or 0:.2f} | "
+                      f"{'yes' if r['identical_to_plain'] else 'NO'} |" for r in sweep]
         lines += ["", f"Paper (1.3B on GPU): speculative {PAPER['speculative_speedup']}x at "
                   f"{int(100 * PAPER['speculative_acceptance'])} % acceptance, WAND {PAPER['wand_speedup']}x at 100 % "
                   "agreement, stage 0 about 4x cheaper per token.", ""]

@@ -74,7 +74,6 @@ def measure_modes(model: GPT, tokenizer, data_dir: str, n_prompts: int = 4, max_
     runs = {
         "stage0": time_mode(engine, prompts, mode="stage", stage=0, **common),
         "wand": time_mode(engine, prompts, mode="wand", wand_factor=wand_factor, **common),
-        "speculative": time_mode(engine, prompts, mode="speculative", draft_stage=draft_stage, gamma=gamma, **common),
     }
     wand_tf = [wand_teacher_forced(model, idx, calib, wand_factor) for idx in batches]
     wand_agree = sum((r["pred"] == r["full"]).sum().item() for r in wand_tf) / sum(r["pred"].numel() for r in wand_tf)
@@ -86,18 +85,27 @@ def measure_modes(model: GPT, tokenizer, data_dir: str, n_prompts: int = 4, max_
     modes["wand"] = {"tokens_per_s": runs["wand"]["tokens_per_s"], "agreement": wand_agree,
                      "note": f"mean stages per token {wand_depth:.2f} of {model.config.n_stages} (F={wand_factor})",
                      "identical_to_plain": runs["wand"]["outputs"] == plain["outputs"]}
-    spec_stats = runs["speculative"]["stats"]
-    accepted = [s["acceptance_rate"] for s in spec_stats if s.get("acceptance_rate") is not None]
-    per_verify = [s["tokens_per_verify"] for s in spec_stats if s.get("tokens_per_verify") is not None]
-    modes["speculative"] = {"tokens_per_s": runs["speculative"]["tokens_per_s"],
-                            "acceptance": sum(accepted) / len(accepted) if accepted else None,
-                            "tokens_per_verify": sum(per_verify) / len(per_verify) if per_verify else None,
-                            "identical_to_plain": runs["speculative"]["outputs"] == plain["outputs"],
-                            "note": f"draft stage {draft_stage}, gamma {gamma}"}
+    # speculative: every draft stage is measured; `modes` reports the requested one
+    sweep = []
+    for stage in sorted({draft_stage, *range(model.config.n_stages - 1)}):
+        run = time_mode(engine, prompts, mode="speculative", draft_stage=stage, gamma=gamma, **common)
+        sweep.append(speculative_summary(run, plain, stage, gamma))
+    modes["speculative"] = next(s for s in sweep if s["draft_stage"] == draft_stage)
     for m in modes.values():
         m["speedup"] = m["tokens_per_s"] / plain["tokens_per_s"]
-    return {"modes": modes, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
+    return {"modes": modes, "speculative_sweep": sweep, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
             "wand_bounds": calib["wand_bounds"]}
+
+
+def speculative_summary(run: dict, plain: dict, draft_stage: int, gamma: int) -> dict:
+    accepted = [s["acceptance_rate"] for s in run["stats"] if s.get("acceptance_rate") is not None]
+    per_verify = [s["tokens_per_verify"] for s in run["stats"] if s.get("tokens_per_verify") is not None]
+    return {"tokens_per_s": run["tokens_per_s"], "speedup": run["tokens_per_s"] / plain["tokens_per_s"],
+            "draft_stage": draft_stage, "gamma": gamma,
+            "acceptance": sum(accepted) / len(accepted) if accepted else None,
+            "tokens_per_verify": sum(per_verify) / len(per_verify) if per_verify else None,
+            "identical_to_plain": run["outputs"] == plain["outputs"],
+            "note": f"draft stage {draft_stage}, gamma {gamma}"}
 
 
 def bp_refusals(model: GPT, tokenizer) -> dict[str, str]:
