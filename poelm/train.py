@@ -409,7 +409,7 @@ def train(tc: TrainConfig) -> dict:
         say(f"step {step:>6} | val bpb {result['bpb']:.4f} | stages [{stages}] | log-op {result['logop']:.4f}")
 
     with make_progress(rt.master and not tc.quiet) as progress:
-        task = progress.add_task("train", total=num_iterations, completed=start_step, status="")
+        task = progress.add_task(f"train {out.name}", total=num_iterations, completed=start_step, status="")
         while True:
             last = step == num_iterations
             if tc.eval_every > 0 and (step % tc.eval_every == 0 or last) and (step > start_step or step == 0 or last) \
