@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from poelm.engine import Engine, calibrate, wand_teacher_forced  # noqa: E402
+from poelm.engine import Engine, calibrate  # noqa: E402
+from poelm.inference_bench import agreement, timed_modes  # noqa: E402
 from poelm.model import GPT, GPTConfig  # noqa: E402
 
 BOS = 0
@@ -95,52 +94,6 @@ def train_tiny(args, vocab_size: int, batches) -> GPT:
 
 # -----------------------------------------------------------------------------
 # Measurements
-
-
-def timed_modes(engine: Engine, prompts: list[list[int]], modes: dict[str, dict], new_tokens: int,
-                repeats: int) -> dict[str, dict]:
-    """Greedy decode every prompt in every mode; modes interleaved per repeat; median repeat."""
-    for kw in modes.values():  # warm-up
-        engine.generate(prompts[0], max_new_tokens=8, **kw)
-    runs: dict[str, list[dict]] = {name: [] for name in modes}
-    outputs: dict[str, list[list[int]]] = {}
-    for _ in range(repeats):
-        for name, kw in modes.items():
-            tokens = wall = 0
-            stats = []
-            outs = []
-            for prompt in prompts:
-                out = engine.generate(prompt, max_new_tokens=new_tokens, stop_token_ids=[], **kw)
-                tokens, wall = tokens + len(out.tokens), wall + out.stats["wall_s"]
-                stats.append(out.stats)
-                outs.append(out.tokens)
-            runs[name].append({"tokens_per_s": tokens / wall, "stats": stats})
-            outputs[name] = outs
-    result = {}
-    for name, rs in runs.items():
-        med = statistics.median(r["tokens_per_s"] for r in rs)
-        stats = rs[0]["stats"]
-        entry = {"tokens_per_s": med, "tokens_per_s_runs": [r["tokens_per_s"] for r in rs],
-                 "mean_layers_per_token": statistics.mean(s.get("mean_layers_per_token", 0) for s in stats),
-                 "mean_layer_calls_per_token": statistics.mean(s.get("mean_layer_calls_per_token", 0) for s in stats),
-                 "mean_stages_per_token": statistics.mean(s.get("mean_stages_per_token", 0) for s in stats)}
-        if modes[name].get("mode") == "speculative":
-            drafted = sum(s["drafted"] for s in stats)
-            entry["acceptance_rate"] = sum(s["accepted"] for s in stats) / max(drafted, 1)
-            entry["tokens_per_verify"] = sum(s["new_tokens"] for s in stats) / sum(s["verify_passes"] for s in stats)
-        result[name] = entry
-    result["_outputs"] = outputs
-    return result
-
-
-@torch.no_grad()
-def agreement(model: GPT, heldout: torch.Tensor, calib: dict, factor: float) -> dict:
-    final, stage_logits = model(heldout, return_stage_logits=True)
-    full = final.argmax(-1)
-    tf = wand_teacher_forced(model, heldout, calib, factor)
-    return {"stage0_top1_agreement": (stage_logits[0].argmax(-1) == full).float().mean().item(),
-            "wand_top1_agreement": (tf["pred"] == full).float().mean().item(),
-            "wand_teacher_forced_stages_per_token": tf["depth"].float().mean().item()}
 
 
 def plot(speedups: dict[str, float], path: Path, title: str) -> None:

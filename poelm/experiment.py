@@ -241,7 +241,7 @@ def measure_inference(cfg: ExperimentConfig, say) -> dict:
         model, tok = load_model(arms / "poe")
         say("[inference] measuring plain, stage 0, WAND and speculative decoding on the PoE arm ...")
         result["poe"] = measure_modes(model, tok, cfg.data, n_prompts=cfg.decode_prompts,
-                                      max_new_tokens=cfg.decode_tokens, model_dir=resolve(arms / "poe"))
+                                      max_new_tokens=cfg.decode_tokens, model_dir=resolve(arms / "poe"), repeats=3)
     if (arms / "bp").exists():
         model, tok = load_model(arms / "bp")
         result["bp_refusals"] = bp_refusals(model, tok)

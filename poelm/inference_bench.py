@@ -7,12 +7,13 @@ with full depth on held-out text, acceptance and tokens per verify pass.
     report["modes"]["speculative"]["speedup"]
 
 Used by `poelm experiment` and benchmarks/decode.py. All modes decode the same prompts
-greedily with the same number of new tokens; each mode is warmed up once before timing.
+greedily with the same number of new tokens; each mode is warmed up once, then the modes
+are timed interleaved (median of `repeats`).
 """
 
 from __future__ import annotations
 
-import time
+import statistics
 from pathlib import Path
 
 import torch
@@ -32,34 +33,60 @@ def prompts_from(batches: list[torch.Tensor], n_prompts: int, prompt_len: int) -
     return [r.tolist() for r in rows]
 
 
-def time_mode(engine: Engine, prompts: list[list[int]], **options) -> dict:
-    engine.generate(prompts[0], **{**options, "max_new_tokens": 4})  # warm-up
-    tokens, outputs, stats = 0, [], []
-    t0 = time.perf_counter()
-    for p in prompts:
-        g = engine.generate(p, **options)
-        outputs.append(g.tokens)
-        stats.append(g.stats)
-        tokens += len(g.tokens)
-    wall = time.perf_counter() - t0
-    return {"tokens_per_s": tokens / wall, "new_tokens": tokens, "wall_s": wall, "outputs": outputs, "stats": stats}
+def timed_modes(engine: Engine, prompts: list[list[int]], modes: dict[str, dict], new_tokens: int,
+                repeats: int = 1) -> dict[str, dict]:
+    """Greedy-decode every prompt in every mode (kwargs of Engine.generate per mode name);
+    the modes are interleaved per repeat and the median repeat is kept, so load on the
+    machine hits every mode alike. result["_outputs"][name] holds the generated ids."""
+    for kw in modes.values():  # warm-up
+        engine.generate(prompts[0], max_new_tokens=8, stop_token_ids=[], **kw)
+    runs: dict[str, list[dict]] = {name: [] for name in modes}
+    outputs: dict[str, list[list[int]]] = {}
+    for _ in range(repeats):
+        for name, kw in modes.items():
+            tokens = wall = 0
+            stats, outs = [], []
+            for prompt in prompts:
+                out = engine.generate(prompt, max_new_tokens=new_tokens, stop_token_ids=[], **kw)
+                tokens, wall = tokens + len(out.tokens), wall + out.stats["wall_s"]
+                stats.append(out.stats)
+                outs.append(out.tokens)
+            runs[name].append({"tokens_per_s": tokens / wall, "stats": stats})
+            outputs[name] = outs
+    result = {}
+    for name, rs in runs.items():
+        stats = rs[0]["stats"]
+        entry = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+                 "tokens_per_s_runs": [r["tokens_per_s"] for r in rs],
+                 "mean_layers_per_token": statistics.mean(s.get("mean_layers_per_token", 0) for s in stats),
+                 "mean_layer_calls_per_token": statistics.mean(s.get("mean_layer_calls_per_token", 0) for s in stats),
+                 "mean_stages_per_token": statistics.mean(s.get("mean_stages_per_token", 0) for s in stats)}
+        if modes[name].get("mode") == "speculative":
+            drafted = sum(s["drafted"] for s in stats)
+            entry["acceptance_rate"] = sum(s["accepted"] for s in stats) / max(drafted, 1)
+            entry["tokens_per_verify"] = sum(s["new_tokens"] for s in stats) / sum(s["verify_passes"] for s in stats)
+        result[name] = entry
+    result["_outputs"] = outputs
+    return result
 
 
 @torch.no_grad()
-def top1_agreement(model: GPT, batches: list[torch.Tensor], stage: int) -> float:
-    agree = total = 0
-    for idx in batches:
-        final, stage_logits = model(idx, return_stage_logits=True)
-        agree += (stage_logits[stage].argmax(-1) == final.argmax(-1)).sum().item()
-        total += idx.numel()
-    return agree / total
+def agreement(model: GPT, heldout: torch.Tensor, calib: dict, factor: float) -> dict:
+    """Teacher-forced top-1 agreement with full depth of stage 0 and of WAND on heldout (B, T)."""
+    final, stage_logits = model(heldout, return_stage_logits=True)
+    full = final.argmax(-1)
+    tf = wand_teacher_forced(model, heldout, calib, factor)
+    return {"stage0_top1_agreement": (stage_logits[0].argmax(-1) == full).float().mean().item(),
+            "wand_top1_agreement": (tf["pred"] == full).float().mean().item(),
+            "wand_teacher_forced_stages_per_token": tf["depth"].float().mean().item()}
 
 
 def measure_modes(model: GPT, tokenizer, data_dir: str, n_prompts: int = 4, max_new_tokens: int = 96,
                   prompt_len: int = 32, gamma: int = 4, draft_stage: int = 0, wand_factor: float = 1.0,
-                  heldout_tokens: int = 2 ** 14, model_dir: str | Path | None = None) -> dict:
-    """Plain, stage 0, WAND and speculative greedy decoding of the same prompts, timed in
-    this process; WAND is calibrated on held-out text (and stored in model_dir if given)."""
+                  heldout_tokens: int = 2 ** 14, model_dir: str | Path | None = None, repeats: int = 1) -> dict:
+    """Plain, stage 0, WAND and speculative greedy decoding (every draft stage) of the same
+    prompts, timed in this process; WAND is calibrated on held-out text (and stored in
+    model_dir if given). modes["speculative"] is the requested draft stage."""
     seq = min(model.config.sequence_len, 256)
     batches = heldout_batches(data_dir, tokenizer, seq, heldout_tokens)
     prompts = prompts_from(batches, n_prompts, prompt_len)
@@ -69,43 +96,36 @@ def measure_modes(model: GPT, tokenizer, data_dir: str, n_prompts: int = 4, max_
         if model_dir:
             save_calibration(model_dir, calib)
     engine = Engine(model, tokenizer, calibration=calib)
-    common = dict(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=[], add_bos=False)
-    plain = time_mode(engine, prompts, mode="final", **common)
-    runs = {
-        "stage0": time_mode(engine, prompts, mode="stage", stage=0, **common),
-        "wand": time_mode(engine, prompts, mode="wand", wand_factor=wand_factor, **common),
+    draft_stages = sorted({draft_stage, *range(model.config.n_stages - 1)})
+    modes = {"plain": dict(mode="final"), "stage0": dict(mode="stage", stage=0),
+             "wand": dict(mode="wand", wand_factor=wand_factor),
+             **{f"speculative_d{k}": dict(mode="speculative", draft_stage=k, gamma=gamma) for k in draft_stages}}
+    for kw in modes.values():
+        kw["add_bos"] = False  # held-out rows already start with <|bos|>
+    timing = timed_modes(engine, prompts, modes, max_new_tokens, repeats)
+    outputs = timing.pop("_outputs")
+    agree = agreement(model, torch.cat(batches), calib, wand_factor)
+    base = timing["plain"]["tokens_per_s"]
+    cfg = model.config
+    result = {
+        "plain": {"tokens_per_s": base, "agreement": 1.0},
+        "stage0": {"tokens_per_s": timing["stage0"]["tokens_per_s"], "agreement": agree["stage0_top1_agreement"],
+                   "note": f"layers run per token: {cfg.poe_stage_layers[0]} of {cfg.n_layer}"},
+        "wand": {"tokens_per_s": timing["wand"]["tokens_per_s"], "agreement": agree["wand_top1_agreement"],
+                 "identical_to_plain": outputs["wand"] == outputs["plain"],
+                 "note": f"mean stages per token {agree['wand_teacher_forced_stages_per_token']:.2f} of "
+                         f"{cfg.n_stages} (F={wand_factor})"},
     }
-    wand_tf = [wand_teacher_forced(model, idx, calib, wand_factor) for idx in batches]
-    wand_agree = sum((r["pred"] == r["full"]).sum().item() for r in wand_tf) / sum(r["pred"].numel() for r in wand_tf)
-    wand_depth = sum(r["depth"].float().sum().item() for r in wand_tf) / sum(r["depth"].numel() for r in wand_tf)
-    modes = {"plain": {"tokens_per_s": plain["tokens_per_s"], "speedup": 1.0, "agreement": 1.0}}
-    modes["stage0"] = {"tokens_per_s": runs["stage0"]["tokens_per_s"],
-                       "agreement": top1_agreement(model, batches, 0),
-                       "note": f"layers run per token: {model.config.poe_stage_layers[0]} of {model.config.n_layer}"}
-    modes["wand"] = {"tokens_per_s": runs["wand"]["tokens_per_s"], "agreement": wand_agree,
-                     "note": f"mean stages per token {wand_depth:.2f} of {model.config.n_stages} (F={wand_factor})",
-                     "identical_to_plain": runs["wand"]["outputs"] == plain["outputs"]}
-    # speculative: every draft stage is measured; `modes` reports the requested one
-    sweep = []
-    for stage in sorted({draft_stage, *range(model.config.n_stages - 1)}):
-        run = time_mode(engine, prompts, mode="speculative", draft_stage=stage, gamma=gamma, **common)
-        sweep.append(speculative_summary(run, plain, stage, gamma))
-    modes["speculative"] = next(s for s in sweep if s["draft_stage"] == draft_stage)
-    for m in modes.values():
-        m["speedup"] = m["tokens_per_s"] / plain["tokens_per_s"]
-    return {"modes": modes, "speculative_sweep": sweep, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
+    sweep = [{"draft_stage": k, "gamma": gamma, "tokens_per_s": timing[f"speculative_d{k}"]["tokens_per_s"],
+              "acceptance": timing[f"speculative_d{k}"]["acceptance_rate"],
+              "tokens_per_verify": timing[f"speculative_d{k}"]["tokens_per_verify"],
+              "identical_to_plain": outputs[f"speculative_d{k}"] == outputs["plain"],
+              "note": f"draft stage {k}, gamma {gamma}"} for k in draft_stages]
+    for row in [*result.values(), *sweep]:
+        row["speedup"] = row["tokens_per_s"] / base
+    result["speculative"] = next(r for r in sweep if r["draft_stage"] == draft_stage)
+    return {"modes": result, "speculative_sweep": sweep, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
             "wand_bounds": calib["wand_bounds"]}
-
-
-def speculative_summary(run: dict, plain: dict, draft_stage: int, gamma: int) -> dict:
-    accepted = [s["acceptance_rate"] for s in run["stats"] if s.get("acceptance_rate") is not None]
-    per_verify = [s["tokens_per_verify"] for s in run["stats"] if s.get("tokens_per_verify") is not None]
-    return {"tokens_per_s": run["tokens_per_s"], "speedup": run["tokens_per_s"] / plain["tokens_per_s"],
-            "draft_stage": draft_stage, "gamma": gamma,
-            "acceptance": sum(accepted) / len(accepted) if accepted else None,
-            "tokens_per_verify": sum(per_verify) / len(per_verify) if per_verify else None,
-            "identical_to_plain": run["outputs"] == plain["outputs"],
-            "note": f"draft stage {draft_stage}, gamma {gamma}"}
 
 
 def bp_refusals(model: GPT, tokenizer) -> dict[str, str]:
