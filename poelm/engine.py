@@ -49,7 +49,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from poelm.checkpoint import atomic_write_json
 from poelm.model import GPT, KVCache
 
 MODES = ("final", "stage", "logop", "wand", "speculative")
@@ -346,15 +346,7 @@ def save_calibration(model_dir: str | os.PathLike, calib: dict) -> Path:
     _check(Path(model_dir).is_dir(), f"{model_dir} is not a model directory: cannot store the calibration")
     gen = json.loads(path.read_text()) if path.exists() else {}
     gen.update({k: calib[k] for k in CALIBRATION_KEYS if k in calib})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(gen, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_json(path, gen)
     return path
 
 
