@@ -273,17 +273,12 @@ def run_eval(model: GPT, val: list, token_bytes: torch.Tensor, rt: Runtime) -> d
 
 @torch.no_grad()
 def greedy_sample(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 48) -> str:
-    model.eval()
-    ids = tokenizer.encode(prompt, prepend_bos=True)
-    cache = model.new_cache(1, len(ids) + max_new_tokens)
-    logits = model.forward_cached(torch.tensor([ids], device=model.lm_head.weight.device), cache)
-    out = []
-    for _ in range(max_new_tokens):
-        nxt = int(logits[0, -1].argmax())
-        out.append(nxt)
-        logits = model.forward_cached(torch.tensor([[nxt]], device=logits.device), cache)
-    model.train()
-    return prompt + tokenizer.decode(out)
+    """A greedy continuation through the inference engine (final readout)."""
+    from poelm.engine import Engine
+
+    text = Engine(model, tokenizer).generate(prompt, max_new_tokens=max_new_tokens, stop_token_ids=[]).text
+    model.train()  # Engine puts the model in eval mode
+    return prompt + text
 
 
 # -----------------------------------------------------------------------------
