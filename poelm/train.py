@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +26,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from poelm.checkpoint import (LATEST_NAME, atomic_torch_save, atomic_write_bytes, atomic_write_json, build_model,
-                              check_tokenizer, load_state_into, read_safetensors, replace_dir, save_model)
+from poelm.checkpoint import atomic_write_json, build_model, check_tokenizer, load_state_into, read_safetensors
 from poelm.model import POE_MODES, GPT, GPTConfig
+from poelm.rundir import METRICS_NAME, MetricsLog, RunDir, set_rng_state
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -82,6 +81,7 @@ class TrainConfig:
     dtype: str = "auto"
     compile: bool = False
     resume: bool = False
+    extend_to: int | None = None  # --resume with a new horizon (recorded in trainer.json)
     quiet: bool = False
 
     def model_config(self, vocab_size: int) -> GPTConfig:
@@ -149,71 +149,7 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints of a run
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    pointer = out / LATEST_NAME
-    if not pointer.is_file():
-        return None
-    path = out / pointer.read_text().strip()
-    return path if (path / "trainer.json").exists() else None
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(rt: Runtime, out: Path, step: int, model: GPT, optimizer, loader, tokenizer,
-                    trainer_state: dict, keep: int) -> Path:
-    """Every rank writes its optimizer/loader shard into a temporary directory; rank 0
-    writes the model, renames the directory into place and only then moves `latest`."""
-    if not params_finite(model):  # the same weights on every rank: all ranks stop together
-        raise NonFiniteLoss(f"parameters became non-finite before the checkpoint of step {step}; stopping. "
-                            f"The last good checkpoint in {out} is intact (lower the learning rates or check the data)")
-    final = out / step_dir_name(step)
-    tmp = out / f".{final.name}.tmp"
-    if rt.master:
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model(model, tmp, tokenizer)
-    barrier(rt)
-    atomic_torch_save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / f"optim_rank{rt.rank}.pt")
-    atomic_write_json(tmp / f"loader_rank{rt.rank}.json", loader.state_dict())
-    barrier(rt)
-    if rt.master:
-        atomic_write_json(tmp / "trainer.json", trainer_state)
-        replace_dir(tmp, final)
-        atomic_write_bytes(out / LATEST_NAME, final.name.encode())
-        prune_checkpoints(out, keep)
-    barrier(rt)
-    return final
-
-
-def prune_checkpoints(out: Path, keep: int) -> None:
-    dirs = sorted(p for p in out.glob("step_*") if p.is_dir())
-    latest = (out / LATEST_NAME).read_text().strip()
-    for old in dirs[:-keep] if keep > 0 else []:
-        if old.name != latest:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def barrier(rt: Runtime) -> None:
-    if rt.world > 1:
-        dist.barrier()
+# Checks around checkpoints
 
 
 def params_finite(model: GPT) -> bool:
@@ -235,22 +171,6 @@ def config_diff(a: GPTConfig, b: GPTConfig) -> list[str]:
 
 # -----------------------------------------------------------------------------
 # Metrics and progress
-
-
-class MetricsLog:
-    """Append-only JSONL of every logged step and eval (rank 0 only)."""
-
-    def __init__(self, path: Path, enabled: bool, truncate_after_step: int | None = None):
-        self.path, self.enabled = path, enabled
-        if enabled and truncate_after_step is not None and path.exists():  # drop lines past the resumed step
-            kept = [l for l in path.read_text().splitlines()
-                    if l and truncate_after_step > 0 and json.loads(l).get("step", 0) <= truncate_after_step]
-            atomic_write_bytes(path, ("\n".join(kept) + "\n").encode() if kept else b"")
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 def make_progress(enabled: bool):
@@ -285,8 +205,24 @@ def greedy_sample(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 48) 
 # The run
 
 
-def prepare(tc: TrainConfig, rt: Runtime):
-    """Tokenizer, model, optimizer, loader and horizon of a run (fresh or resumed)."""
+@dataclass
+class RunSetup:
+    """What `prepare` builds: everything the training loop needs, fresh or resumed."""
+    tokenizer: object
+    model: GPT
+    optimizer: object
+    loader: object
+    grad_accum: int
+    num_iterations: int
+    rule: str  # which rule set the horizon (printed)
+    start_step: int
+    state: dict  # trainer.json of the resumed checkpoint ({} for a fresh run)
+    resumed: bool
+
+
+def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
+    """Tokenizer, model, optimizer, loader and horizon of a run (fresh or resumed); the
+    caller holds the run directory's lock."""
     from poelm.dataloader import BestFitLoader
     from poelm.optim import build_optimizer
     from poelm.schedule import resolve_horizon
@@ -314,46 +250,98 @@ def prepare(tc: TrainConfig, rt: Runtime):
                                 matrix_lr=tc.matrix_lr, scalar_lr=tc.scalar_lr, weight_decay=tc.weight_decay)
     num_iterations, rule = resolve_horizon(tc.num_iterations, tc.target_tokens, tc.target_param_data_ratio,
                                            model.num_params(), tc.total_batch_size)
-    out = Path(tc.out)
     start_step, loader_state, state = 0, None, {}
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None and not tc.resume:
-        raise ValueError(f"{out} already holds a run (checkpoint {ckpt.name}); pass --resume to continue it "
+    point = run.resume_point()
+    if point is not None and not tc.resume:
+        raise ValueError(f"{run.path} already holds a run (checkpoint {point.path.name}); pass --resume to continue it "
                          "or choose another --out")
-    if tc.resume and ckpt is None and rt.master and not tc.quiet:
-        print(f"--resume: no checkpoint in {out} yet; starting a fresh run", flush=True)
-    if tc.resume and ckpt is not None:
-        saved = json.loads((ckpt / "config.json").read_text())
-        from poelm.checkpoint import config_from_json
-        saved_config = config_from_json(saved)
-        if saved_config.vocab_size != config.vocab_size:
-            raise ValueError(f"--resume: tokenizer {tc.tokenizer} has {config.vocab_size} tokens but the model in "
-                             f"{ckpt} was trained with a {saved_config.vocab_size}-token tokenizer; pass the run's "
-                             "own tokenizer (it is saved in every checkpoint)")
-        if any((ckpt / n).exists() for n in ("tokenizer.json", "tokenizer.pkl")) and \
-                not same_tokenizer(Tokenizer.load(ckpt), tokenizer):
-            raise ValueError(f"--resume: tokenizer {tc.tokenizer} does not match the one {ckpt} was trained with "
-                             "(same size, different merges or specials); pass the run's own tokenizer")
-        diff = config_diff(saved_config, config)
-        if diff:
-            raise ValueError(f"--resume: {ckpt} was trained with another architecture ({'; '.join(diff)})")
-        load_state_into(model, read_safetensors(ckpt / "model.safetensors"), str(ckpt))
-        shards = len(list(ckpt.glob("optim_rank*.pt")))
-        if shards != rt.world:
-            raise ValueError(f"--resume: {ckpt} was written by {shards} process(es), this run has {rt.world}; "
-                             "resume with the same number of processes (optimizer state is sharded per rank)")
-        shard = ckpt / f"optim_rank{rt.rank}.pt"
-        blob = torch.load(shard, map_location=rt.device, weights_only=False)
-        optimizer.load_state_dict(blob["optimizer"])
-        state = json.loads((ckpt / "trainer.json").read_text())
-        loader_state = json.loads((ckpt / f"loader_rank{rt.rank}.json").read_text())
-        start_step = state["step"]
-        num_iterations = state["num_iterations"]
-        rule = f"horizon: {num_iterations:,} steps (resumed from {ckpt.name})"
-        set_rng_state(blob["rng"])
+    say = print if rt.master and not tc.quiet else (lambda *a, **k: None)
+    if tc.resume and point is None:
+        say(f"--resume: no checkpoint in {run.path} yet; starting a fresh run", flush=True)
+    if tc.extend_to is not None and point is None:
+        raise ValueError("--extend-to N changes the horizon of a run being resumed; this run has no checkpoint yet "
+                         "(set the horizon with --num-iterations instead)")
+    if tc.resume and point is not None:
+        if point.note:
+            say(f"--resume: {point.note}", flush=True)
+        state, loader_state = resume_into(run, point, tc, rt, tokenizer, config, model, optimizer)
+        start_step, num_iterations = state["step"], state["num_iterations"]
+        rule = f"horizon: {num_iterations:,} steps (resumed from {point.path.name})"
+        if tc.extend_to is not None and tc.extend_to != num_iterations:
+            if tc.extend_to < start_step:
+                raise ValueError(f"--extend-to {tc.extend_to} is below the checkpoint's step {start_step}; "
+                                 f"give a horizon of at least {start_step} steps")
+            rule = (f"horizon: {num_iterations:,} -> {tc.extend_to:,} steps (--extend-to, resumed from "
+                    f"{point.path.name}; the LR schedule is re-laid over the new horizon)")
+            state["extended"] = state.get("extended", []) + [{"at_step": start_step, "from": num_iterations,
+                                                              "to": tc.extend_to}]
+            num_iterations = state["num_iterations"] = tc.extend_to
     loader = BestFitLoader(tc.data, tokenizer, tc.device_batch_size, tc.seq_len, split="train", rank=rt.rank,
                            world_size=rt.world, device=rt.device, state=loader_state)
-    return tokenizer, model, optimizer, loader, grad_accum, num_iterations, rule, start_step, state
+    return RunSetup(tokenizer, model, optimizer, loader, grad_accum, num_iterations, rule, start_step, state,
+                    resumed=point is not None and tc.resume)
+
+
+# Settings a resumed run may change: they do not alter the trajectory of the weights.
+RESUME_MUTABLE = ("out", "resume", "quiet", "device", "dtype", "compile", "eval_every", "eval_tokens",
+                  "sample_every", "sample_prompt", "save_every", "keep_checkpoints", "extend_to", "tokenizer")
+
+
+def resume_settings_diff(saved: dict, now: dict) -> list[str]:
+    """The trajectory settings that differ between the run's record and this invocation."""
+    diff = []
+    for key in sorted(set(saved) & set(now)):
+        if key in RESUME_MUTABLE:
+            continue
+        a, b = saved[key], now[key]
+        if key == "data" and a and b:
+            a, b = os.path.realpath(a), os.path.realpath(b)
+        if isinstance(a, list | tuple) or isinstance(b, list | tuple):
+            a, b = list(a) if a is not None else None, list(b) if b is not None else None
+        if a != b:
+            diff.append(f"--{key.replace('_', '-')} {saved[key]!r} (now {now[key]!r})")
+    return diff
+
+
+def resume_into(run: RunDir, point, tc: TrainConfig, rt: Runtime, tokenizer, config: GPTConfig, model: GPT,
+                optimizer) -> tuple[dict, dict]:
+    """Check a checkpoint against this invocation and load it into model/optimizer/RNG.
+    Returns (trainer state, this rank's loader state)."""
+    from poelm.checkpoint import config_from_json
+    from poelm.tokenizer import Tokenizer
+
+    ckpt = point.path
+    saved_config = config_from_json(run.read_json(ckpt / "config.json"))
+    if saved_config.vocab_size != config.vocab_size:
+        raise ValueError(f"--resume: tokenizer {tc.tokenizer} has {config.vocab_size} tokens but the model in "
+                         f"{ckpt} was trained with a {saved_config.vocab_size}-token tokenizer; pass the run's "
+                         "own tokenizer (it is saved in every checkpoint)")
+    if any((ckpt / n).exists() for n in ("tokenizer.json", "tokenizer.pkl")) and \
+            not same_tokenizer(Tokenizer.load(ckpt), tokenizer):
+        raise ValueError(f"--resume: tokenizer {tc.tokenizer} does not match the one {ckpt} was trained with "
+                         "(same size, different merges or specials); pass the run's own tokenizer")
+    diff = config_diff(saved_config, config)
+    if diff:
+        raise ValueError(f"--resume: {ckpt} was trained with another architecture ({'; '.join(diff)})")
+    shards = run.shards_of(ckpt)
+    if shards != rt.world:
+        raise ValueError(f"--resume: {ckpt} was written by {shards} process(es), this run has {rt.world}; "
+                         "resume with the same number of processes (optimizer state is sharded per rank)")
+    state = run.read_json(ckpt / "trainer.json")
+    saved_settings = state.get("train_config")
+    if saved_settings is None and (run.path / "train_config.json").is_file():  # runs of poelm 0.1
+        saved_settings = run.read_json(run.path / "train_config.json")
+    changed = resume_settings_diff(saved_settings or {}, dataclasses.asdict(tc))
+    if changed:
+        hint = " or --extend-to N to change the horizon" if any(c.startswith("--num-iterations") for c in changed) else ""
+        raise ValueError(f"--resume: {run.path} was started with other settings: {'; '.join(changed)}; resume with "
+                         f"the run's own settings (see {run.path / 'train_config.json'}){hint}")
+    load_state_into(model, read_safetensors(ckpt / "model.safetensors"), str(ckpt))
+    blob = run.read_shard(ckpt)  # on the CPU: RNG states must be; the optimizer moves its state to the params
+    optimizer.load_state_dict(blob["optimizer"])
+    loader_state = run.read_json(ckpt / f"loader_rank{rt.rank}.json")
+    set_rng_state(blob["rng"])
+    return state, loader_state
 
 
 def load_val(tc: TrainConfig, tokenizer, rt: Runtime) -> list:
@@ -364,18 +352,37 @@ def load_val(tc: TrainConfig, tokenizer, rt: Runtime) -> list:
 
 
 def train(tc: TrainConfig) -> dict:
-    """Run (or resume) training; returns the final metrics."""
+    """Run (or resume) training, holding the run directory's lock; returns the final metrics."""
+    rt = setup_runtime(tc)
+    run = RunDir(tc.out, rt.rank, rt.world)
+    with run.locked():
+        return run_locked(tc, rt, run)
+
+
+def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
+    """The training loop of `train`, inside the run directory's lock."""
     from poelm.schedule import apply_schedules
 
-    rt = setup_runtime(tc)
-    tokenizer, model, optimizer, loader, grad_accum, num_iterations, rule, start_step, state = prepare(tc, rt)
+    setup = prepare(tc, rt, run)
+    tokenizer, model, optimizer, loader = setup.tokenizer, setup.model, setup.optimizer, setup.loader
+    grad_accum, num_iterations, rule, start_step, state = (setup.grad_accum, setup.num_iterations, setup.rule,
+                                                           setup.start_step, setup.state)
     val = load_val(tc, tokenizer, rt) if tc.eval_every > 0 else []  # bad validation data fails before any write
-    out = Path(tc.out)
+    out = run.path
+    settings = dataclasses.asdict(tc)
+    run_id = f"{os.getpid()}"
+    if rt.world > 1:  # one temporary-name suffix for every rank of this run: rank 0's pid
+        pid = torch.tensor([os.getpid()])
+        dist.broadcast(pid, 0)
+        run_id = str(int(pid))
     if rt.master:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "train_config.json", dataclasses.asdict(tc))
-    log = MetricsLog(out / "metrics.jsonl", rt.master, truncate_after_step=start_step)
+        atomic_write_json(out / "train_config.json", settings)
+    log = MetricsLog(out / METRICS_NAME, rt.master, resumed_step=start_step if setup.resumed else None)
     say = (lambda *a: print(*a, flush=True)) if rt.master and not tc.quiet else (lambda *a: None)
+    if getattr(run, "stale_lock_pid", None):
+        say(f"cleared the stale lock of pid {run.stale_lock_pid} on {out} (that process is gone)")
+    if log.moved_to is not None:
+        say(f"{out / METRICS_NAME} had no checkpoint to match it: kept as {log.moved_to.name}")
     cfg = model.config
     say(f"model: {cfg.n_layer} layers x {cfg.n_embd} wide, stages {list(cfg.poe_stage_layers)}, "
         f"poe_mode={cfg.poe_mode} alpha={cfg.poe_alpha}, {model.num_params():,} params")
@@ -393,7 +400,8 @@ def train(tc: TrainConfig) -> dict:
 
     def trainer_state(step: int) -> dict:
         return {"step": step, "num_iterations": num_iterations, "ema_loss": ema, "last_eval": last_eval,
-                "train_seconds": total_time, "model_config": cfg.to_dict()}
+                "train_seconds": total_time, "model_config": cfg.to_dict(), "train_config": settings,
+                **({"extended": state["extended"]} if "extended" in state else {})}
 
     def do_eval(step: int) -> None:
         nonlocal last_eval
@@ -413,8 +421,12 @@ def train(tc: TrainConfig) -> dict:
             if rt.master and tc.sample_every > 0 and step > 0 and (step % tc.sample_every == 0 or last):
                 say(f"sample: {greedy_sample(model, tokenizer, tc.sample_prompt)!r}")
             if step > start_step and (last or (tc.save_every > 0 and step % tc.save_every == 0)):
-                save_checkpoint(rt, out, step, model, optimizer, loader, tokenizer, trainer_state(step),
-                                tc.keep_checkpoints)
+                if not params_finite(model):  # the same weights on every rank: all ranks stop together
+                    raise NonFiniteLoss(f"parameters became non-finite before the checkpoint of step {step}; stopping. "
+                                        f"The last good checkpoint in {out} is intact (lower the learning rates or "
+                                        "check the data)")
+                run.save_checkpoint(step, model, optimizer, loader, tokenizer, trainer_state(step),
+                                    tc.keep_checkpoints, run_id)
             if last:
                 break
             t0 = time.time()
@@ -520,7 +532,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     a("--device", default=d.device, help="auto, cpu or cuda")
     a("--dtype", default=d.dtype, help="auto (bf16 on capable GPUs, else fp32), fp32 or bf16")
     a("--compile", action="store_true", help="torch.compile the model")
-    a("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    a("--resume", action="store_true", help="continue the run in --out from its newest complete checkpoint")
+    a("--extend-to", type=int, default=None, help="with --resume: change the horizon to N steps (recorded)")
     a("--quiet", action="store_true")
 
 

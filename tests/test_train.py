@@ -499,7 +499,8 @@ SAME_BATCH_HELPER = """
             x, y = super().__next__()
             return (x, y) if self.slice is None else (x[self.slice], y[self.slice])
 
-    real_init, real_save = pm.GPT.init_weights, tr.save_checkpoint
+    import poelm.rundir as rd
+    real_init, real_save = pm.GPT.init_weights, rd.RunDir.save_checkpoint
 
     def noisy_init(self):
         real_init(self)
@@ -508,11 +509,11 @@ SAME_BATCH_HELPER = """
                 for lin in (block.attn.c_proj, block.mlp.c_proj):
                     lin.weight.normal_(0.0, 0.02)
 
-    def save(rt, out, step, model, *a, **kw):
-        torch.save({k: v.clone() for k, v in model.state_dict().items()}, out.parent / f"rank{rt.rank}_{step}.pt")
-        return real_save(rt, out, step, model, *a, **kw)
+    def save(run, step, model, *a, **kw):
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, run.path.parent / f"rank{run.rank}_{step}.pt")
+        return real_save(run, step, model, *a, **kw)
 
-    dl.BestFitLoader, pm.GPT.init_weights, tr.save_checkpoint = GlobalSlice, noisy_init, save
+    dl.BestFitLoader, pm.GPT.init_weights, rd.RunDir.save_checkpoint = GlobalSlice, noisy_init, save
     sys.exit(main(sys.argv[1:]))
 """
 
