@@ -84,6 +84,44 @@ def atomic_torch_save(obj, path: str | Path) -> None:
         raise
 
 
+# Every file a poelm model directory or export may hold (a directory of only these, with a
+# config.json, is a previous poelm output and may be replaced).
+MODEL_DIR_FILES = frozenset({
+    CONFIG_NAME, WEIGHTS_NAME, GENERATION_CONFIG_NAME, "tokenizer.json", "tokenizer.pkl", "token_bytes.pt",
+    "tokenizer_config.json", "special_tokens_map.json", "configuration_cognica_poe.py", "modeling_cognica_poe.py",
+    "tokenization_cognica_poe.py", "poe_model.py", "poe_tokenizer.py", "__pycache__",
+})
+
+
+def check_replaceable(out: str | Path, sources: tuple = (), overwrite: bool = False, flag: str = "--out") -> None:
+    """Refuse to replace `out` wholesale unless it is new, empty or a previous poelm model
+    directory (or `overwrite`); never when it is a file, is/contains/lies inside a source,
+    or contains the working or home directory (those are refused even with overwrite)."""
+    out = Path(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ValueError(f"{flag} {out} is a file (or a link); remove it or choose a directory path")
+    target = out.resolve()
+    for src in sources:
+        if src is None or not Path(src).exists():
+            continue
+        s = Path(src).resolve()
+        if target == s or s in target.parents or target in s.parents:
+            rel = "is" if target == s else ("lies inside" if s in target.parents else "contains")
+            raise ValueError(f"{flag} {out} {rel} the source {src}; write the output somewhere else")
+    for name, protected in (("working directory", Path.cwd()), ("home directory", Path.home())):
+        p = protected.resolve()
+        if target == p or target in p.parents:
+            raise ValueError(f"{flag} {out} is or contains the {name}; choose a new directory for the output")
+    if not out.is_dir() or overwrite:
+        return
+    names = {p.name for p in out.iterdir()}
+    foreign = sorted(names - MODEL_DIR_FILES)
+    if names and (foreign or CONFIG_NAME not in names):
+        what = f"it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}" if foreign else "it has no config.json"
+        raise ValueError(f"{flag} {out} exists and is not a poelm model directory ({what}); choose a new or empty "
+                         "directory, or pass --overwrite to replace it and everything in it")
+
+
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Move a fully written tmp_dir onto final_dir (the old one is removed only after)."""
     final_dir = Path(final_dir)
@@ -203,10 +241,12 @@ def write_safetensors(model: GPT, path: Path, dtype: torch.dtype | None = None) 
 
 
 def save_model(model: GPT, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | None = None,
-               generation_config: dict | None = None) -> Path:
+               generation_config: dict | None = None, overwrite: bool = False) -> Path:
     """Write config.json + model.safetensors (+ tokenizer files, generation_config.json)
-    into a temporary directory, then move it onto out_dir in one rename."""
+    into a temporary directory, then move it onto out_dir in one rename. An existing
+    out_dir must be a poelm model directory (see `check_replaceable`) unless `overwrite`."""
     out_dir = Path(out_dir)
+    check_replaceable(out_dir, overwrite=overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:

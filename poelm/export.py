@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from poelm.checkpoint import (CONFIG_NAME, GENERATION_CONFIG_NAME, atomic_write_json, config_to_json, replace_dir,
-                              save_model)
+from poelm.checkpoint import (CONFIG_NAME, GENERATION_CONFIG_NAME, atomic_write_json, check_replaceable, config_to_json,
+                              replace_dir, save_model)
 from poelm.model import GPT
 
 ASSISTANT_END = "<|assistant_end|>"
@@ -85,9 +85,13 @@ def generation_defaults(tokenizer) -> dict:
 
 
 def export_model(model: GPT, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
-                 generation_config: dict | None = None) -> Path:
-    """Write the whole Hugging Face layout of `model` (+ `tokenizer`) into out_dir."""
+                 generation_config: dict | None = None, sources: tuple = (), overwrite: bool = False) -> Path:
+    """Write the whole Hugging Face layout of `model` (+ `tokenizer`) into out_dir. An
+    existing out_dir is replaced only when it is a previous poelm model directory (or with
+    `overwrite`), and never when it is, contains or lies inside one of `sources`."""
     from poelm.hf import REMOTE_CODE_FILES
+
+    check_replaceable(out_dir, sources=sources, overwrite=overwrite)
 
     if tokenizer is not None and tokenizer.vocab_size != model.config.vocab_size:
         raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} != model vocab {model.config.vocab_size}; "

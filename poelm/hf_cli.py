@@ -25,7 +25,8 @@ def cmd_export(args) -> int:
     if tokenizer is None:
         print(f"poelm: warning: {args.model} has no tokenizer (pass --tokenizer DIR); the export will have no "
               "tokenizer files and AutoTokenizer will not load it", file=sys.stderr)
-    out = export_model(model, tokenizer, args.out, dtype=dtype, generation_config=source_generation_config(args.model))
+    out = export_model(model, tokenizer, args.out, dtype=dtype, generation_config=source_generation_config(args.model),
+                       sources=(args.model, args.tokenizer), overwrite=args.overwrite)
     files = sorted(p.name for p in out.iterdir())
     result = {"out": str(out), "dtype": str(dtype).replace("torch.", ""), "files": files,
               "tensors": len(model.state_dict()), "params": model.num_params(),
@@ -37,7 +38,9 @@ def cmd_export(args) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write MODEL as a Hugging Face directory (transformers + poelm load it)")
     p.add_argument("model", help="MODEL: preset, model directory, nanochat checkpoint dir, training run or hub id")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--out", required=True, help="output directory (replaced atomically; an existing one only if it "
+                   "is a previous poelm export, or with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a poelm export")
     p.add_argument("--dtype", default="bf16", help="weight dtype: bf16 (default, as the releases) or fp32")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory when MODEL has none")
     p.add_argument("--json", action="store_true", help="machine-readable JSON output")

@@ -166,7 +166,11 @@ def load_token_bytes(dir: str | os.PathLike) -> torch.Tensor:
     if not path.is_file():
         warnings.warn(f"{path} missing; computing token byte lengths from the tokenizer")
         return Tokenizer.load(dir).token_bytes()
-    tb = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        tb = torch.load(path, map_location="cpu", weights_only=True)  # never runs code from the file
+    except Exception as e:  # truncated, or a pickle that is more than tensors
+        raise ValueError(f"{path} is not a readable token-bytes tensor ({type(e).__name__}); delete it to "
+                         "recompute it from the tokenizer") from None
     if not isinstance(tb, torch.Tensor) or tb.ndim != 1:
         raise ValueError(f"{path} is not a 1-D tensor; delete it to recompute it from the tokenizer")
     return tb.to(torch.int32)
