@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from poelm.atomic import atomic_path, atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
 from poelm.model import GPT, GPTConfig
 
 CONFIG_NAME = "config.json"
@@ -51,37 +52,9 @@ KEY_PREFIXES = ("_orig_mod.", "model.", "module.")
 # Atomic file helpers
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
 def atomic_torch_save(obj, path: str | Path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # Every file a poelm model directory or export may hold (a directory of only these, with a
@@ -225,15 +198,8 @@ def write_safetensors(model: GPT, path: Path, dtype: torch.dtype | None = None) 
     from safetensors.torch import save_file
 
     state = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # -----------------------------------------------------------------------------

@@ -51,8 +51,11 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Lay out, write as PNG and close."""
+    """Lay out, write as PNG (atomically) and close."""
+    from poelm.atomic import atomic_path
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path

@@ -24,7 +24,6 @@ import io
 import json
 import os
 import pickle
-import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -137,13 +136,15 @@ class Tokenizer:
 
     def save(self, dir: str | os.PathLike) -> None:
         """Write tokenizer.json, tokenizer.pkl and token_bytes.pt into `dir` (atomically)."""
+        from poelm.atomic import atomic_write_bytes  # here, not at the top: exports copy this file standalone
+
         d = Path(dir)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_write(d / "tokenizer.json", json.dumps(self.to_json()).encode())
-        _atomic_write(d / "tokenizer.pkl", pickle.dumps(self.enc))
+        atomic_write_bytes(d / "tokenizer.json", json.dumps(self.to_json()).encode())
+        atomic_write_bytes(d / "tokenizer.pkl", pickle.dumps(self.enc))
         buf = io.BytesIO()
         torch.save(self.token_bytes(), buf)
-        _atomic_write(d / "token_bytes.pt", buf.getvalue())
+        atomic_write_bytes(d / "token_bytes.pt", buf.getvalue())
 
     @classmethod
     def load(cls, dir: str | os.PathLike) -> "Tokenizer":
@@ -177,18 +178,6 @@ def load_token_bytes(dir: str | os.PathLike) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- helpers
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _make_encoding(state: object, path: Path) -> tiktoken.Encoding:
     """Validate a {name, pat_str, mergeable_ranks, special_tokens} state and build an Encoding."""
     keys = {"name", "pat_str", "mergeable_ranks", "special_tokens"}
