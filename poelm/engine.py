@@ -487,13 +487,15 @@ class WandDecoder:
         return out, kept
 
     def step(self, token: int) -> tuple[torch.Tensor, int]:
-        """Feed one token -> (readout logits (V,) of the exit stage, stages used)."""
+        """Feed one token -> (readout logits (V,) at the exit, stages used). Target final: the
+        exit stage's readout. Target logop: the Log-OP of the stages used (k+1 of them); the
+        exit rule itself reads the running Log-OP in the space of all K stages."""
         model, cfg, cache = self.model, self.cfg, self.cache
         t = cache.n_tokens
         idx = torch.tensor([[token]], device=cache.tokens.device)
         x = model.embed(idx, cache)  # (1, 1, d)
         self.x0[:, t] = x[:, 0]
-        x_mid, r = None, 0
+        x_mid, r, used = None, 0, []
         bl = cfg.backout_layer if cfg.backout else -1
         for s in range(self.K):
             lo = cache.lengths[self.first_layer[s]]  # stage s holds slots < lo; [lo, t) are pending
@@ -507,10 +509,11 @@ class WandDecoder:
             if self.target == "final":  # r_k = z_k; the last stage reads out like the final readout
                 r = model.readout(last, None, x_mid) if s == self.K - 1 else model.readout(last, s)
             else:
-                r = r + logop_weight(self.K, self.alpha) * model.readout(last, s).log_softmax(-1)
+                used.append(model.readout(last, s))
+                r = r + logop_weight(self.K, self.alpha) * used[-1].log_softmax(-1)
             if s == self.K - 1 or top_gap(r).item() > self.thresholds[s]:
                 self.depths.append(s + 1)
-                return r[0], s + 1
+                return (r if self.target == "final" else logop(used, self.alpha))[0], s + 1
         raise AssertionError("unreachable")
 
     def flush(self) -> None:

@@ -57,6 +57,14 @@ class ExperimentConfig:
     eval_every: int = 50
     eval_tokens: int = 2 ** 16
     save_every: int = 50
+    # optimizer: nanochat's d12 / 2^19-token flag values, scaled per run (training.md "Scaling
+    # rules"); lr_scaling "off" takes them literally
+    lr_scaling: str = "nanochat"
+    matrix_lr: float = 0.02
+    embedding_lr: float = 0.3
+    unembedding_lr: float = 0.008
+    scalar_lr: float = 0.5
+    weight_decay: float = 0.28
     seed: int = 42
     device: str = "auto"
     dtype: str = "auto"
@@ -70,14 +78,23 @@ class ExperimentConfig:
 
 PRESETS: dict[str, dict] = {
     # About 17 minutes on 2 idle CPU cores (fp32): 3 arms x 300 steps x 8,192 tokens (2.46 M tokens per arm).
+    # Literal LRs (lr_scaling off): nanochat's rules would put s_B = sqrt(8192 / 2^19) = 1/8 on every LR
+    # and start the Muon wd at 0.82 (its d12 has 24x the scaling params): too slow and too strong for
+    # 300 steps. These are the effective values this preset trained with before the rules were exact
+    # (the flags x (128/768)^-0.5 on every AdamW LR, Muon lr 0.02, wd 0.2).
     "tiny": dict(name="tiny", depth=4, n_embd=128, n_head=2, vocab_size=1024, seq_len=256, poe_every=1,
                  total_batch_size=8192, device_batch_size=32, num_iterations=300, eval_every=50,
                  eval_tokens=2 ** 16, save_every=50, tokenizer="data/tokenizer-1k",
+                 lr_scaling="off", matrix_lr=0.02, embedding_lr=0.735, unembedding_lr=0.0196, scalar_lr=1.225,
+                 weight_decay=0.2,
                  compute_note="about 17 minutes on 2 idle CPU cores (fp32)"),
     # A wider model for longer on CPU: depth 8, 256 wide, 4 x 2 stages, 9.8 M tokens per arm.
+    # Literal LRs (lr_scaling off) for the same reason as tiny: flags x (256/768)^-0.5 on the AdamW LRs.
     "cpu-long": dict(name="cpu-long", depth=8, n_embd=256, n_head=4, vocab_size=4096, seq_len=512, poe_every=2,
                      total_batch_size=16384, device_batch_size=16, num_iterations=600, eval_every=100,
                      eval_tokens=2 ** 17, save_every=100, tokenizer="data/tokenizer-4k",
+                     lr_scaling="off", matrix_lr=0.02, embedding_lr=0.52, unembedding_lr=0.0139, scalar_lr=0.866,
+                     weight_decay=0.2,
                      compute_note="9.8 M tokens per arm: a few hours on 2 CPU cores"),
     # One GPU (bf16): d12, 4 x 3 stages, 32k vocab, ~20 tokens per parameter on ClimbMix or any corpus.
     "gpu-small": dict(name="gpu-small", depth=12, n_embd=None, n_head=None, vocab_size=32768, seq_len=2048,
@@ -181,7 +198,9 @@ def arm_train_config(cfg: ExperimentConfig, arm: str):
         total_batch_size=cfg.total_batch_size, device_batch_size=cfg.device_batch_size,
         num_iterations=cfg.num_iterations, target_tokens=cfg.target_tokens,
         target_param_data_ratio=cfg.target_param_data_ratio, eval_every=cfg.eval_every,
-        eval_tokens=cfg.eval_tokens, save_every=cfg.save_every, seed=cfg.seed, device=cfg.device,
+        eval_tokens=cfg.eval_tokens, save_every=cfg.save_every, lr_scaling=cfg.lr_scaling,
+        matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
+        scalar_lr=cfg.scalar_lr, weight_decay=cfg.weight_decay, seed=cfg.seed, device=cfg.device,
         dtype=cfg.dtype, compile=cfg.compile, resume=True)
 
 

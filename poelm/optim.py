@@ -12,7 +12,9 @@ Param groups carry `kind`:
   have no fast bf16; fp64 params stay fp64, which the equivalence tests use).
 
 Usage:
-    opt = build_optimizer(model)                 # groups by parameter name, training.md
+    lrs = effective_hparams(model.config, total_batch_size, tc)   # training.md "Scaling rules"
+    print(lrs.line())
+    opt = build_optimizer(model, lrs)            # groups by parameter name, training.md
     for step in range(n):
         apply_schedules(opt, step, n)            # poelm.schedule: lr / momentum / wd
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
@@ -37,6 +39,7 @@ gradient (inside a Muon stack); that must be the same on all ranks.
 """
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -52,7 +55,7 @@ POLAR_EXPRESS_COEFFS = [
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 ]
 
-# AdamW groups: name -> (lr from build_optimizer's arguments, betas, weight decay)
+# AdamW groups: name -> betas, weight decay (the LR of each is a field of EffectiveLRs)
 ADAMW_BETAS = {
     "lm_head": (0.8, 0.96), "wte": (0.8, 0.995), "value_embeds": (0.8, 0.995),
     "resid_lambdas": (0.8, 0.95), "x0_lambdas": (0.96, 0.95), "scalars": (0.8, 0.95),
@@ -62,6 +65,9 @@ ADAMW_WD = {
     "resid_lambdas": 0.05, "x0_lambdas": 0.0, "scalars": 0.0,
 }
 SCALARS_LR = 0.2  # smear_gate, smear_lambda, backout_lambda
+B_REF = 2 ** 19  # tokens per step at which the LR flags were tuned (nanochat d12)
+REF_DEPTH, REF_WIDTH = 12, 768  # the reference model of the scaling rules
+LR_SCALING = ("nanochat", "off")
 
 # -----------------------------------------------------------------------------
 # Muon pieces (all act on stacks (K, m, n))
@@ -73,10 +79,11 @@ def nesterov_(buf: Tensor, g: Tensor, momentum: float) -> Tensor:
 
 
 def equilibrate_rows(g: Tensor) -> Tensor:
-    """Scale every row of each (m, n) matrix to that matrix's mean row norm."""
+    """Scale every row of each (m, n) matrix to the RMS of its row norms, ||X||_F / sqrt(m),
+    which keeps ||X||_F (row norms clamped at 1e-6)."""
     row = g.norm(dim=-1, keepdim=True)                  # (K, m, 1)
-    mean = row.mean(dim=-2, keepdim=True)               # (K, 1, 1)
-    return g * (mean / row.clamp_min(1e-10))
+    rms = row.square().mean(dim=-2, keepdim=True).sqrt()  # (K, 1, 1) = ||X||_F / sqrt(m)
+    return g * (rms / row.clamp_min(1e-6))
 
 
 def polar_express(g: Tensor, steps: int = 5) -> Tensor:
@@ -336,21 +343,82 @@ def adamw_group_of(name: str) -> str | None:
     return None
 
 
-def build_optimizer(model: torch.nn.Module, *, unembedding_lr: float = 0.008,
-                    embedding_lr: float = 0.3, matrix_lr: float = 0.02, scalar_lr: float = 0.5,
-                    weight_decay: float = 0.2, momentum: float = 0.85,
+@dataclass(frozen=True)
+class EffectiveLRs:
+    """What each optimizer group really gets: the AdamW LRs, the Muon base lr (each shape
+    then x max(1, m/n)**0.5) and the Muon weight decay start (then the cosine schedule).
+    The defaults are the flag values taken literally (d12 at 2^19 tokens per step)."""
+
+    lm_head: float = 0.008
+    wte: float = 0.3
+    value_embeds: float = 0.15
+    resid_lambdas: float = 0.005
+    x0_lambdas: float = 0.5
+    scalars: float = SCALARS_LR
+    matrix: float = 0.02
+    muon_weight_decay: float = 0.28
+    scaling: str = "off"
+
+    def line(self) -> str:
+        return (f"effective lr ({self.scaling}): lm_head {self.lm_head:.4g} | wte {self.wte:.4g} | "
+                f"value_embeds {self.value_embeds:.4g} | resid_lambdas {self.resid_lambdas:.4g} | "
+                f"x0_lambdas {self.x0_lambdas:.4g} | smear/backout {self.scalars:.4g} | muon {self.matrix:.4g} "
+                f"(x max(1, m/n)^0.5) | muon wd start {self.muon_weight_decay:.4g}")
+
+
+def scaling_params(config) -> int:
+    """Transformer matrices + lm_head of a GPTConfig (not embeddings, value embeddings,
+    scalars or stage heads), counted on the meta device."""
+    from poelm.model import GPT
+
+    with torch.device("meta"):
+        return GPT(config).matmul_params()
+
+
+def reference_config(config):
+    """The d12 model of the scaling rules: same vocab, aspect ratio (n_embd / n_layer) and
+    head_dim as `config`, otherwise the defaults (MHA, 4x MLP)."""
+    from poelm.model import GPTConfig
+
+    hd = config.head_dim
+    width = -(-REF_DEPTH * config.n_embd // (config.n_layer * hd)) * hd  # ceil to a multiple of head_dim
+    return GPTConfig(n_layer=REF_DEPTH, n_embd=width, n_head=width // hd, head_dim=hd,
+                     vocab_size=config.vocab_size, sequence_len=config.sequence_len, poe_mode="none")
+
+
+def effective_hparams(config, total_batch_size: int, tc) -> EffectiveLRs:
+    """training.md "Scaling rules" (nanochat base_train). config: the GPTConfig; tc: a
+    TrainConfig (unembedding_lr, embedding_lr, matrix_lr, scalar_lr, weight_decay, lr_scaling).
+    nanochat: s_B = sqrt(B / 2^19) on all four LR flags, (n_embd/768)^-0.5 on lm_head, wte and
+    value embeds, Muon wd = weight_decay * s_B * D_ref / D with D = ratio * scaling params
+    (the ratio cancels). off: the flags and --weight-decay are taken literally."""
+    for flag in ("unembedding_lr", "embedding_lr", "matrix_lr", "scalar_lr", "weight_decay"):
+        v = getattr(tc, flag)
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"--{flag.replace('_', '-')} {v!r}: must be a finite number >= 0")
+    if tc.lr_scaling not in LR_SCALING:
+        raise ValueError(f"--lr-scaling {tc.lr_scaling!r}: choose {' or '.join(LR_SCALING)}")
+    batch = width = decay = 1.0
+    if tc.lr_scaling == "nanochat":
+        batch = math.sqrt(total_batch_size / B_REF)
+        width = (config.n_embd / REF_WIDTH) ** -0.5
+        decay = batch * scaling_params(reference_config(config)) / scaling_params(config)
+    head = tc.embedding_lr * batch * width
+    return EffectiveLRs(lm_head=tc.unembedding_lr * batch * width, wte=head, value_embeds=0.5 * head,
+                        resid_lambdas=0.01 * tc.scalar_lr * batch, x0_lambdas=tc.scalar_lr * batch,
+                        scalars=SCALARS_LR, matrix=tc.matrix_lr * batch,
+                        muon_weight_decay=tc.weight_decay * decay, scaling=tc.lr_scaling)
+
+
+def build_optimizer(model: torch.nn.Module, lrs: EffectiveLRs = EffectiveLRs(), *, momentum: float = 0.85,
                     adam_eps: float = 1e-10) -> MuonAdamW:
-    """Group the trainable params by name per training.md and build MuonAdamW.
-    Muon: every 2-D matrix under transformer.h, one group per shape, lr=matrix_lr,
-    start weight decay `weight_decay`. AdamW: the table, all LRs x (n_embd/768)**-0.5.
-    Frozen params (requires_grad=False) are left out. Each group gets `name`, `initial_lr`
-    (and Muon `initial_weight_decay`) for the schedules."""
-    scale = (model.config.n_embd / 768) ** -0.5
-    adamw_lr = {
-        "lm_head": unembedding_lr, "wte": embedding_lr, "value_embeds": 0.5 * embedding_lr,
-        "resid_lambdas": 0.01 * scalar_lr, "x0_lambdas": scalar_lr, "scalars": SCALARS_LR,
-    }
-    adamw: dict[str, list] = {k: [] for k in adamw_lr}
+    """Group the trainable params by name per training.md and build MuonAdamW with the LRs
+    of `lrs` as they are (scaling is effective_hparams' job). Muon: every 2-D matrix under
+    transformer.h, one group per shape, lr=lrs.matrix, start weight decay
+    lrs.muon_weight_decay. AdamW: the table. Frozen params (requires_grad=False) are left
+    out. Each group gets `name`, `initial_lr` (and Muon `initial_weight_decay`) for the
+    schedules."""
+    adamw: dict[str, list] = {k: [] for k in ADAMW_BETAS}
     muon: dict[torch.Size, list] = {}                     # insertion order = model order
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -361,12 +429,10 @@ def build_optimizer(model: torch.nn.Module, *, unembedding_lr: float = 0.008,
             adamw[key].append(p)
         else:
             raise ValueError(f"parameter {name} {tuple(p.shape)} has no optimizer group")
-    # "0.2 fixed" (training.md): the smear/backout scalars are not scaled with the width
-    groups = [dict(kind="adamw", name=k, params=ps, lr=adamw_lr[k] * (1.0 if k == "scalars" else scale),
-                   betas=ADAMW_BETAS[k],
+    groups = [dict(kind="adamw", name=k, params=ps, lr=getattr(lrs, k), betas=ADAMW_BETAS[k],
                    eps=adam_eps, weight_decay=ADAMW_WD[k]) for k, ps in adamw.items() if ps]
-    groups += [dict(kind="muon", name=f"muon{tuple(shape)}", params=ps, lr=matrix_lr,
-                    momentum=momentum, weight_decay=weight_decay, beta2=0.9, ns_steps=5)
+    groups += [dict(kind="muon", name=f"muon{tuple(shape)}", params=ps, lr=lrs.matrix,
+                    momentum=momentum, weight_decay=lrs.muon_weight_decay, beta2=0.9, ns_steps=5)
                for shape, ps in muon.items()]
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert sum(len(g["params"]) for g in groups) == len(trainable), "a parameter is in no group or in two"

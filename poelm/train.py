@@ -7,6 +7,10 @@ packed data, bits-per-byte of every stage, atomic checkpoints and exact resume.
     torchrun --nproc_per_node 2 -m poelm train ...      # many processes (gloo on CPU, NCCL on GPU)
     poelm train ... --resume                            # continue the run in --out exactly
 
+The LR and weight-decay flags are nanochat's d12 / 2^19-token values, scaled per run as in
+training.md "Scaling rules" (the start of every run prints the effective values);
+`--lr-scaling off` takes them literally (small CPU runs, e.g. the `tiny` experiment preset).
+
 A run directory holds `metrics.jsonl`, `step_NNNNNN/` checkpoints (model directory +
 optimizer, loader and RNG state), `latest` (the newest complete checkpoint) and PNG plots.
 """
@@ -28,6 +32,7 @@ import torch.distributed as dist
 
 from poelm.checkpoint import atomic_write_json, build_model, check_tokenizer, load_state_into, read_safetensors
 from poelm.model import POE_MODES, GPT, GPTConfig
+from poelm.optim import LR_SCALING
 from poelm.rundir import METRICS_NAME, MetricsLog, RunDir, set_rng_state
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -64,7 +69,8 @@ class TrainConfig:
     embedding_lr: float = 0.3
     unembedding_lr: float = 0.008
     scalar_lr: float = 0.5
-    weight_decay: float = 0.2
+    weight_decay: float = 0.28
+    lr_scaling: str = "nanochat"  # "off": the LR flags and --weight-decay are taken literally
     warmup_steps: int = 40
     warmdown_frac: float = 0.65
     final_lr_frac: float = 0.05
@@ -218,13 +224,14 @@ class RunSetup:
     start_step: int
     state: dict  # trainer.json of the resumed checkpoint ({} for a fresh run)
     resumed: bool
+    lrs: object  # poelm.optim.EffectiveLRs: what the optimizer was built with
 
 
 def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
     """Tokenizer, model, optimizer, loader and horizon of a run (fresh or resumed); the
     caller holds the run directory's lock."""
     from poelm.dataloader import BestFitLoader
-    from poelm.optim import build_optimizer
+    from poelm.optim import build_optimizer, effective_hparams
     from poelm.schedule import resolve_horizon
     from poelm.tokenizer import Tokenizer
 
@@ -243,11 +250,11 @@ def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
         raise ValueError(f"--total-batch-size {tc.total_batch_size} is not a multiple of device batch x seq len x "
                          f"ranks = {tc.device_batch_size} x {tc.seq_len} x {rt.world} = {tokens_per_micro}")
     grad_accum = tc.total_batch_size // tokens_per_micro
+    lrs = effective_hparams(config, tc.total_batch_size, tc)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     model = build_model(config, device=rt.device, init=True)
-    optimizer = build_optimizer(model, unembedding_lr=tc.unembedding_lr, embedding_lr=tc.embedding_lr,
-                                matrix_lr=tc.matrix_lr, scalar_lr=tc.scalar_lr, weight_decay=tc.weight_decay)
+    optimizer = build_optimizer(model, lrs)
     num_iterations, rule = resolve_horizon(tc.num_iterations, tc.target_tokens, tc.target_param_data_ratio,
                                            model.num_params(), tc.total_batch_size)
     start_step, loader_state, state = 0, None, {}
@@ -279,7 +286,7 @@ def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
     loader = BestFitLoader(tc.data, tokenizer, tc.device_batch_size, tc.seq_len, split="train", rank=rt.rank,
                            world_size=rt.world, device=rt.device, state=loader_state)
     return RunSetup(tokenizer, model, optimizer, loader, grad_accum, num_iterations, rule, start_step, state,
-                    resumed=point is not None and tc.resume)
+                    resumed=point is not None and tc.resume, lrs=lrs)
 
 
 # Settings a resumed run may change: they do not alter the trajectory of the weights.
@@ -367,9 +374,10 @@ def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
     tokenizer, model, optimizer, loader = setup.tokenizer, setup.model, setup.optimizer, setup.loader
     grad_accum, num_iterations, rule, start_step, state = (setup.grad_accum, setup.num_iterations, setup.rule,
                                                            setup.start_step, setup.state)
+    lrs = setup.lrs
     val = load_val(tc, tokenizer, rt) if tc.eval_every > 0 else []  # bad validation data fails before any write
     out = run.path
-    settings = dataclasses.asdict(tc)
+    settings = {**dataclasses.asdict(tc), "effective": dataclasses.asdict(lrs)}
     run_id = f"{os.getpid()}"
     if rt.world > 1:  # one temporary-name suffix for every rank of this run: rank 0's pid
         pid = torch.tensor([os.getpid()])
@@ -388,6 +396,7 @@ def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
         f"poe_mode={cfg.poe_mode} alpha={cfg.poe_alpha}, {model.num_params():,} params")
     say(f"batch: {tc.total_batch_size:,} tokens/step = {tc.device_batch_size} x {tc.seq_len} x {rt.world} ranks "
         f"x {grad_accum} accumulation steps; {rule}")
+    say(lrs.line())
     token_bytes = tokenizer.token_bytes()
     train_model = torch.compile(model) if tc.compile else model
     flops_per_step = model.flops_per_token(tc.seq_len) * tc.total_batch_size
@@ -515,11 +524,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     a("--target-tokens", type=int, default=d.target_tokens)
     a("--target-param-data-ratio", type=float, default=d.target_param_data_ratio,
       help="tokens per total parameter (released runs: 20)")
-    a("--matrix-lr", type=float, default=d.matrix_lr)
-    a("--embedding-lr", type=float, default=d.embedding_lr)
-    a("--unembedding-lr", type=float, default=d.unembedding_lr)
-    a("--scalar-lr", type=float, default=d.scalar_lr)
-    a("--weight-decay", type=float, default=d.weight_decay, help="Muon start weight decay")
+    a("--matrix-lr", type=float, default=d.matrix_lr, help=f"Muon lr at d12 / 2^19 tokens (default {d.matrix_lr})")
+    a("--embedding-lr", type=float, default=d.embedding_lr, help=f"wte lr at d12 / 2^19 tokens (default {d.embedding_lr})")
+    a("--unembedding-lr", type=float, default=d.unembedding_lr,
+      help=f"lm_head lr at d12 / 2^19 tokens (default {d.unembedding_lr})")
+    a("--scalar-lr", type=float, default=d.scalar_lr, help=f"x0_lambdas lr at d12 / 2^19 tokens (default {d.scalar_lr})")
+    a("--weight-decay", type=float, default=d.weight_decay,
+      help=f"Muon weight decay at d12 / 2^19 tokens, scaled to the start value (default {d.weight_decay})")
+    a("--lr-scaling", default=d.lr_scaling, choices=LR_SCALING,
+      help="nanochat: scale the LRs and weight decay with batch, width and model size (training.md); "
+           f"off: take them literally, for small CPU runs (default {d.lr_scaling})")
     a("--warmup-steps", type=int, default=d.warmup_steps)
     a("--warmdown-frac", type=float, default=d.warmdown_frac)
     a("--final-lr-frac", type=float, default=d.final_lr_frac)

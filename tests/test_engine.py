@@ -10,6 +10,8 @@ import random
 import pytest
 import torch
 
+from poelm import checkpoint, corpus, engine_cli
+from poelm import tokenizer as tokenizer_mod
 from poelm.engine import (Engine, PlainDecoder, DecodeOptions, Sampler, TextStream, _Collector, calibrate,
                           load_calibration, new_cache, save_calibration, wand_teacher_forced)
 from poelm.model import GPT, GPTConfig
@@ -359,6 +361,25 @@ def test_wand_logop_target_infinite_factor_equals_logop(trained, trained_calib):
     assert engine.generate(row, mode="wand", wand_factor=math.inf, max_new_tokens=30).tokens == ref
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+@pytest.mark.parametrize("bounds,n_used", [([0.0, 0.0, 0.0, 0.0], 1), ([0.0, 1e9, 0.0, 0.0], 2)],
+                         ids=["exit-stage0", "exit-stage1"])
+def test_wand_logop_target_samples_from_logop_of_stages_used(rand_model, alpha, bounds, n_used):
+    """An exit after k+1 stages samples from the Log-OP of those stages (weights 1/(k+1)^(1-alpha)),
+    not from the running sum weighted for all K stages (at alpha 0 and stage 0: z_0 / K)."""
+    from poelm.engine import WandDecoder, logop
+    dec = WandDecoder(rand_model, 64, {"wand_bounds": bounds, "wand_target": "logop"}, 1.0, alpha)
+    row = prompts()[1]
+    dec.prefill(torch.tensor([row[:-1]]))
+    r, used = dec.step(row[-1])
+    assert used == n_used
+    _, stage_logits = rand_model(torch.tensor([row]), return_stage_logits=True)
+    last = [z[0, -1] for z in stage_logits]
+    torch.testing.assert_close(r.log_softmax(-1), logop(last[:n_used], alpha), rtol=1e-5, atol=1e-5)
+    if n_used == 1:  # one stage: its own softmax, whatever alpha
+        torch.testing.assert_close(r.softmax(-1), last[0].softmax(-1), rtol=1e-5, atol=1e-6)
+
+
 def test_wand_teacher_forced_agreement(trained, trained_calib):
     idx = train_batch(random.Random(99), 4, 64)[:, :-1]
     tf = wand_teacher_forced(trained, idx, trained_calib, factor=1.0)
@@ -593,14 +614,8 @@ def test_stats_present(rand_model, trained_calib):
 
 @pytest.mark.filterwarnings("ignore:validation split")
 def test_cli_generate_and_calibrate(tmp_path, trained, capsys):
-    checkpoint = pytest.importorskip("poelm.checkpoint")
-    tokenizer_mod = pytest.importorskip("poelm.tokenizer")
-    corpus = pytest.importorskip("poelm.corpus")
-    pytest.importorskip("poelm.dataloader")
     import argparse
     import tiktoken
-
-    from poelm import engine_cli
 
     enc = tiktoken.Encoding(name="bytes", pat_str=tokenizer_mod.SPLIT_PATTERN,
                             mergeable_ranks={bytes([i]): i for i in range(256)},

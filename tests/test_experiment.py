@@ -122,3 +122,23 @@ def test_presets_are_valid():
         assert tc.model_config(cfg.vocab_size).n_stages >= 2
     paper = exp.load_config("paper-d24", {})
     assert paper.total_batch_size == 2 ** 20 and paper.depth == 24 and paper.target_param_data_ratio == 20
+
+
+def test_preset_learning_rates():
+    """CPU presets take literal LRs (the effective values they trained with before the
+    scaling rules were exact); the GPU presets use nanochat's rules, d24 at the released values."""
+    from poelm.optim import effective_hparams
+
+    def effective(name):
+        cfg = exp.load_config(name, {})
+        tc = exp.arm_train_config(cfg, "poe")
+        return effective_hparams(tc.model_config(cfg.vocab_size), tc.total_batch_size, tc)
+
+    tiny = effective("tiny")
+    assert tiny.scaling == "off" and (tiny.lm_head, tiny.wte, tiny.x0_lambdas, tiny.matrix, tiny.muon_weight_decay) \
+        == pytest.approx((0.008 * 6 ** 0.5, 0.3 * 6 ** 0.5, 0.5 * 6 ** 0.5, 0.02, 0.2), rel=1e-3)
+    assert effective("cpu-long").scaling == "off"
+    d24 = effective("paper-d24")
+    assert d24.scaling == "nanochat" and (d24.matrix, d24.muon_weight_decay) == pytest.approx((0.0283, 0.0597), rel=2e-3)
+    d12 = effective("gpu-small")  # the reference itself: the flags as they are
+    assert (d12.lm_head, d12.wte, d12.matrix, d12.muon_weight_decay) == pytest.approx((0.008, 0.3, 0.02, 0.28))

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import poelm.model as model_module
 from conftest import tiny_config, tiny_model
 from poelm.model import GPT, GPTConfig, KVCache, apply_rotary, rmsnorm, softcap, window_mask
 from poelm.presets import get_preset
@@ -224,12 +225,22 @@ def test_hier_has_no_detach():
     assert _block_grad_norm(grads, [0, 1, 2]) > 0
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "7-chunks"])
 @pytest.mark.parametrize("mode,alpha", [("flat", 0.0), ("flat", 0.5), ("flat", 1.0), ("hier", 0.0), ("none", 0.0)])
-def test_loss_and_gradients_match_autograd_reference(mode, alpha):
+def test_loss_and_gradients_match_autograd_reference(mode, alpha, chunked, monkeypatch):
     model = tiny_model(poe_mode=mode, poe_alpha=alpha, per_stage_head=(mode == "flat"))
     idx, tgt = torch.randint(0, 300, (2, 24)), torch.randint(0, 300, (2, 24))
     tgt[0, :3] = -1  # ignored targets
+    if chunked:  # the fused loss over 48 rows in chunks of 7 rows (7 chunks, the last one short)
+        real, calls = model_module.softcap_cross_entropy, []
+
+        def small_chunks(hidden, *a, **k):
+            calls.append(hidden.shape[0])
+            return real(hidden, *a, **{**k, "chunk_elems": 7 * 300})
+        monkeypatch.setattr(model_module, "softcap_cross_entropy", small_chunks)
     loss, stage_losses = model(idx, tgt, return_stage_losses=True)
+    if chunked:
+        assert calls == [48] * (1 if mode == "none" else 4)
     grads = _grads(model, loss)
     if mode == "none":
         ref = F.cross_entropy(model(idx).flatten(0, 1), tgt.flatten(), ignore_index=-1)

@@ -13,9 +13,13 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from poelm.optim import (MuonAdamW, build_optimizer, cautious_step_, equilibrate_rows,
-                         muon_direction, nesterov_, normuon_, polar_express)
+from poelm.model import GPT, GPTConfig
+from poelm.optim import (EffectiveLRs, MuonAdamW, build_optimizer, cautious_step_, effective_hparams,
+                         equilibrate_rows, muon_direction, nesterov_, normuon_, polar_express,
+                         reference_config, scaling_params)
+from poelm.presets import get_preset
 from poelm.schedule import apply_schedules
+from poelm.train import TrainConfig
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -147,12 +151,23 @@ def test_equilibrate_rows_and_normuon_keep_norm():
     torch.manual_seed(0)
     g = torch.randn(2, 6, 4) * torch.arange(1, 7.0).view(1, 6, 1)
     e = equilibrate_rows(g)
-    rows = e.norm(dim=-1)
-    torch.testing.assert_close(rows, g.norm(dim=-1).mean(-1, keepdim=True).expand_as(rows))
+    rows = e.norm(dim=-1)                                        # every row: ||X||_F / sqrt(m)
+    torch.testing.assert_close(rows, (g.norm(dim=(-2, -1)) / math.sqrt(6)).unsqueeze(-1).expand_as(rows))
+    torch.testing.assert_close(e.norm(dim=(-2, -1)), g.norm(dim=(-2, -1)))
     v = torch.zeros(2, 6, 1)                                     # tall: one moment per row
     out = normuon_(e.clone(), v, 0.9)
     torch.testing.assert_close(v, 0.1 * e.square().mean(-1, keepdim=True))
     torch.testing.assert_close(out.norm(dim=(-2, -1)), e.norm(dim=(-2, -1)))
+
+
+def test_equilibrate_rows_is_rms_of_row_norms_with_clamp():
+    """Row norms 3, 4, 0, 1e-8: target sqrt((9 + 16 + 1e-16) / 4) = 2.5; the zero row stays
+    zero and the 1e-8 row is divided by the 1e-6 clamp, not by its own norm."""
+    g = torch.tensor([[[3.0, 0.0], [0.0, 4.0], [0.0, 0.0], [1e-8, 0.0]]], dtype=torch.float64)
+    e = equilibrate_rows(g)
+    rms = math.sqrt((9 + 16 + 1e-16) / 4)
+    want = torch.tensor([[[rms, 0.0], [0.0, rms], [0.0, 0.0], [rms * 1e-8 / 1e-6, 0.0]]], dtype=torch.float64)
+    torch.testing.assert_close(e, want, rtol=1e-15, atol=0)
 
 
 def test_nesterov_momentum_math():
@@ -205,35 +220,144 @@ def test_muon_direction_is_deterministic_function_of_state():
     torch.testing.assert_close(muon_direction(g, b1, v1, 0.95, 0.9), muon_direction(g, b2, v2, 0.95, 0.9), rtol=0, atol=0)
 
 # -----------------------------------------------------------------------------
+# the whole Muon step against a plain fp64 reference written from training.md
+
+SPEC_PE = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
+           (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+           (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+           (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+           (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)]
+
+
+def spec_muon_step(p, g, state, lr, momentum, wd, beta2=0.9):
+    """One Muon step on one (m, n) fp64 matrix, each line a formula of training.md."""
+    m, n = p.shape
+    buf = state.setdefault("buf", torch.zeros_like(p))
+    v = state.setdefault("v", torch.zeros(m, 1, dtype=p.dtype) if m >= n else torch.zeros(1, n, dtype=p.dtype))
+    buf.copy_(momentum * buf + (1 - momentum) * g)               # buf.lerp_(g, 1 - mu)
+    x = g + momentum * (buf - g)                                 # g.lerp(buf, mu)
+    x = x * (x.norm() / math.sqrt(m)) / x.norm(dim=1, keepdim=True).clamp_min(1e-6)  # rows -> ||X||_F / sqrt(m)
+    x = x / (x.norm() * 1.01 + 1e-6)
+    for a, b, c in SPEC_PE:
+        if m > n:
+            A = x.T @ x
+            x = a * x + x @ (b * A + c * A @ A)
+        else:
+            A = x @ x.T
+            x = a * x + (b * A + c * A @ A) @ x
+    x = x * math.sqrt(min(m, n)) / x.norm()
+    norm = x.norm()
+    v.copy_(beta2 * v + (1 - beta2) * (x * x).mean(dim=1 if m >= n else 0, keepdim=True))
+    x = x / v.clamp_min(1e-10).sqrt()
+    x = x * norm / x.norm()
+    eff_lr = lr * max(1.0, m / n) ** 0.5
+    mask = (x * p >= 0).to(p.dtype)
+    return p - eff_lr * x - eff_lr * wd * p * mask
+
+
+@pytest.mark.parametrize("shape", [(12, 5), (5, 12), (7, 7)], ids=["tall", "wide", "square"])
+@pytest.mark.parametrize("gnorm", [0.2, 0.002, 20.0])
+def test_muon_step_matches_fp64_spec_reference(shape, gnorm):
+    """A stack of 3 matrices, 4 steps (momentum and NorMuon state carried), cautious wd:
+    the optimizer agrees with the reference to ~1e-12 after the first and the last step."""
+    torch.manual_seed(0)
+    K, lr, momentum, wd = 3, 0.02, 0.9, 0.3
+    ps = [torch.randn(*shape, dtype=torch.float64) for _ in range(K)]
+    start = [p.clone() for p in ps]
+    refs, states = [p.clone() for p in ps], [{} for _ in range(K)]
+    opt = MuonAdamW([dict(kind="muon", params=ps, lr=lr, momentum=momentum, weight_decay=wd)])
+    for step in range(4):
+        for i, p in enumerate(ps):
+            g = torch.randn(*shape, dtype=torch.float64)
+            g *= gnorm / g.norm()
+            p.grad = g
+            refs[i] = spec_muon_step(refs[i], g, states[i], lr, momentum, wd)
+        opt.step()
+        if step in (0, 3):
+            for p, r in zip(ps, refs):
+                torch.testing.assert_close(p, r, rtol=1e-12, atol=1e-12 * r.abs().max().item())
+    assert all((p - p0).norm() > 1e-3 for p, p0 in zip(ps, start))
+
+# -----------------------------------------------------------------------------
+# scaling rules (training.md): one function, the d24 column
+
+@pytest.mark.parametrize("preset", ["poe-1.3b", "bp-1.3b"])
+def test_effective_hparams_d24_released_values(preset):
+    """d24 at 2^20 tokens per step with the default flags: the released effective values."""
+    lrs = effective_hparams(get_preset(preset), 2 ** 20, TrainConfig())
+    got = (lrs.lm_head, lrs.wte, lrs.value_embeds, lrs.resid_lambdas, lrs.x0_lambdas, lrs.matrix,
+           lrs.muon_weight_decay, lrs.scalars)
+    want = (0.008, 0.300, 0.150, 0.00707, 0.707, 0.0283, 0.0597, 0.2)
+    for name, g, w in zip(("lm_head", "wte", "value_embeds", "resid", "x0", "muon lr", "muon wd", "scalars"), got, want):
+        assert g == pytest.approx(w, rel=2e-3), name
+    assert "muon wd start 0.05974" in lrs.line() and "lm_head 0.008 " in lrs.line()
+
+
+def test_effective_hparams_rules():
+    """s_B on all four flags, width only on lm_head / wte / value embeds, 0.2 fixed, Muon wd
+    from batch and scaling params (d12 reference of the same vocab / aspect / head_dim)."""
+    config = GPTConfig(n_layer=4, n_embd=128, n_head=2, vocab_size=1000, per_stage_head=True)
+    tc = TrainConfig(unembedding_lr=0.01, embedding_lr=0.2, matrix_lr=0.03, scalar_lr=0.4, weight_decay=0.5)
+    lrs = effective_hparams(config, 2 ** 15, tc)
+    sb, sw = 0.25, math.sqrt(6)                                  # sqrt(2^15 / 2^19), (128 / 768)^-0.5
+    assert (lrs.lm_head, lrs.wte, lrs.value_embeds) == pytest.approx((0.01 * sb * sw, 0.2 * sb * sw, 0.1 * sb * sw))
+    assert (lrs.resid_lambdas, lrs.x0_lambdas, lrs.matrix, lrs.scalars) == pytest.approx((0.004 * sb, 0.4 * sb, 0.03 * sb, 0.2))
+    ref = reference_config(config)
+    assert (ref.n_layer, ref.n_embd, ref.head_dim, ref.vocab_size, ref.n_kv_head) == (12, 384, 64, 1000, 6)
+    # scaling params by hand: 4 layers x (4 d^2 attention + 8 d^2 MLP + value-embedding gates) + lm_head
+    d, Vp = 128, 1024
+    gates = sum(12 * 2 for i in range(4) if config.has_value_embed(i))
+    assert scaling_params(config) == 4 * 12 * d * d + gates + Vp * d   # stage heads not counted
+    assert lrs.muon_weight_decay == pytest.approx(0.5 * sb * scaling_params(ref) / scaling_params(config))
+    literal = effective_hparams(config, 2 ** 15, TrainConfig(**{**vars(tc), "lr_scaling": "off"}))
+    assert literal == EffectiveLRs(lm_head=0.01, wte=0.2, value_embeds=0.1, resid_lambdas=0.004, x0_lambdas=0.4,
+                                   matrix=0.03, muon_weight_decay=0.5, scaling="off")
+
+
+@pytest.mark.parametrize("flag", ["unembedding_lr", "embedding_lr", "matrix_lr", "scalar_lr", "weight_decay"])
+@pytest.mark.parametrize("value", [-0.1, math.nan, math.inf])
+def test_effective_hparams_rejects_bad_flags(flag, value):
+    with pytest.raises(ValueError, match=f"^--{flag.replace('_', '-')} ") as err:
+        effective_hparams(get_preset("tiny"), 8192, TrainConfig(**{flag: value}))
+    assert "\n" not in str(err.value)
+
+
+def test_build_optimizer_uses_effective_lrs_as_given():
+    model = GPT(GPTConfig(n_layer=2, n_embd=64, n_head=4, vocab_size=256, sequence_len=32, per_stage_head=True,
+                          poe_every=1))
+    lrs = EffectiveLRs(lm_head=0.1, wte=0.2, value_embeds=0.3, resid_lambdas=0.4, x0_lambdas=0.5, scalars=0.6,
+                       matrix=0.7, muon_weight_decay=0.8)
+    for g in build_optimizer(model, lrs).param_groups:
+        want = lrs.matrix if g["kind"] == "muon" else getattr(lrs, g["name"])
+        assert g["lr"] == g["initial_lr"] == want, g["name"]
+        if g["kind"] == "muon":
+            assert g["weight_decay"] == g["initial_weight_decay"] == 0.8
+
+# -----------------------------------------------------------------------------
 # grouping
 
-def real_or_tiny_model() -> nn.Module:
-    try:
-        from poelm.model import GPT, GPTConfig
-    except ImportError:
-        return tiny_model()
+def real_model() -> GPT:
     cfg = GPTConfig(n_layer=4, n_embd=64, n_head=4, vocab_size=256, sequence_len=32,
                     per_stage_head=True, poe_every=2)
     return GPT(cfg)
 
 
 def test_every_param_in_exactly_one_group():
-    model = real_or_tiny_model()
+    model = real_model()
     opt = build_optimizer(model)
     seen = [id(p) for g in opt.param_groups for p in g["params"]]
     assert sorted(seen) == sorted(id(p) for p in model.parameters())
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
-    scale = (model.config.n_embd / 768) ** -0.5
     for name, p in model.named_parameters():
         g = group_of[id(p)]
         assert g["initial_lr"] == g["lr"]
         if name.startswith("transformer.h."):
             assert g["kind"] == "muon" and all(q.shape == p.shape for q in g["params"])
-            assert g["lr"] == 0.02 and g["initial_weight_decay"] == 0.2
+            assert g["lr"] == 0.02 and g["initial_weight_decay"] == 0.28
         elif name.startswith("lm_head"):
-            assert g["name"] == "lm_head" and g["betas"] == (0.8, 0.96) and g["lr"] == pytest.approx(0.008 * scale)
+            assert g["name"] == "lm_head" and g["betas"] == (0.8, 0.96) and g["lr"] == 0.008
         elif name.startswith("value_embeds."):
-            assert g["name"] == "value_embeds" and g["lr"] == pytest.approx(0.15 * scale)
+            assert g["name"] == "value_embeds" and g["lr"] == 0.15
         elif name in ("smear_gate.weight", "smear_lambda", "backout_lambda"):
             assert g["name"] == "scalars" and g["weight_decay"] == 0.0
         else:
@@ -255,12 +379,11 @@ def test_frozen_params_skipped_and_unknown_names_rejected():
 
 
 def test_real_model_trains_one_step():
-    model = real_or_tiny_model()
-    if hasattr(model, "init_weights"):
-        model.init_weights()
+    model = real_model()
+    model.init_weights()
     opt = build_optimizer(model)
     before = params_of(model)
-    idx = torch.randint(0, 256 if hasattr(model, "init_weights") else 64, (2, 16))
+    idx = torch.randint(0, 256, (2, 16))
     model(idx, idx).backward()
     opt.step()
     after = params_of(model)

@@ -76,12 +76,14 @@ def one_thread():
 
 def train_args(env: Path, out: Path, quiet: bool = True, **over) -> list[str]:
     """A tiny flat PoE run: 2 layers x 32 wide, 2 stages, 128 tokens/step in 2 micro-batches.
-    --scalar-lr 0.05: the AdamW LRs scale with (n_embd/768)^-0.5, which at n_embd 32 puts
-    x0_lambdas at lr 2.45 and makes the loss spike after a few steps; 0.05 keeps it smooth."""
+    Literal LRs (--lr-scaling off; nanochat's rules would divide them by 64 at 128 tokens per
+    step): the flags x (32/768)^-0.5 that this fixture used before the rules were exact, with
+    --scalar-lr 0.05 x 4.9 (a larger x0_lambdas lr makes the loss spike after a few steps)."""
     opts = {"data": env / "data", "tokenizer": env / "tok", "out": out, "depth": 2, "n-embd": 32, "n-head": 2,
             "seq-len": 32, "window-pattern": "L", "poe-mode": "flat", "poe-every": 1, "total-batch-size": 128,
             "device-batch-size": 2, "num-iterations": 8, "eval-every": 4, "eval-tokens": 256, "save-every": 4,
-            "warmup-steps": 1, "scalar-lr": 0.05, "seed": 3, "device": "cpu", "dtype": "fp32"}
+            "warmup-steps": 1, "lr-scaling": "off", "unembedding-lr": 0.0392, "embedding-lr": 1.47,
+            "scalar-lr": 0.245, "weight-decay": 0.2, "seed": 3, "device": "cpu", "dtype": "fp32"}
     flags = [k for k, v in over.items() if v is True]
     opts.update({k: v for k, v in over.items() if v is not True})
     argv = ["train"]
@@ -201,6 +203,11 @@ def test_progress_bar_and_horizon_lines(env, tmp_path, capsys):
                                                              "eval-every": 0}, quiet=False), capsys)
     assert rc == 0, err
     assert "horizon: 4 steps from --target-tokens" in out
+    # the effective LRs: literal here (--lr-scaling off), printed and kept beside the flags
+    assert ("effective lr (off): lm_head 0.0392 | wte 1.47 | value_embeds 0.735 | resid_lambdas 0.00245 | "
+            "x0_lambdas 0.245 | smear/backout 0.2 | muon 0.02 (x max(1, m/n)^0.5) | muon wd start 0.2") in out
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["lr_scaling"] == "off" and saved["effective"]["wte"] == 1.47
     bar = out.strip().splitlines()[-1]
     for word in ("4/4", "loss", "lr", "tok/s", "MFU", "ETA"):
         assert word in bar, bar
@@ -404,6 +411,8 @@ def test_bad_batch_sizes_and_settings(env, tmp_path, capsys):
     expect_error(train_args(env, out, dtype="fp16"), capsys, "--dtype 'fp16' is not fp32 or bf16")
     expect_error(train_args(env, out, **{"poe-every": 3}), capsys, "poe_every=3 does not divide n_layer=2")
     expect_error(train_args(env, out, **{"num-iterations": -1, "target-param-data-ratio": 0}), capsys, "no horizon")
+    expect_error(train_args(env, out, **{"weight-decay": -0.1}), capsys, "--weight-decay -0.1: must be a finite")
+    expect_error(train_args(env, out, **{"matrix-lr": "nan"}), capsys, "--matrix-lr nan: must be a finite")
     if not torch.cuda.is_available():
         expect_error(train_args(env, out, device="cuda"), capsys, "no CUDA GPU")
     expect_error(train_args(env, out, tokenizer=None), capsys, "--tokenizer DIR is required")
