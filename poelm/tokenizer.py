@@ -250,6 +250,12 @@ _ALLOWED = {
 }
 
 
+# What to do about an unreadable tokenizer.pkl: exports ship only the pickle, while the
+# directories Tokenizer.save writes (runs, `poelm tokenizer train`) hold tokenizer.json too.
+_PICKLE_FIX = ("re-export the model with `poelm export` (exports ship only tokenizer.pkl), or put the tokenizer.json "
+               "that Tokenizer.save wrote next to tokenizer.pkl, or re-train it with `poelm tokenizer train`")
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, f, path: Path):
         super().__init__(f)
@@ -259,11 +265,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
         raise ValueError(f"refusing to unpickle {module}.{name} from {self.path}: "
-                         "only tiktoken.Encoding is allowed; use tokenizer.json")
+                         f"only tiktoken.Encoding is allowed; {_PICKLE_FIX}")
 
     def persistent_load(self, pid):
         raise ValueError(f"refusing persistent ids in {self.path}: only tiktoken.Encoding "
-                         "is allowed; use tokenizer.json")
+                         f"is allowed; {_PICKLE_FIX}")
 
 
 def _encoding_from_pickle(path: Path) -> tiktoken.Encoding:
@@ -274,10 +280,10 @@ def _encoding_from_pickle(path: Path) -> tiktoken.Encoding:
             raise
         except Exception as e:
             raise ValueError(f"{path} is not a readable tokenizer pickle ({type(e).__name__}: {e}); "
-                             "use tokenizer.json") from None
+                             f"{_PICKLE_FIX}") from None
     if not isinstance(obj, _EncodingStub) or not hasattr(obj, "state"):
-        raise ValueError(f"{path} does not contain a tiktoken.Encoding; use tokenizer.json")
+        raise ValueError(f"{path} does not contain a tiktoken.Encoding; {_PICKLE_FIX}")
     if isinstance(obj.state, str):
         raise ValueError(f"{path} refers to the registered tiktoken encoding {obj.state!r} by name; "
-                         "save the full encoding or use tokenizer.json")
+                         f"save the full encoding: {_PICKLE_FIX}")
     return _make_encoding(obj.state, path)
