@@ -12,7 +12,6 @@ Rerunning the same command resumes the unfinished arm and skips the finished one
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -496,6 +495,9 @@ def compare_models(specs: list[str], data: str, tokens: int = 2 ** 17, seq_len: 
         if tok is None:
             raise ValueError(f"{spec} has no tokenizer: pass --tokenizer DIR (bpb needs token_bytes.pt)")
         T = seq_len or min(model.config.sequence_len, 1024)
+        if T > model.config.sequence_len:
+            raise ValueError(f"--seq-len {T} is longer than {spec}'s context of {model.config.sequence_len} tokens; "
+                             f"use --seq-len {model.config.sequence_len} or less")
         batches = val_batches(data, tok, batch_size, T, tokens, device=device)
         r = evaluate_bpb(model, batches, tok.token_bytes())
         vocabs.add(json.dumps(tok.to_json(), sort_keys=True))
@@ -543,7 +545,7 @@ def compare_plot(result: dict, path: Path) -> Path:
 
 
 # -----------------------------------------------------------------------------
-# CLI
+# `poelm experiment` and `poelm compare` (their flags are in poelm/cli.py)
 
 
 def cmd_experiment(args) -> int:
@@ -557,10 +559,12 @@ def cmd_experiment(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from poelm.cli import emit
+    from poelm.cli import check_model, emit, parse_device
 
-    result = compare_models(args.models, args.data, args.tokens, args.seq_len, args.batch_size, args.device,
-                            args.tokenizer)
+    for spec in args.models:  # every MODEL resolves before the first one is evaluated
+        check_model(spec)
+    device = parse_device(args.device)
+    result = compare_models(args.models, args.data, args.tokens, args.seq_len, args.batch_size, device, args.tokenizer)
     if args.plot:
         result["plot"] = str(compare_plot(result, Path(args.plot)))
     header = f"{'model':<36} {'params':>12} {'mode':>6} {'final':>7} {'stages':<32} {'Log-OP':>7}  modes"
@@ -574,43 +578,3 @@ def cmd_compare(args) -> int:
     emit(args, result, "\n".join(lines))
     return 0
 
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("experiment", help="the BP-vs-PoE 3-way experiment end to end (report, plots, results.json)")
-    p.add_argument("config", nargs="?", default="tiny", help=f"preset ({', '.join(PRESETS)}) or a TOML/YAML file")
-    p.add_argument("--out", default=None)
-    p.add_argument("--data", default=None, help="corpus directory (built when missing)")
-    p.add_argument("--data-source", default=None, help="default, a folder, or climbmix:N")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (trained when missing)")
-    p.add_argument("--vocab-size", type=int, default=None)
-    p.add_argument("--depth", type=int, default=None)
-    p.add_argument("--n-embd", type=int, default=None)
-    p.add_argument("--n-head", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--poe-every", type=int, default=None)
-    p.add_argument("--total-batch-size", type=int, default=None)
-    p.add_argument("--device-batch-size", type=int, default=None)
-    p.add_argument("--num-iterations", type=int, default=None)
-    p.add_argument("--target-tokens", type=int, default=None)
-    p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--eval-tokens", type=int, default=None)
-    p.add_argument("--save-every", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--nproc", type=int, default=None, help="processes per arm (torchrun)")
-    p.add_argument("--decode-tokens", type=int, default=None)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_experiment)
-
-    p = sub.add_parser("compare", help="several models side by side on the same validation data")
-    p.add_argument("models", nargs="+", help="MODEL ...")
-    p.add_argument("--data", required=True)
-    p.add_argument("--tokens", type=int, default=2 ** 17)
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--tokenizer", default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--plot", default=None, help="write a PNG of bpb per stage here")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_compare)

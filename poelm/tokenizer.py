@@ -31,6 +31,11 @@ from pathlib import Path
 import tiktoken
 import torch
 
+try:  # poelm's one atomic writer; an export ships this file standalone as poe_tokenizer.py (no poelm)
+    from poelm.atomic import atomic_write_bytes
+except ImportError:
+    atomic_write_bytes = None
+
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}|"""
     r""" ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -136,8 +141,8 @@ class Tokenizer:
 
     def save(self, dir: str | os.PathLike) -> None:
         """Write tokenizer.json, tokenizer.pkl and token_bytes.pt into `dir` (atomically)."""
-        from poelm.atomic import atomic_write_bytes  # here, not at the top: exports copy this file standalone
-
+        if atomic_write_bytes is None:
+            raise RuntimeError("saving needs poelm installed (this is the standalone copy of an export)")
         d = Path(dir)
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(d / "tokenizer.json", json.dumps(self.to_json()).encode())
@@ -243,6 +248,12 @@ _ALLOWED = {
 }
 
 
+# What to do about an unreadable tokenizer.pkl: exports ship only the pickle, while the
+# directories Tokenizer.save writes (runs, `poelm tokenizer train`) hold tokenizer.json too.
+_PICKLE_FIX = ("re-export the model with `poelm export` (exports ship only tokenizer.pkl), or put the tokenizer.json "
+               "that Tokenizer.save wrote next to tokenizer.pkl, or re-train it with `poelm tokenizer train`")
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, f, path: Path):
         super().__init__(f)
@@ -252,11 +263,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
         raise ValueError(f"refusing to unpickle {module}.{name} from {self.path}: "
-                         "only tiktoken.Encoding is allowed; use tokenizer.json")
+                         f"only tiktoken.Encoding is allowed; {_PICKLE_FIX}")
 
     def persistent_load(self, pid):
         raise ValueError(f"refusing persistent ids in {self.path}: only tiktoken.Encoding "
-                         "is allowed; use tokenizer.json")
+                         f"is allowed; {_PICKLE_FIX}")
 
 
 def _encoding_from_pickle(path: Path) -> tiktoken.Encoding:
@@ -267,10 +278,10 @@ def _encoding_from_pickle(path: Path) -> tiktoken.Encoding:
             raise
         except Exception as e:
             raise ValueError(f"{path} is not a readable tokenizer pickle ({type(e).__name__}: {e}); "
-                             "use tokenizer.json") from None
+                             f"{_PICKLE_FIX}") from None
     if not isinstance(obj, _EncodingStub) or not hasattr(obj, "state"):
-        raise ValueError(f"{path} does not contain a tiktoken.Encoding; use tokenizer.json")
+        raise ValueError(f"{path} does not contain a tiktoken.Encoding; {_PICKLE_FIX}")
     if isinstance(obj.state, str):
         raise ValueError(f"{path} refers to the registered tiktoken encoding {obj.state!r} by name; "
-                         "save the full encoding or use tokenizer.json")
+                         f"save the full encoding: {_PICKLE_FIX}")
     return _make_encoding(obj.state, path)

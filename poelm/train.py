@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 
 from poelm.checkpoint import atomic_write_json, build_model, check_tokenizer, load_state_into, read_safetensors
-from poelm.model import POE_MODES, GPT, GPTConfig
-from poelm.optim import LR_SCALING
+from poelm.cli import parse_device, parse_dtype
+from poelm.model import GPT, GPTConfig
 from poelm.rundir import METRICS_NAME, MetricsLog, RunDir, set_rng_state
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -104,6 +104,34 @@ class NonFiniteLoss(ValueError):
     pass
 
 
+def check_config(tc: TrainConfig) -> None:
+    """Refuse obviously bad settings with one line naming the flag (CLI, torchrun and Python API)."""
+    if tc.num_iterations == 0 or tc.num_iterations < -1:
+        raise ValueError(f"--num-iterations {tc.num_iterations} would train no steps: give a step count >= 1, or -1 "
+                         "to derive the horizon from --target-tokens or --target-param-data-ratio")
+    if tc.target_tokens == 0 or tc.target_tokens < -1:
+        raise ValueError(f"--target-tokens {tc.target_tokens} would train on no tokens: give a count >= 1, or -1 "
+                         "to use --target-param-data-ratio")
+    at_least = [("--depth", tc.depth, 1), ("--head-dim", tc.head_dim, 1), ("--seq-len", tc.seq_len, 1),
+                ("--total-batch-size", tc.total_batch_size, 1), ("--device-batch-size", tc.device_batch_size, 1),
+                ("--eval-tokens", tc.eval_tokens, 1), ("--eval-every", tc.eval_every, 0),
+                ("--sample-every", tc.sample_every, 0), ("--save-every", tc.save_every, 0),
+                ("--keep-checkpoints", tc.keep_checkpoints, 0), ("--warmup-steps", tc.warmup_steps, 0)]
+    at_least += [(flag, value, 1) for flag, value in (
+        ("--n-embd", tc.n_embd), ("--n-head", tc.n_head), ("--n-kv-head", tc.n_kv_head),
+        ("--intermediate-size", tc.intermediate_size), ("--short-window", tc.short_window),
+        ("--poe-every", tc.poe_every)) if value is not None]
+    # the LR flags and --weight-decay are checked by poelm.optim.effective_hparams, their one reader
+    for flag, value, low in at_least:
+        if not value >= low:  # also refuses NaN
+            raise ValueError(f"{flag} {value}: must be >= {low}")
+    for flag, value in (("--warmdown-frac", tc.warmdown_frac), ("--final-lr-frac", tc.final_lr_frac)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{flag} {value}: must be between 0 and 1")
+    if tc.poe_stage_layers is not None and (not tc.poe_stage_layers or min(tc.poe_stage_layers) < 1):
+        raise ValueError(f"--poe-stage-layers {','.join(map(str, tc.poe_stage_layers))}: give layer counts >= 1")
+
+
 # -----------------------------------------------------------------------------
 # Runtime: distributed, device, precision
 
@@ -126,24 +154,19 @@ def setup_runtime(tc: TrainConfig) -> Runtime:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         rt.rank, rt.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         rt.local_rank = int(os.environ.get("LOCAL_RANK", rt.rank))
-    want = tc.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda but no CUDA GPU is visible; use --device cpu")
-        rt.device = torch.device("cuda", rt.local_rank if rt.world > 1 else torch.device(want).index or 0)
+    rt.device = parse_device(tc.device)
+    if rt.device.type == "cuda":
+        rt.device = torch.device("cuda", rt.local_rank if rt.world > 1 else rt.device.index or 0)
         torch.cuda.set_device(rt.device)
-    else:
-        rt.device = torch.device(want)
     if rt.world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if rt.device.type == "cuda" else "gloo")
-    dtype = tc.dtype
-    if dtype == "auto":
-        dtype = "bf16" if rt.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if dtype not in ("fp32", "bf16"):
-        raise ValueError(f"--dtype {dtype!r} is not fp32 or bf16")
-    rt.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
+    if tc.dtype == "auto":
+        dtype = torch.bfloat16 if rt.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        dtype = parse_dtype(tc.dtype)
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"--dtype {tc.dtype}: training runs in fp32 (float32) or bf16 (bfloat16)")
+    rt.autocast_dtype = torch.bfloat16 if dtype == torch.bfloat16 else None
     return rt
 
 
@@ -360,6 +383,7 @@ def load_val(tc: TrainConfig, tokenizer, rt: Runtime) -> list:
 
 def train(tc: TrainConfig) -> dict:
     """Run (or resume) training, holding the run directory's lock; returns the final metrics."""
+    check_config(tc)
     rt = setup_runtime(tc)
     run = RunDir(tc.out, rt.rank, rt.world)
     with run.locked():
@@ -488,67 +512,7 @@ def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# CLI
-
-
-def _stage_layers(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--poe-stage-layers {text!r}: give comma-separated layer counts, e.g. 12,5,4,3")
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    a = p.add_argument
-    a("--data", default=d.data, help="corpus directory of parquet shards (last shard = validation)")
-    a("--tokenizer", default=d.tokenizer, help="tokenizer directory (tokenizer.pkl/json + token_bytes.pt)")
-    a("--out", default=d.out, help="run directory (checkpoints, metrics.jsonl, plots)")
-    a("--depth", type=int, default=d.depth, help="number of layers (sizes derive from it)")
-    a("--n-embd", type=int, default=None, help="width (default: depth x 64 rounded to head_dim)")
-    a("--n-head", type=int, default=None)
-    a("--n-kv-head", type=int, default=None, help="KV heads (GQA); default n_head")
-    a("--head-dim", type=int, default=d.head_dim)
-    a("--intermediate-size", type=int, default=None, help="MLP width (default 4 x n_embd)")
-    a("--seq-len", type=int, default=d.seq_len)
-    a("--window-pattern", default=d.window_pattern)
-    a("--short-window", type=int, default=None, help="S window (default seq_len/4 rounded up to 128)")
-    a("--poe-mode", default=d.poe_mode, choices=POE_MODES)
-    a("--poe-alpha", type=float, default=d.poe_alpha)
-    a("--poe-every", type=int, default=None, help="uniform stages of this many layers")
-    a("--poe-stage-layers", type=_stage_layers, default=None, help="explicit stage sizes, e.g. 12,5,4,3")
-    a("--per-stage-head", action="store_true")
-    a("--total-batch-size", type=int, default=d.total_batch_size, help="tokens per optimizer step (all ranks)")
-    a("--device-batch-size", type=int, default=d.device_batch_size, help="rows per forward pass per rank")
-    a("--num-iterations", type=int, default=d.num_iterations)
-    a("--target-tokens", type=int, default=d.target_tokens)
-    a("--target-param-data-ratio", type=float, default=d.target_param_data_ratio,
-      help="tokens per total parameter (released runs: 20)")
-    a("--matrix-lr", type=float, default=d.matrix_lr, help=f"Muon lr at d12 / 2^19 tokens (default {d.matrix_lr})")
-    a("--embedding-lr", type=float, default=d.embedding_lr, help=f"wte lr at d12 / 2^19 tokens (default {d.embedding_lr})")
-    a("--unembedding-lr", type=float, default=d.unembedding_lr,
-      help=f"lm_head lr at d12 / 2^19 tokens (default {d.unembedding_lr})")
-    a("--scalar-lr", type=float, default=d.scalar_lr, help=f"x0_lambdas lr at d12 / 2^19 tokens (default {d.scalar_lr})")
-    a("--weight-decay", type=float, default=d.weight_decay,
-      help=f"Muon weight decay at d12 / 2^19 tokens, scaled to the start value (default {d.weight_decay})")
-    a("--lr-scaling", default=d.lr_scaling, choices=LR_SCALING,
-      help="nanochat: scale the LRs and weight decay with batch, width and model size (training.md); "
-           f"off: take them literally, for small CPU runs (default {d.lr_scaling})")
-    a("--warmup-steps", type=int, default=d.warmup_steps)
-    a("--warmdown-frac", type=float, default=d.warmdown_frac)
-    a("--final-lr-frac", type=float, default=d.final_lr_frac)
-    a("--eval-every", type=int, default=d.eval_every)
-    a("--eval-tokens", type=int, default=d.eval_tokens)
-    a("--sample-every", type=int, default=d.sample_every)
-    a("--save-every", type=int, default=d.save_every, help="0: save only at the end")
-    a("--keep-checkpoints", type=int, default=d.keep_checkpoints)
-    a("--seed", type=int, default=d.seed)
-    a("--device", default=d.device, help="auto, cpu or cuda")
-    a("--dtype", default=d.dtype, help="auto (bf16 on capable GPUs, else fp32), fp32 or bf16")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--resume", action="store_true", help="continue the run in --out from its newest complete checkpoint")
-    a("--extend-to", type=int, default=None, help="with --resume: change the horizon to N steps (recorded)")
-    a("--quiet", action="store_true")
+# `poelm train` (its flags are in poelm/cli.py)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -564,9 +528,3 @@ def cmd_train(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
     return 0
 
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("train", help="train a BP or PoE model from scratch (or --resume)")
-    add_train_arguments(p)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_train)

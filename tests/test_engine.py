@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from poelm import checkpoint, corpus, engine_cli
+from poelm import checkpoint, corpus
 from poelm import tokenizer as tokenizer_mod
 from poelm.engine import (Engine, PlainDecoder, DecodeOptions, Sampler, TextStream, _Collector, calibrate,
                           load_calibration, new_cache, save_calibration, wand_teacher_forced)
@@ -614,8 +614,9 @@ def test_stats_present(rand_model, trained_calib):
 
 @pytest.mark.filterwarnings("ignore:validation split")
 def test_cli_generate_and_calibrate(tmp_path, trained, capsys):
-    import argparse
     import tiktoken
+
+    from poelm import cli
 
     enc = tiktoken.Encoding(name="bytes", pat_str=tokenizer_mod.SPLIT_PATTERN,
                             mergeable_ranks={bytes([i]): i for i in range(256)},
@@ -625,12 +626,13 @@ def test_cli_generate_and_calibrate(tmp_path, trained, capsys):
     model.init_weights()
     model_dir = tmp_path / "model"
     checkpoint.save_model(model, model_dir, tok)
-    parser = argparse.ArgumentParser()
-    engine_cli.add_commands(parser.add_subparsers())
+    parser = cli.build_parser()
 
     def run(*argv) -> int:
         args = parser.parse_args([str(a) for a in argv])
-        return args.func(args)
+        module, _, name = args.run.partition(":")
+        assert module == "poelm.cli"
+        return getattr(cli, name)(args)
 
     assert run("generate", model_dir, "the cat", "--max-new-tokens", 5, "--json") == 0
     out = json.loads(capsys.readouterr().out)
@@ -651,4 +653,4 @@ def test_cli_generate_and_calibrate(tmp_path, trained, capsys):
         run("generate", model_dir, "the", "--mode", "logop", "--stages", "0,7")
     args = parser.parse_args(["generate", "tiny", "1 2 x"])
     with pytest.raises(ValueError, match="space-separated token ids"):
-        engine_cli.parse_prompt(args.prompt, None)
+        cli.parse_prompt(args.prompt, None)

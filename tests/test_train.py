@@ -408,7 +408,7 @@ def test_bad_batch_sizes_and_settings(env, tmp_path, capsys):
     expect_error(train_args(env, out, **{"total-batch-size": 100}), capsys,
                  "--total-batch-size 100 is not a multiple of", "2 x 32 x 1 = 64")
     expect_error(train_args(env, out, **{"device-batch-size": 0}), capsys, "must be >= 1")
-    expect_error(train_args(env, out, dtype="fp16"), capsys, "--dtype 'fp16' is not fp32 or bf16")
+    expect_error(train_args(env, out, dtype="fp16"), capsys, "--dtype fp16: training runs in fp32 (float32) or bf16 (bfloat16)")
     expect_error(train_args(env, out, **{"poe-every": 3}), capsys, "poe_every=3 does not divide n_layer=2")
     expect_error(train_args(env, out, **{"num-iterations": -1, "target-param-data-ratio": 0}), capsys, "no horizon")
     expect_error(train_args(env, out, **{"weight-decay": -0.1}), capsys, "--weight-decay -0.1: must be a finite")
