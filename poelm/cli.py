@@ -75,7 +75,7 @@ def model_summary(model) -> dict:
 
 def cmd_inspect(args) -> int:
     import torch
-    from poelm.checkpoint import CONFIG_NAME, build_model, config_from_json, resolve_run_dir
+    from poelm.checkpoint import CONFIG_NAME, build_model, read_config_file, resolve_run_dir
     from poelm.presets import PRESETS, get_preset
 
     name, path = args.model, Path(args.model)
@@ -86,7 +86,7 @@ def cmd_inspect(args) -> int:
             path = resolve_run_dir(path)
         cfg_file = path / CONFIG_NAME
         if cfg_file.exists():
-            config = config_from_json(json.loads(cfg_file.read_text()))
+            config = read_config_file(cfg_file)
         else:
             from poelm.checkpoint import load_model
             model, _ = load_model(name)
