@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -133,6 +134,8 @@ def config_to_json(config: GPTConfig, dtype: str = "float32") -> dict:
 def config_from_json(d: dict) -> GPTConfig:
     """GPTConfig from config.json; the standard transformers names fill in missing fields
     (num_hidden_layers is the HF-side runtime depth and may be smaller than n_layer)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"config must be a JSON object of fields, got {json.dumps(d)[:40]} ({type(d).__name__})")
     d = dict(d)
     for field, name in STANDARD_NAMES.items():
         if d.get(field) is None and d.get(name) is not None:
@@ -142,6 +145,16 @@ def config_from_json(d: dict) -> GPTConfig:
         if name != "num_hidden_layers" and d.get(name) is not None and d[name] != getattr(config, field):
             raise ValueError(f"config {name}={d[name]} disagrees with {field}={getattr(config, field)}; fix one of them")
     return config
+
+
+def read_config_file(path: Path) -> GPTConfig:
+    """GPTConfig from a config.json file; every error is one line that starts with its path."""
+    try:
+        return config_from_json(json.loads(Path(path).read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -239,10 +252,7 @@ def load_model_dir(path: Path, device="cpu", dtype: torch.dtype = torch.float32)
     cfg_path = path / CONFIG_NAME
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} is missing: not a poelm/Hugging Face model directory")
-    try:
-        config = config_from_json(json.loads(cfg_path.read_text()))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
+    config = read_config_file(cfg_path)
     state = read_safetensors(path / WEIGHTS_NAME)
     model = build_model(config, device="meta")
     model.to_empty(device=device)
@@ -302,26 +312,61 @@ def is_nanochat_dir(path: Path) -> bool:
     return path.is_dir() and _latest_step(path, "model_*.pt") is not None
 
 
+# What the PoE fork's base_train.py writes into meta_*.json (formats.md "nanochat checkpoints"):
+# model_config is asdict() of its GPTConfig; user_config is vars(args) of its flags.
+NANOCHAT_ARCH = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern",
+                 "per_stage_head", "poe_every", "intermediate_size")
+SPECIALIST_FIELDS = ("dual_head", "frozen_layers", "base_model_dir")
+# model_config fields only poelm's own save_nanochat_dir writes (the fork never does)
+POELM_MODEL_FIELDS = ("poe_stage_layers", "short_window", "poe_mode", "poe_alpha", "backout", "final_readout",
+                      "final_logop_alpha")
+# everything else in a meta (step, val_bpb, loop_state, dataloader_state_dict, batch sizes, the other
+# training flags of user_config) only matters to resuming training and is ignored on purpose
+
+
 def nanochat_config(meta: dict, poe_mode: str | None = None) -> GPTConfig:
-    """GPTConfig from a nanochat meta_*.json (`model_config` + the PoE fork's fields)."""
-    mc = dict(meta.get("model_config", meta))
-    for key in ("dual_head", "frozen_layers"):
-        value = mc.pop(key, None)
+    """GPTConfig from a nanochat meta_*.json as the PoE fork writes it. The imported model
+    reproduces the fork's own forward: backout on the plain final path (BP and PoE alike), and
+    for per-stage-head models the Log-OP of all stages, weight 1/K (the fork's forward leaves
+    its poe_alpha argument at 0 outside training), recorded as final_readout="logop"."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+        raise ValueError("a nanochat meta must be a JSON object with a model_config object")
+    mc, user = meta["model_config"], meta.get("user_config") or {}
+    if not isinstance(user, dict):
+        raise ValueError(f"user_config must be a JSON object of training flags, got {type(user).__name__}")
+    for key in SPECIALIST_FIELDS:
+        value = mc.get(key) or user.get(key) or meta.get(key)
         if value:
-            raise ValueError(f"nanochat checkpoint has {key}={value}: it is a specialist checkpoint; "
+            raise ValueError(f"nanochat checkpoint has {key}={value!r}: it is a specialist checkpoint; "
                              "attach it to its base with the specialist tools instead")
-    poe_every = mc.pop("poe_every", None)
-    user = meta.get("user_config", {}) or {}
-    mode = poe_mode or mc.pop("poe_mode", None) or user.get("poe_mode")
-    mc.pop("poe_mode", None)
-    if mode is None:
-        mode = "flat" if poe_every else "none"
-    kw = {k: mc[k] for k in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
-                             "window_pattern", "intermediate_size", "per_stage_head", "poe_stage_layers",
-                             "poe_alpha", "short_window") if mc.get(k) is not None}
-    if poe_every:
-        kw["poe_every"] = int(poe_every)
-    return GPTConfig(poe_mode=mode, **kw)
+    unknown = sorted(set(mc) - set(NANOCHAT_ARCH) - set(SPECIALIST_FIELDS) - set(POELM_MODEL_FIELDS))
+    if unknown:
+        raise ValueError(f"model_config has unknown field(s) {', '.join(unknown)}, which may change the forward; "
+                         f"poelm reads {', '.join(NANOCHAT_ARCH + POELM_MODEL_FIELDS)} and ignores on purpose the "
+                         "training-only fields (step, val_bpb, loop_state, dataloader_state_dict, batch sizes, "
+                         "user_config flags other than poe_mode / poe_alpha / poe_every)")
+    mode = poe_mode or mc.get("poe_mode") or user.get("poe_mode") or "none"
+    kw = {k: mc[k] for k in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern",
+                             "per_stage_head", "short_window", "poe_alpha", "backout", "final_readout",
+                             "final_logop_alpha") if mc.get(k) is not None}
+    if mc.get("intermediate_size"):  # the fork's 0 means 4 * n_embd, GPTConfig's default
+        kw["intermediate_size"] = mc["intermediate_size"]
+    if "poe_alpha" not in kw and user.get("poe_alpha") is not None:
+        kw["poe_alpha"] = user["poe_alpha"]
+    every = user.get("poe_every", mc.get("poe_every"))
+    if mc.get("poe_stage_layers") is not None:
+        kw["poe_stage_layers"] = mc["poe_stage_layers"]
+    elif every and (mode != "none" or kw.get("per_stage_head")):  # BP: the default stage layout
+        n_layer = mc.get("n_layer")
+        if isinstance(every, int) and isinstance(n_layer, int) and every > 0 and n_layer % every:
+            kw["poe_stage_layers"] = [every] * (n_layer // every) + [n_layer % every]  # the fork's last short stage
+        else:
+            kw["poe_every"] = every
+    if kw.get("per_stage_head") and "final_readout" not in kw:
+        kw.update(final_readout="logop", final_logop_alpha=0.0)
+    if "backout" not in kw:
+        kw["backout"] = kw.get("final_readout", "last") == "last"
+    return GPTConfig.from_dict({"poe_mode": mode, **kw})
 
 
 def load_nanochat_dir(path: Path, device="cpu", dtype=torch.float32, step: int | None = None,
@@ -330,8 +375,21 @@ def load_nanochat_dir(path: Path, device="cpu", dtype=torch.float32, step: int |
     model_file, meta_file = path / f"model_{step:06d}.pt", path / f"meta_{step:06d}.json"
     if not meta_file.exists():
         raise FileNotFoundError(f"{meta_file} is missing: a nanochat checkpoint needs its meta json beside the model file")
-    config = nanochat_config(json.loads(meta_file.read_text()), poe_mode)
-    state = torch.load(model_file, map_location="cpu", weights_only=True)
+    if not model_file.exists():
+        raise FileNotFoundError(f"{model_file} is missing: pass a step that has a model file")
+    try:
+        config = nanochat_config(json.loads(meta_file.read_text()), poe_mode)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_file} is not valid JSON ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"{meta_file}: {e}") from None
+    try:
+        state = torch.load(model_file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:  # truncated zip, foreign or corrupt pickle
+        raise ValueError(f"{model_file} is not a readable torch checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120]}); re-download or re-save it") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{model_file} holds a {type(state).__name__}, not a state dict; re-save it with torch.save(model.state_dict())")
     model = build_model(config, device="meta")
     model.to_empty(device=device)
     model.to(dtype)
@@ -347,21 +405,22 @@ def load_nanochat_dir(path: Path, device="cpu", dtype=torch.float32, step: int |
 
 def save_nanochat_dir(model: GPT, out_dir: str | Path, step: int, meta_extra: dict | None = None,
                       prefix: str = "") -> None:
-    """Write the nanochat layout (model_{step}.pt + meta_{step}.json); used by tests and export."""
+    """Write the nanochat layout (model_{step}.pt + meta_{step}.json) with the fork's field names,
+    plus poelm's own settings in model_config so a reload restores them; used by tests."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     state = {prefix + k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_torch_save(state, out_dir / f"model_{step:06d}.pt")
     mc = dict(sequence_len=cfg.sequence_len, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-              n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, window_pattern=cfg.window_pattern,
-              poe_every=cfg.poe_every or 0, per_stage_head=cfg.per_stage_head, dual_head=False, frozen_layers=0,
-              intermediate_size=cfg.intermediate_size)
-    if cfg.poe_every is None:
-        mc["poe_stage_layers"] = list(cfg.poe_stage_layers)
-    if cfg.short_window is not None:  # poelm extension; nanochat derives it from sequence_len
-        mc["short_window"] = cfg.short_window
-    meta = {"step": step, "model_config": mc, "user_config": {"poe_mode": cfg.poe_mode}}
+              n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, window_pattern=cfg.window_pattern, dual_head=False,
+              frozen_layers=0, per_stage_head=cfg.per_stage_head, poe_every=cfg.poe_every or 0,
+              intermediate_size=cfg.intermediate_size,
+              # poelm's own settings, which the fork's defaults would not restore
+              poe_stage_layers=list(cfg.poe_stage_layers), short_window=cfg.short_window, backout=cfg.backout,
+              final_readout=cfg.final_readout, final_logop_alpha=cfg.final_logop_alpha)
+    user = {"poe_mode": cfg.poe_mode, "poe_alpha": cfg.poe_alpha, "poe_every": cfg.poe_every or 1}
+    meta = {"step": step, "model_config": mc, "user_config": user}
     meta.update(meta_extra or {})
     atomic_write_json(out_dir / f"meta_{step:06d}.json", meta)
 

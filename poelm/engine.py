@@ -15,7 +15,8 @@ adaptive depth and self-speculative decoding (poe.md §2-6).
     poelm calibrate MODEL --data DIR
 
 Modes
-- final        every layer, the final readout (backout when config.backout).
+- final        every layer, the final readout of config.final_readout (the last stage, with
+               backout when config.backout, or the Log-OP of all stages).
 - stage K      prefix pruning: only the layers up to stage K's boundary run (the KV cache is
                allocated for those layers only), read out at stage K.
 - logop S      renormalised Log-OP `s = sum_k w_k l_k`, w_k = 1/|S|^(1-alpha), of the stages in S;
@@ -58,7 +59,7 @@ import numpy as np
 import torch
 
 from poelm.checkpoint import atomic_write_json
-from poelm.model import GPT, KVCache
+from poelm.model import GPT, KVCache, logop_weight
 
 MODES = ("final", "stage", "logop", "wand", "speculative")
 WAND_TARGETS = ("final", "logop")
@@ -152,6 +153,8 @@ def validate_options(opts: DecodeOptions, model: GPT) -> None:
         _check(math.isfinite(opts.logop_alpha), f"logop_alpha must be finite, got {opts.logop_alpha!r}")
     if opts.mode == "speculative":
         _check(K >= 2, "speculative decoding needs a model with at least 2 stages")
+        _check(cfg.final_readout == "last", "speculative decoding verifies with the last stage's readout; this "
+               "model's final readout is the Log-OP of all stages (final_readout=logop): use mode final, logop or wand")
         d = opts.draft_stage
         _check(isinstance(d, int) and 0 <= d < K - 1, f"draft stage {d!r} is out of range: use 0..{K - 2} (the last stage is the target)")
         g = opts.gamma
@@ -233,10 +236,6 @@ def new_cache(model: GPT, batch_size: int, capacity: int, pad: torch.Tensor | No
     return KVCache(cfg, batch_size, capacity, p.device, p.dtype, pad)
 
 
-def logop_weight(n_stages: int, alpha: float) -> float:
-    return 1.0 / n_stages ** (1.0 - alpha)
-
-
 def logop(stage_logits: list[torch.Tensor], alpha: float) -> torch.Tensor:
     """Renormalised Log-OP sum_k w_k log_softmax(z_k), w_k = 1/|S|^(1-alpha): (..., V) log-probs."""
     w = logop_weight(len(stage_logits), alpha)
@@ -314,9 +313,10 @@ def calibrate(model: GPT, token_batches: Iterable, quantile: float = 0.99, targe
         flat_x = [x.reshape(-1, d) for x in stage_x]
         flat_mid = x_mid.reshape(-1, d) if x_mid is not None else None
         for s in range(0, flat_x[0].shape[0], chunk):
-            zs = [model.readout(x[s:s + chunk], k) for k, x in enumerate(flat_x)]  # K x (n, V)
+            xs = [x[s:s + chunk] for x in flat_x]
+            zs = [model.readout(x, k) for k, x in enumerate(xs)]  # K x (n, V)
             mid = flat_mid[s:s + chunk] if flat_mid is not None else None
-            final = model.readout(flat_x[-1][s:s + chunk], None, mid)
+            final = model.readout(xs[-1], None, mid, xs)
             for j, sw in enumerate(stage_swings(running_readouts(zs, final, target, alpha))):
                 swings[j].append(sw.float().cpu())
         n_tokens += idx.numel()
@@ -411,7 +411,7 @@ class PlainDecoder:
         self.alpha = cfg.poe_alpha if opts.logop_alpha is None else opts.logop_alpha
         if self.mode == "final":
             self.end_layer = cfg.n_layer
-            self.keep = {cfg.backout_layer} if cfg.backout else set()
+            self.keep = model.final_keep()
         elif self.mode == "stage":
             self.end_layer = cfg.stage_ends[self.stage] + 1
             self.keep = set()
@@ -433,7 +433,8 @@ class PlainDecoder:
         sel = (lambda t: t[:, -1]) if last_only else (lambda t: t)  # noqa: E731
         if self.mode == "final":
             mid = kept.get(self.cfg.backout_layer)
-            return model.readout(sel(x), None, sel(mid) if mid is not None else None)
+            stage_x = [sel(kept[e]) if e in kept else None for e in self.cfg.stage_ends]
+            return model.readout(sel(x), None, sel(mid) if mid is not None else None, stage_x)
         if self.mode == "stage":
             return model.readout(sel(x), self.stage)
         zs = [model.readout(sel(kept[self.cfg.stage_ends[k]]), k) for k in self.stages]
@@ -495,7 +496,7 @@ class WandDecoder:
         idx = torch.tensor([[token]], device=cache.tokens.device)
         x = model.embed(idx, cache)  # (1, 1, d)
         self.x0[:, t] = x[:, 0]
-        x_mid, r, used = None, 0, []
+        x_mid, r, used, lasts = None, 0, [], []
         bl = cfg.backout_layer if cfg.backout else -1
         for s in range(self.K):
             lo = cache.lengths[self.first_layer[s]]  # stage s holds slots < lo; [lo, t) are pending
@@ -506,8 +507,9 @@ class WandDecoder:
             if bl in kept:
                 x_mid = kept[bl][:, -1]
             last = out[:, -1]  # (1, d)
+            lasts.append(last)
             if self.target == "final":  # r_k = z_k; the last stage reads out like the final readout
-                r = model.readout(last, None, x_mid) if s == self.K - 1 else model.readout(last, s)
+                r = model.readout(last, None, x_mid, lasts) if s == self.K - 1 else model.readout(last, s)
             else:
                 used.append(model.readout(last, s))
                 r = r + logop_weight(self.K, self.alpha) * used[-1].log_softmax(-1)

@@ -12,8 +12,10 @@ previous token's normed embedding), x0 blend before every block, rotary + QK-nor
 attention with sliding windows ("SSSL", last layer always L), value embeddings on
 alternating layers, relu^2 MLP, backout of the middle residual, soft-capped logits.
 The layers are cut into K consecutive stages; every stage boundary has a readout through
-the shared `lm_head` (plus an optional per-stage head). Training objectives are those of
-poe.md §1. The cached path (`KVCache`, `embed`, `run_layers`, `readout`) runs any layer
+the shared `lm_head` (plus an optional per-stage head). The final readout is a recorded
+setting (`final_readout`, `backout`): the last stage's head, with or without backout, or the
+Log-OP of all stages (what the PoE fork's per-stage-head models return). Training objectives
+are those of poe.md §1. The cached path (`KVCache`, `embed`, `run_layers`, `readout`) runs any layer
 range on any chunk of positions, which the engine uses for pruning, WAND and
 self-speculative decoding.
 """
@@ -21,6 +23,8 @@ self-speculative decoding.
 from __future__ import annotations
 
 import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -28,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 POE_MODES = ("none", "flat", "hier", "residual_logop")
+FINAL_READOUTS = ("last", "logop")
 SOFTCAP = 15.0
 SMEAR_DIM = 24  # the smear gate reads the first 24 channels of the normed embedding
 VE_GATE_DIM = 12  # the value-embedding gate reads the first 12 channels
@@ -58,7 +63,9 @@ class GPTConfig:
     poe_every: int | None = None  # uniform stages of this many layers
     poe_stage_layers: tuple[int, ...] | None = None  # explicit stage sizes
     per_stage_head: bool = False
-    backout: bool | None = None  # final readout subtracts backout_lambda * x_mid; None: only for BP
+    backout: bool | None = None  # final "last" readout subtracts backout_lambda * x_mid; None: only for BP
+    final_readout: str = "last"  # "last": the last stage's head | "logop": the Log-OP of all stages
+    final_logop_alpha: float | None = None  # alpha of the final Log-OP; None: poe_alpha
 
     def __post_init__(self) -> None:
         if self.n_layer < 1:
@@ -88,6 +95,8 @@ class GPTConfig:
         self.window_pattern = self.window_pattern.upper()
         if self.poe_mode not in POE_MODES:
             raise ValueError(f"poe_mode {self.poe_mode!r} is not one of {', '.join(POE_MODES)}")
+        if self.final_readout not in FINAL_READOUTS:
+            raise ValueError(f"final_readout {self.final_readout!r} is not one of {', '.join(FINAL_READOUTS)}")
         self._resolve_stages()
         if self.backout is None:
             self.backout = self.poe_mode == "none"
@@ -149,6 +158,10 @@ class GPTConfig:
     def is_poe(self) -> bool:
         return self.poe_mode != "none"
 
+    @property
+    def final_alpha(self) -> float:
+        return self.poe_alpha if self.final_logop_alpha is None else self.final_logop_alpha
+
     # --- serialisation --------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -157,14 +170,47 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict, *, ignore: tuple[str, ...] = ()) -> "GPTConfig":
+        """GPTConfig from a dict (config.json); every value is checked against its field's type."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a model config must be a JSON object of fields, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(k for k in d if k not in known and k not in ignore)
         if unknown:
             raise ValueError(f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        hints = typing.get_type_hints(cls)
         kw = {k: v for k, v in d.items() if k in known}
+        for name, value in kw.items():
+            if not _has_type(value, hints[name]):
+                raise ValueError(f"config field {name}={value!r} ({type(value).__name__}) must be {_type_name(hints[name])}")
         if kw.get("poe_stage_layers") is not None:
             kw["poe_stage_layers"] = tuple(kw["poe_stage_layers"])
         return cls(**kw)
+
+
+def _has_type(value, hint) -> bool:
+    """Whether a JSON value fits a field annotation (bool is not an int; an int is a float)."""
+    if isinstance(hint, types.UnionType):
+        return any(_has_type(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is tuple:  # tuple[int, ...]: a JSON list
+        item = typing.get_args(hint)[0]
+        return isinstance(value, (list, tuple)) and all(_has_type(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(hint, hint.__name__)
 
 
 # -----------------------------------------------------------------------------
@@ -184,6 +230,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1)
+
+
+def logop_weight(n_stages: int, alpha: float) -> float:
+    """Uniform Log-OP weight w = 1/|S|^(1-alpha) (poe.md section 2)."""
+    return 1.0 / n_stages ** (1.0 - alpha)
 
 
 def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
@@ -507,14 +558,38 @@ class GPT(nn.Module):
                 kept[i] = x
         return x, kept
 
-    def readout(self, x: torch.Tensor, stage: int | None = None, x_mid: torch.Tensor | None = None) -> torch.Tensor:
-        """Soft-capped fp32 logits (..., vocab). stage=None: the final readout (backout if set)."""
+    def final_keep(self) -> set[int]:
+        """Layers whose residuals the final readout reads (run_layers' `keep` for it)."""
+        cfg = self.config
+        if cfg.final_readout == "logop":
+            return set(cfg.stage_ends)
+        return {cfg.backout_layer} if cfg.backout else set()
+
+    def final_hidden(self, x: torch.Tensor, x_mid: torch.Tensor | None) -> torch.Tensor:
+        """The last residual as the "last" final readout sees it: minus backout_lambda * x_mid when config.backout."""
+        return x - self.backout_lambda * x_mid if self.config.backout else x
+
+    def readout(self, x: torch.Tensor, stage: int | None = None, x_mid: torch.Tensor | None = None,
+                stage_x: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """fp32 logits (..., vocab). stage=k: stage k's soft-capped readout of x. stage=None:
+        the final readout of config.final_readout —
+          "last":  the last stage's head on final_hidden(x, x_mid) (backout when config.backout);
+          "logop": w * sum_k log_softmax(z_k) over stage_x, the residuals at all K stage
+                   boundaries, w = logop_weight(K, config.final_alpha); unnormalised log-probs
+                   (softmax and argmax see the renormalised Log-OP)."""
+        cfg = self.config
+        if stage is None and cfg.final_readout == "logop":
+            if stage_x is None or len(stage_x) != cfg.n_stages or any(t is None for t in stage_x):
+                raise RuntimeError("the Log-OP final readout needs the residual of every stage boundary (final_keep())")
+            s = sum(self.readout(xk, k).log_softmax(-1) for k, xk in enumerate(stage_x))
+            return logop_weight(cfg.n_stages, cfg.final_alpha) * s
         if stage is None:
-            stage = self.config.n_stages - 1
-            if self.config.backout:
-                x = x - self.backout_lambda * x_mid
-        logits = rmsnorm(x) @ self.stage_head_weight(stage).t()
-        return softcap(logits[..., : self.config.vocab_size].float())
+            x, stage = self.final_hidden(x, x_mid), cfg.n_stages - 1
+        n = rmsnorm(x)
+        logits = n @ self.lm_head.weight.t()
+        if cfg.per_stage_head:  # the stage's own head adds to the shared head's logits
+            logits = logits + n @ self.lm_head_stages[stage].weight.t()
+        return softcap(logits[..., : cfg.vocab_size].float())
 
     # --- full-sequence forward -------------------------------------------------
     def trunk(self, idx: torch.Tensor, upto_stage: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -535,7 +610,7 @@ class GPT(nn.Module):
         and, when return_stage_logits, the list of K stage logits from the same pass."""
         stage_x, x_mid = self.trunk(idx)
         if targets is None:
-            logits = self.readout(stage_x[-1], None, x_mid)
+            logits = self.readout(stage_x[-1], None, x_mid, stage_x)
             if return_stage_logits:
                 return logits, [self.readout(x, k) for k, x in enumerate(stage_x)]
             return logits
@@ -548,7 +623,7 @@ class GPT(nn.Module):
         count = (tgt >= 0).sum().clamp(min=1)
         flat = lambda x: rmsnorm(x).reshape(-1, x.shape[-1])  # noqa: E731  (B*T, d)
         if cfg.poe_mode == "none":
-            x = stage_x[-1] - self.backout_lambda * x_mid if cfg.backout else stage_x[-1]
+            x = self.final_hidden(stage_x[-1], x_mid)
             loss = softcap_cross_entropy(flat(x), self.stage_head_weight(cfg.n_stages - 1), tgt, cfg.vocab_size) / count
             return loss, loss.detach().unsqueeze(0)
         normed = [flat(x) for x in stage_x]
@@ -567,24 +642,24 @@ class GPT(nn.Module):
         Log-OP of all stages: {"final": (B,T), "stages": (K,B,T), "logop": (B,T)}."""
         cfg = self.config
         stage_x, x_mid = self.trunk(idx)
-        alpha = cfg.poe_alpha if logop_alpha is None else logop_alpha
-        w = 1.0 / cfg.n_stages ** (1 - alpha)
+        w = logop_weight(cfg.n_stages, cfg.poe_alpha if logop_alpha is None else logop_alpha)
         B, T = targets.shape
         tgt = targets.reshape(-1).clamp(min=0).unsqueeze(1)
-        final_x = stage_x[-1] - self.backout_lambda * x_mid if cfg.backout else stage_x[-1]
-        sources = [final_x] + stage_x
-        heads = [self.stage_head_weight(cfg.n_stages - 1)] + [self.stage_head_weight(k) for k in range(cfg.n_stages)]
-        flat = [rmsnorm(x).reshape(B * T, -1) for x in sources]
-        out = torch.empty(len(sources) + 1, B * T, device=idx.device)
+        flat_x = [x.reshape(B * T, -1) for x in stage_x]  # K x (B*T, d)
+        flat_mid = x_mid.reshape(B * T, -1) if x_mid is not None else None
+        out = torch.empty(cfg.n_stages + 2, B * T, device=idx.device)
         chunk = max(1, chunk_elems // cfg.vocab_size)
+        nll = lambda logp, s: -logp.gather(1, tgt[s:s + chunk]).squeeze(1)  # noqa: E731  (n,)
         for s in range(0, B * T, chunk):
+            xs = [x[s:s + chunk] for x in flat_x]
+            mid = flat_mid[s:s + chunk] if flat_mid is not None else None
+            out[0, s:s + chunk] = nll(self.readout(xs[-1], None, mid, xs).log_softmax(-1), s)
             logop = 0
-            for j, (h, wt) in enumerate(zip(flat, heads)):
-                logp = _capped_logits(h[s:s + chunk], wt, cfg.vocab_size)[0].log_softmax(-1)
-                out[j, s:s + chunk] = -logp.gather(1, tgt[s:s + chunk]).squeeze(1)
-                if j > 0:
-                    logop = logop + w * logp
-            out[-1, s:s + chunk] = -logop.log_softmax(-1).gather(1, tgt[s:s + chunk]).squeeze(1)
+            for k, x in enumerate(xs):
+                logp = self.readout(x, k).log_softmax(-1)
+                out[1 + k, s:s + chunk] = nll(logp, s)
+                logop = logop + w * logp
+            out[-1, s:s + chunk] = nll(logop.log_softmax(-1), s)
         out = out.view(-1, B, T)
         return {"final": out[0], "stages": out[1:-1], "logop": out[-1]}
 
@@ -600,9 +675,9 @@ class GPT(nn.Module):
         start = cache.n_tokens
         x = x0 = self.embed(idx, cache)
         end_layer = self.config.n_layer if stage is None else self.config.stage_ends[stage] + 1
-        keep = {self.config.backout_layer} if stage is None and self.config.backout else set()
+        keep = self.final_keep() if stage is None else set()
         x, kept = self.run_layers(x, x0, idx, 0, end_layer, cache, start, keep=keep)
-        return self.readout(x, stage, kept.get(self.config.backout_layer))
+        return self.readout(x, stage, kept.get(self.config.backout_layer), [kept.get(e) for e in self.config.stage_ends])
 
     # --- accounting ----------------------------------------------------------------
     def num_params(self) -> int:

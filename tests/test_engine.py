@@ -122,7 +122,8 @@ def full_logits(model: GPT, ids: list[int]) -> torch.Tensor:
 # cached == uncached
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=1), dict(backout=True)])
+@pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=1), dict(backout=True),
+                                dict(per_stage_head=True, final_readout="logop", final_logop_alpha=0.0)])
 @torch.no_grad()
 def test_cached_matches_uncached_left_padded_batch(kw):
     model = random_model(seed=3, **kw)
@@ -317,6 +318,20 @@ def test_wand_infinite_factor_equals_full_depth(which, rand_model, trained, trai
         out = engine.generate(row, mode="wand", wand_factor=math.inf, max_new_tokens=40)
         assert out.tokens == plain.tokens
         assert out.stats["mean_stages_per_token"] == 4
+
+
+def test_logop_final_readout_in_wand_calibrate_and_speculative(rand_model):
+    model = random_model(seed=4, per_stage_head=True, final_readout="logop")
+    engine = Engine(model, calibration=calibrate(model, [torch.tensor([prompts()[2]])]))
+    row = prompts()[1]
+    plain = engine.generate(row, max_new_tokens=20)
+    seq = list(row)
+    for _ in range(20):  # greedy from the uncached final readout (the Log-OP of all stages)
+        seq.append(full_logits(model, seq)[-1].argmax().item())
+    assert plain.tokens == seq[len(row):]
+    assert engine.generate(row, mode="wand", wand_factor=math.inf, max_new_tokens=20).tokens == plain.tokens
+    with pytest.raises(ValueError, match="final_readout=logop"):
+        engine.generate(row, mode="speculative", max_new_tokens=4)
 
 
 @pytest.mark.parametrize("factor", [0.0, 0.05, 0.5])

@@ -399,6 +399,22 @@ def test_client_bp_model_backout_readout(tmp_path, tok):
         torch.testing.assert_close(model(ids).logits, native(ids), atol=1e-5, rtol=0)
 
 
+def test_client_logop_final_readout(tmp_path, tok):
+    """An imported fork per-stage-head model reads out the Log-OP of all stages; so does its export."""
+    native = make_model(tok.vocab_size, seed=6, poe_every=2, per_stage_head=True, final_readout="logop",
+                        final_logop_alpha=0.0)
+    d = export_model(native, tok, tmp_path / "logop", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True, dtype=torch.float32).eval()
+    assert model.config.final_readout == "logop"
+    ids = torch.tensor([[tok.bos_token_id] + tok.encode("over lazy dog and cat")])
+    with torch.no_grad():
+        want = native(ids)
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=0)
+        out = model(ids[:, :-2], use_cache=True)  # cached continuation reads out the same way
+        step = model(ids[:, -2:], past_key_values=out.past_key_values, use_cache=True).logits
+        torch.testing.assert_close(step, want[:, -2:], atol=1e-5, rtol=0)
+
+
 def test_client_bad_depth(hf):
     model, _ = hf
     model.config.num_hidden_layers = 9

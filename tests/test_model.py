@@ -316,3 +316,37 @@ def test_token_nats_match_readouts():
     logop = sum(z.log_softmax(-1) for z in stage_logits) / 4
     ref = F.cross_entropy(logop.flatten(0, 1), tgt.flatten(), reduction="none").view(2, 20)
     assert torch.allclose(nats["logop"], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("field, value", [("n_layer", "4"), ("n_layer", 4.0), ("n_layer", True), ("poe_alpha", "0.5"),
+                                          ("per_stage_head", 1), ("window_pattern", 3), ("poe_stage_layers", [2, "2"]),
+                                          ("final_readout", None), ("n_embd", [64])])
+def test_from_dict_checks_field_types(field, value):
+    d = {"n_layer": 4, "n_embd": 64, "n_head": 2, field: value}
+    with pytest.raises(ValueError, match=f"^config field {field}=.* must be "):
+        GPTConfig.from_dict(d)
+
+
+def test_from_dict_accepts_json_spellings():
+    cfg = GPTConfig.from_dict({"n_layer": 4, "n_embd": 64, "n_head": 2, "poe_alpha": 1, "n_kv_head": None,
+                               "poe_every": None, "poe_stage_layers": [2, 2], "backout": True})
+    assert cfg.poe_alpha == 1 and cfg.poe_stage_layers == (2, 2) and cfg.backout is True
+    for bad in ([1, 2], None, "n_layer"):
+        with pytest.raises(ValueError, match="must be a JSON object of fields"):
+            GPTConfig.from_dict(bad)
+    with pytest.raises(ValueError, match="final_readout 'mean'"):
+        GPTConfig(n_layer=4, n_embd=64, n_head=2, final_readout="mean")
+
+
+@pytest.mark.parametrize("alpha", [None, 0.0])
+@torch.no_grad()
+def test_logop_final_readout(alpha):
+    model = tiny_model(per_stage_head=True, poe_alpha=0.5, final_readout="logop", final_logop_alpha=alpha).eval()
+    idx = torch.randint(0, 300, (2, 20))
+    final, stage_logits = model(idx, return_stage_logits=True)
+    w = 1 / 4 ** (1 - (0.5 if alpha is None else alpha))  # the final Log-OP's own alpha, else poe_alpha
+    assert torch.equal(final, w * sum(z.log_softmax(-1) for z in stage_logits))
+    assert (model.forward_cached(idx, model.new_cache(2, 20)) - final).abs().max() <= 1e-5
+    nats = model.token_nats(idx[:, :-1], idx[:, 1:])
+    ref = -final[:, :-1].log_softmax(-1).gather(-1, idx[:, 1:, None]).squeeze(-1)
+    assert (nats["final"] - ref).abs().max() <= 1e-5

@@ -15,7 +15,8 @@ poelm's (model.md), with or without the leading `model.`.
 Depth and readout. Every forward pass runs `config.num_hidden_layers` layers, read at call
 time (transformers' `assistant_early_exit` lowers it while the draft runs). The logits then
 come from:
-- all layers: the model's final readout (with backout when the config says so: BP models);
+- all layers: the model's final readout (`final_readout`: the last stage, with backout when
+  the config says so, or the Log-OP of all stages);
 - a stage boundary (the last layer of a stage): that stage's readout, the shared head plus
   the stage's own head when the model has per-stage heads, never backout. On a PoE model
   this is a trained predictor, so early exit at a boundary gives good drafts;
@@ -253,17 +254,17 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
         if cache is None and (use_cache or pad is not None):
             cache = PoECache(self.model, B, pad, capacity=past + T)
         if cache is None:
-            x, x_mid = self._run(input_ids, depth)
+            x, kept = self._run(input_ids, depth)
         else:
-            x, x_mid = self._run_cached(input_ids, depth, cache)
+            x, kept = self._run_cached(input_ids, depth, cache)
         if isinstance(logits_to_keep, int):
             if logits_to_keep > 0:
                 x = x[:, -logits_to_keep:]
-                x_mid = x_mid[:, -logits_to_keep:] if x_mid is not None else None
+                kept = {i: t[:, -logits_to_keep:] for i, t in kept.items()}
         else:
             x = x[:, logits_to_keep]
-            x_mid = x_mid[:, logits_to_keep] if x_mid is not None else None
-        logits = self._readout(x, x_mid, depth)
+            kept = {i: t[:, logits_to_keep] for i, t in kept.items()}
+        logits = self._readout(x, kept, depth)
         loss = None
         if labels is not None:
             targets = labels[:, 1:].reshape(-1).to(logits.device)
@@ -290,15 +291,14 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
             raise ValueError("attention_mask has zeros between real tokens; only left (or right) padding is supported")
         return pad if bool((pad > 0).any()) else None
 
-    def _run(self, idx: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Full-sequence pass through the first `depth` layers (no cache, no padding)."""
+    def _run(self, idx: torch.Tensor, depth: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Full-sequence pass through the first `depth` layers (no cache, no padding): the last
+        residual and those the final readout needs."""
         m = self.model
-        keep = self._keep(depth)
         x = x0 = m.embed(idx)
-        x, kept = m.run_layers(x, x0, idx, 0, depth, keep=keep)
-        return x, kept.get(m.config.backout_layer)
+        return m.run_layers(x, x0, idx, 0, depth, keep=self._keep(depth))
 
-    def _run_cached(self, idx: torch.Tensor, depth: int, cache: PoECache) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _run_cached(self, idx: torch.Tensor, depth: int, cache: PoECache) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         m, kv = self.model, cache.kv
         start, T = kv.n_tokens, idx.shape[1]
         for i in range(depth):
@@ -308,17 +308,15 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
             kv.lengths[i] = start
         cache.reserve(start + T)
         x = x0 = m.embed(idx, kv)
-        x, kept = m.run_layers(x, x0, idx, 0, depth, kv, start, keep=self._keep(depth))
-        return x, kept.get(m.config.backout_layer)
+        return m.run_layers(x, x0, idx, 0, depth, kv, start, keep=self._keep(depth))
 
     def _keep(self, depth: int) -> set[int]:
-        cfg = self.model.config
-        return {cfg.backout_layer} if depth == cfg.n_layer and cfg.backout else set()
+        return self.model.final_keep() if depth == self.model.config.n_layer else set()
 
-    def _readout(self, x: torch.Tensor, x_mid: torch.Tensor | None, depth: int) -> torch.Tensor:
+    def _readout(self, x: torch.Tensor, kept: dict[int, torch.Tensor], depth: int) -> torch.Tensor:
         m, cfg = self.model, self.model.config
         if depth == cfg.n_layer:
-            return m.readout(x, None, x_mid)
+            return m.readout(x, None, kept.get(cfg.backout_layer), [kept.get(e) for e in cfg.stage_ends])
         if depth - 1 in cfg.stage_ends:
             return m.readout(x, cfg.stage_ends.index(depth - 1))
         logits = rmsnorm(x) @ m.lm_head.weight.t()  # shared head only: no stage head belongs here
