@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="MODEL")
     p.add_argument("--data", required=True, help="corpus directory (its last shard is validation)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory when MODEL has none")
-    p.add_argument("--tokens", type=int, default=2 ** 18, help="validation token budget")
+    p.add_argument("--tokens", type=int, default=None, help="validation token budget (default: 80 x 2^19 on CUDA, "
+                   "2^16 on CPU; capped at the validation split)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--device", default="cpu")

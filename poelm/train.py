@@ -71,7 +71,7 @@ class TrainConfig:
     final_lr_frac: float = 0.05
     # evaluation, sampling, saving
     eval_every: int = 250
-    eval_tokens: int = 2 ** 20
+    eval_tokens: int | None = None  # None: the device's default (dataloader.default_eval_tokens)
     sample_every: int = 0
     sample_prompt: str = "The "
     save_every: int = 0  # 0: only at the end
@@ -512,7 +512,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     a("--warmdown-frac", type=float, default=d.warmdown_frac)
     a("--final-lr-frac", type=float, default=d.final_lr_frac)
     a("--eval-every", type=int, default=d.eval_every)
-    a("--eval-tokens", type=int, default=d.eval_tokens)
+    a("--eval-tokens", type=int, default=d.eval_tokens, help="validation token budget (default: 80 x 2^19 on "
+      "CUDA, 2^16 on CPU; capped at the validation split)")
     a("--sample-every", type=int, default=d.sample_every)
     a("--save-every", type=int, default=d.save_every, help="0: save only at the end")
     a("--keep-checkpoints", type=int, default=d.keep_checkpoints)
