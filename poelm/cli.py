@@ -154,7 +154,8 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="MODEL")
     p.add_argument("--data", required=True, help="corpus directory (its last shard is validation)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: MODEL's own)")
-    p.add_argument("--tokens", type=at_least(1), default=2 ** 18, help="validation token budget")
+    p.add_argument("--tokens", type=at_least(1), default=None,
+                   help="validation token budget, capped at the split (default: 80 x 2^19 on CUDA, 2^16 on CPU)")
     p.add_argument("--batch-size", type=at_least(1), default=8, help="rows per forward pass")
     p.add_argument("--seq-len", type=at_least(1), default=None, help="tokens per row (default: MODEL's sequence_len)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
@@ -245,7 +246,8 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     a("--warmdown-frac", type=float, default=d.warmdown_frac, help="fraction of the run spent warming down")
     a("--final-lr-frac", type=float, default=d.final_lr_frac, help="learning-rate multiplier at the last step")
     a("--eval-every", type=int, default=d.eval_every, help="validation bpb every this many steps, 0 = never")
-    a("--eval-tokens", type=int, default=d.eval_tokens, help="validation tokens per evaluation")
+    a("--eval-tokens", type=int, default=d.eval_tokens,
+      help="validation tokens per evaluation, capped at the split (default: 80 x 2^19 on CUDA, 2^16 on CPU)")
     a("--sample-every", type=int, default=d.sample_every, help="print a greedy sample every this many steps, 0 = never")
     a("--sample-prompt", default=d.sample_prompt, help="prompt of those samples (default: %(default)r)")
     a("--save-every", type=int, default=d.save_every, help="checkpoint every this many steps, 0 = only at the end")
@@ -283,7 +285,8 @@ def experiment_arguments(p: argparse.ArgumentParser) -> None:
 def compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="+", help="MODEL ...")
     p.add_argument("--data", required=True, help="corpus directory (its last shard is validation)")
-    p.add_argument("--tokens", type=at_least(1), default=2 ** 17, help="validation token budget per model")
+    p.add_argument("--tokens", type=at_least(1), default=None,
+                   help="validation token budget per model, capped at the split (default: 80 x 2^19 on CUDA, 2^16 on CPU)")
     p.add_argument("--seq-len", type=at_least(1), default=None,
                    help="tokens per row (default: each model's sequence_len, at most 1024)")
     p.add_argument("--batch-size", type=at_least(1), default=8, help="rows per forward pass")

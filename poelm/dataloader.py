@@ -7,6 +7,15 @@ a row, repeatedly place the largest document that still fits; when none fits, cr
 shortest one to fill the row exactly (the rest of it is dropped). So every row starts with
 BOS and there is no padding. A batch is inputs = rows[:, :-1], targets = rows[:, 1:]. Each epoch is one full pass:
 the buffer drains before the next pass starts, so no document repeats inside a pass.
+cropped_fraction is the share of the tokens of the documents placed so far that cropping
+dropped; above CROP_WARN_FRACTION (one half: best fit on web text at T=2048 crops about a
+third) the documents are far longer than a row, and the loader warns once.
+
+Validation (val_batches): a fixed token budget read from the start of the split, never
+wrapping around: a budget larger than the split evaluates each of its tokens once (with a
+warning). The default budget suits the device: nanochat's 80 x 2^19 tokens on CUDA, 2^16
+on CPU (an eval of a depth-4, 128-wide model on 2 CPU cores: ~5 s at vocab 1k and T 256,
+~17 s at vocab 4k and T 2048, ~2.8 min at vocab 32k).
 
 Sharding: the split's row groups are numbered across files; rank r reads those with
 index % world_size == r (if the split has fewer row groups than ranks, every rank reads all
@@ -24,6 +33,7 @@ Usage:
 """
 
 import bisect
+import itertools
 import math
 import os
 import warnings
@@ -34,6 +44,9 @@ import torch
 from poelm.corpus import list_shards, read_row_group, row_group_counts
 
 STATE_VERSION = 1
+CROP_WARN_FRACTION = 0.5
+CUDA_EVAL_TOKENS = 80 * 2 ** 19  # nanochat's validation budget on GPUs
+CPU_EVAL_TOKENS = 2 ** 16
 
 
 class BestFitLoader:
@@ -51,6 +64,7 @@ class BestFitLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         train, val = list_shards(data_dir)
+        self.data_dir = data_dir
         self.paths = train if split == "train" else [val]
         self.tok, self.B, self.T = tokenizer, batch_size, seq_len
         self.split, self.rank, self.world_size = split, rank, world_size
@@ -70,6 +84,7 @@ class BestFitLoader:
         self.docs: dict[tuple[int, int], list[int]] = {}  # (unit, doc index) -> tokens
         self.rows = self.tokens_emitted = self.tokens_cropped = 0
         self._empty_units = 0
+        self._crop_warned = False
         if state is not None:
             self.load_state_dict(state)
 
@@ -139,11 +154,17 @@ class BestFitLoader:
             rows.append(row)
         self.rows += self.B
         self.tokens_emitted += self.B * (self.T + 1)
+        self._warn_if_cropping()
         x = torch.tensor(rows, dtype=torch.long)  # (B, T+1)
-        inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()  # (B, T) each
-        if self.device.type == "cuda":
-            inputs, targets = inputs.pin_memory(), targets.pin_memory()
-        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        return to_device(x[:, :-1].contiguous(), x[:, 1:].contiguous(), self.device)  # (B, T) each
+
+    def _warn_if_cropping(self) -> None:
+        if not self._crop_warned and self.cropped_fraction > CROP_WARN_FRACTION:
+            self._crop_warned = True
+            warnings.warn(f"{self.split} split of {self.data_dir}: cropping has dropped {self.cropped_fraction:.1%} "
+                          f"of the tokens of the documents packed so far (documents far longer than a row of "
+                          f"{self.T + 1} tokens); split them into smaller documents (`poelm data build` does so "
+                          "for .txt files) or raise --seq-len")
 
     # ------------------------------------------------------------------ stats and state
     @property
@@ -152,7 +173,7 @@ class BestFitLoader:
 
     @property
     def cropped_fraction(self) -> float:
-        """Tokens dropped by cropping / tokens taken from documents so far."""
+        """Tokens dropped by cropping / tokens of the documents placed in rows so far."""
         return self.tokens_cropped / max(1, self.tokens_cropped + self.tokens_emitted)
 
     def state_dict(self) -> dict:
@@ -205,21 +226,54 @@ class BestFitLoader:
                       f"{self.epoch}, file {pos[0]}, row group {pos[1]} with an empty buffer")
 
 
-def val_batches(data_dir: str | os.PathLike, tokenizer, batch_size: int, seq_len: int,
-                n_tokens: int, rank: int = 0, world_size: int = 1,
-                device: str | torch.device = "cpu", **kw) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """A fixed budget of validation batches: n_tokens // (B*T*world_size) steps (>= 1) per rank.
+def to_device(inputs: torch.Tensor, targets: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU (inputs, targets) onto device (pinned first for an asynchronous copy to a GPU)."""
+    if device.type == "cuda":
+        inputs, targets = inputs.pin_memory(), targets.pin_memory()
+    return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
-    The validation split is re-read from its start each call, and wraps around (with a
-    warning) if it is smaller than the budget, so every rank yields the same number of batches.
+
+def _device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def default_eval_tokens(device: str | torch.device) -> int:
+    """The validation budget for a device: 80 x 2^19 tokens on CUDA, 2^16 elsewhere ("auto": CUDA if available)."""
+    return CUDA_EVAL_TOKENS if _device(device).type == "cuda" else CPU_EVAL_TOKENS
+
+
+def val_batches(data_dir: str | os.PathLike, tokenizer, batch_size: int, seq_len: int,
+                n_tokens: int | None = None, rank: int = 0, world_size: int = 1,
+                device: str | torch.device = "cpu", **kw) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed budget of validation batches: n_tokens // (B*T*world_size) steps (>= 1) per rank;
+    n_tokens None: default_eval_tokens(device).
+
+    The split is re-read from its start each call and read at most once: when it is smaller
+    than the budget, each of its tokens is evaluated once (the last batch may have fewer
+    rows) and rank 0 warns, naming the budget and the split's size. Ranks may then yield
+    different numbers of batches (evaluate_bpb sums over ranks after its loop).
     """
+    if n_tokens is None:
+        n_tokens = default_eval_tokens(device)
+    if n_tokens < 1:
+        raise ValueError(f"eval token budget must be >= 1, got {n_tokens}; leave it out for the device default")
     steps = max(1, n_tokens // (batch_size * seq_len * world_size))
-    loader = BestFitLoader(data_dir, tokenizer, batch_size, seq_len, split="val", rank=rank,
-                           world_size=world_size, device=device, loop=True, **kw)
-    warned = False
+    device = _device(device)
+    loader = BestFitLoader(data_dir, tokenizer, 1, seq_len, split="val", rank=rank, world_size=world_size,
+                           loop=False, **kw)  # rows one at a time (on the CPU), so a last, short batch is kept
     for _ in range(steps):
-        yield next(loader)
-        if loader.next_unit > len(loader.units) and not warned:
-            warnings.warn(f"validation split of {data_dir} is smaller than the {n_tokens:,}-token "
-                          "budget; it wraps around")
-            warned = True
+        rows = list(itertools.islice(loader, batch_size))  # [(inputs, targets) (1, T) each]
+        if rows:
+            yield to_device(torch.cat([x for x, _ in rows]), torch.cat([y for _, y in rows]), device)  # (b, T)
+        if len(rows) < batch_size:
+            if loader.rows == 0:
+                raise ValueError(f"the validation split of {data_dir} holds less than one row of seq_len + 1 = "
+                                 f"{seq_len + 1} tokens{f' for rank {rank}' if world_size > 1 else ''}; "
+                                 "use a shorter --seq-len or a bigger validation shard")
+            if rank == 0:
+                split = f"{loader.rows * seq_len:,} tokens at seq_len {seq_len}" + (" on rank 0" if world_size > 1 else "")
+                warnings.warn(f"validation split of {data_dir} holds only {split}, less than the {n_tokens:,}-token "
+                              "eval budget: each of its tokens is evaluated once")
+            return

@@ -54,7 +54,7 @@ class ExperimentConfig:
     target_tokens: int = -1
     target_param_data_ratio: float = 20.0
     eval_every: int = 50
-    eval_tokens: int = 2 ** 16
+    eval_tokens: int | None = None  # None: the device's default (dataloader.default_eval_tokens)
     save_every: int = 50
     # optimizer: nanochat's d12 / 2^19-token flag values, scaled per run (training.md "Scaling
     # rules"); lr_scaling "off" takes them literally
@@ -98,14 +98,14 @@ PRESETS: dict[str, dict] = {
     # One GPU (bf16): d12, 4 x 3 stages, 32k vocab, ~20 tokens per parameter on ClimbMix or any corpus.
     "gpu-small": dict(name="gpu-small", depth=12, n_embd=None, n_head=None, vocab_size=32768, seq_len=2048,
                       poe_every=3, total_batch_size=2 ** 19, device_batch_size=32, target_param_data_ratio=20.0,
-                      eval_every=250, eval_tokens=2 ** 21, save_every=500, data_source="climbmix:40",
+                      eval_every=250, save_every=500, data_source="climbmix:40",
                       data="data/climbmix", tokenizer="data/tokenizer-32k",
                       compute_note="d12 (~0.29 B params incl. value embeddings), ~5.8 B tokens per arm: "
                                    "about 3-4 H100-hours per arm"),
     # The released setting: d24, 4 x 6, ClimbMix, 20 tokens per total parameter, 2^20 tokens per step.
     "paper-d24": dict(name="paper-d24", depth=24, n_embd=None, n_head=None, vocab_size=32768, seq_len=2048,
                       poe_every=6, total_batch_size=2 ** 20, device_batch_size=16, target_param_data_ratio=20.0,
-                      eval_every=1000, eval_tokens=10 * 2 ** 20, save_every=1000, data_source="climbmix:170",
+                      eval_every=1000, save_every=1000, data_source="climbmix:170",
                       data="data/climbmix", tokenizer="data/tokenizer-32k", nproc=8,
                       compute_note="1.384 B params x 27.7 B tokens per arm: ~4.78e9 FLOPs/token x 27.7e9 x 3 "
                                    "(fwd+bwd already in the 6N) = 1.3e20 FLOPs per arm; at 40% MFU on 8 H100s "
@@ -282,7 +282,7 @@ def backout_compat(cfg: ExperimentConfig) -> dict:
         row = {}
         for backout in (False, True):
             model.config.backout = backout
-            batches = val_batches(cfg.data, tok, cfg.device_batch_size, cfg.seq_len, cfg.eval_tokens)
+            batches = val_batches(cfg.data, tok, cfg.device_batch_size, cfg.seq_len, cfg.eval_tokens)  # model on the CPU: None is the CPU budget
             row["with_backout" if backout else "without_backout"] = evaluate_bpb(model, batches, tok.token_bytes())["bpb"]
         out[arm] = row
     return out
@@ -481,12 +481,12 @@ def _n_stages(evals: dict) -> int:
 # compare
 
 
-def compare_models(specs: list[str], data: str, tokens: int = 2 ** 17, seq_len: int | None = None,
+def compare_models(specs: list[str], data: str, tokens: int | None = None, seq_len: int | None = None,
                    batch_size: int = 8, device: str = "cpu", tokenizer_dir: str | None = None) -> dict:
     """bpb (final / per stage / Log-OP), parameters and supported modes of several models on
-    the same validation documents."""
+    the same validation documents (tokens None: the device's default budget)."""
     from poelm.checkpoint import load_model
-    from poelm.dataloader import val_batches
+    from poelm.dataloader import default_eval_tokens, val_batches
     from poelm.evaluate import evaluate_bpb
 
     rows, vocabs = [], set()
@@ -508,7 +508,7 @@ def compare_models(specs: list[str], data: str, tokens: int = 2 ** 17, seq_len: 
     if len(vocabs) > 1:
         note = ("the models use different tokenizers: bpb is still comparable (it is normalised by bytes), "
                 "token-level metrics such as perplexity or top-1 agreement are not")
-    return {"models": rows, "data": data, "tokens_budget": tokens, "note": note}
+    return {"models": rows, "data": data, "tokens_budget": default_eval_tokens(device) if tokens is None else tokens, "note": note}
 
 
 def supported_modes(model, spec: str) -> list[str]:

@@ -76,7 +76,7 @@ class TrainConfig:
     final_lr_frac: float = 0.05
     # evaluation, sampling, saving
     eval_every: int = 250
-    eval_tokens: int = 2 ** 20
+    eval_tokens: int | None = None  # None: the device's default (dataloader.default_eval_tokens)
     sample_every: int = 0
     sample_prompt: str = "The "
     save_every: int = 0  # 0: only at the end
@@ -114,13 +114,13 @@ def check_config(tc: TrainConfig) -> None:
                          "to use --target-param-data-ratio")
     at_least = [("--depth", tc.depth, 1), ("--head-dim", tc.head_dim, 1), ("--seq-len", tc.seq_len, 1),
                 ("--total-batch-size", tc.total_batch_size, 1), ("--device-batch-size", tc.device_batch_size, 1),
-                ("--eval-tokens", tc.eval_tokens, 1), ("--eval-every", tc.eval_every, 0),
+                ("--eval-every", tc.eval_every, 0),
                 ("--sample-every", tc.sample_every, 0), ("--save-every", tc.save_every, 0),
                 ("--keep-checkpoints", tc.keep_checkpoints, 0), ("--warmup-steps", tc.warmup_steps, 0)]
     at_least += [(flag, value, 1) for flag, value in (
         ("--n-embd", tc.n_embd), ("--n-head", tc.n_head), ("--n-kv-head", tc.n_kv_head),
         ("--intermediate-size", tc.intermediate_size), ("--short-window", tc.short_window),
-        ("--poe-every", tc.poe_every)) if value is not None]
+        ("--poe-every", tc.poe_every), ("--eval-tokens", tc.eval_tokens)) if value is not None]
     # the LR flags and --weight-decay are checked by poelm.optim.effective_hparams, their one reader
     for flag, value, low in at_least:
         if not value >= low:  # also refuses NaN

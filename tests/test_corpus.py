@@ -2,7 +2,10 @@
 
 import http.server
 import json
+import random
+import re
 import threading
+import warnings
 from pathlib import Path
 
 import pyarrow as pa
@@ -10,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from poelm import corpus
-from poelm.corpus import (build_corpus, download_climbmix, iter_documents, list_shards,
+from poelm.corpus import (build_corpus, cut_at_whitespace, download_climbmix, iter_documents, list_shards,
                           split_paragraphs, strip_gutenberg, write_corpus)
 
 SDIST_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "sdist"
@@ -117,6 +120,69 @@ def test_text_helpers():
     assert split_paragraphs("short") == ["short"] and split_paragraphs("  \n ") == []
     parts = split_paragraphs("\n\n".join(["x" * 100] * 50), 1000, 2000)
     assert all(len(p) <= 2000 for p in parts) and "".join(parts).count("x") == 5000
+
+
+def test_cut_at_whitespace_keeps_the_text():
+    rng = random.Random(0)
+    text = "".join(rng.choice(["ab", "c", " ", "\t", "\n"] + ["xyzzy" * 9] * 8) for _ in range(20_000))
+    pieces = cut_at_whitespace(text, 100, 200)
+    assert len(pieces) > 50 and all(100 <= len(p) < 200 for p in pieces[:-1]) and len(pieces[-1]) <= 200
+    pos, kinds = 0, []  # pieces + the one whitespace character dropped at each cut give back the text
+    for p in pieces[:-1]:
+        assert text.startswith(p, pos)
+        if any(c.isspace() for c in text[pos + 100:pos + 200]):  # cut at the first whitespace after 100
+            assert text[pos + len(p)].isspace() and not any(c.isspace() for c in text[pos + 100:pos + len(p)])
+            pos, kinds = pos + len(p) + 1, kinds + ["space"]
+        else:  # no whitespace in the window: a hard cut at 100
+            assert len(p) == 100
+            pos, kinds = pos + 100, kinds + ["hard"]
+    assert text[pos:] == pieces[-1] and {"space", "hard"} <= set(kinds)
+    solid = "x" * 1050  # no whitespace: hard cuts, nothing dropped
+    assert cut_at_whitespace(solid, 100, 200) == ["x" * 100] * 9 + ["x" * 150]
+    assert cut_at_whitespace("short text", 100, 200) == ["short text"]
+    with pytest.raises(ValueError, match="size <= limit"):
+        cut_at_whitespace(solid, 0, 200)
+
+
+def test_single_huge_line_becomes_many_documents(tmp_path):
+    """A 2 MB one-line .txt (and a 1 MB one without any whitespace) -> documents of about the
+    8,192-character target; joined in order they give back the text."""
+    words = [f"w{i}" for i in range(260_000)]
+    line = " ".join(words)  # ~2 MB, no newline at all
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "line.txt").write_text(line)
+    stats = build_corpus(str(tmp_path / "src"), tmp_path / "out")
+    train, val = list_shards(tmp_path / "out")
+    docs = list(iter_documents(train)) + list(iter_documents(val))
+    assert stats["docs"] == len(docs) > 200
+    docs.sort(key=lambda d: int(d.split(" ", 1)[0][1:]))  # back in text order
+    assert all(8192 <= len(d) < 8200 for d in docs[:-1]) and len(docs[-1]) <= 16384
+    assert " ".join(docs) == line
+
+    rng = random.Random(1)
+    solid = "".join(rng.choice("abcdefgh") for _ in range(1_000_000))
+    (tmp_path / "solid").mkdir()
+    (tmp_path / "solid" / "solid.txt").write_text(solid)
+    build_corpus(str(tmp_path / "solid"), tmp_path / "out2")
+    train, val = list_shards(tmp_path / "out2")
+    docs = list(iter_documents(train)) + list(iter_documents(val))
+    docs.sort(key=solid.index)
+    assert [len(d) for d in docs[:-1]] == [8192] * (len(docs) - 1) and len(docs[-1]) <= 16384  # hard cuts
+    assert "".join(docs) == solid
+
+
+def test_undecodable_txt_warns(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "image.txt").write_bytes(random.Random(0).randbytes(200_000))
+    (tmp_path / "src" / "fine.txt").write_text("ünïcode text 😀 " * 1000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_corpus(str(tmp_path / "src"), tmp_path / "out")
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 1 and re.fullmatch(
+        re.escape(str(tmp_path / "src" / "image.txt")) + r": \d\d% of its characters are undecodable bytes "
+        r"\(U\+FFFD after UTF-8 decoding\): it does not look like UTF-8 text; convert it to UTF-8 or leave it out",
+        msgs[0]), msgs
 
 
 @pytest.mark.skipif(not all((SDIST_CACHE / f"{n}-{v}.tar.gz").is_file() for n, v in corpus.DEFAULT_SDISTS),

@@ -3,12 +3,13 @@
 import json
 import random
 import re
+import warnings
 
 import pytest
 import torch
 
 from poelm.corpus import write_corpus
-from poelm.dataloader import BestFitLoader, val_batches
+from poelm.dataloader import BestFitLoader, default_eval_tokens, val_batches
 from poelm.tokenizer import Tokenizer
 
 T = 64
@@ -169,10 +170,60 @@ def test_val_budget_and_max_rows(setup):
     assert len(batches) == 3
     again = list(val_batches(d, tok, 2, T, n_tokens=2 * T * 3))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))  # fixed eval set
-    with pytest.warns(UserWarning, match="wraps around"):
-        assert len(list(val_batches(d, tok, 2, T, n_tokens=2 * T * 200))) == 200
     loader = BestFitLoader(d, tok, 2, T, max_rows=7)
     assert len(list(loader)) == 3 and loader.rows == 6
+
+
+def test_val_budget_is_capped_at_the_split(setup):
+    """A budget larger than the split: each validation row once (the last batch may be short),
+    one warning naming the budget and the split's size."""
+    d, tok, _ = setup
+    one_pass = [x for x, _ in BestFitLoader(d, tok, 1, T, split="val", loop=False)]  # every row of the split, once
+    assert len(one_pass) == 12
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(val_batches(d, tok, 5, T, n_tokens=5 * T * 200))
+    assert [len(x) for x, _ in batches] == [5, 5, 2]
+    assert torch.equal(torch.cat([x for x, _ in batches]), torch.cat(one_pass))
+    rows = [tuple(r) for x, y in batches for r in rows_of(x, y).tolist()]
+    assert len(set(rows)) == len(rows) == 12  # no row twice
+    assert sum(y.numel() for _, y in batches) == 12 * T
+    msgs = [str(w.message) for w in caught]
+    assert msgs == [f"validation split of {d} holds only {12 * T:,} tokens at seq_len {T}, less than the "
+                    f"{5 * T * 200:,}-token eval budget: each of its tokens is evaluated once"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a budget the split covers: no warning
+        assert sum(len(x) for x, _ in val_batches(d, tok, 4, T, n_tokens=12 * T)) == 12
+    with pytest.raises(ValueError, match="less than one row of seq_len"):
+        list(val_batches(d, tok, 2, 10 ** 5, n_tokens=10))
+    with pytest.raises(ValueError, match="budget must be >= 1"):
+        list(val_batches(d, tok, 2, T, n_tokens=0))
+
+
+def test_default_eval_budget_suits_the_device():
+    assert default_eval_tokens("cpu") == 2 ** 16
+    assert default_eval_tokens(torch.device("cuda", 1)) == default_eval_tokens("cuda:0") == 80 * 2 ** 19
+    assert default_eval_tokens("auto") == (80 * 2 ** 19 if torch.cuda.is_available() else 2 ** 16)
+
+
+def test_warns_once_when_cropping_drops_most_tokens(tmp_path, setup):
+    _, tok, docs = setup
+    giant = [" ".join(docs[i:i + 60]) for i in range(0, 360, 60)]  # 6 documents of ~1,500 tokens, rows of 65
+    write_corpus(giant, tmp_path, n_train_shards=1)
+    loader = BestFitLoader(tmp_path, tok, 2, T)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(10):
+            next(loader)
+    assert loader.cropped_fraction > 0.9
+    assert len(caught) == 1 and re.match(rf"train split of {re.escape(str(tmp_path))}: cropping has dropped "
+                                         r"9\d\.\d% of the tokens", str(caught[0].message))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the packed corpus of the other tests crops little at T = 64
+        normal = BestFitLoader(setup[0], tok, 4, T)
+        for _ in range(20):
+            next(normal)
+        assert normal.cropped_fraction < 0.5
 
 
 def test_errors(setup, tmp_path):

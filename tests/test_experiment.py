@@ -93,6 +93,11 @@ def test_compare_models(micro, tmp_path, capsys):
     assert rows["bp"]["modes"] == ["final"] and "speculative" in rows["poe"]["modes"]
     assert len(rows["poe"]["stage_bpb"]) == 2 and result["note"] is None
     assert plot.exists()
+    # no --tokens: the CPU default budget, capped like --tokens 512 at the micro validation split (480 tokens)
+    with pytest.warns(UserWarning, match="less than the 65,536-token eval budget"):
+        assert main(["compare", str(arms / "bp"), "--data", micro.data, "--seq-len", "32", "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert whole["tokens_budget"] == 2 ** 16 and whole["models"][0]["tokens"] == rows["bp"]["tokens"] < 512
     # the same checkpoints through `poelm eval` give the same bpb
     assert main(["eval", str(arms / "poe"), "--data", micro.data, "--tokens", "512", "--seq-len", "32",
                  "--batch-size", "8", "--json"]) == 0
