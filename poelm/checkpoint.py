@@ -25,27 +25,13 @@ from pathlib import Path
 import torch
 
 from poelm.atomic import atomic_path, atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
+from poelm.codec import from_nanochat_meta, read_config_file, to_config_json, to_nanochat_meta
 from poelm.model import GPT, GPTConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 GENERATION_CONFIG_NAME = "generation_config.json"
 LATEST_NAME = "latest"  # a training run's pointer to its newest checkpoint directory
-MODEL_TYPE = "cognica_poe"
-# Fields written next to GPTConfig's own for transformers (read back only by transformers).
-HF_FIELDS = ("model_type", "architectures", "auto_map", "num_hidden_layers", "hidden_size", "num_attention_heads",
-             "num_key_value_heads", "max_position_embeddings", "torch_dtype", "dtype", "bos_token_id",
-             "eos_token_id", "pad_token_id", "transformers_version", "tie_word_embeddings", "use_cache",
-             "_name_or_path",
-             # what transformers' save_pretrained may add (PretrainedConfig's own attributes, 4.x and 5.x)
-             "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward",
-             "is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size", "id2label",
-             "label2id", "problem_type", "tokenizer_class", "prefix", "task_specific_params", "torchscript",
-             "pruned_heads", "finetuning_task", "sep_token_id", "decoder_start_token_id", "tf_legacy_loss",
-             "use_bfloat16", "attn_implementation")
-# GPTConfig field -> the standard transformers name for it (config.json carries both; either fills the other)
-STANDARD_NAMES = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads",
-                  "n_kv_head": "num_key_value_heads", "sequence_len": "max_position_embeddings"}
 KEY_PREFIXES = ("_orig_mod.", "model.", "module.")
 
 
@@ -106,55 +92,6 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     os.replace(tmp_dir, final_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-# -----------------------------------------------------------------------------
-# Config <-> config.json
-
-
-def config_to_json(config: GPTConfig, dtype: str = "float32") -> dict:
-    d = config.to_dict()
-    d.update({
-        "model_type": MODEL_TYPE,
-        "architectures": ["CognicaPoEForCausalLM"],
-        "auto_map": {
-            "AutoConfig": "configuration_cognica_poe.CognicaPoEConfig",
-            "AutoModelForCausalLM": "modeling_cognica_poe.CognicaPoEForCausalLM",
-        },
-        "num_hidden_layers": config.n_layer,
-        "hidden_size": config.n_embd,
-        "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_kv_head,
-        "max_position_embeddings": config.sequence_len,
-        "torch_dtype": dtype,
-    })
-    return d
-
-
-def config_from_json(d: dict) -> GPTConfig:
-    """GPTConfig from config.json; the standard transformers names fill in missing fields
-    (num_hidden_layers is the HF-side runtime depth and may be smaller than n_layer)."""
-    if not isinstance(d, dict):
-        raise ValueError(f"config must be a JSON object of fields, got {json.dumps(d)[:40]} ({type(d).__name__})")
-    d = dict(d)
-    for field, name in STANDARD_NAMES.items():
-        if d.get(field) is None and d.get(name) is not None:
-            d[field] = d[name]
-    config = GPTConfig.from_dict({k: v for k, v in d.items() if k not in HF_FIELDS}, ignore=())
-    for field, name in STANDARD_NAMES.items():
-        if name != "num_hidden_layers" and d.get(name) is not None and d[name] != getattr(config, field):
-            raise ValueError(f"config {name}={d[name]} disagrees with {field}={getattr(config, field)}; fix one of them")
-    return config
-
-
-def read_config_file(path: Path) -> GPTConfig:
-    """GPTConfig from a config.json file; every error is one line that starts with its path."""
-    try:
-        return config_from_json(json.loads(Path(path).read_text()))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -230,7 +167,7 @@ def save_model(model: GPT, out_dir: str | Path, tokenizer=None, dtype: torch.dty
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         dtype_name = str(dtype or model.lm_head.weight.dtype).replace("torch.", "")
-        atomic_write_json(tmp / CONFIG_NAME, config_to_json(model.config, dtype_name))
+        atomic_write_json(tmp / CONFIG_NAME, to_config_json(model.config, dtype_name))
         write_safetensors(model, tmp / WEIGHTS_NAME, dtype)
         if tokenizer is not None:
             tokenizer.save(tmp)
@@ -312,63 +249,6 @@ def is_nanochat_dir(path: Path) -> bool:
     return path.is_dir() and _latest_step(path, "model_*.pt") is not None
 
 
-# What the PoE fork's base_train.py writes into meta_*.json (formats.md "nanochat checkpoints"):
-# model_config is asdict() of its GPTConfig; user_config is vars(args) of its flags.
-NANOCHAT_ARCH = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern",
-                 "per_stage_head", "poe_every", "intermediate_size")
-SPECIALIST_FIELDS = ("dual_head", "frozen_layers", "base_model_dir")
-# model_config fields only poelm's own save_nanochat_dir writes (the fork never does)
-POELM_MODEL_FIELDS = ("poe_stage_layers", "short_window", "poe_mode", "poe_alpha", "backout", "final_readout",
-                      "final_logop_alpha")
-# everything else in a meta (step, val_bpb, loop_state, dataloader_state_dict, batch sizes, the other
-# training flags of user_config) only matters to resuming training and is ignored on purpose
-
-
-def nanochat_config(meta: dict, poe_mode: str | None = None) -> GPTConfig:
-    """GPTConfig from a nanochat meta_*.json as the PoE fork writes it. The imported model
-    reproduces the fork's own forward: backout on the plain final path (BP and PoE alike), and
-    for per-stage-head models the Log-OP of all stages, weight 1/K (the fork's forward leaves
-    its poe_alpha argument at 0 outside training), recorded as final_readout="logop"."""
-    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
-        raise ValueError("a nanochat meta must be a JSON object with a model_config object")
-    mc, user = meta["model_config"], meta.get("user_config") or {}
-    if not isinstance(user, dict):
-        raise ValueError(f"user_config must be a JSON object of training flags, got {type(user).__name__}")
-    for key in SPECIALIST_FIELDS:
-        value = mc.get(key) or user.get(key) or meta.get(key)
-        if value:
-            raise ValueError(f"nanochat checkpoint has {key}={value!r}: it is a specialist checkpoint; "
-                             "attach it to its base with the specialist tools instead")
-    unknown = sorted(set(mc) - set(NANOCHAT_ARCH) - set(SPECIALIST_FIELDS) - set(POELM_MODEL_FIELDS))
-    if unknown:
-        raise ValueError(f"model_config has unknown field(s) {', '.join(unknown)}, which may change the forward; "
-                         f"poelm reads {', '.join(NANOCHAT_ARCH + POELM_MODEL_FIELDS)} and ignores on purpose the "
-                         "training-only fields (step, val_bpb, loop_state, dataloader_state_dict, batch sizes, "
-                         "user_config flags other than poe_mode / poe_alpha / poe_every)")
-    mode = poe_mode or mc.get("poe_mode") or user.get("poe_mode") or "none"
-    kw = {k: mc[k] for k in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern",
-                             "per_stage_head", "short_window", "poe_alpha", "backout", "final_readout",
-                             "final_logop_alpha") if mc.get(k) is not None}
-    if mc.get("intermediate_size"):  # the fork's 0 means 4 * n_embd, GPTConfig's default
-        kw["intermediate_size"] = mc["intermediate_size"]
-    if "poe_alpha" not in kw and user.get("poe_alpha") is not None:
-        kw["poe_alpha"] = user["poe_alpha"]
-    every = user.get("poe_every", mc.get("poe_every"))
-    if mc.get("poe_stage_layers") is not None:
-        kw["poe_stage_layers"] = mc["poe_stage_layers"]
-    elif every and (mode != "none" or kw.get("per_stage_head")):  # BP: the default stage layout
-        n_layer = mc.get("n_layer")
-        if isinstance(every, int) and isinstance(n_layer, int) and every > 0 and n_layer % every:
-            kw["poe_stage_layers"] = [every] * (n_layer // every) + [n_layer % every]  # the fork's last short stage
-        else:
-            kw["poe_every"] = every
-    if kw.get("per_stage_head") and "final_readout" not in kw:
-        kw.update(final_readout="logop", final_logop_alpha=0.0)
-    if "backout" not in kw:
-        kw["backout"] = kw.get("final_readout", "last") == "last"
-    return GPTConfig.from_dict({"poe_mode": mode, **kw})
-
-
 def load_nanochat_dir(path: Path, device="cpu", dtype=torch.float32, step: int | None = None,
                       tokenizer_dir: str | Path | None = None, poe_mode: str | None = None) -> tuple[GPT, object]:
     step = step if step is not None else _latest_step(path, "model_*.pt")
@@ -378,7 +258,7 @@ def load_nanochat_dir(path: Path, device="cpu", dtype=torch.float32, step: int |
     if not model_file.exists():
         raise FileNotFoundError(f"{model_file} is missing: pass a step that has a model file")
     try:
-        config = nanochat_config(json.loads(meta_file.read_text()), poe_mode)
+        config = from_nanochat_meta(json.loads(meta_file.read_text()), poe_mode)
     except json.JSONDecodeError as e:
         raise ValueError(f"{meta_file} is not valid JSON ({e})") from None
     except ValueError as e:
@@ -412,15 +292,7 @@ def save_nanochat_dir(model: GPT, out_dir: str | Path, step: int, meta_extra: di
     cfg = model.config
     state = {prefix + k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_torch_save(state, out_dir / f"model_{step:06d}.pt")
-    mc = dict(sequence_len=cfg.sequence_len, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-              n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, window_pattern=cfg.window_pattern, dual_head=False,
-              frozen_layers=0, per_stage_head=cfg.per_stage_head, poe_every=cfg.poe_every or 0,
-              intermediate_size=cfg.intermediate_size,
-              # poelm's own settings, which the fork's defaults would not restore
-              poe_stage_layers=list(cfg.poe_stage_layers), short_window=cfg.short_window, backout=cfg.backout,
-              final_readout=cfg.final_readout, final_logop_alpha=cfg.final_logop_alpha)
-    user = {"poe_mode": cfg.poe_mode, "poe_alpha": cfg.poe_alpha, "poe_every": cfg.poe_every or 1}
-    meta = {"step": step, "model_config": mc, "user_config": user}
+    meta = {"step": step, **to_nanochat_meta(cfg)}
     meta.update(meta_extra or {})
     atomic_write_json(out_dir / f"meta_{step:06d}.json", meta)
 

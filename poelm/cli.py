@@ -203,7 +203,7 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def train_arguments(p: argparse.ArgumentParser) -> None:
-    from poelm.model import POE_MODES
+    from poelm.codec import add_model_flags
     from poelm.optim import LR_SCALING
     from poelm.train import TrainConfig
 
@@ -212,20 +212,6 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     a("--data", default=d.data, help="corpus directory of parquet shards (last shard = validation)")
     a("--tokenizer", default=d.tokenizer, help="tokenizer directory (tokenizer.pkl/json + token_bytes.pt) (default: none; give it)")
     a("--out", default=d.out, help="run directory (checkpoints, metrics.jsonl, plots)")
-    a("--depth", type=int, default=d.depth, help="number of layers (sizes derive from it)")
-    a("--n-embd", type=int, default=None, help="width (default: depth x 64 rounded to head_dim)")
-    a("--n-head", type=int, default=None, help="attention heads (default: n_embd / head_dim)")
-    a("--n-kv-head", type=int, default=None, help="KV heads for GQA (default: n_head)")
-    a("--head-dim", type=int, default=d.head_dim, help="width of one attention head")
-    a("--intermediate-size", type=int, default=None, help="MLP width (default: 4 x n_embd)")
-    a("--seq-len", type=int, default=d.seq_len, help="tokens per row (the model's context)")
-    a("--window-pattern", default=d.window_pattern, help="per-layer attention windows, S = short, L = long")
-    a("--short-window", type=int, default=None, help="S window (default: seq_len/4 rounded up to 128)")
-    a("--poe-mode", default=d.poe_mode, choices=POE_MODES, help="objective: none = BP, the others = PoE")
-    a("--poe-alpha", type=float, default=d.poe_alpha, help="stage losses summed / K^(1-alpha): 0 = their mean, 1 = their sum")
-    a("--poe-every", type=int, default=None, help="uniform stages of this many layers (default: 4 equal stages if depth allows, else 1)")
-    a("--poe-stage-layers", type=comma_ints, default=None, help="explicit stage sizes, e.g. 12,5,4,3 (default: none)")
-    a("--per-stage-head", action="store_true", help="one unembedding per stage instead of a shared one")
     a("--total-batch-size", type=int, default=d.total_batch_size, help="tokens per optimizer step (all ranks)")
     a("--device-batch-size", type=int, default=d.device_batch_size, help="rows per forward pass per rank")
     a("--num-iterations", type=int, default=d.num_iterations,
@@ -259,9 +245,11 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     a("--resume", action="store_true", help="continue the run in --out from its newest complete checkpoint")
     a("--extend-to", type=int, default=None, help="with --resume: change the horizon to N steps (recorded)")
     a("--quiet", action="store_true", help="no progress bar or log lines")
+    add_model_flags(p)
 
 
 def experiment_arguments(p: argparse.ArgumentParser) -> None:
+    from poelm.codec import add_model_flags
     from poelm.experiment import PRESETS
 
     p.add_argument("config", nargs="?", default="tiny", help=f"preset ({', '.join(PRESETS)}) or a TOML/YAML file")
@@ -270,9 +258,7 @@ def experiment_arguments(p: argparse.ArgumentParser) -> None:
             ("--out", str, "experiment directory"), ("--data", str, "corpus directory (built when missing)"),
             ("--data-source", str, "default, a folder, or climbmix:N"),
             ("--tokenizer", str, "tokenizer directory (trained when missing)"),
-            ("--vocab-size", int, "tokenizer vocabulary"), ("--depth", int, "layers"), ("--n-embd", int, "width"),
-            ("--n-head", int, "attention heads"), ("--seq-len", int, "tokens per row"),
-            ("--poe-every", int, "layers per PoE stage"), ("--total-batch-size", int, "tokens per step"),
+            ("--vocab-size", int, "tokenizer vocabulary"), ("--total-batch-size", int, "tokens per step"),
             ("--device-batch-size", int, "rows per forward pass"), ("--num-iterations", int, "steps per arm"),
             ("--target-tokens", int, "training tokens per arm"), ("--eval-every", int, "steps between evals"),
             ("--eval-tokens", int, "validation tokens per eval"), ("--save-every", int, "steps between checkpoints"),
@@ -280,6 +266,7 @@ def experiment_arguments(p: argparse.ArgumentParser) -> None:
             ("--dtype", str, "auto, fp32/float32 or bf16/bfloat16"), ("--nproc", int, "processes per arm (torchrun)"),
             ("--decode-tokens", int, "new tokens per prompt when timing the inference modes")):
         p.add_argument(flag, type=kind, default=None, help=text + preset)
+    add_model_flags(p, exclude=("vocab_size", "poe_mode", "poe_alpha"), defaults_note="the preset's")
 
 
 def compare_arguments(p: argparse.ArgumentParser) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from poelm.checkpoint import atomic_write_bytes, atomic_write_json
+from poelm.model import GPTConfig
 from poelm.plots import save_figure
 
 # The paper's figures (poe.md §1, training.md): d24, 27.7 B ClimbMix tokens.
@@ -37,17 +38,10 @@ class ExperimentConfig:
     data_source: str = "default"  # "default", a folder of txt/jsonl/parquet, or "climbmix:N"
     data: str = "data/default"
     tokenizer: str = "data/tokenizer"
-    vocab_size: int = 4096
-    depth: int = 4
-    n_embd: int | None = 128
-    n_head: int | None = 2
-    n_kv_head: int | None = None
-    seq_len: int = 256
-    window_pattern: str = "SSSL"
-    short_window: int | None = None
-    poe_every: int | None = 1
-    poe_stage_layers: tuple[int, ...] | None = None
-    per_stage_head: bool = False
+    vocab_size: int = 4096  # of the tokenizer the experiment trains; the models take its vocabulary
+    # GPTConfig fields shared by every arm (each arm sets poe_mode and poe_alpha itself); fields
+    # left out take GPTConfig's defaults and derivations
+    model: dict = field(default_factory=dict)
     total_batch_size: int = 8192
     device_batch_size: int = 32
     num_iterations: int = -1
@@ -74,6 +68,13 @@ class ExperimentConfig:
     nproc: int = 1  # >1: the arms run under torchrun with this many processes
     compute_note: str = ""
 
+    def model_config(self, poe_mode: str, poe_alpha: float) -> GPTConfig:
+        """The model of one arm (vocab_size is replaced by the tokenizer's when it trains)."""
+        try:
+            return GPTConfig(**self.model, poe_mode=poe_mode, poe_alpha=poe_alpha, vocab_size=self.vocab_size)
+        except TypeError as e:  # a key that is not a GPTConfig field
+            raise ValueError(f"experiment model settings: {e}") from None
+
 
 PRESETS: dict[str, dict] = {
     # About 17 minutes on 2 idle CPU cores (fp32): 3 arms x 300 steps x 8,192 tokens (2.46 M tokens per arm).
@@ -81,7 +82,8 @@ PRESETS: dict[str, dict] = {
     # and start the Muon wd at 0.82 (its d12 has 24x the scaling params): too slow and too strong for
     # 300 steps. These are the effective values this preset trained with before the rules were exact
     # (the flags x (128/768)^-0.5 on every AdamW LR, Muon lr 0.02, wd 0.2).
-    "tiny": dict(name="tiny", depth=4, n_embd=128, n_head=2, vocab_size=1024, seq_len=256, poe_every=1,
+    "tiny": dict(name="tiny", model=dict(n_layer=4, n_embd=128, n_head=2, sequence_len=256, poe_every=1),
+                 vocab_size=1024,
                  total_batch_size=8192, device_batch_size=32, num_iterations=300, eval_every=50,
                  eval_tokens=2 ** 16, save_every=50, tokenizer="data/tokenizer-1k",
                  lr_scaling="off", matrix_lr=0.02, embedding_lr=0.735, unembedding_lr=0.0196, scalar_lr=1.225,
@@ -89,22 +91,23 @@ PRESETS: dict[str, dict] = {
                  compute_note="about 17 minutes on 2 idle CPU cores (fp32)"),
     # A wider model for longer on CPU: depth 8, 256 wide, 4 x 2 stages, 9.8 M tokens per arm.
     # Literal LRs (lr_scaling off) for the same reason as tiny: flags x (256/768)^-0.5 on the AdamW LRs.
-    "cpu-long": dict(name="cpu-long", depth=8, n_embd=256, n_head=4, vocab_size=4096, seq_len=512, poe_every=2,
+    "cpu-long": dict(name="cpu-long", model=dict(n_layer=8, n_embd=256, n_head=4, sequence_len=512, poe_every=2),
+                     vocab_size=4096,
                      total_batch_size=16384, device_batch_size=16, num_iterations=600, eval_every=100,
                      eval_tokens=2 ** 17, save_every=100, tokenizer="data/tokenizer-4k",
                      lr_scaling="off", matrix_lr=0.02, embedding_lr=0.52, unembedding_lr=0.0139, scalar_lr=0.866,
                      weight_decay=0.2,
                      compute_note="9.8 M tokens per arm: a few hours on 2 CPU cores"),
     # One GPU (bf16): d12, 4 x 3 stages, 32k vocab, ~20 tokens per parameter on ClimbMix or any corpus.
-    "gpu-small": dict(name="gpu-small", depth=12, n_embd=None, n_head=None, vocab_size=32768, seq_len=2048,
-                      poe_every=3, total_batch_size=2 ** 19, device_batch_size=32, target_param_data_ratio=20.0,
+    "gpu-small": dict(name="gpu-small", model=dict(n_layer=12, sequence_len=2048, poe_every=3), vocab_size=32768,
+                      total_batch_size=2 ** 19, device_batch_size=32, target_param_data_ratio=20.0,
                       eval_every=250, save_every=500, data_source="climbmix:40",
                       data="data/climbmix", tokenizer="data/tokenizer-32k",
                       compute_note="d12 (~0.29 B params incl. value embeddings), ~5.8 B tokens per arm: "
                                    "about 3-4 H100-hours per arm"),
     # The released setting: d24, 4 x 6, ClimbMix, 20 tokens per total parameter, 2^20 tokens per step.
-    "paper-d24": dict(name="paper-d24", depth=24, n_embd=None, n_head=None, vocab_size=32768, seq_len=2048,
-                      poe_every=6, total_batch_size=2 ** 20, device_batch_size=16, target_param_data_ratio=20.0,
+    "paper-d24": dict(name="paper-d24", model=dict(n_layer=24, sequence_len=2048, poe_every=6), vocab_size=32768,
+                      total_batch_size=2 ** 20, device_batch_size=16, target_param_data_ratio=20.0,
                       eval_every=1000, save_every=1000, data_source="climbmix:170",
                       data="data/climbmix", tokenizer="data/tokenizer-32k", nproc=8,
                       compute_note="1.384 B params x 27.7 B tokens per arm: ~4.78e9 FLOPs/token x 27.7e9 x 3 "
@@ -117,8 +120,32 @@ PRESETS: dict[str, dict] = {
 # Config loading
 
 
+def fold_model_keys(settings: dict, where: str) -> dict:
+    """Move GPTConfig fields given at the top level (or by their nanochat names depth /
+    seq_len) into settings["model"]; poe_mode / poe_alpha belong to the arms."""
+    from poelm.codec import FLAG_ALIASES
+
+    model_fields = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
+    aliases = {flag[2:].replace("-", "_"): name for name, flags in FLAG_ALIASES.items() for flag in flags}
+    out = {k: v for k, v in settings.items() if k != "model"}
+    model = dict(settings.get("model") or {})
+    for key in list(out):
+        name = aliases.get(key, key)
+        if name in model_fields:
+            value = out.pop(key)
+            if value is not None:
+                model[name] = value
+    model = {aliases.get(k, k): v for k, v in model.items()}
+    for key in ("poe_mode", "poe_alpha"):
+        if key in model:
+            raise ValueError(f"{where}: {key} is set by each arm (see `arms`), not for the experiment")
+    if "poe_stage_layers" in model:
+        model.pop("poe_every", None)
+    out["model"] = model
+    return out
+
+
 def load_config(preset_or_file: str | None, overrides: dict) -> ExperimentConfig:
-    base: dict = {}
     name = preset_or_file or "tiny"
     if name in PRESETS:
         base = dict(PRESETS[name])
@@ -126,16 +153,18 @@ def load_config(preset_or_file: str | None, overrides: dict) -> ExperimentConfig
         base = read_config_file(name)
     else:
         raise ValueError(f"unknown experiment preset or file {name!r}; presets: {', '.join(PRESETS)}")
+    base = fold_model_keys(base, name)
     known = {f.name for f in dataclasses.fields(ExperimentConfig)}
     unknown = sorted(set(base) - known)
     if unknown:
-        raise ValueError(f"{name}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    base.update({k: v for k, v in overrides.items() if v is not None})
+        raise ValueError(f"{name}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))} and "
+                         "the GPTConfig fields")
+    overrides = fold_model_keys(overrides, "overrides")
+    base.update({k: v for k, v in overrides.items() if v is not None and k != "model"})
+    base["model"] = {**base["model"], **overrides["model"]}
     base.setdefault("out", f"runs/{base.get('name', name)}")
-    if base.get("poe_stage_layers") is not None:
-        base["poe_stage_layers"] = tuple(base["poe_stage_layers"])
-        base["poe_every"] = None
     cfg = ExperimentConfig(**base)
+    cfg.model_config("flat", 0.0)  # every model field is checked now, before any work
     bad = [a for a in cfg.arms if a not in {n for n, _, _ in ARMS}]
     if bad:
         raise ValueError(f"unknown arm(s) {', '.join(bad)}; choose from {', '.join(n for n, _, _ in ARMS)}")
@@ -190,10 +219,8 @@ def arm_train_config(cfg: ExperimentConfig, arm: str):
 
     mode, alpha = next((m, a) for n, m, a in ARMS if n == arm)
     return TrainConfig(
-        data=cfg.data, tokenizer=cfg.tokenizer, out=str(Path(cfg.out) / "arms" / arm), depth=cfg.depth,
-        n_embd=cfg.n_embd, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, seq_len=cfg.seq_len,
-        window_pattern=cfg.window_pattern, short_window=cfg.short_window, poe_mode=mode, poe_alpha=alpha,
-        poe_every=cfg.poe_every, poe_stage_layers=cfg.poe_stage_layers, per_stage_head=cfg.per_stage_head,
+        data=cfg.data, tokenizer=cfg.tokenizer, out=str(Path(cfg.out) / "arms" / arm),
+        model=cfg.model_config(mode, alpha),
         total_batch_size=cfg.total_batch_size, device_batch_size=cfg.device_batch_size,
         num_iterations=cfg.num_iterations, target_tokens=cfg.target_tokens,
         target_param_data_ratio=cfg.target_param_data_ratio, eval_every=cfg.eval_every,
@@ -210,7 +237,7 @@ def run_arm(cfg: ExperimentConfig, arm: str, say) -> dict:
     if done.exists():
         say(f"[{arm}] finished earlier: skipped")
         return json.loads(done.read_text())
-    say(f"[{arm}] training poe_mode={tc.poe_mode} alpha={tc.poe_alpha} -> {tc.out}")
+    say(f"[{arm}] training poe_mode={tc.model.poe_mode} alpha={tc.model.poe_alpha} -> {tc.out}")
     if cfg.nproc > 1:
         return run_arm_torchrun(tc, cfg.nproc)
     from poelm.train import train
@@ -223,13 +250,17 @@ def run_arm_torchrun(tc, nproc: int) -> dict:
     import sys
 
     args = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "poelm", "train"]
+    from poelm.codec import model_flags
+
     for f in dataclasses.fields(tc):
         value = getattr(tc, f.name)
         flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
+        if f.name == "model":
+            args += model_flags(value)
+        elif isinstance(value, bool):
             args += [flag] if value else []
         elif value is not None:
-            args += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+            args += [flag, str(value)]
     subprocess.run(args, check=True)
     return json.loads((Path(tc.out) / "result.json").read_text())
 
@@ -282,7 +313,8 @@ def backout_compat(cfg: ExperimentConfig) -> dict:
         row = {}
         for backout in (False, True):
             model.config.backout = backout
-            batches = val_batches(cfg.data, tok, cfg.device_batch_size, cfg.seq_len, cfg.eval_tokens)  # model on the CPU: None is the CPU budget
+            batches = val_batches(cfg.data, tok, cfg.device_batch_size, cfg.model_config("flat", 0.0).sequence_len,
+                                  cfg.eval_tokens)  # model on the CPU: None is the CPU budget
             row["with_backout" if backout else "without_backout"] = evaluate_bpb(model, batches, tok.token_bytes())["bpb"]
         out[arm] = row
     return out
@@ -300,7 +332,7 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "experiment.json"
     if saved.exists():
-        old = json.loads(saved.read_text())
+        old = fold_model_keys(json.loads(saved.read_text()), str(saved))  # poelm 0.1 kept model keys flat
         now = json.loads(json.dumps(dataclasses.asdict(cfg)))
         diff = [k for k in old if k not in ("out", "arms", "decode_tokens", "decode_prompts") and old[k] != now.get(k)]
         if diff:
@@ -309,7 +341,8 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
     atomic_write_json(saved, dataclasses.asdict(cfg))
     t0 = time.time()
     ensure_data(cfg, say)
-    results = {"config": dataclasses.asdict(cfg), "arms": {}, "paper": PAPER}
+    results = {"config": dataclasses.asdict(cfg), "model": cfg.model_config("flat", 0.0).to_dict(), "arms": {},
+               "paper": PAPER}
     for arm in cfg.arms:
         results["arms"][arm] = run_arm(cfg, arm, say)
     evals = eval_table(cfg)
@@ -406,10 +439,11 @@ def experiment_plots(out: Path, results: dict) -> list[Path]:
 
 
 def render_report(results: dict) -> str:
-    cfg, evals = results["config"], results["evals"]
+    cfg, model, evals = results["config"], results["model"], results["evals"]
     lines = [f"# BP vs PoE: the 3-way experiment (`{cfg['name']}`)", "",
              f"Machine: {results['machine']}. Wall time: {results['wall_seconds'] / 60:.1f} min. "
-             f"Model: depth {cfg['depth']}, width {cfg['n_embd'] or 'derived'}, seq {cfg['seq_len']}, "
+             f"Model: depth {model['n_layer']}, width {model['n_embd']}, stages {model['poe_stage_layers']}, "
+             f"seq {model['sequence_len']}, "
              f"vocab {cfg['vocab_size']}, {cfg['total_batch_size']:,} tokens/step. Data: `{cfg['data_source']}`.", "",
              "## Final validation bits per byte", "",
              "| arm | steps | tokens | final bpb | " + " | ".join(f"stage {k}" for k in range(_n_stages(evals))) +
@@ -549,8 +583,11 @@ def compare_plot(result: dict, path: Path) -> Path:
 
 
 def cmd_experiment(args) -> int:
-    keys = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in keys and k not in ("name",)}
+    from poelm.codec import model_kwargs
+
+    keys = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"name", "model"}
+    overrides = {k: v for k, v in vars(args).items() if k in keys}
+    overrides["model"] = model_kwargs(args)
     cfg = load_config(args.config, overrides)
     results = run_experiment(cfg, quiet=args.json)
     if args.json:

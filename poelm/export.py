@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from poelm.checkpoint import (CONFIG_NAME, GENERATION_CONFIG_NAME, atomic_write_json, check_replaceable, config_to_json,
-                              replace_dir, save_model)
+from poelm.checkpoint import CONFIG_NAME, GENERATION_CONFIG_NAME, atomic_write_json, check_replaceable, replace_dir, save_model
+from poelm.codec import to_config_json
 from poelm.model import GPT
 
 ASSISTANT_END = "<|assistant_end|>"
@@ -43,7 +43,7 @@ ASSISTANT_END = "<|assistant_end|>"
 
 def hf_config(model: GPT, tokenizer=None, dtype: torch.dtype = torch.bfloat16) -> dict:
     """config.json of an export."""
-    d = config_to_json(model.config, str(dtype).replace("torch.", ""))
+    d = to_config_json(model.config, str(dtype).replace("torch.", ""))
     d.update({"tie_word_embeddings": False, "use_cache": True})
     if tokenizer is not None:
         bos = tokenizer.bos_token_id

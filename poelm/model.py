@@ -42,34 +42,55 @@ QK_SCALE = 1.2
 # -----------------------------------------------------------------------------
 # Config
 
+# GPTConfig field -> the standard transformers name of the same quantity (config.json carries both)
+STANDARD_NAMES = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_head": "num_attention_heads",
+                  "n_kv_head": "num_key_value_heads", "sequence_len": "max_position_embeddings"}
+
+
+POSITIVE_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim",
+                   "aspect_ratio", "intermediate_size", "short_window", "poe_every")
+
+
+def _f(default, help: str, choices: tuple[str, ...] | None = None):
+    """A GPTConfig field with its one-line description (and allowed values)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
 
 @dataclass
 class GPTConfig:
     """Every architecture and objective setting. Sizes left as None are derived."""
 
-    sequence_len: int = 2048
-    vocab_size: int = 32768
-    n_layer: int = 24
-    n_embd: int | None = None  # None: ceil(n_layer * aspect_ratio / head_dim) * head_dim
-    n_head: int | None = None  # None: n_embd // head_dim
-    n_kv_head: int | None = None  # None: n_head (multi-head attention)
-    head_dim: int = 128
-    aspect_ratio: int = 64
-    intermediate_size: int | None = None  # None: 4 * n_embd
-    window_pattern: str = "SSSL"
-    short_window: int | None = None  # None: sequence_len // 4 rounded up to 128
-    poe_mode: str = "flat"  # none | flat | hier | residual_logop
-    poe_alpha: float = 0.0
-    poe_every: int | None = None  # uniform stages of this many layers
-    poe_stage_layers: tuple[int, ...] | None = None  # explicit stage sizes
-    per_stage_head: bool = False
-    backout: bool | None = None  # final "last" readout subtracts backout_lambda * x_mid; None: only for BP
-    final_readout: str = "last"  # "last": the last stage's head | "logop": the Log-OP of all stages
-    final_logop_alpha: float | None = None  # alpha of the final Log-OP; None: poe_alpha
+    # Every field's `help` is its one description: the CLI flags (poelm.codec.add_model_flags),
+    # config.json and the HF config are all generated from these fields.
+    sequence_len: int = _f(2048, "context length: tokens per training row and the longest prompt + output")
+    vocab_size: int = _f(32768, "vocabulary size (taken from the tokenizer when training)")
+    n_layer: int = _f(24, "number of transformer layers (the nanochat depth)")
+    n_embd: int | None = _f(None, "width; default: ceil(n_layer x aspect_ratio / head_dim) x head_dim")
+    n_head: int | None = _f(None, "attention heads; default: n_embd / head_dim")
+    n_kv_head: int | None = _f(None, "key/value heads (GQA); default: n_head")
+    head_dim: int = _f(128, "width of one attention head (derives n_head when n_head is unset)")
+    aspect_ratio: int = _f(64, "width per layer when n_embd is derived from the depth")
+    intermediate_size: int | None = _f(None, "MLP width; default: 4 x n_embd")
+    window_pattern: str = _f("SSSL", "per-layer attention windows, repeated; S = short, L = long (last layer L)")
+    short_window: int | None = _f(None, "S window; default: sequence_len / 4 rounded up to 128")
+    poe_mode: str = _f("flat", "objective: none = BP, flat | hier | residual_logop = PoE (poe.md section 1)",
+                       POE_MODES)
+    poe_alpha: float = _f(0.0, "stage losses summed / K^(1-alpha): 0 = their mean, 1 = their sum")
+    poe_every: int | None = _f(None, "uniform stages of this many layers; default: 4 equal stages when the depth "
+                                     "allows, else 1")
+    poe_stage_layers: tuple[int, ...] | None = _f(None, "explicit stage sizes, e.g. 12,5,4,3 (instead of poe_every)")
+    per_stage_head: bool = _f(False, "one extra unembedding per stage, added to the shared lm_head")
+    backout: bool | None = _f(None, "the final 'last' readout subtracts backout_lambda x the middle residual; "
+                                    "default: on for BP only")
+    final_readout: str = _f("last", "final readout: last = the last stage's head, logop = the Log-OP of all stages",
+                            FINAL_READOUTS)
+    final_logop_alpha: float | None = _f(None, "alpha of the final Log-OP readout; default: poe_alpha")
 
     def __post_init__(self) -> None:
-        if self.n_layer < 1:
-            raise ValueError(f"n_layer must be >= 1, got {self.n_layer}")
+        for name in POSITIVE_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not value >= 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.n_embd is None:
             hd = self.head_dim
             self.n_embd = math.ceil(self.n_layer * self.aspect_ratio / hd) * hd

@@ -43,21 +43,8 @@ class TrainConfig:
     data: str = "data/default"
     tokenizer: str | None = None
     out: str = "runs/train"
-    # model (None: derived or GPTConfig default)
-    depth: int = 24
-    n_embd: int | None = None
-    n_head: int | None = None
-    n_kv_head: int | None = None
-    head_dim: int = 128
-    intermediate_size: int | None = None
-    seq_len: int = 2048
-    window_pattern: str = "SSSL"
-    short_window: int | None = None
-    poe_mode: str = "flat"
-    poe_alpha: float = 0.0
-    poe_every: int | None = None
-    poe_stage_layers: tuple[int, ...] | None = None
-    per_stage_head: bool = False
+    # the model: every architecture and objective field (vocab_size is the tokenizer's)
+    model: GPTConfig = field(default_factory=GPTConfig)
     # batch and horizon
     total_batch_size: int = 2 ** 20
     device_batch_size: int = 32
@@ -91,13 +78,8 @@ class TrainConfig:
     quiet: bool = False
 
     def model_config(self, vocab_size: int) -> GPTConfig:
-        return GPTConfig(n_layer=self.depth, n_embd=self.n_embd, n_head=self.n_head, n_kv_head=self.n_kv_head,
-                         head_dim=self.head_dim, intermediate_size=self.intermediate_size,
-                         sequence_len=self.seq_len, vocab_size=vocab_size, window_pattern=self.window_pattern,
-                         short_window=self.short_window, poe_mode=self.poe_mode, poe_alpha=self.poe_alpha,
-                         poe_every=self.poe_every,
-                         poe_stage_layers=tuple(self.poe_stage_layers) if self.poe_stage_layers else None,
-                         per_stage_head=self.per_stage_head)
+        """The model of this run with the tokenizer's vocabulary."""
+        return dataclasses.replace(self.model, vocab_size=vocab_size)
 
 
 class NonFiniteLoss(ValueError):
@@ -112,24 +94,19 @@ def check_config(tc: TrainConfig) -> None:
     if tc.target_tokens == 0 or tc.target_tokens < -1:
         raise ValueError(f"--target-tokens {tc.target_tokens} would train on no tokens: give a count >= 1, or -1 "
                          "to use --target-param-data-ratio")
-    at_least = [("--depth", tc.depth, 1), ("--head-dim", tc.head_dim, 1), ("--seq-len", tc.seq_len, 1),
-                ("--total-batch-size", tc.total_batch_size, 1), ("--device-batch-size", tc.device_batch_size, 1),
-                ("--eval-every", tc.eval_every, 0),
-                ("--sample-every", tc.sample_every, 0), ("--save-every", tc.save_every, 0),
-                ("--keep-checkpoints", tc.keep_checkpoints, 0), ("--warmup-steps", tc.warmup_steps, 0)]
-    at_least += [(flag, value, 1) for flag, value in (
-        ("--n-embd", tc.n_embd), ("--n-head", tc.n_head), ("--n-kv-head", tc.n_kv_head),
-        ("--intermediate-size", tc.intermediate_size), ("--short-window", tc.short_window),
-        ("--poe-every", tc.poe_every), ("--eval-tokens", tc.eval_tokens)) if value is not None]
-    # the LR flags and --weight-decay are checked by poelm.optim.effective_hparams, their one reader
+    at_least = [("--total-batch-size", tc.total_batch_size, 1), ("--device-batch-size", tc.device_batch_size, 1),
+                ("--eval-every", tc.eval_every, 0), ("--sample-every", tc.sample_every, 0),
+                ("--save-every", tc.save_every, 0), ("--keep-checkpoints", tc.keep_checkpoints, 0),
+                ("--warmup-steps", tc.warmup_steps, 0)]
+    if tc.eval_tokens is not None:
+        at_least.append(("--eval-tokens", tc.eval_tokens, 1))
+    # the model's own fields are checked by GPTConfig itself
     for flag, value, low in at_least:
         if not value >= low:  # also refuses NaN
             raise ValueError(f"{flag} {value}: must be >= {low}")
     for flag, value in (("--warmdown-frac", tc.warmdown_frac), ("--final-lr-frac", tc.final_lr_frac)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{flag} {value}: must be between 0 and 1")
-    if tc.poe_stage_layers is not None and (not tc.poe_stage_layers or min(tc.poe_stage_layers) < 1):
-        raise ValueError(f"--poe-stage-layers {','.join(map(str, tc.poe_stage_layers))}: give layer counts >= 1")
 
 
 # -----------------------------------------------------------------------------
@@ -265,13 +242,10 @@ def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
     tokenizer = Tokenizer.load(tc.tokenizer)
     config = tc.model_config(tokenizer.vocab_size)
     check_tokenizer(tokenizer, config, tc.tokenizer)
-    if tc.device_batch_size < 1 or tc.seq_len < 1 or tc.total_batch_size < 1:
-        raise ValueError(f"--device-batch-size, --seq-len and --total-batch-size must be >= 1 (got "
-                         f"{tc.device_batch_size}, {tc.seq_len}, {tc.total_batch_size})")
-    tokens_per_micro = tc.device_batch_size * tc.seq_len * rt.world
+    tokens_per_micro = tc.device_batch_size * tc.model.sequence_len * rt.world
     if tc.total_batch_size % tokens_per_micro:
         raise ValueError(f"--total-batch-size {tc.total_batch_size} is not a multiple of device batch x seq len x "
-                         f"ranks = {tc.device_batch_size} x {tc.seq_len} x {rt.world} = {tokens_per_micro}")
+                         f"ranks = {tc.device_batch_size} x {tc.model.sequence_len} x {rt.world} = {tokens_per_micro}")
     grad_accum = tc.total_batch_size // tokens_per_micro
     lrs = effective_hparams(config, tc.total_batch_size, tc)
     torch.manual_seed(tc.seed)
@@ -306,14 +280,15 @@ def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
             state["extended"] = state.get("extended", []) + [{"at_step": start_step, "from": num_iterations,
                                                               "to": tc.extend_to}]
             num_iterations = state["num_iterations"] = tc.extend_to
-    loader = BestFitLoader(tc.data, tokenizer, tc.device_batch_size, tc.seq_len, split="train", rank=rt.rank,
+    loader = BestFitLoader(tc.data, tokenizer, tc.device_batch_size, tc.model.sequence_len, split="train", rank=rt.rank,
                            world_size=rt.world, device=rt.device, state=loader_state)
     return RunSetup(tokenizer, model, optimizer, loader, grad_accum, num_iterations, rule, start_step, state,
                     resumed=point is not None and tc.resume, lrs=lrs)
 
 
-# Settings a resumed run may change: they do not alter the trajectory of the weights.
-RESUME_MUTABLE = ("out", "resume", "quiet", "device", "dtype", "compile", "eval_every", "eval_tokens",
+# Settings a resumed run may change: they do not alter the trajectory of the weights ("model"
+# is compared field by field with the checkpoint's own config.json instead).
+RESUME_MUTABLE = ("model", "out", "resume", "quiet", "device", "dtype", "compile", "eval_every", "eval_tokens",
                   "sample_every", "sample_prompt", "save_every", "keep_checkpoints", "extend_to", "tokenizer")
 
 
@@ -337,11 +312,11 @@ def resume_into(run: RunDir, point, tc: TrainConfig, rt: Runtime, tokenizer, con
                 optimizer) -> tuple[dict, dict]:
     """Check a checkpoint against this invocation and load it into model/optimizer/RNG.
     Returns (trainer state, this rank's loader state)."""
-    from poelm.checkpoint import config_from_json
+    from poelm.codec import from_config_json
     from poelm.tokenizer import Tokenizer
 
     ckpt = point.path
-    saved_config = config_from_json(run.read_json(ckpt / "config.json"))
+    saved_config = from_config_json(run.read_json(ckpt / "config.json"))
     if saved_config.vocab_size != config.vocab_size:
         raise ValueError(f"--resume: tokenizer {tc.tokenizer} has {config.vocab_size} tokens but the model in "
                          f"{ckpt} was trained with a {saved_config.vocab_size}-token tokenizer; pass the run's "
@@ -377,7 +352,7 @@ def resume_into(run: RunDir, point, tc: TrainConfig, rt: Runtime, tokenizer, con
 def load_val(tc: TrainConfig, tokenizer, rt: Runtime) -> list:
     from poelm.dataloader import val_batches
 
-    return list(val_batches(tc.data, tokenizer, tc.device_batch_size, tc.seq_len, tc.eval_tokens,
+    return list(val_batches(tc.data, tokenizer, tc.device_batch_size, tc.model.sequence_len, tc.eval_tokens,
                             rank=rt.rank, world_size=rt.world, device=rt.device))
 
 
@@ -418,12 +393,12 @@ def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
     cfg = model.config
     say(f"model: {cfg.n_layer} layers x {cfg.n_embd} wide, stages {list(cfg.poe_stage_layers)}, "
         f"poe_mode={cfg.poe_mode} alpha={cfg.poe_alpha}, {model.num_params():,} params")
-    say(f"batch: {tc.total_batch_size:,} tokens/step = {tc.device_batch_size} x {tc.seq_len} x {rt.world} ranks "
+    say(f"batch: {tc.total_batch_size:,} tokens/step = {tc.device_batch_size} x {tc.model.sequence_len} x {rt.world} ranks "
         f"x {grad_accum} accumulation steps; {rule}")
     say(lrs.line())
     token_bytes = tokenizer.token_bytes()
     train_model = torch.compile(model) if tc.compile else model
-    flops_per_step = model.flops_per_token(tc.seq_len) * tc.total_batch_size
+    flops_per_step = model.flops_per_token(tc.model.sequence_len) * tc.total_batch_size
     peak = peak_flops(rt.device)
     ema = state.get("ema_loss", 0.0)
     last_eval: dict = state.get("last_eval", {})
@@ -516,8 +491,11 @@ def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    """TrainConfig from `poelm train` flags: the model flags build its GPTConfig (poelm.codec)."""
+    from poelm.codec import config_from_flags, model_kwargs
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
+    return TrainConfig(model=config_from_flags(model_kwargs(args)), **{k: v for k, v in vars(args).items() if k in names})
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from poelm.checkpoint import (load_model, load_state_into, nanochat_config, normalize_state_dict, save_model,
+from poelm.codec import from_nanochat_meta
+from poelm.checkpoint import (load_model, load_state_into, normalize_state_dict, save_model,
                               save_nanochat_dir)
 from poelm.cli import main
 from poelm.model import GPT, GPTConfig, rmsnorm
@@ -205,7 +206,7 @@ def test_fork_meta_refusals(tmp_path, capsys):
         bad = json.loads(json.dumps(meta))
         bad[where][key] = value
         with pytest.raises(ValueError, match=f"{key}=.*specialist"):
-            nanochat_config(bad)
+            from_nanochat_meta(bad)
     bad = json.loads(json.dumps(meta))
     bad["model_config"].update(rope_theta=5e5, mlp_kind="swiglu")
     write_fork_dir(tmp_path / "ck", bad)
@@ -215,7 +216,7 @@ def test_fork_meta_refusals(tmp_path, capsys):
     assert "unknown field(s) mlp_kind, rope_theta" in err and "ignores on purpose" in err
     bad["model_config"] = dict(meta["model_config"], n_layer="8")
     with pytest.raises(ValueError, match="n_layer='8' .*must be an integer"):
-        nanochat_config(bad)
+        from_nanochat_meta(bad)
 
 
 def test_corrupt_nanochat_model_file(tmp_path, capsys):

@@ -13,7 +13,7 @@ import torch
 from poelm.cli import main
 from poelm import experiment as exp
 
-MICRO = dict(depth=2, n_embd=32, n_head=2, vocab_size=300, seq_len=32, poe_every=1, total_batch_size=256,
+MICRO = dict(model=dict(n_layer=2, n_embd=32, n_head=2, sequence_len=32, poe_every=1), vocab_size=300, total_batch_size=256,
              device_batch_size=8, num_iterations=4, eval_every=2, eval_tokens=512, save_every=2,
              decode_tokens=8, decode_prompts=2, device="cpu", dtype="fp32")
 
@@ -126,7 +126,7 @@ def test_presets_are_valid():
         tc = exp.arm_train_config(cfg, "poe")
         assert tc.model_config(cfg.vocab_size).n_stages >= 2
     paper = exp.load_config("paper-d24", {})
-    assert paper.total_batch_size == 2 ** 20 and paper.depth == 24 and paper.target_param_data_ratio == 20
+    assert paper.total_batch_size == 2 ** 20 and paper.model_config("flat", 0.0).n_layer == 24 and paper.target_param_data_ratio == 20
 
 
 def test_preset_learning_rates():

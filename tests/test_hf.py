@@ -647,16 +647,16 @@ def test_missing_token_bytes_warns_and_still_works(tmp_path, export_dir, tok):
 
 
 def test_config_json_standard_names(tmp_path, export_dir, native):
-    from poelm.checkpoint import config_from_json
+    from poelm.codec import from_config_json
 
     cfg = json.loads((export_dir / "config.json").read_text())
     poelm_names = ("n_layer", "n_embd", "n_head", "n_kv_head", "sequence_len")
     only_standard = {k: v for k, v in cfg.items() if k not in poelm_names}
-    assert config_from_json(only_standard).to_dict() == native.config.to_dict()
+    assert from_config_json(only_standard).to_dict() == native.config.to_dict()
     with pytest.raises(ValueError, match="hidden_size=65 disagrees with n_embd=64"):
-        config_from_json({**cfg, "hidden_size": 65})
+        from_config_json({**cfg, "hidden_size": 65})
     with pytest.raises(ValueError, match="unknown config field"):
-        config_from_json({**cfg, "n_layers": 4})
+        from_config_json({**cfg, "n_layers": 4})
 
 
 def test_native_registration(export_dir, native):

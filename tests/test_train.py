@@ -143,15 +143,22 @@ def test_flags_of_the_issue():
     from poelm.train import config_from_args
 
     argv = ("train --data D --tokenizer T --out O --depth 6 --n-embd 96 --n-head 3 --n-kv-head 1 --seq-len 128 "
-            "--window-pattern SL --poe-mode hier --poe-alpha 0.5 --poe-every 2 --poe-stage-layers 3,2,1 "
+            "--window-pattern SL --poe-mode hier --poe-alpha 0.5 --poe-stage-layers 3,2,1 "
             "--per-stage-head --total-batch-size 4096 --device-batch-size 8 --num-iterations 7 --target-tokens 9 "
             "--target-param-data-ratio 11 --eval-every 5 --eval-tokens 512 --save-every 3 --seed 1 --device cpu "
             "--dtype bf16 --compile --resume").split()
     tc = config_from_args(build_parser().parse_args(argv))
-    assert (tc.data, tc.tokenizer, tc.out, tc.depth, tc.n_embd, tc.n_head, tc.n_kv_head, tc.seq_len) == \
+    m = tc.model  # the model flags are GPTConfig's fields (nanochat's --depth / --seq-len are aliases)
+    assert (tc.data, tc.tokenizer, tc.out, m.n_layer, m.n_embd, m.n_head, m.n_kv_head, m.sequence_len) == \
         ("D", "T", "O", 6, 96, 3, 1, 128)
-    assert (tc.window_pattern, tc.poe_mode, tc.poe_alpha, tc.poe_every, tc.poe_stage_layers, tc.per_stage_head) == \
-        ("SL", "hier", 0.5, 2, (3, 2, 1), True)
+    assert (m.window_pattern, m.poe_mode, m.poe_alpha, m.poe_stage_layers, m.per_stage_head) == \
+        ("SL", "hier", 0.5, (3, 2, 1), True)
+    same = config_from_args(build_parser().parse_args(
+        "train --n-layer 6 --n-embd 96 --n-head 3 --n-kv-head 1 --sequence-len 128 --window-pattern SL "
+        "--poe-mode hier --poe-alpha 0.5 --poe-stage-layers 3,2,1 --per-stage-head".split()))
+    assert same.model == m
+    every = config_from_args(build_parser().parse_args("train --depth 6 --poe-every 2 --no-backout".split())).model
+    assert every.poe_stage_layers == (2, 2, 2) and every.backout is False
     assert (tc.total_batch_size, tc.device_batch_size, tc.num_iterations, tc.target_tokens,
             tc.target_param_data_ratio) == (4096, 8, 7, 9, 11.0)
     assert (tc.eval_every, tc.eval_tokens, tc.save_every, tc.seed, tc.device, tc.dtype, tc.compile, tc.resume) == \
@@ -206,7 +213,7 @@ def test_eval_budget_defaults_to_the_device_and_is_capped(env):
 
     tc = config_from_args(build_parser().parse_args(["train", "--data", str(env / "data")]))
     assert tc.eval_tokens is None
-    tc = dataclasses.replace(tc, device_batch_size=2, seq_len=32)
+    tc = dataclasses.replace(tc, device_batch_size=2, model=dataclasses.replace(tc.model, sequence_len=32))
     tok = Tokenizer.load(env / "tok")
     with pytest.warns(UserWarning, match=r"holds only [\d,]+ tokens at seq_len 32, less than the 65,536-token"):
         val = load_val(tc, tok, Runtime())

@@ -26,16 +26,8 @@ from dataclasses import fields
 
 from transformers import PretrainedConfig
 
-from .poe_model import GPTConfig
+from .poe_model import STANDARD_NAMES, GPTConfig  # STANDARD_NAMES: field -> transformers name
 
-# GPTConfig field -> the standard transformers name for the same quantity
-STANDARD_NAMES = {
-    "n_layer": "num_hidden_layers",
-    "n_embd": "hidden_size",
-    "n_head": "num_attention_heads",
-    "n_kv_head": "num_key_value_heads",
-    "sequence_len": "max_position_embeddings",
-}
 GPT_FIELDS = tuple(f.name for f in fields(GPTConfig))
 
 

@@ -4,4 +4,4 @@
 so an exported directory and poelm share one architecture definition.
 """
 
-from poelm.model import GPT, GPTConfig, KVCache, rmsnorm, softcap  # noqa: F401
+from poelm.model import STANDARD_NAMES, GPT, GPTConfig, KVCache, rmsnorm, softcap  # noqa: F401

@@ -1,0 +1,236 @@
+"""GPTConfig to and from every place a model's settings are written: config.json (poelm's
+model directories and the Hugging Face exports), the PoE fork's nanochat `meta_*.json`, and
+the command line. GPTConfig (poelm/model.py) is the one source; this module is its codec.
+
+    from poelm.codec import to_config_json, read_config_file, from_nanochat_meta, add_model_flags
+    d = to_config_json(config, dtype="bfloat16")     # GPTConfig fields + the standard HF names
+    config = read_config_file("out/model/config.json")
+    config = from_nanochat_meta(json.load(open("meta_026430.json")))
+    add_model_flags(parser)                          # --n-layer/--depth, --n-embd, ... from the fields
+    config = GPTConfig(**model_kwargs(args))
+
+A new GPTConfig field (with its `help`) appears in all of these without another edit: the
+flags are generated from the fields, config.json carries `to_dict()`, and a nanochat meta
+written by poelm carries every field the fork's own does not define.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import types
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from poelm.cli import comma_ints
+from poelm.model import STANDARD_NAMES, GPTConfig
+
+MODEL_TYPE = "cognica_poe"
+# Fields written next to GPTConfig's own for transformers (read back only by transformers).
+HF_FIELDS = ("model_type", "architectures", "auto_map", "num_hidden_layers", "hidden_size", "num_attention_heads",
+             "num_key_value_heads", "max_position_embeddings", "torch_dtype", "dtype", "bos_token_id",
+             "eos_token_id", "pad_token_id", "transformers_version", "tie_word_embeddings", "use_cache",
+             "_name_or_path",
+             # what transformers' save_pretrained may add (PretrainedConfig's own attributes, 4.x and 5.x)
+             "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward",
+             "is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size", "id2label",
+             "label2id", "problem_type", "tokenizer_class", "prefix", "task_specific_params", "torchscript",
+             "pruned_heads", "finetuning_task", "sep_token_id", "decoder_start_token_id", "tf_legacy_loss",
+             "use_bfloat16", "attn_implementation", "chat_template")
+
+
+# -----------------------------------------------------------------------------
+# config.json (poelm model directories and Hugging Face exports)
+
+
+def to_config_json(config: GPTConfig, dtype: str = "float32") -> dict:
+    d = config.to_dict()
+    d.update({
+        "model_type": MODEL_TYPE,
+        "architectures": ["CognicaPoEForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_cognica_poe.CognicaPoEConfig",
+            "AutoModelForCausalLM": "modeling_cognica_poe.CognicaPoEForCausalLM",
+        },
+        **{name: getattr(config, field) for field, name in STANDARD_NAMES.items()},
+        "torch_dtype": dtype,
+    })
+    return d
+
+
+def from_config_json(d: dict) -> GPTConfig:
+    """GPTConfig from config.json; the standard transformers names fill in missing fields
+    (num_hidden_layers is the HF-side runtime depth and may be smaller than n_layer)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"config must be a JSON object of fields, got {json.dumps(d)[:40]} ({type(d).__name__})")
+    d = dict(d)
+    for field, name in STANDARD_NAMES.items():
+        if d.get(field) is None and d.get(name) is not None:
+            d[field] = d[name]
+    config = GPTConfig.from_dict({k: v for k, v in d.items() if k not in HF_FIELDS})
+    for field, name in STANDARD_NAMES.items():
+        if name != "num_hidden_layers" and d.get(name) is not None and d[name] != getattr(config, field):
+            raise ValueError(f"config {name}={d[name]} disagrees with {field}={getattr(config, field)}; fix one of them")
+    return config
+
+
+def read_config_file(path: str | Path) -> GPTConfig:
+    """GPTConfig from a config.json file; every error is one line that starts with its path."""
+    try:
+        return from_config_json(json.loads(Path(path).read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+# -----------------------------------------------------------------------------
+# nanochat meta_*.json (formats.md "nanochat checkpoints")
+
+# What the PoE fork's base_train.py writes into meta_*.json: model_config is asdict() of its
+# GPTConfig; user_config is vars(args) of its flags.
+NANOCHAT_ARCH = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern",
+                 "per_stage_head", "poe_every", "intermediate_size")
+SPECIALIST_FIELDS = ("dual_head", "frozen_layers", "base_model_dir")
+# The GPTConfig fields the fork's model_config does not define: poelm writes them there so
+# that its own reload restores them (the fork never writes them).
+POELM_MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig) if f.name not in NANOCHAT_ARCH)
+# everything else in a meta (step, val_bpb, loop_state, dataloader state, batch sizes, the other
+# training flags of user_config) only matters to resuming training and is ignored on purpose
+
+
+def from_nanochat_meta(meta: dict, poe_mode: str | None = None) -> GPTConfig:
+    """GPTConfig from a nanochat meta_*.json as the PoE fork writes it. The imported model
+    reproduces the fork's own forward: backout on the plain final path (BP and PoE alike), and
+    for per-stage-head models the Log-OP of all stages, weight 1/K (the fork's forward leaves
+    its poe_alpha argument at 0 outside training), recorded as final_readout="logop"."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+        raise ValueError("a nanochat meta must be a JSON object with a model_config object")
+    mc, user = meta["model_config"], meta.get("user_config") or {}
+    if not isinstance(user, dict):
+        raise ValueError(f"user_config must be a JSON object of training flags, got {type(user).__name__}")
+    for key in SPECIALIST_FIELDS:
+        value = mc.get(key) or user.get(key) or meta.get(key)
+        if value:
+            raise ValueError(f"nanochat checkpoint has {key}={value!r}: it is a specialist checkpoint; "
+                             "attach it to its base with the specialist tools instead")
+    unknown = sorted(set(mc) - set(NANOCHAT_ARCH) - set(SPECIALIST_FIELDS) - set(POELM_MODEL_FIELDS))
+    if unknown:
+        raise ValueError(f"model_config has unknown field(s) {', '.join(unknown)}, which may change the forward; "
+                         f"poelm reads {', '.join(NANOCHAT_ARCH + POELM_MODEL_FIELDS)} and ignores on purpose the "
+                         "training-only fields (step, val_bpb, loop_state, dataloader_state_dict, batch sizes, "
+                         "user_config flags other than poe_mode / poe_alpha / poe_every)")
+    mode = poe_mode or mc.get("poe_mode") or user.get("poe_mode") or "none"
+    kw = {k: mc[k] for k in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern",
+                             "per_stage_head") + POELM_MODEL_FIELDS
+          if k not in ("poe_mode", "poe_stage_layers") and mc.get(k) is not None}
+    if mc.get("intermediate_size"):  # the fork's 0 means 4 * n_embd, GPTConfig's default
+        kw["intermediate_size"] = mc["intermediate_size"]
+    if "poe_alpha" not in kw and user.get("poe_alpha") is not None:
+        kw["poe_alpha"] = user["poe_alpha"]
+    every = user.get("poe_every", mc.get("poe_every"))
+    if mc.get("poe_stage_layers") is not None:
+        kw["poe_stage_layers"] = mc["poe_stage_layers"]
+    elif every and (mode != "none" or kw.get("per_stage_head")):  # BP: the default stage layout
+        n_layer = mc.get("n_layer")
+        if isinstance(every, int) and isinstance(n_layer, int) and every > 0 and n_layer % every:
+            kw["poe_stage_layers"] = [every] * (n_layer // every) + [n_layer % every]  # the fork's last short stage
+        else:
+            kw["poe_every"] = every
+    if kw.get("per_stage_head") and "final_readout" not in kw:
+        kw.update(final_readout="logop", final_logop_alpha=0.0)
+    if "backout" not in kw:
+        kw["backout"] = kw.get("final_readout", "last") == "last"
+    return GPTConfig.from_dict({"poe_mode": mode, **kw})
+
+
+def to_nanochat_meta(config: GPTConfig) -> dict:
+    """model_config + user_config the way the fork writes them, plus every GPTConfig field the
+    fork does not define (so poelm's own reload restores them)."""
+    d = config.to_dict()
+    mc = {k: d[k] for k in NANOCHAT_ARCH}
+    mc.update(dual_head=False, frozen_layers=0, poe_every=config.poe_every or 0)
+    mc.update({k: d[k] for k in POELM_MODEL_FIELDS if k not in ("poe_mode", "poe_alpha")})
+    user = {"poe_mode": config.poe_mode, "poe_alpha": config.poe_alpha, "poe_every": config.poe_every or 1}
+    return {"model_config": mc, "user_config": user}
+
+
+# -----------------------------------------------------------------------------
+# Command line: one flag per GPTConfig field
+
+# nanochat's own flag names, accepted beside the field names
+FLAG_ALIASES = {"n_layer": ("--depth",), "sequence_len": ("--seq-len",)}
+
+
+def _base_type(hint):
+    """int | None -> int; tuple[int, ...] stays."""
+    if isinstance(hint, types.UnionType):
+        return next(h for h in typing.get_args(hint) if h is not type(None))
+    return hint
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def add_model_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ("vocab_size",),
+                    defaults_note: str | None = None) -> None:
+    """One flag per GPTConfig field (its help from the field). Every flag defaults to None,
+    i.e. "not given": GPTConfig's own default (shown) or derivation applies. defaults_note
+    replaces the shown default (e.g. "the preset's")."""
+    group = parser.add_argument_group("model (GPTConfig; sizes left unset are derived)")
+    hints = typing.get_type_hints(GPTConfig)
+    for f in fields(GPTConfig):
+        if f.name in exclude:
+            continue
+        kind = _base_type(hints[f.name])
+        default = f.default if f.default is not MISSING else None
+        shown = defaults_note or ("derived" if default is None else default)
+        kw: dict = {"dest": f.name, "default": None, "help": f"{f.metadata.get('help', f.name)} (default: {shown})"}
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple:
+            kw.update(type=comma_ints, metavar="N,N,...")
+        else:
+            kw["type"] = kind
+            choices = f.metadata.get("choices")
+            if choices:
+                kw["choices"] = choices
+        group.add_argument(flag_name(f.name), *FLAG_ALIASES.get(f.name, ()), **kw)
+
+
+def model_kwargs(args: argparse.Namespace) -> dict:
+    """The GPTConfig fields given on the command line (flags left unset are absent)."""
+    return {f.name: getattr(args, f.name) for f in fields(GPTConfig) if getattr(args, f.name, None) is not None}
+
+
+def config_from_flags(kwargs: dict) -> GPTConfig:
+    """GPTConfig from model flags; a validation error names the flag it is about."""
+    try:
+        return GPTConfig(**kwargs)
+    except ValueError as e:
+        msg = str(e)
+        named = next((f.name for f in fields(GPTConfig) if msg.startswith(f.name)), None)
+        if named is None:
+            named = next((f.name for f in fields(GPTConfig) if f.name in msg), None)
+        if named is None:
+            raise
+        flags = " / ".join((flag_name(named), *FLAG_ALIASES.get(named, ())))
+        raise ValueError(f"{flags}: {msg}") from None
+
+
+def model_flags(config: GPTConfig, exclude: tuple[str, ...] = ("vocab_size",)) -> list[str]:
+    """Flags that rebuild `config` exactly (e.g. for a torchrun child process)."""
+    argv: list[str] = []
+    for f in fields(GPTConfig):
+        value = getattr(config, f.name)
+        if f.name in exclude or value is None or (f.name == "poe_every"):  # the stage sizes say it all
+            continue
+        if isinstance(value, bool):
+            argv.append(flag_name(f.name) if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, (tuple, list)):
+            argv += [flag_name(f.name), ",".join(map(str, value))]
+        else:
+            argv += [flag_name(f.name), str(value)]
+    return argv
