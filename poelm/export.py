@@ -52,7 +52,9 @@ def hf_config(model: GPT, tokenizer=None, dtype: torch.dtype = torch.bfloat16) -
 
 
 def tokenizer_files(tokenizer, sequence_len: int) -> dict[str, dict]:
-    """tokenizer_config.json and special_tokens_map.json of an export."""
+    """tokenizer_config.json and special_tokens_map.json of an export; tokenizer_config.json
+    carries poelm's chat format as `chat_template` when the tokenizer has its special tokens."""
+    from poelm.chat import CHAT_SPECIALS, CHAT_TEMPLATE
     from poelm.hf import TOKENIZER_CLASS
 
     special = {"bos_token": "<|bos|>", "eos_token": "<|bos|>", "pad_token": "<|bos|>"}
@@ -70,6 +72,8 @@ def tokenizer_files(tokenizer, sequence_len: int) -> dict[str, dict]:
         "model_max_length": sequence_len,
         "added_tokens_decoder": added,
     }
+    if all(name in specials for name in CHAT_SPECIALS):
+        config["chat_template"] = CHAT_TEMPLATE
     return {"tokenizer_config.json": config, "special_tokens_map.json": special}
 
 

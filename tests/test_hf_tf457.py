@@ -1,4 +1,4 @@
-"""transformers 4.57 as a client: the `test_client_*` tests of tests/test_hf.py, run again by
+"""transformers 4.57 as a client: the `test_client_*` tests of tests/test_hf.py and tests/test_chat.py, run again by
 the Python of a second virtual environment that has transformers 4.57.x (and the same torch).
 
     python3 -m venv .venv-tf457
@@ -39,7 +39,7 @@ def test_client_tests_under_transformers_457():
     env = {k: v for k, v in os.environ.items() if k != "HF_MODULES_CACHE"}  # the child picks its own
     env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     proc = subprocess.run([str(PYTHON), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           str(ROOT / "tests" / "test_hf.py"), "-k", "client"],
+                           str(ROOT / "tests" / "test_hf.py"), str(ROOT / "tests" / "test_chat.py"), "-k", "client"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     tail = (proc.stdout + proc.stderr)[-4000:]
     assert proc.returncode == 0, f"transformers {version}:\n{tail}"

@@ -5,9 +5,9 @@
                                                    # then load exports without trust_remote_code
 
 The three `*_cognica_poe.py` files are what `poelm export` writes into a model directory, next
-to copies of `poelm/model.py` (as `poe_model.py`) and `poelm/tokenizer.py` (as
-`poe_tokenizer.py`) that they import relatively; here those two names are thin modules that
-re-export poelm's own. Importing this package does not import transformers; the classes load
+to copies of `poelm/model.py` (as `poe_model.py`), `poelm/tokenizer.py` (as `poe_tokenizer.py`)
+and `poelm/chat.py` (as `poe_chat.py`) that they import relatively; here those three names are
+thin modules that re-export poelm's own. Importing this package does not import transformers; the classes load
 on first use.
 """
 
@@ -23,6 +23,7 @@ REMOTE_CODE_FILES = {
     "tokenization_cognica_poe.py": HERE / "tokenization_cognica_poe.py",
     "poe_model.py": HERE.parent / "model.py",
     "poe_tokenizer.py": HERE.parent / "tokenizer.py",
+    "poe_chat.py": HERE.parent / "chat.py",
 }
 CONFIG_CLASS = "configuration_cognica_poe.CognicaPoEConfig"
 MODEL_CLASS = "modeling_cognica_poe.CognicaPoEForCausalLM"

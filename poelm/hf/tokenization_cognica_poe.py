@@ -22,6 +22,21 @@ poelm's restricted unpickler (only tiktoken's Encoding state and plain data are 
 - Padding goes on the left by default (`padding_side="left"`), as batched generation needs.
 - Token strings (`tokenize`, `convert_ids_to_tokens`) spell each token's bytes with the usual
   byte-to-printable-character table (a space shows as "Ġ"); special tokens are their names.
+- Chat: `tokenizer_config.json` carries poelm's chat format (poelm/chat.py, copied beside this
+  file as `poe_chat.py`) as `chat_template`. `apply_chat_template(messages, tokenize=False)`
+  renders that template; with tokenize=True (transformers' default) the ids come from poelm's
+  own rules, `render_prompt` (add_generation_prompt=True) or `render_conversation`, because
+  the rendered text cannot be tokenized back: a message may contain "<|assistant_end|>" as
+  text, which must stay bytes, while the same characters from the template are the special
+  token. The override checks and renders each conversation itself, then lets transformers'
+  own apply_chat_template do the rest (batching, padding, truncation, tensors, return_dict)
+  while `tokenize` hands back the ids prepared for exactly that rendered text (and refuses
+  any other text during the call). Ordinary `tok(text)` never sees special tokens. So the ids
+  equal poelm's and the returned structure is transformers' own, in 4.57 and 5.x alike
+  (`sanitize_control_tokens` is accepted and needs nothing: messages are always ordinary
+  text). A different template, `tools`, `documents` or `continue_final_message` with
+  tokenize=True are refused with one line; malformed conversations raise poelm's one-line
+  ValueError naming the message.
 - `token_bytes` is the byte length of every token (0 for specials) for bits-per-byte, read
   from `token_bytes.pt`; when that file is missing a warning names it and the lengths are
   recomputed from the vocabulary.
@@ -29,6 +44,7 @@ poelm's restricted unpickler (only tiktoken's Encoding state and plain data are 
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import pickle
@@ -37,6 +53,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizer
 
+from .poe_chat import CHAT_TEMPLATE, render_conversation, render_prompt
 from .poe_tokenizer import Tokenizer, _encoding_from_pickle, load_token_bytes
 
 
@@ -56,6 +73,15 @@ def _byte_to_char() -> list[str]:
 
 BYTE_TO_CHAR = _byte_to_char()
 CHAR_TO_BYTE = {c: b for b, c in enumerate(BYTE_TO_CHAR)}
+
+
+class _ChatTokens(list):
+    """Token strings of a rendered chat that also carry its exact ids (a byte token may spell
+    a special token's name, so the strings alone do not determine the ids)."""
+
+    def __init__(self, tokens: list[str], ids: list[int]):
+        super().__init__(tokens)
+        self.ids = ids
 
 
 class CognicaPoETokenizer(PreTrainedTokenizer):
@@ -79,6 +105,7 @@ class CognicaPoETokenizer(PreTrainedTokenizer):
             self._id_to_token[rank] = text
             self._token_to_id[text] = rank
         self._token_to_id.update(self._specials)
+        self._chat_pending: list[tuple[str, list[int]]] | None = None  # set during apply_chat_template
         kwargs.pop("split_special_tokens", None)
         super().__init__(bos_token=bos_token, eos_token=eos_token, pad_token=pad_token, add_bos_token=add_bos_token,
                          clean_up_tokenization_spaces=clean_up_tokenization_spaces, split_special_tokens=True,
@@ -102,6 +129,19 @@ class CognicaPoETokenizer(PreTrainedTokenizer):
         return self._token_bytes
 
     # --- text <-> tokens <-> ids -------------------------------------------------------------------
+    def tokenize(self, text: str, **kwargs) -> list[str]:
+        if self._chat_pending is None:
+            return super().tokenize(text, **kwargs)
+        if not self._chat_pending or self._chat_pending[0][0] != text:
+            raise RuntimeError("apply_chat_template tokenized a text other than the rendered conversation")
+        _, ids = self._chat_pending.pop(0)
+        return _ChatTokens([self._id_to_token[i] for i in ids], ids)
+
+    def convert_tokens_to_ids(self, tokens):
+        if isinstance(tokens, _ChatTokens):
+            return list(tokens.ids)
+        return super().convert_tokens_to_ids(tokens)
+
     def _tokenize(self, text: str, **kwargs) -> list[str]:
         return [self._id_to_token[i] for i in self.poe.encode(text)]
 
@@ -127,6 +167,47 @@ class CognicaPoETokenizer(PreTrainedTokenizer):
             specials = set(self._specials.values())
             ids = [i for i in ids if i not in specials]
         return self.poe.decode(ids)
+
+    # --- chat ------------------------------------------------------------------------------------
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        """transformers' apply_chat_template with poelm's chat rules for the ids (module docstring)."""
+        bound = inspect.signature(PreTrainedTokenizer.apply_chat_template).bind(self, conversation, *args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        template = self.get_chat_template(a["chat_template"], a["tools"])
+        if template != CHAT_TEMPLATE:
+            if a["tokenize"]:
+                raise ValueError("this tokenizer tokenizes only its own chat template (poelm's chat format); "
+                                 "render another template with tokenize=False and encode the parts yourself")
+            return super().apply_chat_template(conversation, *args, **kwargs)
+        for name in ("tools", "documents", "continue_final_message"):
+            if a[name]:
+                raise ValueError(f"apply_chat_template: {name} is not supported by poelm's chat format")
+        batched = isinstance(conversation, (list, tuple)) and bool(conversation) and (
+            isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages"))
+        pending = []
+        for chat in conversation if batched else [conversation]:
+            messages = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
+                        for m in getattr(chat, "messages", chat)]  # transformers drops None values too
+            if a["add_generation_prompt"]:
+                ids = render_prompt(self.poe, messages)
+            else:
+                ids = render_conversation(self.poe, messages, training=False).ids
+            pending.append((self.poe.decode(ids), ids))
+        if not a["tokenize"]:
+            return super().apply_chat_template(conversation, *args, **kwargs)
+        extra = a.pop("kwargs", {})
+        a.pop("self")
+        a.pop("sanitize_control_tokens", None)  # messages are always ordinary text here (5.x names it,
+        extra.pop("sanitize_control_tokens", None)  # 4.57 would pass it to the template)
+        self._chat_pending = pending
+        try:
+            out = super().apply_chat_template(**a, **extra)
+        finally:
+            left, self._chat_pending = self._chat_pending, None
+        if left:
+            raise RuntimeError("apply_chat_template did not tokenize every rendered conversation")
+        return out
 
     # --- special tokens --------------------------------------------------------------------------
     def build_inputs_with_special_tokens(self, token_ids_0: list[int],
