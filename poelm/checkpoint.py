@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from poelm.atomic import atomic_path, atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
+from poelm.hf import REMOTE_CODE_FILES
 from poelm.codec import from_nanochat_meta, read_config_file, to_config_json, to_nanochat_meta
 from poelm.model import GPT, GPTConfig
 
@@ -48,8 +49,7 @@ def atomic_torch_save(obj, path: str | Path) -> None:
 # config.json, is a previous poelm output and may be replaced).
 MODEL_DIR_FILES = frozenset({
     CONFIG_NAME, WEIGHTS_NAME, GENERATION_CONFIG_NAME, "tokenizer.json", "tokenizer.pkl", "token_bytes.pt",
-    "tokenizer_config.json", "special_tokens_map.json", "configuration_cognica_poe.py", "modeling_cognica_poe.py",
-    "tokenization_cognica_poe.py", "poe_model.py", "poe_tokenizer.py", "__pycache__",
+    "tokenizer_config.json", "special_tokens_map.json", "__pycache__", *REMOTE_CODE_FILES,
 })
 
 

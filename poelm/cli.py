@@ -137,6 +137,13 @@ def data_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="data/default", help="output directory of shards")
 
 
+def data_chat_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", required=True,
+                   help="recall (King James verses), dialogue (speech -> next speech in the plays) or a JSONL file "
+                        "of {\"messages\": [...]}")
+    p.add_argument("--out", required=True, help="output directory of chat shards (last shard = held out)")
+
+
 def data_climbmix_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", type=at_least(1), required=True, help="number of training shards")
     p.add_argument("--out", default="data/climbmix", help="output directory of shards")
@@ -298,6 +305,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("inspect", "tensors, parameters and stages of a preset or model", inspect_arguments, "poelm.cli:cmd_inspect"),
     Command("data build", "build a corpus from the default texts or a folder of txt/jsonl/parquet",
             data_build_arguments, "poelm.cli:cmd_data_build"),
+    Command("data chat", "build chat data (recall, dialogue or a JSONL file) for specialist SFT", data_chat_arguments,
+            "poelm.chatdata:cmd_data_chat"),
     Command("data climbmix", "download ClimbMix shards (needs a network)", data_climbmix_arguments,
             "poelm.cli:cmd_data_climbmix"),
     Command("tokenizer train", "train the byte-level BPE tokenizer on a corpus directory", tokenizer_train_arguments,
