@@ -243,6 +243,54 @@ def chat_batches(data_dir: str | os.PathLike, tokenizer, batch_size: int, seq_le
         yield _to_tensors(rows, device)
 
 
+class ChatLoader:
+    """Endless (inputs, targets) batches of the training conversations for SFT, with an exact
+    resume state: epoch e visits the conversations in the order of random.Random(seed + e),
+    rank r of W takes every W-th of them. state_dict() = {"epoch", "pos"} (pos counts this
+    rank's conversations already used in the epoch), the same contract as BestFitLoader."""
+
+    def __init__(self, data_dir: str | os.PathLike, tokenizer, batch_size: int, seq_len: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, device: str | torch.device = "cpu", state: dict | None = None):
+        train_paths, _ = list_shards(data_dir)
+        self.conversations = [c for p in train_paths for c in read_conversations(p)]
+        if len(self.conversations) < world_size:
+            raise ValueError(f"{data_dir} holds {len(self.conversations)} training conversations, fewer than the "
+                             f"{world_size} ranks; build more chat data")
+        self.tokenizer, self.batch_size, self.seq_len = tokenizer, batch_size, seq_len
+        self.rank, self.world, self.seed, self.device = rank, world_size, seed, device
+        self.epoch, self.pos = (state["epoch"], state["pos"]) if state else (0, 0)
+        self._order = self._epoch_order()
+        probe = [chat_rows(tokenizer, c, seq_len)[1] for c in self.conversations[:256]]
+        if not any(t >= 0 for row in probe for t in row):
+            raise ValueError(f"{data_dir}: no assistant tokens within the first {seq_len} tokens of its conversations "
+                             "(nothing to train on); check the data or raise --seq-len")
+        self.cropped_fraction = None  # one conversation per row: nothing is packed or cropped across rows
+
+    def _epoch_order(self) -> list[int]:
+        order = list(range(len(self.conversations)))
+        random.Random(self.seed + self.epoch).shuffle(order)
+        return order[self.rank::self.world]
+
+    def __iter__(self) -> "ChatLoader":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = []
+        while len(rows) < self.batch_size:
+            if self.pos == len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._epoch_order()
+            rows.append(chat_rows(self.tokenizer, self.conversations[self._order[self.pos]], self.seq_len))
+            self.pos += 1
+        return _to_tensors(rows, self.device)
+
+    def conversations_per_epoch(self) -> int:
+        return len(self._order)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+
 def _to_tensors(rows: list[tuple[list[int], list[int]]], device) -> tuple[torch.Tensor, torch.Tensor]:
     inputs = torch.tensor([r[0] for r in rows], dtype=torch.long, device=device)
     targets = torch.tensor([r[1] for r in rows], dtype=torch.long, device=device)

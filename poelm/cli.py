@@ -211,13 +211,38 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
 
 def train_arguments(p: argparse.ArgumentParser) -> None:
     from poelm.codec import add_model_flags
+
+    p.add_argument("--data", default="data/default", help="corpus directory of parquet shards (last shard = validation)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (tokenizer.pkl/json + token_bytes.pt) "
+                                                     "(default: none; give it)")
+    trainer_arguments(p)
+    add_model_flags(p)
+
+
+def sft_arguments(p: argparse.ArgumentParser) -> None:
+    from poelm.train import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("model", help="MODEL: a PoE base (new layers are attached) or a `poelm specialist attach` output")
+    p.add_argument("--data", required=True, help="chat data directory (`poelm data chat`; last shard = held out)")
+    p.add_argument("--layers", dest="attach_layers", type=at_least(1), default=d.attach_layers,
+                   help="new layers attached to a base")
+    p.add_argument("--force", action="store_true", help="attach to a BP base anyway (its stages were never trained "
+                                                        "to predict: poe.md section 6)")
+    p.add_argument("--row-len", type=at_least(1), default=None,
+                   help="tokens per conversation row (default: the model's context)")
+    p.add_argument("--eval-prompts", type=at_least(0), default=d.eval_prompts,
+                   help="held-out prompts scored by exact match of the greedy answer, 0 = off")
+    trainer_arguments(p)
+
+
+def trainer_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags `poelm train` and `poelm sft` share (their one trainer, poelm/train.py)."""
     from poelm.optim import LR_SCALING
     from poelm.train import TrainConfig
 
     d = TrainConfig()
     a = p.add_argument
-    a("--data", default=d.data, help="corpus directory of parquet shards (last shard = validation)")
-    a("--tokenizer", default=d.tokenizer, help="tokenizer directory (tokenizer.pkl/json + token_bytes.pt) (default: none; give it)")
     a("--out", default=d.out, help="run directory (checkpoints, metrics.jsonl, plots)")
     a("--total-batch-size", type=int, default=d.total_batch_size, help="tokens per optimizer step (all ranks)")
     a("--device-batch-size", type=int, default=d.device_batch_size, help="rows per forward pass per rank")
@@ -252,7 +277,6 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     a("--resume", action="store_true", help="continue the run in --out from its newest complete checkpoint")
     a("--extend-to", type=int, default=None, help="with --resume: change the horizon to N steps (recorded)")
     a("--quiet", action="store_true", help="no progress bar or log lines")
-    add_model_flags(p)
 
 
 def experiment_arguments(p: argparse.ArgumentParser) -> None:
@@ -312,6 +336,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("tokenizer train", "train the byte-level BPE tokenizer on a corpus directory", tokenizer_train_arguments,
             "poelm.cli:cmd_tokenizer_train"),
     Command("train", "train a BP or PoE model from scratch (or --resume)", train_arguments, "poelm.train:cmd_train"),
+    Command("sft", "train a post-hoc specialist on chat data (attached to a frozen PoE base)", sft_arguments,
+            "poelm.sft:cmd_sft"),
     Command("eval", "bits per byte of the final readout, every stage and the Log-OP", eval_arguments,
             "poelm.cli:cmd_eval"),
     Command("generate", "generate text: final, stage, logop, wand or speculative decoding", generate_arguments,

@@ -45,6 +45,13 @@ class TrainConfig:
     out: str = "runs/train"
     # the model: every architecture and objective field (vocab_size is the tokenizer's)
     model: GPTConfig = field(default_factory=GPTConfig)
+    # task: "pretrain" (a new model on a corpus) or "sft" (a specialist on chat data, poelm.sft)
+    task: str = "pretrain"
+    init: str | None = None  # sft: the MODEL to start from (a PoE base, or a specialist)
+    attach_layers: int = 2  # sft from a base: new layers of the specialist
+    force: bool = False  # sft: attach to a BP base anyway (poe.md section 6)
+    row_len: int | None = None  # sft: tokens per conversation row (default: the model's context)
+    eval_prompts: int = 32  # sft: held-out prompts scored by exact match of the greedy answer (0: off)
     # batch and horizon
     total_batch_size: int = 2 ** 20
     device_batch_size: int = 32
@@ -191,10 +198,40 @@ def make_progress(enabled: bool):
 # Evaluation and samples
 
 
-def run_eval(model: GPT, val: list, token_bytes: torch.Tensor, rt: Runtime) -> dict:
-    from poelm.evaluate import evaluate_bpb
+@dataclass
+class BpbEvaluator:
+    """Pretraining's evaluation: bits per byte of the final readout, every stage and the Log-OP
+    on fixed validation batches (poelm.sft.ChatEvaluator is SFT's, with the same interface)."""
+    val: list
+    token_bytes: torch.Tensor
+    autocast_dtype: torch.dtype | None = None
 
-    return evaluate_bpb(model, val, token_bytes, autocast_dtype=rt.autocast_dtype)
+    def __call__(self, model: GPT) -> dict:
+        from poelm.evaluate import evaluate_bpb
+
+        return evaluate_bpb(model, self.val, self.token_bytes, autocast_dtype=self.autocast_dtype)
+
+    @staticmethod
+    def line(step: int, r: dict) -> str:
+        stages = " ".join(f"{b:.4f}" for b in r["stages"])
+        return f"step {step:>6} | val bpb {r['bpb']:.4f} | stages [{stages}] | log-op {r['logop']:.4f}"
+
+
+def make_evaluator(tc: TrainConfig, setup: "RunSetup", rt: Runtime):
+    """The run's evaluation; bad validation data fails here, before anything is written."""
+    if tc.task == "sft":
+        from poelm.sft import ChatEvaluator
+
+        evaluator = ChatEvaluator(tc.data, setup.tokenizer, tc.device_batch_size, setup.seq_len, tc.eval_prompts,
+                                  rt.device)
+        if setup.base is not None and tc.eval_every > 0:
+            evaluator.base = evaluator(setup.base)  # the base's scores on the same data, once
+        return evaluator
+    from poelm.dataloader import val_batches
+
+    val = list(val_batches(tc.data, setup.tokenizer, tc.device_batch_size, setup.seq_len, tc.eval_tokens,
+                           rank=rt.rank, world_size=rt.world, device=rt.device)) if tc.eval_every > 0 else []
+    return BpbEvaluator(val, setup.tokenizer.token_bytes(), rt.autocast_dtype)
 
 
 @torch.no_grad()
@@ -225,35 +262,60 @@ class RunSetup:
     state: dict  # trainer.json of the resumed checkpoint ({} for a fresh run)
     resumed: bool
     lrs: object  # poelm.optim.EffectiveLRs: what the optimizer was built with
+    seq_len: int  # tokens per row
+    base: GPT | None = None  # sft: the base the specialist was attached to (for its scores and Δlogit)
 
 
 def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
     """Tokenizer, model, optimizer, loader and horizon of a run (fresh or resumed); the
     caller holds the run directory's lock."""
+    from poelm.chatdata import ChatLoader
     from poelm.dataloader import BestFitLoader
     from poelm.optim import build_optimizer, effective_hparams
     from poelm.schedule import resolve_horizon
     from poelm.tokenizer import Tokenizer
 
-    if not tc.tokenizer:
-        raise ValueError("--tokenizer DIR is required (train one with `poelm tokenizer train --data DIR --out DIR`)")
     if not Path(tc.data).is_dir():
-        raise FileNotFoundError(f"--data {tc.data} does not exist; build a corpus with `poelm data build --out DIR`")
-    tokenizer = Tokenizer.load(tc.tokenizer)
-    config = tc.model_config(tokenizer.vocab_size)
-    check_tokenizer(tokenizer, config, tc.tokenizer)
-    tokens_per_micro = tc.device_batch_size * tc.model.sequence_len * rt.world
-    if tc.total_batch_size % tokens_per_micro:
-        raise ValueError(f"--total-batch-size {tc.total_batch_size} is not a multiple of device batch x seq len x "
-                         f"ranks = {tc.device_batch_size} x {tc.model.sequence_len} x {rt.world} = {tokens_per_micro}")
-    grad_accum = tc.total_batch_size // tokens_per_micro
-    lrs = effective_hparams(config, tc.total_batch_size, tc)
+        what = "chat data with `poelm data chat --out DIR`" if tc.task == "sft" else "a corpus with `poelm data build --out DIR`"
+        raise FileNotFoundError(f"--data {tc.data} does not exist; build {what}")
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
-    model = build_model(config, device=rt.device, init=True)
-    optimizer = build_optimizer(model, lrs)
-    num_iterations, rule = resolve_horizon(tc.num_iterations, tc.target_tokens, tc.target_param_data_ratio,
-                                           model.num_params(), tc.total_batch_size)
+    base = None
+    if tc.task == "sft":
+        from poelm.sft import sft_model
+
+        tokenizer, model, base = sft_model(tc, rt.device)
+        config = model.config
+        seq_len = min(tc.row_len or config.sequence_len, config.sequence_len)
+    else:
+        if not tc.tokenizer:
+            raise ValueError("--tokenizer DIR is required (train one with `poelm tokenizer train --data DIR --out DIR`)")
+        tokenizer = Tokenizer.load(tc.tokenizer)
+        config = tc.model_config(tokenizer.vocab_size)
+        check_tokenizer(tokenizer, config, tc.tokenizer)
+        seq_len = config.sequence_len
+    tokens_per_micro = tc.device_batch_size * seq_len * rt.world
+    if tc.total_batch_size % tokens_per_micro:
+        raise ValueError(f"--total-batch-size {tc.total_batch_size} is not a multiple of device batch x seq len x "
+                         f"ranks = {tc.device_batch_size} x {seq_len} x {rt.world} = {tokens_per_micro}")
+    grad_accum = tc.total_batch_size // tokens_per_micro
+    lrs = effective_hparams(config, tc.total_batch_size, tc)
+    if tc.task != "sft":
+        model = build_model(config, device=rt.device, init=True)
+    # SFT: wte trains only the chat specials' rows (their gradient alone is non-zero), so it must
+    # not decay, or the frozen rows would drift and the base's predictions with them
+    optimizer = build_optimizer(model, lrs, adamw_weight_decay={"wte": 0.0} if tc.task == "sft" else None)
+    if tc.task == "sft":
+        loader = ChatLoader(tc.data, tokenizer, tc.device_batch_size, seq_len, rank=rt.rank, world_size=rt.world,
+                            seed=tc.seed, device=rt.device)  # (its resumed state is set below)
+        rows_per_step = tc.device_batch_size * rt.world * grad_accum
+        epoch = -(-len(loader.conversations) // rows_per_step)
+        num_iterations = tc.num_iterations if tc.num_iterations > 0 else epoch
+        rule = (f"horizon: {num_iterations:,} steps (--num-iterations)" if tc.num_iterations > 0 else
+                f"horizon: {num_iterations:,} steps = one epoch of {len(loader.conversations):,} conversations")
+    else:
+        num_iterations, rule = resolve_horizon(tc.num_iterations, tc.target_tokens, tc.target_param_data_ratio,
+                                               model.num_params(), tc.total_batch_size)
     start_step, loader_state, state = 0, None, {}
     point = run.resume_point()
     if point is not None and not tc.resume:
@@ -280,10 +342,14 @@ def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
             state["extended"] = state.get("extended", []) + [{"at_step": start_step, "from": num_iterations,
                                                               "to": tc.extend_to}]
             num_iterations = state["num_iterations"] = tc.extend_to
-    loader = BestFitLoader(tc.data, tokenizer, tc.device_batch_size, tc.model.sequence_len, split="train", rank=rt.rank,
-                           world_size=rt.world, device=rt.device, state=loader_state)
+    if tc.task == "sft":
+        loader = ChatLoader(tc.data, tokenizer, tc.device_batch_size, seq_len, rank=rt.rank, world_size=rt.world,
+                            seed=tc.seed, device=rt.device, state=loader_state)
+    else:
+        loader = BestFitLoader(tc.data, tokenizer, tc.device_batch_size, seq_len, split="train", rank=rt.rank,
+                               world_size=rt.world, device=rt.device, state=loader_state)
     return RunSetup(tokenizer, model, optimizer, loader, grad_accum, num_iterations, rule, start_step, state,
-                    resumed=point is not None and tc.resume, lrs=lrs)
+                    resumed=point is not None and tc.resume, lrs=lrs, seq_len=seq_len, base=base)
 
 
 # Settings a resumed run may change: they do not alter the trajectory of the weights ("model"
@@ -349,13 +415,6 @@ def resume_into(run: RunDir, point, tc: TrainConfig, rt: Runtime, tokenizer, con
     return state, loader_state
 
 
-def load_val(tc: TrainConfig, tokenizer, rt: Runtime) -> list:
-    from poelm.dataloader import val_batches
-
-    return list(val_batches(tc.data, tokenizer, tc.device_batch_size, tc.model.sequence_len, tc.eval_tokens,
-                            rank=rt.rank, world_size=rt.world, device=rt.device))
-
-
 def train(tc: TrainConfig) -> dict:
     """Run (or resume) training, holding the run directory's lock; returns the final metrics."""
     check_config(tc)
@@ -374,9 +433,10 @@ def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
     grad_accum, num_iterations, rule, start_step, state = (setup.grad_accum, setup.num_iterations, setup.rule,
                                                            setup.start_step, setup.state)
     lrs = setup.lrs
-    val = load_val(tc, tokenizer, rt) if tc.eval_every > 0 else []  # bad validation data fails before any write
+    evaluate = make_evaluator(tc, setup, rt)
     out = run.path
-    settings = {**dataclasses.asdict(tc), "effective": dataclasses.asdict(lrs)}
+    settings = {**dataclasses.asdict(tc), "model": model.config.to_dict(),  # the model as built
+                "effective": dataclasses.asdict(lrs)}
     run_id = f"{os.getpid()}"
     if rt.world > 1:  # one temporary-name suffix for every rank of this run: rank 0's pid
         pid = torch.tensor([os.getpid()])
@@ -393,12 +453,11 @@ def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
     cfg = model.config
     say(f"model: {cfg.n_layer} layers x {cfg.n_embd} wide, stages {list(cfg.poe_stage_layers)}, "
         f"poe_mode={cfg.poe_mode} alpha={cfg.poe_alpha}, {model.num_params():,} params")
-    say(f"batch: {tc.total_batch_size:,} tokens/step = {tc.device_batch_size} x {tc.model.sequence_len} x {rt.world} ranks "
+    say(f"batch: {tc.total_batch_size:,} tokens/step = {tc.device_batch_size} x {setup.seq_len} x {rt.world} ranks "
         f"x {grad_accum} accumulation steps; {rule}")
     say(lrs.line())
-    token_bytes = tokenizer.token_bytes()
     train_model = torch.compile(model) if tc.compile else model
-    flops_per_step = model.flops_per_token(tc.model.sequence_len) * tc.total_batch_size
+    flops_per_step = model.flops_per_token(setup.seq_len) * tc.total_batch_size
     peak = peak_flops(rt.device)
     ema = state.get("ema_loss", 0.0)
     last_eval: dict = state.get("last_eval", {})
@@ -413,11 +472,11 @@ def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
 
     def do_eval(step: int) -> None:
         nonlocal last_eval
-        result = run_eval(model, val, token_bytes, rt)
+        result = evaluate(model)
+        model.train()
         last_eval = {"step": step, **result}
         log.write({"type": "eval", **last_eval})
-        stages = " ".join(f"{b:.4f}" for b in result["stages"])
-        say(f"step {step:>6} | val bpb {result['bpb']:.4f} | stages [{stages}] | log-op {result['logop']:.4f}")
+        say(evaluate.line(step, result))
 
     with make_progress(rt.master and not tc.quiet) as progress:
         task = progress.add_task(f"train {out.name}", total=num_iterations, completed=start_step, status="")
@@ -476,6 +535,11 @@ def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
     final_loss = ema / (1 - 0.9 ** step) if step > 0 else None
     result = {"step": step, "num_iterations": num_iterations, "train_seconds": total_time, "final_loss": final_loss,
               "eval": last_eval, "out": str(out), "cropped_fraction": getattr(loader, "cropped_fraction", None)}
+    if tc.task == "sft" and setup.base is not None:  # the base's predictions must be untouched, exactly
+        from poelm.sft import base_logit_delta
+
+        result["base_delta_logit"] = base_logit_delta(model, setup.base, tokenizer, tc.data)
+        say(f"base preservation: max |Δlogit| of the base prefix + base head = {result['base_delta_logit']:.4f}")
     if rt.master:
         atomic_write_json(out / "result.json", result)
         try:

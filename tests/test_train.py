@@ -208,15 +208,17 @@ def test_run_layout_metrics_and_checkpoints(env, base_run):
 
 def test_eval_budget_defaults_to_the_device_and_is_capped(env):
     """No --eval-tokens: the CPU budget (2^16), capped at this small validation split (one warning)."""
-    from poelm.train import Runtime, TrainConfig, config_from_args, load_val
+    from types import SimpleNamespace
+
+    from poelm.train import Runtime, config_from_args, make_evaluator
     from poelm.cli import build_parser
 
     tc = config_from_args(build_parser().parse_args(["train", "--data", str(env / "data")]))
     assert tc.eval_tokens is None
-    tc = dataclasses.replace(tc, device_batch_size=2, model=dataclasses.replace(tc.model, sequence_len=32))
+    tc = dataclasses.replace(tc, device_batch_size=2)
     tok = Tokenizer.load(env / "tok")
     with pytest.warns(UserWarning, match=r"holds only [\d,]+ tokens at seq_len 32, less than the 65,536-token"):
-        val = load_val(tc, tok, Runtime())
+        val = make_evaluator(tc, SimpleNamespace(tokenizer=tok, seq_len=32), Runtime()).val
     one_pass = list(val_batches(env / "data", tok, 2, 32, 10 ** 9))
     assert sum(y.numel() for _, y in val) == sum(y.numel() for _, y in one_pass) < 2 ** 16
     assert all(torch.equal(a[1], b[1]) for a, b in zip(val, one_pass))

@@ -1,0 +1,154 @@
+"""Supervised fine-tuning of a post-hoc specialist (poe.md §7) through `poelm train`'s own
+trainer: the same progress bar, metrics.jsonl, atomic checkpoints, exact resume and plots.
+
+    poelm data chat --source recall --out data/recall
+    poelm sft runs/poe --data data/recall --out runs/recall --layers 2 --num-iterations 200
+    poelm sft runs/recall --resume ...                  # continue exactly
+
+MODEL is a PoE base (N new layers are attached, `--layers`) or a specialist made by
+`poelm specialist attach`. Only the specialist's tensors train (poelm.specialist); the loss
+is on assistant tokens and <|assistant_end|> only (poelm.chat). Evaluation reports **bits per
+assistant token** on the held-out conversations (not bits per byte: the released stage cards
+report this) and the exact-match accuracy of greedy answers on held-out prompts, next to the
+base model's; the run ends with the base's Δlogit (its predictions through the base head on
+base-style input, which must be exactly 0).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from poelm.chat import render_prompt
+from poelm.chatdata import chat_batches, list_shards, read_conversations
+
+ASSISTANT_END = "<|assistant_end|>"
+
+
+@torch.no_grad()
+def assistant_bits(model, batches) -> dict:
+    """Bits per assistant token of the final readout: Σ nats over targets >= 0 / (ln 2 · count)."""
+    was_training = model.training
+    model.eval()
+    device = model.lm_head.weight.device
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device), targets.to(device)
+        per_token = model.token_nats(inputs, targets)["final"]  # (B, T)
+        counted = targets >= 0
+        nats += (per_token.double() * counted).sum()
+        count += counted.sum()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for t in (nats, count):
+            torch.distributed.all_reduce(t)
+    model.train(was_training)
+    if count.item() == 0:
+        raise ValueError("no assistant tokens in the held-out chat data")
+    return {"assistant_bits": nats.item() / (math.log(2) * count.item()), "assistant_tokens": int(count.item())}
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 96) -> dict:
+    """Share of held-out conversations whose greedy answer equals the reference (stripped)."""
+    from poelm.engine import Engine
+
+    was_training = model.training
+    engine = Engine(model, tokenizer)
+    end = tokenizer.special_tokens[ASSISTANT_END]
+    hits = 0
+    for messages in conversations:
+        prompt = render_prompt(tokenizer, messages[:-1])
+        want = messages[-1]["content"].strip()
+        budget = min(max_new_tokens, len(tokenizer.encode(want)) + 4)
+        out = engine.generate(prompt, max_new_tokens=budget, stop_token_ids=[end])
+        hits += out.text.strip() == want
+    model.train(was_training)
+    return {"exact_match": hits / max(1, len(conversations)), "exact_match_n": len(conversations)}
+
+
+@dataclass
+class ChatEvaluator:
+    """The SFT evaluation `poelm train`'s loop calls (the counterpart of the bpb evaluation)."""
+    data_dir: str
+    tokenizer: object
+    batch_size: int
+    seq_len: int
+    prompts: int  # held-out prompts for exact match (0: off)
+    device: object = "cpu"
+    base: dict | None = None  # the base model's scores on the same data, reported beside
+
+    def held_out(self) -> list[list[dict]]:
+        _, val_path = list_shards(self.data_dir)
+        return [c for c in read_conversations(val_path) if c[-1].get("role") == "assistant"][:self.prompts]
+
+    def __call__(self, model) -> dict:
+        batches = chat_batches(self.data_dir, self.tokenizer, self.batch_size, self.seq_len, split="val",
+                               device=self.device)
+        result = assistant_bits(model, batches)
+        if self.prompts > 0:
+            result.update(exact_match(model, self.tokenizer, self.held_out()))
+        if self.base is not None:
+            result["base"] = self.base
+        return result
+
+    @staticmethod
+    def line(step: int, r: dict) -> str:
+        text = f"step {step:>6} | held-out bits per assistant token {r['assistant_bits']:.4f}"
+        if "exact_match" in r:
+            text += f" | exact match {100 * r['exact_match']:.1f}% of {r['exact_match_n']}"
+        if r.get("base"):
+            b = r["base"]
+            text += f" (base: {b['assistant_bits']:.4f}" + (f", {100 * b['exact_match']:.1f}%)" if "exact_match" in b else ")")
+        return text
+
+
+def sft_model(tc, device) -> tuple[object, object, object | None]:
+    """(tokenizer, specialist to train, its base or None) for `poelm sft MODEL`: a base gets
+    tc.attach_layers new layers; a specialist made by `poelm specialist attach` trains as it is."""
+    from poelm import specialist
+    from poelm.checkpoint import load_model
+
+    if not tc.init:
+        raise ValueError("poelm sft needs MODEL: a PoE base or a specialist made by `poelm specialist attach`")
+    base, tokenizer = load_model(tc.init, device=device)
+    if tokenizer is None:
+        raise ValueError(f"{tc.init} has no tokenizer; SFT renders chats with the model's own tokenizer (and its "
+                         "chat special tokens)")
+    missing = [t for t in ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", ASSISTANT_END)
+               if t not in tokenizer.special_tokens]
+    if missing:
+        raise ValueError(f"{tc.init}'s tokenizer lacks the chat special tokens {', '.join(missing)}")
+    if specialist.is_specialist(base.config):
+        model, base = specialist.prepare_for_training(base), None
+    else:
+        model = specialist.attach(base, tc.attach_layers, force=tc.force)
+    return tokenizer, model.train(), base
+
+
+@torch.no_grad()
+def base_logit_delta(model, base, tokenizer, data_dir: str, n: int = 8) -> float:
+    """max |Δlogit| between the base and the specialist's base prefix + base head, on
+    base-style input (<|bos|> + text of held-out user turns, no chat specials)."""
+    from poelm.specialist import base_logits
+
+    _, val_path = list_shards(data_dir)
+    texts = [c[0]["content"] for c in read_conversations(val_path)[:n]]
+    T = min(64, base.config.sequence_len)
+    worst = 0.0
+    for text in texts:
+        ids = [tokenizer.bos_token_id, *tokenizer.encode(text)][:T]
+        idx = torch.tensor([ids], device=base.lm_head.weight.device)
+        want, got = base.eval()(idx), base_logits(model.eval(), idx)
+        worst = max(worst, (want - got).abs().max().item())
+    return worst
+
+
+def cmd_sft(args) -> int:
+    """`poelm sft MODEL --data CHATDIR --out RUN ...`: `poelm train`'s trainer with task sft."""
+    from poelm.train import cmd_train
+
+    args.task, args.init = "sft", args.model
+    return cmd_train(args)
