@@ -45,7 +45,7 @@ import torch
 
 from poelm.atomic import atomic_write_bytes
 from poelm.chat import render_conversation, validate_conversation
-from poelm.corpus import DEFAULT_SDISTS, _atomic_write_table, _fetch_sdist, kjv_verses, list_shards, strip_gutenberg
+from poelm.corpus import DEFAULT_SDISTS, _fetch_sdist, kjv_verses, list_shards, strip_gutenberg, write_split_shards
 
 COLUMN = "messages"
 MANIFEST = "chat.json"
@@ -150,16 +150,8 @@ def write_chat_data(items: list[tuple[str, list[dict]]], out_dir: str | os.PathL
     splits = [train[i * len(train) // n_train_shards:(i + 1) * len(train) // n_train_shards]
               for i in range(n_train_shards)] + [val]
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # invalid until the new build is complete
-    for p in out.glob("shard_*.parquet"):
-        p.unlink()
-    names = []
-    for i, rows in enumerate(splits):
-        name = f"shard_{i:05d}.parquet"
-        column = [json.dumps(m, ensure_ascii=False) for m in rows]
-        _atomic_write_table(pa.table({COLUMN: pa.array(column, type=pa.string())}), out / name, row_group_rows)
-        names.append(name)
+    names = write_split_shards(out, [[json.dumps(m, ensure_ascii=False) for m in rows] for rows in splits], COLUMN,
+                               row_group_rows, MANIFEST)
     stats = dict(format=FORMAT, conversations=len(items), train_conversations=len(train),
                  val_conversations=len(val), val_fraction=val_fraction, seed=seed, shards=names, sources=sources)
     atomic_write_bytes(out / MANIFEST, json.dumps(stats, indent=1).encode())

@@ -272,6 +272,23 @@ def _atomic_write_table(table: pa.Table, path: Path, row_group_docs: int) -> Non
         pq.write_table(table, tmp, row_group_size=row_group_docs, compression="zstd")
 
 
+def write_split_shards(out: Path, splits: list[list[str]], column: str, row_group_rows: int,
+                       manifest: str) -> list[str]:
+    """Replace the shards of `out` with one parquet shard per split (the last is the held-out
+    one), a string column each. The manifest goes first, so a half-written set never looks
+    complete; the caller writes the new one last."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / manifest).unlink(missing_ok=True)
+    for p in out.glob("shard_*.parquet"):
+        p.unlink()
+    names = []
+    for i, rows in enumerate(splits):
+        name = f"shard_{i:05d}.parquet"
+        _atomic_write_table(pa.table({column: pa.array(rows, type=pa.string())}), out / name, row_group_rows)
+        names.append(name)
+    return names
+
+
 def write_corpus(docs: list[str], out_dir: str | os.PathLike, n_train_shards: int | None = None,
                  row_group_docs: int = 1000, val_fraction: float = 0.05, seed: int = SEED,
                  shard_chars: int = 100_000_000, sources: object = None) -> dict:
@@ -302,16 +319,7 @@ def write_corpus(docs: list[str], out_dir: str | os.PathLike, n_train_shards: in
     splits = [train[i * len(train) // n_train_shards:(i + 1) * len(train) // n_train_shards]
               for i in range(n_train_shards)] + [val]
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # invalid until the new build is complete
-    for p in out.glob("shard_*.parquet"):
-        p.unlink()
-    names = []
-    for i, idx in enumerate(splits):
-        name = f"shard_{i:05d}.parquet"
-        table = pa.table({"text": pa.array([docs[j] for j in idx], type=pa.string())})
-        _atomic_write_table(table, out / name, row_group_docs)
-        names.append(name)
+    names = write_split_shards(out, [[docs[j] for j in idx] for idx in splits], "text", row_group_docs, MANIFEST)
     stats = dict(docs=len(docs), chars=chars, train_docs=len(train), val_docs=len(val),
                  train_chars=sum(len(docs[j]) for j in train), val_chars=sum(len(docs[j]) for j in val),
                  shards=names, fingerprint=fingerprint, params=params, sources=sources)
