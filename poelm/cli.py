@@ -6,6 +6,7 @@
     poelm train --data data/default --tokenizer data/tokenizer --out runs/tiny --depth 4
     poelm eval runs/tiny --data data/default --json
     poelm generate runs/tiny "To be, or not to be"
+    poelm chat runs/sft --system "Be brief."
     poelm export runs/tiny --out out/tiny-hf
 
 MODEL is anything `poelm.checkpoint.load_model` takes: a preset, a model directory, a
@@ -170,18 +171,17 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
                    help="PoE: also report the final bpb with the other backout setting")
 
 
-def generate_arguments(p: argparse.ArgumentParser) -> None:
+def decoding_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
+    """The readout / decoding mode and sampling flags of generate and chat."""
     from poelm.engine import MODES
 
-    p.add_argument("model", help="MODEL")
-    p.add_argument("prompt", help="prompt text (space-separated token ids when the model has no tokenizer)")
     p.add_argument("--mode", choices=MODES, default="final", help="readout / decoding mode")
     p.add_argument("--stage", type=at_least(0), default=None, help="--mode stage: read out at this stage (default: 0)")
     p.add_argument("--stages", default=None, help="--mode logop: comma list of stages (default: all)")
     p.add_argument("--draft-stage", type=at_least(0), default=0, help="--mode speculative: the drafting stage")
     p.add_argument("--gamma", type=at_least(1), default=4, help="--mode speculative: drafted tokens per verify pass")
     p.add_argument("--wand-factor", type=finite_float, default=1.0, help="--mode wand: exit factor F (inf = full depth)")
-    p.add_argument("--max-new-tokens", type=at_least(0), default=64, help="tokens to generate at most")
+    p.add_argument("--max-new-tokens", type=at_least(0), default=max_new_tokens, help="tokens to generate at most")
     p.add_argument("--temperature", type=finite_float, default=0.0, help="sampling temperature, 0 = greedy")
     p.add_argument("--top-k", type=at_least(0), default=0, help="sample from the k likeliest tokens, 0 = off")
     p.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling mass, 1 = off")
@@ -189,6 +189,20 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
     p.add_argument("--force", action="store_true", help="allow PoE modes on a BP model (research)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+
+
+def generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="MODEL")
+    p.add_argument("prompt", help="prompt text (space-separated token ids when the model has no tokenizer)")
+    p.add_argument("--chat", action="store_true",
+                   help="render the prompt as one user turn of the chat format and stop at <|assistant_end|>")
+    decoding_arguments(p)
+
+
+def chat_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="MODEL (its tokenizer must have the chat special tokens)")
+    p.add_argument("--system", default=None, help="system message, merged into the first user turn")
+    decoding_arguments(p, max_new_tokens=256)
 
 
 def calibrate_arguments(p: argparse.ArgumentParser) -> None:
@@ -342,6 +356,8 @@ COMMANDS: tuple[Command, ...] = (
             "poelm.cli:cmd_eval"),
     Command("generate", "generate text: final, stage, logop, wand or speculative decoding", generate_arguments,
             "poelm.cli:cmd_generate"),
+    Command("chat", "chat with MODEL in the terminal (multi-turn, streamed; /reset, /quit)", chat_arguments,
+            "poelm.chat_cli:cmd_chat"),
     Command("calibrate", "calibrate WAND swing bounds and store them with the model", calibrate_arguments,
             "poelm.cli:cmd_calibrate"),
     Command("export", "write MODEL as a Hugging Face directory (transformers + poelm load it)", export_arguments,
@@ -631,7 +647,8 @@ def format_stats(stats: dict) -> str:
     return " ".join(parts)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def load_engine(args: argparse.Namespace):
+    """MODEL on --device as an Engine (with its WAND calibration for --mode wand)."""
     from poelm.checkpoint import load_model
     from poelm.engine import Engine, load_calibration
 
@@ -643,12 +660,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if calib is None:
             raise CliError(f"WAND needs calibrated swing bounds and {args.model} has none: "
                            f"run `poelm calibrate {args.model} --data DIR` first")
-    engine = Engine(model, tokenizer, calibration=calib)
-    options = dict(mode=args.mode, stage=args.stage, stages=parse_stages(args.stages), draft_stage=args.draft_stage,
-                   gamma=args.gamma, wand_factor=args.wand_factor, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   repetition_penalty=args.repetition_penalty, seed=args.seed, force=args.force)
-    prompt = parse_prompt(args.prompt, tokenizer)
+    return Engine(model, tokenizer, calibration=calib)
+
+
+def decode_options(args: argparse.Namespace) -> dict:
+    """The Engine.generate / Engine.stream options of the decoding flags."""
+    return dict(mode=args.mode, stage=args.stage, stages=parse_stages(args.stages), draft_stage=args.draft_stage,
+                gamma=args.gamma, wand_factor=args.wand_factor, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed, force=args.force)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    engine = load_engine(args)
+    tokenizer = engine.tokenizer
+    options = decode_options(args)
+    if args.chat:
+        from poelm.chat import render_prompt
+        from poelm.chat_cli import chat_stop_ids
+
+        options["stop_token_ids"] = chat_stop_ids(tokenizer, args.model)
+        prompt = render_prompt(tokenizer, [{"role": "user", "content": decode_prompt(args.prompt)}])
+    else:
+        prompt = parse_prompt(args.prompt, tokenizer)
     if args.json or tokenizer is None:
         out = engine.generate(prompt, **options)
         if args.json:
