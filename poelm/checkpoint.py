@@ -48,7 +48,7 @@ def atomic_torch_save(obj, path: str | Path) -> None:
 # Every file a poelm model directory or export may hold (a directory of only these, with a
 # config.json, is a previous poelm output and may be replaced).
 MODEL_DIR_FILES = frozenset({
-    CONFIG_NAME, WEIGHTS_NAME, GENERATION_CONFIG_NAME, "tokenizer.json", "tokenizer.pkl", "token_bytes.pt",
+    CONFIG_NAME, WEIGHTS_NAME, GENERATION_CONFIG_NAME, "specialist.json", "tokenizer.json", "tokenizer.pkl", "token_bytes.pt",
     "tokenizer_config.json", "special_tokens_map.json", "__pycache__", *REMOTE_CODE_FILES,
 })
 
@@ -331,10 +331,20 @@ def download_from_hub(repo_id: str) -> Path:
 
 
 def load_model(spec: str | Path, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
-               tokenizer_dir: str | Path | None = None, **overrides) -> tuple[GPT, object]:
+               tokenizer_dir: str | Path | None = None, delta: str | Path | None = None,
+               **overrides) -> tuple[GPT, object]:
     """Load MODEL: a preset name (random init), a model directory, a nanochat checkpoint
-    directory, the --out directory of `poelm train` (its latest checkpoint) or a hub id.
+    directory, the --out directory of `poelm train` (its latest checkpoint) or a hub id; with
+    `delta`, the specialist of that delta directory rebuilt on it (poelm.specialist.load_delta).
     Returns (model in eval mode, tokenizer or None)."""
+    model, tokenizer = _load_base_model(spec, device, dtype, seed, tokenizer_dir, **overrides)
+    if delta is not None:
+        from poelm.specialist import load_delta
+        model = load_delta(model, delta).eval()
+    return model, tokenizer
+
+
+def _load_base_model(spec, device, dtype, seed, tokenizer_dir, **overrides) -> tuple[GPT, object]:
     from poelm.presets import PRESETS, get_preset
 
     name = str(spec)

@@ -169,6 +169,10 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--backout-both", action="store_true",
                    help="PoE: also report the final bpb with the other backout setting")
+    p.add_argument("--delta", default=None, help="specialist delta directory to load onto MODEL (its base)")
+    p.add_argument("--compose", default=None, metavar="DELTA1,DELTA2",
+                   help="sibling deltas on MODEL: bits per assistant token of each and of their Log-OP on the "
+                        "held-out split of --data (a chat data directory)")
 
 
 def decoding_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
@@ -189,6 +193,27 @@ def decoding_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> 
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
     p.add_argument("--force", action="store_true", help="allow PoE modes on a BP model (research)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    p.add_argument("--delta", default=None, help="specialist delta directory to load onto MODEL (its base)")
+    p.add_argument("--head-mode", choices=("dual", "base", "spec"), default=None,
+                   help="specialist readout: dual = both heads, base = lm_head, spec = lm_head_stage "
+                        "(default: the model's own, dual)")
+    p.add_argument("--compose", default=None, metavar="DELTA1,DELTA2",
+                   help="sibling deltas on MODEL: decode from the Log-OP of their readouts (uncached)")
+
+
+def specialist_attach_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="the base MODEL (a PoE model; with --delta: the base of the parent delta)")
+    p.add_argument("--layers", type=int, required=True, help="new layers to append (>= 1)")
+    p.add_argument("--out", required=True, help="model directory to write (config.json, weights, specialist.json)")
+    p.add_argument("--delta", default=None, help="parent delta: stack the new specialist on it (a cascade)")
+    p.add_argument("--force", action="store_true", help="attach to a BP base anyway (research)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+
+
+def specialist_save_delta_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="the trained specialist (a run directory or model directory)")
+    p.add_argument("--out", required=True, help="delta directory to write (delta.safetensors + delta.json)")
+    p.add_argument("--base", default=None, help="its base MODEL, when the specialist has no specialist.json")
 
 
 def generate_arguments(p: argparse.ArgumentParser) -> None:
@@ -366,8 +391,13 @@ COMMANDS: tuple[Command, ...] = (
             experiment_arguments, "poelm.experiment:cmd_experiment"),
     Command("compare", "several models side by side on the same validation data", compare_arguments,
             "poelm.experiment:cmd_compare"),
+    Command("specialist attach", "append new layers and a zero head to a frozen PoE base (or to a specialist)",
+            specialist_attach_arguments, "poelm.specialist:cmd_specialist_attach"),
+    Command("specialist save-delta", "write a trained specialist's added/changed tensors as a bf16 delta",
+            specialist_save_delta_arguments, "poelm.specialist:cmd_specialist_save_delta"),
 )
-GROUPS = {"data": "build corpora (parquet shards with a text column)", "tokenizer": "train the BPE tokenizer"}
+GROUPS = {"data": "build corpora (parquet shards with a text column)", "tokenizer": "train the BPE tokenizer",
+          "specialist": "post-hoc specialists on a frozen PoE base (attach, delta files)"}
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -557,8 +587,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from poelm.dataloader import val_batches
     from poelm.evaluate import evaluate_bpb
 
+    if args.compose:
+        from poelm.specialist import cmd_eval_compose
+        return cmd_eval_compose(args)
     device = parse_device(args.device)
-    model, tokenizer = load_model(args.model, device=device, tokenizer_dir=args.tokenizer)
+    model, tokenizer = load_model(args.model, device=device, tokenizer_dir=args.tokenizer, delta=args.delta)
     if tokenizer is None:
         raise CliError(f"{args.model} has no tokenizer: pass --tokenizer DIR (bpb needs token_bytes.pt)")
     T = args.seq_len or model.config.sequence_len
@@ -652,7 +685,13 @@ def load_engine(args: argparse.Namespace):
     from poelm.checkpoint import load_model
     from poelm.engine import Engine, load_calibration
 
-    model, tokenizer = load_model(args.model, device=parse_device(args.device))
+    if args.compose:
+        from poelm.specialist import cmd_generate_compose
+        return cmd_generate_compose(args)
+    model, tokenizer = load_model(args.model, device=parse_device(args.device), delta=args.delta)
+    if args.head_mode is not None:
+        from poelm.specialist import with_head_mode
+        with_head_mode(model, args.head_mode)
     calib = None
     if args.mode == "wand":
         directory = model_dir(args.model)

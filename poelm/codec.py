@@ -113,8 +113,9 @@ def from_nanochat_meta(meta: dict, poe_mode: str | None = None) -> GPTConfig:
     for key in SPECIALIST_FIELDS:
         value = mc.get(key) or user.get(key) or meta.get(key)
         if value:
-            raise ValueError(f"nanochat checkpoint has {key}={value!r}: it is a specialist checkpoint; "
-                             "attach it to its base with the specialist tools instead")
+            raise ValueError(f"nanochat checkpoint has {key}={value!r}: it is a PoE-fork specialist, whose "
+                             "state-dict layout poelm does not know; import its base and attach a poelm "
+                             "specialist (`poelm specialist attach`, deltas via --delta)")
     unknown = sorted(set(mc) - set(NANOCHAT_ARCH) - set(SPECIALIST_FIELDS) - set(POELM_MODEL_FIELDS))
     if unknown:
         raise ValueError(f"model_config has unknown field(s) {', '.join(unknown)}, which may change the forward; "

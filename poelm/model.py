@@ -17,7 +17,9 @@ setting (`final_readout`, `backout`): the last stage's head, with or without bac
 Log-OP of all stages (what the PoE fork's per-stage-head models return). Training objectives
 are those of poe.md §1. The cached path (`KVCache`, `embed`, `run_layers`, `readout`) runs any layer
 range on any chunk of positions, which the engine uses for pruning, WAND and
-self-speculative decoding.
+self-speculative decoding. A post-hoc specialist (config.frozen_layers > 0, built by
+poelm/specialist.py) is the same model with new layers after its frozen base, one more
+stage, and `lm_head_stage` read out by config.head_mode (poe.md section 7).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 
 POE_MODES = ("none", "flat", "hier", "residual_logop")
 FINAL_READOUTS = ("last", "logop")
+HEAD_MODES = ("dual", "base", "spec")
 SOFTCAP = 15.0
 SMEAR_DIM = 24  # the smear gate reads the first 24 channels of the normed embedding
 VE_GATE_DIM = 12  # the value-embedding gate reads the first 12 channels
@@ -48,7 +51,7 @@ STANDARD_NAMES = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_he
 
 
 POSITIVE_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim",
-                   "aspect_ratio", "intermediate_size", "short_window", "poe_every")
+                   "aspect_ratio", "intermediate_size", "short_window", "poe_every", "base_n_layer")
 
 
 def _f(default, help: str, choices: tuple[str, ...] | None = None):
@@ -85,6 +88,13 @@ class GPTConfig:
     final_readout: str = _f("last", "final readout: last = the last stage's head, logop = the Log-OP of all stages",
                             FINAL_READOUTS)
     final_logop_alpha: float | None = _f(None, "alpha of the final Log-OP readout; default: poe_alpha")
+    # post-hoc specialists (poe.md section 7; built by poelm.specialist.attach, not trained from scratch)
+    frozen_layers: int = _f(0, "specialist: leading layers frozen from its base (the base depth, plus earlier "
+                               "cascade layers); 0 = not a specialist")
+    base_n_layer: int | None = _f(None, "specialist: depth of the original base (backout stays at its middle "
+                                        "layer through cascades); default: frozen_layers")
+    head_mode: str = _f("dual", "specialist readout: dual = lm_head + lm_head_stage, base = lm_head only, "
+                                "spec = lm_head_stage only", HEAD_MODES)
 
     def __post_init__(self) -> None:
         for name in POSITIVE_FIELDS:
@@ -118,9 +128,35 @@ class GPTConfig:
             raise ValueError(f"poe_mode {self.poe_mode!r} is not one of {', '.join(POE_MODES)}")
         if self.final_readout not in FINAL_READOUTS:
             raise ValueError(f"final_readout {self.final_readout!r} is not one of {', '.join(FINAL_READOUTS)}")
+        if self.head_mode not in HEAD_MODES:
+            raise ValueError(f"head_mode {self.head_mode!r} is not one of {', '.join(HEAD_MODES)}")
+        if self.frozen_layers:
+            self._check_specialist()
+        elif self.head_mode != "dual":
+            raise ValueError(f"head_mode={self.head_mode} needs a specialist head (lm_head_stage) and this model "
+                             "has none (frozen_layers=0); attach one with `poelm specialist attach` or load --delta")
+        elif self.base_n_layer is not None:
+            raise ValueError(f"base_n_layer={self.base_n_layer} is only for specialists (frozen_layers > 0)")
         self._resolve_stages()
+        if self.frozen_layers:
+            ends = set(self.stage_ends)
+            if self.base_n_layer - 1 not in ends or self.frozen_layers - 1 not in ends:
+                raise ValueError(f"poe_stage_layers {self.poe_stage_layers} must end a stage at the base depth "
+                                 f"{self.base_n_layer} and at frozen_layers={self.frozen_layers}")
         if self.backout is None:
             self.backout = self.poe_mode == "none"
+
+    def _check_specialist(self) -> None:
+        if not 0 < self.frozen_layers < self.n_layer:
+            raise ValueError(f"frozen_layers={self.frozen_layers} must be between 1 and n_layer-1={self.n_layer - 1} "
+                             "(a specialist adds at least one layer)")
+        if self.base_n_layer is None:
+            self.base_n_layer = self.frozen_layers
+        if self.base_n_layer > self.frozen_layers:
+            raise ValueError(f"base_n_layer={self.base_n_layer} must be at most frozen_layers={self.frozen_layers}")
+        if self.per_stage_head or self.final_readout != "last":
+            raise ValueError("a specialist reads out through lm_head + lm_head_stage at its last layer: it needs "
+                             "per_stage_head=false and final_readout=last")
 
     def _resolve_stages(self) -> None:
         if self.poe_stage_layers is not None:
@@ -130,12 +166,15 @@ class GPTConfig:
             if self.poe_every is not None and layers != (self.poe_every,) * len(layers):
                 raise ValueError("set either poe_every or poe_stage_layers, not both")
         else:
+            depth = self.base_n_layer if self.frozen_layers else self.n_layer  # a specialist: the base's stages
             every = self.poe_every
             if every is None:  # default: 4 equal stages when the depth allows, else one stage
-                every = self.n_layer // 4 if self.n_layer % 4 == 0 else self.n_layer
-            if every < 1 or self.n_layer % every:
-                raise ValueError(f"poe_every={every} does not divide n_layer={self.n_layer}: use poe_stage_layers")
-            layers = (every,) * (self.n_layer // every)
+                every = depth // 4 if depth % 4 == 0 else depth
+            if every < 1 or depth % every:
+                raise ValueError(f"poe_every={every} does not divide n_layer={depth}: use poe_stage_layers")
+            layers = (every,) * (depth // every)
+            if self.frozen_layers:  # then one stage of earlier cascade layers (if any) and one of the new layers
+                layers += tuple(n for n in (self.frozen_layers - depth, self.n_layer - self.frozen_layers) if n)
         self.poe_stage_layers = layers
         self.poe_every = layers[0] if len(set(layers)) == 1 else None
 
@@ -159,7 +198,8 @@ class GPTConfig:
 
     @property
     def backout_layer(self) -> int:
-        return self.n_layer // 2
+        """The middle layer whose residual backout subtracts (a specialist keeps its base's)."""
+        return (self.base_n_layer if self.frozen_layers else self.n_layer) // 2
 
     def window_sizes(self) -> list[int]:
         """Window w of each layer: a query at t sees keys t-w ... t."""
@@ -171,13 +211,22 @@ class GPTConfig:
         sizes = [short if self.window_pattern[i % len(self.window_pattern)] == "S" else long
                  for i in range(self.n_layer)]
         sizes[-1] = long
+        if self.frozen_layers:  # the base's last layer, and each cascade level's, stay long as they were
+            for end in self.stage_ends:
+                if end >= self.base_n_layer - 1:
+                    sizes[end] = long
         return sizes
 
     def has_value_embed(self, layer: int) -> bool:
-        return layer % 2 == (self.n_layer - 1) % 2
+        """Alternating layers ending at the last one; a specialist's new layers have none."""
+        depth = self.base_n_layer if self.frozen_layers else self.n_layer
+        return layer < depth and layer % 2 == (depth - 1) % 2
 
     def is_poe(self) -> bool:
         return self.poe_mode != "none"
+
+    def is_specialist(self) -> bool:
+        return self.frozen_layers > 0
 
     @property
     def final_alpha(self) -> float:
@@ -383,6 +432,18 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
+    @torch.no_grad()
+    def init_weights(self, s: float) -> None:
+        """model.md: q/k/v uniform(-s, s), c_fc uniform(-0.4s, 0.4s), both projections zero
+        (so a new block starts as the identity), the value-embedding gate uniform(0, 0.02)."""
+        for lin in (self.attn.c_q, self.attn.c_k, self.attn.c_v):
+            nn.init.uniform_(lin.weight, -s, s)
+        nn.init.uniform_(self.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
+        nn.init.zeros_(self.attn.c_proj.weight)
+        nn.init.zeros_(self.mlp.c_proj.weight)
+        if self.attn.ve_gate is not None:
+            nn.init.uniform_(self.attn.ve_gate.weight, 0.0, 0.02)
+
     def forward(self, x, ve, cos, sin, window, cache=None, start=0):
         x = x + self.attn(rmsnorm(x), ve, cos, sin, window, cache, start)
         return x + self.mlp(rmsnorm(x))
@@ -451,6 +512,11 @@ def softcap_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 # The model
 
 
+def init_scale(config: GPTConfig) -> float:
+    """The uniform bound s = sqrt(3 / n_embd) of the block matrices (model.md)."""
+    return math.sqrt(3) / math.sqrt(config.n_embd)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -464,6 +530,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(d, V, bias=False)
         if config.per_stage_head:
             self.lm_head_stages = nn.ModuleList([nn.Linear(d, V, bias=False) for _ in range(config.n_stages)])
+        if config.frozen_layers:
+            self.lm_head_stage = nn.Linear(d, V, bias=False)  # the specialist's own head, added to lm_head
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in range(L) if config.has_value_embed(i)})
         self.resid_lambdas = nn.Parameter(torch.ones(L))
         self.x0_lambdas = nn.Parameter(torch.zeros(L))
@@ -480,18 +548,12 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """The initialisation of model.md (call after moving off the meta device)."""
         cfg = self.config
-        s = math.sqrt(3) / math.sqrt(cfg.n_embd)
+        s = init_scale(cfg)
         L = cfg.n_layer
         nn.init.normal_(self.transformer.wte.weight, 0.0, 0.8)
         nn.init.normal_(self.lm_head.weight, 0.0, 0.001)
         for block in self.transformer.h:
-            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
-                nn.init.uniform_(lin.weight, -s, s)
-            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
-            nn.init.zeros_(block.attn.c_proj.weight)
-            nn.init.zeros_(block.mlp.c_proj.weight)
-            if block.attn.ve_gate is not None:
-                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+            block.init_weights(s)
         for emb in self.value_embeds.values():
             nn.init.uniform_(emb.weight, -s, s)
         nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
@@ -503,6 +565,10 @@ class GPT(nn.Module):
         if self.config.per_stage_head:
             for head in self.lm_head_stages:
                 nn.init.zeros_(head.weight)
+        if cfg.frozen_layers:  # the layers after the base: plain residual, no x0 blend, zero head (poe.md 7)
+            self.resid_lambdas[cfg.base_n_layer:] = 1.0
+            self.x0_lambdas[cfg.base_n_layer:] = 0.0
+            nn.init.zeros_(self.lm_head_stage.weight)
         self.rotary_cos = torch.empty(0, device=self.lm_head.weight.device)
         self._rotary_len = 0
 
@@ -529,11 +595,17 @@ class GPT(nn.Module):
     def _detaches(self) -> bool:
         return self.config.poe_mode in ("flat", "residual_logop")
 
+    def is_specialist_stage(self, stage: int) -> bool:
+        return self.config.frozen_layers > 0 and stage == self.config.n_stages - 1
+
     def stage_head_weight(self, stage: int) -> torch.Tensor:
-        """Effective head of stage k: the shared head plus its own head (when present)."""
+        """Effective head of stage k: the shared head plus its own head (when present); a
+        specialist's last stage: the head of config.head_mode."""
         w = self.lm_head.weight
         if self.config.per_stage_head:
             w = w + self.lm_head_stages[stage].weight
+        if self.is_specialist_stage(stage):
+            w = {"dual": w + self.lm_head_stage.weight, "base": w, "spec": self.lm_head_stage.weight}[self.config.head_mode]
         return w
 
     # --- embedding and layers (shared by every path) ---------------------------
@@ -562,7 +634,8 @@ class GPT(nn.Module):
         """Run layers [start_layer, end_layer) on x (B, T, d) at slots start ... start+T-1.
 
         Returns the new residual and the residual after every layer listed in `keep`.
-        `detach_stages` cuts the residual (not x0) at every stage boundary (PoE flat)."""
+        `detach_stages` cuts the residual (not x0) at every stage boundary (PoE flat). A
+        specialist's layers after the frozen ones always see x and x0 detached."""
         B, T, _ = x.shape
         positions = cache.positions(start, T) if cache is not None else torch.arange(start, start + T, device=x.device)
         cos, sin = self._rotary(positions, start + T)
@@ -572,6 +645,8 @@ class GPT(nn.Module):
         for i in range(start_layer, end_layer):
             if detach_stages and (i - 1) in ends:
                 x = x.detach()
+            if i == self.config.frozen_layers > 0:  # nothing flows back into the frozen base (poe.md 7)
+                x, x0 = x.detach(), x0.detach()
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = self.transformer.h[i](x, ve, cos, sin, self.windows[i], cache, start)
@@ -591,13 +666,17 @@ class GPT(nn.Module):
         return x - self.backout_lambda * x_mid if self.config.backout else x
 
     def readout(self, x: torch.Tensor, stage: int | None = None, x_mid: torch.Tensor | None = None,
-                stage_x: list[torch.Tensor] | None = None) -> torch.Tensor:
+                stage_x: list[torch.Tensor] | None = None, head_mode: str | None = None) -> torch.Tensor:
         """fp32 logits (..., vocab). stage=k: stage k's soft-capped readout of x. stage=None:
         the final readout of config.final_readout —
           "last":  the last stage's head on final_hidden(x, x_mid) (backout when config.backout);
           "logop": w * sum_k log_softmax(z_k) over stage_x, the residuals at all K stage
                    boundaries, w = logop_weight(K, config.final_alpha); unnormalised log-probs
-                   (softmax and argmax see the renormalised Log-OP)."""
+                   (softmax and argmax see the renormalised Log-OP).
+        A specialist's last stage reads out by head_mode (default config.head_mode): dual =
+        softcap(lm_head(n) + lm_head_stage(n)), base = lm_head only, spec = lm_head_stage only;
+        its backout takes x_mid at the base's middle layer. Its earlier stages are the base's
+        (lm_head only). `poelm.specialist.base_logits` is head_mode="base" on the frozen prefix."""
         cfg = self.config
         if stage is None and cfg.final_readout == "logop":
             if stage_x is None or len(stage_x) != cfg.n_stages or any(t is None for t in stage_x):
@@ -607,7 +686,10 @@ class GPT(nn.Module):
         if stage is None:
             x, stage = self.final_hidden(x, x_mid), cfg.n_stages - 1
         n = rmsnorm(x)
-        logits = n @ self.lm_head.weight.t()
+        mode = (head_mode or cfg.head_mode) if self.is_specialist_stage(stage) else "base"
+        logits = n @ self.lm_head.weight.t() if mode != "spec" else n @ self.lm_head_stage.weight.t()
+        if mode == "dual":  # the specialist's head adds to the base head's logits
+            logits = logits + n @ self.lm_head_stage.weight.t()
         if cfg.per_stage_head:  # the stage's own head adds to the shared head's logits
             logits = logits + n @ self.lm_head_stages[stage].weight.t()
         return softcap(logits[..., : cfg.vocab_size].float())
@@ -643,7 +725,7 @@ class GPT(nn.Module):
         tgt = targets.reshape(-1)
         count = (tgt >= 0).sum().clamp(min=1)
         flat = lambda x: rmsnorm(x).reshape(-1, x.shape[-1])  # noqa: E731  (B*T, d)
-        if cfg.poe_mode == "none":
+        if cfg.poe_mode == "none" or cfg.frozen_layers:  # BP, or a specialist: the final readout's loss only
             x = self.final_hidden(stage_x[-1], x_mid)
             loss = softcap_cross_entropy(flat(x), self.stage_head_weight(cfg.n_stages - 1), tgt, cfg.vocab_size) / count
             return loss, loss.detach().unsqueeze(0)
@@ -707,6 +789,7 @@ class GPT(nn.Module):
     def matmul_params(self) -> int:
         """Parameters that take part in matmuls (blocks and heads; not embeddings or scalars)."""
         n = sum(p.numel() for p in self.transformer.h.parameters())
+        n += self.lm_head_stage.weight.numel() if self.config.frozen_layers else 0
         return n + self.lm_head.weight.numel()
 
     def flops_per_token(self, seq_len: int | None = None, training_heads: bool = True) -> float:

@@ -330,7 +330,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
 def adamw_group_of(name: str) -> str | None:
     """Which AdamW group (training.md table) a parameter name belongs to, if any."""
-    if name == "lm_head.weight" or name.startswith("lm_head_stages."):
+    if name in ("lm_head.weight", "lm_head_stage.weight") or name.startswith("lm_head_stages."):
         return "lm_head"
     if name == "transformer.wte.weight":
         return "wte"

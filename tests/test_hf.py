@@ -415,6 +415,33 @@ def test_client_logop_final_readout(tmp_path, tok):
         torch.testing.assert_close(step, want[:, -2:], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("head_mode", ["dual", "base", "spec"])
+def test_client_specialist_head_modes(tmp_path_factory, tok, head_mode):
+    """An exported specialist reads out lm_head + lm_head_stage as poelm does, in every head_mode
+    (recorded in config.json, or chosen at load time); cached continuation too."""
+    from poelm.specialist import attach, trainable_parameters, with_head_mode
+
+    base = make_model(tok.vocab_size, seed=7)
+    spec = attach(base, 2)
+    torch.manual_seed(8)
+    with torch.no_grad():
+        for p in trainable_parameters(spec).values():
+            p.add_(torch.randn_like(p) * 0.05)
+    root = tmp_path_factory.mktemp("spec")
+    dual = export_model(spec.eval(), tok, root / "dual", dtype=torch.float32)
+    recorded = export_model(with_head_mode(spec, head_mode), tok, root / "recorded", dtype=torch.float32)
+    ids = torch.tensor([[tok.bos_token_id] + tok.encode("over lazy dog and cat")])
+    with torch.no_grad():
+        want = spec(ids)
+        for d, kwargs in ((recorded, {}), (dual, {"head_mode": head_mode})):
+            model = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True, dtype=torch.float32, **kwargs).eval()
+            assert model.config.head_mode == head_mode and model.config.frozen_layers == 4
+            torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=0)
+        out = model(ids[:, :-2], use_cache=True)
+        step = model(ids[:, -2:], past_key_values=out.past_key_values, use_cache=True).logits
+        torch.testing.assert_close(step, want[:, -2:], atol=1e-5, rtol=0)
+
+
 def test_client_bad_depth(hf):
     model, _ = hf
     model.config.num_hidden_layers = 9

@@ -1,0 +1,527 @@
+"""Post-hoc specialists on a frozen PoE base (poe.md section 7): attach, freeze, delta files,
+cascades and sibling composition.
+
+    from poelm.specialist import attach, trainable_parameters, save_delta, load_delta, compose
+    spec = attach(base, n_layers=2)                  # base weights copied, frozen; new blocks + zero head
+    params = trainable_parameters(spec)              # what SFT updates (the new blocks and lm_head_stage)
+    save_delta(spec, "out/chat", base_ref="runs/base", base_hash=base_content_hash(base))
+    spec = load_delta(base, "out/chat")              # refuses a base whose content hash differs
+    comp = compose(base, ["out/chat", "out/code"])   # siblings, Log-OP in one pass over the trunk
+
+    poelm specialist attach BASE --layers 2 --out runs/chat-init [--delta PARENT] [--force]
+    poelm specialist save-delta RUN --out out/chat [--base BASE]
+    poelm generate BASE --delta out/chat "..." [--head-mode dual|base|spec]
+    poelm eval BASE --compose out/chat,out/code --data data/recall    # bits per assistant token
+
+A specialist is a GPT whose config has frozen_layers = the frozen depth (poelm/model.py): its
+stages are the base's plus one stage of the new layers, so prefix pruning, WAND and
+speculative decoding keep working (draft from a base stage, verify through the specialist).
+The base is frozen entirely: every base tensor has requires_grad False and x, x0 are detached
+after the last frozen layer, so nothing the SFT optimizer does can reach the base and its
+predictions through the base prefix and base head (`base_logits`) stay bit-identical. The
+four chat special tokens (<|user_start|>, <|user_end|>, <|assistant_start|>,
+<|assistant_end|>; <|bos|> is the base's own) never occurred in pretraining, so their `wte`
+rows are still random: `attach` warm-initialises them once (see warm_chat_rows) and then they
+stay frozen too. Frozen rows, not trainable ones: with x and x0 detached no gradient reaches
+wte at all, and identical rows in every sibling let siblings share the trunk in one pass.
+
+Cascade: attach on a specialist A folds A's head into the base head (lm_head += A.lm_head_stage),
+keeps A's blocks frozen and appends the new blocks and a new zero head; backout stays at the
+original base's middle layer. A delta (delta.safetensors + delta.json) holds only the tensors a
+specialist adds or changes, in bf16: its new blocks, lm_head_stage, wte (the warm rows) and the
+extended resid_lambdas / x0_lambdas; delta.json names the base (reference + content hash), the
+layer counts, the default head_mode and the parent delta of a cascade.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from poelm.model import GPT, GPTConfig, HEAD_MODES, init_scale, logop_weight
+from poelm.tokenizer import SPECIAL_TOKENS
+
+CHAT_SPECIALS = ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
+DELTA_WEIGHTS = "delta.safetensors"
+DELTA_META = "delta.json"
+DELTA_FORMAT = "poelm-specialist-delta-v1"
+LINEAGE_NAME = "specialist.json"  # beside a specialist's model files: its base and parent delta
+WARM_DEVIATION = 0.5  # warm rows sit at this fraction of the median distance of ordinary rows from their mean
+
+
+def is_specialist(config: GPTConfig) -> bool:
+    return config.is_specialist()
+
+
+def chat_token_ids(vocab_size: int) -> list[int]:
+    """Ids of the four chat specials: the specials are the top ids of the vocab (formats.md)."""
+    first = vocab_size - len(SPECIAL_TOKENS)
+    if first < 1:
+        raise ValueError(f"vocab_size {vocab_size} has no room for the {len(SPECIAL_TOKENS)} special tokens")
+    return [first + SPECIAL_TOKENS.index(s) for s in CHAT_SPECIALS]
+
+
+# -----------------------------------------------------------------------------
+# Attach and freeze
+
+
+def specialist_config(parent: GPTConfig, n_layers: int) -> GPTConfig:
+    """parent (a base or a specialist) + n_layers new layers as one more stage."""
+    d = parent.to_dict()
+    d.update(n_layer=parent.n_layer + n_layers, frozen_layers=parent.n_layer, poe_every=None,
+             base_n_layer=parent.base_n_layer if parent.frozen_layers else parent.n_layer,
+             poe_stage_layers=list(parent.poe_stage_layers) + [n_layers], head_mode="dual")
+    return GPTConfig.from_dict(d)
+
+
+@torch.no_grad()
+def warm_chat_rows(wte: torch.Tensor, vocab_size: int) -> None:
+    """Move the chat specials' rows (never trained: random directions the base has never seen)
+    into the base's input distribution: the mean of the ordinary token rows plus each row's own
+    offset from it, rescaled to WARM_DEVIATION x the median offset of the ordinary rows. The
+    mean keeps the base's input in distribution; the own offsets keep the four rows distinct so
+    that the new layers can tell the tokens apart. Deterministic: every sibling gets the same rows."""
+    ordinary = wte[: vocab_size - len(SPECIAL_TOKENS)].float()  # (n, d)
+    mean = ordinary.mean(0)
+    typical = (ordinary - mean).norm(dim=1).median()
+    for i in chat_token_ids(vocab_size):
+        offset = wte[i].float() - mean
+        row = mean + offset * (WARM_DEVIATION * typical / offset.norm().clamp_min(1e-12))
+        wte[i] = row.to(torch.bfloat16).to(wte.dtype)  # bf16 values: the bf16 delta holds them exactly
+
+
+def attach(base: GPT, n_layers: int, force: bool = False) -> GPT:
+    """A specialist on `base`: base weights copied exactly, n_layers new blocks (no value
+    embeddings, resid_lambda 1, x0_lambda 0, projections zero so they start as the identity) and
+    a zero lm_head_stage, so the new model starts out predicting exactly what the base does (up
+    to the warm chat rows). A base that is a specialist makes a cascade (its head folded into
+    lm_head). Everything but the new blocks and lm_head_stage is frozen. A BP base is refused
+    unless force (poe.md section 6)."""
+    if not isinstance(n_layers, int) or n_layers < 1:
+        raise ValueError(f"--layers {n_layers}: a specialist needs at least 1 new layer")
+    if not base.config.is_poe() and not force:
+        raise ValueError("the base is a BP model (poe_mode=none): a specialist reads out its frozen stages, which BP "
+                         "never trained to predict (poe.md section 6); pass --force (force=True) to attach anyway")
+    if base.config.per_stage_head or base.config.final_readout != "last":
+        raise ValueError("attach needs a base without per-stage heads whose final readout is its last stage "
+                         f"(this one: per_stage_head={base.config.per_stage_head}, "
+                         f"final_readout={base.config.final_readout})")
+    config = specialist_config(base.config, n_layers)
+    ref = base.lm_head.weight
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=ref.device)
+    model.to(ref.dtype)
+    F = base.config.n_layer
+    with torch.no_grad():
+        own = base.state_dict()
+        for name, t in model.state_dict().items():
+            if name in own and own[name].shape == t.shape:
+                t.copy_(own[name])
+        model.resid_lambdas[:F] = base.resid_lambdas
+        model.resid_lambdas[F:] = 1.0
+        model.x0_lambdas[:F] = base.x0_lambdas
+        model.x0_lambdas[F:] = 0.0
+        for block in model.transformer.h[F:]:
+            block.init_weights(init_scale(config))
+        nn.init.zeros_(model.lm_head_stage.weight)
+        if base.config.frozen_layers:  # cascade: the parent's head becomes part of the base head
+            model.lm_head.weight.copy_(base.lm_head.weight + base.lm_head_stage.weight)
+        else:
+            warm_chat_rows(model.transformer.wte.weight, config.vocab_size)
+    model.rotary_cos = torch.empty(0, device=ref.device)
+    model._rotary_len = 0
+    freeze(model)
+    return model.train(base.training)
+
+
+def is_trainable(config: GPTConfig, name: str) -> bool:
+    """Whether a specialist's parameter is one SFT updates: a new block's or lm_head_stage."""
+    if name == "lm_head_stage.weight":
+        return True
+    if name.startswith("transformer.h."):
+        return int(name.split(".")[2]) >= config.frozen_layers
+    return False
+
+
+def freeze(model: GPT) -> None:
+    """requires_grad False on every tensor but the new blocks and lm_head_stage."""
+    if not model.config.is_specialist():
+        raise ValueError("freeze needs a specialist (frozen_layers > 0); use attach")
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_trainable(model.config, name))
+
+
+def trainable_parameters(model: GPT) -> dict[str, nn.Parameter]:
+    """name -> parameter of everything SFT updates (the new blocks and lm_head_stage)."""
+    return {name: p for name, p in model.named_parameters() if is_trainable(model.config, name)}
+
+
+def base_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) the base model's prediction: the frozen layers only, read out through the base
+    head (lm_head, backout as the base had it). Bit-identical to the base's own logits."""
+    cfg = model.config
+    x = x0 = model.embed(idx)
+    x, kept = model.run_layers(x, x0, idx, 0, cfg.frozen_layers, keep={cfg.backout_layer})
+    return model.readout(x, None, kept.get(cfg.backout_layer), head_mode="base")
+
+
+def with_head_mode(model: GPT, head_mode: str) -> GPT:
+    """Set the readout of a specialist's last stage; a model without lm_head_stage refuses."""
+    if head_mode not in HEAD_MODES:
+        raise ValueError(f"--head-mode {head_mode!r} is not one of {', '.join(HEAD_MODES)}")
+    try:
+        model.config = replace(model.config, head_mode=head_mode)
+    except ValueError as e:
+        raise ValueError(f"--head-mode {head_mode}: {e}") from None
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Delta files
+
+
+def base_content_hash(model: GPT) -> str:
+    """sha256 over every tensor of the state dict: sorted names, each name, shape and its
+    values rounded to bf16 (so fp32 and bf16 loads of the same bf16 release agree)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(t.detach().to(torch.bfloat16).cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def delta_names(model: GPT) -> list[str]:
+    """The tensors a specialist adds or changes, in state-dict order."""
+    F = model.config.frozen_layers
+    changed = ("lm_head_stage.weight", "transformer.wte.weight", "resid_lambdas", "x0_lambdas")
+    return [name for name in model.state_dict()
+            if name in changed or (name.startswith("transformer.h.") and int(name.split(".")[2]) >= F)]
+
+
+def delta_size(model: GPT) -> tuple[int, int]:
+    """(tensors, bytes in bf16) of the delta; works on the meta device."""
+    state = model.state_dict()
+    names = delta_names(model)
+    return len(names), sum(state[n].numel() * 2 for n in names)
+
+
+def _check_delta_out(out_dir: Path) -> None:
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise ValueError(f"--out {out_dir} is a file (or a link); choose a directory path")
+    if out_dir.is_dir():
+        foreign = sorted({p.name for p in out_dir.iterdir()} - {DELTA_WEIGHTS, DELTA_META})
+        if foreign:
+            raise ValueError(f"--out {out_dir} exists and is not a delta directory (it holds {', '.join(foreign[:3])}); "
+                             "choose a new or empty directory")
+
+
+def save_delta(model: GPT, out_dir: str | os.PathLike, base_ref: str, base_hash: str, parent: str | None = None) -> Path:
+    """Write delta.safetensors (the delta_names tensors in bf16) and delta.json into out_dir
+    (a temporary directory renamed into place). parent: the parent delta's directory (cascade),
+    recorded relative to out_dir."""
+    from safetensors.torch import save_file
+
+    from poelm.checkpoint import atomic_write_json, replace_dir
+
+    cfg = model.config
+    if not cfg.is_specialist():
+        raise ValueError("save-delta needs a specialist (frozen_layers > 0); attach one first")
+    if (parent is None) != (cfg.frozen_layers == cfg.base_n_layer):
+        raise ValueError(f"a specialist with {cfg.frozen_layers} frozen layers on a base of {cfg.base_n_layer} "
+                         f"{'is a cascade and needs its parent delta' if parent is None else 'has no parent delta'}")
+    out_dir = Path(out_dir)
+    _check_delta_out(out_dir)
+    state = model.state_dict()
+    tensors = {n: state[n].detach().to(torch.bfloat16).cpu().contiguous() for n in delta_names(model)}
+    meta = {"format": DELTA_FORMAT, "base": str(base_ref), "base_hash": base_hash,
+            "frozen_layers": cfg.frozen_layers, "base_n_layer": cfg.base_n_layer,
+            "new_layers": cfg.n_layer - cfg.frozen_layers, "head_mode": cfg.head_mode,
+            "parent": os.path.relpath(Path(parent).resolve(), out_dir.resolve()) if parent else None,
+            "tensors": list(tensors), "config": cfg.to_dict()}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        save_file(tensors, str(tmp / DELTA_WEIGHTS), metadata={"format": "pt", "base_hash": base_hash})
+        atomic_write_json(tmp / DELTA_META, meta)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_delta_meta(delta_dir: str | os.PathLike) -> dict:
+    path = Path(delta_dir) / DELTA_META
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: {delta_dir} is not a specialist delta directory")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != DELTA_FORMAT:
+        raise ValueError(f"{path} is not a {DELTA_FORMAT} file")
+    return meta
+
+
+def load_delta(base: GPT, delta_dir: str | os.PathLike, base_hash: str | None = None) -> GPT:
+    """The specialist of delta_dir rebuilt on `base` (its parent deltas first, for a cascade).
+    The base must be the one the delta was made for (content hash). Weights come back as the
+    bf16 values the delta holds; the base's own tensors (and the base rows of wte and of the
+    lambdas) are the base's, untouched."""
+    from poelm.checkpoint import read_safetensors
+
+    delta_dir = Path(delta_dir)
+    meta = read_delta_meta(delta_dir)
+    have = base_hash or base_content_hash(base)
+    if have != meta["base_hash"]:
+        raise ValueError(f"{delta_dir} is a delta for base {meta['base']} ({meta['base_hash']}) but the given base "
+                         f"hashes to {have}; load it onto {meta['base']}")
+    parent = load_delta(base, delta_dir / meta["parent"], have) if meta.get("parent") else base
+    model = attach(parent, meta["new_layers"], force=True)  # a delta on a BP base was forced when it was made
+    cfg = model.config
+    if (cfg.frozen_layers, cfg.base_n_layer) != (meta["frozen_layers"], meta["base_n_layer"]):
+        raise ValueError(f"{delta_dir}: delta.json says frozen_layers={meta['frozen_layers']}, base_n_layer="
+                         f"{meta['base_n_layer']}, but its base gives {cfg.frozen_layers}, {cfg.base_n_layer}")
+    state = read_safetensors(delta_dir / DELTA_WEIGHTS)
+    expected = delta_names(model)
+    own = model.state_dict()
+    if sorted(state) != sorted(expected) or any(state[n].shape != own[n].shape for n in expected):
+        raise ValueError(f"{delta_dir / DELTA_WEIGHTS} does not hold this specialist's tensors "
+                         f"({len(state)} found, {len(expected)} expected: {', '.join(expected[:3])} ...)")
+    F, rows = cfg.frozen_layers, chat_token_ids(cfg.vocab_size)
+    with torch.no_grad():
+        for name in expected:
+            t = state[name].to(own[name].dtype)
+            if name == "transformer.wte.weight":
+                own[name][rows] = t[rows]
+            elif name in ("resid_lambdas", "x0_lambdas"):
+                own[name][F:] = t[F:]
+            else:
+                own[name].copy_(t)
+    return with_head_mode(model, meta.get("head_mode", "dual"))
+
+
+# -----------------------------------------------------------------------------
+# Lineage (what save-delta needs to know about a trained specialist)
+
+
+def lineage(base_ref: str, base_hash: str, parent: str | None = None) -> dict:
+    return {"base": str(base_ref), "base_hash": base_hash,
+            "parent": str(Path(parent).resolve()) if parent else None}
+
+
+def write_lineage(model_dir: str | os.PathLike, info: dict) -> None:
+    from poelm.checkpoint import atomic_write_json
+
+    atomic_write_json(Path(model_dir) / LINEAGE_NAME, info)
+
+
+def find_lineage(*dirs: Path | None) -> dict | None:
+    for d in dirs:
+        if d is not None and (Path(d) / LINEAGE_NAME).exists():
+            return json.loads((Path(d) / LINEAGE_NAME).read_text())
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Siblings composed by Log-OP
+
+
+class Composition:
+    """Sibling specialists that share their frozen trunk (same base, same parent), evaluated
+    in one pass over the trunk: each branch runs only its own new layers and head, and the
+    composition is the renormalised Log-OP of the branches' readouts, weight logop_weight(n, alpha)."""
+
+    def __init__(self, branches: list[GPT], names: list[str] | None = None, alpha: float = 0.0):
+        if len(branches) < 2:
+            raise ValueError("--compose needs at least two specialist deltas, comma separated")
+        trunk = branches[0]
+        F = trunk.config.frozen_layers
+        if any(not b.config.is_specialist() or b.config.frozen_layers != F for b in branches):
+            raise ValueError(f"composed specialists must share the same frozen trunk of {F} layers")
+        own = trunk.state_dict()
+        for b in branches[1:]:
+            for name, t in b.state_dict().items():
+                if not is_trainable(b.config, name) and name not in ("lm_head_stage.weight", "resid_lambdas",
+                                                                      "x0_lambdas") and not torch.equal(t, own[name]):
+                    raise ValueError(f"composed specialists must share their trunk; {name} differs")
+        self.branches, self.alpha = branches, alpha
+        self.names = names or [f"branch {i}" for i in range(len(branches))]
+
+    def branch_logits(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """Each branch's final readout (B, T, V), the trunk run once."""
+        trunk = self.branches[0]
+        cfg = trunk.config
+        x = x0 = trunk.embed(idx)
+        x, kept = trunk.run_layers(x, x0, idx, 0, cfg.frozen_layers, keep={cfg.backout_layer})
+        x_mid = kept.get(cfg.backout_layer)
+        out = []
+        for b in self.branches:
+            xb, _ = b.run_layers(x, x0, idx, cfg.frozen_layers, b.config.n_layer)
+            out.append(b.readout(xb, None, x_mid))
+        return out
+
+    def logits(self, idx: torch.Tensor, branch_logits: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, T, V) log-probs of the renormalised Log-OP of the branches."""
+        zs = branch_logits if branch_logits is not None else self.branch_logits(idx)
+        s = logop_weight(len(zs), self.alpha) * sum(z.log_softmax(-1) for z in zs)
+        return s.log_softmax(-1)
+
+
+def compose(base: GPT, delta_dirs: list[str], alpha: float = 0.0) -> Composition:
+    """Load sibling deltas onto one base (hashed once) and compose them."""
+    h = base_content_hash(base)
+    branches = [load_delta(base, d, h).eval() for d in delta_dirs]
+    return Composition(branches, [str(d) for d in delta_dirs], alpha)
+
+
+@torch.no_grad()
+def bits_per_assistant_token(comp: Composition, batches) -> dict:
+    """Bits per assistant token (targets >= 0) of every branch and of the composition, over
+    (inputs, targets) batches such as poelm.chatdata.chat_batches(..., split="val")."""
+    nats = torch.zeros(len(comp.branches) + 1, dtype=torch.float64)
+    count = 0
+    for inputs, targets in batches:
+        zs = comp.branch_logits(inputs)
+        valid = targets >= 0
+        tgt = targets.clamp(min=0).unsqueeze(-1)
+        for k, logp in enumerate([z.log_softmax(-1) for z in zs] + [comp.logits(inputs, zs)]):
+            nats[k] += -(logp.gather(-1, tgt).squeeze(-1) * valid).sum().double()
+        count += int(valid.sum())
+    if count == 0:
+        raise ValueError("the chat data has no assistant tokens to score")
+    bits = (nats / count / math.log(2)).tolist()
+    return {"unit": "bits per assistant token", "branches": dict(zip(comp.names, bits[:-1])),
+            "composition": bits[-1], "assistant_tokens": count}
+
+
+@torch.no_grad()
+def generate_composed(comp: Composition, tokens: list[int], max_new_tokens: int, temperature: float = 0.0,
+                      stop: int | None = None, seed: int | None = None) -> list[int]:
+    """Plain (uncached) decoding from the composition: greedy, or sampling at `temperature`."""
+    device = comp.branches[0].lm_head.weight.device
+    gen = torch.Generator(device=device)
+    if seed is not None:
+        gen.manual_seed(seed)
+    out = list(tokens)
+    limit = comp.branches[0].config.sequence_len
+    for _ in range(max_new_tokens):
+        idx = torch.tensor([out[-limit:]], device=device)
+        logp = comp.logits(idx)[0, -1]
+        if temperature > 0:
+            nxt = int(torch.multinomial((logp / temperature).softmax(-1), 1, generator=gen))
+        else:
+            nxt = int(logp.argmax())
+        out.append(nxt)
+        if nxt == stop:
+            break
+    return out[len(tokens):]
+
+
+# -----------------------------------------------------------------------------
+# Commands
+
+
+def parse_compose(text: str) -> list[str]:
+    dirs = [d for d in text.split(",") if d]
+    if len(dirs) < 2:
+        raise ValueError(f"--compose {text!r}: give at least two delta directories, comma separated")
+    for d in dirs:
+        read_delta_meta(d)
+    return dirs
+
+
+def cmd_specialist_attach(args: argparse.Namespace) -> int:
+    from poelm.checkpoint import check_replaceable, load_model, save_model
+    from poelm.cli import emit, parse_device
+
+    if args.layers < 1:
+        raise ValueError(f"--layers {args.layers}: a specialist needs at least 1 new layer")
+    check_replaceable(args.out)
+    base, tokenizer = load_model(args.model, device=parse_device(args.device))
+    base_hash = base_content_hash(base)
+    parent = load_delta(base, args.delta, base_hash) if args.delta else base
+    model = attach(parent, args.layers, force=args.force)
+    save_model(model, args.out, tokenizer)
+    write_lineage(args.out, lineage(args.model, base_hash, args.delta))
+    params = sum(p.numel() for p in trainable_parameters(model).values())
+    result = {"out": args.out, "frozen_layers": model.config.frozen_layers, "new_layers": args.layers,
+              "trainable_params": params, "base_hash": base_hash}
+    emit(args, result, f"specialist: {args.layers} new layers on {model.config.frozen_layers} frozen, "
+                       f"{params:,} trainable parameters -> {args.out}")
+    return 0
+
+
+def cmd_specialist_save_delta(args: argparse.Namespace) -> int:
+    from poelm.checkpoint import load_model, resolve_run_dir
+    from poelm.cli import CliError, emit
+
+    model, _ = load_model(args.model)
+    if not model.config.is_specialist():
+        raise CliError(f"{args.model} is not a specialist (frozen_layers=0); attach one with `poelm specialist attach`")
+    run = Path(args.model)
+    info = find_lineage(resolve_run_dir(run) if run.is_dir() else None, run if run.is_dir() else None)
+    if args.base is not None:
+        info = lineage(args.base, base_content_hash(load_model(args.base)[0]), info and info.get("parent"))
+    if info is None:
+        raise CliError(f"{args.model} has no {LINEAGE_NAME} naming its base: pass --base BASE")
+    _check_delta_out(Path(args.out))
+    save_delta(model, args.out, info["base"], info["base_hash"], info.get("parent"))
+    n, size = delta_size(model)
+    emit(args, {"out": args.out, "tensors": n, "bytes": size, "base": info["base"], "base_hash": info["base_hash"]},
+         f"delta: {n} tensors, {size / 2 ** 20:.1f} MiB (bf16) -> {args.out}")
+    return 0
+
+
+def cmd_eval_compose(args: argparse.Namespace) -> int:
+    """`poelm eval BASE --compose D1,D2 --data CHATDIR`: bits per assistant token."""
+    from poelm.chatdata import chat_batches
+    from poelm.checkpoint import load_model
+    from poelm.cli import CliError, emit, parse_device
+
+    dirs = parse_compose(args.compose)
+    device = parse_device(args.device)
+    base, tokenizer = load_model(args.model, device=device, tokenizer_dir=args.tokenizer)
+    if tokenizer is None:
+        raise CliError(f"{args.model} has no tokenizer: pass --tokenizer DIR (chat data is rendered with it)")
+    comp = compose(base, dirs)
+    T = args.seq_len or base.config.sequence_len
+    result = bits_per_assistant_token(comp, chat_batches(args.data, tokenizer, args.batch_size, T, split="val",
+                                                         device=device))
+    lines = [*(f"{name}: {v:.4f}" for name, v in result["branches"].items()), f"composition: {result['composition']:.4f}",
+             f"(bits per assistant token, {result['assistant_tokens']} tokens)"]
+    emit(args, result, "\n".join(lines))
+    return 0
+
+
+def cmd_generate_compose(args: argparse.Namespace) -> int:
+    """`poelm generate BASE --compose D1,D2 PROMPT`: plain decoding from the Log-OP."""
+    from poelm.checkpoint import load_model
+    from poelm.cli import CliError, parse_device, parse_prompt
+
+    if args.mode != "final":
+        raise CliError(f"--compose decodes the Log-OP of the branches' final readouts; --mode {args.mode} is not "
+                       "available with it")
+    dirs = parse_compose(args.compose)
+    base, tokenizer = load_model(args.model, device=parse_device(args.device))
+    comp = compose(base, dirs)
+    prompt = parse_prompt(args.prompt, tokenizer)
+    ids = tokenizer.encode(prompt, prepend_bos=True) if isinstance(prompt, str) else prompt
+    stop = tokenizer.encode_special("<|assistant_end|>") if tokenizer is not None else None
+    out = generate_composed(comp, ids, args.max_new_tokens, args.temperature, stop, args.seed)
+    if args.json or tokenizer is None:
+        print(json.dumps({"tokens": out}) if args.json else " ".join(map(str, out)))
+    else:
+        print(tokenizer.decode(out))
+    return 0
