@@ -248,6 +248,9 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: MODEL's own)")
 
 
+SPECIALIST_ONLY = ("vocab_size", "frozen_layers", "base_n_layer", "head_mode")
+
+
 def train_arguments(p: argparse.ArgumentParser) -> None:
     from poelm.codec import add_model_flags
 
@@ -255,7 +258,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (tokenizer.pkl/json + token_bytes.pt) "
                                                      "(default: none; give it)")
     trainer_arguments(p)
-    add_model_flags(p)
+    add_model_flags(p, exclude=SPECIALIST_ONLY)  # a specialist is attached to a base, not trained from scratch
 
 
 def sft_arguments(p: argparse.ArgumentParser) -> None:
@@ -336,7 +339,7 @@ def experiment_arguments(p: argparse.ArgumentParser) -> None:
             ("--dtype", str, "auto, fp32/float32 or bf16/bfloat16"), ("--nproc", int, "processes per arm (torchrun)"),
             ("--decode-tokens", int, "new tokens per prompt when timing the inference modes")):
         p.add_argument(flag, type=kind, default=None, help=text + preset)
-    add_model_flags(p, exclude=("vocab_size", "poe_mode", "poe_alpha"), defaults_note="the preset's")
+    add_model_flags(p, exclude=SPECIALIST_ONLY + ("poe_mode", "poe_alpha"), defaults_note="the preset's")
 
 
 def compare_arguments(p: argparse.ArgumentParser) -> None:

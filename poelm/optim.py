@@ -411,14 +411,13 @@ def effective_hparams(config, total_batch_size: int, tc) -> EffectiveLRs:
 
 
 def build_optimizer(model: torch.nn.Module, lrs: EffectiveLRs = EffectiveLRs(), *, momentum: float = 0.85,
-                    adam_eps: float = 1e-10, adamw_weight_decay: dict[str, float] | None = None) -> MuonAdamW:
+                    adam_eps: float = 1e-10) -> MuonAdamW:
     """Group the trainable params by name per training.md and build MuonAdamW with the LRs
     of `lrs` as they are (scaling is effective_hparams' job). Muon: every 2-D matrix under
     transformer.h, one group per shape, lr=lrs.matrix, start weight decay
     lrs.muon_weight_decay. AdamW: the table. Frozen params (requires_grad=False) are left
     out. Each group gets `name`, `initial_lr` (and Muon `initial_weight_decay`) for the
-    schedules. adamw_weight_decay overrides the table's decay per AdamW group (SFT: wte 0)."""
-    decay = {**ADAMW_WD, **(adamw_weight_decay or {})}
+    schedules."""
     adamw: dict[str, list] = {k: [] for k in ADAMW_BETAS}
     muon: dict[torch.Size, list] = {}                     # insertion order = model order
     for name, p in model.named_parameters():
@@ -431,7 +430,7 @@ def build_optimizer(model: torch.nn.Module, lrs: EffectiveLRs = EffectiveLRs(), 
         else:
             raise ValueError(f"parameter {name} {tuple(p.shape)} has no optimizer group")
     groups = [dict(kind="adamw", name=k, params=ps, lr=getattr(lrs, k), betas=ADAMW_BETAS[k],
-                   eps=adam_eps, weight_decay=decay[k]) for k, ps in adamw.items() if ps]
+                   eps=adam_eps, weight_decay=ADAMW_WD[k]) for k, ps in adamw.items() if ps]
     groups += [dict(kind="muon", name=f"muon{tuple(shape)}", params=ps, lr=lrs.matrix,
                     momentum=momentum, weight_decay=lrs.muon_weight_decay, beta2=0.9, ns_steps=5)
                for shape, ps in muon.items()]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -105,11 +106,12 @@ class ChatEvaluator:
         return text
 
 
-def sft_model(tc, device) -> tuple[object, object, object | None]:
-    """(tokenizer, specialist to train, its base or None) for `poelm sft MODEL`: a base gets
-    tc.attach_layers new layers; a specialist made by `poelm specialist attach` trains as it is."""
+def sft_model(tc, device) -> tuple[object, object, object | None, dict | None]:
+    """(tokenizer, specialist to train, its base or None, its lineage) for `poelm sft MODEL`: a
+    base gets tc.attach_layers new layers; a specialist made by `poelm specialist attach`
+    trains as it is. The lineage (poelm.specialist) names the base for `save-delta`."""
     from poelm import specialist
-    from poelm.checkpoint import load_model
+    from poelm.checkpoint import load_model, resolve_run_dir
 
     if not tc.init:
         raise ValueError("poelm sft needs MODEL: a PoE base or a specialist made by `poelm specialist attach`")
@@ -121,11 +123,16 @@ def sft_model(tc, device) -> tuple[object, object, object | None]:
                if t not in tokenizer.special_tokens]
     if missing:
         raise ValueError(f"{tc.init}'s tokenizer lacks the chat special tokens {', '.join(missing)}")
-    if specialist.is_specialist(base.config):
-        model, base = specialist.prepare_for_training(base), None
+    if specialist.is_specialist(base.config):  # trained as it is; its base (for the scores) from its lineage
+        model = base
+        specialist.freeze(model)
+        info = specialist.find_lineage(Path(tc.init), resolve_run_dir(Path(tc.init)))
+        base = load_model(info["base"], device=device)[0] if info and Path(info["base"]).exists() and \
+            not info.get("parent") else None
     else:
+        info = specialist.lineage(tc.init, specialist.base_content_hash(base))
         model = specialist.attach(base, tc.attach_layers, force=tc.force)
-    return tokenizer, model.train(), base
+    return tokenizer, model.train(), base, info
 
 
 @torch.no_grad()
@@ -136,6 +143,7 @@ def base_logit_delta(model, base, tokenizer, data_dir: str, n: int = 8) -> float
 
     _, val_path = list_shards(data_dir)
     texts = [c[0]["content"] for c in read_conversations(val_path)[:n]]
+    base.requires_grad_(False)  # as the specialist's frozen copy: CPU kernels may differ by a bit otherwise
     T = min(64, base.config.sequence_len)
     worst = 0.0
     for text in texts:

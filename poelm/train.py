@@ -264,6 +264,7 @@ class RunSetup:
     lrs: object  # poelm.optim.EffectiveLRs: what the optimizer was built with
     seq_len: int  # tokens per row
     base: GPT | None = None  # sft: the base the specialist was attached to (for its scores and Δlogit)
+    lineage: dict | None = None  # sft: the base's name and content hash (written beside the run)
 
 
 def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
@@ -280,11 +281,11 @@ def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
         raise FileNotFoundError(f"--data {tc.data} does not exist; build {what}")
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
-    base = None
+    base = lineage = None
     if tc.task == "sft":
         from poelm.sft import sft_model
 
-        tokenizer, model, base = sft_model(tc, rt.device)
+        tokenizer, model, base, lineage = sft_model(tc, rt.device)
         config = model.config
         seq_len = min(tc.row_len or config.sequence_len, config.sequence_len)
     else:
@@ -302,9 +303,7 @@ def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
     lrs = effective_hparams(config, tc.total_batch_size, tc)
     if tc.task != "sft":
         model = build_model(config, device=rt.device, init=True)
-    # SFT: wte trains only the chat specials' rows (their gradient alone is non-zero), so it must
-    # not decay, or the frozen rows would drift and the base's predictions with them
-    optimizer = build_optimizer(model, lrs, adamw_weight_decay={"wte": 0.0} if tc.task == "sft" else None)
+    optimizer = build_optimizer(model, lrs)  # SFT: only the specialist's tensors require grad
     if tc.task == "sft":
         loader = ChatLoader(tc.data, tokenizer, tc.device_batch_size, seq_len, rank=rt.rank, world_size=rt.world,
                             seed=tc.seed, device=rt.device)  # (its resumed state is set below)
@@ -349,7 +348,8 @@ def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
         loader = BestFitLoader(tc.data, tokenizer, tc.device_batch_size, seq_len, split="train", rank=rt.rank,
                                world_size=rt.world, device=rt.device, state=loader_state)
     return RunSetup(tokenizer, model, optimizer, loader, grad_accum, num_iterations, rule, start_step, state,
-                    resumed=point is not None and tc.resume, lrs=lrs, seq_len=seq_len, base=base)
+                    resumed=point is not None and tc.resume, lrs=lrs, seq_len=seq_len, base=base,
+                    lineage=lineage)
 
 
 # Settings a resumed run may change: they do not alter the trajectory of the weights ("model"
@@ -444,6 +444,10 @@ def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
         run_id = str(int(pid))
     if rt.master:
         atomic_write_json(out / "train_config.json", settings)
+        if setup.lineage is not None:  # `poelm specialist save-delta RUN` finds the base here
+            from poelm.specialist import write_lineage
+
+            write_lineage(out, setup.lineage)
     log = MetricsLog(out / METRICS_NAME, rt.master, resumed_step=start_step if setup.resumed else None)
     say = (lambda *a: print(*a, flush=True)) if rt.master and not tc.quiet else (lambda *a: None)
     if getattr(run, "stale_lock_pid", None):
