@@ -114,6 +114,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     if args.system is not None and not args.system.strip():
         raise CliError("--system is empty; give the system message text or leave --system out")
+    if args.compose:
+        raise CliError("--compose is not supported by poelm chat (composed siblings decode without a cache); "
+                       "use `poelm generate --compose` or load one specialist with --delta")
     engine = load_engine(args)
     options = dict(decode_options(args), stop_token_ids=chat_stop_ids(engine.tokenizer, args.model))
     validate_options(DecodeOptions(**options), engine.model)  # bad flags fail before the first prompt

@@ -688,11 +688,8 @@ def load_engine(args: argparse.Namespace):
     from poelm.checkpoint import load_model
     from poelm.engine import Engine, load_calibration
 
-    if args.compose:
-        from poelm.specialist import cmd_generate_compose
-        return cmd_generate_compose(args)
-    model, tokenizer = load_model(args.model, device=parse_device(args.device), delta=args.delta)
-    if args.head_mode is not None:
+    model, tokenizer = load_model(args.model, device=parse_device(args.device), delta=getattr(args, "delta", None))
+    if getattr(args, "head_mode", None) is not None:
         from poelm.specialist import with_head_mode
         with_head_mode(model, args.head_mode)
     calib = None
@@ -714,6 +711,10 @@ def decode_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.compose:
+        from poelm.specialist import cmd_generate_compose
+
+        return cmd_generate_compose(args)
     engine = load_engine(args)
     tokenizer = engine.tokenizer
     options = decode_options(args)
