@@ -48,7 +48,7 @@ class TrainConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     # task: "pretrain" (a new model on a corpus) or "sft" (a specialist on chat data, poelm.sft)
     task: str = "pretrain"
-    init: str | None = None  # sft: the MODEL to start from (a PoE base, or a specialist)
+    init: str | None = None  # the MODEL to start from (sft: a PoE base or a specialist; pretrain: its weights)
     attach_layers: int = 2  # sft from a base: new layers of the specialist
     force: bool = False  # sft: attach to a BP base anyway (poe.md section 6)
     row_len: int | None = None  # sft: tokens per conversation row (default: the model's context)
@@ -316,6 +316,8 @@ def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
     lrs = effective_hparams(config, tc.total_batch_size, tc)
     if tc.task != "sft":
         model = build_model(config, device=rt.device, init=True)
+        if tc.init:  # pretraining from the weights of a model of this architecture (an ordinary checkpoint)
+            init_from(model, tc.init)
     sp = StageParallel(model, mesh) if mesh else None  # keeps only this stage's tensors
     # SFT: wte trains only the chat specials' rows (their gradient alone is non-zero), so it must
     # not decay, or the frozen rows would drift and the base's predictions with them
@@ -367,6 +369,18 @@ def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
                                world_size=dp_world, device=rt.device, state=loader_state)
     return RunSetup(tokenizer, model, optimizer, loader, grad_accum, num_iterations, rule, start_step, state,
                     resumed=point is not None and tc.resume, lrs=lrs, seq_len=seq_len, base=base, stage_parallel=sp)
+
+
+def init_from(model: GPT, spec: str) -> None:
+    """Copy the weights of MODEL `spec` (a model or run directory) into `model`; same architecture."""
+    from poelm.checkpoint import load_model
+
+    start, _ = load_model(spec)
+    diff = config_diff(start.config, model.config)
+    if diff:
+        raise ValueError(f"--init {spec} has another architecture ({'; '.join(diff)}); give the model flags it was "
+                         "trained with")
+    load_state_into(model, start.state_dict(), spec)
 
 
 # Settings a resumed run may change: they do not alter the trajectory of the weights ("model"

@@ -148,3 +148,64 @@ def test_stage_parallel_is_the_one_process_flat_run(env, tmp_path, capsys, fp64)
     assert all(0.0 <= r["pipeline_idle"] < 1.0 for r in sp_train)
     # 2 micro-batches of (2, 32, 32) residuals leave stage 0 per step, in the params' dtype
     assert [r["bytes_p2p_per_rank"] for r in sp_train] == [2 * 2 * 32 * 32 * (8 if fp64 else 4)] * STEPS
+
+
+@needs_torchrun
+def test_ordinary_checkpoint_starts_it_and_kill_9_resumes_exactly(env, tmp_path, capsys):
+    """An ordinary (one-process) run's checkpoint starts a stage-parallel run (--init), which
+    then trains what one process trains from it (fp64, <= 1e-12); killed with SIGKILL on
+    stage 1 in step 3, the run resumes from step 2's per-stage shards to bit-identical weights."""
+    fp64 = {"POELM_TEST_FP64": "1"}
+    ordinary = tmp_path / "ordinary"
+    in_process(train_args(env, ordinary, **{**OVER, "num-iterations": 2}), capsys, fp64=True)
+    over = {**OVER, "init": ordinary}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    script = str(helper(tmp_path))
+    proc = torchrun([script, *train_args(env, straight, **over), "--stage-parallel"], cwd=tmp_path, **fp64)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    one = tmp_path / "one"
+    in_process(train_args(env, one, **over), capsys, fp64=True)
+    start = weights(ordinary / latest(ordinary))
+    assert max_rel_diff(weights(straight / latest(straight)), weights(one / latest(one)), start) <= 1e-12
+
+    proc = torchrun([script, *train_args(env, killed, **over), "--stage-parallel"], cwd=tmp_path,
+                    POELM_TEST_KILL_AT="3", POELM_TEST_KILL_RANK="1", **fp64)
+    assert proc.returncode != 0 and latest(killed) == "step_000002"
+    proc = torchrun([script, *train_args(env, killed, **over), "--stage-parallel", "--resume"], cwd=tmp_path, **fp64)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert latest(killed) == f"step_{STEPS:06d}"
+    done, want = weights(killed / latest(killed)), weights(straight / latest(straight))
+    assert all(torch.equal(done[k], want[k]) for k in want)
+    assert [r["loss"] for r in records(killed, "train")] == [r["loss"] for r in records(straight, "train")]
+
+
+def test_bad_input_is_one_line(env, tmp_path, capsys, monkeypatch):
+    """Refused before any process group or file exists: no torchrun, a poe_mode that sends
+    gradients or readouts across stages, a world that is not a multiple of K, SFT, --compile."""
+    out = tmp_path / "bad"
+    argv = train_args(env, out, **OVER) + ["--stage-parallel"]
+    expect_error(argv, capsys, "--stage-parallel runs one process per stage: launch it with torchrun",
+                 "--nproc_per_node 2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    expect_error(argv, capsys, "the world of 3 process(es) is not a multiple of the 2 stages [1, 1]")
+    for mode, why in (("none", "backprop sends gradients back"), ("hier", "does not detach the residual"),
+                      ("residual_logop", "earlier stage's logits")):
+        expect_error(train_args(env, out, **{**OVER, "poe-mode": mode}) + ["--stage-parallel"], capsys,
+                     "--stage-parallel trains --poe-mode flat only", why)
+    expect_error(argv + ["--compile"], capsys, "--compile is not supported with --stage-parallel")
+    assert not out.exists()
+
+
+def test_stages_of_different_sizes_say_how_work_is_balanced():
+    from poelm.model import GPTConfig
+    from poelm.stage_parallel import balance_line, owner_stage
+
+    even = GPTConfig(n_layer=4, n_embd=32, n_head=2, vocab_size=64, poe_every=2)
+    assert balance_line(even) == "stage-parallel: 2 stages of [2, 2] layers, one per rank"
+    uneven = GPTConfig(n_layer=4, n_embd=32, n_head=2, vocab_size=64, poe_stage_layers=(3, 1), per_stage_head=True)
+    assert "not rebalanced: the pipeline runs at the pace of the 3-layer stage (~33% of the block compute idles" \
+        in balance_line(uneven)
+    assert [owner_stage(n, uneven) for n in ("transformer.h.2.mlp.c_fc.weight", "transformer.h.3.attn.c_q.weight",
+                                             "value_embeds.1.weight", "lm_head_stages.1.weight", "lm_head.weight",
+                                             "transformer.wte.weight", "resid_lambdas")] == [0, 1, 0, 1, None, None, None]
