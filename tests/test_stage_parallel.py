@@ -209,3 +209,20 @@ def test_stages_of_different_sizes_say_how_work_is_balanced():
     assert [owner_stage(n, uneven) for n in ("transformer.h.2.mlp.c_fc.weight", "transformer.h.3.attn.c_q.weight",
                                              "value_embeds.1.weight", "lm_head_stages.1.weight", "lm_head.weight",
                                              "transformer.wte.weight", "resid_lambdas")] == [0, 1, 0, 1, None, None, None]
+
+
+@needs_torchrun
+def test_two_stages_by_two_replicas_is_the_data_parallel_run(env, tmp_path):
+    """K=2 x R=2 (4 ranks): replica r reads the row groups of rank r of a 2-rank data-parallel
+    run, so both see the same micro-batches; the weights agree to <= 1e-12 of the update in
+    fp64 (the 2-rank run equals one process on the same global batch: tests/test_train.py)."""
+    fp64, script = {"POELM_TEST_FP64": "1"}, str(helper(tmp_path))
+    over = {**OVER, "num-iterations": 2, "save-every": 0, "device-batch-size": 1}  # 128 = 1 x 32 x 2 x 2 micro
+    mesh, dp = tmp_path / "mesh", tmp_path / "dp"
+    proc = torchrun([script, *train_args(env, mesh, **over), "--stage-parallel"], cwd=tmp_path, nproc=4, **fp64)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = torchrun([script, *train_args(env, dp, **over)], cwd=tmp_path, nproc=2, **fp64)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert len(list((mesh / latest(mesh)).glob("optim_rank*.pt"))) == 4
+    init = start_weights(3, load_model(dp)[0].config, fp64=True)
+    assert max_rel_diff(weights(mesh / latest(mesh)), weights(dp / latest(dp)), init) <= 1e-12
