@@ -257,6 +257,11 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="data/default", help="corpus directory of parquet shards (last shard = validation)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (tokenizer.pkl/json + token_bytes.pt) "
                                                      "(default: none; give it)")
+    p.add_argument("--init", default=None, help="MODEL whose weights the run starts from (same architecture; a "
+                   "fresh optimizer and schedule), e.g. an ordinary run's checkpoint")
+    p.add_argument("--stage-parallel", action="store_true",
+                   help="under torchrun: one rank per PoE stage (flat), world = stages x data-parallel replicas; "
+                        "only forward activations cross stages (docs/stage_parallel.md)")
     trainer_arguments(p)
     add_model_flags(p, exclude=SPECIALIST_ONLY)  # a specialist is attached to a base, not trained from scratch
 

@@ -36,6 +36,11 @@ slices its shard; gathers are all_reduces of zero-padded shards. Results are ide
 only traffic differs. Averaging is SUM then divide by the world size (ReduceOp.AVG is not
 on every backend). Params with no gradient are skipped (AdamW) or treated as a zero
 gradient (inside a Muon stack); that must be the same on all ranks.
+
+Per group (stage-parallel training, poelm.stage_parallel): a param group may name a `comm`,
+a key of `MuonAdamW(groups, comms={name: Comm(process_group, divisor)})`; its gradients are
+then summed over that process group only, divided by `divisor` (default: the group's size),
+and its state is sharded over that group. Groups without one use every rank.
 """
 
 import math
@@ -163,33 +168,50 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def reduce_scatter_mean(full: Tensor, world: int, rank: int, use_rs: bool) -> Callable[[], Tensor]:
-    """Start averaging full (world*c, ...) over ranks; wait() gives this rank's rows (c, ...)."""
+@dataclass(frozen=True)
+class Comm:
+    """Where a param group's gradients are reduced: summed over `group` (None: every rank),
+    then divided by `divisor` (None: the group's size, i.e. the mean)."""
+    group: object = None
+    divisor: int | None = None
+
+    def info(self) -> tuple[int, int, int]:
+        """(size, this rank's index in the group, divisor); (1, 0, 1) without torch.distributed."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1, 0, 1
+        size = dist.get_world_size(self.group)
+        return size, dist.get_rank(self.group), self.divisor or size
+
+
+def reduce_scatter_mean(full: Tensor, world: int, rank: int, use_rs: bool, group=None,
+                        divisor: int | None = None) -> Callable[[], Tensor]:
+    """Start averaging full (world*c, ...) over the ranks of `group` (sum / divisor, default
+    world); wait() gives this rank's rows (c, ...)."""
     c = full.size(0) // world
     if use_rs:
         out = full.new_empty(c, *full.shape[1:])
-        work = _reduce_scatter(out, full, async_op=True)
+        work = _reduce_scatter(out, full, group=group, async_op=True)
     else:
         full = full.clone()                              # never sum into the caller's grads
         out = full[rank * c:(rank + 1) * c]
-        work = dist.all_reduce(full, async_op=True)
+        work = dist.all_reduce(full, group=group, async_op=True)
 
     def wait() -> Tensor:
         work.wait()                                      # (the Work object keeps `full` alive)
-        return out.div_(world)
+        return out.div_(divisor or world)
     return wait
 
 
-def all_gather(shard: Tensor, world: int, rank: int, use_rs: bool) -> Callable[[], Tensor]:
-    """Start gathering every rank's shard (c, ...); wait() gives (world*c, ...)."""
+def all_gather(shard: Tensor, world: int, rank: int, use_rs: bool, group=None) -> Callable[[], Tensor]:
+    """Start gathering the shards (c, ...) of every rank of `group`; wait() gives (world*c, ...)."""
     c = shard.size(0)
     if use_rs:
         out = shard.new_empty(world * c, *shard.shape[1:])
-        work = _all_gather(out, shard, async_op=True)
+        work = _all_gather(out, shard, group=group, async_op=True)
     else:
         out = shard.new_zeros(world * c, *shard.shape[1:])
         out[rank * c:(rank + 1) * c] = shard
-        work = dist.all_reduce(out, async_op=True)
+        work = dist.all_reduce(out, group=group, async_op=True)
 
     def wait() -> Tensor:
         work.wait()
@@ -224,8 +246,9 @@ class MuonAdamW(torch.optim.Optimizer):
     # "auto": probe once, then "reduce_scatter" (reduce-scatter + all-gather) or "all_reduce"
     collectives: str = "auto"
 
-    def __init__(self, param_groups: list[dict]):
+    def __init__(self, param_groups: list[dict], comms: dict[str, Comm] | None = None):
         super().__init__(param_groups, defaults={})
+        self.comms = comms or {}  # group["comm"] -> Comm (not state: rebuilt by whoever builds the optimizer)
         for group in self.param_groups:
             assert group["kind"] in ("adamw", "muon"), group["kind"]
             if group["kind"] == "muon":
@@ -238,15 +261,17 @@ class MuonAdamW(torch.optim.Optimizer):
 
     # -- one group: start the gradient reduction, returning a function that does the rest
 
-    def _muon_begin(self, group: dict, world: int, rank: int, use_rs: bool):
+    def _muon_begin(self, group: dict, comm: Comm, use_rs: bool):
         params = group["params"]
         if all(p.grad is None for p in params):
             return None
         g = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])  # (K, m, n)
+        world, rank, divisor = comm.info()
         K = len(params)
         c = -(-K // world)                               # shard rows per rank
         lo, n_real = rank * c, max(0, min(c, K - rank * c))
-        wait_g = (lambda: g) if world == 1 else reduce_scatter_mean(pad_rows(g, c * world), world, rank, use_rs)
+        wait_g = (lambda: g) if world == 1 else reduce_scatter_mean(pad_rows(g, c * world), world, rank, use_rs,
+                                                                    comm.group, divisor)
 
         def finish():
             grad = wait_g()[:n_real]                     # (n_real, m, n)
@@ -257,7 +282,7 @@ class MuonAdamW(torch.optim.Optimizer):
             if world == 1:
                 return lambda: [q.copy_(x) for q, x in zip(local, p)]
             shard = pad_rows(p if n_real > 0 else g.new_zeros(0, *g.shape[1:]), c)
-            wait_p = all_gather(shard, world, rank, use_rs)
+            wait_p = all_gather(shard, world, rank, use_rs, comm.group)
             return lambda: [q.copy_(x) for q, x in zip(params, wait_p())]
         return finish
 
@@ -274,14 +299,16 @@ class MuonAdamW(torch.optim.Optimizer):
         lr = group["lr"] * max(1.0, m / n) ** 0.5
         cautious_step_(p, u, lr, group["weight_decay"])
 
-    def _adamw_begin(self, p: Tensor, group: dict, world: int, rank: int, use_rs: bool):
+    def _adamw_begin(self, p: Tensor, group: dict, comm: Comm, use_rs: bool):
         if p.grad is None:
             return None
+        world, rank, divisor = comm.info()
         numel = p.numel()
         c = -(-numel // world)
         lo, hi = min(rank * c, numel), min(rank * c + c, numel)
         g = p.grad.reshape(-1)
-        wait_g = (lambda: g) if world == 1 else reduce_scatter_mean(pad_rows(g, c * world), world, rank, use_rs)
+        wait_g = (lambda: g) if world == 1 else reduce_scatter_mean(pad_rows(g, c * world), world, rank, use_rs,
+                                                                    comm.group, divisor)
 
         def finish():
             flat = p.view(-1)                            # update the local slice in place
@@ -295,7 +322,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 wait_g()
             if world == 1:
                 return lambda: None
-            wait_p = all_gather(pad_rows(flat[lo:hi].clone(), c), world, rank, use_rs)
+            wait_p = all_gather(pad_rows(flat[lo:hi].clone(), c), world, rank, use_rs, comm.group)
             return lambda: flat.copy_(wait_p()[:numel])
         return finish
 
@@ -307,23 +334,24 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        world, rank = dist_info()
+        world, _ = dist_info()
         if world > 1 and self.collectives == "auto":
             self.collectives = probe_collectives(self.param_groups[0]["params"][0].device)
         use_rs = self.collectives != "all_reduce"
-        finishers = self._begin_all(world, rank, use_rs)  # gradient reductions in flight
+        finishers = self._begin_all(use_rs)              # gradient reductions in flight
         gathers = [f() for f in finishers]               # update shards, start all-gathers
         for done in gathers:
             done()                                       # copy gathered params back
         return loss
 
-    def _begin_all(self, world: int, rank: int, use_rs: bool) -> list:
+    def _begin_all(self, use_rs: bool) -> list:
         out = []
         for group in self.param_groups:
+            comm = self.comms[group["comm"]] if "comm" in group else Comm()
             if group["kind"] == "muon":
-                out.append(self._muon_begin(group, world, rank, use_rs))
+                out.append(self._muon_begin(group, comm, use_rs))
             else:
-                out.extend(self._adamw_begin(p, group, world, rank, use_rs) for p in group["params"])
+                out.extend(self._adamw_begin(p, group, comm, use_rs) for p in group["params"])
         return [f for f in out if f is not None]
 
 # -----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ packed data, bits-per-byte of every stage, atomic checkpoints and exact resume.
         --depth 4 --n-embd 128 --n-head 2 --seq-len 256 --poe-mode flat --poe-every 1 \\
         --total-batch-size 8192 --device-batch-size 16 --num-iterations 300 --eval-every 100
     torchrun --nproc_per_node 2 -m poelm train ...      # many processes (gloo on CPU, NCCL on GPU)
+    torchrun --nproc_per_node K -m poelm train --stage-parallel ...   # one rank per PoE stage
     poelm train ... --resume                            # continue the run in --out exactly
 
 The LR and weight-decay flags are nanochat's d12 / 2^19-token values, scaled per run as in
@@ -47,7 +48,7 @@ class TrainConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     # task: "pretrain" (a new model on a corpus) or "sft" (a specialist on chat data, poelm.sft)
     task: str = "pretrain"
-    init: str | None = None  # sft: the MODEL to start from (a PoE base, or a specialist)
+    init: str | None = None  # the MODEL to start from (sft: a PoE base or a specialist; pretrain: its weights)
     attach_layers: int = 2  # sft from a base: new layers of the specialist
     force: bool = False  # sft: attach to a BP base anyway (poe.md section 6)
     row_len: int | None = None  # sft: tokens per conversation row (default: the model's context)
@@ -80,6 +81,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    stage_parallel: bool = False  # one rank per PoE stage x data-parallel replicas (poelm.stage_parallel)
     resume: bool = False
     extend_to: int | None = None  # --resume with a new horizon (recorded in trainer.json)
     quiet: bool = False
@@ -114,6 +116,10 @@ def check_config(tc: TrainConfig) -> None:
     for flag, value in (("--warmdown-frac", tc.warmdown_frac), ("--final-lr-frac", tc.final_lr_frac)):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{flag} {value}: must be between 0 and 1")
+    if tc.stage_parallel:
+        from poelm.stage_parallel import check_mesh
+
+        check_mesh(tc.model, int(os.environ.get("WORLD_SIZE", 1)), task=tc.task, compile=tc.compile)
 
 
 # -----------------------------------------------------------------------------
@@ -265,6 +271,7 @@ class RunSetup:
     seq_len: int  # tokens per row
     base: GPT | None = None  # sft: the base the specialist was attached to (for its scores and Δlogit)
     lineage: dict | None = None  # sft: the base's name and content hash (written beside the run)
+    stage_parallel: object | None = None  # --stage-parallel: this rank's poelm.stage_parallel.StageParallel
 
 
 def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
@@ -295,15 +302,27 @@ def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
         config = tc.model_config(tokenizer.vocab_size)
         check_tokenizer(tokenizer, config, tc.tokenizer)
         seq_len = config.sequence_len
-    tokens_per_micro = tc.device_batch_size * seq_len * rt.world
+    mesh = None
+    if tc.stage_parallel:
+        from poelm.stage_parallel import StageParallel, make_mesh
+
+        mesh = make_mesh(config, rt.rank, rt.world)
+    dp_rank, dp_world = (mesh.replica, mesh.replicas) if mesh else (rt.rank, rt.world)  # data parallelism
+    tokens_per_micro = tc.device_batch_size * seq_len * dp_world
     if tc.total_batch_size % tokens_per_micro:
         raise ValueError(f"--total-batch-size {tc.total_batch_size} is not a multiple of device batch x seq len x "
-                         f"ranks = {tc.device_batch_size} x {seq_len} x {rt.world} = {tokens_per_micro}")
+                         f"{'replicas' if mesh else 'ranks'} = {tc.device_batch_size} x {seq_len} x {dp_world} = "
+                         f"{tokens_per_micro}")
     grad_accum = tc.total_batch_size // tokens_per_micro
     lrs = effective_hparams(config, tc.total_batch_size, tc)
     if tc.task != "sft":
         model = build_model(config, device=rt.device, init=True)
+        if tc.init:  # pretraining from the weights of a model of this architecture (an ordinary checkpoint)
+            init_from(model, tc.init)
+    sp = StageParallel(model, mesh) if mesh else None  # keeps only this stage's tensors
     optimizer = build_optimizer(model, lrs)  # SFT: only the specialist's tensors require grad
+    if sp:
+        optimizer = sp.optimizer(optimizer)
     if tc.task == "sft":
         loader = ChatLoader(tc.data, tokenizer, tc.device_batch_size, seq_len, rank=rt.rank, world_size=rt.world,
                             seed=tc.seed, device=rt.device)  # (its resumed state is set below)
@@ -345,11 +364,23 @@ def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
         loader = ChatLoader(tc.data, tokenizer, tc.device_batch_size, seq_len, rank=rt.rank, world_size=rt.world,
                             seed=tc.seed, device=rt.device, state=loader_state)
     else:
-        loader = BestFitLoader(tc.data, tokenizer, tc.device_batch_size, seq_len, split="train", rank=rt.rank,
-                               world_size=rt.world, device=rt.device, state=loader_state)
+        loader = BestFitLoader(tc.data, tokenizer, tc.device_batch_size, seq_len, split="train", rank=dp_rank,
+                               world_size=dp_world, device=rt.device, state=loader_state)
     return RunSetup(tokenizer, model, optimizer, loader, grad_accum, num_iterations, rule, start_step, state,
                     resumed=point is not None and tc.resume, lrs=lrs, seq_len=seq_len, base=base,
-                    lineage=lineage)
+                    lineage=lineage, stage_parallel=sp)
+
+
+def init_from(model: GPT, spec: str) -> None:
+    """Copy the weights of MODEL `spec` (a model or run directory) into `model`; same architecture."""
+    from poelm.checkpoint import load_model
+
+    start, _ = load_model(spec)
+    diff = config_diff(start.config, model.config)
+    if diff:
+        raise ValueError(f"--init {spec} has another architecture ({'; '.join(diff)}); give the model flags it was "
+                         "trained with")
+    load_state_into(model, start.state_dict(), spec)
 
 
 # Settings a resumed run may change: they do not alter the trajectory of the weights ("model"
@@ -433,6 +464,8 @@ def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
     grad_accum, num_iterations, rule, start_step, state = (setup.grad_accum, setup.num_iterations, setup.rule,
                                                            setup.start_step, setup.state)
     lrs = setup.lrs
+    sp = setup.stage_parallel
+    whole = (lambda: sp.full_model(step)) if sp else (lambda: model)  # the complete model (a collective with sp)
     evaluate = make_evaluator(tc, setup, rt)
     out = run.path
     settings = {**dataclasses.asdict(tc), "model": model.config.to_dict(),  # the model as built
@@ -460,6 +493,10 @@ def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
     say(f"batch: {tc.total_batch_size:,} tokens/step = {tc.device_batch_size} x {setup.seq_len} x {rt.world} ranks "
         f"x {grad_accum} accumulation steps; {rule}")
     say(lrs.line())
+    if sp:
+        from poelm.stage_parallel import balance_line
+
+        say(f"{balance_line(cfg)} x {sp.mesh.replicas} data-parallel replica(s)")
     train_model = torch.compile(model) if tc.compile else model
     flops_per_step = model.flops_per_token(setup.seq_len) * tc.total_batch_size
     peak = peak_flops(rt.device)
@@ -476,7 +513,7 @@ def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
 
     def do_eval(step: int) -> None:
         nonlocal last_eval
-        result = evaluate(model)
+        result = evaluate(whole())
         model.train()
         last_eval = {"step": step, **result}
         log.write({"type": "eval", **last_eval})
@@ -489,27 +526,30 @@ def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
             if tc.eval_every > 0 and (step % tc.eval_every == 0 or last) and (step > start_step or step == 0 or last) \
                     and last_eval.get("step") != step:
                 do_eval(step)
-            if rt.master and tc.sample_every > 0 and step > 0 and (step % tc.sample_every == 0 or last):
-                say(f"sample: {greedy_sample(model, tokenizer, tc.sample_prompt)!r}")
+            if tc.sample_every > 0 and step > 0 and (step % tc.sample_every == 0 or last):
+                full = whole()
+                if rt.master:
+                    say(f"sample: {greedy_sample(full, tokenizer, tc.sample_prompt)!r}")
             if step > start_step and (last or (tc.save_every > 0 and step % tc.save_every == 0)):
-                if not params_finite(model):  # the same weights on every rank: all ranks stop together
+                full = whole()
+                if not params_finite(full):  # the same weights on every rank: all ranks stop together
                     raise NonFiniteLoss(f"parameters became non-finite before the checkpoint of step {step}; stopping. "
                                         f"The last good checkpoint in {out} is intact (lower the learning rates or "
                                         "check the data)")
-                run.save_checkpoint(step, model, optimizer, loader, tokenizer, trainer_state(step),
+                run.save_checkpoint(step, full, optimizer, loader, tokenizer, trainer_state(step),
                                     tc.keep_checkpoints, run_id)
             if last:
                 break
             t0 = time.time()
-            loss_sum, stage_sum = 0.0, None
-            for _ in range(grad_accum):
+            loss_sum, stage_sum = (0.0, None) if sp is None else sp.accumulate(loader, grad_accum, rt.autocast_dtype)
+            for _ in range(grad_accum if sp is None else 0):  # (stage-parallel: the pipeline above)
                 x, y = next(loader)  # drawn just before use, so a checkpoint's loader state is exact
                 with torch.autocast(rt.device.type, dtype=rt.autocast_dtype, enabled=rt.autocast_dtype is not None):
                     loss, stage_losses = train_model(x, y, return_stage_losses=True)
                 (loss / grad_accum).backward()
                 loss_sum += loss.detach().float().item() / grad_accum
                 stage_sum = stage_losses / grad_accum if stage_sum is None else stage_sum + stage_losses / grad_accum
-            if rt.world > 1:  # mean over ranks, so a non-finite loss on any rank stops every rank
+            if rt.world > 1 and sp is None:  # mean over ranks, so a non-finite loss on any rank stops every rank
                 both = torch.cat([torch.tensor([loss_sum], device=stage_sum.device), stage_sum.float()])
                 dist.all_reduce(both)
                 both /= rt.world
@@ -533,6 +573,8 @@ def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
             record = {"type": "train", "step": step, "loss": loss_sum, "stage_losses": stage_sum.tolist(),
                       "lr_mult": lrm, "tokens_per_s": tok_s, "dt": dt, "mfu": mfu,
                       "cropped_fraction": getattr(loader, "cropped_fraction", None)}
+            if sp:
+                record.update(sp.step_metrics(dt, optimizer))
             log.write(record)
             status = f"loss {debiased:.4f} lr {lrm:.3f} {tok_s:,.0f} tok/s MFU " + (f"{100 * mfu:.1f}%" if mfu else "n/a")
             progress.update(task, completed=step, status=status)
