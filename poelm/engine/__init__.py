@@ -180,7 +180,7 @@ class Session:
         new = self.decoder.step()
         if self.first_token_s is None:
             self.first_token_s = time.perf_counter() - self.t0
-        col = self.collector
+        col, leaving = self.collector, []
         for handle, tokens in new.items():
             b = self.index[handle]
             col.add(b, tokens)
@@ -188,8 +188,12 @@ class Session:
             if col.reason[b] is None and full:
                 col.reason[b] = "context"
             if (col.reason[b] is not None and not self.opts.keep_cache) or full:
-                self.decoder.remove_row(handle)  # keep_cache: finished rows stay while they have room
-        if col.done or not self.decoder.rows:
+                leaving.append(handle)  # keep_cache: finished rows stay while they have room
+        if col.done:
+            self._close("context")
+            return True
+        self.decoder.remove_rows(leaving)
+        if not self.decoder.rows:
             self._close("context")
         return True
 
@@ -199,10 +203,11 @@ class Session:
                 self.collector.reason[b] = reason
         if self.opts.keep_cache and self.opts.max_new_tokens > 0:
             dec = self.decoder
-            for handle, b in self.index.items():  # rows that went on after their stop: back to what they report
-                extra = len(dec.row(handle).seq) - len(self.rows[b]) - len(self.collector.tokens[b])
+            for r in list(dec.rows):  # rows that went on after their stop: back to what they report
+                b = self.index[r.handle]
+                extra = len(r.seq) - len(self.rows[b]) - len(self.collector.tokens[b])
                 if extra > 0:
-                    dec.rollback(handle, extra)
+                    dec.rollback(r.handle, extra)
             self.cache = dec.finish()
         self.wall = time.perf_counter() - self.t0
 

@@ -137,10 +137,15 @@ class Decoder:
         self.seen = torch.cat([self.seen, seen])
 
     def remove_row(self, handle: int) -> None:
-        keep = [b for b, r in enumerate(self.rows) if r.handle != handle]
-        if len(keep) == len(self.rows):
-            raise ValueError(f"no row {handle} in this decoder")
-        self._keep(keep)
+        self.remove_rows([handle])
+
+    def remove_rows(self, handles: list[int]) -> None:
+        """Drop rows from the batch (one compaction of the cache for all of them)."""
+        gone = set(handles)
+        unknown = gone - {r.handle for r in self.rows}
+        if unknown:
+            raise ValueError(f"no row {sorted(unknown)[0]} in this decoder")
+        self._keep([b for b, r in enumerate(self.rows) if r.handle not in gone])
 
     def _keep(self, keep: list[int]) -> None:
         self.rows = [self.rows[b] for b in keep]
