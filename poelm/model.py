@@ -318,11 +318,14 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.
 
 
 class KVCache:
-    """Per-layer keys/values plus what the smear needs, for cached decoding.
+    """Per-layer keys/values plus what the smear needs, for cached decoding; preallocated once.
 
     Rows may be left-padded (`pad[b]` leading pad slots): row b's token at slot s has
     position s - pad[b]. Each layer has its own filled length so WAND can leave deeper
     layers behind and back-fill them later; `crop(n)` rolls every layer back to n slots.
+    Rows may also be ragged: `run_layers(..., start=[s_0, ..., s_{B-1}])` continues row b at
+    slot s_b (the decoders keep each row's length; `lengths`/`n_tokens` then track the uniform
+    case only). `keep_rows` / `append_rows` remove and add rows between steps.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None,
@@ -334,6 +337,7 @@ class KVCache:
         self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.n_tokens = 0  # slots that went through embed()
         self.pad = pad.to(device) if pad is not None else torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.has_pad = pad is not None and bool((pad > 0).any())  # host flag: decode steps need no pad mask
         self.max_len = max_len
 
     @property
@@ -348,6 +352,78 @@ class KVCache:
         """(B, count) positions of slots start ... start+count-1 of every row."""
         slots = torch.arange(start, start + count, device=self.tokens.device)
         return slots.unsqueeze(0) - self.pad.unsqueeze(1)
+
+    def keep_rows(self, index: list[int]) -> None:
+        """Keep only the rows in index (in that order)."""
+        idx = torch.tensor(index, dtype=torch.long, device=self.tokens.device)
+        self.k = [t.index_select(0, idx) for t in self.k]
+        self.v = [t.index_select(0, idx) for t in self.v]
+        self.tokens, self.pad = self.tokens.index_select(0, idx), self.pad.index_select(0, idx)
+        self.has_pad = bool((self.pad > 0).any())
+
+    def append_rows(self, other: "KVCache") -> None:
+        """Append the rows of another cache of the same shape (its rows keep their own lengths)."""
+        if other.max_len != self.max_len or len(other.k) != len(self.k):
+            raise ValueError(f"cannot append a cache of {other.max_len} slots x {len(other.k)} layers to one of "
+                             f"{self.max_len} x {len(self.k)}")
+        self.k = [torch.cat([a, b]) for a, b in zip(self.k, other.k)]
+        self.v = [torch.cat([a, b]) for a, b in zip(self.v, other.v)]
+        self.tokens, self.pad = torch.cat([self.tokens, other.tokens]), torch.cat([self.pad, other.pad])
+        self.has_pad = self.has_pad or other.has_pad
+
+
+class StepPlan:
+    """What every layer of one `run_layers` call shares, built once per call: the slots the
+    chunk writes, rotary cos/sin and one attention mask per distinct window (None where a
+    plain slice of keys or `is_causal` is exact, e.g. a one-token decode against a window).
+
+    start: an int (every row continues at that slot) or a list of per-row start slots (ragged
+    rows; writes scatter to each row's own slots)."""
+
+    def __init__(self, model: "GPT", B: int, T: int, dtype: torch.dtype, device, cache: "KVCache | None",
+                 start: int | list[int], windows: set[int]):
+        self.cache, self.T = cache, T
+        self.ragged = not isinstance(start, int)
+        if self.ragged:
+            starts = torch.tensor(start, dtype=torch.long, device=device)  # (B,)
+            self.slots = starts.unsqueeze(1) + torch.arange(T, device=device)  # (B, T)
+            self.rows = torch.arange(B, device=device).unsqueeze(1)  # (B, 1)
+            self.start, self.end = min(start), max(start) + T  # key range [.., end)
+            positions = self.slots - cache.pad.unsqueeze(1)
+            need = self.end
+        else:
+            self.start, self.end = start, start + T
+            positions = cache.positions(start, T) if cache is not None else torch.arange(start, start + T, device=device)
+            need = start + T
+        cos, sin = model._rotary(positions, need + 1)
+        self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+        self.keys: dict[int, tuple[int, torch.Tensor | None, bool]] = {w: self._plan(w, device) for w in windows}
+
+    def _plan(self, window: int, device) -> tuple[int, torch.Tensor | None, bool]:
+        """(first key slot, mask (B|1, 1, T, Tk) or None, is_causal) for one window."""
+        cache, T = self.cache, self.T
+        lo = max(0, self.start - window)  # the earliest key any query of this chunk can see
+        if cache is None:
+            if window >= T - 1:
+                return 0, None, True
+            pos = torch.arange(T, device=device)
+            return 0, window_mask(pos, pos, window), False
+        if not self.ragged and not cache.has_pad:
+            if T == 1:
+                return lo, None, False  # keys lo..start are exactly the window
+            if self.start == 0 and window >= T - 1:
+                return 0, None, True
+        k_slot = torch.arange(lo, self.end, device=device)
+        if self.ragged:
+            diff = self.slots.unsqueeze(-1) - k_slot  # (B, T, Tk)
+            mask = (diff >= 0) & (diff <= window)
+        else:
+            q_slot = torch.arange(self.start, self.end, device=device)
+            mask = window_mask(q_slot, k_slot, window).unsqueeze(0)  # (1, T, Tk)
+        if cache.has_pad:
+            mask = mask & (k_slot.unsqueeze(0) >= cache.pad.unsqueeze(1)).unsqueeze(1)  # (B, T, Tk)
+            mask = mask | ~mask.any(-1, keepdim=True)  # pad-slot queries: attend anywhere, result unused
+        return lo, mask.unsqueeze(1), False
 
 
 # -----------------------------------------------------------------------------
@@ -366,53 +442,61 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(self.n_head * hd, d, bias=False)
         self.ve_gate = nn.Linear(VE_GATE_DIM, self.n_kv_head, bias=False) if config.has_value_embed(layer_idx) else None
 
-    def forward(self, x: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                window: int, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        self._fused: tuple[tuple, torch.Tensor] | None = None  # (weight versions, [W_q; W_k; W_v])
+
+    def qkv_weight(self) -> torch.Tensor:
+        """[W_q; W_k; W_v] (one matmul), concatenated once per weight version; not a parameter,
+        so the state dict keeps the released names c_q / c_k / c_v."""
+        ws = (self.c_q.weight, self.c_k.weight, self.c_v.weight)
+        key = tuple((w.data_ptr(), w._version, w.dtype) for w in ws)
+        if self._fused is None or self._fused[0] != key:
+            self._fused = (key, torch.cat([w.detach() for w in ws]))
+        return self._fused[1]
+
+    def forward(self, x: torch.Tensor, ve: torch.Tensor | None, plan: StepPlan, window: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
+        if torch.is_grad_enabled():  # training: the three projections, gradients to each
+            q = self.c_q(x).view(B, T, H, D)
+            k = self.c_k(x).view(B, T, Hk, D)
+            v = self.c_v(x).view(B, T, Hk, D)
+            qk = torch.cat([q, k], dim=2)
+        else:  # inference: one matmul; q and k are one slice of its heads
+            qkv = (x @ self.qkv_weight().t()).view(B, T, H + 2 * Hk, D)
+            qk, v = qkv[:, :, :H + Hk], qkv[:, :, H + Hk:]
         if ve is not None:
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_DIM]))  # (B, T, Hkv)
-            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        q = rmsnorm(apply_rotary(q, cos, sin)) * QK_SCALE
-        k = rmsnorm(apply_rotary(k, cos, sin)) * QK_SCALE
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        if cache is None:
-            y = self._attend_full(q, k, v, window)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, Hk, D)
+        qk = rmsnorm(apply_rotary(qk, plan.cos, plan.sin)) * QK_SCALE  # q and k rotated and normed together
+        qk, v = qk.transpose(1, 2), v.transpose(1, 2)  # (B, H+Hk, T, D), (B, Hk, T, D)
+        q, k = qk[:, :H], qk[:, H:]
+        if plan.cache is None:
+            _, mask, causal = plan.keys[window]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=H != Hk)
         else:
-            y = self._attend_cached(q, k, v, window, cache, start)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+            y = self._attend_cached(q, k, v, window, plan)
+        y = y.transpose(1, 2).reshape(B, T, H * D)
         return self.c_proj(y)
 
-    def _attend_full(self, q, k, v, window: int) -> torch.Tensor:
-        T = q.shape[2]
-        gqa = self.n_head != self.n_kv_head
-        if window >= T - 1:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        pos = torch.arange(T, device=q.device)
-        mask = window_mask(pos, pos, window)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-
-    def _attend_cached(self, q, k, v, window: int, cache: KVCache, start: int) -> torch.Tensor:
-        i, T = self.layer_idx, q.shape[2]
-        if cache.lengths[i] != start:
-            raise RuntimeError(f"layer {i} cache holds {cache.lengths[i]} slots, chunk starts at {start}")
-        end = start + T
+    def _attend_cached(self, q, k, v, window: int, plan: StepPlan) -> torch.Tensor:
+        i, cache = self.layer_idx, plan.cache
+        start, end = plan.start, plan.end
         if end > cache.max_len:
             raise ValueError(f"KV cache of {cache.max_len} slots is full; allocate a longer cache")
-        cache.k[i][:, :, start:end] = k.to(cache.k[i].dtype)
-        cache.v[i][:, :, start:end] = v.to(cache.v[i].dtype)
-        cache.lengths[i] = end
-        lo = max(0, start - window)  # the earliest key any query of this chunk can see
-        keys = cache.k[i][:, :, lo:end].to(q.dtype)
-        values = cache.v[i][:, :, lo:end].to(q.dtype)
-        q_slot = torch.arange(start, end, device=q.device)
-        k_slot = torch.arange(lo, end, device=q.device)
-        mask = window_mask(q_slot, k_slot, window).unsqueeze(0)  # (1, T, Tk)
-        mask = mask & (k_slot.unsqueeze(0) >= cache.pad.unsqueeze(1)).unsqueeze(1)  # (B, T, Tk)
-        mask = mask | ~mask.any(-1, keepdim=True)  # pad-slot queries: attend anywhere, result unused
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.unsqueeze(1),
+        ck, cv = cache.k[i], cache.v[i]
+        if plan.ragged:  # each row writes its own slots
+            ck[plan.rows, :, plan.slots] = k.transpose(1, 2).to(ck.dtype)
+            cv[plan.rows, :, plan.slots] = v.transpose(1, 2).to(cv.dtype)
+            cache.lengths[i] = max(cache.lengths[i], end)
+        else:
+            if start > cache.lengths[i]:  # a chunk before the end rewrites (crops) the layer; after it is a hole
+                raise RuntimeError(f"layer {i} cache holds {cache.lengths[i]} slots, chunk starts at {start}")
+            ck[:, :, start:end] = k.to(ck.dtype)
+            cv[:, :, start:end] = v.to(cv.dtype)
+            cache.lengths[i] = end
+        lo, mask, causal = plan.keys[window]
+        keys, values = ck[:, :, lo:end].to(q.dtype), cv[:, :, lo:end].to(q.dtype)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
                                               enable_gqa=self.n_head != self.n_kv_head)
 
 
@@ -444,8 +528,8 @@ class Block(nn.Module):
         if self.attn.ve_gate is not None:
             nn.init.uniform_(self.attn.ve_gate.weight, 0.0, 0.02)
 
-    def forward(self, x, ve, cos, sin, window, cache=None, start=0):
-        x = x + self.attn(rmsnorm(x), ve, cos, sin, window, cache, start)
+    def forward(self, x: torch.Tensor, ve: torch.Tensor | None, plan: StepPlan, window: int) -> torch.Tensor:
+        x = x + self.attn(rmsnorm(x), ve, plan, window)
         return x + self.mlp(rmsnorm(x))
 
 
@@ -609,50 +693,70 @@ class GPT(nn.Module):
         return w
 
     # --- embedding and layers (shared by every path) ---------------------------
-    def embed(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Normed, smeared token embeddings (B, T, d). With a cache, idx continues its slots."""
+    def embed(self, idx: torch.Tensor, cache: KVCache | None = None, start: int | list[int] | None = None) -> torch.Tensor:
+        """Normed, smeared token embeddings (B, T, d). With a cache, idx continues its slots
+        (at cache.n_tokens, or at `start`: an int or per-row start slots for ragged rows)."""
         x = rmsnorm(self.transformer.wte(idx))  # (B, T, d)
         if cache is None:
             prev = x[:, :-1]
             gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_DIM]))  # (B, T-1, 1)
             return torch.cat([x[:, :1], x[:, 1:] + gate * prev], dim=1)
-        start, T = cache.n_tokens, idx.shape[1]
-        if start == 0:
-            prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
-        else:
-            prev_first = rmsnorm(self.transformer.wte(cache.tokens[:, start - 1:start]))
-            prev = torch.cat([prev_first, x[:, :-1]], dim=1)
-        cache.tokens[:, start:start + T] = idx
-        cache.n_tokens = start + T
-        has_prev = (cache.positions(start, T) >= 1).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        T = idx.shape[1]
+        start = cache.n_tokens if start is None else start
+        if isinstance(start, int):
+            if start == 0:
+                prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+            else:
+                prev = torch.cat([rmsnorm(self.transformer.wte(cache.tokens[:, start - 1:start])), x[:, :-1]], dim=1)
+            cache.tokens[:, start:start + T] = idx
+            cache.n_tokens = start + T
+            positions = cache.positions(start, T)
+        else:  # ragged rows: row b continues at slot start[b]
+            starts = torch.tensor(start, dtype=torch.long, device=idx.device)
+            prev_id = cache.tokens.gather(1, (starts - 1).clamp(min=0).unsqueeze(1))  # (B, 1)
+            prev = torch.cat([rmsnorm(self.transformer.wte(prev_id)), x[:, :-1]], dim=1)
+            slots = starts.unsqueeze(1) + torch.arange(T, device=idx.device)
+            cache.tokens.scatter_(1, slots, idx)
+            positions = slots - cache.pad.unsqueeze(1)
+        has_prev = (positions >= 1).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_DIM]))
         return x + gate * prev * has_prev
 
     def run_layers(self, x: torch.Tensor, x0: torch.Tensor, idx: torch.Tensor, start_layer: int, end_layer: int,
-                   cache: KVCache | None = None, start: int = 0, keep: set[int] = frozenset(),
+                   cache: KVCache | None = None, start: int | list[int] = 0, keep: set[int] = frozenset(),
                    detach_stages: bool = False) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Run layers [start_layer, end_layer) on x (B, T, d) at slots start ... start+T-1.
+        """Run layers [start_layer, end_layer) on x (B, T, d) at slots start ... start+T-1
+        (start: one slot for every row, or a list of per-row start slots for ragged rows).
 
         Returns the new residual and the residual after every layer listed in `keep`.
         `detach_stages` cuts the residual (not x0) at every stage boundary (PoE flat). A
-        specialist's layers after the frozen ones always see x and x0 detached."""
+        specialist's layers after the frozen ones always see x and x0 detached. Rotary
+        tables, the written slots and the masks are built once for all layers (StepPlan)."""
         B, T, _ = x.shape
-        positions = cache.positions(start, T) if cache is not None else torch.arange(start, start + T, device=x.device)
-        cos, sin = self._rotary(positions, start + T)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        plan = StepPlan(self, B, T, x.dtype, x.device, cache, start, set(self.windows[start_layer:end_layer]))
         ends = set(self.config.stage_ends[:-1])
+        resid, x0_mix = self._lambdas()
         kept = {}
         for i in range(start_layer, end_layer):
             if detach_stages and (i - 1) in ends:
                 x = x.detach()
             if i == self.config.frozen_layers > 0:  # nothing flows back into the frozen base (poe.md 7)
                 x, x0 = x.detach(), x0.detach()
-            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            x = resid[i] * x + x0_mix[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = self.transformer.h[i](x, ve, cos, sin, self.windows[i], cache, start)
+            x = self.transformer.h[i](x, ve, plan, self.windows[i])
             if i in keep:
                 kept[i] = x
         return x, kept
+
+    def _lambdas(self):
+        """resid/x0 lambdas: the parameters when training, host floats (cached per version) for inference."""
+        if torch.is_grad_enabled():
+            return self.resid_lambdas, self.x0_lambdas
+        key = (self.resid_lambdas._version, self.x0_lambdas._version, self.resid_lambdas.data_ptr())
+        if getattr(self, "_lambda_cache", (None,))[0] != key:
+            self._lambda_cache = (key, self.resid_lambdas.tolist(), self.x0_lambdas.tolist())
+        return self._lambda_cache[1], self._lambda_cache[2]
 
     def final_keep(self) -> set[int]:
         """Layers whose residuals the final readout reads (run_layers' `keep` for it)."""

@@ -1,4 +1,4 @@
-"""Tests of poelm/engine.py: cached decoding, stage pruning, Log-OP, WAND, self-speculative
+"""Tests of poelm/engine/: cached decoding, stage pruning, Log-OP, WAND, self-speculative
 decoding, sampling, stops, streaming and the CLI.  Run: .venv/bin/pytest -q tests/test_engine.py"""
 
 from __future__ import annotations
@@ -131,7 +131,8 @@ def test_cached_matches_uncached_left_padded_batch(kw):
     P = max(len(r) for r in rows)
     pad = torch.tensor([P - len(r) for r in rows])
     idx = torch.tensor([[0] * (P - len(r)) + r for r in rows])
-    dec = PlainDecoder(model, DecodeOptions(), len(rows), 128, pad)
+    dec = PlainDecoder(model, DecodeOptions(), 128)
+    dec.cache = new_cache(model, len(rows), 128, pad)
     logits = dec.forward(idx, last_only=False)  # (B, P, V)
     seqs = [list(r) for r in rows]
     for b, r in enumerate(rows):
@@ -152,9 +153,11 @@ def test_cached_stage_and_logop_readouts_match_uncached(rand_model):
     rows = prompts()
     final, stage_logits = rand_model(torch.tensor([rows[2]]), return_stage_logits=True)
     for k in range(4):
-        dec = PlainDecoder(rand_model, DecodeOptions(mode="stage", stage=k), 1, 128)
+        dec = PlainDecoder(rand_model, DecodeOptions(mode="stage", stage=k), 128)
+        dec.cache = new_cache(rand_model, 1, 128, n_layers=dec.end_layer)
         assert (dec.forward(torch.tensor([rows[2]]), last_only=False)[0] - stage_logits[k][0]).abs().max() <= 1e-5
-    dec = PlainDecoder(rand_model, DecodeOptions(mode="logop", stages=[0, 2]), 1, 128)
+    dec = PlainDecoder(rand_model, DecodeOptions(mode="logop", stages=[0, 2]), 128)
+    dec.cache = new_cache(rand_model, 1, 128, n_layers=dec.end_layer)
     s = 0.5 ** 1.0 * (stage_logits[0][0].log_softmax(-1) + stage_logits[2][0].log_softmax(-1))  # alpha 0
     ref = s - s.logsumexp(-1, keepdim=True)
     assert (dec.forward(torch.tensor([rows[2]]), last_only=False)[0] - ref).abs().max() <= 1e-5
@@ -353,13 +356,13 @@ def test_wand_cache_before_flush_has_no_holes(rand_model):
     assert out.stats["backfilled"] > 0 and 1 < out.stats["mean_stages_per_token"] < 4
     # replay the run: after every step each layer's filled slots equal full depth; deeper layers may lag
     from poelm.engine import WandDecoder
-    dec = WandDecoder(rand_model, 128, calib, 0.5)
-    dec.prefill(torch.tensor([row[:-1]]))
+    dec = WandDecoder(rand_model, DecodeOptions(mode="wand", calibration=calib, wand_factor=0.5), 128)
+    (handle,) = dec.add_rows([row])
     fed = row + out.tokens[:-1]
     ref = full_depth_cache(rand_model, fed)
     lagged = 0
     for t in range(len(row) - 1, len(fed)):
-        dec.step(fed[t])
+        assert dec.step() == {handle: [fed[t + 1] if t + 1 < len(fed) else out.tokens[-1]]}
         lengths = dec.cache.lengths
         assert lengths == sorted(lengths, reverse=True) and lengths[0] == t + 1
         lagged += min(lengths) < t + 1  # pending slots (their inputs are kept), never holes
@@ -383,11 +386,15 @@ def test_wand_logop_target_samples_from_logop_of_stages_used(rand_model, alpha, 
     """An exit after k+1 stages samples from the Log-OP of those stages (weights 1/(k+1)^(1-alpha)),
     not from the running sum weighted for all K stages (at alpha 0 and stage 0: z_0 / K)."""
     from poelm.engine import WandDecoder, logop
-    dec = WandDecoder(rand_model, 64, {"wand_bounds": bounds, "wand_target": "logop"}, 1.0, alpha)
+    opts = DecodeOptions(mode="wand", calibration={"wand_bounds": bounds, "wand_target": "logop"}, logop_alpha=alpha)
+    dec = WandDecoder(rand_model, opts, 64)
     row = prompts()[1]
-    dec.prefill(torch.tensor([row[:-1]]))
-    r, used = dec.step(row[-1])
-    assert used == n_used
+    dec.add_rows([row])
+    seen = []
+    dec.sampler.pick = lambda logits, _: seen.append(logits) or logits.argmax(-1)  # the logits sampled from
+    dec.step()
+    assert dec.stats.exit_stage_counts[n_used - 1] == 1
+    r = seen[0][0]
     _, stage_logits = rand_model(torch.tensor([row]), return_stage_logits=True)
     last = [z[0, -1] for z in stage_logits]
     torch.testing.assert_close(r.log_softmax(-1), logop(last[:n_used], alpha), rtol=1e-5, atol=1e-5)
@@ -539,17 +546,22 @@ def scripted_stream(tokens: list[int], stop_strings=()) -> TextStream:
     tok = ByteTokenizer()
     opts = DecodeOptions(max_new_tokens=len(tokens), stop_strings=list(stop_strings))
 
-    def session():
-        col = _Collector(1, opts, tok, {BOS})
-        for t in tokens:
-            col.add(0, [t])
-            yield col
-            if col.done:
-                break
-        from poelm.engine import Generation
-        return [Generation(col.text(0), col.tokens[0], {})]
+    class ScriptedSession:  # the Session interface: advance(), collector, results()
+        collector = _Collector(1, opts, tok, {BOS})
+        script = iter(tokens)
 
-    return TextStream(session())
+        def advance(self) -> bool:
+            t = next(self.script, None)
+            if t is None or self.collector.done:
+                return False
+            self.collector.add(0, [t])
+            return True
+
+        def results(self):
+            from poelm.engine import Generation
+            return [Generation(self.collector.text(0), self.collector.tokens[0], {})]
+
+    return TextStream(ScriptedSession())
 
 
 def test_stream_never_splits_a_character():
@@ -669,3 +681,82 @@ def test_cli_generate_and_calibrate(tmp_path, trained, capsys):
     args = parser.parse_args(["generate", "tiny", "1 2 x"])
     with pytest.raises(ValueError, match="space-separated token ids"):
         cli.parse_prompt(args.prompt, None)
+
+
+# -----------------------------------------------------------------------------
+# the decoder protocol: batches, ragged rows, add/remove/rollback
+
+
+BATCH_MODES = [dict(mode="final"), dict(mode="stage", stage=1), dict(mode="logop", stages=[0, 2]),
+               dict(mode="wand", wand_factor=0.5), dict(mode="speculative", gamma=3),
+               dict(mode="speculative", gamma=2, draft_stage=1, draft_threshold=0.2),
+               dict(mode="speculative", gamma=3, adaptive_gamma=True)]
+
+
+@pytest.mark.parametrize("kw", BATCH_MODES, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_every_mode_batch_gives_each_row_its_tokens_alone(kw, trained, trained_calib):
+    engine = Engine(trained, calibration=trained_calib)
+    rows = [text_prompt_ids("the red cat"), text_prompt_ids("a big dog ran to the"), [BOS], text_prompt_ids("the")]
+    batch = engine.generate(rows, max_new_tokens=30, **kw)
+    for r, out in zip(rows, batch):
+        assert out.tokens == engine.generate(r, max_new_tokens=30, **kw).tokens, kw
+    if kw["mode"] == "speculative":
+        assert batch[0].stats["tokens_per_verify"] >= 1.0
+
+
+@torch.no_grad()
+def test_rows_added_between_steps_are_ragged_and_exact(rand_model):
+    """A row joins a running batch; every step's logits equal the full forward of the row (1e-5)."""
+    from poelm.engine import make_decoder
+    opts = DecodeOptions()
+    dec = make_decoder(rand_model, opts, 120)
+    seen_logits = []
+    dec.sampler.pick = lambda logits, _: seen_logits.append(logits) or logits.argmax(-1)
+    a, b = prompts()[1], prompts()[0]
+    (ha,) = dec.add_rows([a])
+    for _ in range(5):
+        dec.step()
+    (hb,) = dec.add_rows([b])
+    for _ in range(20):  # ragged: the rows sit at different slots (crossing the window of 16)
+        dec.step()
+    for h in (ha, hb):
+        seq = dec.row(h).seq
+        ref = full_logits(rand_model, seq[:-1])[-1]
+        assert ref.argmax().item() == seq[-1]
+    last = seen_logits[-1]
+    for i, h in enumerate((ha, hb)):
+        assert (last[i] - full_logits(rand_model, dec.row(h).seq[:-1])[-1]).abs().max().item() <= 1e-5
+    dec.remove_row(ha)
+    dec.rollback(hb, 4)
+    got = dec.step()[hb]
+    seq = dec.row(hb).seq
+    assert got == [full_logits(rand_model, seq[:-1])[-1].argmax().item()]
+
+
+@pytest.mark.parametrize("kw", [dict(mode="wand", wand_factor=0.5), dict(mode="speculative", gamma=4)])
+def test_poe_decoders_add_rows_mid_run(kw, trained, trained_calib):
+    """WAND and speculative rows added between steps get the tokens they get alone."""
+    from poelm.engine import make_decoder
+    engine = Engine(trained, calibration=trained_calib)
+    opts = engine._options(dict(kw, max_new_tokens=40))
+    a, b = text_prompt_ids("the red cat"), text_prompt_ids("a big dog")
+    dec = make_decoder(trained, opts, 100)
+    (ha,) = dec.add_rows([a])
+    for _ in range(3):
+        dec.step()
+    (hb,) = dec.add_rows([b])
+    while len(dec.row(hb).seq) < len(b) + 20:
+        dec.step()
+    for h, p in ((ha, a), (hb, b)):
+        got = dec.row(h).seq[len(p):]
+        alone = engine.generate(p, max_new_tokens=len(got), stop_token_ids=[], **kw).tokens
+        assert got[:len(alone)] == alone
+
+
+def test_wand_reports_exit_histogram_and_skips_impossible_tests(trained, trained_calib):
+    engine = Engine(trained, calibration=trained_calib)
+    s = engine.generate(text_prompt_ids("the red cat"), mode="wand", max_new_tokens=20).stats
+    assert sum(s["exit_stage_counts"]) == 20 and len(s["exit_stage_counts"]) == 4
+    huge = Engine(trained, calibration={"wand_bounds": [0.0, 40.0, 40.0, 40.0]})
+    s = huge.generate(text_prompt_ids("the red cat"), mode="wand", max_new_tokens=5).stats
+    assert s["exit_stage_counts"] == [0, 0, 0, 5] and s["exit_tests_skipped"] == 5 * 3  # gaps are < 30

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import poelm.model as model_module
 from conftest import tiny_config, tiny_model
-from poelm.model import GPT, GPTConfig, KVCache, apply_rotary, rmsnorm, softcap, window_mask
+from poelm.model import GPT, GPTConfig, KVCache, StepPlan, apply_rotary, rmsnorm, softcap, window_mask
 from poelm.presets import get_preset
 
 
@@ -109,10 +109,11 @@ def test_attention_matches_brute_force_window(layer):
     x = torch.randn(2, 20, 64)
     ve = model.value_embeds[str(layer)](torch.randint(0, 300, (2, 20))) if str(layer) in model.value_embeds else None
     window = model.windows[layer]
-    cos, sin = model._rotary(torch.arange(20), 20)
-    got = attn(x, ve, cos, sin, window)
+    plan = StepPlan(model, 2, 20, x.dtype, x.device, None, 0, {window})
     ref = _reference_attention(attn, x, ve, window)
-    assert (got - ref).abs().max().item() < 1e-5
+    assert (attn(x, ve, plan, window) - ref).abs().max().item() < 1e-5  # separate q/k/v (training path)
+    with torch.no_grad():  # fused q/k/v (inference path)
+        assert (attn(x, ve, plan, window) - ref).abs().max().item() < 1e-5
 
 
 def _decode_all(model, idx, chunks):

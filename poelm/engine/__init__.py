@@ -1,0 +1,222 @@
+"""Inference engine for PoE models: cached decoding with stage readouts, Log-OP, WAND
+adaptive depth and self-speculative decoding (poe.md §2-6).
+
+    from poelm.engine import Engine, calibrate, save_calibration
+    engine = Engine(model, tokenizer)
+    out = engine.generate("The capital of France is", max_new_tokens=32)      # final readout, greedy
+    out.text, out.tokens, out.stats                                          # stats: tokens/s, ...
+    engine.generate(prompt, mode="stage", stage=0)                           # prefix pruning
+    engine.generate(prompt, mode="logop", stages=[0, 3])                     # Log-OP of stages
+    engine.generate(prompt, mode="speculative", draft_stage=0, gamma=4)      # token-identical to greedy
+    engine.calibration = calibrate(model, batches); engine.generate(prompt, mode="wand")
+    for delta in engine.stream(prompt, temperature=0.8, top_p=0.9): print(delta, end="")
+
+    poelm generate MODEL "Once upon a time" --mode speculative --gamma 4
+    poelm calibrate MODEL --data DIR
+
+Modes
+- final        every layer, the final readout of config.final_readout (the last stage, with
+               backout when config.backout, or the Log-OP of all stages).
+- stage K      prefix pruning: only the layers up to stage K's boundary run (the KV cache is
+               allocated for those layers only), read out at stage K.
+- logop S      renormalised Log-OP `s = sum_k w_k l_k`, w_k = 1/|S|^(1-alpha), of the stages in S;
+               layers deeper than max(S) never run.
+- wand         per token, stop at the first stage k whose leader cannot be overtaken:
+               top1 - top2 of r_k > F * sum_{j>k} b_j (bounds b_j from `calibrate`). Exited
+               tokens keep their boundary residual and x0; a later token that goes deeper first
+               back-fills every pending position through the missing stage in one batched pass
+               (together with itself), so the cache is exactly the full-depth cache.
+- speculative  stage d drafts gamma tokens through layers <= d's boundary; one verify pass runs
+               only the deeper layers over [last accepted token, drafts] reusing the draft K/V and
+               boundary residuals. Greedy: token-identical to plain greedy. Sampling: the
+               Leviathan/Chen rule (output distribution equals the target's). Rejected positions
+               are cropped from every layer.
+Every mode is a decoder of one protocol (decoders.py: add_rows / step / remove_row /
+rollback / stats) and decodes a batch of rows together (a list of prompts); finished rows
+leave the batch between steps. Package layout: options.py (DecodeOptions, validation),
+sampling.py, decoders.py (protocol, plain), wand.py, speculative.py, calibrate.py, stream.py.
+
+Prompts: text (needs a tokenizer) or token ids; with a tokenizer `<|bos|>` is prepended when
+missing. A prompt longer than config.sequence_len is an error (no silent truncation);
+generation stops (stop_reason "context") when the context fills up.
+Sampling follows transformers: repetition penalty (every id seen in the row, prompt included:
+logit/penalty if > 0 else logit*penalty), then temperature (0 = greedy), top-k, top-p.
+Stop token ids end generation and appear in `tokens` but not in `text`; a stop string cuts
+`text` before it. With a tokenizer the default stop ids are `<|bos|>` and `<|assistant_end|>`.
+"""
+
+from __future__ import annotations
+
+import numbers
+import time
+
+import torch
+
+from poelm.engine.calibrate import (calibrate, check_calibration, load_calibration, running_readouts,
+                                    save_calibration, stage_swings, wand_exit_rule, wand_teacher_forced)
+from poelm.engine.decoders import Decoder, DecodeStats, PlainDecoder, Row, make_decoder, new_cache
+from poelm.engine.options import (BP_REFUSAL, CALIBRATION_KEYS, GENERATION_CONFIG_NAME, MAX_GAMMA, MODES,
+                                  WAND_TARGETS, DecodeOptions, Generation, _check, refuse_bp, validate_options)
+from poelm.engine.sampling import Sampler, logop, top_gap
+from poelm.engine.speculative import SpeculativeDecoder
+from poelm.engine.stream import TextStream, _Collector
+from poelm.engine.wand import WandDecoder
+from poelm.model import GPT
+
+__all__ = ["Engine", "Session", "Decoder", "DecodeStats", "PlainDecoder", "WandDecoder", "SpeculativeDecoder", "Row",
+           "make_decoder", "new_cache", "DecodeOptions", "Generation", "validate_options", "Sampler", "logop",
+           "top_gap", "TextStream", "calibrate", "check_calibration", "load_calibration", "save_calibration",
+           "running_readouts", "stage_swings", "wand_exit_rule", "wand_teacher_forced", "refuse_bp", "MODES",
+           "WAND_TARGETS", "MAX_GAMMA", "BP_REFUSAL", "CALIBRATION_KEYS", "GENERATION_CONFIG_NAME", "_check",
+           "_Collector"]
+
+
+class Engine:
+    def __init__(self, model: GPT, tokenizer=None, calibration: dict | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.calibration = calibration
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    # --- prompts -------------------------------------------------------------
+    def bos_id(self) -> int | None:
+        return getattr(self.tokenizer, "bos_token_id", None) if self.tokenizer is not None else None
+
+    def encode_prompt(self, prompt, add_bos: bool = True) -> list[int]:
+        """Text or ids -> ids, with <|bos|> prepended (when a tokenizer is known and it is missing)."""
+        if isinstance(prompt, str):
+            _check(self.tokenizer is not None, "a text prompt needs a tokenizer; pass token ids instead")
+            _check(len(prompt) > 0, "empty prompt: give at least one character or token")
+            ids = list(self.tokenizer.encode(prompt))
+        else:
+            ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+            _check(len(ids) > 0, "empty prompt: give at least one character or token")
+        V = self.model.config.vocab_size
+        _check(all(isinstance(i, numbers.Integral) and 0 <= i < V for i in ids), f"prompt token ids must be integers in [0, {V})")
+        ids = [int(i) for i in ids]
+        bos = self.bos_id()
+        if add_bos and bos is not None and ids[0] != bos:
+            ids = [bos] + ids
+        T = self.model.config.sequence_len
+        _check(len(ids) <= T, f"prompt has {len(ids)} tokens but the context holds {T}; shorten it")
+        return ids
+
+    def _rows(self, prompt, add_bos: bool) -> tuple[list[list[int]], bool]:
+        """(rows of ids, whether the caller passed a single prompt)."""
+        if isinstance(prompt, (str, torch.Tensor)) or (isinstance(prompt, (list, tuple)) and prompt
+                                                       and isinstance(prompt[0], numbers.Integral)):
+            return [self.encode_prompt(prompt, add_bos)], True
+        _check(isinstance(prompt, (list, tuple)) and len(prompt) > 0, "empty prompt: give a string, token ids or a list of them")
+        return [self.encode_prompt(p, add_bos) for p in prompt], False
+
+    def _stop_ids(self, opts: DecodeOptions) -> set[int]:
+        if opts.stop_token_ids is not None:
+            return set(opts.stop_token_ids)
+        if self.tokenizer is None:
+            return set()
+        specials = getattr(self.tokenizer, "special_tokens", {}) or {}
+        ids = {specials[n] for n in ("<|bos|>", "<|assistant_end|>") if n in specials}
+        if self.bos_id() is not None:
+            ids.add(self.bos_id())
+        return ids
+
+    # --- public API ------------------------------------------------------------
+    def generate(self, prompt, **options) -> Generation | list[Generation]:
+        """Generate from one prompt (-> Generation) or a list of prompts (-> list)."""
+        opts = self._options(options)
+        rows, single = self._rows(prompt, opts.add_bos)
+        session = Session(self, rows, opts)
+        while session.advance():
+            pass
+        out = session.results()
+        return out[0] if single else out
+
+    def stream(self, prompt, **options) -> TextStream:
+        """Text deltas of one prompt as they are generated (needs a tokenizer)."""
+        opts = self._options(options)
+        _check(self.tokenizer is not None, "streaming text needs a tokenizer")
+        rows, single = self._rows(prompt, opts.add_bos)
+        _check(single, "stream takes one prompt")
+        return TextStream(Session(self, rows, opts))
+
+    def _options(self, options: dict) -> DecodeOptions:
+        try:
+            opts = DecodeOptions(**options)
+        except TypeError as e:
+            raise ValueError(f"unknown generation option: {e}") from None
+        validate_options(opts, self.model)
+        if opts.stop_strings:
+            _check(self.tokenizer is not None, "stop strings need a tokenizer")
+        if opts.mode == "wand":
+            opts.calibration = check_calibration(opts.calibration or self.calibration, self.model)
+        return opts
+
+
+class Session:
+    """One generate/stream call: a decoder driven step by step, the stop conditions of every
+    row, and the Generations at the end. advance() runs one step (False when every row is done)."""
+
+    def __init__(self, engine: Engine, rows: list[list[int]], opts: DecodeOptions):
+        self.engine, self.rows, self.opts = engine, rows, opts
+        self.t0 = time.perf_counter()
+        self.collector = _Collector(len(rows), opts, engine.tokenizer, engine._stop_ids(opts))
+        self.first_token_s: float | None = None
+        self.wall: float | None = None
+        capacity = min(engine.model.config.sequence_len, max(len(r) for r in rows) + opts.max_new_tokens)
+        with torch.no_grad():
+            self.decoder = make_decoder(engine.model, opts, capacity)
+            self.index = {h: b for b, h in enumerate(self.decoder.add_rows(rows))} if opts.max_new_tokens > 0 else {}
+        self.cache = None
+        if opts.max_new_tokens == 0:
+            self._close("max_new_tokens")
+
+    @torch.no_grad()
+    def advance(self) -> bool:
+        if self.wall is not None:
+            return False
+        new = self.decoder.step()
+        if self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.t0
+        col, leaving = self.collector, []
+        for handle, tokens in new.items():
+            b = self.index[handle]
+            col.add(b, tokens)
+            full = self.decoder.is_full(handle)
+            if col.reason[b] is None and full:
+                col.reason[b] = "context"
+            if (col.reason[b] is not None and not self.opts.keep_cache) or full:
+                leaving.append(handle)  # keep_cache: finished rows stay while they have room
+        if col.done:
+            self._close("context")
+            return True
+        self.decoder.remove_rows(leaving)
+        if not self.decoder.rows:
+            self._close("context")
+        return True
+
+    def _close(self, reason: str) -> None:
+        for b in range(len(self.rows)):
+            if self.collector.reason[b] is None:
+                self.collector.reason[b] = reason
+        if self.opts.keep_cache and self.opts.max_new_tokens > 0:
+            dec = self.decoder
+            for r in list(dec.rows):  # rows that went on after their stop: back to what they report
+                b = self.index[r.handle]
+                extra = len(r.seq) - len(self.rows[b]) - len(self.collector.tokens[b])
+                if extra > 0:
+                    dec.rollback(r.handle, extra)
+            self.cache = dec.finish()
+        self.wall = time.perf_counter() - self.t0
+
+    def results(self) -> list[Generation]:
+        col, n_new = self.collector, sum(len(t) for t in self.collector.tokens)
+        stats = self.decoder.stats.to_dict(n_new)
+        stats.update({"new_tokens": n_new, "wall_s": self.wall, "tokens_per_s": n_new / self.wall if self.wall > 0 else 0.0,
+                      "time_to_first_token_s": self.first_token_s, "batch_size": len(self.rows)})
+        if self.opts.mode == "wand":
+            stats["wand_factor"] = self.opts.wand_factor
+        return [Generation(col.text(b), col.tokens[b], dict(stats, new_tokens=len(col.tokens[b]), stop_reason=col.reason[b]),
+                           row, self.cache) for b, row in enumerate(self.rows)]

@@ -1,0 +1,161 @@
+"""WAND calibration (per-stage swing bounds, poe.md §4), its storage in
+generation_config.json, the exit rule and the teacher-forced WAND decision.
+
+    from poelm.engine import calibrate, save_calibration
+    calib = calibrate(model, batches); save_calibration("runs/tiny", calib)
+    poelm calibrate MODEL --data DIR
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from poelm.checkpoint import atomic_write_json
+from poelm.engine.options import CALIBRATION_KEYS, GENERATION_CONFIG_NAME, WAND_TARGETS, _check, refuse_bp
+from poelm.engine.sampling import top_gap
+from poelm.model import GPT, logop_weight
+
+
+def running_readouts(stage_logits: list[torch.Tensor], final_logits: torch.Tensor, target: str,
+                     alpha: float) -> list[torch.Tensor]:
+    """r_0 ... r_{K-1} in the target readout's space (each (..., V)).
+
+    target "final": r_k = z_k for k < K-1 and r_{K-1} = the final readout. target "logop":
+    r_k = sum_{j<=k} w l_j, the running (unnormalised) Log-OP of all K stages. Only logit
+    differences matter for the exit rule, so unnormalised is fine."""
+    K = len(stage_logits)
+    if target == "final":
+        return stage_logits[:-1] + [final_logits]
+    w = logop_weight(K, alpha)
+    out, r = [], 0
+    for z in stage_logits:
+        r = r + w * z.log_softmax(-1)
+        out.append(r)
+    return out
+
+
+def stage_swings(running: list[torch.Tensor]) -> list[torch.Tensor]:
+    """For j >= 1: max_v [(r_j - r_{j-1})[v] - (r_j - r_{j-1})[a]], a = argmax r_{j-1}: K-1 tensors (...)."""
+    swings = []
+    for prev, cur in zip(running[:-1], running[1:]):
+        delta = cur - prev
+        leader = prev.argmax(-1, keepdim=True)
+        swings.append(delta.max(-1).values - delta.gather(-1, leader).squeeze(-1))
+    return swings
+
+
+@torch.no_grad()
+def calibrate(model: GPT, token_batches: Iterable, quantile: float = 0.99, target: str = "final",
+              logop_alpha: float | None = None, max_tokens: int | None = None, force: bool = False,
+              chunk: int = 512) -> dict:
+    """Per-stage WAND swing bounds b_j (poe.md §4) from calibration text.
+
+    token_batches yields LongTensor (B, T) (or (inputs, targets) pairs). Returns
+    {"wand_bounds": [0.0, b_1, ..., b_{K-1}], "wand_quantile", "wand_target",
+    "wand_calibration_tokens"} — the dict stored in generation_config.json."""
+    refuse_bp(model, "WAND calibration", force)
+    _check(0 < quantile <= 1, f"quantile must lie in (0, 1], got {quantile!r}")
+    _check(target in WAND_TARGETS, f"WAND target must be one of {', '.join(WAND_TARGETS)}, got {target!r}")
+    cfg = model.config
+    K = cfg.n_stages
+    _check(K >= 2, "WAND needs a model with at least 2 stages")
+    alpha = cfg.poe_alpha if logop_alpha is None else logop_alpha
+    device = model.lm_head.weight.device
+    swings: list[list[torch.Tensor]] = [[] for _ in range(K - 1)]
+    n_tokens = 0
+    for batch in token_batches:
+        idx = batch[0] if isinstance(batch, (tuple, list)) else batch
+        idx = idx.to(device)
+        stage_x, x_mid = model.trunk(idx)
+        d = stage_x[0].shape[-1]
+        flat_x = [x.reshape(-1, d) for x in stage_x]
+        flat_mid = x_mid.reshape(-1, d) if x_mid is not None else None
+        for s in range(0, flat_x[0].shape[0], chunk):
+            xs = [x[s:s + chunk] for x in flat_x]
+            zs = [model.readout(x, k) for k, x in enumerate(xs)]  # K x (n, V)
+            mid = flat_mid[s:s + chunk] if flat_mid is not None else None
+            final = model.readout(xs[-1], None, mid, xs)
+            for j, sw in enumerate(stage_swings(running_readouts(zs, final, target, alpha))):
+                swings[j].append(sw.float().cpu())
+        n_tokens += idx.numel()
+        if max_tokens is not None and n_tokens >= max_tokens:
+            break
+    _check(n_tokens > 0, "calibration got no tokens")
+    bounds = [0.0] + [float(np.quantile(torch.cat(s).numpy(), quantile)) for s in swings]
+    return {"wand_bounds": bounds, "wand_quantile": float(quantile), "wand_target": target,
+            "wand_calibration_tokens": n_tokens}
+
+
+def check_calibration(calib: dict | None, model: GPT) -> dict:
+    if not calib or "wand_bounds" not in calib:
+        raise ValueError("WAND needs calibrated swing bounds and this model has none: run "
+                         "`poelm calibrate MODEL --data DIR` (or pass calibration=calibrate(model, batches))")
+    bounds = calib["wand_bounds"]
+    K = model.config.n_stages
+    _check(isinstance(bounds, list) and len(bounds) == K and all(isinstance(b, (int, float)) and b >= 0 for b in bounds),
+           f"wand_bounds must be {K} numbers >= 0 (one per stage), got {bounds!r}; re-run `poelm calibrate`")
+    _check(calib.get("wand_target", "final") in WAND_TARGETS, f"unknown wand_target {calib.get('wand_target')!r}")
+    return calib
+
+
+def save_calibration(model_dir: str | os.PathLike, calib: dict) -> Path:
+    """Merge the calibration keys into MODEL_DIR/generation_config.json (atomic write)."""
+    path = Path(model_dir) / GENERATION_CONFIG_NAME
+    _check(Path(model_dir).is_dir(), f"{model_dir} is not a model directory: cannot store the calibration")
+    gen = json.loads(path.read_text()) if path.exists() else {}
+    gen.update({k: calib[k] for k in CALIBRATION_KEYS if k in calib})
+    atomic_write_json(path, gen)
+    return path
+
+
+def load_calibration(model_dir: str | os.PathLike) -> dict | None:
+    """The WAND calibration stored in MODEL_DIR/generation_config.json, or None."""
+    path = Path(model_dir) / GENERATION_CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        gen = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if "wand_bounds" not in gen:
+        return None
+    return {k: gen[k] for k in CALIBRATION_KEYS if k in gen}
+
+
+def wand_exit_rule(bounds: list[float], factor: float) -> list[float]:
+    """Threshold after each stage k: F * sum_{j>k} b_j (inf for every stage but the last when F = inf)."""
+    K = len(bounds)
+    if math.isinf(factor):
+        return [math.inf] * (K - 1) + [-math.inf]
+    return [factor * sum(bounds[k + 1:]) for k in range(K - 1)] + [-math.inf]
+
+
+@torch.no_grad()
+def wand_teacher_forced(model: GPT, idx: torch.Tensor, calib: dict, factor: float = 1.0,
+                        logop_alpha: float | None = None) -> dict[str, torch.Tensor]:
+    """The WAND decision at every position of idx (B, T) under teacher forcing:
+    {"pred": (B, T) WAND argmax, "depth": (B, T) stages used, "full": (B, T) target argmax}."""
+    calib = check_calibration(calib, model)
+    cfg = model.config
+    alpha = cfg.poe_alpha if logop_alpha is None else logop_alpha
+    final, stage_logits = model(idx, return_stage_logits=True)
+    running = running_readouts(stage_logits, final, calib.get("wand_target", "final"), alpha)
+    thresholds = wand_exit_rule(calib["wand_bounds"], factor)
+    pred = running[-1].argmax(-1)
+    depth = torch.full_like(pred, cfg.n_stages)
+    decided = torch.zeros_like(pred, dtype=torch.bool)
+    for k, r in enumerate(running[:-1]):
+        exits = ~decided & (top_gap(r) > thresholds[k])
+        pred = torch.where(exits, r.argmax(-1), pred)
+        depth = torch.where(exits, torch.full_like(depth, k + 1), depth)
+        decided |= exits
+    return {"pred": pred, "depth": depth, "full": running[-1].argmax(-1)}
+
+

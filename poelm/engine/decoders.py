@@ -1,0 +1,267 @@
+"""The decoder protocol every mode implements, and the plain decoder (final / stage / logop).
+
+A decoder owns a KV cache and a batch of rows; a scheduler drives it step by step:
+
+    dec = make_decoder(model, opts, capacity)
+    handles = dec.add_rows([[1, 2, 3], [4, 5]])     # prefill (rows may be added between steps)
+    new = dec.step()                                 # {handle: [new token ids]}: one, or several (speculative)
+    dec.remove_row(handles[0]); dec.rollback(handles[1], 2)
+    dec.stats.to_dict(); dec.is_full(handle)
+
+A row's last token is pending: prefill runs the prompt but its last token, and every step
+feeds each row's pending token(s) and samples the next. Rows are ragged: each keeps its own
+slot count, and steps where all rows agree use the uniform (slice, mask-free) path.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from poelm.engine.options import DecodeOptions
+from poelm.engine.sampling import Sampler, logop
+from poelm.model import GPT, KVCache
+
+
+def new_cache(model: GPT, batch_size: int, capacity: int, pad: torch.Tensor | None = None,
+              n_layers: int | None = None) -> KVCache:
+    """A KV cache with K/V for the first n_layers layers only (default all)."""
+    cfg = model.config
+    if n_layers is not None and n_layers < cfg.n_layer:
+        cfg = copy.copy(cfg)  # the cache reads n_layer, n_kv_head, head_dim; deeper layers get no memory
+        cfg.n_layer = n_layers
+    p = model.lm_head.weight
+    return KVCache(cfg, batch_size, capacity, p.device, p.dtype, pad)
+
+
+@dataclass
+class Row:
+    """One sequence in a decoder: prompt + generated ids; the last id is pending (not in the cache)."""
+
+    handle: int
+    seq: list[int]
+    slots: int  # cache slots this row fills (its left padding included)
+    pad: int = 0
+    produced: int = 0
+    gamma: int = 0  # speculative: drafted tokens per verify pass (adaptive per row)
+
+
+@dataclass
+class DecodeStats:
+    """Decode-phase work (prefill excluded) and, per mode, what the mode decided."""
+
+    mode: str
+    stages_per_token: float = 0.0  # plain modes: stages every token runs
+    layer_passes: int = 0  # layer x position executions per row (compute)
+    layer_calls: int = 0  # sequential layer invocations (latency on overhead-bound hardware)
+    exit_stage_counts: list[int] = field(default_factory=list)  # WAND: tokens that exited after stage k
+    backfilled: int = 0  # WAND: (slot, stage) pairs run lazily
+    tests_skipped: int = 0  # WAND: exit tests skipped because no gap can reach the threshold
+    draft_stage: int | None = None  # speculative
+    drafted: int = 0
+    accepted: int = 0
+    verify_passes: int = 0  # per row
+    gamma: int | None = None
+
+    def to_dict(self, n_new: int) -> dict:
+        out: dict = {"mode": self.mode}
+        if n_new:
+            out["mean_layers_per_token"] = self.layer_passes / n_new
+            out["mean_layer_calls_per_token"] = self.layer_calls / n_new
+        if self.mode == "wand":
+            n = sum(self.exit_stage_counts)
+            out.update(mean_stages_per_token=sum((k + 1) * c for k, c in enumerate(self.exit_stage_counts)) / max(n, 1),
+                       exit_stage_counts=list(self.exit_stage_counts), backfilled=self.backfilled,
+                       exit_tests_skipped=self.tests_skipped)
+        else:
+            out["mean_stages_per_token"] = self.stages_per_token
+        if self.mode == "speculative":
+            out.update(draft_stage=self.draft_stage, drafted=self.drafted, accepted=self.accepted,
+                       verify_passes=self.verify_passes, gamma=self.gamma,
+                       acceptance_rate=self.accepted / self.drafted if self.drafted else None,
+                       tokens_per_verify=n_new / self.verify_passes if self.verify_passes else None)
+        return out
+
+
+class Decoder:
+    """The protocol: add_rows (prefill), step, remove_row, rollback, is_full, stats.
+
+    Subclasses set `end_layer` (layers the prefill runs), implement `_step`, and may extend
+    `_append` / `_keep` for per-row state of their own."""
+
+    end_layer: int
+
+    def __init__(self, model: GPT, opts: DecodeOptions, capacity: int, scratch: int = 0):
+        self.model, self.cfg, self.opts = model, model.config, opts
+        self.capacity = capacity  # a row that fills this many slots is full (the context limit)
+        self.max_len = capacity + scratch  # speculative drafts may run past a row's capacity
+        self.device = model.lm_head.weight.device
+        self.sampler = Sampler(opts, self.device)
+        self.rows: list[Row] = []
+        self.cache: KVCache | None = None
+        self.seen = torch.zeros(0, self.cfg.vocab_size, dtype=torch.bool, device=self.device)  # (B, V)
+        self.stats = DecodeStats(opts.mode)
+        self._next_handle = 0
+
+    # --- rows ------------------------------------------------------------------------
+    def add_rows(self, prompts: list[list[int]]) -> list[int]:
+        """Prefill rows (left-padded together) and add them to the batch -> their handles."""
+        P = max(len(p) for p in prompts) - 1  # the last token of each prompt stays pending
+        pad = torch.tensor([P - len(p) + 1 for p in prompts], device=self.device)
+        cache = new_cache(self.model, len(prompts), self.max_len, pad if P > 0 else None, n_layers=self.end_layer)
+        x0 = self._prefill(cache, prompts, P) if P > 0 else None
+        rows = []
+        for p, n_pad in zip(prompts, pad.tolist() if P > 0 else [0] * len(prompts)):
+            rows.append(Row(self._next_handle, list(p), P if P > 0 else 0, n_pad if P > 0 else 0, gamma=self.opts.gamma))
+            self._next_handle += 1
+        seen = torch.zeros(len(prompts), self.cfg.vocab_size, dtype=torch.bool, device=self.device)
+        for b, p in enumerate(prompts):
+            seen[b, torch.tensor(p, device=self.device)] = True
+        self._append(cache, rows, seen, x0)
+        return [r.handle for r in rows]
+
+    def _prefill(self, cache: KVCache, prompts: list[list[int]], P: int):
+        idx = torch.tensor([[0] * (P - len(p) + 1) + p[:-1] for p in prompts], device=self.device)  # (B, P)
+        x = x0 = self.model.embed(idx, cache, 0)
+        self.model.run_layers(x, x0, idx, 0, self.end_layer, cache, 0)
+        return x0
+
+    def _append(self, cache: KVCache, rows: list[Row], seen: torch.Tensor, x0) -> None:
+        if self.cache is None or not self.rows:
+            self.cache = cache
+        else:
+            self.cache.append_rows(cache)
+        self.rows += rows
+        self.seen = torch.cat([self.seen, seen])
+
+    def remove_row(self, handle: int) -> None:
+        self.remove_rows([handle])
+
+    def remove_rows(self, handles: list[int]) -> None:
+        """Drop rows from the batch (one compaction of the cache for all of them)."""
+        gone = set(handles)
+        unknown = gone - {r.handle for r in self.rows}
+        if unknown:
+            raise ValueError(f"no row {sorted(unknown)[0]} in this decoder")
+        self._keep([b for b, r in enumerate(self.rows) if r.handle not in gone])
+
+    def _keep(self, keep: list[int]) -> None:
+        self.rows = [self.rows[b] for b in keep]
+        if self.rows:
+            self.cache.keep_rows(keep)
+            self.seen = self.seen[keep]
+
+    def row(self, handle: int) -> Row:
+        return next(r for r in self.rows if r.handle == handle)
+
+    def rollback(self, handle: int, n: int) -> None:
+        """Drop the last n ids of a row (generated or prompt, keeping at least one)."""
+        r = self.row(handle)
+        if not 0 <= n < len(r.seq):
+            raise ValueError(f"cannot roll back {n} of the {len(r.seq)} ids of row {handle}")
+        if n:
+            r.seq = r.seq[:-n]
+            r.slots = r.pad + len(r.seq) - 1
+            r.produced = max(0, r.produced - n)
+            b = self.rows.index(r)
+            self.seen[b] = False
+            self.seen[b, torch.tensor(r.seq, device=self.device)] = True
+
+    def is_full(self, handle: int) -> bool:
+        return self.row(handle).slots >= self.capacity
+
+    def finish(self) -> KVCache:
+        """The cache, complete for every row (one row: lengths set to its slots)."""
+        if len(self.rows) == 1:
+            self.cache.crop(self.rows[0].slots)
+        return self.cache
+
+    # --- steps ---------------------------------------------------------------------
+    def starts(self) -> int | list[int]:
+        """Every row's next slot: an int when they agree (the uniform fast path)."""
+        s = [r.slots for r in self.rows]
+        return s[0] if all(v == s[0] for v in s) else s
+
+    def pending(self) -> torch.Tensor:
+        return torch.tensor([[r.seq[-1]] for r in self.rows], device=self.device)  # (B, 1)
+
+    def step(self) -> dict[int, list[int]]:
+        """Feed every row's pending token -> {handle: new ids}."""
+        if not self.rows:
+            return {}
+        return self._step()
+
+    def _emit(self, tokens: torch.Tensor) -> dict[int, list[int]]:
+        """Record one sampled token (B,) per row."""
+        self.seen[torch.arange(len(self.rows), device=self.device), tokens] = True
+        out = {}
+        for r, t in zip(self.rows, tokens.tolist()):  # the one host sync of a step
+            r.seq.append(t)
+            r.slots += 1
+            r.produced += 1
+            out[r.handle] = [t]
+        return out
+
+    def _step(self) -> dict[int, list[int]]:
+        raise NotImplementedError
+
+
+class PlainDecoder(Decoder):
+    """final / stage / logop: one token per row per step through a fixed layer range."""
+
+    def __init__(self, model: GPT, opts: DecodeOptions, capacity: int):
+        super().__init__(model, opts, capacity)
+        cfg = model.config
+        self.mode = opts.mode
+        self.stage = (opts.stage or 0) if opts.mode == "stage" else None
+        self.stages = sorted(opts.stages if opts.stages is not None else range(cfg.n_stages))
+        self.alpha = cfg.poe_alpha if opts.logop_alpha is None else opts.logop_alpha
+        if self.mode == "final":
+            self.end_layer, self.keep = cfg.n_layer, model.final_keep()
+            self.stats.stages_per_token = cfg.n_stages
+        elif self.mode == "stage":
+            self.end_layer, self.keep = cfg.stage_ends[self.stage] + 1, set()
+            self.stats.stages_per_token = self.stage + 1
+        else:  # logop
+            self.end_layer = cfg.stage_ends[max(self.stages)] + 1
+            self.keep = {cfg.stage_ends[k] for k in self.stages}
+            self.stats.stages_per_token = max(self.stages) + 1
+
+    def forward(self, idx: torch.Tensor, start: int | list[int] | None = None, last_only: bool = True) -> torch.Tensor:
+        """Feed idx (B, T) at `start` (default: the cache's next slot) -> logits (B, V) of the
+        last position, or (B, T, V)."""
+        cache, model = self.cache, self.model
+        start = cache.n_tokens if start is None else start
+        x = x0 = model.embed(idx, cache, start)
+        x, kept = model.run_layers(x, x0, idx, 0, self.end_layer, cache, start, keep=self.keep)
+        sel = (lambda t: t[:, -1]) if last_only else (lambda t: t)  # noqa: E731
+        if self.mode == "final":
+            mid = kept.get(self.cfg.backout_layer)
+            stage_x = [sel(kept[e]) if e in kept else None for e in self.cfg.stage_ends]
+            return model.readout(sel(x), None, sel(mid) if mid is not None else None, stage_x)
+        if self.mode == "stage":
+            return model.readout(sel(x), self.stage)
+        zs = [model.readout(sel(kept[self.cfg.stage_ends[k]]), k) for k in self.stages]
+        return logop(zs, self.alpha)
+
+    def _step(self) -> dict[int, list[int]]:
+        logits = self.forward(self.pending(), self.starts())  # (B, V)
+        B = len(self.rows)
+        self.stats.layer_passes += self.end_layer * B
+        self.stats.layer_calls += self.end_layer * B
+        return self._emit(self.sampler.pick(logits, self.seen))
+
+
+def make_decoder(model: GPT, opts: DecodeOptions, capacity: int) -> Decoder:
+    """The decoder of opts.mode (opts already validated)."""
+    if opts.mode == "wand":
+        from poelm.engine.wand import WandDecoder
+
+        return WandDecoder(model, opts, capacity)
+    if opts.mode == "speculative":
+        from poelm.engine.speculative import SpeculativeDecoder
+
+        return SpeculativeDecoder(model, opts, capacity)
+    return PlainDecoder(model, opts, capacity)

@@ -1,0 +1,177 @@
+"""WAND adaptive depth, batched, with exact lazy KV back-fill (poe.md §4).
+
+    dec = WandDecoder(model, DecodeOptions(mode="wand", calibration=calib), capacity)
+    dec.add_rows(prompts); new = dec.step()          # {handle: [token]}
+    dec.stats.exit_stage_counts                      # the exit histogram per stage
+
+Per token and row: stop at the first stage k whose leader cannot be overtaken, top1 - top2
+of r_k > F * sum_{j>k} b_j. A step runs stage s for the whole batch while any row has not
+exited; the exit test reads out only the rows still active, and is skipped at stages where
+no gap can reach the threshold (soft-capped logits: a gap is < 2 x 15 per readout). Every
+row of the batch lags stage s by the same `lag[s]` slots, whose inputs (the boundary
+residual of stage s-1, and x0) are kept; the next step that runs stage s runs it on those
+slots together with the new one, so the cache becomes exactly the full-depth cache. Rows
+exit on their own, so each row gets the token it gets alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from poelm.engine.calibrate import wand_exit_rule
+from poelm.engine.decoders import Decoder, Row
+from poelm.engine.options import DecodeOptions
+from poelm.engine.sampling import logop, top_gap
+from poelm.model import GPT, KVCache, SOFTCAP, logop_weight
+
+
+class WandDecoder(Decoder):
+    def __init__(self, model: GPT, opts: DecodeOptions, capacity: int):
+        super().__init__(model, opts, capacity)
+        cfg = model.config
+        self.K, self.end_layer = cfg.n_stages, cfg.n_layer
+        calib = opts.calibration
+        self.target = calib.get("wand_target", "final")
+        self.alpha = cfg.poe_alpha if opts.logop_alpha is None else opts.logop_alpha
+        self.thresholds = wand_exit_rule(calib["wand_bounds"], opts.wand_factor)
+        w = logop_weight(self.K, self.alpha)
+        # the largest gap r_k can have: each soft-capped readout spans < 2 x SOFTCAP
+        self.max_gap = [2 * SOFTCAP if self.target == "final" else 2 * SOFTCAP * w * (k + 1) for k in range(self.K)]
+        self.first_layer = [0] + [e + 1 for e in cfg.stage_ends[:-1]]
+        self.lag = [0] * self.K  # slots every row's stage s still has to run
+        self.x0 = self.boundary = None  # (B, max_len, d) and K-1 of them
+        self.stats.exit_stage_counts = [0] * self.K
+
+    # --- rows ------------------------------------------------------------------------
+    def _append(self, cache: KVCache, rows: list[Row], seen: torch.Tensor, x0) -> None:
+        if self.rows:
+            self.flush()  # the new rows start with no lag; so must the old ones
+        d, p = self.cfg.n_embd, self.model.lm_head.weight
+        zeros = lambda: torch.zeros(len(rows), self.max_len, d, device=p.device, dtype=p.dtype)  # noqa: E731
+        if self.x0 is None or not self.rows:
+            self.x0, self.boundary = zeros(), [zeros() for _ in range(self.K - 1)]
+        else:
+            self.x0 = torch.cat([self.x0, zeros()])
+            self.boundary = [torch.cat([b, zeros()]) for b in self.boundary]
+        super()._append(cache, rows, seen, x0)
+
+    def _keep(self, keep: list[int]) -> None:
+        super()._keep(keep)
+        if self.rows:
+            self.x0 = self.x0[keep]
+            self.boundary = [b[keep] for b in self.boundary]
+
+    def rollback(self, handle: int, n: int) -> None:
+        self.flush()
+        super().rollback(handle, n)
+
+    def finish(self) -> KVCache:
+        self.flush()
+        return super().finish()
+
+    # --- stages ------------------------------------------------------------------------
+    def _chunk(self, ends: list[int], T: int):
+        """Slot indices of the last T slots before each row's end: (rows, slots) for gathers, and start."""
+        starts = [e - T for e in ends]
+        uniform = all(s == starts[0] for s in starts)
+        slots = torch.tensor(starts, device=self.device).unsqueeze(1) + torch.arange(T, device=self.device)
+        return (starts[0] if uniform else starts), slots
+
+    def _gather(self, buf: torch.Tensor, start, slots: torch.Tensor) -> torch.Tensor:
+        if isinstance(start, int):
+            return buf[:, start:start + slots.shape[1]]
+        return buf[torch.arange(buf.shape[0], device=self.device).unsqueeze(1), slots]
+
+    def _run_stage(self, s: int, ends: list[int], T: int, x: torch.Tensor | None, keep: set[int]):
+        """Run stage s on the last T slots of every row (input: x, or the kept boundary of stage s-1)."""
+        start, slots = self._chunk(ends, T)
+        first, end = self.first_layer[s], self.cfg.stage_ends[s] + 1
+        inp = x if x is not None else self._gather(self.boundary[s - 1], start, slots)
+        x0 = self._gather(self.x0, start, slots)
+        idx = self._gather(self.cache.tokens, start, slots)
+        out, kept = self.model.run_layers(inp, x0, idx, first, end, self.cache, start, keep=keep)
+        if s < self.K - 1:
+            if isinstance(start, int):
+                self.boundary[s][:, start:start + T] = out
+            else:
+                self.boundary[s][torch.arange(len(ends), device=self.device).unsqueeze(1), slots] = out
+        B = len(ends)
+        self.stats.layer_passes += (end - first) * T * B
+        self.stats.layer_calls += (end - first) * B
+        return out, kept
+
+    def flush(self) -> None:
+        """Back-fill every lagging stage: the cache becomes the full-depth cache."""
+        if not self.rows:
+            return
+        ends = [r.slots for r in self.rows]
+        for s in range(1, self.K):
+            if self.lag[s]:
+                self._run_stage(s, ends, self.lag[s], None, set())
+                self.stats.backfilled += self.lag[s] * len(ends)
+                self.lag[s] = 0
+
+    def _step(self) -> dict[int, list[int]]:
+        model, cfg = self.model, self.cfg
+        B = len(self.rows)
+        start = self.starts()
+        ids = self.pending()
+        x = model.embed(ids, self.cache, start)  # (B, 1, d)
+        if isinstance(start, int):
+            self.x0[:, start] = x[:, 0]
+        else:
+            self.x0[torch.arange(B, device=self.device), torch.tensor(start, device=self.device)] = x[:, 0]
+        ends = [r.slots + 1 for r in self.rows]
+        bl = cfg.backout_layer if cfg.backout else -1
+        active = list(range(B))  # rows that have not exited
+        out_logits: list[torch.Tensor | None] = [None] * B
+        running = None  # logop target: the running Log-OP of the active rows (A, V)
+        used: list[torch.Tensor] = []  # logop target: stage readouts (B, V)
+        lasts: list[torch.Tensor] = []  # last residual at every stage boundary (B, d)
+        x_mid = None
+        for s in range(self.K):
+            keep = {bl} if self.first_layer[s] <= bl <= cfg.stage_ends[s] else set()
+            out, kept = self._run_stage(s, ends, self.lag[s] + 1, x if s == 0 else None, keep)
+            self.stats.backfilled += self.lag[s] * B
+            self.lag[s] = 0
+            if bl in kept:
+                x_mid = kept[bl][:, -1]
+            lasts.append(out[:, -1])
+            act = torch.tensor(active, device=self.device)
+            sel = lambda t: t if len(active) == B else t.index_select(0, act)  # noqa: E731
+            if self.target == "final":
+                if s == self.K - 1:
+                    r = model.readout(sel(lasts[-1]), None, sel(x_mid) if x_mid is not None else None,
+                                      [sel(t) for t in lasts])
+                else:
+                    r = model.readout(sel(lasts[-1]), s)
+            else:
+                z = model.readout(sel(lasts[-1]), s)
+                used.append(z)
+                step_r = logop_weight(self.K, self.alpha) * z.log_softmax(-1)
+                running = step_r if running is None else running + step_r
+                r = running
+            if s == self.K - 1:
+                exits = [True] * len(active)
+            elif self.thresholds[s] >= self.max_gap[s]:
+                exits = [False] * len(active)
+                self.stats.tests_skipped += len(active)
+            else:
+                exits = (top_gap(r) > self.thresholds[s]).tolist()
+            still = []
+            for a, (b, ex) in enumerate(zip(active, exits)):
+                if ex:
+                    out_logits[b] = r[a] if self.target == "final" else logop([u[a] for u in used], self.alpha)
+                    self.stats.exit_stage_counts[s] += 1
+                else:
+                    still.append(a)
+            if self.target == "logop" and still and len(still) < len(active):
+                keep_a = torch.tensor(still, device=self.device)
+                running = running.index_select(0, keep_a)
+                used = [u.index_select(0, keep_a) for u in used]
+            active = [active[a] for a in still]
+            if not active:
+                for j in range(s + 1, self.K):
+                    self.lag[j] += 1
+                break
+        return self._emit(self.sampler.pick(torch.stack(out_logits), self.seen))
