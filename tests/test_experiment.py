@@ -75,6 +75,9 @@ def test_experiment_end_to_end_and_resume(micro, monkeypatch):
     assert set(saved["inference"]["bp_refusals"]) == {"stage", "logop", "wand", "speculative"}
     report = (out / "report.md").read_text()
     assert "| poe |" in report and "gap vs BP" in report and "refuses" in report
+    final = {arm: saved["evals"][arm][-1]["bpb"] for arm in ("bp", "poe", "poe_a05")}
+    alpha = "α=0 better than α=0.5, as in" if final["poe"] < final["poe_a05"] else "α=0.5 better than α=0, not as in"
+    assert f"(BP {final['bp']:.4f}, PoE α=0 {final['poe']:.4f}, PoE α=0.5 {final['poe_a05']:.4f}): {alpha}" in report
     for png in ("bpb_curves.png", "bpb_per_stage.png", "gap.png", "speedups.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert results["wall_seconds"] > 0
@@ -130,8 +133,9 @@ def test_presets_are_valid():
 
 
 def test_preset_learning_rates():
-    """CPU presets take literal LRs (the effective values they trained with before the
-    scaling rules were exact); the GPU presets use nanochat's rules, d24 at the released values."""
+    """CPU presets take literal LRs (tiny: twice the effective values it trained with before the
+    scaling rules were exact, from its BP sweep); the GPU presets use nanochat's rules, d24 at
+    the released values."""
     from poelm.optim import effective_hparams
 
     def effective(name):
@@ -141,7 +145,7 @@ def test_preset_learning_rates():
 
     tiny = effective("tiny")
     assert tiny.scaling == "off" and (tiny.lm_head, tiny.wte, tiny.x0_lambdas, tiny.matrix, tiny.muon_weight_decay) \
-        == pytest.approx((0.008 * 6 ** 0.5, 0.3 * 6 ** 0.5, 0.5 * 6 ** 0.5, 0.02, 0.2), rel=1e-3)
+        == pytest.approx((2 * 0.008 * 6 ** 0.5, 2 * 0.3 * 6 ** 0.5, 2 * 0.5 * 6 ** 0.5, 0.04, 0.2), rel=1e-3)
     assert effective("cpu-long").scaling == "off"
     d24 = effective("paper-d24")
     assert d24.scaling == "nanochat" and (d24.matrix, d24.muon_weight_decay) == pytest.approx((0.0283, 0.0597), rel=2e-3)

@@ -1,0 +1,78 @@
+"""scripts/readme_results.py: the README section between the demo-results markers is rebuilt
+from a results.json (numbers, α ordering, wall time) and nothing outside the markers moves."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "readme_results.py"
+spec = importlib.util.spec_from_file_location("readme_results", SCRIPT)
+readme_results = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(readme_results)
+
+
+def _eval(step, bpb, stages, logop):
+    return {"step": step, "bpb": bpb, "stages": stages, "logop": logop}
+
+
+def _results(a0: float, a05: float) -> dict:
+    cfg = dict(name="tiny", model=dict(n_layer=4, n_embd=128, sequence_len=256), vocab_size=1024, total_batch_size=8192,
+               data_source="default", eval_tokens=65536, matrix_lr=0.04, embedding_lr=1.47, unembedding_lr=0.0392,
+               scalar_lr=2.45, lr_scaling="off", weight_decay=0.2)
+    evals = {"bp": [_eval(150, 1.9, [2.5, 2.2, 2.0, 1.92], 2.1), _eval(300, 1.6123, [2.4, 2.1, 1.9, 1.6201], 1.95)],
+             "poe": [_eval(150, 2.0, [2.1, 2.0, 2.0, 2.0], 2.0), _eval(300, a0, [1.8, 1.75, 1.72, a0], 1.7111)],
+             "poe_a05": [_eval(150, 2.1, [2.2, 2.1, 2.1, 2.1], 2.3), _eval(300, a05, [1.9, 1.8, 1.78, a05], 2.2)]}
+    arms = {arm: {"step": 300, "train_seconds": 400.0} for arm in evals}
+    gap = [{"step": 150, "bp": 1.9, "poe": 2.0, "gap_pct": 5.263}, {"step": 300, "bp": 1.6123, "poe": a0,
+                                                                    "gap_pct": 100 * (a0 / 1.6123 - 1)}]
+    speculative = {"draft_stage": 0, "gamma": 4, "tokens_per_s": 320.0, "acceptance": 0.44, "tokens_per_verify": 2.7,
+                   "identical_to_plain": True, "speedup": 1.1}
+    inference = {"poe": {"prompts": 4, "max_new_tokens": 96, "speculative_sweep": [speculative], "modes": {
+        "plain": {"tokens_per_s": 290.9, "agreement": 1.0, "speedup": 1.0},
+        "stage0": {"tokens_per_s": 888.8, "agreement": 0.681, "speedup": 3.055, "note": "layers run per token: 1 of 4"},
+        "wand": {"tokens_per_s": 232.6, "agreement": 1.0, "speedup": 0.8, "note": "mean stages per token 3.95 of 4"},
+        "speculative": speculative}}}
+    return {"config": cfg, "model": {**cfg["model"], "poe_stage_layers": [1, 1, 1, 1]}, "evals": evals, "arms": arms, "gap": gap, "gap_alpha05": [], "inference": inference,
+            "backout_compat": {"poe": {"without_backout": a0, "with_backout": 1.6999}},
+            "wall_seconds": 1234.5, "machine": "2 CPU cores (x86_64), torch 2.13.0, fp32"}
+
+
+README = "# poelm\n\nintro text 1.8065\n\n<!-- demo-results:start -->\nold table 9.9999\n<!-- demo-results:end -->\n\n## Layout\nrest\n"
+
+
+def test_section_rewritten_from_results_and_outside_untouched(tmp_path):
+    results_path, readme = tmp_path / "results.json", tmp_path / "README.md"
+    results_path.write_text(json.dumps(_results(1.6543, 1.6789)))
+    readme.write_text(README)
+    assert readme_results.main([str(results_path), "--readme", str(readme), "--docs", str(tmp_path / "docs")]) == 0
+    text = readme.read_text()
+    head, rest = text.split("<!-- demo-results:start -->")
+    section, tail = rest.split("<!-- demo-results:end -->")
+    assert head == "# poelm\n\nintro text 1.8065\n\n" and tail == "\n\n## Layout\nrest\n"
+    assert "9.9999" not in section
+    assert "| BP (`none`) | **1.6123** | 2.4000 | 2.1000 | 1.9000 | **1.6201** | 1.9500 | — |" in section
+    assert "| PoE `flat` α=0 | 1.6543 | **1.8000** |" in section and "| +2.60 % |" in section
+    assert "| PoE `flat` α=0.5 | 1.6789 |" in section and "| +4.13 % |" in section
+    assert "+5.3 % (150), +2.6 % (300)" in section
+    assert "α=0 better than α=0.5, as in the paper; BP better than both PoE arms, as in the paper" in section
+    assert "**20.6 minutes wall time**" in section and "20.0 of them training" in section
+    assert "| stage0 | 888.8 | 3.06× | 68.1 % |" in section
+    assert "| speculative, draft stage 0, γ = 4 | 320.0 | 1.10× | identical output | 44 % acceptance" in section
+    assert "1.6999 bpb vs 1.6543 without" in section
+    assert not (tmp_path / "docs").exists()  # no plots beside this results.json: nothing copied
+
+    # a second run on other numbers replaces the section again, and says when α=0.5 wins
+    results_path.write_text(json.dumps(_results(1.7000, 1.6500)))
+    readme_results.main([str(results_path), "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith(head) and text.endswith(tail) and "1.6543" not in text
+    assert "α=0.5 better than α=0, not as in the paper" in text
+
+
+def test_readme_without_markers_refused():
+    with pytest.raises(ValueError, match="demo-results:start"):
+        readme_results.rewrite("# no markers\n", "section")
