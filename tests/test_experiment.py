@@ -45,14 +45,14 @@ def test_experiment_end_to_end_and_resume(micro, monkeypatch):
             raise KeyboardInterrupt
         return real_run_arm(cfg, arm, say)
 
-    monkeypatch.setattr(exp, "run_arm", interrupted)
+    monkeypatch.setattr(exp.run, "run_arm", interrupted)
     with pytest.raises(KeyboardInterrupt):
         exp.run_experiment(micro, quiet=True)
     out = Path(micro.out)
     bp_result = (out / "arms" / "bp" / "result.json").read_bytes()
     assert not (out / "arms" / "poe_a05" / "result.json").exists()
 
-    monkeypatch.setattr(exp, "run_arm", real_run_arm)
+    monkeypatch.setattr(exp.run, "run_arm", real_run_arm)
     said = []
     monkeypatch.setattr("builtins.print", lambda *a, **k: said.append(" ".join(map(str, a))))
     results = exp.run_experiment(micro)

@@ -1,0 +1,103 @@
+"""`poelm compare`: several models side by side on the same validation data (bpb of the final
+readout, every stage and the Log-OP; the PoE modes each supports), as a table, JSON and PNG.
+
+    poelm compare runs/exp/arms/bp runs/exp/arms/poe --data data/default
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from poelm.checkpoint import resolve_run_dir
+from poelm.plots import save_figure
+
+# -----------------------------------------------------------------------------
+# compare
+
+
+def compare_models(specs: list[str], data: str, tokens: int | None = None, seq_len: int | None = None,
+                   batch_size: int = 8, device: str = "cpu", tokenizer_dir: str | None = None) -> dict:
+    """bpb (final / per stage / Log-OP), parameters and supported modes of several models on
+    the same validation documents (tokens None: the device's default budget)."""
+    from poelm.checkpoint import load_model
+    from poelm.dataloader import default_eval_tokens, val_batches
+    from poelm.evaluate import evaluate_bpb
+
+    rows, vocabs = [], set()
+    for spec in specs:
+        model, tok = load_model(spec, device=device, tokenizer_dir=tokenizer_dir)
+        if tok is None:
+            raise ValueError(f"{spec} has no tokenizer: pass --tokenizer DIR (bpb needs token_bytes.pt)")
+        T = seq_len or min(model.config.sequence_len, 1024)
+        if T > model.config.sequence_len:
+            raise ValueError(f"--seq-len {T} is longer than {spec}'s context of {model.config.sequence_len} tokens; "
+                             f"use --seq-len {model.config.sequence_len} or less")
+        batches = val_batches(data, tok, batch_size, T, tokens, device=device)
+        r = evaluate_bpb(model, batches, tok.token_bytes())
+        vocabs.add(json.dumps(tok.to_json(), sort_keys=True))
+        rows.append({"model": spec, "params": model.num_params(), "poe_mode": model.config.poe_mode,
+                     "stages": list(model.config.poe_stage_layers), "bpb": r["bpb"], "stage_bpb": r["stages"],
+                     "logop": r["logop"], "tokens": r["tokens"], "modes": supported_modes(model, spec)})
+    note = None
+    if len(vocabs) > 1:
+        note = ("the models use different tokenizers: bpb is still comparable (it is normalised by bytes), "
+                "token-level metrics such as perplexity or top-1 agreement are not")
+    return {"models": rows, "data": data, "tokens_budget": default_eval_tokens(device) if tokens is None else tokens, "note": note}
+
+
+def supported_modes(model, spec: str) -> list[str]:
+    if not model.config.is_poe():
+        return ["final"]
+    modes = ["final", "stage", "logop", "speculative"]
+    try:
+        from poelm.engine import load_calibration
+
+        path = (resolve_run_dir(Path(spec)) or Path(spec)) if Path(spec).is_dir() else None
+        if path is not None and load_calibration(path):
+            modes.insert(3, "wand")
+        else:
+            modes.insert(3, "wand (needs `poelm calibrate`)")
+    except Exception:
+        pass
+    return modes
+
+
+def compare_plot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row in result["models"]:
+        ks = list(range(len(row["stage_bpb"])))
+        ax.plot(ks, row["stage_bpb"], marker="o", label=f"{Path(row['model']).name} stages")
+        ax.axhline(row["bpb"], ls=":", lw=0.8, color=ax.lines[-1].get_color())
+    ax.set_xlabel("stage"), ax.set_ylabel("val bits per byte"), ax.set_title("bpb per stage (dotted: final readout)")
+    ax.grid(alpha=0.3), ax.legend()
+    return save_figure(fig, path)
+
+
+
+
+def cmd_compare(args) -> int:
+    from poelm.cli import check_model, emit, parse_device
+
+    for spec in args.models:  # every MODEL resolves before the first one is evaluated
+        check_model(spec)
+    device = parse_device(args.device)
+    result = compare_models(args.models, args.data, args.tokens, args.seq_len, args.batch_size, device, args.tokenizer)
+    if args.plot:
+        result["plot"] = str(compare_plot(result, Path(args.plot)))
+    header = f"{'model':<36} {'params':>12} {'mode':>6} {'final':>7} {'stages':<32} {'Log-OP':>7}  modes"
+    lines = [header]
+    for r in result["models"]:
+        stages = " ".join(f"{b:.4f}" for b in r["stage_bpb"])
+        lines.append(f"{r['model'][-36:]:<36} {r['params']:>12,} {r['poe_mode']:>6} {r['bpb']:>7.4f} {stages:<32} "
+                     f"{r['logop']:>7.4f}  {', '.join(r['modes'])}")
+    if result["note"]:
+        lines.append(f"note: {result['note']}")
+    emit(args, result, "\n".join(lines))
+    return 0
+

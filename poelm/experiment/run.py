@@ -1,0 +1,220 @@
+"""Running the experiment: data and tokenizer, the arms (resumed or skipped when done), the
+eval table and gap, the PoE inference modes, the specialist stage, then report and results.
+
+    from poelm.experiment.run import run_experiment
+    results = run_experiment(load_config("tiny", {}))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+from poelm.checkpoint import atomic_write_bytes, atomic_write_json
+from poelm.experiment.config import ARMS, PAPER, ExperimentConfig, fold_model_keys, load_config
+from poelm.experiment.report import experiment_plots, render_report
+
+# -----------------------------------------------------------------------------
+# Steps
+
+
+def ensure_data(cfg: ExperimentConfig, say) -> None:
+    from poelm import corpus
+
+    data = Path(cfg.data)
+    if not (data.is_dir() and any(data.glob("*.parquet"))):
+        if cfg.data_source.startswith("climbmix:"):
+            n = int(cfg.data_source.split(":", 1)[1])
+            say(f"downloading {n} ClimbMix shards into {data} ...")
+            corpus.download_climbmix(n, data)
+        else:
+            say(f"building the corpus {cfg.data_source!r} into {data} ...")
+            corpus.build_corpus(cfg.data_source, data)
+    train, val = corpus.list_shards(data)  # raises a clear error without a validation shard
+    tok_dir = Path(cfg.tokenizer)
+    if not any((tok_dir / n).exists() for n in ("tokenizer.json", "tokenizer.pkl")):
+        from poelm.tokenizer import Tokenizer
+
+        say(f"training a {cfg.vocab_size}-token tokenizer into {tok_dir} ...")
+        t0 = time.time()
+        tok = Tokenizer.train(corpus.iter_documents(train), cfg.vocab_size)
+        tok.save(tok_dir)
+        say(f"tokenizer trained in {time.time() - t0:.1f} s")
+
+
+def arm_train_config(cfg: ExperimentConfig, arm: str):
+    from poelm.train import TrainConfig
+
+    mode, alpha = next((m, a) for n, m, a in ARMS if n == arm)
+    return TrainConfig(
+        data=cfg.data, tokenizer=cfg.tokenizer, out=str(Path(cfg.out) / "arms" / arm),
+        model=cfg.model_config(mode, alpha),
+        total_batch_size=cfg.total_batch_size, device_batch_size=cfg.device_batch_size,
+        num_iterations=cfg.num_iterations, target_tokens=cfg.target_tokens,
+        target_param_data_ratio=cfg.target_param_data_ratio, eval_every=cfg.eval_every,
+        eval_tokens=cfg.eval_tokens, save_every=cfg.save_every, lr_scaling=cfg.lr_scaling,
+        matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
+        scalar_lr=cfg.scalar_lr, weight_decay=cfg.weight_decay, seed=cfg.seed, device=cfg.device,
+        dtype=cfg.dtype, compile=cfg.compile, resume=True)
+
+
+def run_arm(cfg: ExperimentConfig, arm: str, say) -> dict:
+    """Train one arm (resuming when it has a checkpoint); skip it when finished."""
+    tc = arm_train_config(cfg, arm)
+    done = Path(tc.out) / "result.json"
+    if done.exists():
+        say(f"[{arm}] finished earlier: skipped")
+        return json.loads(done.read_text())
+    say(f"[{arm}] training poe_mode={tc.model.poe_mode} alpha={tc.model.poe_alpha} -> {tc.out}")
+    if cfg.nproc > 1:
+        return run_arm_torchrun(tc, cfg.nproc)
+    from poelm.train import train
+
+    return train(tc)
+
+
+def run_arm_torchrun(tc, nproc: int) -> dict:
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "poelm", "train"]
+    from poelm.codec import model_flags
+
+    for f in dataclasses.fields(tc):
+        value = getattr(tc, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "model":
+            args += model_flags(value)
+        elif isinstance(value, bool):
+            args += [flag] if value else []
+        elif value is not None:
+            args += [flag, str(value)]
+    subprocess.run(args, check=True)
+    return json.loads((Path(tc.out) / "result.json").read_text())
+
+
+def eval_table(cfg: ExperimentConfig) -> dict[str, list[dict]]:
+    """Eval records per arm from each arm's metrics.jsonl."""
+    from poelm.plots import read_metrics
+
+    return {arm: read_metrics(Path(cfg.out) / "arms" / arm)[1] for arm in cfg.arms}
+
+
+def gap_trajectory(evals: dict[str, list[dict]], arm: str = "poe") -> list[dict]:
+    """PoE-vs-BP gap in % of the BP bpb at every eval step both arms have."""
+    bp = {r["step"]: r["bpb"] for r in evals.get("bp", [])}
+    return [{"step": r["step"], "bp": bp[r["step"]], arm: r["bpb"], "gap_pct": 100 * (r["bpb"] / bp[r["step"]] - 1)}
+            for r in evals.get(arm, []) if r["step"] in bp and r["step"] > 0]
+
+
+def measure_inference(cfg: ExperimentConfig, say) -> dict:
+    """PoE model: stage 0, WAND and speculative against plain decoding; BP refusing them."""
+    from poelm.checkpoint import load_model
+    from poelm.inference_bench import measure_modes, bp_refusals
+
+    arms = Path(cfg.out) / "arms"
+    result: dict = {}
+    if (arms / "poe").exists():
+        model, tok = load_model(arms / "poe")
+        say("[inference] measuring plain, stage 0, WAND and speculative decoding on the PoE arm ...")
+        result["poe"] = measure_modes(model, tok, cfg.data, n_prompts=cfg.decode_prompts,
+                                      max_new_tokens=cfg.decode_tokens, model_dir=resolve(arms / "poe"), repeats=3)
+    if (arms / "bp").exists():
+        model, tok = load_model(arms / "bp")
+        result["bp_refusals"] = bp_refusals(model, tok)
+    return result
+
+
+def backout_compat(cfg: ExperimentConfig) -> dict:
+    """PoE arms: final bpb with the reference code's backout on the plain final path
+    (which PoE training never saw) beside the default without it (poe.md §2)."""
+    from poelm.checkpoint import load_model
+    from poelm.dataloader import val_batches
+    from poelm.evaluate import evaluate_bpb
+
+    out = {}
+    for arm in cfg.arms:
+        path = Path(cfg.out) / "arms" / arm
+        if arm == "bp" or not path.exists():
+            continue
+        model, tok = load_model(path)
+        row = {}
+        for backout in (False, True):
+            model.config.backout = backout
+            batches = val_batches(cfg.data, tok, cfg.device_batch_size, cfg.model_config("flat", 0.0).sequence_len,
+                                  cfg.eval_tokens)  # model on the CPU: None is the CPU budget
+            row["with_backout" if backout else "without_backout"] = evaluate_bpb(model, batches, tok.token_bytes())["bpb"]
+        out[arm] = row
+    return out
+
+
+def resolve(run_dir: Path) -> Path:
+    from poelm.checkpoint import resolve_run_dir
+
+    return resolve_run_dir(run_dir) or run_dir
+
+
+def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "experiment.json"
+    if saved.exists():
+        old = fold_model_keys(json.loads(saved.read_text()), str(saved))  # poelm 0.1 kept model keys flat
+        now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        diff = [k for k in old if k not in ("out", "arms", "decode_tokens", "decode_prompts") and old[k] != now.get(k)]
+        if diff:
+            raise ValueError(f"{out} holds an experiment with other settings ({', '.join(diff)}); "
+                             "use another --out or rerun with the same settings to resume")
+    atomic_write_json(saved, dataclasses.asdict(cfg))
+    t0 = time.time()
+    ensure_data(cfg, say)
+    results = {"config": dataclasses.asdict(cfg), "model": cfg.model_config("flat", 0.0).to_dict(), "arms": {},
+               "paper": PAPER}
+    for arm in cfg.arms:
+        results["arms"][arm] = run_arm(cfg, arm, say)
+    evals = eval_table(cfg)
+    results["evals"] = evals
+    results["gap"] = gap_trajectory(evals)
+    results["gap_alpha05"] = gap_trajectory(evals, "poe_a05")
+    results["backout_compat"] = backout_compat(cfg)
+    results["inference"] = measure_inference(cfg, say)
+    results["wall_seconds"] = round(time.time() - t0, 1)
+    results["machine"] = machine_description()
+    atomic_write_json(out / "results.json", results)
+    results["plots"] = [str(p) for p in experiment_plots(out, results)]
+    atomic_write_bytes(out / "report.md", render_report(results).encode())
+    atomic_write_json(out / "results.json", results)
+    say(f"report: {out / 'report.md'}")
+    return results
+
+
+def machine_description() -> str:
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, fp32"
+
+
+# `poelm experiment` (its flags are in poelm/cli.py)
+
+
+def cmd_experiment(args) -> int:
+    from poelm.codec import model_kwargs
+
+    keys = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"name", "model"}
+    overrides = {k: v for k, v in vars(args).items() if k in keys}
+    overrides["model"] = model_kwargs(args)
+    cfg = load_config(args.config, overrides)
+    results = run_experiment(cfg, quiet=args.json)
+    if args.json:
+        print(json.dumps({k: results[k] for k in ("arms", "gap", "inference", "wall_seconds", "plots")}, default=str))
+    return 0
+
+
