@@ -16,6 +16,7 @@ from pathlib import Path
 
 from poelm.atomic import atomic_write_bytes
 from poelm.experiment import PAPER, alpha_ordering
+from poelm.experiment.specialist import specialist_report
 
 START, END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
 LABELS = {"bp": "BP (`none`)", "poe": "PoE `flat` α=0", "poe_a05": "PoE `flat` α=0.5"}
@@ -57,6 +58,9 @@ def results_section(results: dict) -> str:
         lines += ["", f"`{arm}` final readout with the reference code's backout on the plain path (never trained "
                   f"that way; off by default): {row['with_backout']:.4f} bpb vs {row['without_backout']:.4f} without."]
     lines += inference_table((results.get("inference") or {}).get("poe"))
+    if results.get("specialist"):  # the same text as the run's report.md
+        lines += [""] + ["#" + line if line.startswith("## ") else line
+                         for line in specialist_report(results["specialist"])]
     return "\n".join(lines)
 
 

@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from poelm.chatdata import build_chat_data
 from poelm.cli import main
 from poelm import experiment as exp
 
 MICRO = dict(model=dict(n_layer=2, n_embd=32, n_head=2, sequence_len=32, poe_every=1), vocab_size=300, total_batch_size=256,
              device_batch_size=8, num_iterations=4, eval_every=2, eval_tokens=512, save_every=2,
-             decode_tokens=8, decode_prompts=2, device="cpu", dtype="fp32")
+             decode_tokens=8, decode_prompts=2, device="cpu", dtype="fp32",
+             specialist_steps=4, specialist_batch_rows=4, specialist_eval_prompts=2)
 
 
 def _texts(folder: Path, n: int = 300) -> Path:
@@ -32,8 +34,14 @@ def micro(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny steps: one thread beats two on a shared 2-core box
     src = _texts(tmp_path / "texts")
+    chat = tmp_path / "chat.jsonl"  # a small recall-style chat set (the real one is built from the sdist)
+    chat.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"Recite verse {i}."},
+                                                      {"role": "assistant", "content": f"verse {i} says {i * 7}"}]})
+                              for i in range(40)))
+    build_chat_data(str(chat), tmp_path / "recall", val_fraction=0.1)
     yield exp.load_config("tiny", dict(MICRO, out=str(tmp_path / "exp"), data_source=str(src),
-                                       data=str(tmp_path / "data"), tokenizer=str(tmp_path / "tok")))
+                                       data=str(tmp_path / "data"), tokenizer=str(tmp_path / "tok"),
+                                       specialist_data=str(tmp_path / "recall")))
     torch.set_num_threads(threads)
 
 
@@ -78,7 +86,12 @@ def test_experiment_end_to_end_and_resume(micro, monkeypatch):
     final = {arm: saved["evals"][arm][-1]["bpb"] for arm in ("bp", "poe", "poe_a05")}
     alpha = "α=0 better than α=0.5, as in" if final["poe"] < final["poe_a05"] else "α=0.5 better than α=0, not as in"
     assert f"(BP {final['bp']:.4f}, PoE α=0 {final['poe']:.4f}, PoE α=0.5 {final['poe_a05']:.4f}): {alpha}" in report
-    for png in ("bpb_curves.png", "bpb_per_stage.png", "gap.png", "speedups.png"):
+    spec = saved["specialist"]  # the specialist stage on the PoE arm
+    assert spec["base_delta_logit"] == 0.0 and spec["steps"] == 4 and spec["delta_tensors"] == 10
+    assert spec["specialist"]["assistant_bits"] > 0 and spec["base"]["assistant_bits"] > 0
+    assert (out / "specialist" / "delta" / "delta.safetensors").exists()
+    assert "post-hoc specialist on the frozen PoE base" in report and "Δlogit" in report
+    for png in ("bpb_curves.png", "bpb_per_stage.png", "gap.png", "speedups.png", "specialist.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert results["wall_seconds"] > 0
 

@@ -55,6 +55,13 @@ class ExperimentConfig:
     arms: list[str] = field(default_factory=lambda: [a[0] for a in ARMS])
     decode_tokens: int = 96  # new tokens per prompt in the inference-mode measurement
     decode_prompts: int = 4
+    # the specialist stage (poe.md section 7) on the PoE arm; 0 steps: off
+    specialist_steps: int = 0
+    specialist_layers: int = 1
+    specialist_data: str = "data/recall"
+    specialist_row_len: int = 96  # tokens per conversation row (a verse and its prompt fit)
+    specialist_batch_rows: int = 16
+    specialist_eval_prompts: int = 32
     nproc: int = 1  # >1: the arms run under torchrun with this many processes
     compute_note: str = ""
 
@@ -79,7 +86,7 @@ PRESETS: dict[str, dict] = {
                  total_batch_size=8192, device_batch_size=32, num_iterations=300, eval_every=50,
                  eval_tokens=2 ** 16, save_every=50, tokenizer="data/tokenizer-1k",
                  lr_scaling="off", matrix_lr=0.04, embedding_lr=1.47, unembedding_lr=0.0392, scalar_lr=2.45,
-                 weight_decay=0.2,
+                 weight_decay=0.2, specialist_steps=200,
                  compute_note="about 17 minutes on 2 idle CPU cores (fp32)"),
     # A wider model for longer on CPU: depth 8, 256 wide, 4 x 2 stages, 9.8 M tokens per arm.
     # Literal LRs (lr_scaling off) for the same reason as tiny: flags x (256/768)^-0.5 on the AdamW LRs.

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from poelm.experiment.config import PAPER
+from poelm.experiment.specialist import specialist_plot, specialist_report
 from poelm.plots import save_figure
 
 # -----------------------------------------------------------------------------
@@ -74,6 +75,8 @@ def experiment_plots(out: Path, results: dict) -> list[Path]:
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_ylabel("tokens/s relative to plain decoding"), ax.set_title("PoE inference modes (this machine)")
         written.append(save_figure(fig, out / "speedups.png"))
+    if results.get("specialist"):
+        written.append(specialist_plot(out, results["specialist"]))
     return written
 
 
@@ -134,6 +137,8 @@ def render_report(results: dict) -> str:
         lines += ["## The BP model refuses the PoE modes", ""]
         lines += [f"- `{mode}`: {msg}" for mode, msg in inf["bp_refusals"].items()]
         lines.append("")
+    if results.get("specialist"):
+        lines += specialist_report(results["specialist"])
     lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in results.get("plots", [])]
     lines += ["", "## What this run shows and what it does not", "",
               "- It reproduces the experiment's *protocol* exactly: same architecture, data order, seed, optimizer "

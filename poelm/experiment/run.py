@@ -16,6 +16,7 @@ from pathlib import Path
 from poelm.checkpoint import atomic_write_bytes, atomic_write_json
 from poelm.experiment.config import ARMS, PAPER, ExperimentConfig, fold_model_keys, load_config
 from poelm.experiment.report import experiment_plots, render_report
+from poelm.experiment.specialist import run_specialist
 
 # -----------------------------------------------------------------------------
 # Steps
@@ -182,6 +183,7 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
     results["gap_alpha05"] = gap_trajectory(evals, "poe_a05")
     results["backout_compat"] = backout_compat(cfg)
     results["inference"] = measure_inference(cfg, say)
+    results["specialist"] = run_specialist(cfg, say)
     results["wall_seconds"] = round(time.time() - t0, 1)
     results["machine"] = machine_description()
     atomic_write_json(out / "results.json", results)

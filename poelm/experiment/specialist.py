@@ -1,0 +1,109 @@
+"""The experiment's specialist stage (poe.md §7): attach a small specialist to the trained PoE
+arm, train it with `poelm sft` (the same trainer) on the *recall* chat set for a few CPU
+minutes, save its delta, and report accuracy and bits per assistant token beside the base's,
+the base's Δlogit (exactly 0) and the delta's size and tensor count.
+
+    results["specialist"] = run_specialist(cfg, say)   # None when the preset has no specialist stage
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from poelm.experiment.config import ExperimentConfig
+
+
+def specialist_train_config(cfg: ExperimentConfig):
+    from poelm.train import TrainConfig
+
+    rows = cfg.specialist_batch_rows
+    row_len = min(cfg.specialist_row_len, cfg.model_config("flat", 0.0).sequence_len)
+    return TrainConfig(
+        task="sft", init=str(Path(cfg.out) / "arms" / "poe"), data=cfg.specialist_data,
+        out=str(Path(cfg.out) / "specialist"), attach_layers=cfg.specialist_layers, row_len=row_len,
+        total_batch_size=rows * row_len, device_batch_size=rows, num_iterations=cfg.specialist_steps,
+        eval_every=max(1, cfg.specialist_steps // 4), save_every=max(1, cfg.specialist_steps // 2),
+        eval_prompts=cfg.specialist_eval_prompts, warmup_steps=min(10, cfg.specialist_steps // 10),
+        lr_scaling=cfg.lr_scaling, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
+        unembedding_lr=cfg.unembedding_lr, scalar_lr=cfg.scalar_lr, weight_decay=cfg.weight_decay, seed=cfg.seed,
+        device=cfg.device, dtype=cfg.dtype, resume=True)
+
+
+def run_specialist(cfg: ExperimentConfig, say) -> dict | None:
+    """Train (or resume, or skip when finished) the specialist; returns its summary."""
+    if cfg.specialist_steps <= 0 or "poe" not in cfg.arms:
+        return None
+    from poelm.chatdata import MANIFEST, build_chat_data
+    from poelm.checkpoint import load_model
+    from poelm.specialist import delta_size, find_lineage, save_delta, trainable_parameters
+    from poelm.train import train
+
+    if not (Path(cfg.specialist_data) / MANIFEST).is_file():
+        say(f"building the recall chat set into {cfg.specialist_data} ...")
+        build_chat_data("recall", cfg.specialist_data)
+    tc = specialist_train_config(cfg)
+    out = Path(tc.out)
+    done = out / "result.json"
+    if done.exists():
+        say("[specialist] finished earlier: skipped")
+        result = json.loads(done.read_text())
+    else:
+        say(f"[specialist] {cfg.specialist_layers} new layer(s) on the PoE arm, {cfg.specialist_steps} SFT steps "
+            f"on {cfg.specialist_data} -> {out}")
+        result = train(tc)
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [r for r in evals if r.get("type") == "eval"]
+    model, _ = load_model(out)
+    delta_dir = out / "delta"
+    if not (delta_dir / "delta.json").exists():
+        info = find_lineage(out)
+        save_delta(model, delta_dir, info["base"], info["base_hash"])
+    tensors, size = delta_size(model)
+    last = result["eval"]
+    return {"layers": cfg.specialist_layers, "steps": result["step"], "data": cfg.specialist_data,
+            "specialist": {k: last[k] for k in ("assistant_bits", "exact_match", "exact_match_n") if k in last},
+            "base": last.get("base"), "base_delta_logit": result.get("base_delta_logit"),
+            "delta_tensors": tensors, "delta_bytes": size, "train_seconds": result["train_seconds"],
+            "trainable_params": sum(p.numel() for p in trainable_parameters(model).values()),
+            "curve": [{"step": r["step"], "assistant_bits": r["assistant_bits"],
+                       "exact_match": r.get("exact_match")} for r in evals]}
+
+
+def specialist_report(s: dict) -> list[str]:
+    """report.md lines of the specialist stage."""
+    base, spec = s.get("base") or {}, s["specialist"]
+    acc = lambda r: f"{100 * r['exact_match']:.1f} % of {r['exact_match_n']}" if "exact_match" in r else "—"  # noqa: E731
+    lines = ["## A post-hoc specialist on the frozen PoE base", "",
+             f"{s['layers']} new layer(s) + a zero-initialised specialist head attached to the PoE arm, trained "
+             f"{s['steps']} SFT steps ({s['train_seconds'] / 60:.1f} min) on `{s['data']}` (recall: \"Recite John "
+             "3:16.\" -> the verse), loss on assistant tokens only; every base tensor frozen.", "",
+             "| model | held-out bits per assistant token | exact match of greedy answers |", "|---|---|---|"]
+    if base:
+        lines.append(f"| base (PoE arm) | {base['assistant_bits']:.4f} | {acc(base)} |")
+    lines.append(f"| base + specialist | {spec['assistant_bits']:.4f} | {acc(spec)} |")
+    delta = s.get("base_delta_logit")
+    lines += ["", f"Base preservation: max |Δlogit| of the base prefix + base head after SFT = "
+                  f"{'n/a' if delta is None else f'{delta:.4f}'} (must be 0: the base's predictions are untouched). "
+                  f"Delta: {s['delta_tensors']} tensors, {s['delta_bytes'] / 2 ** 20:.2f} MiB in bf16 "
+                  f"({s['trainable_params']:,} trainable parameters). Bits per assistant token, not bits per byte "
+                  "(what the released stage cards report).", ""]
+    return lines
+
+
+def specialist_plot(out: Path, s: dict) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from poelm.plots import save_figure
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    curve = s["curve"]
+    ax.plot([r["step"] for r in curve], [r["assistant_bits"] for r in curve], marker="o", label="base + specialist")
+    if s.get("base"):
+        ax.axhline(s["base"]["assistant_bits"], color="gray", ls="--", label="base (PoE arm)")
+    ax.set_xlabel("SFT step"), ax.set_ylabel("held-out bits per assistant token")
+    ax.set_title("specialist on the frozen PoE base (recall)"), ax.grid(alpha=0.3), ax.legend()
+    return save_figure(fig, out / "specialist.png")
