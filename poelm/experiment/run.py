@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from poelm.checkpoint import atomic_write_bytes, atomic_write_json
+from poelm.model import GPTConfig
 from poelm.experiment.config import ARMS, PAPER, ExperimentConfig, fold_model_keys, load_config
 from poelm.experiment.report import experiment_plots, render_report
 from poelm.experiment.specialist import run_specialist
@@ -166,6 +167,8 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
     if saved.exists():
         old = fold_model_keys(json.loads(saved.read_text()), str(saved))  # poelm 0.1 kept model keys flat
         now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        for d in (old, now):  # the model as GPTConfig resolves it (defaults spelt out or not)
+            d["model"] = GPTConfig(**d["model"]).to_dict()
         diff = [k for k in old if k not in ("out", "arms", "decode_tokens", "decode_prompts") and old[k] != now.get(k)]
         if diff:
             raise ValueError(f"{out} holds an experiment with other settings ({', '.join(diff)}); "
