@@ -796,7 +796,10 @@ class GPT(nn.Module):
             logits = logits + n @ self.lm_head_stage.weight.t()
         if cfg.per_stage_head:  # the stage's own head adds to the shared head's logits
             logits = logits + n @ self.lm_head_stages[stage].weight.t()
-        return softcap(logits[..., : cfg.vocab_size].float())
+        logits = logits[..., : cfg.vocab_size].float()
+        if torch.is_grad_enabled():
+            return softcap(logits)
+        return logits.div_(SOFTCAP).tanh_().mul_(SOFTCAP)  # inference: the same soft cap, in place (no copies)
 
     # --- full-sequence forward -------------------------------------------------
     def trunk(self, idx: torch.Tensor, upto_stage: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
