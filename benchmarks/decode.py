@@ -1,8 +1,20 @@
-"""Decode-speed benchmark: plain vs stage-0 pruning vs WAND vs self-speculative greedy decoding,
-all in one run on the same model and prompts.
+"""Decode-speed benchmark, in one run, ratios last:
 
-    .venv/bin/python benchmarks/decode.py                        # trains a tiny PoE model on the fly (~5 min)
-    .venv/bin/python benchmarks/decode.py --corpus synthetic     # no corpus needed (~3 min)
+1. plain decoding against transformers: poelm's engine vs transformers `generate` on poelm's
+   own export (remote code) and on a stock `LlamaForCausalLM` of the same depth, width, heads,
+   vocabulary and MLP width (random weights), batch 1 / 8 / 32, greedy (--shape-*; default the
+   issue's d4 x 128, vocab 4,096, 200 new tokens);
+2. every PoE mode over plain on a trained benchmark model: stage k prefix pruning, Log-OP of
+   stages {0, 1}, WAND, speculative from every draft stage, greedy and sampled (T = 0.8), with
+   top-1 agreement with full depth on held-out text (teacher-forced), WAND's exit histogram,
+   acceptance rate and tokens per verify pass;
+3. MBU-style figures: bytes of weights read per token against time per token (and the
+   bandwidth that implies) for the plain rows;
+4. elastic depth on disk: size and plain decode speed of `poelm export --stages K` models of
+   the trained model next to the full model.
+
+    .venv/bin/python benchmarks/decode.py                        # trains a tiny PoE model on the fly
+    .venv/bin/python benchmarks/decode.py --corpus synthetic     # no corpus needed
     .venv/bin/python benchmarks/decode.py --model runs/tiny --data data/default
     .venv/bin/python benchmarks/decode.py --steps 400 --gamma 6 --out runs/bench/decode.png --json
 
@@ -10,21 +22,19 @@ Without --model it trains a depth-8 PoE model (4 stages of 2 layers, flat, alpha
 hundred AdamW steps, on the default corpus when data/default and data/tokenizer exist
 (`poelm data build`, `poelm tokenizer train`), else on a synthetic but structured token
 language: a sparse Markov chain (easy for the first stage) with phrases copied from earlier in
-the document (which needs attention over the context, so deeper stages help). It then measures,
-greedy and batch size 1:
-- tokens/s of plain (final readout), stage 0 (prefix pruning), WAND and speculative decoding and
-  their ratio to plain (modes interleaved over repeats; the median repeat is reported);
-- teacher-forced top-1 agreement of stage 0 and of WAND with full depth on held-out text, and
-  WAND's mean stages per token;
-- speculative acceptance rate and tokens per verify pass (and that its output equals plain greedy).
-The speedup ratios are printed last; a bar chart goes to --out.
+the document (which needs attention over the context, so deeper stages help). Every timing
+interleaves the sides it compares over --repeats and reports the median repeat (the machine
+may be shared). Speculative greedy output is checked to equal plain greedy; poelm's greedy
+output is checked to equal transformers' on the export.
 """
+
 
 from __future__ import annotations
 
 import argparse
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -103,18 +113,136 @@ def plot(speedups: dict[str, float], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(speedups)), 3.5))
     names, values = list(speedups), list(speedups.values())
-    bars = ax.bar(names, values, color=["#888888", "#4C72B0", "#55A868", "#C44E52"][: len(names)])
+    bars = ax.bar(names, values, color="#4C72B0")
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
     ax.set_ylim(0, max(values) * 1.18)
     for bar, v in zip(bars, values):
-        ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.2f}x", ha="center", va="bottom")
+        ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.2f}x", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("tokens/s relative to plain")
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def median_runs(sides: dict, repeats: int) -> dict[str, float]:
+    """Time every side (name -> () -> tokens decoded) `repeats` times, interleaved -> median tokens/s."""
+    runs: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            t0 = time.perf_counter()
+            n = fn()
+            runs[name].append(n / (time.perf_counter() - t0))
+    return {name: statistics.median(r) for name, r in runs.items()}
+
+
+def weight_bytes(model: GPT, n_layers: int | None = None) -> int:
+    """Bytes of weights one decode step reads: the blocks run plus the head (embedding rows are negligible)."""
+    blocks = model.transformer.h[: n_layers or model.config.n_layer]
+    n = sum(p.numel() * p.element_size() for p in blocks.parameters())
+    return n + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+
+
+def mbu(bytes_per_step: int, batch: int, tokens_per_s: float) -> dict:
+    per_token = bytes_per_step / batch
+    return {"weight_bytes_per_token": per_token, "us_per_token": 1e6 / tokens_per_s,
+            "weight_gb_per_s": per_token * tokens_per_s / 1e9}
+
+
+# -----------------------------------------------------------------------------
+# 1. plain decoding against transformers, batch 1 / 8 / 32
+
+
+@torch.no_grad()
+def shape_section(args) -> dict:
+    """poelm plain vs transformers generate (poelm export; stock Llama) on a random model of the shape."""
+    import tempfile
+
+    import transformers
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from poelm.checkpoint import load_model
+    from poelm.export import export_model
+
+    torch.manual_seed(args.seed)
+    d, L, V = args.shape_width, args.shape_depth, args.shape_vocab
+    config = GPTConfig(n_layer=L, n_embd=d, n_head=max(1, d // 64), vocab_size=V, sequence_len=512)
+    source = GPT(config)
+    source.init_weights()
+    for p in source.parameters():  # nanochat's init zeroes the projections; noise makes the blocks do work
+        p.add_(torch.randn_like(p) * 0.02)
+    with tempfile.TemporaryDirectory(prefix="poelm-decode-bench-") as tmp:
+        export_dir = export_model(source, None, Path(tmp) / "model", dtype=torch.float32)
+        model, _ = load_model(export_dir)
+        hf = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=d, intermediate_size=config.intermediate_size, num_hidden_layers=L,
+                                         num_attention_heads=config.n_head, num_key_value_heads=config.n_kv_head,
+                                         vocab_size=V, max_position_embeddings=512, tie_word_embeddings=False)).eval()
+    engine = Engine(model)
+    rng = random.Random(args.seed)
+    N = args.shape_new_tokens
+
+    def hf_decode(m, rows):
+        ids = torch.tensor(rows)
+        out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
+                         do_sample=False, pad_token_id=0, eos_token_id=None)
+        return out[:, ids.shape[1]:].tolist()
+
+    def poelm_decode(rows):
+        return [g.tokens for g in engine.generate(rows, max_new_tokens=N, stop_token_ids=[], add_bos=False)]
+
+    result = {"shape": {"n_layer": L, "n_embd": d, "n_head": config.n_head, "vocab_size": V,
+                        "intermediate_size": config.intermediate_size},
+              "transformers": transformers.__version__, "new_tokens": N, "batches": {}}
+    step_bytes = weight_bytes(model)
+    for B in args.shape_batches:
+        rows = [[rng.randrange(1, V) for _ in range(16)] for _ in range(B)]
+        same = poelm_decode(rows) == hf_decode(hf, rows)  # also the warm-up
+        hf_decode(llama, rows)
+        tps = median_runs({"poelm": lambda: B * len(poelm_decode(rows)[0]),
+                           "hf_export": lambda: B * len(hf_decode(hf, rows)[0]),
+                           "hf_llama": lambda: B * len(hf_decode(llama, rows)[0])}, args.repeats)
+        result["batches"][B] = {**tps, "identical_to_hf_export": same, "mbu": mbu(step_bytes, B, tps["poelm"])}
+        print(f"batch {B:2d}: poelm {tps['poelm']:8.0f}  transformers/export {tps['hf_export']:8.0f}  "
+              f"transformers/Llama {tps['hf_llama']:8.0f} tok/s  (poelm == transformers on the export: {same})",
+              flush=True)
+    return result
+
+
+# -----------------------------------------------------------------------------
+# 2. PoE modes on the trained benchmark model
+
+
+def mode_table(args, cfg) -> dict[str, dict]:
+    """Every mode this benchmark times on the trained model (Engine.generate kwargs)."""
+    K = cfg.n_stages
+    modes = {"plain": dict(mode="final")}
+    modes.update({f"stage{k}": dict(mode="stage", stage=k) for k in range(K - 1)})
+    modes["logop{0,1}"] = dict(mode="logop", stages=[0, 1])
+    modes["wand"] = dict(mode="wand", wand_factor=args.wand_factor)
+    modes.update({f"spec_d{k}": dict(mode="speculative", draft_stage=k, gamma=args.gamma) for k in range(K - 1)})
+    sampled = {"plain@T0.8": dict(mode="final")}
+    sampled.update({f"spec_d{k}@T0.8": dict(mode="speculative", draft_stage=k, gamma=args.gamma) for k in range(K - 1)})
+    for kw in sampled.values():
+        kw.update(temperature=0.8, seed=args.seed)
+    return {**modes, **sampled}
+
+
+@torch.no_grad()
+def teacher_forced_agreement(model: GPT, heldout: torch.Tensor, calib: dict, factor: float) -> dict[str, float]:
+    """Top-1 agreement with full depth on held-out text of every greedy approximate mode."""
+    from poelm.engine import logop
+
+    final, stage_logits = model(heldout, return_stage_logits=True)
+    full = final.argmax(-1)
+    agree = lambda logits: (logits.argmax(-1) == full).float().mean().item()  # noqa: E731
+    out = {f"stage{k}": agree(z) for k, z in enumerate(stage_logits[:-1])}
+    out["logop{0,1}"] = agree(logop(stage_logits[:2], model.config.poe_alpha))
+    out["wand"] = agreement(model, heldout, calib, factor)["wand_top1_agreement"]
+    return out
 
 
 def synthetic_setup(args):
@@ -173,15 +301,26 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--gamma", type=int, default=4)
-    p.add_argument("--draft-stage", type=int, default=0)
     p.add_argument("--wand-factor", type=float, default=1.0)
+    p.add_argument("--shape-depth", type=int, default=4, help="section 1: depth of the random model")
+    p.add_argument("--shape-width", type=int, default=128, help="section 1: width (heads of 64)")
+    p.add_argument("--shape-vocab", type=int, default=4096, help="section 1: vocabulary")
+    p.add_argument("--shape-new-tokens", type=int, default=200, help="section 1: new tokens per row")
+    p.add_argument("--shape-batches", default="1,8,32", help="section 1: batch sizes; empty: skip the section")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny models are overhead-bound, and "
                                                          "OpenMP threads stall badly when the CPU is shared)")
     p.add_argument("--out", default="runs/bench/decode.png")
     p.add_argument("--json", action="store_true", help="also write the results next to --out as .json")
     args = p.parse_args(argv)
+    args.shape_batches = [int(b) for b in args.shape_batches.split(",") if b]
 
     torch.set_num_threads(args.threads)
+    results: dict = {"threads": args.threads}
+    if args.shape_batches:
+        print("== 1. plain decoding vs transformers (random weights) ==", flush=True)
+        results["vs_transformers"] = shape_section(args)
+
+    print("== 2. PoE modes on the trained benchmark model ==", flush=True)
     corpus = args.corpus
     if corpus == "auto":
         corpus = "data/default" if Path("data/default").is_dir() and Path(args.tokenizer).is_dir() else "synthetic"
@@ -193,56 +332,124 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model, calib_batches, heldout, prompt_batch = corpus_setup(args, Path(corpus), Path(args.tokenizer))
     prompts = [row[:16].tolist() for row in prompt_batch[: args.prompts]]
-
+    cfg = model.config
     calib = calibrate(model, calib_batches)
-    agree = agreement(model, heldout, calib, args.wand_factor)
+    agree = teacher_forced_agreement(model, heldout, calib, args.wand_factor)
+    wand_tf = agreement(model, heldout, calib, args.wand_factor)["wand_teacher_forced_stages_per_token"]
 
     engine = Engine(model, calibration=calib)
-    modes = {"plain": dict(mode="final"), "stage0": dict(mode="stage", stage=0),
-             "wand": dict(mode="wand", wand_factor=args.wand_factor),
-             "speculative": dict(mode="speculative", draft_stage=args.draft_stage, gamma=args.gamma)}
+    modes = mode_table(args, cfg)
     timing = timed_modes(engine, prompts, modes, args.new_tokens, args.repeats)
     outputs = timing.pop("_outputs")
-    identical = outputs["speculative"] == outputs["plain"]
-    wand_same = sum(a == b for a, b in zip(outputs["wand"], outputs["plain"]))
-
-    cfg = model.config
-    base = timing["plain"]["tokens_per_s"]
-    speedups = {name: r["tokens_per_s"] / base for name, r in timing.items()}
-    results = {"corpus": corpus, "model": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "stages": list(cfg.poe_stage_layers),
-                         "vocab_size": cfg.vocab_size, "params": model.num_params()},
-               "threads": args.threads, "prompts": len(prompts), "new_tokens": args.new_tokens,
-               "gamma": args.gamma, "draft_stage": args.draft_stage, "wand_factor": args.wand_factor,
-               "wand_bounds": calib["wand_bounds"], **agree, "modes": timing,
-               "speculative_identical_to_plain": identical, "wand_outputs_identical_to_plain": f"{wand_same}/{len(prompts)}",
-               "speedups": speedups}
-
-    print(f"\ncorpus: {corpus}")
-    print(f"model: {cfg.n_layer} layers x {cfg.n_embd}, stages {list(cfg.poe_stage_layers)}, "
-          f"{model.num_params() / 1e6:.2f}M params; {len(prompts)} prompts x {args.new_tokens} new tokens, "
-          f"greedy, batch 1, {args.threads} thread(s), median of {args.repeats}")
-    print(f"WAND bounds {[round(b, 3) for b in calib['wand_bounds']]} (F={args.wand_factor})")
-    print(f"{'mode':<12} {'tokens/s':>9} {'layer calls/token':>18} {'layer x pos/token':>18} {'stages/token':>13}")
+    wand_runs = [engine.generate(q, max_new_tokens=args.new_tokens, stop_token_ids=[], **modes["wand"]).stats
+                 for q in prompts]
+    exits = [sum(col) for col in zip(*(s["exit_stage_counts"] for s in wand_runs))]
+    greedy_base, sampled_base = timing["plain"]["tokens_per_s"], timing["plain@T0.8"]["tokens_per_s"]
     for name, r in timing.items():
-        print(f"{name:<12} {r['tokens_per_s']:9.1f} {r['mean_layer_calls_per_token']:18.2f} "
-              f"{r['mean_layers_per_token']:18.2f} {r['mean_stages_per_token']:13.2f}")
-    spec = timing["speculative"]
-    print(f"stage 0 top-1 agreement with full depth (held-out, teacher-forced): {agree['stage0_top1_agreement']:.4f}")
-    print(f"WAND top-1 agreement with full depth (held-out, teacher-forced):    {agree['wand_top1_agreement']:.4f} "
-          f"at {agree['wand_teacher_forced_stages_per_token']:.2f} stages/token")
-    print(f"WAND generations identical to plain greedy: {wand_same}/{len(prompts)}")
-    print(f"speculative acceptance {spec['acceptance_rate']:.3f}, tokens per verify pass {spec['tokens_per_verify']:.2f}, "
-          f"output identical to plain greedy: {identical}")
-    title = (f"{cfg.n_layer}x{cfg.n_embd} PoE, CPU {args.threads} thread(s); spec d={args.draft_stage} "
-             f"g={args.gamma} acc={spec['acceptance_rate']:.2f}; WAND F={args.wand_factor}")
+        r["speedup"] = r["tokens_per_s"] / (sampled_base if name.endswith("@T0.8") else greedy_base)
+        r["top1_agreement"] = 1.0 if name.startswith(("plain", "spec")) else agree[name]
+        if name.startswith("spec") and "@" not in name:
+            r["identical_to_plain"] = outputs[name] == outputs["plain"]
+    layers_of = {"plain": cfg.n_layer, **{f"stage{k}": cfg.stage_ends[k] + 1 for k in range(cfg.n_stages - 1)}}
+    for name, n_layers in layers_of.items():
+        timing[name]["mbu"] = mbu(weight_bytes(model, n_layers), 1, timing[name]["tokens_per_s"])
+    results["poe_modes"] = {
+        "corpus": corpus, "model": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "stages": list(cfg.poe_stage_layers),
+                                    "vocab_size": cfg.vocab_size, "params": model.num_params()},
+        "prompts": len(prompts), "new_tokens": args.new_tokens, "gamma": args.gamma, "wand_factor": args.wand_factor,
+        "wand_bounds": calib["wand_bounds"], "wand_exit_stage_counts": exits,
+        "wand_teacher_forced_stages_per_token": wand_tf, "modes": timing}
+    results["elastic_depth"] = elastic_depth(args, model, prompts)
+    report(args, results)
+    speedups = {name: r["speedup"] for name, r in timing.items()}
     out = Path(args.out)
-    plot(speedups, out, title)
+    plot(speedups, out, f"{cfg.n_layer}x{cfg.n_embd} PoE, CPU {args.threads} thread(s), batch 1; sampled modes over "
+                        f"plain sampling")
     if args.json:
-        out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+        out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str))
+    report_elastic(results)
     print(f"chart: {out}")
-    for name in ("stage0", "wand", "speculative"):
-        print(f"{name}/plain tokens_per_s: {speedups[name]:.2f}")
+    ratios(results)
     return results
+
+
+@torch.no_grad()
+def elastic_depth(args, model: GPT, prompts: list[list[int]]) -> dict:
+    """The full model against standalone exports of its first K stages (`poelm export --stages K`):
+    size of the weights and plain greedy tokens/s, interleaved."""
+    from poelm.export import truncate
+
+    models = {f"full ({model.config.n_stages} stages)": model}
+    models.update({f"first {k} stage(s)": truncate(model, k) for k in range(1, model.config.n_stages)})
+    engines = {name: Engine(m) for name, m in models.items()}
+
+    def decode(engine):
+        return lambda: sum(len(engine.generate(q, max_new_tokens=args.new_tokens, stop_token_ids=[]).tokens)
+                           for q in prompts)
+
+    for e in engines.values():
+        e.generate(prompts[0], max_new_tokens=8, stop_token_ids=[])
+    tps = median_runs({name: decode(e) for name, e in engines.items()}, args.repeats)
+    return {name: {"n_layer": m.config.n_layer, "params": m.num_params(),
+                   "fp32_bytes": sum(p.numel() * p.element_size() for p in m.parameters()), "tokens_per_s": tps[name]}
+            for name, m in models.items()}
+
+
+def report(args, results: dict) -> None:
+    vs = results.get("vs_transformers")
+    if vs:
+        sh = vs["shape"]
+        print(f"\n1. plain decode, random d{sh['n_layer']} x {sh['n_embd']}, vocab {sh['vocab_size']}, "
+              f"{vs['new_tokens']} new tokens, greedy, {args.threads} thread(s), transformers {vs['transformers']}")
+        print(f"{'batch':>5} {'poelm':>9} {'hf export':>10} {'hf Llama':>9} {'MB/token':>9} {'us/token':>9} {'GB/s':>6}")
+        for B, r in vs["batches"].items():
+            m = r["mbu"]
+            print(f"{B:5d} {r['poelm']:9.0f} {r['hf_export']:10.0f} {r['hf_llama']:9.0f} "
+                  f"{m['weight_bytes_per_token'] / 1e6:9.3f} {m['us_per_token']:9.1f} {m['weight_gb_per_s']:6.2f}")
+    pm = results["poe_modes"]
+    mdl = pm["model"]
+    print(f"\n2. {mdl['n_layer']} layers x {mdl['n_embd']}, stages {mdl['stages']}, {mdl['params'] / 1e6:.2f}M params "
+          f"({pm['corpus']}); {pm['prompts']} prompts x {pm['new_tokens']} new tokens, batch 1, median of {args.repeats}")
+    print(f"WAND bounds {[round(b, 3) for b in pm['wand_bounds']]} (F={pm['wand_factor']}), exits per stage "
+          f"{pm['wand_exit_stage_counts']}, teacher-forced {pm['wand_teacher_forced_stages_per_token']:.2f} stages/token")
+    print(f"{'mode':<14} {'tok/s':>7} {'speedup':>8} {'top-1 agr':>9} {'layers/tok':>10} {'accept':>7} {'tok/verify':>10}"
+          f" {'same as greedy':>14}")
+    for name, r in pm["modes"].items():
+        acc, tpv = r.get("acceptance_rate"), r.get("tokens_per_verify")
+        print(f"{name:<14} {r['tokens_per_s']:7.0f} {r['speedup']:7.2f}x {r['top1_agreement']:9.4f} "
+              f"{r['mean_layer_calls_per_token']:10.2f} {'' if acc is None else f'{acc:.3f}':>7} "
+              f"{'' if tpv is None else f'{tpv:.2f}':>10} {str(r.get('identical_to_plain', '')):>14}")
+    print("\n3. weights read per token vs time per token (batch 1, trained model)")
+    for name, r in pm["modes"].items():
+        if "mbu" in r:
+            m = r["mbu"]
+            print(f"{name:<14} {m['weight_bytes_per_token'] / 1e6:7.3f} MB/token {m['us_per_token']:8.1f} us/token "
+                  f"-> {m['weight_gb_per_s']:.2f} GB/s of weights")
+
+
+def report_elastic(results: dict) -> None:
+    print("\n4. elastic depth on disk (poelm export --stages K), plain greedy, batch 1")
+    for name, r in results["elastic_depth"].items():
+        print(f"{name:<20} {r['n_layer']:2d} layers {r['fp32_bytes'] / 1e6:7.2f} MB fp32 {r['tokens_per_s']:8.0f} tok/s")
+
+
+def ratios(results: dict) -> None:
+    print("\nratios")
+    vs = results.get("vs_transformers")
+    if vs:
+        b = vs["batches"]
+        for B, r in b.items():
+            print(f"batch {B}: poelm/transformers(export) {r['poelm'] / r['hf_export']:.2f}  "
+                  f"poelm/transformers(Llama) {r['poelm'] / r['hf_llama']:.2f}")
+        if 1 in b and max(b) > 1:
+            print(f"poelm batch {max(b)} / batch 1 tokens_per_s: {b[max(b)]['poelm'] / b[1]['poelm']:.2f}")
+    for name, r in results["poe_modes"]["modes"].items():
+        if not name.startswith("plain"):
+            base = "plain@T0.8" if name.endswith("@T0.8") else "plain"
+            print(f"{name}/{base} tokens_per_s: {r['speedup']:.2f}")
+    elastic = list(results["elastic_depth"].values())
+    for name, r in list(results["elastic_depth"].items())[1:]:
+        print(f"export {name}/full tokens_per_s: {r['tokens_per_s'] / elastic[0]['tokens_per_s']:.2f}")
 
 
 if __name__ == "__main__":

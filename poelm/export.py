@@ -4,6 +4,12 @@
     export_model(model, tokenizer, "out/hf", dtype=torch.bfloat16)
 
     poelm export runs/tiny --out out/hf [--dtype bf16|fp32]
+    poelm export runs/tiny --out out/hf-s1 --stages 1       # elastic depth: the first stage alone
+
+`--stages K` (`truncate(model, K)`) writes a standalone model of the first K stages (poe.md §3):
+its own config (n_layer, poe_stage_layers; source_n_layer keeps the windows and value
+embeddings of the source) and only those layers' tensors; its final readout is stage K-1's
+readout of the source (no backout), so its logits equal that stage's.
 
 The directory then loads with transformers (`AutoConfig`, `AutoModelForCausalLM`,
 `AutoTokenizer`, `trust_remote_code=True`) and with every poelm command:
@@ -36,7 +42,7 @@ import torch
 
 from poelm.checkpoint import CONFIG_NAME, GENERATION_CONFIG_NAME, atomic_write_json, check_replaceable, replace_dir, save_model
 from poelm.codec import to_config_json
-from poelm.model import GPT
+from poelm.model import GPT, GPTConfig
 
 ASSISTANT_END = "<|assistant_end|>"
 
@@ -121,6 +127,28 @@ def export_model(model: GPT, tokenizer, out_dir: str | Path, dtype: torch.dtype 
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out_dir
+
+
+def truncate(model: GPT, n_stages: int) -> GPT:
+    """A standalone model of the first n_stages stages: logits == stage n_stages-1's readout of model."""
+    cfg = model.config
+    if cfg.is_specialist():
+        raise ValueError("--stages: truncating a specialist is not supported; truncate its base model instead")
+    if not (isinstance(n_stages, int) and 1 <= n_stages < cfg.n_stages):
+        raise ValueError(f"--stages {n_stages}: this model has {cfg.n_stages} stages; keep 1..{cfg.n_stages - 1} of them "
+                         "(export the whole model without --stages)")
+    n = cfg.stage_ends[n_stages - 1] + 1
+    d = cfg.to_dict()
+    d.update(n_layer=n, poe_stage_layers=list(cfg.poe_stage_layers[:n_stages]), poe_every=None,
+             source_n_layer=cfg.source_n_layer or cfg.n_layer, final_readout="last", backout=False)
+    small = GPT(GPTConfig.from_dict(d)).to(model.lm_head.weight.device, model.lm_head.weight.dtype)
+    keep = small.state_dict()
+    src = model.state_dict()
+    state = {k: src[k][:n] if k in ("resid_lambdas", "x0_lambdas") else src[k] for k in keep}
+    small.load_state_dict(state)
+    if small.windows != model.windows[:n]:
+        raise RuntimeError(f"truncated windows {small.windows} != source {model.windows[:n]}")
+    return small.eval()
 
 
 def _share(directory: Path) -> None:

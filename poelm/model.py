@@ -51,7 +51,7 @@ STANDARD_NAMES = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_he
 
 
 POSITIVE_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim",
-                   "aspect_ratio", "intermediate_size", "short_window", "poe_every", "base_n_layer")
+                   "aspect_ratio", "intermediate_size", "short_window", "poe_every", "base_n_layer", "source_n_layer")
 
 
 def _f(default, help: str, choices: tuple[str, ...] | None = None):
@@ -93,6 +93,8 @@ class GPTConfig:
                                "cascade layers); 0 = not a specialist")
     base_n_layer: int | None = _f(None, "specialist: depth of the original base (backout stays at its middle "
                                         "layer through cascades); default: frozen_layers")
+    source_n_layer: int | None = _f(None, "a truncated model (`poelm export --stages K`): depth of the model these "
+                                          "are the first layers of; windows and value embeddings follow that depth")
     head_mode: str = _f("dual", "specialist readout: dual = lm_head + lm_head_stage, base = lm_head only, "
                                 "spec = lm_head_stage only", HEAD_MODES)
 
@@ -137,6 +139,9 @@ class GPTConfig:
                              "has none (frozen_layers=0); attach one with `poelm specialist attach` or load --delta")
         elif self.base_n_layer is not None:
             raise ValueError(f"base_n_layer={self.base_n_layer} is only for specialists (frozen_layers > 0)")
+        if self.source_n_layer is not None and (self.source_n_layer < self.n_layer or self.frozen_layers):
+            raise ValueError(f"source_n_layer={self.source_n_layer} must be at least n_layer={self.n_layer} and "
+                             "cannot be combined with a specialist (frozen_layers)")
         self._resolve_stages()
         if self.frozen_layers:
             ends = set(self.stage_ends)
@@ -208,9 +213,11 @@ class GPTConfig:
         if short is None:
             short = math.ceil((self.sequence_len // 4) / 128) * 128
         short = min(short, long)
+        depth = self.source_n_layer or self.n_layer  # a truncated model keeps its source's windows
         sizes = [short if self.window_pattern[i % len(self.window_pattern)] == "S" else long
-                 for i in range(self.n_layer)]
+                 for i in range(depth)]
         sizes[-1] = long
+        sizes = sizes[: self.n_layer]
         if self.frozen_layers:  # the base's last layer, and each cascade level's, stay long as they were
             for end in self.stage_ends:
                 if end >= self.base_n_layer - 1:
@@ -218,9 +225,10 @@ class GPTConfig:
         return sizes
 
     def has_value_embed(self, layer: int) -> bool:
-        """Alternating layers ending at the last one; a specialist's new layers have none."""
-        depth = self.base_n_layer if self.frozen_layers else self.n_layer
-        return layer < depth and layer % 2 == (depth - 1) % 2
+        """Alternating layers ending at the last one (of the source, for a truncated model); a specialist's new
+        layers have none."""
+        depth = self.base_n_layer if self.frozen_layers else (self.source_n_layer or self.n_layer)
+        return layer < min(depth, self.n_layer) and layer % 2 == (depth - 1) % 2
 
     def is_poe(self) -> bool:
         return self.poe_mode != "none"
@@ -796,7 +804,10 @@ class GPT(nn.Module):
             logits = logits + n @ self.lm_head_stage.weight.t()
         if cfg.per_stage_head:  # the stage's own head adds to the shared head's logits
             logits = logits + n @ self.lm_head_stages[stage].weight.t()
-        return softcap(logits[..., : cfg.vocab_size].float())
+        logits = logits[..., : cfg.vocab_size].float()
+        if torch.is_grad_enabled():
+            return softcap(logits)
+        return logits.div_(SOFTCAP).tanh_().mul_(SOFTCAP)  # inference: the same soft cap, in place (no copies)
 
     # --- full-sequence forward -------------------------------------------------
     def trunk(self, idx: torch.Tensor, upto_stage: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:

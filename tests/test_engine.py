@@ -760,3 +760,14 @@ def test_wand_reports_exit_histogram_and_skips_impossible_tests(trained, trained
     huge = Engine(trained, calibration={"wand_bounds": [0.0, 40.0, 40.0, 40.0]})
     s = huge.generate(text_prompt_ids("the red cat"), mode="wand", max_new_tokens=5).stats
     assert s["exit_stage_counts"] == [0, 0, 0, 5] and s["exit_tests_skipped"] == 5 * 3  # gaps are < 30
+
+
+def test_removing_no_rows_leaves_the_cache_alone(rand_model):
+    """Session removes the finished rows after every step; an empty removal must not copy the cache."""
+    from poelm.engine import make_decoder
+    dec = make_decoder(rand_model, DecodeOptions(), 64)
+    dec.add_rows([prompts()[0], prompts()[1]])
+    k0 = dec.cache.k[0]
+    dec.step()
+    dec.remove_rows([])
+    assert dec.cache.k[0] is k0 and len(dec.rows) == 2

@@ -795,3 +795,44 @@ def test_released_like_mismatch_names_keys(tmp_path, tok):
     msg = str(err.value)
     assert "missing keys: value_embeds.3.weight" in msg and "unexpected keys: lm_head_stages.0.weight" in msg
     assert "model.safetensors" in msg
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(per_stage_head=True, backout=True, window_pattern="SL")],
+                         ids=["plain", "heads-backout"])
+def test_export_stages_is_a_standalone_prefix(tmp_path, capsys, overrides):
+    """`poelm export --stages K`: only the first K stages' tensors, loadable by poelm and transformers,
+    logits == stage K-1's readout of the full model (windows and value embeddings of the source kept)."""
+    from poelm.cli import main as cli_main
+    from poelm.checkpoint import save_model
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    # 6 layers in stages 1+2+3: the cut after 1 or 3 layers ends on a short-window layer and on a parity
+    # where a model that deep would put its value embeddings elsewhere
+    full = GPT(GPTConfig(n_layer=6, n_embd=64, n_head=2, vocab_size=300, sequence_len=64, short_window=8,
+                         poe_stage_layers=(1, 2, 3), **overrides))
+    full.init_weights()
+    with torch.no_grad():
+        for p in full.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_model(full.eval(), tmp_path / "full", None, dtype=torch.float32)
+    idx = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        _, stage_logits = full(idx, return_stage_logits=True)
+    for K, n_layer in ((1, 1), (2, 3)):
+        out = tmp_path / f"s{K}"
+        assert cli_main(["export", str(tmp_path / "full"), "--out", str(out), "--stages", str(K), "--dtype", "fp32"]) == 0
+        with safe_open(out / "model.safetensors", "pt") as f:
+            names = set(f.keys())
+        assert not any(n.startswith(f"transformer.h.{n_layer}.") for n in names)
+        assert {n.split(".")[2] for n in names if n.startswith("transformer.h.")} == {str(i) for i in range(n_layer)}
+        small, _ = load_model(out)
+        assert small.config.n_layer == n_layer and small.config.n_stages == K
+        assert small.windows == full.windows[:n_layer]
+        with torch.no_grad():
+            got = small(idx)
+            hf_logits = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)(idx).logits
+        assert (got - stage_logits[K - 1]).abs().max().item() <= 1e-5
+        assert (hf_logits[..., :300] - stage_logits[K - 1]).abs().max().item() <= 1e-5
+    assert cli_main(["export", str(tmp_path / "full"), "--out", str(tmp_path / "s3"), "--stages", "3"]) == 2
+    assert "keep 1..2 of them" in capsys.readouterr().err

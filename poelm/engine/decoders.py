@@ -145,6 +145,8 @@ class Decoder:
         unknown = gone - {r.handle for r in self.rows}
         if unknown:
             raise ValueError(f"no row {sorted(unknown)[0]} in this decoder")
+        if not gone:  # nothing leaves: no compaction (it would copy the whole cache)
+            return
         self._keep([b for b, r in enumerate(self.rows) if r.handle not in gone])
 
     def _keep(self, keep: list[int]) -> None:
