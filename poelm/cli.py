@@ -250,7 +250,9 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
                    "the first K stages (its logits are stage K-1's readout of MODEL)")
 
 
-SPECIALIST_ONLY = ("vocab_size", "frozen_layers", "base_n_layer", "head_mode")
+# GPTConfig fields that a model gets from elsewhere, never from training flags: the tokenizer's
+# vocabulary, a specialist's attach (poelm.specialist), a cut by `poelm export --stages`
+NOT_TRAINING_FLAGS = ("vocab_size", "frozen_layers", "base_n_layer", "head_mode", "source_n_layer")
 
 
 def train_arguments(p: argparse.ArgumentParser) -> None:
@@ -265,7 +267,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
                    help="under torchrun: one rank per PoE stage (flat), world = stages x data-parallel replicas; "
                         "only forward activations cross stages (docs/stage_parallel.md)")
     trainer_arguments(p)
-    add_model_flags(p, exclude=SPECIALIST_ONLY)  # a specialist is attached to a base, not trained from scratch
+    add_model_flags(p, exclude=NOT_TRAINING_FLAGS)  # a specialist is attached to a base, not trained from scratch
 
 
 def sft_arguments(p: argparse.ArgumentParser) -> None:
@@ -346,7 +348,7 @@ def experiment_arguments(p: argparse.ArgumentParser) -> None:
             ("--dtype", str, "auto, fp32/float32 or bf16/bfloat16"), ("--nproc", int, "processes per arm (torchrun)"),
             ("--decode-tokens", int, "new tokens per prompt when timing the inference modes")):
         p.add_argument(flag, type=kind, default=None, help=text + preset)
-    add_model_flags(p, exclude=SPECIALIST_ONLY + ("poe_mode", "poe_alpha"), defaults_note="the preset's")
+    add_model_flags(p, exclude=NOT_TRAINING_FLAGS + ("poe_mode", "poe_alpha"), defaults_note="the preset's")
 
 
 def compare_arguments(p: argparse.ArgumentParser) -> None:

@@ -2,6 +2,7 @@
 
     from poelm.plots import plot_run
     plot_run("runs/tiny")        # runs/tiny/loss.png and runs/tiny/bpb.png from metrics.jsonl
+                                 # (an SFT run: assistant_bits.png)
 """
 
 from __future__ import annotations
@@ -37,7 +38,17 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.set_xlabel("step"), ax.set_ylabel("loss (nats)"), ax.set_title(f"training loss: {run_dir.name}")
         ax.legend(), ax.grid(alpha=0.3)
         written.append(save_figure(fig, run_dir / "loss.png"))
-    if evals:
+    if evals and "assistant_bits" in evals[0]:  # an SFT run (poelm.sft)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([r["step"] for r in evals], [r["assistant_bits"] for r in evals], marker="o", color="black",
+                label="specialist")
+        base = evals[0].get("base")
+        if base:
+            ax.axhline(base["assistant_bits"], color="gray", ls="--", label="base")
+        ax.set_xlabel("step"), ax.set_ylabel("held-out bits per assistant token")
+        ax.set_title(f"SFT: {run_dir.name}"), ax.legend(), ax.grid(alpha=0.3)
+        written.append(save_figure(fig, run_dir / "assistant_bits.png"))
+    elif evals:
         fig, ax = plt.subplots(figsize=(7, 4))
         steps = [r["step"] for r in evals]
         for k in range(len(evals[0]["stages"])):

@@ -92,6 +92,7 @@ def test_sft_run_reports_and_preserves_the_base(env, straight):
     model, _ = load_model(straight)
     assert model.config.frozen_layers == 2 and model.config.n_layer == 3
     assert (straight / "specialist.json").exists()
+    assert (straight / "assistant_bits.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_sft_resume_is_exact(env, straight, tmp_path, monkeypatch):
