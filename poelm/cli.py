@@ -230,6 +230,28 @@ def chat_arguments(p: argparse.ArgumentParser) -> None:
     decoding_arguments(p, max_new_tokens=256)
 
 
+def serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="the base MODEL (served as --name)")
+    p.add_argument("--delta", action="append", default=None, metavar="NAME=DIR",
+                   help="a specialist delta on MODEL, served as model id BASE+NAME (repeatable)")
+    p.add_argument("--name", default=None, help="model id of MODEL (default: its directory name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server to the network)")
+    p.add_argument("--port", type=at_least(1), default=8000, help="TCP port")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: the POELM_API_KEY environment variable, else none)")
+    p.add_argument("--max-batch", type=at_least(1), default=32, help="rows (choices) decoded together at most")
+    p.add_argument("--max-queue", type=at_least(0), default=64, help="requests waiting at most; beyond: 503 + Retry-After")
+    p.add_argument("--request-timeout", type=finite_float, default=600.0, help="seconds a request may take, queue included")
+    p.add_argument("--max-tokens", type=at_least(1), default=None, help="max_tokens a request may ask (default: the context)")
+    p.add_argument("--max-prompt-tokens", type=at_least(1), default=None, help="prompt tokens at most (default: the context)")
+    p.add_argument("--max-n", type=at_least(1), default=8, help="choices (n) per request at most")
+    p.add_argument("--max-body-bytes", type=at_least(1), default=1 << 20, help="request body bytes at most (413 beyond)")
+    p.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads, 0 = torch's default")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="warning",
+                   help="uvicorn's log level")
+
+
 def calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="MODEL (a directory: the bounds are written into it)")
     p.add_argument("--data", required=True, help="corpus directory (parquet shards; the validation split is read)")
@@ -395,6 +417,8 @@ COMMANDS: tuple[Command, ...] = (
             "poelm.cli:cmd_generate"),
     Command("chat", "chat with MODEL in the terminal (multi-turn, streamed; /reset, /quit)", chat_arguments,
             "poelm.chat_cli:cmd_chat"),
+    Command("serve", "an OpenAI-compatible HTTP server: continuous batching, PoE modes per request, specialists",
+            serve_arguments, "poelm.serve:cmd_serve"),
     Command("calibrate", "calibrate WAND swing bounds and store them with the model", calibrate_arguments,
             "poelm.cli:cmd_calibrate"),
     Command("export", "write MODEL as a Hugging Face directory (transformers + poelm load it)", export_arguments,

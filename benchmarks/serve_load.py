@@ -1,0 +1,213 @@
+"""Load benchmark of `poelm serve`: N concurrent streaming clients on loopback, continuous batching
+against one request at a time, and the PoE modes under load.
+
+    .venv/bin/python benchmarks/serve_load.py                       # random-init d8 PoE model (~2 min on 2 cores)
+    .venv/bin/python benchmarks/serve_load.py --model runs/tiny --max-tokens 64 --json
+
+It starts `poelm serve` in a subprocess on a free 127.0.0.1 port (without --model: a random
+depth-8 PoE model, 4 stages of 2 layers, byte tokenizer, WAND-calibrated on random tokens, in a
+temporary directory), then for N = 1, 8, 32 clients runs a bounded number of greedy streaming
+completions (each client sends --requests-per-client requests of --max-tokens tokens, one
+after another) and reports: throughput (generated tokens / wall time), time to first token
+and latency p50/p99, and errors (must be 0). N = 1 is serving one request at a time; the
+ratio of N = 32's throughput over it is the gain of continuous batching (goal >= 5x). Then the
+PoE modes (stage 0, Log-OP, WAND, speculative) at N = 32. Every request has a timeout and the
+server is stopped (SIGTERM) at the end, whatever happens. A random model's speculative
+acceptance and WAND exits say nothing about a trained one; this measures the serving path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODES = {"final": None, "stage 0": {"mode": "stage", "stage": 0}, "logop 0+last": {"mode": "logop", "stages": [0, 3]},
+         "wand": {"mode": "wand"}, "speculative g4": {"mode": "speculative", "draft_stage": 0, "gamma": 4}}
+
+
+def random_model(out: Path, depth: int, width: int, context: int) -> Path:
+    """A random-init PoE model with a byte tokenizer (chat specials included), WAND-calibrated."""
+    import tiktoken
+
+    from poelm.checkpoint import save_model
+    from poelm.engine import calibrate, save_calibration
+    from poelm.model import GPT, GPTConfig
+    from poelm.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+
+    enc = tiktoken.Encoding(name="bytes", pat_str=SPLIT_PATTERN, mergeable_ranks={bytes([i]): i for i in range(256)},
+                            special_tokens={s: 256 + i for i, s in enumerate(SPECIAL_TOKENS)})
+    tok = Tokenizer(enc)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=depth, n_embd=width, n_head=max(1, width // 64), vocab_size=tok.vocab_size,
+                          sequence_len=context, poe_every=depth // 4))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = save_model(model.eval(), out / "model", tok)
+    batches = [torch.randint(0, 256, (4, 64)) for _ in range(4)]
+    save_calibration(path, calibrate(model, batches))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "poelm", "serve", str(model), "--name", "bench", "--port", str(port),
+                             "--threads", str(threads), "--max-batch", str(max_batch), "--max-queue", "256"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"poelm serve exited with status {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("poelm serve did not answer /health within 120 s")
+
+
+def one_request(client: httpx.Client, url: str, prompt: str, max_tokens: int, poe: dict | None) -> dict:
+    """A greedy streaming completion -> {ttft, latency, tokens} or {error}."""
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if poe:
+        body["poe"] = poe
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    try:
+        with client.stream("POST", url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return {"error": f"HTTP {r.status_code}: {r.read()[:200]!r}"}
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return {"error": chunk["error"]["message"]}
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                elif ttft is None:
+                    ttft = time.perf_counter() - t0
+    except httpx.HTTPError as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"ttft": ttft, "latency": time.perf_counter() - t0, "tokens": tokens}
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
+
+
+def load(url: str, clients: int, per_client: int, max_tokens: int, poe: dict | None, timeout: float) -> dict:
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def client_loop(c: int) -> None:
+        with httpx.Client(timeout=timeout) as client:
+            for r in range(per_client):
+                out = one_request(client, url, f"client {c} request {r}: once upon a time", max_tokens, poe)
+                with lock:
+                    results.append(out)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    errors = [r["error"] for r in results if "error" in r]
+    ttft, lat = [r["ttft"] for r in ok if r["ttft"] is not None], [r["latency"] for r in ok]
+    return {"clients": clients, "requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
+            "tokens": sum(r["tokens"] for r in ok), "wall_s": wall, "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+            "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
+            "latency_p50_s": percentile(lat, 0.5), "latency_p99_s": percentile(lat, 0.99)}
+
+
+def row(name: str, r: dict) -> str:
+    return (f"{name:>16} {r['clients']:>3} {r['requests']:>4} {r['tokens_per_s']:>8.1f} {r['ttft_p50_s'] * 1e3:>8.0f} "
+            f"{r['ttft_p99_s'] * 1e3:>8.0f} {r['latency_p50_s']:>7.2f} {r['latency_p99_s']:>7.2f} {r['errors']:>4}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="serve this MODEL (default: a random d8 PoE model)")
+    p.add_argument("--depth", type=int, default=8)
+    p.add_argument("--width", type=int, default=192)
+    p.add_argument("--clients", default="1,8,32", help="comma list of concurrent client counts")
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--threads", type=int, default=2, help="the server's torch threads")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--no-modes", action="store_true", help="skip the PoE modes under load")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    counts = [int(c) for c in args.clients.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(args.model) if args.model else random_model(Path(tmp), args.depth, args.width, 256)
+        proc, url = start_server(model, args.threads, max(counts))
+        try:
+            load(url, 1, 1, 4, None, args.timeout)  # warm-up
+            by_clients = {n: load(url, n, args.requests_per_client, args.max_tokens, None, args.timeout) for n in counts}
+            modes = {} if args.no_modes else {name: load(url, max(counts), args.requests_per_client, args.max_tokens, poe,
+                                                         args.timeout) for name, poe in MODES.items()}
+            stats = httpx.get(url + "/metrics", timeout=10).text
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    ratio = by_clients[max(counts)]["tokens_per_s"] / by_clients[min(counts)]["tokens_per_s"]
+    out = {"by_clients": by_clients, "modes": modes, "batching_gain": ratio,
+           "errors": sum(r["errors"] for r in [*by_clients.values(), *modes.values()]),
+           "setup": {"model": args.model or f"random d{args.depth} w{args.width}", "max_tokens": args.max_tokens,
+                     "requests_per_client": args.requests_per_client, "server_threads": args.threads}}
+    out["step_rows_mean"] = _mean_step_rows(stats)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return out
+    print(f"{'':>16} {'N':>3} {'reqs':>4} {'tok/s':>8} {'ttft50':>8} {'ttft99':>8} {'lat50':>7} {'lat99':>7} {'err':>4}"
+          "   (ms for ttft, s for latency)")
+    for n, r in by_clients.items():
+        print(row("final", r))
+    for name, r in modes.items():
+        print(row(name, r))
+    print(f"continuous batching: {ratio:.1f}x the throughput of one request at a time "
+          f"({max(counts)} clients vs {min(counts)}); mean rows per decode step {out['step_rows_mean']:.1f}; "
+          f"errors {out['errors']}")
+    return out
+
+
+def _mean_step_rows(metrics: str) -> float:
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("poelm_step_rows_")}
+    return values.get("poelm_step_rows_sum", 0.0) / max(values.get("poelm_step_rows_count", 1.0), 1.0)
+
+
+if __name__ == "__main__":
+    main()

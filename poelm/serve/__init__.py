@@ -1,0 +1,17 @@
+"""`poelm serve`: an OpenAI-compatible HTTP server for PoE models, with continuous batching,
+every PoE decoding mode per request and specialists by model name.
+
+    poelm serve runs/base --delta chat=out/chat            # models "base" and "base+chat" on 127.0.0.1:8000
+    curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \
+         -d '{"model": "base", "prompt": "Once upon a time", "max_tokens": 32, "temperature": 0,
+              "poe": {"mode": "speculative", "draft_stage": 0, "gamma": 4}}'
+
+Parts: models.py (the base and its specialists, base weights shared), protocol.py (request
+and response shapes, OpenAI error objects), scheduler.py (the continuous-batching thread that
+drives the engine's decoder protocol), metrics.py (Prometheus), app.py (routes, API key,
+limits, streaming, the command). Benchmark: benchmarks/serve_load.py.
+"""
+
+from poelm.serve.app import cmd_serve, create_app
+
+__all__ = ["cmd_serve", "create_app"]

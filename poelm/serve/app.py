@@ -1,0 +1,358 @@
+"""The HTTP side of `poelm serve`: routes, security, streaming and the command itself.
+
+    poelm serve runs/base --delta chat=out/chat --port 8000 --api-key KEY
+    app = create_app(registry, scheduler, metrics, ServeConfig())      # a FastAPI app
+
+Routes: GET /health, GET /metrics, GET /v1/models, POST /v1/completions,
+POST /v1/chat/completions (streamed as server-sent events ending in `data: [DONE]`).
+Every error is {"error": {"message", "type", "param", "code"}} with one line of message:
+400 bad request, 401 missing/wrong bearer token, 404 unknown model or route, 413 body too
+large, 503 (+ Retry-After) queue full or shutting down, 504 per-request timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import os
+import sys
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from poelm.engine import DecodeOptions
+from poelm.serve.metrics import Metrics
+from poelm.serve.models import ModelRegistry, ServedModel, load_models, parse_deltas
+from poelm.serve.protocol import (ApiError, ChatRequest, CompletionRequest, PoeOptions, Sampling, chat_logprobs,
+                                  check_unsupported, completion_logprobs, parse_request, usage)
+from poelm.serve.scheduler import LOGPROB_MODES, Job, Scheduler
+
+API_KEY_ENV = "POELM_API_KEY"
+MAX_STOP = 4
+MAX_COMPLETION_LOGPROBS = 5
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass
+class ServeConfig:
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    max_tokens: int | None = None  # None: the model's context
+    max_prompt_tokens: int | None = None  # None: the model's context
+    max_n: int = 8
+    request_timeout: float = 600.0
+
+
+# -----------------------------------------------------------------------------
+# Requests -> jobs
+
+
+def decode_options(req: Sampling, served: ServedModel, max_tokens: int, stop: list[str]) -> DecodeOptions:
+    poe = req.poe or PoeOptions()
+    options = dict(mode=poe.mode, stage=poe.stage, stages=poe.stages, logop_alpha=poe.logop_alpha,
+                   draft_stage=poe.draft_stage, gamma=poe.gamma, adaptive_gamma=poe.adaptive_gamma,
+                   draft_threshold=poe.draft_threshold, wand_factor=poe.wand_factor, force=poe.force,
+                   max_new_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+                   top_k=req.top_k, top_p=1.0 if req.top_p is None else req.top_p,
+                   repetition_penalty=req.repetition_penalty, seed=req.seed, stop_strings=stop)
+    return served.engine._options(options)  # the engine's validation: one line per bad value, BP refusal
+
+
+def check_common(req: Sampling, config: ServeConfig, context: int, max_tokens: int | None, param: str) -> tuple[int, list[str]]:
+    """-> (max_tokens, stop strings) after the limits every endpoint shares."""
+    check_unsupported(req)
+    if not 1 <= req.n <= config.max_n:
+        raise ApiError(400, f"n must lie in 1..{config.max_n} (--max-n), got {req.n}", param="n")
+    limit = min(config.max_tokens or context, context)
+    max_tokens = context if max_tokens is None else max_tokens
+    if not 1 <= max_tokens <= limit:
+        raise ApiError(400, f"{param} must lie in 1..{limit}, got {max_tokens}", param=param)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP or not all(stop):
+        raise ApiError(400, f"stop takes at most {MAX_STOP} non-empty strings", param="stop")
+    return max_tokens, stop
+
+
+def check_prompt(ids: list[int], config: ServeConfig, context: int) -> list[int]:
+    limit = min(config.max_prompt_tokens or context, context)
+    if len(ids) > limit:
+        raise ApiError(400, f"the prompt has {len(ids)} tokens but at most {limit} fit (the context holds {context}); "
+                       "shorten it", param="prompt", code="context_length_exceeded")
+    return ids
+
+
+def encode(served: ServedModel, prompt, param: str) -> list[int]:
+    try:
+        return served.engine.encode_prompt(prompt)
+    except ValueError as e:
+        code = "context_length_exceeded" if "context holds" in str(e) else None
+        raise ApiError(400, str(e), param=param, code=code) from None
+
+
+def completion_job(req: CompletionRequest, served: ServedModel, config: ServeConfig, loop) -> tuple[Job, int]:
+    """-> (job, prompt tokens)."""
+    context = served.model.config.sequence_len
+    max_tokens, stop = check_common(req, config, context, req.max_tokens, "max_tokens")
+    p = req.prompt
+    prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+    if not prompts:
+        raise ApiError(400, "prompt is empty: give a string, a list of strings or token ids", param="prompt")
+    ids = [check_prompt(encode(served, q, "prompt"), config, context) for q in prompts]
+    if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
+        raise ApiError(400, f"logprobs must lie in 0..{MAX_COMPLETION_LOGPROBS}, got {req.logprobs}", param="logprobs")
+    return make_job(req, served, ids, max_tokens, stop, req.logprobs, config, loop), sum(map(len, ids))
+
+
+def chat_job(req: ChatRequest, served: ServedModel, config: ServeConfig, loop) -> tuple[Job, int]:
+    from poelm.chat import render_prompt
+    from poelm.chat_cli import check_chat_tokenizer
+
+    context = served.model.config.sequence_len
+    if req.max_tokens is not None and req.max_completion_tokens is not None:
+        raise ApiError(400, "give max_completion_tokens or max_tokens, not both", param="max_tokens")
+    param = "max_tokens" if req.max_tokens is not None else "max_completion_tokens"
+    asked = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
+    try:
+        check_chat_tokenizer(served.engine.tokenizer, served.id)
+        ids = render_prompt(served.engine.tokenizer, [{"role": m.role, "content": m.content} for m in req.messages])
+    except ValueError as e:
+        raise ApiError(400, f"messages: {e}", param="messages") from None
+    check_prompt(ids, config, context)
+    if asked is None:  # OpenAI's default: as many as fit
+        asked = max(1, min(config.max_tokens or context, context) - len(ids))
+    max_tokens, stop = check_common(req, config, context, asked, param)
+    if req.top_logprobs is not None:
+        if not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ApiError(400, f"top_logprobs must lie in 0..{MAX_TOP_LOGPROBS}, got {req.top_logprobs}", param="top_logprobs")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    return make_job(req, served, [ids], max_tokens, stop, logprobs, config, loop), len(ids)
+
+
+def make_job(req: Sampling, served: ServedModel, prompts: list[list[int]], max_tokens: int, stop: list[str],
+             logprobs: int | None, config: ServeConfig, loop) -> Job:
+    try:
+        opts = decode_options(req, served, max_tokens, stop)
+        model = served.variant(req.poe.head_mode if req.poe else None)
+    except ValueError as e:
+        raise ApiError(400, str(e), param="poe") from None
+    if logprobs is not None and opts.mode not in LOGPROB_MODES:
+        raise ApiError(400, f"logprobs are reported in poe modes {', '.join(LOGPROB_MODES)}, not {opts.mode}",
+                       param="logprobs")
+    rows = [ids for ids in prompts for _ in range(req.n)]
+    return Job(served, model, rows, opts, served.engine._stop_ids(opts), loop, stream=req.stream, logprobs=logprobs,
+               timeout_s=config.request_timeout)
+
+
+# -----------------------------------------------------------------------------
+# Responses
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class Responder:
+    """The response objects of one request (completion or chat, whole or streamed)."""
+
+    def __init__(self, job: Job, chat: bool, prompt_tokens: int, include_usage: bool):
+        self.job, self.chat, self.prompt_tokens, self.include_usage = job, chat, prompt_tokens, include_usage
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.tok = job.served.engine.tokenizer
+
+    def head(self, chunk: bool) -> dict:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.job.served.id}
+
+    def usage(self) -> dict:
+        return usage(self.prompt_tokens, sum(len(t) for t in self.job.collector.tokens))
+
+    def logprobs(self, entries, row: int, start: int):
+        if self.job.logprobs is None:
+            return None
+        return chat_logprobs(entries, self.tok) if self.chat else completion_logprobs(entries, self.tok, start)
+
+    def whole(self) -> dict:
+        job, choices = self.job, []
+        for b in range(len(job.rows)):
+            choice = {"index": b, "logprobs": self.logprobs(job.logprob_entries(b), b, 0), "finish_reason": job.finish_reason(b)}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": job.text(b), "refusal": None}
+            else:
+                choice["text"] = job.text(b)
+            choices.append(choice)
+        return dict(self.head(False), choices=choices, usage=self.usage(), poe=job.poe)
+
+    async def stream(self):
+        job = self.job
+        try:
+            if self.chat:
+                for b in range(len(job.rows)):
+                    yield sse(dict(self.head(True), choices=[{"index": b, "delta": {"role": "assistant", "content": ""},
+                                                              "logprobs": None, "finish_reason": None}]))
+            while True:
+                kind, payload = await job.events.get()
+                if kind == "error":
+                    yield sse(payload.body())
+                    break
+                if kind == "end":
+                    if self.include_usage:
+                        yield sse(dict(self.head(True), choices=[], usage=self.usage(), poe=job.poe))
+                    break
+                for row, delta, entries, finish in payload:
+                    start = len(job.sent[row]) - len(delta)
+                    choice = {"index": row, "logprobs": self.logprobs(entries, row, start), "finish_reason": finish}
+                    if self.chat:
+                        choice["delta"] = {"content": delta} if delta else {}
+                    else:
+                        choice["text"] = delta
+                    out = dict(self.head(True), choices=[choice])
+                    if finish is not None and job.poe is not None:
+                        out["poe"] = job.poe
+                    yield sse(out)
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled = True  # a client that left frees its rows at the next step (no-op once done)
+
+
+# -----------------------------------------------------------------------------
+# The app
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body has {declared} bytes; the limit is {limit} (--max-body-bytes)")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise ApiError(413, f"the request body is over the limit of {limit} bytes (--max-body-bytes)")
+    return bytes(body)
+
+
+def create_app(registry: ModelRegistry, scheduler: Scheduler, metrics: Metrics, config: ServeConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not scheduler.alive():
+            scheduler.start()
+        yield
+        scheduler.drain()  # uvicorn has let the in-flight requests finish by now
+        await asyncio.to_thread(scheduler.stop)
+
+    app = FastAPI(title="poelm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+        return error_response(ApiError(e.status_code, message))
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if config.api_key and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
+                return error_response(ApiError(401, "missing or wrong API key: send the header "
+                                                    "'Authorization: Bearer KEY' (--api-key)", code="invalid_api_key"))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        ok = scheduler.alive() and not scheduler.draining
+        return JSONResponse({"status": "ok" if ok else "unavailable", "models": list(registry.models),
+                             **scheduler.load()}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [m.card() for m in registry.models.values()]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str):
+        return registry.get(model_id).card()
+
+    async def run(request: Request, chat: bool):
+        kind = ChatRequest if chat else CompletionRequest
+        req = parse_request(kind, await read_body(request, config.max_body_bytes))
+        served = registry.get(req.model)
+        try:
+            job, prompt_tokens = (chat_job if chat else completion_job)(req, served, config, asyncio.get_running_loop())
+            scheduler.submit(job)
+        except ApiError as e:
+            metrics.refused(served.id, e.status)
+            raise
+        metrics.prompt_tokens.labels(served.id).inc(prompt_tokens * req.n)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        responder = Responder(job, chat, prompt_tokens, include_usage)
+        if req.stream:
+            return StreamingResponse(responder.stream(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        while True:
+            try:
+                kind, payload = await asyncio.wait_for(job.events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancelled = True  # its rows leave at the next step
+                continue
+            if kind == "error":
+                raise payload
+            if kind == "end":
+                return responder.whole()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await run(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await run(request, chat=True)
+
+    return app
+
+
+# -----------------------------------------------------------------------------
+# poelm serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from poelm.cli import parse_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    registry = load_models(args.model, parse_deltas(args.delta or []), name=args.name, device=parse_device(args.device))
+    metrics = Metrics()
+    scheduler = Scheduler(args.max_batch, args.max_queue, metrics)
+    config = ServeConfig(api_key=api_key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
+                         max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n, request_timeout=args.request_timeout)
+    app = create_app(registry, scheduler, metrics, config)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=int(args.request_timeout) + 5))
+    print(f"poelm serve: http://{args.host}:{args.port} models {', '.join(registry.models)}"
+          f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
+    server.run()
+    return 0

@@ -1,0 +1,380 @@
+"""Continuous batching: one scheduler thread drives the decoder protocol (poelm/engine) for
+every request the server holds.
+
+    scheduler = Scheduler(max_batch=32, max_queue=64, metrics=Metrics()); scheduler.start()
+    scheduler.submit(job)          # ApiError(503, Retry-After) when the queue is full
+    ... job.events (an asyncio.Queue on the caller's loop) gets ("chunk", ...) / ("end", ...)
+    scheduler.stop()               # after the HTTP side has drained
+
+Rows (a request's n choices, for each of its prompts) join and leave the running batch
+between steps. Requests that decode the same way share one decoder, so one step is one
+batched forward pass for all of them; the key is (model, head mode, PoE mode and its
+options, sampling options). A sampled request with a seed gets a decoder (and generator) of
+its own, so its output depends on its seed only, never on what else is running; greedy and
+unseeded rows with equal options share. Each loop: drop cancelled (client gone) and expired
+(per-request timeout) rows, admit queued requests FIFO while the rows fit in max_batch
+(prefilled together per decoder), then step every decoder once. A decoder whose rows have all
+left is dropped. Any error inside a decoder fails that decoder's requests with 500 (the
+traceback goes to stderr) and the server goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from poelm.engine import DecodeOptions, DecodeStats, Sampler, _Collector, make_decoder
+from poelm.serve.protocol import FINISH_REASONS, ApiError
+
+LOGPROB_MODES = ("final", "stage", "logop")  # decoders that sample one token per row from one readout
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (id, logprob), likeliest first
+
+
+class LogprobSampler(Sampler):
+    """The decoder's sampler, also keeping the readout's log-softmax at the picked token and its
+    `top` alternatives for each row of the last pick (rows in decoder order)."""
+
+    def __init__(self, opts: DecodeOptions, device: torch.device):
+        super().__init__(opts, device)
+        self.top: int | None = None  # None: nothing recorded
+        self.last: list[TokenLogprob] | None = None
+
+    def pick(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        tokens = super().pick(logits, seen)  # (N,)
+        self.last = None
+        if self.top is not None:
+            lp = logits.float().log_softmax(-1)  # (N, V)
+            chosen = lp.gather(-1, tokens[:, None])[:, 0].tolist()
+            if self.top:
+                values, ids = lp.topk(self.top, dim=-1)
+                tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+            else:
+                tops = [[] for _ in chosen]
+            self.last = [TokenLogprob(t, c, top) for t, c, top in zip(tokens.tolist(), chosen, tops)]
+        return tokens
+
+
+@dataclass(eq=False)
+class Job:
+    """One HTTP request: rows = its prompts' ids, each repeated n times (choices in order)."""
+
+    served: object  # poelm.serve.models.ServedModel
+    model: object  # the GPT to decode with (a head-mode variant of served.model)
+    rows: list[list[int]]
+    opts: DecodeOptions  # validated; max_new_tokens and stop_strings apply per row
+    stop_ids: set[int]
+    loop: asyncio.AbstractEventLoop
+    stream: bool = False
+    logprobs: int | None = None  # None: off, else the number of alternatives
+    timeout_s: float = 600.0
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False  # set by the HTTP side when the client goes away
+
+    def __post_init__(self):
+        self.t_submit = time.monotonic()
+        self.deadline = self.t_submit + self.timeout_s
+        self.t_first: float | None = None
+        self.collector = _Collector(len(self.rows), self.opts, self.served.engine.tokenizer, self.stop_ids)
+        self.sent = [""] * len(self.rows)  # text already streamed per row
+        self.sent_entries = [0] * len(self.rows)  # logprob entries already streamed per row
+        self.entries: list[list[TokenLogprob]] = [[] for _ in self.rows]
+        self.handles: dict[int, int] = {}  # decoder handle -> row
+        self.live = 0  # rows still in the decoder
+        self.batch: Batch | None = None
+        self.stats_at_start: DecodeStats | None = None
+        self.tokens_at_start = 0
+        self.poe: dict | None = None
+        self.done = False
+
+    @property
+    def key(self) -> tuple:
+        o = self.opts
+        sampler = None if o.greedy else (o.temperature, o.top_k, o.top_p, id(self) if o.seed is not None else None)
+        return (self.served.id, self.model.config.head_mode, o.mode, o.stage, tuple(o.stages or ()), o.logop_alpha,
+                o.draft_stage, o.gamma, o.adaptive_gamma, o.draft_threshold, o.wand_factor, o.repetition_penalty, sampler)
+
+    def finish_reason(self, row: int) -> str:
+        return FINISH_REASONS[self.collector.reason[row]]
+
+    def text(self, row: int) -> str:
+        return self.collector.text(row) or ""
+
+    def logprob_entries(self, row: int) -> list[TokenLogprob]:
+        n = len(self.collector.tokens[row])
+        if self.collector.reason[row] == "stop_token":
+            n -= 1  # the stop token is not part of the text
+        return self.entries[row][:n]
+
+    def push(self, event: tuple) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+@dataclass
+class Batch:
+    """One decoder and the rows of the jobs it runs."""
+
+    key: tuple
+    decoder: object
+    rows: dict[int, tuple[Job, int]] = field(default_factory=dict)  # handle -> (job, row)
+    tokens_out: int = 0  # tokens every row got from this decoder so far
+
+
+def stats_delta(now: DecodeStats, then: DecodeStats) -> DecodeStats:
+    """The decode work between two snapshots of one decoder's stats."""
+    out = copy.deepcopy(now)
+    for f in fields(DecodeStats):
+        a, b = getattr(now, f.name), getattr(then, f.name)
+        if f.name in ("stages_per_token", "draft_stage", "gamma", "mode"):
+            continue
+        if isinstance(a, list):
+            setattr(out, f.name, [x - (b[k] if k < len(b) else 0) for k, x in enumerate(a)])
+        elif isinstance(a, (int, float)):
+            setattr(out, f.name, a - b)
+    return out
+
+
+class Scheduler:
+    def __init__(self, max_batch: int, max_queue: int, metrics, retry_after_s: int = 1):
+        self.max_batch, self.max_queue, self.metrics, self.retry_after_s = max_batch, max_queue, metrics, retry_after_s
+        self.cond = threading.Condition()
+        self.queue: deque[Job] = deque()
+        self.batches: dict[tuple, Batch] = {}
+        self.running_rows = 0
+        self.draining = False
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="poelm-scheduler", daemon=True)
+
+    # --- the HTTP side ---------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def submit(self, job: Job) -> None:
+        if len(job.rows) > self.max_batch:
+            raise ApiError(400, f"this request needs {len(job.rows)} rows (prompts x n) but the server runs at most "
+                           f"{self.max_batch} (--max-batch); lower n or send fewer prompts", param="n")
+        with self.cond:
+            if self.draining:
+                raise ApiError(503, "the server is shutting down", retry_after=self.retry_after_s)
+            if len(self.queue) >= self.max_queue:
+                self.metrics.rejected.inc()
+                raise ApiError(503, f"the server is busy: {self.running_rows} rows running and {len(self.queue)} "
+                               "requests queued (--max-queue); retry later", retry_after=self.retry_after_s)
+            self.queue.append(job)
+            self.metrics.queue_depth.set(len(self.queue))
+            self.cond.notify()
+
+    def drain(self) -> None:
+        with self.cond:
+            self.draining = True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join(timeout)
+
+    def load(self) -> dict:
+        return {"running_rows": self.running_rows, "queued": len(self.queue), "decoders": len(self.batches)}
+
+    # --- the loop --------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopping and not self.queue and not self.batches:
+                    self.cond.wait()
+                if self.stopping:
+                    for job in list(self.queue):
+                        self._fail(job, ApiError(503, "the server stopped before this request ran"))
+                    self.queue.clear()
+                    return
+                admitted = self._admit()
+            with torch.no_grad():
+                self._prefill(admitted)
+                for batch in list(self.batches.values()):
+                    self._drop_gone(batch)
+                    if batch.decoder.rows:
+                        self._step(batch)
+                    if not batch.decoder.rows:
+                        del self.batches[batch.key]
+            self.metrics.batch_rows.set(self.running_rows)
+            self.metrics.decoders.set(len(self.batches))
+
+    def _admit(self) -> list[Job]:
+        """Pop queued jobs FIFO while their rows fit (under the lock); expired/cancelled ones end."""
+        now, admitted = time.monotonic(), []
+        for job in list(self.queue):
+            if job.cancelled or now > job.deadline:
+                self.queue.remove(job)
+                self._end_gone(job)
+        while self.queue and self.running_rows + len(self.queue[0].rows) <= self.max_batch:
+            job = self.queue.popleft()
+            self.running_rows += len(job.rows)
+            admitted.append(job)
+        self.metrics.queue_depth.set(len(self.queue))
+        return admitted
+
+    def _prefill(self, jobs: list[Job]) -> None:
+        groups: dict[tuple, list[Job]] = {}
+        for job in jobs:
+            groups.setdefault(job.key, []).append(job)
+        for key, group in groups.items():
+            batch = self.batches.get(key)
+            try:
+                if batch is None:
+                    job = group[0]
+                    decoder = make_decoder(job.model, job.opts, job.model.config.sequence_len)
+                    if job.opts.mode in LOGPROB_MODES:
+                        decoder.sampler = LogprobSampler(job.opts, decoder.device)
+                    batch = self.batches[key] = Batch(key, decoder)
+                handles = batch.decoder.add_rows([row for job in group for row in job.rows])
+            except Exception as e:  # a bug: its requests fail, the server goes on
+                traceback.print_exc()
+                for job in group:
+                    self.running_rows -= len(job.rows)
+                    self._fail(job, ApiError(500, f"internal error while prefilling: {type(e).__name__}: {e}"))
+                if batch is not None and not batch.decoder.rows:
+                    self.batches.pop(key, None)
+                continue
+            it = iter(handles)
+            for job in group:
+                job.batch, job.live = batch, len(job.rows)
+                job.stats_at_start, job.tokens_at_start = copy.deepcopy(batch.decoder.stats), batch.tokens_out
+                for row in range(len(job.rows)):
+                    h = next(it)
+                    job.handles[h] = row
+                    batch.rows[h] = (job, row)
+            self._want_logprobs(batch)
+
+    def _want_logprobs(self, batch: Batch) -> None:
+        sampler = batch.decoder.sampler
+        if isinstance(sampler, LogprobSampler):
+            wanted = [job.logprobs for job, _ in batch.rows.values() if job.logprobs is not None]
+            sampler.top = max(wanted) if wanted else None
+
+    def _drop_gone(self, batch: Batch) -> None:
+        """Rows of jobs whose client left or whose time ran out leave before the step."""
+        now = time.monotonic()
+        gone = {job for job, _ in batch.rows.values() if job.cancelled or now > job.deadline}
+        for job in gone:
+            self._leave(batch, [h for h, (j, _) in batch.rows.items() if j is job])
+            self._end_gone(job)
+
+    def _leave(self, batch: Batch, handles: list[int]) -> None:
+        if not handles:
+            return
+        batch.decoder.remove_rows(handles)
+        for h in handles:
+            job, _ = batch.rows.pop(h)
+            job.live -= 1
+            self.running_rows -= 1
+        self._want_logprobs(batch)
+
+    def _step(self, batch: Batch) -> None:
+        dec = batch.decoder
+        try:
+            order = [r.handle for r in dec.rows]
+            self.metrics.step_rows.observe(len(order))
+            new = dec.step()
+        except Exception as e:  # a bug: this decoder's requests fail, the server goes on
+            traceback.print_exc()
+            jobs = {job for job, _ in batch.rows.values()}
+            for job in jobs:
+                self.running_rows -= job.live
+                job.live = 0
+                self._fail(job, ApiError(500, f"internal error while decoding: {type(e).__name__}: {e}"))
+            batch.rows.clear()
+            dec.rows = []  # the decoder is dropped with its batch
+            return
+        picked = getattr(dec.sampler, "last", None)
+        lps = dict(zip(order, picked)) if picked is not None else {}
+        now = time.monotonic()
+        touched: dict[Job, list[int]] = {}
+        leaving = []
+        for handle, tokens in new.items():
+            batch.tokens_out += len(tokens)
+            job, row = batch.rows[handle]
+            col = job.collector
+            before = len(col.tokens[row])
+            col.add(row, tokens)
+            added = len(col.tokens[row]) - before
+            if job.t_first is None:
+                job.t_first = now
+                self.metrics.ttft.observe(now - job.t_submit)
+            if handle in lps and added:
+                job.entries[row].append(lps[handle])
+            if col.reason[row] is None and dec.is_full(handle):
+                col.reason[row] = "context"
+            if col.reason[row] is not None:
+                leaving.append(handle)
+            touched.setdefault(job, []).append(row)
+        for job in touched:  # a job's poe stats are read before its rows leave
+            if all(job.collector.reason[r] is not None for r in job.handles.values()):
+                job.poe = self._poe_stats(job, batch)
+        self._leave(batch, leaving)
+        for job, rows in touched.items():
+            if job.stream:
+                self._push_deltas(job, rows)
+            if job.live == 0 and not job.done:
+                self._end(job)
+
+    def _poe_stats(self, job: Job, batch: Batch) -> dict:
+        window = stats_delta(batch.decoder.stats, job.stats_at_start)
+        out = window.to_dict(batch.tokens_out - job.tokens_at_start)
+        out["batch_scope"] = True  # means over the decode batch while this request ran in it
+        return out
+
+    def _push_deltas(self, job: Job, rows: list[int]) -> None:
+        """One ("chunk", [(row, text delta, logprob entries, finish reason or None)]) event."""
+        col, chunk = job.collector, []
+        for row in rows:
+            finished = col.reason[row] is not None
+            text = (col.text(row) if finished else col.stable_text(row)) or ""
+            delta = text[len(job.sent[row]):] if text.startswith(job.sent[row]) else ""
+            job.sent[row] += delta
+            entries = (job.logprob_entries(row) if finished else job.entries[row])[job.sent_entries[row]:]
+            job.sent_entries[row] += len(entries)
+            if delta or entries or finished:
+                chunk.append((row, delta, entries, job.finish_reason(row) if finished else None))
+        if chunk:
+            job.push(("chunk", chunk))
+
+    # --- endings ---------------------------------------------------------------
+    def _timeout(self, job: Job) -> ApiError:
+        return ApiError(504, f"the request ran past the per-request timeout of {job.timeout_s:g} s (--request-timeout)")
+
+    def _end_gone(self, job: Job) -> None:
+        if job.cancelled:
+            self._end(job)
+        else:
+            self._fail(job, self._timeout(job))
+
+    def _end(self, job: Job) -> None:
+        if job.done:
+            return
+        job.done = True
+        if not job.cancelled:
+            self.metrics.finished(job)
+        job.push(("end", None))
+
+    def _fail(self, job: Job, error: ApiError) -> None:
+        if job.done:
+            return
+        job.done = True
+        self.metrics.failed(job, error.status)
+        job.push(("error", error))
