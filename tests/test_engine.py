@@ -771,3 +771,24 @@ def test_removing_no_rows_leaves_the_cache_alone(rand_model):
     dec.step()
     dec.remove_rows([])
     assert dec.cache.k[0] is k0 and len(dec.rows) == 2
+
+
+@torch.no_grad()
+def test_decoder_reused_after_its_last_row_left(rand_model):
+    """Rows leave until none is left, then new ones join: each gets what it gets in a fresh decoder
+    (the repetition-penalty memory `seen` shrinks with the rows)."""
+    from poelm.engine import make_decoder
+    opts = DecodeOptions(repetition_penalty=1.3)
+    dec = make_decoder(rand_model, opts, 64)
+    (h,) = dec.add_rows([prompts()[0]])
+    dec.step()
+    dec.remove_rows([h])
+    assert dec.rows == [] and dec.seen.shape[0] == 0
+    handles = dec.add_rows([prompts()[1], prompts()[0]])
+    for _ in range(6):
+        dec.step()
+    fresh = make_decoder(rand_model, opts, 64)
+    ref = fresh.add_rows([prompts()[1], prompts()[0]])
+    for _ in range(6):
+        fresh.step()
+    assert [dec.row(x).seq for x in handles] == [fresh.row(x).seq for x in ref]

@@ -151,9 +151,9 @@ class Decoder:
 
     def _keep(self, keep: list[int]) -> None:
         self.rows = [self.rows[b] for b in keep]
+        self.seen = self.seen[keep]  # (len(keep), V): empty when the last row leaves, so add_rows appends cleanly
         if self.rows:
             self.cache.keep_rows(keep)
-            self.seen = self.seen[keep]
 
     def row(self, handle: int) -> Row:
         return next(r for r in self.rows if r.handle == handle)
