@@ -12,7 +12,7 @@ import torch
 
 from poelm import checkpoint, corpus
 from poelm import tokenizer as tokenizer_mod
-from poelm.engine import (Engine, PlainDecoder, DecodeOptions, Sampler, TextStream, _Collector, calibrate,
+from poelm.engine import (Engine, PlainDecoder, DecodeOptions, Sampler, TextStream, Collector, calibrate,
                           load_calibration, new_cache, save_calibration, wand_teacher_forced)
 from poelm.model import GPT, GPTConfig
 
@@ -547,7 +547,7 @@ def scripted_stream(tokens: list[int], stop_strings=()) -> TextStream:
     opts = DecodeOptions(max_new_tokens=len(tokens), stop_strings=list(stop_strings))
 
     class ScriptedSession:  # the Session interface: advance(), collector, results()
-        collector = _Collector(1, opts, tok, {BOS})
+        collector = Collector(1, opts, tok, {BOS})
         script = iter(tokens)
 
         def advance(self) -> bool:
@@ -738,7 +738,7 @@ def test_poe_decoders_add_rows_mid_run(kw, trained, trained_calib):
     """WAND and speculative rows added between steps get the tokens they get alone."""
     from poelm.engine import make_decoder
     engine = Engine(trained, calibration=trained_calib)
-    opts = engine._options(dict(kw, max_new_tokens=40))
+    opts = engine.options(dict(kw, max_new_tokens=40))
     a, b = text_prompt_ids("the red cat"), text_prompt_ids("a big dog")
     dec = make_decoder(trained, opts, 100)
     (ha,) = dec.add_rows([a])

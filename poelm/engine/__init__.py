@@ -59,7 +59,7 @@ from poelm.engine.options import (BP_REFUSAL, CALIBRATION_KEYS, GENERATION_CONFI
                                   WAND_TARGETS, DecodeOptions, Generation, _check, refuse_bp, validate_options)
 from poelm.engine.sampling import Sampler, logop, top_gap
 from poelm.engine.speculative import SpeculativeDecoder
-from poelm.engine.stream import TextStream, _Collector
+from poelm.engine.stream import TextStream, Collector
 from poelm.engine.wand import WandDecoder
 from poelm.model import GPT
 
@@ -68,7 +68,7 @@ __all__ = ["Engine", "Session", "Decoder", "DecodeStats", "PlainDecoder", "WandD
            "top_gap", "TextStream", "calibrate", "check_calibration", "load_calibration", "save_calibration",
            "running_readouts", "stage_swings", "wand_exit_rule", "wand_teacher_forced", "refuse_bp", "MODES",
            "WAND_TARGETS", "MAX_GAMMA", "BP_REFUSAL", "CALIBRATION_KEYS", "GENERATION_CONFIG_NAME", "_check",
-           "_Collector"]
+           "Collector"]
 
 
 class Engine:
@@ -112,7 +112,8 @@ class Engine:
         _check(isinstance(prompt, (list, tuple)) and len(prompt) > 0, "empty prompt: give a string, token ids or a list of them")
         return [self.encode_prompt(p, add_bos) for p in prompt], False
 
-    def _stop_ids(self, opts: DecodeOptions) -> set[int]:
+    def stop_ids(self, opts: DecodeOptions) -> set[int]:
+        """The token ids that end a row: the caller's, else <|bos|> and <|assistant_end|>."""
         if opts.stop_token_ids is not None:
             return set(opts.stop_token_ids)
         if self.tokenizer is None:
@@ -126,7 +127,7 @@ class Engine:
     # --- public API ------------------------------------------------------------
     def generate(self, prompt, **options) -> Generation | list[Generation]:
         """Generate from one prompt (-> Generation) or a list of prompts (-> list)."""
-        opts = self._options(options)
+        opts = self.options(options)
         rows, single = self._rows(prompt, opts.add_bos)
         session = Session(self, rows, opts)
         while session.advance():
@@ -136,13 +137,14 @@ class Engine:
 
     def stream(self, prompt, **options) -> TextStream:
         """Text deltas of one prompt as they are generated (needs a tokenizer)."""
-        opts = self._options(options)
+        opts = self.options(options)
         _check(self.tokenizer is not None, "streaming text needs a tokenizer")
         rows, single = self._rows(prompt, opts.add_bos)
         _check(single, "stream takes one prompt")
         return TextStream(Session(self, rows, opts))
 
-    def _options(self, options: dict) -> DecodeOptions:
+    def options(self, options: dict) -> DecodeOptions:
+        """DecodeOptions from keyword options (validated: a bad one is one line)."""
         try:
             opts = DecodeOptions(**options)
         except TypeError as e:
@@ -162,7 +164,7 @@ class Session:
     def __init__(self, engine: Engine, rows: list[list[int]], opts: DecodeOptions):
         self.engine, self.rows, self.opts = engine, rows, opts
         self.t0 = time.perf_counter()
-        self.collector = _Collector(len(rows), opts, engine.tokenizer, engine._stop_ids(opts))
+        self.collector = Collector(len(rows), opts, engine.tokenizer, engine.stop_ids(opts))
         self.first_token_s: float | None = None
         self.wall: float | None = None
         capacity = min(engine.model.config.sequence_len, max(len(r) for r in rows) + opts.max_new_tokens)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from poelm.engine.options import DecodeOptions, Generation  # noqa: F401
 
 
-class _Collector:
+class Collector:
     """Per-row new tokens, stop conditions and the (stop-string cut) text."""
 
     def __init__(self, n_rows: int, opts: DecodeOptions, tokenizer, stop_ids: set[int]):

@@ -62,7 +62,7 @@ def decode_options(req: Sampling, served: ServedModel, max_tokens: int, stop: li
                    max_new_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
                    top_k=req.top_k, top_p=1.0 if req.top_p is None else req.top_p,
                    repetition_penalty=req.repetition_penalty, seed=req.seed, stop_strings=stop)
-    return served.engine._options(options)  # the engine's validation: one line per bad value, BP refusal
+    return served.engine.options(options)  # the engine's validation: one line per bad value, BP refusal
 
 
 def check_common(req: Sampling, config: ServeConfig, context: int, max_tokens: int | None, param: str) -> tuple[int, list[str]]:
@@ -148,7 +148,7 @@ def make_job(req: Sampling, served: ServedModel, prompts: list[list[int]], max_t
         raise ApiError(400, f"logprobs are reported in poe modes {', '.join(LOGPROB_MODES)}, not {opts.mode}",
                        param="logprobs")
     rows = [ids for ids in prompts for _ in range(req.n)]
-    return Job(served, model, rows, opts, served.engine._stop_ids(opts), loop, stream=req.stream, logprobs=logprobs,
+    return Job(served, model, rows, opts, served.engine.stop_ids(opts), loop, stream=req.stream, logprobs=logprobs,
                timeout_s=config.request_timeout)
 
 

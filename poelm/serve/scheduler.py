@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from poelm.engine import DecodeOptions, DecodeStats, Sampler, _Collector, make_decoder
+from poelm.engine import DecodeOptions, DecodeStats, Sampler, Collector, make_decoder
 from poelm.serve.protocol import FINISH_REASONS, ApiError
 
 LOGPROB_MODES = ("final", "stage", "logop")  # decoders that sample one token per row from one readout
@@ -87,7 +87,7 @@ class Job:
         self.t_submit = time.monotonic()
         self.deadline = self.t_submit + self.timeout_s
         self.t_first: float | None = None
-        self.collector = _Collector(len(self.rows), self.opts, self.served.engine.tokenizer, self.stop_ids)
+        self.collector = Collector(len(self.rows), self.opts, self.served.engine.tokenizer, self.stop_ids)
         self.sent = [""] * len(self.rows)  # text already streamed per row
         self.sent_entries = [0] * len(self.rows)  # logprob entries already streamed per row
         self.entries: list[list[TokenLogprob]] = [[] for _ in self.rows]
