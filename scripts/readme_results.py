@@ -35,9 +35,16 @@ def results_section(results: dict) -> str:
                                                     for a, r in lasts.items()), default=0)
     val = f"{cfg['eval_tokens']:,} validation tokens" if cfg.get("eval_tokens") else "validation tokens"
     train_min = sum(r.get("train_seconds", 0.0) for r in results["arms"].values()) / 60
-    lines = [f"Machine: {results['machine']}. **{results['wall_seconds'] / 60:.1f} minutes wall time** for the "
-             f"`poelm experiment` call that wrote these numbers (corpus, tokenizer, {len(lasts)} arms, inference "
-             f"modes; {train_min:.1f} of them training). Depth {model['n_layer']}, width {model['n_embd']}, vocab "
+    resumed = results.get("resumed_arms") or []
+    if resumed:  # an earlier call trained them: this call's wall time says nothing about a full run
+        timing = (f"Training of the {len(lasts)} arms: **{train_min:.1f} minutes** (arms {', '.join(resumed)} were "
+                  f"trained by an earlier call; the call that wrote these numbers took "
+                  f"{results['wall_seconds'] / 60:.1f} min for the rest). ")
+    else:
+        timing = (f"**{results['wall_seconds'] / 60:.1f} minutes wall time** for the `poelm experiment` call that "
+                  f"wrote these numbers (corpus, tokenizer, {len(lasts)} arms, inference modes, specialist; "
+                  f"{train_min:.1f} of them training the arms). ")
+    lines = [f"Machine: {results['machine']}. " + timing + f"Depth {model['n_layer']}, width {model['n_embd']}, vocab "
              f"{cfg['vocab_size']:,}, sequence {model['sequence_len']}, {tokens_per_arm:,} tokens per arm "
              f"({cfg['total_batch_size']:,} per step), corpus `{cfg['data_source']}`; LRs matrix "
              f"{cfg['matrix_lr']:g}, embedding {cfg['embedding_lr']:g}, unembedding {cfg['unembedding_lr']:g}, "

@@ -74,7 +74,8 @@ class ExperimentConfig:
 
 
 PRESETS: dict[str, dict] = {
-    # About 17 minutes on 2 idle CPU cores (fp32): 3 arms x 300 steps x 8,192 tokens (2.46 M tokens per arm).
+    # About 25 minutes on 2 CPU cores (fp32): 3 arms x 300 steps x 8,192 tokens (2.46 M tokens per arm), then
+    # a 1-layer specialist on the PoE arm, 200 SFT steps on the recall chat set.
     # Literal LRs (lr_scaling off): nanochat's rules would put s_B = sqrt(8192 / 2^19) = 1/8 on every LR
     # and start the Muon wd at 0.82 (its d12 has 24x the scaling params): too slow and too strong for
     # 300 steps. These are the effective values this preset trained with before the rules were exact
@@ -87,7 +88,7 @@ PRESETS: dict[str, dict] = {
                  eval_tokens=2 ** 16, save_every=50, tokenizer="data/tokenizer-1k",
                  lr_scaling="off", matrix_lr=0.04, embedding_lr=1.47, unembedding_lr=0.0392, scalar_lr=2.45,
                  weight_decay=0.2, specialist_steps=200,
-                 compute_note="about 17 minutes on 2 idle CPU cores (fp32)"),
+                 compute_note="about 25 minutes on 2 CPU cores (fp32), specialist stage included"),
     # A wider model for longer on CPU: depth 8, 256 wide, 4 x 2 stages, 9.8 M tokens per arm.
     # Literal LRs (lr_scaling off) for the same reason as tiny: flags x (256/768)^-0.5 on the AdamW LRs.
     "cpu-long": dict(name="cpu-long", model=dict(n_layer=8, n_embd=256, n_head=4, sequence_len=512, poe_every=2),

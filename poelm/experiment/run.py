@@ -178,6 +178,7 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
     ensure_data(cfg, say)
     results = {"config": dataclasses.asdict(cfg), "model": cfg.model_config("flat", 0.0).to_dict(), "arms": {},
                "paper": PAPER}
+    results["resumed_arms"] = [a for a in cfg.arms if (Path(cfg.out) / "arms" / a / "result.json").exists()]
     for arm in cfg.arms:
         results["arms"][arm] = run_arm(cfg, arm, say)
     evals = eval_table(cfg)
