@@ -22,7 +22,8 @@ START, END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
 LABELS = {"bp": "BP (`none`)", "poe": "PoE `flat` α=0", "poe_a05": "PoE `flat` α=0.5"}
 PAPER_COLUMN = {"bp": f"{PAPER['bp_bpb']:.4f}", "poe": f"{PAPER['poe_bpb']:.4f} (+{PAPER['gap_pct_final']} %)",
                 "poe_a05": "tracked worse than α=0, stopped at 53 %"}
-PLOTS = {"bpb_per_stage.png": "demo_bpb_per_stage.png", "bpb_curves.png": "demo_bpb_curves.png"}
+PLOTS = {"bpb_per_stage.png": "demo_bpb_per_stage.png", "bpb_curves.png": "demo_bpb_curves.png",
+         "specialist.png": "demo_specialist.png"}
 
 
 def results_section(results: dict) -> str:
@@ -68,6 +69,7 @@ def results_section(results: dict) -> str:
     if results.get("specialist"):  # the same text as the run's report.md
         lines += [""] + ["#" + line if line.startswith("## ") else line
                          for line in specialist_report(results["specialist"])]
+        lines += ["![specialist](docs/demo_specialist.png)", ""]
     return "\n".join(lines)
 
 
