@@ -251,7 +251,8 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert set(report) >= {"train", "projection", "decode", "agreement", "hf", "ratios"}
     for row in report["train"]:
         assert row["tokens_per_s"] > 0 and row["mfu"] is None  # no peak FLOPs on the CPU
-    assert {r["mode"] for r in report["decode"]} == {"plain", "stage0", "speculative", "wand"}
+    assert {r["mode"] for r in report["decode"]} == {"plain", "plain_compiled", "stage0", "speculative", "wand"}
+    assert {a["path"] for a in report["agreement"]} >= {"speculative", "plain_compiled", "prefill_flex"}
     assert all(a["tokens_equal"] for a in report["agreement"])
     assert report["hf"]["tokens_equal"]
     assert proc.stdout.rstrip().splitlines()[-1].startswith("ratios")
