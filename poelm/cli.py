@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,6 +83,30 @@ def parse_device(name: str, flag: str = "--device"):
     elif device.type != "cpu":
         raise CliError(f"{flag} {name!r} is not supported; use cpu, cuda, cuda:N, mps or auto")
     return device
+
+
+def check_bf16(device, flag: str = "--dtype") -> None:
+    """Refuse bf16 on a CUDA GPU without bfloat16 support (the CPU computes it, slowly)."""
+    import torch
+
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise CliError(f"{flag} bf16 but {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+                       f"use {flag} fp32")
+
+
+def check_compiler(device, flag: str = "--compile") -> None:
+    """Refuse torch.compile where it cannot work: no dynamo for this Python, no triton (CUDA) or no C++ compiler (CPU)."""
+    import importlib.util
+    import shutil
+
+    import torch
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise CliError(f"{flag}: torch.compile does not support this Python or platform; pass --no-compile")
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise CliError(f"{flag} on CUDA needs triton (pip install triton); pass --no-compile to run eagerly")
+    if device.type == "cpu" and not (os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++"))):
+        raise CliError(f"{flag} on the CPU needs a C++ compiler (g++ or clang++ on PATH, or $CXX); pass --no-compile")
 
 
 def at_least(low: int) -> Callable[[str], int]:
@@ -311,6 +336,7 @@ def sft_arguments(p: argparse.ArgumentParser) -> None:
 
 def trainer_arguments(p: argparse.ArgumentParser) -> None:
     """The flags `poelm train` and `poelm sft` share (their one trainer, poelm/train.py)."""
+    from poelm.model import ATTENTION_BACKENDS
     from poelm.optim import LR_SCALING
     from poelm.train import TrainConfig
 
@@ -346,7 +372,11 @@ def trainer_arguments(p: argparse.ArgumentParser) -> None:
     a("--seed", type=int, default=d.seed, help="seed of the initialisation")
     a("--device", default=d.device, help="auto (cuda if visible, else cpu), cpu, cuda or cuda:N")
     a("--dtype", default=d.dtype, help="auto (bf16 on capable GPUs, else fp32), fp32/float32 or bf16/bfloat16")
-    a("--compile", action="store_true", help="torch.compile the model")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
+      help="torch.compile the training step (default: on for CUDA, off on the CPU)")
+    a("--attention-backend", default=d.attention_backend, choices=ATTENTION_BACKENDS,
+      help="kernel of the sliding-window layers: auto = flash-attn if installed, else FlexAttention on CUDA; "
+           "the masked SDPA reference on the CPU")
     a("--resume", action="store_true", help="continue the run in --out from its newest complete checkpoint")
     a("--extend-to", type=int, default=None, help="with --resume: change the horizon to N steps (recorded)")
     a("--quiet", action="store_true", help="no progress bar or log lines")

@@ -322,6 +322,71 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.
 
 
 # -----------------------------------------------------------------------------
+# Attention kernels of the sliding-window layers (a runtime choice, not a model setting:
+# every backend computes the same attention; set GPT.attention_backend)
+
+ATTENTION_BACKENDS = ("auto", "sdpa_mask", "flex", "flash")
+
+
+def _import_flash_attn():
+    """flash-attn's flash_attn_func (FA3's flash_attn_interface, else FA2's flash_attn), or None."""
+    for module in ("flash_attn_interface", "flash_attn"):
+        try:
+            return getattr(__import__(module), "flash_attn_func")
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+FLASH_ATTN = _import_flash_attn()  # looked up once (a compiled step reads it as a constant)
+
+
+def resolve_attention_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The kernel of the S layers' full-sequence attention (training, prefill from slot 0).
+    auto: flash-attn when installed on CUDA in bf16/fp16, else FlexAttention on CUDA, else
+    SDPA with a boolean window mask (on the CPU FlexAttention without torch.compile is an
+    unfused kernel that builds the same score matrix and has no backward, and compiling it costs
+    seconds per shape)."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+    if name == "auto":
+        if device.type != "cuda":
+            return "sdpa_mask"
+        return "flash" if dtype in (torch.bfloat16, torch.float16) and FLASH_ATTN is not None else "flex"
+    if name == "flash" and (device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or FLASH_ATTN is None):
+        raise ValueError("attention backend flash needs flash-attn (pip install flash-attn) on a CUDA GPU in "
+                         "bf16/fp16; use auto, flex or sdpa_mask")
+    if name == "flex" and device.type == "cpu" and torch.is_grad_enabled():
+        raise ValueError("attention backend flex has no backward on the CPU (torch's FlexAttention); train there with "
+                         "auto or sdpa_mask")
+    return name
+
+
+_FLEX: dict[str, object] = {}  # device type -> flex_attention (compiled on CUDA)
+
+
+def flex_attention(q, k, v, block_mask, enable_gqa: bool) -> torch.Tensor:
+    """FlexAttention with a sliding-window block mask: compiled into one fused kernel on CUDA
+    (inside a compiled model it is inlined); the unfused reference kernel elsewhere."""
+    fn = _FLEX.get(q.device.type)
+    if fn is None:
+        from torch.nn.attention.flex_attention import flex_attention as flex
+
+        fn = _FLEX[q.device.type] = torch.compile(flex, dynamic=False) if q.device.type == "cuda" else flex
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+def window_block_mask(T: int, window: int, device) -> object:
+    """FlexAttention's block mask of a causal window over T positions (key visible iff q-window <= k <= q)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def visible(b, h, q, k):
+        return (q >= k) & (q - k <= window)
+
+    return create_block_mask(visible, None, None, T, T, device=device)
+
+
+# -----------------------------------------------------------------------------
 # KV cache
 
 
@@ -382,21 +447,27 @@ class KVCache:
 
 class StepPlan:
     """What every layer of one `run_layers` call shares, built once per call: the slots the
-    chunk writes, rotary cos/sin and one attention mask per distinct window (None where a
-    plain slice of keys or `is_causal` is exact, e.g. a one-token decode against a window).
+    chunk writes, rotary cos/sin and, per distinct window, how to attend: (first key slot,
+    mask, is_causal, kernel). A mask is None where a plain slice of keys or `is_causal` is
+    exact (a one-token decode against a window, a causal L layer); a sliding window over a
+    whole sequence (training, a prefill from slot 0) uses the model's attention backend:
+    a FlexAttention block mask, flash-attn's window, or the reference (T, T) boolean mask.
 
-    start: an int (every row continues at that slot) or a list of per-row start slots (ragged
-    rows; writes scatter to each row's own slots)."""
+    start: an int (every row continues at that slot), a list of per-row start slots (ragged
+    rows; writes scatter to each row's own slots) or a (B,) tensor of them: the static-shape
+    step (every key slot of the cache with a mask; no host ints, so a compiled step is one
+    graph for every position; the caller keeps cache.lengths / n_tokens)."""
 
     def __init__(self, model: "GPT", B: int, T: int, dtype: torch.dtype, device, cache: "KVCache | None",
-                 start: int | list[int], windows: set[int]):
+                 start: int | list[int] | torch.Tensor, windows: set[int]):
         self.cache, self.T = cache, T
         self.ragged = not isinstance(start, int)
+        self.static = isinstance(start, torch.Tensor)
         if self.ragged:
-            starts = torch.tensor(start, dtype=torch.long, device=device)  # (B,)
+            starts = start if self.static else torch.tensor(start, dtype=torch.long, device=device)  # (B,)
             self.slots = starts.unsqueeze(1) + torch.arange(T, device=device)  # (B, T)
             self.rows = torch.arange(B, device=device).unsqueeze(1)  # (B, 1)
-            self.start, self.end = min(start), max(start) + T  # key range [.., end)
+            self.start, self.end = (0, cache.max_len) if self.static else (min(start), max(start) + T)  # keys [.., end)
             positions = self.slots - cache.pad.unsqueeze(1)
             need = self.end
         else:
@@ -405,22 +476,27 @@ class StepPlan:
             need = start + T
         cos, sin = model._rotary(positions, need + 1)
         self.cos, self.sin = cos.to(dtype), sin.to(dtype)
-        self.keys: dict[int, tuple[int, torch.Tensor | None, bool]] = {w: self._plan(w, device) for w in windows}
+        self.backend = resolve_attention_backend(model.attention_backend, device, dtype)
+        self.model = model
+        self.keys: dict[int, tuple[int, object, bool, str]] = {w: self._plan(w, device) for w in windows}
 
-    def _plan(self, window: int, device) -> tuple[int, torch.Tensor | None, bool]:
-        """(first key slot, mask (B|1, 1, T, Tk) or None, is_causal) for one window."""
+    def _plan(self, window: int, device) -> tuple[int, object, bool, str]:
+        """(first key slot, mask or None, is_causal, kernel "sdpa" | "flex" | "flash") for one window."""
         cache, T = self.cache, self.T
         lo = max(0, self.start - window)  # the earliest key any query of this chunk can see
-        if cache is None:
-            if window >= T - 1:
-                return 0, None, True
-            pos = torch.arange(T, device=device)
-            return 0, window_mask(pos, pos, window), False
-        if not self.ragged and not cache.has_pad:
-            if T == 1:
-                return lo, None, False  # keys lo..start are exactly the window
-            if self.start == 0 and window >= T - 1:
-                return 0, None, True
+        whole = cache is None or (not self.ragged and not cache.has_pad and self.start == 0)  # keys = queries
+        if whole and window >= T - 1:
+            return 0, None, True, "sdpa"
+        if whole and T > 1:  # a window over the whole sequence: the backend's kernel
+            if self.backend == "flash":
+                return 0, None, False, "flash"
+            if self.backend == "flex":
+                return 0, self.model.block_mask(T, window, device), False, "flex"
+            if cache is None:
+                pos = torch.arange(T, device=device)
+                return 0, window_mask(pos, pos, window), False, "sdpa"
+        if not self.ragged and not cache.has_pad and T == 1:
+            return lo, None, False, "sdpa"  # keys lo..start are exactly the window
         k_slot = torch.arange(lo, self.end, device=device)
         if self.ragged:
             diff = self.slots.unsqueeze(-1) - k_slot  # (B, T, Tk)
@@ -431,7 +507,19 @@ class StepPlan:
         if cache.has_pad:
             mask = mask & (k_slot.unsqueeze(0) >= cache.pad.unsqueeze(1)).unsqueeze(1)  # (B, T, Tk)
             mask = mask | ~mask.any(-1, keepdim=True)  # pad-slot queries: attend anywhere, result unused
-        return lo, mask.unsqueeze(1), False
+        return lo, mask.unsqueeze(1), False, "sdpa"
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+        """q (B, H, T, D) against keys/values (B, Hk, Tk, D) from slot keys[window][0] on -> (B, H, T, D)."""
+        _, mask, causal, kernel = self.keys[window]
+        gqa = q.shape[1] != k.shape[1]
+        if kernel == "flex":
+            return flex_attention(q, k, v, mask, gqa)
+        if kernel == "flash":  # (B, T, H, D) layout; a key is visible iff q - window <= k <= q
+            y = FLASH_ATTN(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                  window_size=(window, 0))
+            return (y[0] if isinstance(y, tuple) else y).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
 
 # -----------------------------------------------------------------------------
@@ -464,7 +552,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, ve: torch.Tensor | None, plan: StepPlan, window: int) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
-        if torch.is_grad_enabled():  # training: the three projections, gradients to each
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # training / a compiled step: three matmuls
             q = self.c_q(x).view(B, T, H, D)
             k = self.c_k(x).view(B, T, Hk, D)
             v = self.c_v(x).view(B, T, Hk, D)
@@ -478,11 +566,7 @@ class CausalSelfAttention(nn.Module):
         qk = rmsnorm(apply_rotary(qk, plan.cos, plan.sin)) * QK_SCALE  # q and k rotated and normed together
         qk, v = qk.transpose(1, 2), v.transpose(1, 2)  # (B, H+Hk, T, D), (B, Hk, T, D)
         q, k = qk[:, :H], qk[:, H:]
-        if plan.cache is None:
-            _, mask, causal = plan.keys[window]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=H != Hk)
-        else:
-            y = self._attend_cached(q, k, v, window, plan)
+        y = plan.attend(q, k, v, window) if plan.cache is None else self._attend_cached(q, k, v, window, plan)
         y = y.transpose(1, 2).reshape(B, T, H * D)
         return self.c_proj(y)
 
@@ -495,17 +579,16 @@ class CausalSelfAttention(nn.Module):
         if plan.ragged:  # each row writes its own slots
             ck[plan.rows, :, plan.slots] = k.transpose(1, 2).to(ck.dtype)
             cv[plan.rows, :, plan.slots] = v.transpose(1, 2).to(cv.dtype)
-            cache.lengths[i] = max(cache.lengths[i], end)
+            if not plan.static:  # (a static step's caller keeps the lengths: no host ints in its graph)
+                cache.lengths[i] = max(cache.lengths[i], end)
         else:
             if start > cache.lengths[i]:  # a chunk before the end rewrites (crops) the layer; after it is a hole
                 raise RuntimeError(f"layer {i} cache holds {cache.lengths[i]} slots, chunk starts at {start}")
             ck[:, :, start:end] = k.to(ck.dtype)
             cv[:, :, start:end] = v.to(cv.dtype)
             cache.lengths[i] = end
-        lo, mask, causal = plan.keys[window]
-        keys, values = ck[:, :, lo:end].to(q.dtype), cv[:, :, lo:end].to(q.dtype)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
-                                              enable_gqa=self.n_head != self.n_kv_head)
+        lo = plan.keys[window][0]
+        return plan.attend(q, ck[:, :, lo:end].to(q.dtype), cv[:, :, lo:end].to(q.dtype), window)
 
 
 class MLP(nn.Module):
@@ -631,6 +714,8 @@ class GPT(nn.Module):
         self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.backout_lambda = nn.Parameter(torch.zeros(1))
         self.windows = config.window_sizes()
+        self.attention_backend = "auto"  # the S layers' kernel (ATTENTION_BACKENDS); not a model setting
+        self._block_masks: dict[tuple, object] = {}
         self._rotary_len = 0
         self.register_buffer("rotary_cos", torch.empty(0), persistent=False)
         self.register_buffer("rotary_sin", torch.empty(0), persistent=False)
@@ -681,6 +766,13 @@ class GPT(nn.Module):
             cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
         return cos.unsqueeze(2), sin.unsqueeze(2)
 
+    def block_mask(self, T: int, window: int, device) -> object:
+        """The FlexAttention block mask of a window over T positions, built once per shape."""
+        key = (T, window, str(device))
+        if key not in self._block_masks:
+            self._block_masks[key] = window_block_mask(T, window, device)
+        return self._block_masks[key]
+
     def stage_of_layer(self, layer: int) -> int:
         return next(k for k, end in enumerate(self.config.stage_ends) if layer <= end)
 
@@ -701,7 +793,8 @@ class GPT(nn.Module):
         return w
 
     # --- embedding and layers (shared by every path) ---------------------------
-    def embed(self, idx: torch.Tensor, cache: KVCache | None = None, start: int | list[int] | None = None) -> torch.Tensor:
+    def embed(self, idx: torch.Tensor, cache: KVCache | None = None,
+              start: int | list[int] | torch.Tensor | None = None) -> torch.Tensor:
         """Normed, smeared token embeddings (B, T, d). With a cache, idx continues its slots
         (at cache.n_tokens, or at `start`: an int or per-row start slots for ragged rows)."""
         x = rmsnorm(self.transformer.wte(idx))  # (B, T, d)
@@ -719,8 +812,8 @@ class GPT(nn.Module):
             cache.tokens[:, start:start + T] = idx
             cache.n_tokens = start + T
             positions = cache.positions(start, T)
-        else:  # ragged rows: row b continues at slot start[b]
-            starts = torch.tensor(start, dtype=torch.long, device=idx.device)
+        else:  # ragged rows (a list, or a (B,) tensor: the static step): row b continues at slot start[b]
+            starts = start if isinstance(start, torch.Tensor) else torch.tensor(start, dtype=torch.long, device=idx.device)
             prev_id = cache.tokens.gather(1, (starts - 1).clamp(min=0).unsqueeze(1))  # (B, 1)
             prev = torch.cat([rmsnorm(self.transformer.wte(prev_id)), x[:, :-1]], dim=1)
             slots = starts.unsqueeze(1) + torch.arange(T, device=idx.device)
@@ -731,7 +824,7 @@ class GPT(nn.Module):
         return x + gate * prev * has_prev
 
     def run_layers(self, x: torch.Tensor, x0: torch.Tensor, idx: torch.Tensor, start_layer: int, end_layer: int,
-                   cache: KVCache | None = None, start: int | list[int] = 0, keep: set[int] = frozenset(),
+                   cache: KVCache | None = None, start: int | list[int] | torch.Tensor = 0, keep: set[int] = frozenset(),
                    detach_stages: bool = False) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run layers [start_layer, end_layer) on x (B, T, d) at slots start ... start+T-1
         (start: one slot for every row, or a list of per-row start slots for ragged rows).
@@ -759,7 +852,7 @@ class GPT(nn.Module):
 
     def _lambdas(self):
         """resid/x0 lambdas: the parameters when training, host floats (cached per version) for inference."""
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.resid_lambdas, self.x0_lambdas
         key = (self.resid_lambdas._version, self.x0_lambdas._version, self.resid_lambdas.data_ptr())
         if getattr(self, "_lambda_cache", (None,))[0] != key:

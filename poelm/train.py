@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from poelm.checkpoint import atomic_write_json, build_model, check_tokenizer, load_state_into, read_safetensors
-from poelm.cli import parse_device, parse_dtype
+from poelm.cli import check_bf16, check_compiler, parse_device, parse_dtype
 from poelm.model import GPT, GPTConfig
 from poelm.rundir import METRICS_NAME, MetricsLog, RunDir, set_rng_state
 
@@ -80,7 +80,8 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"
     dtype: str = "auto"
-    compile: bool = False
+    compile: bool | None = None  # None: on for CUDA (not with stage_parallel), off elsewhere
+    attention_backend: str = "auto"  # the S layers' kernel (poelm.model.ATTENTION_BACKENDS)
     stage_parallel: bool = False  # one rank per PoE stage x data-parallel replicas (poelm.stage_parallel)
     resume: bool = False
     extend_to: int | None = None  # --resume with a new horizon (recorded in trainer.json)
@@ -119,7 +120,7 @@ def check_config(tc: TrainConfig) -> None:
     if tc.stage_parallel:
         from poelm.stage_parallel import check_mesh
 
-        check_mesh(tc.model, int(os.environ.get("WORLD_SIZE", 1)), task=tc.task, compile=tc.compile)
+        check_mesh(tc.model, int(os.environ.get("WORLD_SIZE", 1)), task=tc.task, compile=tc.compile is True)
 
 
 # -----------------------------------------------------------------------------
@@ -156,8 +157,18 @@ def setup_runtime(tc: TrainConfig) -> Runtime:
         dtype = parse_dtype(tc.dtype)
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"--dtype {tc.dtype}: training runs in fp32 (float32) or bf16 (bfloat16)")
+    if dtype == torch.bfloat16:
+        check_bf16(rt.device)
     rt.autocast_dtype = torch.bfloat16 if dtype == torch.bfloat16 else None
     return rt
+
+
+def use_compile(tc: TrainConfig, device: torch.device) -> bool:
+    """--compile / --no-compile, or by default: on for CUDA (not with --stage-parallel); a missing compiler is refused."""
+    on = tc.compile if tc.compile is not None else device.type == "cuda" and not tc.stage_parallel
+    if on:
+        check_compiler(device)
+    return on
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -385,7 +396,8 @@ def init_from(model: GPT, spec: str) -> None:
 
 # Settings a resumed run may change: they do not alter the trajectory of the weights ("model"
 # is compared field by field with the checkpoint's own config.json instead).
-RESUME_MUTABLE = ("model", "out", "resume", "quiet", "device", "dtype", "compile", "eval_every", "eval_tokens",
+RESUME_MUTABLE = ("model", "out", "resume", "quiet", "device", "dtype", "compile", "attention_backend", "eval_every",
+                  "eval_tokens",
                   "sample_every", "sample_prompt", "save_every", "keep_checkpoints", "extend_to", "tokenizer")
 
 
@@ -497,7 +509,8 @@ def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
         from poelm.stage_parallel import balance_line
 
         say(f"{balance_line(cfg)} x {sp.mesh.replicas} data-parallel replica(s)")
-    train_model = torch.compile(model) if tc.compile else model
+    model.attention_backend = tc.attention_backend
+    train_model = torch.compile(model) if use_compile(tc, rt.device) else model
     flops_per_step = model.flops_per_token(setup.seq_len) * tc.total_batch_size
     peak = peak_flops(rt.device)
     ema = state.get("ema_loss", 0.0)

@@ -231,9 +231,10 @@ class PlainDecoder(Decoder):
             self.keep = {cfg.stage_ends[k] for k in self.stages}
             self.stats.stages_per_token = max(self.stages) + 1
 
-    def forward(self, idx: torch.Tensor, start: int | list[int] | None = None, last_only: bool = True) -> torch.Tensor:
-        """Feed idx (B, T) at `start` (default: the cache's next slot) -> logits (B, V) of the
-        last position, or (B, T, V)."""
+    def forward(self, idx: torch.Tensor, start: int | list[int] | torch.Tensor | None = None,
+                last_only: bool = True) -> torch.Tensor:
+        """Feed idx (B, T) at `start` (default: the cache's next slot; a (B,) tensor of slots:
+        the static-shape step) -> logits (B, V) of the last position, or (B, T, V)."""
         cache, model = self.cache, self.model
         start = cache.n_tokens if start is None else start
         x = x0 = model.embed(idx, cache, start)
@@ -248,8 +249,35 @@ class PlainDecoder(Decoder):
         zs = [model.readout(sel(kept[self.cfg.stage_ends[k]]), k) for k in self.stages]
         return logop(zs, self.alpha)
 
+    def compile_step(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """Run every later step as one compiled static-shape graph (torch.compile; mode
+        "reduce-overhead" replays it as a CUDA graph). The step attends over every slot of the
+        cache through a mask and takes the rows' slots as a tensor, so one graph serves every
+        position of a batch: it compiles once per batch size and never across steps."""
+        self._compiled = torch.compile(self.forward, backend=backend, mode=mode, dynamic=False, fullgraph=True)
+        self._cuda_graphs = mode is not None and "reduce-overhead" in mode or mode == "max-autotune"
+        self._marked = None
+
+    def _static_step(self) -> torch.Tensor:
+        """One compiled step -> logits (B, V); keeps the cache's host lengths (the graph does not)."""
+        cache = self.cache
+        if self._cuda_graphs and self._marked is not cache:  # the cache tensors keep their addresses: graph inputs
+            for t in cache.k + cache.v + [cache.tokens, cache.pad]:
+                torch._dynamo.mark_static_address(t)
+            self._marked = cache
+        slots = [r.slots for r in self.rows]
+        if self._cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self._compiled(self.pending(), torch.tensor(slots, device=self.device))
+        end = max(slots) + 1
+        cache.lengths = [max(n, end) for n in cache.lengths]
+        if min(slots) == end - 1:
+            cache.n_tokens = end
+        return logits
+
     def _step(self) -> dict[int, list[int]]:
-        logits = self.forward(self.pending(), self.starts())  # (B, V)
+        compiled = getattr(self, "_compiled", None) is not None
+        logits = self._static_step() if compiled else self.forward(self.pending(), self.starts())  # (B, V)
         B = len(self.rows)
         self.stats.layer_passes += self.end_layer * B
         self.stats.layer_calls += self.end_layer * B
