@@ -51,7 +51,7 @@ class ExperimentConfig:
     seed: int = 42
     device: str = "auto"
     dtype: str = "auto"
-    compile: bool = False
+    compile: bool | None = None  # None: on for CUDA, off on the CPU (TrainConfig.compile)
     arms: list[str] = field(default_factory=lambda: [a[0] for a in ARMS])
     decode_tokens: int = 96  # new tokens per prompt in the inference-mode measurement
     decode_prompts: int = 4

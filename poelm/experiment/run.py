@@ -90,8 +90,8 @@ def run_arm_torchrun(tc, nproc: int) -> dict:
         flag = "--" + f.name.replace("_", "-")
         if f.name == "model":
             args += model_flags(value)
-        elif isinstance(value, bool):
-            args += [flag] if value else []
+        elif isinstance(value, bool):  # --compile is on/off/auto (None): its off must be said
+            args += [flag] if value else (["--no-compile"] if f.name == "compile" else [])
         elif value is not None:
             args += [flag, str(value)]
     subprocess.run(args, check=True)
