@@ -4,6 +4,8 @@
     atomic_write_json("runs/x/result.json", {"step": 8})
     with atomic_path("model.safetensors") as tmp:   # any library that writes to a path
         save_file(state, tmp)
+    with atomic_dir("out/model") as tmp:            # a whole directory, replaced in one rename
+        write_files_into(tmp)
 
 A file is written under a per-process temporary name in its own directory, flushed to disk
 (fsync), renamed over the final name in one step and the directory entry synced, so a crash
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,3 +56,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Move a fully written tmp_dir onto final_dir (the old one is removed only after)."""
+    final_dir = Path(final_dir)
+    old = None
+    if final_dir.exists():
+        old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new temporary directory beside `path`; on success it replaces `path` in one
+    rename, on any failure it is removed and `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

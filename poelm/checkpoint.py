@@ -17,14 +17,12 @@ import json
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from poelm.atomic import atomic_path, atomic_write_bytes, atomic_write_json  # noqa: F401 (re-exported)
+from poelm.atomic import atomic_dir, atomic_path, atomic_write_json
 from poelm.hf import REMOTE_CODE_FILES
 from poelm.codec import from_nanochat_meta, read_config_file, to_config_json, to_nanochat_meta
 from poelm.model import GPT, GPTConfig
@@ -80,18 +78,6 @@ def check_replaceable(out: str | Path, sources: tuple = (), overwrite: bool = Fa
         what = f"it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}" if foreign else "it has no config.json"
         raise ValueError(f"{flag} {out} exists and is not a poelm model directory ({what}); choose a new or empty "
                          "directory, or pass --overwrite to replace it and everything in it")
-
-
-def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Move a fully written tmp_dir onto final_dir (the old one is removed only after)."""
-    final_dir = Path(final_dir)
-    old = None
-    if final_dir.exists():
-        old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
-        os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # -----------------------------------------------------------------------------
@@ -163,9 +149,7 @@ def save_model(model: GPT, out_dir: str | Path, tokenizer=None, dtype: torch.dty
     out_dir must be a poelm model directory (see `check_replaceable`) unless `overwrite`."""
     out_dir = Path(out_dir)
     check_replaceable(out_dir, overwrite=overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with atomic_dir(out_dir) as tmp:
         dtype_name = str(dtype or model.lm_head.weight.dtype).replace("torch.", "")
         atomic_write_json(tmp / CONFIG_NAME, to_config_json(model.config, dtype_name))
         write_safetensors(model, tmp / WEIGHTS_NAME, dtype)
@@ -178,10 +162,6 @@ def save_model(model: GPT, out_dir: str | Path, tokenizer=None, dtype: torch.dty
         gen.update(generation_config or {})
         if gen:
             atomic_write_json(tmp / GENERATION_CONFIG_NAME, gen)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -35,12 +35,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from poelm.checkpoint import CONFIG_NAME, GENERATION_CONFIG_NAME, atomic_write_json, check_replaceable, replace_dir, save_model
+from poelm.atomic import atomic_dir, atomic_write_json
+from poelm.checkpoint import CONFIG_NAME, GENERATION_CONFIG_NAME, check_replaceable, save_model
 from poelm.codec import to_config_json
 from poelm.model import GPT, GPTConfig
 
@@ -107,10 +107,7 @@ def export_model(model: GPT, tokenizer, out_dir: str | Path, dtype: torch.dtype 
         raise ValueError(f"tokenizer vocab {tokenizer.vocab_size} != model vocab {model.config.vocab_size}; "
                          "export the model with the tokenizer it was trained with")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.export-"))
-    try:
-        stage = work / "model"
+    with atomic_dir(out_dir) as stage:
         gen = {**(generation_config or {}), **generation_defaults(tokenizer)}
         save_model(model, stage, tokenizer, dtype=dtype, generation_config=gen)
         atomic_write_json(stage / CONFIG_NAME, hf_config(model, tokenizer, dtype))
@@ -123,9 +120,6 @@ def export_model(model: GPT, tokenizer, out_dir: str | Path, dtype: torch.dtype 
         for name, source in REMOTE_CODE_FILES.items():
             shutil.copyfile(source, stage / name)
         _share(stage)
-        replace_dir(stage, out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return out_dir
 
 

@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from poelm.checkpoint import (CONFIG_NAME, LATEST_NAME, WEIGHTS_NAME, atomic_torch_save, atomic_write_bytes,
-                              atomic_write_json, replace_dir, save_model)
+from poelm.atomic import atomic_write_bytes, atomic_write_json, replace_dir
+from poelm.checkpoint import CONFIG_NAME, LATEST_NAME, WEIGHTS_NAME, atomic_torch_save, save_model
 
 LOCK_NAME = ".lock"
 METRICS_NAME = "metrics.jsonl"

@@ -40,8 +40,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -232,7 +230,7 @@ def save_delta(model: GPT, out_dir: str | os.PathLike, base_ref: str, base_hash:
     recorded relative to out_dir."""
     from safetensors.torch import save_file
 
-    from poelm.checkpoint import atomic_write_json, replace_dir
+    from poelm.atomic import atomic_dir, atomic_path, atomic_write_json
 
     cfg = model.config
     if not cfg.is_specialist():
@@ -249,15 +247,10 @@ def save_delta(model: GPT, out_dir: str | os.PathLike, base_ref: str, base_hash:
             "new_layers": cfg.n_layer - cfg.frozen_layers, "head_mode": cfg.head_mode,
             "parent": os.path.relpath(Path(parent).resolve(), out_dir.resolve()) if parent else None,
             "tensors": list(tensors), "config": cfg.to_dict()}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
-        save_file(tensors, str(tmp / DELTA_WEIGHTS), metadata={"format": "pt", "base_hash": base_hash})
+    with atomic_dir(out_dir) as tmp:
+        with atomic_path(tmp / DELTA_WEIGHTS) as path:
+            save_file(tensors, path, metadata={"format": "pt", "base_hash": base_hash})
         atomic_write_json(tmp / DELTA_META, meta)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -322,7 +315,7 @@ def lineage(base_ref: str, base_hash: str, parent: str | None = None) -> dict:
 
 
 def write_lineage(model_dir: str | os.PathLike, info: dict) -> None:
-    from poelm.checkpoint import atomic_write_json
+    from poelm.atomic import atomic_write_json
 
     atomic_write_json(Path(model_dir) / LINEAGE_NAME, info)
 

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from poelm.checkpoint import atomic_write_json, build_model, check_tokenizer, load_state_into, read_safetensors
+from poelm.atomic import atomic_write_json
+from poelm.checkpoint import build_model, check_tokenizer, load_state_into, read_safetensors
 from poelm.cli import check_bf16, check_compiler, parse_device, parse_dtype
 from poelm.model import GPT, GPTConfig
 from poelm.rundir import METRICS_NAME, MetricsLog, RunDir, set_rng_state

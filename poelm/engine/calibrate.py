@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from poelm.checkpoint import atomic_write_json
+from poelm.atomic import atomic_write_json
 from poelm.engine.options import CALIBRATION_KEYS, GENERATION_CONFIG_NAME, WAND_TARGETS, _check, refuse_bp
 from poelm.engine.sampling import top_gap
 from poelm.model import GPT, logop_weight

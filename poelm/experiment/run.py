@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from poelm.checkpoint import atomic_write_bytes, atomic_write_json
+from poelm.atomic import atomic_write_bytes, atomic_write_json
 from poelm.model import GPTConfig
 from poelm.experiment.config import ARMS, PAPER, ExperimentConfig, fold_model_keys, load_config
 from poelm.experiment.report import experiment_plots, render_report
