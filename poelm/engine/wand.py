@@ -23,7 +23,7 @@ from poelm.engine.calibrate import wand_exit_rule
 from poelm.engine.decoders import Decoder, Row
 from poelm.engine.options import DecodeOptions
 from poelm.engine.sampling import logop, top_gap
-from poelm.model import GPT, KVCache, SOFTCAP, logop_weight
+from poelm.model import GPT, KVCache, SOFTCAP, StepPlan, logop_weight
 
 
 class WandDecoder(Decoder):
@@ -84,14 +84,17 @@ class WandDecoder(Decoder):
             return buf[:, start:start + T]
         return buf[torch.arange(buf.shape[0], device=self.device).unsqueeze(1), slots]
 
-    def _run_stage(self, s: int, ends: list[int], T: int, x: torch.Tensor | None, keep: set[int]):
-        """Run stage s on the last T slots of every row (input: x, or the kept boundary of stage s-1)."""
+    def _run_stage(self, s: int, ends: list[int], T: int, x: torch.Tensor | None, keep: set[int],
+                   plan: StepPlan | None = None):
+        """Run stage s on the last T slots of every row (input: x, or the kept boundary of stage
+        s-1); plan: the step's one-slot plan, shared by every stage that has no lag."""
         start, slots = self._chunk(ends, T)
         first, end = self.first_layer[s], self.cfg.stage_ends[s] + 1
         inp = x if x is not None else self._gather(self.boundary[s - 1], start, slots, T)
         x0 = self._gather(self.x0, start, slots, T)
         idx = self._gather(self.cache.tokens, start, slots, T)
-        out, kept = self.model.run_layers(inp, x0, idx, first, end, self.cache, start, keep=keep)
+        out, kept = self.model.run_layers(inp, x0, idx, first, end, self.cache, start, keep=keep,
+                                          plan=plan if T == 1 else None)
         if s < self.K - 1:
             if slots is None:
                 self.boundary[s][:, start:start + T] = out
@@ -131,9 +134,10 @@ class WandDecoder(Decoder):
         used: list[torch.Tensor] = []  # logop target: stage readouts (B, V)
         lasts: list[torch.Tensor] = []  # last residual at every stage boundary (B, d)
         x_mid = None
+        plan = StepPlan(model, B, 1, x.dtype, x.device, self.cache, start, set(model.windows))
         for s in range(self.K):
             keep = {bl} if self.first_layer[s] <= bl <= cfg.stage_ends[s] else set()
-            out, kept = self._run_stage(s, ends, self.lag[s] + 1, x if s == 0 else None, keep)
+            out, kept = self._run_stage(s, ends, self.lag[s] + 1, x if s == 0 else None, keep, plan)
             self.stats.backfilled += self.lag[s] * B
             self.lag[s] = 0
             if bl in kept:
