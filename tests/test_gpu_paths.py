@@ -199,7 +199,7 @@ def test_compiled_decode_step_same_tokens_no_recompiles(prompts, opts):
     assert counters["stats"]["unique_graphs"] == 1  # one graph for every position: no recompilation
 
 
-def test_engine_compile_same_tokens_one_graph_and_plain_modes_only(capsys):
+def test_engine_compile_same_tokens_one_graph_and_plain_modes_only(capsys, monkeypatch):
     """Engine(compile=...) decodes the plain modes with the compiled step: the tokens of eager
     decoding, rows that stop early stay in the batch (one graph), and the other modes refuse."""
     from torch._dynamo.utils import counters
@@ -222,6 +222,10 @@ def test_engine_compile_same_tokens_one_graph_and_plain_modes_only(capsys):
     assert main(["generate", "no-such-model", "1 2", "--compile", "--mode", "wand"]) == 2
     assert "--compile applies to the plain modes (final, stage, logop); --mode wand decodes eagerly: drop " \
            "--compile" in capsys.readouterr().err
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert main(["generate", "no-such-model", "1 2", "--compile"]) == 2  # checked before the model loads
+    assert "--compile on the CPU needs a C++ compiler" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------
