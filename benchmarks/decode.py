@@ -3,7 +3,8 @@
 1. plain decoding against transformers: poelm's engine vs transformers `generate` on poelm's
    own export (remote code) and on a stock `LlamaForCausalLM` of the same depth, width, heads,
    vocabulary and MLP width (random weights), batch 1 / 8 / 32, greedy (--shape-*; default the
-   issue's d4 x 128, vocab 4,096, 200 new tokens);
+   issue's d4 x 128, vocab 4,096, 200 new tokens), and "plain, compiled" (Engine(compile=True):
+   the inductor-compiled step; its first call per batch size, the compile, is reported apart);
 2. every PoE mode over plain on a trained benchmark model: stage k prefix pruning, Log-OP of
    stages {0, 1}, WAND, speculative from every draft stage, greedy and sampled (T = 0.8), with
    top-1 agreement with full depth on held-out text (teacher-forced), WAND's exit histogram,
@@ -156,6 +157,18 @@ def mbu(bytes_per_step: int, batch: int, tokens_per_s: float) -> dict:
 # 1. plain decoding against transformers, batch 1 / 8 / 32
 
 
+def compiled_engine(model: GPT) -> Engine | None:
+    """An Engine with the inductor-compiled plain step, or None (one line why) without a compiler."""
+    from poelm.cli import CliError, check_compiler
+
+    try:
+        check_compiler(model.lm_head.weight.device)
+    except CliError as e:
+        print(f"plain, compiled: skipped ({e})")
+        return None
+    return Engine(model, compile=True)
+
+
 @torch.no_grad()
 def shape_section(args) -> dict:
     """poelm plain vs transformers generate (poelm export; stock Llama) on a random model of the shape."""
@@ -182,6 +195,7 @@ def shape_section(args) -> dict:
                                          num_attention_heads=config.n_head, num_key_value_heads=config.n_kv_head,
                                          vocab_size=V, max_position_embeddings=512, tie_word_embeddings=False)).eval()
     engine = Engine(model)
+    compiled = compiled_engine(model)
     rng = random.Random(args.seed)
     N = args.shape_new_tokens
 
@@ -191,8 +205,8 @@ def shape_section(args) -> dict:
                          do_sample=False, pad_token_id=0, eos_token_id=None)
         return out[:, ids.shape[1]:].tolist()
 
-    def poelm_decode(rows):
-        return [g.tokens for g in engine.generate(rows, max_new_tokens=N, stop_token_ids=[], add_bos=False)]
+    def poelm_decode(rows, e=engine):
+        return [g.tokens for g in e.generate(rows, max_new_tokens=N, stop_token_ids=[], add_bos=False)]
 
     result = {"shape": {"n_layer": L, "n_embd": d, "n_head": config.n_head, "vocab_size": V,
                         "intermediate_size": config.intermediate_size},
@@ -200,14 +214,24 @@ def shape_section(args) -> dict:
     step_bytes = weight_bytes(model)
     for B in args.shape_batches:
         rows = [[rng.randrange(1, V) for _ in range(16)] for _ in range(B)]
-        same = poelm_decode(rows) == hf_decode(hf, rows)  # also the warm-up
+        plain = poelm_decode(rows)
+        same = plain == hf_decode(hf, rows)  # also the warm-up
         hf_decode(llama, rows)
-        tps = median_runs({"poelm": lambda: B * len(poelm_decode(rows)[0]),
-                           "hf_export": lambda: B * len(hf_decode(hf, rows)[0]),
-                           "hf_llama": lambda: B * len(hf_decode(llama, rows)[0])}, args.repeats)
-        result["batches"][B] = {**tps, "identical_to_hf_export": same, "mbu": mbu(step_bytes, B, tps["poelm"])}
+        sides = {"poelm": lambda: B * len(poelm_decode(rows)[0]),
+                 "hf_export": lambda: B * len(hf_decode(hf, rows)[0]),
+                 "hf_llama": lambda: B * len(hf_decode(llama, rows)[0])}
+        extra = {}
+        if compiled is not None:  # the first call compiles this batch size: timed apart
+            t0 = time.perf_counter()
+            extra["compiled_identical"] = poelm_decode(rows, compiled) == plain
+            extra["compile_s"] = time.perf_counter() - t0
+            sides["poelm_compiled"] = lambda: B * len(poelm_decode(rows, compiled)[0])
+        tps = median_runs(sides, args.repeats)
+        result["batches"][B] = {**tps, "identical_to_hf_export": same, **extra, "mbu": mbu(step_bytes, B, tps["poelm"])}
+        note = (f"  compiled {tps['poelm_compiled']:8.0f} tok/s (first call {extra['compile_s']:.1f} s, same tokens: "
+                f"{extra['compiled_identical']})") if compiled is not None else ""
         print(f"batch {B:2d}: poelm {tps['poelm']:8.0f}  transformers/export {tps['hf_export']:8.0f}  "
-              f"transformers/Llama {tps['hf_llama']:8.0f} tok/s  (poelm == transformers on the export: {same})",
+              f"transformers/Llama {tps['hf_llama']:8.0f} tok/s  (poelm == transformers on the export: {same}){note}",
               flush=True)
     return result
 
@@ -401,11 +425,13 @@ def report(args, results: dict) -> None:
         sh = vs["shape"]
         print(f"\n1. plain decode, random d{sh['n_layer']} x {sh['n_embd']}, vocab {sh['vocab_size']}, "
               f"{vs['new_tokens']} new tokens, greedy, {args.threads} thread(s), transformers {vs['transformers']}")
-        print(f"{'batch':>5} {'poelm':>9} {'hf export':>10} {'hf Llama':>9} {'MB/token':>9} {'us/token':>9} {'GB/s':>6}")
+        print(f"{'batch':>5} {'poelm':>9} {'compiled':>9} {'hf export':>10} {'hf Llama':>9} {'MB/token':>9} "
+              f"{'us/token':>9} {'GB/s':>6}")
         for B, r in vs["batches"].items():
-            m = r["mbu"]
-            print(f"{B:5d} {r['poelm']:9.0f} {r['hf_export']:10.0f} {r['hf_llama']:9.0f} "
-                  f"{m['weight_bytes_per_token'] / 1e6:9.3f} {m['us_per_token']:9.1f} {m['weight_gb_per_s']:6.2f}")
+            m, c = r["mbu"], r.get("poelm_compiled")
+            print(f"{B:5d} {r['poelm']:9.0f} {'' if c is None else f'{c:.0f}':>9} {r['hf_export']:10.0f} "
+                  f"{r['hf_llama']:9.0f} {m['weight_bytes_per_token'] / 1e6:9.3f} {m['us_per_token']:9.1f} "
+                  f"{m['weight_gb_per_s']:6.2f}")
     pm = results["poe_modes"]
     mdl = pm["model"]
     print(f"\n2. {mdl['n_layer']} layers x {mdl['n_embd']}, stages {mdl['stages']}, {mdl['params'] / 1e6:.2f}M params "
@@ -441,8 +467,14 @@ def ratios(results: dict) -> None:
         for B, r in b.items():
             print(f"batch {B}: poelm/transformers(export) {r['poelm'] / r['hf_export']:.2f}  "
                   f"poelm/transformers(Llama) {r['poelm'] / r['hf_llama']:.2f}")
+            if "poelm_compiled" in r:
+                print(f"batch {B}: poelm compiled/poelm {r['poelm_compiled'] / r['poelm']:.2f}  "
+                      f"poelm compiled/transformers(Llama) {r['poelm_compiled'] / r['hf_llama']:.2f}")
         if 1 in b and max(b) > 1:
             print(f"poelm batch {max(b)} / batch 1 tokens_per_s: {b[max(b)]['poelm'] / b[1]['poelm']:.2f}")
+            if "poelm_compiled" in b[1]:
+                print(f"poelm compiled batch {max(b)} / batch 1 tokens_per_s: "
+                      f"{b[max(b)]['poelm_compiled'] / b[1]['poelm_compiled']:.2f}")
     for name, r in results["poe_modes"]["modes"].items():
         if not name.startswith("plain"):
             base = "plain@T0.8" if name.endswith("@T0.8") else "plain"

@@ -218,6 +218,9 @@ def decoding_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> 
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
     p.add_argument("--force", action="store_true", help="allow PoE modes on a BP model (research)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="plain modes: decode with an inductor-compiled step (faster at small batch; the first "
+                        "call compiles for ~10-20 s)")
     p.add_argument("--delta", default=None, help="specialist delta directory to load onto MODEL (its base)")
     p.add_argument("--head-mode", choices=("dual", "base", "spec"), default=None,
                    help="specialist readout: dual = both heads, base = lm_head, spec = lm_head_stage "
@@ -749,9 +752,16 @@ def format_stats(stats: dict) -> str:
 def load_engine(args: argparse.Namespace):
     """MODEL on --device as an Engine (with its WAND calibration for --mode wand)."""
     from poelm.checkpoint import load_model
-    from poelm.engine import Engine, load_calibration
+    from poelm.engine import PLAIN_MODES, Engine, load_calibration
 
-    model, tokenizer = load_model(args.model, device=parse_device(args.device), delta=getattr(args, "delta", None))
+    device = parse_device(args.device)
+    compile = getattr(args, "compile", False)
+    if compile:
+        check_compiler(device)
+        if args.mode not in PLAIN_MODES:
+            raise CliError(f"--compile applies to the plain modes ({', '.join(PLAIN_MODES)}); --mode {args.mode} "
+                           f"decodes eagerly: drop --compile")
+    model, tokenizer = load_model(args.model, device=device, delta=getattr(args, "delta", None))
     if getattr(args, "head_mode", None) is not None:
         from poelm.specialist import with_head_mode
         with_head_mode(model, args.head_mode)
@@ -762,7 +772,7 @@ def load_engine(args: argparse.Namespace):
         if calib is None:
             raise CliError(f"WAND needs calibrated swing bounds and {args.model} has none: "
                            f"run `poelm calibrate {args.model} --data DIR` first")
-    return Engine(model, tokenizer, calibration=calib)
+    return Engine(model, tokenizer, calibration=calib, compile=compile)
 
 
 def decode_options(args: argparse.Namespace) -> dict:

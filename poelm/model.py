@@ -825,16 +825,18 @@ class GPT(nn.Module):
 
     def run_layers(self, x: torch.Tensor, x0: torch.Tensor, idx: torch.Tensor, start_layer: int, end_layer: int,
                    cache: KVCache | None = None, start: int | list[int] | torch.Tensor = 0, keep: set[int] = frozenset(),
-                   detach_stages: bool = False) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                   detach_stages: bool = False, plan: StepPlan | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run layers [start_layer, end_layer) on x (B, T, d) at slots start ... start+T-1
         (start: one slot for every row, or a list of per-row start slots for ragged rows).
 
         Returns the new residual and the residual after every layer listed in `keep`.
         `detach_stages` cuts the residual (not x0) at every stage boundary (PoE flat). A
         specialist's layers after the frozen ones always see x and x0 detached. Rotary
-        tables, the written slots and the masks are built once for all layers (StepPlan)."""
+        tables, the written slots and the masks are built once for all layers (StepPlan; or
+        passed in, one for several calls at the same slots, covering their layers' windows)."""
         B, T, _ = x.shape
-        plan = StepPlan(self, B, T, x.dtype, x.device, cache, start, set(self.windows[start_layer:end_layer]))
+        if plan is None:
+            plan = StepPlan(self, B, T, x.dtype, x.device, cache, start, set(self.windows[start_layer:end_layer]))
         ends = set(self.config.stage_ends[:-1])
         resid, x0_mix = self._lambdas()
         kept = {}

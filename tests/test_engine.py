@@ -753,13 +753,19 @@ def test_poe_decoders_add_rows_mid_run(kw, trained, trained_calib):
         assert got[:len(alone)] == alone
 
 
-def test_wand_reports_exit_histogram_and_skips_impossible_tests(trained, trained_calib):
+def test_wand_reports_exit_histogram_and_skips_impossible_tests(trained, trained_calib, monkeypatch):
     engine = Engine(trained, calibration=trained_calib)
     s = engine.generate(text_prompt_ids("the red cat"), mode="wand", max_new_tokens=20).stats
     assert sum(s["exit_stage_counts"]) == 20 and len(s["exit_stage_counts"]) == 4
+    plain = engine.generate(text_prompt_ids("the red cat"), max_new_tokens=5).tokens
+    stages_read = []
+    readout = trained.readout
+    monkeypatch.setattr(trained, "readout", lambda x, stage=None, *a, **k: stages_read.append(stage) or readout(x, stage, *a, **k))
     huge = Engine(trained, calibration={"wand_bounds": [0.0, 40.0, 40.0, 40.0]})
-    s = huge.generate(text_prompt_ids("the red cat"), mode="wand", max_new_tokens=5).stats
+    out = huge.generate(text_prompt_ids("the red cat"), mode="wand", max_new_tokens=5)
+    s = out.stats
     assert s["exit_stage_counts"] == [0, 0, 0, 5] and s["exit_tests_skipped"] == 5 * 3  # gaps are < 30
+    assert stages_read == [None] * 5 and out.tokens == plain  # a skipped test reads nothing out
 
 
 def test_removing_no_rows_leaves_the_cache_alone(rand_model):

@@ -199,6 +199,35 @@ def test_compiled_decode_step_same_tokens_no_recompiles(prompts, opts):
     assert counters["stats"]["unique_graphs"] == 1  # one graph for every position: no recompilation
 
 
+def test_engine_compile_same_tokens_one_graph_and_plain_modes_only(capsys, monkeypatch):
+    """Engine(compile=...) decodes the plain modes with the compiled step: the tokens of eager
+    decoding, rows that stop early stay in the batch (one graph), and the other modes refuse."""
+    from torch._dynamo.utils import counters
+
+    from poelm.cli import main
+
+    model = random_model(seed=6).eval()
+    prompts = [list(range(3, 15)), [7, 8, 9, 10, 11]]
+    eager = [g.tokens for g in Engine(model).generate(prompts, max_new_tokens=20, stop_token_ids=[])]
+    stop = eager[1][5]  # row 1 stops after 6 tokens (row 0 may stop too, wherever it samples it)
+    eager_stop = [g.tokens for g in Engine(model).generate(prompts, max_new_tokens=20, stop_token_ids=[stop])]
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Engine(model, compile="aot_eager")
+    assert [g.tokens for g in engine.generate(prompts, max_new_tokens=20, stop_token_ids=[])] == eager
+    assert [g.tokens for g in engine.generate(prompts, max_new_tokens=20, stop_token_ids=[stop])] == eager_stop
+    assert len(eager_stop[1]) == 6 and counters["stats"]["unique_graphs"] == 1
+    with pytest.raises(ValueError, match="compile applies to the plain modes .*; mode speculative decodes eagerly"):
+        engine.generate(prompts[0], mode="speculative", max_new_tokens=4)
+    assert main(["generate", "no-such-model", "1 2", "--compile", "--mode", "wand"]) == 2
+    assert "--compile applies to the plain modes (final, stage, logop); --mode wand decodes eagerly: drop " \
+           "--compile" in capsys.readouterr().err
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert main(["generate", "no-such-model", "1 2", "--compile"]) == 2  # checked before the model loads
+    assert "--compile on the CPU needs a C++ compiler" in capsys.readouterr().err
+
+
 # -----------------------------------------------------------------------------
 # Bad input: one line naming the problem and the fix
 

@@ -10,6 +10,7 @@ adaptive depth and self-speculative decoding (poe.md §2-6).
     engine.generate(prompt, mode="speculative", draft_stage=0, gamma=4)      # token-identical to greedy
     engine.calibration = calibrate(model, batches); engine.generate(prompt, mode="wand")
     for delta in engine.stream(prompt, temperature=0.8, top_p=0.9): print(delta, end="")
+    Engine(model, tokenizer, compile=True)   # plain modes: an inductor-compiled step (--compile)
 
     poelm generate MODEL "Once upon a time" --mode speculative --gamma 4
     poelm calibrate MODEL --data DIR
@@ -33,7 +34,7 @@ Modes
                are cropped from every layer.
 Every mode is a decoder of one protocol (decoders.py: add_rows / step / remove_row /
 rollback / stats) and decodes a batch of rows together (a list of prompts); finished rows
-leave the batch between steps. Package layout: options.py (DecodeOptions, validation),
+leave the batch between steps (with compile they stay, so the batch keeps its compiled shape). Package layout: options.py (DecodeOptions, validation),
 sampling.py, decoders.py (protocol, plain), wand.py, speculative.py, calibrate.py, stream.py.
 
 Prompts: text (needs a tokenizer) or token ids; with a tokenizer `<|bos|>` is prepended when
@@ -54,7 +55,7 @@ import torch
 
 from poelm.engine.calibrate import (calibrate, check_calibration, load_calibration, running_readouts,
                                     save_calibration, stage_swings, wand_exit_rule, wand_teacher_forced)
-from poelm.engine.decoders import Decoder, DecodeStats, PlainDecoder, Row, make_decoder, new_cache
+from poelm.engine.decoders import PLAIN_MODES, Decoder, DecodeStats, PlainDecoder, Row, make_decoder, new_cache
 from poelm.engine.options import (BP_REFUSAL, CALIBRATION_KEYS, GENERATION_CONFIG_NAME, MAX_GAMMA, MODES,
                                   WAND_TARGETS, DecodeOptions, Generation, _check, refuse_bp, validate_options)
 from poelm.engine.sampling import Sampler, logop, top_gap
@@ -63,7 +64,7 @@ from poelm.engine.stream import TextStream, Collector
 from poelm.engine.wand import WandDecoder
 from poelm.model import GPT
 
-__all__ = ["Engine", "Session", "Decoder", "DecodeStats", "PlainDecoder", "WandDecoder", "SpeculativeDecoder", "Row",
+__all__ = ["Engine", "PLAIN_MODES", "Session", "Decoder", "DecodeStats", "PlainDecoder", "WandDecoder", "SpeculativeDecoder", "Row",
            "make_decoder", "new_cache", "DecodeOptions", "Generation", "validate_options", "Sampler", "logop",
            "top_gap", "TextStream", "calibrate", "check_calibration", "load_calibration", "save_calibration",
            "running_readouts", "stage_swings", "wand_exit_rule", "wand_teacher_forced", "refuse_bp", "MODES",
@@ -72,10 +73,14 @@ __all__ = ["Engine", "Session", "Decoder", "DecodeStats", "PlainDecoder", "WandD
 
 
 class Engine:
-    def __init__(self, model: GPT, tokenizer=None, calibration: dict | None = None):
+    def __init__(self, model: GPT, tokenizer=None, calibration: dict | None = None, compile: bool | str = False):
+        """compile: decode the plain modes with a compiled step, True = inductor, or a
+        torch.compile backend name (one static-shape graph per batch size and cache bucket;
+        the first call of each pays the compile)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.calibration = calibration
+        self.compile = "inductor" if compile is True else compile or None
 
     @property
     def device(self) -> torch.device:
@@ -169,7 +174,7 @@ class Session:
         self.wall: float | None = None
         capacity = min(engine.model.config.sequence_len, max(len(r) for r in rows) + opts.max_new_tokens)
         with torch.no_grad():
-            self.decoder = make_decoder(engine.model, opts, capacity)
+            self.decoder = make_decoder(engine.model, opts, capacity, compile=engine.compile)
             self.index = {h: b for b, h in enumerate(self.decoder.add_rows(rows))} if opts.max_new_tokens > 0 else {}
         self.cache = None
         if opts.max_new_tokens == 0:
@@ -189,8 +194,8 @@ class Session:
             full = self.decoder.is_full(handle)
             if col.reason[b] is None and full:
                 col.reason[b] = "context"
-            if (col.reason[b] is not None and not self.opts.keep_cache) or full:
-                leaving.append(handle)  # keep_cache: finished rows stay while they have room
+            if (col.reason[b] is not None and not (self.opts.keep_cache or self.engine.compile)) or full:
+                leaving.append(handle)  # keep_cache / compile (a fixed batch shape): finished rows stay while they have room
         if col.done:
             self._close("context")
             return True

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from poelm.engine.options import DecodeOptions
+from poelm.engine.options import DecodeOptions, _check
 from poelm.engine.sampling import Sampler, logop
 from poelm.model import GPT, KVCache
 
@@ -213,8 +213,8 @@ class Decoder:
 class PlainDecoder(Decoder):
     """final / stage / logop: one token per row per step through a fixed layer range."""
 
-    def __init__(self, model: GPT, opts: DecodeOptions, capacity: int):
-        super().__init__(model, opts, capacity)
+    def __init__(self, model: GPT, opts: DecodeOptions, capacity: int, scratch: int = 0):
+        super().__init__(model, opts, capacity, scratch)
         cfg = model.config
         self.mode = opts.mode
         self.stage = (opts.stage or 0) if opts.mode == "stage" else None
@@ -284,8 +284,24 @@ class PlainDecoder(Decoder):
         return self._emit(self.sampler.pick(logits, self.seen))
 
 
-def make_decoder(model: GPT, opts: DecodeOptions, capacity: int) -> Decoder:
-    """The decoder of opts.mode (opts already validated)."""
+PLAIN_MODES = ("final", "stage", "logop")
+
+
+def compiled_cache_len(capacity: int, sequence_len: int) -> int:
+    """Cache slots of a compiled decoder: the next power of two (>= 64), so that the graphs of
+    one batch size are few (the compiled step attends over every slot; shapes are static)."""
+    return max(capacity, min(max(64, 1 << (capacity - 1).bit_length()), sequence_len))
+
+
+def make_decoder(model: GPT, opts: DecodeOptions, capacity: int, compile: str | None = None) -> Decoder:
+    """The decoder of opts.mode (opts already validated); compile (a torch.compile backend): a
+    plain mode's step runs as one compiled graph (PlainDecoder.compile_step)."""
+    if compile:
+        _check(opts.mode in PLAIN_MODES, f"compile applies to the plain modes ({', '.join(PLAIN_MODES)}); "
+               f"mode {opts.mode} decodes eagerly: drop compile / --compile")
+        dec = PlainDecoder(model, opts, capacity, compiled_cache_len(capacity, model.config.sequence_len) - capacity)
+        dec.compile_step(compile)
+        return dec
     if opts.mode == "wand":
         from poelm.engine.wand import WandDecoder
 

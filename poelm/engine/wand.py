@@ -7,7 +7,8 @@
 Per token and row: stop at the first stage k whose leader cannot be overtaken, top1 - top2
 of r_k > F * sum_{j>k} b_j. A step runs stage s for the whole batch while any row has not
 exited; the exit test reads out only the rows still active, and is skipped at stages where
-no gap can reach the threshold (soft-capped logits: a gap is < 2 x 15 per readout). Every
+no gap can reach the threshold (soft-capped logits: a gap is < 2 x 15 per readout), the
+readout too when the target is the final readout. Every
 row of the batch lags stage s by the same `lag[s]` slots, whose inputs (the boundary
 residual of stage s-1, and x0) are kept; the next step that runs stage s runs it on those
 slots together with the new one, so the cache becomes exactly the full-depth cache. Rows
@@ -22,7 +23,7 @@ from poelm.engine.calibrate import wand_exit_rule
 from poelm.engine.decoders import Decoder, Row
 from poelm.engine.options import DecodeOptions
 from poelm.engine.sampling import logop, top_gap
-from poelm.model import GPT, KVCache, SOFTCAP, logop_weight
+from poelm.model import GPT, KVCache, SOFTCAP, StepPlan, logop_weight
 
 
 class WandDecoder(Decoder):
@@ -71,27 +72,31 @@ class WandDecoder(Decoder):
 
     # --- stages ------------------------------------------------------------------------
     def _chunk(self, ends: list[int], T: int):
-        """Slot indices of the last T slots before each row's end: (rows, slots) for gathers, and start."""
+        """The last T slots before each row's end -> (start, slots): an int start and no slot
+        tensor when the rows agree (slices), else the starts and the (B, T) slot indices to gather."""
         starts = [e - T for e in ends]
-        uniform = all(s == starts[0] for s in starts)
-        slots = torch.tensor(starts, device=self.device).unsqueeze(1) + torch.arange(T, device=self.device)
-        return (starts[0] if uniform else starts), slots
+        if all(s == starts[0] for s in starts):
+            return starts[0], None
+        return starts, torch.tensor(starts, device=self.device).unsqueeze(1) + torch.arange(T, device=self.device)
 
-    def _gather(self, buf: torch.Tensor, start, slots: torch.Tensor) -> torch.Tensor:
-        if isinstance(start, int):
-            return buf[:, start:start + slots.shape[1]]
+    def _gather(self, buf: torch.Tensor, start, slots: torch.Tensor | None, T: int) -> torch.Tensor:
+        if slots is None:
+            return buf[:, start:start + T]
         return buf[torch.arange(buf.shape[0], device=self.device).unsqueeze(1), slots]
 
-    def _run_stage(self, s: int, ends: list[int], T: int, x: torch.Tensor | None, keep: set[int]):
-        """Run stage s on the last T slots of every row (input: x, or the kept boundary of stage s-1)."""
+    def _run_stage(self, s: int, ends: list[int], T: int, x: torch.Tensor | None, keep: set[int],
+                   plan: StepPlan | None = None):
+        """Run stage s on the last T slots of every row (input: x, or the kept boundary of stage
+        s-1); plan: the step's one-slot plan, shared by every stage that has no lag."""
         start, slots = self._chunk(ends, T)
         first, end = self.first_layer[s], self.cfg.stage_ends[s] + 1
-        inp = x if x is not None else self._gather(self.boundary[s - 1], start, slots)
-        x0 = self._gather(self.x0, start, slots)
-        idx = self._gather(self.cache.tokens, start, slots)
-        out, kept = self.model.run_layers(inp, x0, idx, first, end, self.cache, start, keep=keep)
+        inp = x if x is not None else self._gather(self.boundary[s - 1], start, slots, T)
+        x0 = self._gather(self.x0, start, slots, T)
+        idx = self._gather(self.cache.tokens, start, slots, T)
+        out, kept = self.model.run_layers(inp, x0, idx, first, end, self.cache, start, keep=keep,
+                                          plan=plan if T == 1 else None)
         if s < self.K - 1:
-            if isinstance(start, int):
+            if slots is None:
                 self.boundary[s][:, start:start + T] = out
             else:
                 self.boundary[s][torch.arange(len(ends), device=self.device).unsqueeze(1), slots] = out
@@ -129,16 +134,22 @@ class WandDecoder(Decoder):
         used: list[torch.Tensor] = []  # logop target: stage readouts (B, V)
         lasts: list[torch.Tensor] = []  # last residual at every stage boundary (B, d)
         x_mid = None
+        plan = StepPlan(model, B, 1, x.dtype, x.device, self.cache, start, set(model.windows))
         for s in range(self.K):
             keep = {bl} if self.first_layer[s] <= bl <= cfg.stage_ends[s] else set()
-            out, kept = self._run_stage(s, ends, self.lag[s] + 1, x if s == 0 else None, keep)
+            out, kept = self._run_stage(s, ends, self.lag[s] + 1, x if s == 0 else None, keep, plan)
             self.stats.backfilled += self.lag[s] * B
             self.lag[s] = 0
             if bl in kept:
                 x_mid = kept[bl][:, -1]
             lasts.append(out[:, -1])
-            act = torch.tensor(active, device=self.device)
-            sel = lambda t: t if len(active) == B else t.index_select(0, act)  # noqa: E731
+            last = s == self.K - 1
+            if not last and self.thresholds[s] >= self.max_gap[s]:  # no gap can pass: no test
+                self.stats.tests_skipped += len(active)
+                if self.target == "final":  # nor a readout (the logop target sums every stage's)
+                    continue
+            act = torch.tensor(active, device=self.device) if len(active) < B else None
+            sel = lambda t: t if act is None else t.index_select(0, act)  # noqa: E731
             if self.target == "final":
                 if s == self.K - 1:
                     r = model.readout(sel(lasts[-1]), None, sel(x_mid) if x_mid is not None else None,
@@ -151,11 +162,10 @@ class WandDecoder(Decoder):
                 step_r = logop_weight(self.K, self.alpha) * z.log_softmax(-1)
                 running = step_r if running is None else running + step_r
                 r = running
-            if s == self.K - 1:
+            if last:
                 exits = [True] * len(active)
             elif self.thresholds[s] >= self.max_gap[s]:
                 exits = [False] * len(active)
-                self.stats.tests_skipped += len(active)
             else:
                 exits = (top_gap(r) > self.thresholds[s]).tolist()
             still = []
