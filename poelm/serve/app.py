@@ -160,6 +160,20 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def merge_chunks(payloads: list[list[tuple]]) -> list[tuple]:
+    """Consecutive chunk events -> one (row, text offset, delta, logprob entries, finish) per row:
+    deltas are whole characters, so joining them never splits one."""
+    merged: dict[int, tuple] = {}
+    for payload in payloads:
+        for row, start, delta, entries, finish in payload:
+            if row in merged:
+                first, text, seen, _ = merged[row]
+                merged[row] = (first, text + delta, seen + list(entries), finish)
+            else:
+                merged[row] = (start, delta, list(entries), finish)
+    return [(row, *rest) for row, rest in merged.items()]
+
+
 class Responder:
     """The response objects of one request (completion or chat, whole or streamed)."""
 
@@ -192,6 +206,18 @@ class Responder:
             choices.append(choice)
         return dict(self.head(False), choices=choices, usage=self.usage(), poe=job.poe)
 
+    def chunk(self, row: int, start: int, delta: str, entries, finish: str | None) -> str:
+        """The SSE event of one choice's delta (text from offset start on)."""
+        choice = {"index": row, "logprobs": self.logprobs(entries, row, start), "finish_reason": finish}
+        if self.chat:
+            choice["delta"] = {"content": delta} if delta else {}
+        else:
+            choice["text"] = delta
+        out = dict(self.head(True), choices=[choice])
+        if finish is not None and self.job.poe is not None:
+            out["poe"] = self.job.poe
+        return sse(out)
+
     async def stream(self):
         job = self.job
         try:
@@ -200,26 +226,19 @@ class Responder:
                     yield sse(dict(self.head(True), choices=[{"index": b, "delta": {"role": "assistant", "content": ""},
                                                               "logprobs": None, "finish_reason": None}]))
             while True:
-                kind, payload = await job.events.get()
+                events = [await job.events.get()]
+                while not job.events.empty():  # the client fell behind: what waits goes out in one write
+                    events.append(job.events.get_nowait())
+                out = [self.chunk(*c) for c in merge_chunks([payload for kind, payload in events if kind == "chunk"])]
+                kind, payload = events[-1]  # an end or error comes last
                 if kind == "error":
-                    yield sse(payload.body())
+                    out.append(sse(payload.body()))
+                elif kind == "end" and self.include_usage:
+                    out.append(sse(dict(self.head(True), choices=[], usage=self.usage(), poe=job.poe)))
+                if kind != "chunk":
+                    yield "".join(out) + "data: [DONE]\n\n"
                     break
-                if kind == "end":
-                    if self.include_usage:
-                        yield sse(dict(self.head(True), choices=[], usage=self.usage(), poe=job.poe))
-                    break
-                for row, delta, entries, finish in payload:
-                    start = len(job.sent[row]) - len(delta)
-                    choice = {"index": row, "logprobs": self.logprobs(entries, row, start), "finish_reason": finish}
-                    if self.chat:
-                        choice["delta"] = {"content": delta} if delta else {}
-                    else:
-                        choice["text"] = delta
-                    out = dict(self.head(True), choices=[choice])
-                    if finish is not None and job.poe is not None:
-                        out["poe"] = job.poe
-                    yield sse(out)
-            yield "data: [DONE]\n\n"
+                yield "".join(out)
         finally:
             job.cancelled = True  # a client that left frees its rows at the next step (no-op once done)
 
