@@ -8,8 +8,9 @@ It starts `poelm serve` in a subprocess on a free 127.0.0.1 port (without --mode
 depth-8 PoE model, 4 stages of 2 layers, byte tokenizer, WAND-calibrated on random tokens, in a
 temporary directory), then for N = 1, 8, 32 clients runs a bounded number of greedy streaming
 completions (each client sends --requests-per-client requests of --max-tokens tokens, one
-after another) and reports: throughput (generated tokens / wall time), time to first token
-and latency p50/p99, and errors (must be 0). N = 1 is serving one request at a time; the
+after another; all clients run on one event loop in one thread) and reports: throughput
+(generated tokens / wall time), time to first token and latency p50/p99, errors (must be 0)
+and the CPU cores the client and the server used (the client shares the machine's cores). N = 1 is serving one request at a time; the
 ratio of N = 32's throughput over it is the gain of continuous batching (goal >= 5x). Then the
 PoE modes (stage 0, Log-OP, WAND, speculative) at N = 32. Every request has a timeout and the
 server is stopped (SIGTERM) at the end, whatever happens. A random model's speculative
@@ -19,6 +20,7 @@ acceptance and WAND exits say nothing about a trained one; this measures the ser
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -26,7 +28,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def start_server(model: Path, threads: int, max_batch: int) -> tuple[subprocess.
     raise SystemExit("poelm serve did not answer /health within 120 s")
 
 
-def one_request(client: httpx.Client, url: str, prompt: str, max_tokens: int, poe: dict | None) -> dict:
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, poe: dict | None) -> dict:
     """A greedy streaming completion -> {ttft, latency, tokens} or {error}."""
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
@@ -99,10 +100,10 @@ def one_request(client: httpx.Client, url: str, prompt: str, max_tokens: int, po
     t0 = time.perf_counter()
     ttft, tokens = None, 0
     try:
-        with client.stream("POST", url + "/v1/completions", json=body) as r:
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
             if r.status_code != 200:
-                return {"error": f"HTTP {r.status_code}: {r.read()[:200]!r}"}
-            for line in r.iter_lines():
+                return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
+            async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
@@ -122,36 +123,47 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
-def load(url: str, clients: int, per_client: int, max_tokens: int, poe: dict | None, timeout: float) -> dict:
-    results: list[dict] = []
-    lock = threading.Lock()
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process pid so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def client_loop(c: int) -> None:
-        with httpx.Client(timeout=timeout) as client:
-            for r in range(per_client):
-                out = one_request(client, url, f"client {c} request {r}: once upon a time", max_tokens, poe)
-                with lock:
-                    results.append(out)
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+async def clients_run(url: str, clients: int, per_client: int, max_tokens: int, poe: dict | None,
+                      timeout: float) -> list[dict]:
+    """`clients` concurrent clients on one event loop (one thread: the client's own CPU stays small
+    and is measured), each sending per_client requests one after another."""
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        async def client_loop(c: int) -> list[dict]:
+            return [await one_request(client, url, f"client {c} request {r}: once upon a time", max_tokens, poe)
+                    for r in range(per_client)]
+
+        return [out for outs in await asyncio.gather(*(client_loop(c) for c in range(clients))) for out in outs]
+
+
+def load(url: str, clients: int, per_client: int, max_tokens: int, poe: dict | None, timeout: float,
+         server_pid: int | None = None) -> dict:
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    server0 = cpu_seconds(server_pid) if server_pid else 0.0
+    results = asyncio.run(clients_run(url, clients, per_client, max_tokens, poe, timeout))
     wall = time.perf_counter() - t0
+    client_cores = (time.process_time() - cpu0) / wall
+    server_cores = (cpu_seconds(server_pid) - server0) / wall if server_pid else float("nan")
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
     ttft, lat = [r["ttft"] for r in ok if r["ttft"] is not None], [r["latency"] for r in ok]
     return {"clients": clients, "requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
             "tokens": sum(r["tokens"] for r in ok), "wall_s": wall, "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
             "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
-            "latency_p50_s": percentile(lat, 0.5), "latency_p99_s": percentile(lat, 0.99)}
+            "latency_p50_s": percentile(lat, 0.5), "latency_p99_s": percentile(lat, 0.99),
+            "client_cpu_cores": client_cores, "server_cpu_cores": server_cores}
 
 
 def row(name: str, r: dict) -> str:
     return (f"{name:>16} {r['clients']:>3} {r['requests']:>4} {r['tokens_per_s']:>8.1f} {r['ttft_p50_s'] * 1e3:>8.0f} "
-            f"{r['ttft_p99_s'] * 1e3:>8.0f} {r['latency_p50_s']:>7.2f} {r['latency_p99_s']:>7.2f} {r['errors']:>4}")
+            f"{r['ttft_p99_s'] * 1e3:>8.0f} {r['latency_p50_s']:>7.2f} {r['latency_p99_s']:>7.2f} {r['errors']:>4} "
+            f"{r['client_cpu_cores']:>6.2f} {r['server_cpu_cores']:>6.2f}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -173,9 +185,10 @@ def main(argv: list[str] | None = None) -> dict:
         proc, url = start_server(model, args.threads, max(counts))
         try:
             load(url, 1, 1, 4, None, args.timeout)  # warm-up
-            by_clients = {n: load(url, n, args.requests_per_client, args.max_tokens, None, args.timeout) for n in counts}
+            by_clients = {n: load(url, n, args.requests_per_client, args.max_tokens, None, args.timeout, proc.pid)
+                          for n in counts}
             modes = {} if args.no_modes else {name: load(url, max(counts), args.requests_per_client, args.max_tokens, poe,
-                                                         args.timeout) for name, poe in MODES.items()}
+                                                         args.timeout, proc.pid) for name, poe in MODES.items()}
             stats = httpx.get(url + "/metrics", timeout=10).text
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -192,8 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(out, indent=2))
         return out
-    print(f"{'':>16} {'N':>3} {'reqs':>4} {'tok/s':>8} {'ttft50':>8} {'ttft99':>8} {'lat50':>7} {'lat99':>7} {'err':>4}"
-          "   (ms for ttft, s for latency)")
+    print(f"{'':>16} {'N':>3} {'reqs':>4} {'tok/s':>8} {'ttft50':>8} {'ttft99':>8} {'lat50':>7} {'lat99':>7} {'err':>4} "
+          f"{'client':>6} {'server':>6}   (ms for ttft, s for latency, CPU cores used by the client and the server)")
     for n, r in by_clients.items():
         print(row("final", r))
     for name, r in modes.items():
