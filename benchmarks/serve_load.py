@@ -11,8 +11,9 @@ completions (each client sends --requests-per-client requests of --max-tokens to
 after another; all clients run on one event loop in one thread) and reports: throughput
 (generated tokens / wall time), time to first token and latency p50/p99, errors (must be 0)
 and the CPU cores the client and the server used (the client shares the machine's cores). N = 1 is serving one request at a time; the
-ratio of N = 32's throughput over it is the gain of continuous batching (goal >= 5x). Then the
-PoE modes (stage 0, Log-OP, WAND, speculative) at N = 32. Every request has a timeout and the
+ratio of N = 32's throughput over the same requests sent one at a time ("in sequence": the
+same prompts, so the same token counts and early stops) is the gain of continuous batching
+(goal >= 5x). Then the PoE modes (stage 0, Log-OP, WAND, speculative) at N = 32. Every request has a timeout and the
 server is stopped (SIGTERM) at the end, whatever happens. A random model's speculative
 acceptance and WAND exits say nothing about a trained one; this measures the serving path.
 """
@@ -129,31 +130,34 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def clients_run(url: str, clients: int, per_client: int, max_tokens: int, poe: dict | None,
-                      timeout: float) -> list[dict]:
-    """`clients` concurrent clients on one event loop (one thread: the client's own CPU stays small
-    and is measured), each sending per_client requests one after another."""
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+def workload(clients: int, per_client: int) -> list[list[str]]:
+    """Each client's prompts, in the order it sends them."""
+    return [[f"client {c} request {r}: once upon a time" for r in range(per_client)] for c in range(clients)]
+
+
+async def clients_run(url: str, prompts: list[list[str]], max_tokens: int, poe: dict | None, timeout: float) -> list[dict]:
+    """One concurrent client per prompt list, all on one event loop (one thread: the client's own
+    CPU stays small and is measured), each sending its prompts one after another."""
+    limits = httpx.Limits(max_connections=len(prompts), max_keepalive_connections=len(prompts))
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-        async def client_loop(c: int) -> list[dict]:
-            return [await one_request(client, url, f"client {c} request {r}: once upon a time", max_tokens, poe)
-                    for r in range(per_client)]
+        async def client_loop(mine: list[str]) -> list[dict]:
+            return [await one_request(client, url, prompt, max_tokens, poe) for prompt in mine]
 
-        return [out for outs in await asyncio.gather(*(client_loop(c) for c in range(clients))) for out in outs]
+        return [out for outs in await asyncio.gather(*(client_loop(mine) for mine in prompts)) for out in outs]
 
 
-def load(url: str, clients: int, per_client: int, max_tokens: int, poe: dict | None, timeout: float,
+def load(url: str, prompts: list[list[str]], max_tokens: int, poe: dict | None, timeout: float,
          server_pid: int | None = None) -> dict:
     t0, cpu0 = time.perf_counter(), time.process_time()
     server0 = cpu_seconds(server_pid) if server_pid else 0.0
-    results = asyncio.run(clients_run(url, clients, per_client, max_tokens, poe, timeout))
+    results = asyncio.run(clients_run(url, prompts, max_tokens, poe, timeout))
     wall = time.perf_counter() - t0
     client_cores = (time.process_time() - cpu0) / wall
     server_cores = (cpu_seconds(server_pid) - server0) / wall if server_pid else float("nan")
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
     ttft, lat = [r["ttft"] for r in ok if r["ttft"] is not None], [r["latency"] for r in ok]
-    return {"clients": clients, "requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
+    return {"clients": len(prompts), "requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
             "tokens": sum(r["tokens"] for r in ok), "wall_s": wall, "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
             "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
             "latency_p50_s": percentile(lat, 0.5), "latency_p99_s": percentile(lat, 0.99),
@@ -184,11 +188,13 @@ def main(argv: list[str] | None = None) -> dict:
         model = Path(args.model) if args.model else random_model(Path(tmp), args.depth, args.width, 256)
         proc, url = start_server(model, args.threads, max(counts))
         try:
-            load(url, 1, 1, 4, None, args.timeout)  # warm-up
-            by_clients = {n: load(url, n, args.requests_per_client, args.max_tokens, None, args.timeout, proc.pid)
-                          for n in counts}
-            modes = {} if args.no_modes else {name: load(url, max(counts), args.requests_per_client, args.max_tokens, poe,
-                                                         args.timeout, proc.pid) for name, poe in MODES.items()}
+            load(url, [["warm-up"]], 4, None, args.timeout)
+            by_clients = {n: load(url, workload(n, args.requests_per_client), args.max_tokens, None, args.timeout,
+                                  proc.pid) for n in counts}
+            most = workload(max(counts), args.requests_per_client)
+            one_at_a_time = load(url, [[p for mine in most for p in mine]], args.max_tokens, None, args.timeout, proc.pid)
+            modes = {} if args.no_modes else {name: load(url, most, args.max_tokens, poe, args.timeout, proc.pid)
+                                              for name, poe in MODES.items()}
             stats = httpx.get(url + "/metrics", timeout=10).text
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -196,9 +202,9 @@ def main(argv: list[str] | None = None) -> dict:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    ratio = by_clients[max(counts)]["tokens_per_s"] / by_clients[min(counts)]["tokens_per_s"]
-    out = {"by_clients": by_clients, "modes": modes, "batching_gain": ratio,
-           "errors": sum(r["errors"] for r in [*by_clients.values(), *modes.values()]),
+    ratio = by_clients[max(counts)]["tokens_per_s"] / one_at_a_time["tokens_per_s"]
+    out = {"by_clients": by_clients, "one_at_a_time": one_at_a_time, "modes": modes, "batching_gain": ratio,
+           "errors": sum(r["errors"] for r in [*by_clients.values(), one_at_a_time, *modes.values()]),
            "setup": {"model": args.model or f"random d{args.depth} w{args.width}", "max_tokens": args.max_tokens,
                      "requests_per_client": args.requests_per_client, "server_threads": args.threads}}
     out["step_rows_mean"] = _mean_step_rows(stats)
@@ -209,10 +215,11 @@ def main(argv: list[str] | None = None) -> dict:
           f"{'client':>6} {'server':>6}   (ms for ttft, s for latency, CPU cores used by the client and the server)")
     for n, r in by_clients.items():
         print(row("final", r))
+    print(row("in sequence", one_at_a_time))
     for name, r in modes.items():
         print(row(name, r))
     print(f"continuous batching: {ratio:.1f}x the throughput of one request at a time "
-          f"({max(counts)} clients vs {min(counts)}); mean rows per decode step {out['step_rows_mean']:.1f}; "
+          f"({max(counts)} clients vs their {len(most) * args.requests_per_client} requests in sequence); mean rows per decode step {out['step_rows_mean']:.1f}; "
           f"errors {out['errors']}")
     return out
 

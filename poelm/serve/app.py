@@ -263,6 +263,23 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+class BearerAuth:
+    """ASGI middleware: 401 without `Authorization: Bearer KEY` (but on /health). Plain ASGI, so a
+    streamed response passes through untouched (@app.middleware would relay every chunk)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = error_response(ApiError(401, "missing or wrong API key: send the header "
+                                                        "'Authorization: Bearer KEY' (--api-key)", code="invalid_api_key"))
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_app(registry: ModelRegistry, scheduler: Scheduler, metrics: Metrics, config: ServeConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -283,14 +300,8 @@ def create_app(registry: ModelRegistry, scheduler: Scheduler, metrics: Metrics, 
         message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
         return error_response(ApiError(e.status_code, message))
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if config.api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
-                return error_response(ApiError(401, "missing or wrong API key: send the header "
-                                                    "'Authorization: Bearer KEY' (--api-key)", code="invalid_api_key"))
-        return await call_next(request)
+    if config.api_key:
+        app.add_middleware(BearerAuth, api_key=config.api_key)
 
     @app.get("/health")
     async def health():
