@@ -14,16 +14,16 @@ its own, so its output depends on its seed only, never on what else is running; 
 unseeded rows with equal options share. Each loop: drop cancelled (client gone) and expired
 (per-request timeout) rows, admit queued requests FIFO while the rows fit in max_batch
 (prefilled together per decoder), then step every decoder once. A decoder whose rows have all
-left is dropped.
+left is dropped. Any error inside a decoder fails that decoder's requests with 500 (the
+traceback goes to stderr) and the server goes on.
 
 Joining and leaving copy a decoder's whole KV cache, so both are batched: while rows are
 running, queued requests wait until they fill the free rows or the oldest has waited
-join_wait_s, then join in one prefill; in the plain modes (final/stage/logop, whose rows never
-affect each other) a finished row stays in the decoder as a dead row (its tokens are
-ignored) until rows join, half the rows are dead, or it would reach the context, and then
-all dead rows leave in one compaction. Each step hands the event loop its requests' events
-in one call. Any error inside a decoder fails that decoder's requests with 500 (the
-traceback goes to stderr) and the server goes on.
+join_wait_s, then join in one prefill. In the plain modes (final/stage/logop, whose rows never
+affect each other) a finished row stays in the decoder as a dead row (its tokens are ignored)
+until half the rows are dead, joining rows need its place (at most max_batch rows in a
+decoder) or it would reach the context; then all dead rows leave in one compaction. Each loop
+hands each event loop its requests' events in one call.
 """
 
 from __future__ import annotations
@@ -268,7 +268,9 @@ class Scheduler:
                     if job.opts.mode in LOGPROB_MODES:
                         decoder.sampler = LogprobSampler(job.opts, decoder.device)
                     batch = self.batches[key] = Batch(key, decoder, lazy=job.opts.mode in LOGPROB_MODES)
-                self._compact(batch)  # joining copies the cache anyway: dead rows leave first
+                new_rows = sum(len(job.rows) for job in group)
+                if len(batch.decoder.rows) + new_rows > self.max_batch:
+                    self._compact(batch)  # dead rows make room (else they stay: a dead row's step costs less than a copy)
                 handles = batch.decoder.add_rows([row for job in group for row in job.rows])
             except Exception as e:  # a bug: its requests fail, the server goes on
                 traceback.print_exc()
