@@ -10,11 +10,11 @@ temporary directory), then for N = 1, 8, 32 clients runs a bounded number of gre
 completions (each client sends --requests-per-client requests of --max-tokens tokens, one
 after another; all clients run on one event loop in one thread) and reports: throughput
 (generated tokens / wall time), time to first token and latency p50/p99, errors (must be 0)
-and the CPU cores the client and the server used (the client shares the machine's cores). N = 1 is serving one request at a time; the
-ratio of N = 32's throughput over the same requests sent one at a time ("in sequence": the
-same prompts, so the same token counts and early stops) is the gain of continuous batching
-(goal >= 5x). Then the PoE modes (stage 0, Log-OP, WAND, speculative) at N = 32. Every request has a timeout and the
-server is stopped (SIGTERM) at the end, whatever happens. A random model's speculative
+and the CPU cores the client and the server used (the client shares the machine's cores).
+The gain of continuous batching (goal >= 5x) is N = 32's throughput over the same requests
+sent one at a time ("in sequence": the same prompts, so the same token counts and early
+stops). Then the PoE modes (stage 0, Log-OP, WAND, speculative) at N = 32. Every request has
+a timeout and the server is stopped (SIGTERM) at the end, whatever happens. A random model's speculative
 acceptance and WAND exits say nothing about a trained one; this measures the serving path.
 """
 
@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--clients", default="1,8,32", help="comma list of concurrent client counts")
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--threads", type=int, default=2, help="the server's torch threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="the server's torch threads (1: the other core serves HTTP and the client)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--no-modes", action="store_true", help="skip the PoE modes under load")
     p.add_argument("--json", action="store_true")
@@ -189,13 +190,17 @@ def main(argv: list[str] | None = None) -> dict:
         proc, url = start_server(model, args.threads, max(counts))
         try:
             load(url, [["warm-up"]], 4, None, args.timeout)
-            by_clients = {n: load(url, workload(n, args.requests_per_client), args.max_tokens, None, args.timeout,
-                                  proc.pid) for n in counts}
+            by_clients, step_rows = {}, {}
+            for n in counts:
+                before = _step_rows(httpx.get(url + "/metrics", timeout=10).text)
+                by_clients[n] = load(url, workload(n, args.requests_per_client), args.max_tokens, None, args.timeout,
+                                     proc.pid)
+                after = _step_rows(httpx.get(url + "/metrics", timeout=10).text)
+                step_rows[n] = (after[0] - before[0]) / max(after[1] - before[1], 1.0)
             most = workload(max(counts), args.requests_per_client)
             one_at_a_time = load(url, [[p for mine in most for p in mine]], args.max_tokens, None, args.timeout, proc.pid)
             modes = {} if args.no_modes else {name: load(url, most, args.max_tokens, poe, args.timeout, proc.pid)
                                               for name, poe in MODES.items()}
-            stats = httpx.get(url + "/metrics", timeout=10).text
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
            "errors": sum(r["errors"] for r in [*by_clients.values(), one_at_a_time, *modes.values()]),
            "setup": {"model": args.model or f"random d{args.depth} w{args.width}", "max_tokens": args.max_tokens,
                      "requests_per_client": args.requests_per_client, "server_threads": args.threads}}
-    out["step_rows_mean"] = _mean_step_rows(stats)
+    out["step_rows_mean"] = step_rows
     if args.json:
         print(json.dumps(out, indent=2))
         return out
@@ -219,14 +224,15 @@ def main(argv: list[str] | None = None) -> dict:
     for name, r in modes.items():
         print(row(name, r))
     print(f"continuous batching: {ratio:.1f}x the throughput of one request at a time "
-          f"({max(counts)} clients vs their {len(most) * args.requests_per_client} requests in sequence); mean rows per decode step {out['step_rows_mean']:.1f}; "
+          f"({max(counts)} clients vs their {len(most) * args.requests_per_client} requests in sequence); mean rows per decode step {step_rows[max(counts)]:.1f}; "
           f"errors {out['errors']}")
     return out
 
 
-def _mean_step_rows(metrics: str) -> float:
+def _step_rows(metrics: str) -> tuple[float, float]:
+    """(rows summed over decode steps, decode steps) so far, from /metrics."""
     values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("poelm_step_rows_")}
-    return values.get("poelm_step_rows_sum", 0.0) / max(values.get("poelm_step_rows_count", 1.0), 1.0)
+    return values.get("poelm_step_rows_sum", 0.0), values.get("poelm_step_rows_count", 0.0)
 
 
 if __name__ == "__main__":
