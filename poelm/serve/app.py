@@ -373,6 +373,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    sys.setswitchinterval(0.0005)  # the scheduler gets the GIL back sooner from the event loop between torch ops
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     registry = load_models(args.model, parse_deltas(args.delta or []), name=args.name, device=parse_device(args.device))
     metrics = Metrics()
