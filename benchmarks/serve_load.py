@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = Path(args.model) if args.model else random_model(Path(tmp), args.depth, args.width, 256)
         proc, url = start_server(model, args.threads, max(counts))
         try:
-            load(url, [["warm-up"]], 4, None, args.timeout)
+            load(url, workload(max(counts), 1), 4, None, args.timeout)  # warm-up, at every batch size up to N
             by_clients, step_rows = {}, {}
             for n in counts:
                 before = _step_rows(httpx.get(url + "/metrics", timeout=10).text)
