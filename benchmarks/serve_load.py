@@ -8,17 +8,20 @@ It starts `poelm serve` in a subprocess on a free 127.0.0.1 port (without --mode
 depth-8 PoE model, 4 stages of 2 layers, byte tokenizer, WAND-calibrated on random tokens, in a
 temporary directory), then for N = 1, 8, 32 clients runs a bounded number of greedy streaming
 completions (each client sends --requests-per-client requests of --max-tokens tokens, one
-after another) and reports: throughput (generated tokens / wall time), time to first token
-and latency p50/p99, and errors (must be 0). N = 1 is serving one request at a time; the
-ratio of N = 32's throughput over it is the gain of continuous batching (goal >= 5x). Then the
-PoE modes (stage 0, Log-OP, WAND, speculative) at N = 32. Every request has a timeout and the
-server is stopped (SIGTERM) at the end, whatever happens. A random model's speculative
+after another; all clients run on one event loop in one thread) and reports: throughput
+(generated tokens / wall time), time to first token and latency p50/p99, errors (must be 0)
+and the CPU cores the client and the server used (the client shares the machine's cores).
+The gain of continuous batching (goal >= 5x) is N = 32's throughput over the same requests
+sent one at a time ("in sequence": the same prompts, so the same token counts and early
+stops). Then the PoE modes (stage 0, Log-OP, WAND, speculative) at N = 32. Every request has
+a timeout and the server is stopped (SIGTERM) at the end, whatever happens. A random model's speculative
 acceptance and WAND exits say nothing about a trained one; this measures the serving path.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -26,7 +29,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -90,7 +92,7 @@ def start_server(model: Path, threads: int, max_batch: int) -> tuple[subprocess.
     raise SystemExit("poelm serve did not answer /health within 120 s")
 
 
-def one_request(client: httpx.Client, url: str, prompt: str, max_tokens: int, poe: dict | None) -> dict:
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, poe: dict | None) -> dict:
     """A greedy streaming completion -> {ttft, latency, tokens} or {error}."""
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
@@ -99,10 +101,10 @@ def one_request(client: httpx.Client, url: str, prompt: str, max_tokens: int, po
     t0 = time.perf_counter()
     ttft, tokens = None, 0
     try:
-        with client.stream("POST", url + "/v1/completions", json=body) as r:
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
             if r.status_code != 200:
-                return {"error": f"HTTP {r.status_code}: {r.read()[:200]!r}"}
-            for line in r.iter_lines():
+                return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
+            async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
@@ -122,36 +124,50 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
-def load(url: str, clients: int, per_client: int, max_tokens: int, poe: dict | None, timeout: float) -> dict:
-    results: list[dict] = []
-    lock = threading.Lock()
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process pid so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def client_loop(c: int) -> None:
-        with httpx.Client(timeout=timeout) as client:
-            for r in range(per_client):
-                out = one_request(client, url, f"client {c} request {r}: once upon a time", max_tokens, poe)
-                with lock:
-                    results.append(out)
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+def workload(clients: int, per_client: int) -> list[list[str]]:
+    """Each client's prompts, in the order it sends them."""
+    return [[f"client {c} request {r}: once upon a time" for r in range(per_client)] for c in range(clients)]
+
+
+async def clients_run(url: str, prompts: list[list[str]], max_tokens: int, poe: dict | None, timeout: float) -> list[dict]:
+    """One concurrent client per prompt list, all on one event loop (one thread: the client's own
+    CPU stays small and is measured), each sending its prompts one after another."""
+    limits = httpx.Limits(max_connections=len(prompts), max_keepalive_connections=len(prompts))
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        async def client_loop(mine: list[str]) -> list[dict]:
+            return [await one_request(client, url, prompt, max_tokens, poe) for prompt in mine]
+
+        return [out for outs in await asyncio.gather(*(client_loop(mine) for mine in prompts)) for out in outs]
+
+
+def load(url: str, prompts: list[list[str]], max_tokens: int, poe: dict | None, timeout: float,
+         server_pid: int | None = None) -> dict:
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    server0 = cpu_seconds(server_pid) if server_pid else 0.0
+    results = asyncio.run(clients_run(url, prompts, max_tokens, poe, timeout))
     wall = time.perf_counter() - t0
+    client_cores = (time.process_time() - cpu0) / wall
+    server_cores = (cpu_seconds(server_pid) - server0) / wall if server_pid else float("nan")
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
     ttft, lat = [r["ttft"] for r in ok if r["ttft"] is not None], [r["latency"] for r in ok]
-    return {"clients": clients, "requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
+    return {"clients": len(prompts), "requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
             "tokens": sum(r["tokens"] for r in ok), "wall_s": wall, "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
             "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
-            "latency_p50_s": percentile(lat, 0.5), "latency_p99_s": percentile(lat, 0.99)}
+            "latency_p50_s": percentile(lat, 0.5), "latency_p99_s": percentile(lat, 0.99),
+            "client_cpu_cores": client_cores, "server_cpu_cores": server_cores}
 
 
 def row(name: str, r: dict) -> str:
     return (f"{name:>16} {r['clients']:>3} {r['requests']:>4} {r['tokens_per_s']:>8.1f} {r['ttft_p50_s'] * 1e3:>8.0f} "
-            f"{r['ttft_p99_s'] * 1e3:>8.0f} {r['latency_p50_s']:>7.2f} {r['latency_p99_s']:>7.2f} {r['errors']:>4}")
+            f"{r['ttft_p99_s'] * 1e3:>8.0f} {r['latency_p50_s']:>7.2f} {r['latency_p99_s']:>7.2f} {r['errors']:>4} "
+            f"{r['client_cpu_cores']:>6.2f} {r['server_cpu_cores']:>6.2f}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -162,7 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--clients", default="1,8,32", help="comma list of concurrent client counts")
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--threads", type=int, default=2, help="the server's torch threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="the server's torch threads (1: the other core serves HTTP and the client)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--no-modes", action="store_true", help="skip the PoE modes under load")
     p.add_argument("--json", action="store_true")
@@ -172,41 +189,50 @@ def main(argv: list[str] | None = None) -> dict:
         model = Path(args.model) if args.model else random_model(Path(tmp), args.depth, args.width, 256)
         proc, url = start_server(model, args.threads, max(counts))
         try:
-            load(url, 1, 1, 4, None, args.timeout)  # warm-up
-            by_clients = {n: load(url, n, args.requests_per_client, args.max_tokens, None, args.timeout) for n in counts}
-            modes = {} if args.no_modes else {name: load(url, max(counts), args.requests_per_client, args.max_tokens, poe,
-                                                         args.timeout) for name, poe in MODES.items()}
-            stats = httpx.get(url + "/metrics", timeout=10).text
+            load(url, workload(max(counts), 1), 4, None, args.timeout)  # warm-up, at every batch size up to N
+            by_clients, step_rows = {}, {}
+            for n in counts:
+                before = _step_rows(httpx.get(url + "/metrics", timeout=10).text)
+                by_clients[n] = load(url, workload(n, args.requests_per_client), args.max_tokens, None, args.timeout,
+                                     proc.pid)
+                after = _step_rows(httpx.get(url + "/metrics", timeout=10).text)
+                step_rows[n] = (after[0] - before[0]) / max(after[1] - before[1], 1.0)
+            most = workload(max(counts), args.requests_per_client)
+            one_at_a_time = load(url, [[p for mine in most for p in mine]], args.max_tokens, None, args.timeout, proc.pid)
+            modes = {} if args.no_modes else {name: load(url, most, args.max_tokens, poe, args.timeout, proc.pid)
+                                              for name, poe in MODES.items()}
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    ratio = by_clients[max(counts)]["tokens_per_s"] / by_clients[min(counts)]["tokens_per_s"]
-    out = {"by_clients": by_clients, "modes": modes, "batching_gain": ratio,
-           "errors": sum(r["errors"] for r in [*by_clients.values(), *modes.values()]),
+    ratio = by_clients[max(counts)]["tokens_per_s"] / one_at_a_time["tokens_per_s"]
+    out = {"by_clients": by_clients, "one_at_a_time": one_at_a_time, "modes": modes, "batching_gain": ratio,
+           "errors": sum(r["errors"] for r in [*by_clients.values(), one_at_a_time, *modes.values()]),
            "setup": {"model": args.model or f"random d{args.depth} w{args.width}", "max_tokens": args.max_tokens,
                      "requests_per_client": args.requests_per_client, "server_threads": args.threads}}
-    out["step_rows_mean"] = _mean_step_rows(stats)
+    out["step_rows_mean"] = step_rows
     if args.json:
         print(json.dumps(out, indent=2))
         return out
-    print(f"{'':>16} {'N':>3} {'reqs':>4} {'tok/s':>8} {'ttft50':>8} {'ttft99':>8} {'lat50':>7} {'lat99':>7} {'err':>4}"
-          "   (ms for ttft, s for latency)")
+    print(f"{'':>16} {'N':>3} {'reqs':>4} {'tok/s':>8} {'ttft50':>8} {'ttft99':>8} {'lat50':>7} {'lat99':>7} {'err':>4} "
+          f"{'client':>6} {'server':>6}   (ms for ttft, s for latency, CPU cores used by the client and the server)")
     for n, r in by_clients.items():
         print(row("final", r))
+    print(row("in sequence", one_at_a_time))
     for name, r in modes.items():
         print(row(name, r))
     print(f"continuous batching: {ratio:.1f}x the throughput of one request at a time "
-          f"({max(counts)} clients vs {min(counts)}); mean rows per decode step {out['step_rows_mean']:.1f}; "
+          f"({max(counts)} clients vs their {len(most) * args.requests_per_client} requests in sequence); mean rows per decode step {step_rows[max(counts)]:.1f}; "
           f"errors {out['errors']}")
     return out
 
 
-def _mean_step_rows(metrics: str) -> float:
+def _step_rows(metrics: str) -> tuple[float, float]:
+    """(rows summed over decode steps, decode steps) so far, from /metrics."""
     values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("poelm_step_rows_")}
-    return values.get("poelm_step_rows_sum", 0.0) / max(values.get("poelm_step_rows_count", 1.0), 1.0)
+    return values.get("poelm_step_rows_sum", 0.0), values.get("poelm_step_rows_count", 0.0)
 
 
 if __name__ == "__main__":

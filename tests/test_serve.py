@@ -175,7 +175,9 @@ def test_streaming_deltas_concatenate_to_the_whole_text_and_never_split_a_charac
                                             stream_options={"include_usage": True}))
     deltas = [c.choices[0].text for c in chunks if c.choices]
     assert "".join(deltas) == whole and whole.startswith("é")
-    assert deltas[0] == "é"  # held back until its second byte came: no U+FFFD, no half character
+    # é is held back until its second byte came (no U+FFFD, no half character); a client that falls
+    # behind gets the deltas waiting for it joined into one event
+    assert deltas[0].startswith("é")
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     chat = list(client.chat.completions.create(model="base+chat", messages=[{"role": "user", "content": "hi"}],
@@ -396,3 +398,56 @@ def test_bp_refusal_overload_disconnect_and_sigterm_drain(models):
         assert srv.proc.wait(30) in (0, -signal.SIGTERM)
     finally:
         srv.stop()
+
+
+# -----------------------------------------------------------------------------
+# The scheduler in this process
+
+
+def test_joins_wait_and_dead_rows_leave_in_one_compaction(models, monkeypatch):
+    """Ragged requests in one plain decoder: each equals its own greedy generation, late requests
+    join in one prefill, and the rows that finish early leave in fewer compactions than rows."""
+    import asyncio
+
+    from poelm.engine.decoders import PlainDecoder
+    from poelm.serve.metrics import Metrics
+    from poelm.serve.models import load_models
+    from poelm.serve.scheduler import Job, Scheduler
+
+    served = load_models(str(models / "base")).models["base"]
+    prompts = [f"row {i} " + "ab"[: i % 3] for i in range(8)]
+    lengths = [100, 3, 5, 7, 9, 11, 13, 15]
+    expected = [served.engine.generate(p, max_new_tokens=n, stop_token_ids=[]).text for p, n in zip(prompts, lengths)]
+    calls = {"add_rows": [], "remove_rows": []}
+    for name in calls:
+        real = getattr(PlainDecoder, name)
+        monkeypatch.setattr(PlainDecoder, name, lambda self, arg, real=real, name=name: calls[name].append(len(arg)) or real(self, arg))
+
+    async def run() -> list[str]:
+        loop = asyncio.get_running_loop()
+        scheduler = Scheduler(max_batch=8, max_queue=16, metrics=Metrics(), join_wait_s=0.5)
+        scheduler.start()
+        jobs = []
+        for i, (p, n) in enumerate(zip(prompts, lengths)):
+            opts = served.engine.options(dict(max_new_tokens=n, temperature=0, stop_token_ids=[]))
+            jobs.append(Job(served, served.model, [served.engine.encode_prompt(p)], opts, set(), loop, stream=True))
+            scheduler.submit(jobs[-1])
+            if i == 0:  # the first runs alone; the other 7 queue behind it and join it together
+                assert (await jobs[0].events.get())[0] == "chunk"
+        for job in jobs:
+            while (await job.events.get())[0] != "end":
+                pass
+        scheduler.stop()
+        return [job.text(0) for job in jobs]
+
+    assert asyncio.run(run()) == expected
+    assert calls["add_rows"] == [1, 7]
+    assert calls["remove_rows"] == [4, 2, 1]  # dead rows leave together (not 7 compactions), the last with its decoder
+
+
+def test_merge_chunks_joins_each_rows_deltas_in_order():
+    from poelm.serve.app import merge_chunks
+
+    payloads = [[(0, 0, "a", ["e1"], None), (1, 0, "x", [], None)], [(0, 1, "é", ["e2", "e3"], None)],
+                [(1, 1, "", [], "length"), (0, 2, "b", [], "stop")]]
+    assert merge_chunks(payloads) == [(0, 0, "aéb", ["e1", "e2", "e3"], "stop"), (1, 0, "x", [], "length")]

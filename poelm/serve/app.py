@@ -160,6 +160,20 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def merge_chunks(payloads: list[list[tuple]]) -> list[tuple]:
+    """Consecutive chunk events -> one (row, text offset, delta, logprob entries, finish) per row:
+    deltas are whole characters, so joining them never splits one."""
+    merged: dict[int, tuple] = {}
+    for payload in payloads:
+        for row, start, delta, entries, finish in payload:
+            if row in merged:
+                first, text, seen, _ = merged[row]
+                merged[row] = (first, text + delta, seen + list(entries), finish)
+            else:
+                merged[row] = (start, delta, list(entries), finish)
+    return [(row, *rest) for row, rest in merged.items()]
+
+
 class Responder:
     """The response objects of one request (completion or chat, whole or streamed)."""
 
@@ -192,6 +206,18 @@ class Responder:
             choices.append(choice)
         return dict(self.head(False), choices=choices, usage=self.usage(), poe=job.poe)
 
+    def chunk(self, row: int, start: int, delta: str, entries, finish: str | None) -> str:
+        """The SSE event of one choice's delta (text from offset start on)."""
+        choice = {"index": row, "logprobs": self.logprobs(entries, row, start), "finish_reason": finish}
+        if self.chat:
+            choice["delta"] = {"content": delta} if delta else {}
+        else:
+            choice["text"] = delta
+        out = dict(self.head(True), choices=[choice])
+        if finish is not None and self.job.poe is not None:
+            out["poe"] = self.job.poe
+        return sse(out)
+
     async def stream(self):
         job = self.job
         try:
@@ -200,26 +226,19 @@ class Responder:
                     yield sse(dict(self.head(True), choices=[{"index": b, "delta": {"role": "assistant", "content": ""},
                                                               "logprobs": None, "finish_reason": None}]))
             while True:
-                kind, payload = await job.events.get()
+                events = [await job.events.get()]
+                while not job.events.empty():  # the client fell behind: what waits goes out in one write
+                    events.append(job.events.get_nowait())
+                out = [self.chunk(*c) for c in merge_chunks([payload for kind, payload in events if kind == "chunk"])]
+                kind, payload = events[-1]  # an end or error comes last
                 if kind == "error":
-                    yield sse(payload.body())
+                    out.append(sse(payload.body()))
+                elif kind == "end" and self.include_usage:
+                    out.append(sse(dict(self.head(True), choices=[], usage=self.usage(), poe=job.poe)))
+                if kind != "chunk":
+                    yield "".join(out) + "data: [DONE]\n\n"
                     break
-                if kind == "end":
-                    if self.include_usage:
-                        yield sse(dict(self.head(True), choices=[], usage=self.usage(), poe=job.poe))
-                    break
-                for row, delta, entries, finish in payload:
-                    start = len(job.sent[row]) - len(delta)
-                    choice = {"index": row, "logprobs": self.logprobs(entries, row, start), "finish_reason": finish}
-                    if self.chat:
-                        choice["delta"] = {"content": delta} if delta else {}
-                    else:
-                        choice["text"] = delta
-                    out = dict(self.head(True), choices=[choice])
-                    if finish is not None and job.poe is not None:
-                        out["poe"] = job.poe
-                    yield sse(out)
-            yield "data: [DONE]\n\n"
+                yield "".join(out)
         finally:
             job.cancelled = True  # a client that left frees its rows at the next step (no-op once done)
 
@@ -244,6 +263,23 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+class BearerAuth:
+    """ASGI middleware: 401 without `Authorization: Bearer KEY` (but on /health). Plain ASGI, so a
+    streamed response passes through untouched (@app.middleware would relay every chunk)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = error_response(ApiError(401, "missing or wrong API key: send the header "
+                                                        "'Authorization: Bearer KEY' (--api-key)", code="invalid_api_key"))
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def create_app(registry: ModelRegistry, scheduler: Scheduler, metrics: Metrics, config: ServeConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -264,14 +300,8 @@ def create_app(registry: ModelRegistry, scheduler: Scheduler, metrics: Metrics, 
         message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
         return error_response(ApiError(e.status_code, message))
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if config.api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {config.api_key}".encode()):
-                return error_response(ApiError(401, "missing or wrong API key: send the header "
-                                                    "'Authorization: Bearer KEY' (--api-key)", code="invalid_api_key"))
-        return await call_next(request)
+    if config.api_key:
+        app.add_middleware(BearerAuth, api_key=config.api_key)
 
     @app.get("/health")
     async def health():
@@ -343,6 +373,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    sys.setswitchinterval(0.0005)  # the scheduler gets the GIL back sooner from the event loop between torch ops
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     registry = load_models(args.model, parse_deltas(args.delta or []), name=args.name, device=parse_device(args.device))
     metrics = Metrics()

@@ -16,6 +16,14 @@ unseeded rows with equal options share. Each loop: drop cancelled (client gone) 
 (prefilled together per decoder), then step every decoder once. A decoder whose rows have all
 left is dropped. Any error inside a decoder fails that decoder's requests with 500 (the
 traceback goes to stderr) and the server goes on.
+
+Joining and leaving copy a decoder's whole KV cache, so both are batched: while rows are
+running, queued requests wait until they fill the free rows or the oldest has waited
+join_wait_s, then join in one prefill. In the plain modes (final/stage/logop, whose rows never
+affect each other) a finished row stays in the decoder as a dead row (its tokens are ignored)
+until half the rows are dead, joining rows need its place (at most max_batch rows in a
+decoder) or it would reach the context; then all dead rows leave in one compaction. Each loop
+hands each event loop its requests' events in one call.
 """
 
 from __future__ import annotations
@@ -118,9 +126,6 @@ class Job:
             n -= 1  # the stop token is not part of the text
         return self.entries[row][:n]
 
-    def push(self, event: tuple) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-
 
 @dataclass
 class Batch:
@@ -128,8 +133,16 @@ class Batch:
 
     key: tuple
     decoder: object
-    rows: dict[int, tuple[Job, int]] = field(default_factory=dict)  # handle -> (job, row)
-    tokens_out: int = 0  # tokens every row got from this decoder so far
+    rows: dict[int, tuple[Job, int]] = field(default_factory=dict)  # handle -> (job, row), live rows
+    lazy: bool = False  # finished rows stay as dead rows until one compaction (plain modes)
+    dead: set[int] = field(default_factory=set)  # handles of rows still in the decoder whose job left
+    tokens_out: int = 0  # tokens every decoder row (dead ones too) got so far: the stats' denominator
+
+
+def deliver(items: list[tuple[Job, tuple]]) -> None:
+    """On the event loop: put each event on its job's queue."""
+    for job, event in items:
+        job.events.put_nowait(event)
 
 
 def stats_delta(now: DecodeStats, then: DecodeStats) -> DecodeStats:
@@ -147,12 +160,14 @@ def stats_delta(now: DecodeStats, then: DecodeStats) -> DecodeStats:
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, max_queue: int, metrics, retry_after_s: int = 1):
+    def __init__(self, max_batch: int, max_queue: int, metrics, retry_after_s: int = 1, join_wait_s: float = 0.05):
         self.max_batch, self.max_queue, self.metrics, self.retry_after_s = max_batch, max_queue, metrics, retry_after_s
+        self.join_wait_s = join_wait_s  # the longest a queued request waits for others to join with it
         self.cond = threading.Condition()
         self.queue: deque[Job] = deque()
         self.batches: dict[tuple, Batch] = {}
-        self.running_rows = 0
+        self.running_rows = 0  # live rows
+        self.outbox: list[tuple[Job, tuple]] = []  # events of this loop, handed over once per loop
         self.draining = False
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="poelm-scheduler", daemon=True)
@@ -202,16 +217,20 @@ class Scheduler:
                     for job in list(self.queue):
                         self._fail(job, ApiError(503, "the server stopped before this request ran"))
                     self.queue.clear()
+                    self._flush()
                     return
                 admitted = self._admit()
             with torch.no_grad():
                 self._prefill(admitted)
                 for batch in list(self.batches.values()):
                     self._drop_gone(batch)
-                    if batch.decoder.rows:
+                    if batch.rows:
+                        if any(batch.decoder.is_full(h) for h in batch.dead):
+                            self._compact(batch)  # a dead row must not step past the context
                         self._step(batch)
-                    if not batch.decoder.rows:
+                    if not batch.rows:
                         del self.batches[batch.key]
+            self._flush()
             self.metrics.batch_rows.set(self.running_rows)
             self.metrics.decoders.set(len(self.batches))
 
@@ -222,12 +241,19 @@ class Scheduler:
             if job.cancelled or now > job.deadline:
                 self.queue.remove(job)
                 self._end_gone(job)
+        if self.queue and self.running_rows and not self._join_now(now):
+            return admitted
         while self.queue and self.running_rows + len(self.queue[0].rows) <= self.max_batch:
             job = self.queue.popleft()
             self.running_rows += len(job.rows)
             admitted.append(job)
         self.metrics.queue_depth.set(len(self.queue))
         return admitted
+
+    def _join_now(self, now: float) -> bool:
+        """Queued requests join running rows once they fill the free rows or the oldest waited join_wait_s."""
+        queued_rows = sum(len(job.rows) for job in self.queue)
+        return queued_rows >= self.max_batch - self.running_rows or now - self.queue[0].t_submit >= self.join_wait_s
 
     def _prefill(self, jobs: list[Job]) -> None:
         groups: dict[tuple, list[Job]] = {}
@@ -241,14 +267,17 @@ class Scheduler:
                     decoder = make_decoder(job.model, job.opts, job.model.config.sequence_len)
                     if job.opts.mode in LOGPROB_MODES:
                         decoder.sampler = LogprobSampler(job.opts, decoder.device)
-                    batch = self.batches[key] = Batch(key, decoder)
+                    batch = self.batches[key] = Batch(key, decoder, lazy=job.opts.mode in LOGPROB_MODES)
+                new_rows = sum(len(job.rows) for job in group)
+                if len(batch.decoder.rows) + new_rows > self.max_batch:
+                    self._compact(batch)  # dead rows make room (else they stay: a dead row's step costs less than a copy)
                 handles = batch.decoder.add_rows([row for job in group for row in job.rows])
             except Exception as e:  # a bug: its requests fail, the server goes on
                 traceback.print_exc()
                 for job in group:
                     self.running_rows -= len(job.rows)
                     self._fail(job, ApiError(500, f"internal error while prefilling: {type(e).__name__}: {e}"))
-                if batch is not None and not batch.decoder.rows:
+                if batch is not None and not batch.rows:
                     self.batches.pop(key, None)
                 continue
             it = iter(handles)
@@ -278,18 +307,28 @@ class Scheduler:
     def _leave(self, batch: Batch, handles: list[int]) -> None:
         if not handles:
             return
-        batch.decoder.remove_rows(handles)
         for h in handles:
             job, _ = batch.rows.pop(h)
             job.live -= 1
             self.running_rows -= 1
+        if batch.lazy and batch.rows and len(batch.dead) + len(handles) < len(batch.rows):
+            batch.dead.update(handles)
+        elif batch.rows:  # a decoder without live rows is dropped whole
+            batch.decoder.remove_rows(handles + sorted(batch.dead))
+            batch.dead.clear()
         self._want_logprobs(batch)
+
+    def _compact(self, batch: Batch) -> None:
+        """Dead rows leave the decoder (one copy of its cache)."""
+        if batch.dead:
+            batch.decoder.remove_rows(sorted(batch.dead))
+            batch.dead.clear()
 
     def _step(self, batch: Batch) -> None:
         dec = batch.decoder
         try:
             order = [r.handle for r in dec.rows]
-            self.metrics.step_rows.observe(len(order))
+            self.metrics.step_rows.observe(len(batch.rows))
             new = dec.step()
         except Exception as e:  # a bug: this decoder's requests fail, the server goes on
             traceback.print_exc()
@@ -308,6 +347,8 @@ class Scheduler:
         leaving = []
         for handle, tokens in new.items():
             batch.tokens_out += len(tokens)
+            if handle in batch.dead:
+                continue
             job, row = batch.rows[handle]
             col = job.collector
             before = len(col.tokens[row])
@@ -340,19 +381,20 @@ class Scheduler:
         return out
 
     def _push_deltas(self, job: Job, rows: list[int]) -> None:
-        """One ("chunk", [(row, text delta, logprob entries, finish reason or None)]) event."""
+        """One ("chunk", [(row, text offset, text delta, logprob entries, finish reason or None)]) event."""
         col, chunk = job.collector, []
         for row in rows:
             finished = col.reason[row] is not None
             text = (col.text(row) if finished else col.stable_text(row)) or ""
-            delta = text[len(job.sent[row]):] if text.startswith(job.sent[row]) else ""
+            start = len(job.sent[row])
+            delta = text[start:] if text.startswith(job.sent[row]) else ""
             job.sent[row] += delta
             entries = (job.logprob_entries(row) if finished else job.entries[row])[job.sent_entries[row]:]
             job.sent_entries[row] += len(entries)
             if delta or entries or finished:
-                chunk.append((row, delta, entries, job.finish_reason(row) if finished else None))
+                chunk.append((row, start, delta, entries, job.finish_reason(row) if finished else None))
         if chunk:
-            job.push(("chunk", chunk))
+            self.outbox.append((job, ("chunk", chunk)))
 
     # --- endings ---------------------------------------------------------------
     def _timeout(self, job: Job) -> ApiError:
@@ -370,11 +412,20 @@ class Scheduler:
         job.done = True
         if not job.cancelled:
             self.metrics.finished(job)
-        job.push(("end", None))
+        self.outbox.append((job, ("end", None)))
 
     def _fail(self, job: Job, error: ApiError) -> None:
         if job.done:
             return
         job.done = True
         self.metrics.failed(job, error.status)
-        job.push(("error", error))
+        self.outbox.append((job, ("error", error)))
+
+    def _flush(self) -> None:
+        """Hand this loop's events to their event loops: one call per loop, not one per event."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, tuple]]] = {}
+        for job, event in self.outbox:
+            by_loop.setdefault(job.loop, []).append((job, event))
+        self.outbox = []
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(deliver, items)
