@@ -40,6 +40,8 @@ readme-results: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/serve_load.py
+	$(PY) benchmarks/stage_parallel.py
 
 clean:
 	rm -rf .venv .venv-tf457 .pytest_cache
