@@ -426,23 +426,61 @@ class KVCache:
         slots = torch.arange(start, start + count, device=self.tokens.device)
         return slots.unsqueeze(0) - self.pad.unsqueeze(1)
 
-    def keep_rows(self, index: list[int]) -> None:
-        """Keep only the rows in index (in that order)."""
-        idx = torch.tensor(index, dtype=torch.long, device=self.tokens.device)
-        self.k = [t.index_select(0, idx) for t in self.k]
-        self.v = [t.index_select(0, idx) for t in self.v]
-        self.tokens, self.pad = self.tokens.index_select(0, idx), self.pad.index_select(0, idx)
+    def _buffers(self) -> list[torch.Tensor]:
+        """The row buffers under k, v, tokens and pad (each a prefix of its buffer's rows);
+        tensors someone replaced (e.g. the HF cache's beam reorder) become the new buffers."""
+        views = self.k + self.v + [self.tokens, self.pad]
+        bufs = getattr(self, "_bufs", None)
+        if bufs is None or len(bufs) != len(views) or any(
+                t.data_ptr() != b.data_ptr() or t.shape[1:] != b.shape[1:] or not t.is_contiguous()
+                for t, b in zip(views, bufs)):
+            bufs = self._bufs = views
+        return bufs
+
+    def _view(self, bufs: list[torch.Tensor], n: int) -> None:
+        """Point k, v, tokens and pad at the first n rows of the buffers."""
+        L = len(self.k)
+        views = [b[:n] for b in bufs]
+        self.k, self.v, self.tokens, self.pad = views[:L], views[L:2 * L], views[2 * L], views[2 * L + 1]
         self.has_pad = bool((self.pad > 0).any())
 
+    def keep_rows(self, index: list[int]) -> None:
+        """Keep only the rows in index (in that order), in place: rows before the first that
+        moves stay where they are; the rows after it move, K/V only up to the filled length
+        (the slots past it are written before any unmasked read)."""
+        bufs, L = self._buffers(), len(self.k)
+        first = next((j for j, b in enumerate(index) if b != j), len(index))  # rows [0, first) stay
+        if first < len(index):
+            idx = torch.tensor(index[first:], dtype=torch.long, device=self.tokens.device)
+            filled = max(self.lengths, default=0)
+            for i, b in enumerate(bufs):  # gathered before the write: sources may overlap targets
+                part = b[:, :, :filled] if i < 2 * L else b
+                part[first:len(index)] = part.index_select(0, idx)
+        self._view(bufs, len(index))
+
     def append_rows(self, other: "KVCache") -> None:
-        """Append the rows of another cache of the same shape (its rows keep their own lengths)."""
+        """Append the rows of another cache of the same shape (its rows keep their own lengths):
+        they are copied into free row slots (the buffers double when full), K/V only up to the
+        other's filled length (later slots are written before any unmasked read)."""
         if other.max_len != self.max_len or len(other.k) != len(self.k):
             raise ValueError(f"cannot append a cache of {other.max_len} slots x {len(other.k)} layers to one of "
                              f"{self.max_len} x {len(self.k)}")
-        self.k = [torch.cat([a, b]) for a, b in zip(self.k, other.k)]
-        self.v = [torch.cat([a, b]) for a, b in zip(self.v, other.v)]
-        self.tokens, self.pad = torch.cat([self.tokens, other.tokens]), torch.cat([self.pad, other.pad])
-        self.has_pad = self.has_pad or other.has_pad
+        bufs, B, n, L = self._buffers(), self.batch_size, other.batch_size, len(self.k)
+        if B + n > bufs[0].shape[0]:  # grow by doubling: the live rows move once
+            rows = max(B + n, 2 * bufs[0].shape[0])
+            grown = [b.new_zeros((rows, *b.shape[1:])) for b in bufs]
+            filled = max(self.lengths, default=0)
+            for i, (g, b) in enumerate(zip(grown, bufs)):
+                if i < 2 * L:
+                    g[:B, :, :filled] = b[:B, :, :filled]
+                else:
+                    g[:B] = b[:B]
+            bufs = self._bufs = grown
+        filled = max(other.lengths, default=0)
+        for b, t in zip(bufs[:2 * L], other.k + other.v):
+            b[B:B + n, :, :filled] = t[:, :, :filled]
+        bufs[2 * L][B:B + n], bufs[2 * L + 1][B:B + n] = other.tokens, other.pad
+        self._view(bufs, B + n)
 
 
 class StepPlan:
