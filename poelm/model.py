@@ -398,7 +398,7 @@ class KVCache:
     layers behind and back-fill them later; `crop(n)` rolls every layer back to n slots.
     Rows may also be ragged: `run_layers(..., start=[s_0, ..., s_{B-1}])` continues row b at
     slot s_b (the decoders keep each row's length; `lengths`/`n_tokens` then track the uniform
-    case only). `keep_rows` / `append_rows` remove and add rows between steps.
+    case only). `keep_rows` / `append_rows` remove and add rows between steps, in place (RowBuffers).
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None,
@@ -412,6 +412,7 @@ class KVCache:
         self.pad = pad.to(device) if pad is not None else torch.zeros(batch_size, dtype=torch.long, device=device)
         self.has_pad = pad is not None and bool((pad > 0).any())  # host flag: decode steps need no pad mask
         self.max_len = max_len
+        self._rows = RowBuffers([2] * (2 * config.n_layer) + [None, None])
 
     @property
     def batch_size(self) -> int:
@@ -427,22 +428,73 @@ class KVCache:
         return slots.unsqueeze(0) - self.pad.unsqueeze(1)
 
     def keep_rows(self, index: list[int]) -> None:
-        """Keep only the rows in index (in that order)."""
-        idx = torch.tensor(index, dtype=torch.long, device=self.tokens.device)
-        self.k = [t.index_select(0, idx) for t in self.k]
-        self.v = [t.index_select(0, idx) for t in self.v]
-        self.tokens, self.pad = self.tokens.index_select(0, idx), self.pad.index_select(0, idx)
-        self.has_pad = bool((self.pad > 0).any())
+        """Keep only the rows in index (in that order), in place (RowBuffers.keep)."""
+        self._set(self._rows.keep(self._tensors(), index, max(self.lengths, default=0)))
 
     def append_rows(self, other: "KVCache") -> None:
-        """Append the rows of another cache of the same shape (its rows keep their own lengths)."""
+        """Append the rows of another cache of the same shape (its rows keep their own lengths)
+        into free row slots (RowBuffers.append)."""
         if other.max_len != self.max_len or len(other.k) != len(self.k):
             raise ValueError(f"cannot append a cache of {other.max_len} slots x {len(other.k)} layers to one of "
                              f"{self.max_len} x {len(self.k)}")
-        self.k = [torch.cat([a, b]) for a, b in zip(self.k, other.k)]
-        self.v = [torch.cat([a, b]) for a, b in zip(self.v, other.v)]
-        self.tokens, self.pad = torch.cat([self.tokens, other.tokens]), torch.cat([self.pad, other.pad])
-        self.has_pad = self.has_pad or other.has_pad
+        self._set(self._rows.append(self._tensors(), other._tensors(), max(self.lengths, default=0),
+                                    max(other.lengths, default=0)))
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return self.k + self.v + [self.tokens, self.pad]
+
+    def _set(self, tensors: list[torch.Tensor]) -> None:
+        L = len(self.k)
+        self.k, self.v, self.tokens, self.pad = tensors[:L], tensors[L:2 * L], tensors[2 * L], tensors[2 * L + 1]
+        self.has_pad = bool((self.pad > 0).any())
+
+
+class RowBuffers:
+    """Per-row tensors (rows on dim 0) kept as views of the first B rows of larger buffers, so
+    rows join into free row slots (the buffers double when full) and leave in place. Only
+    slots [0, filled) of the slot dimension are copied (slot_dims[i]: tensor i's, None = copy
+    it whole): the owner writes every later slot of a row before any unmasked read of it.
+    Tensors replaced from outside (e.g. the HF cache's beam reorder) become the new buffers."""
+
+    def __init__(self, slot_dims: list[int | None]):
+        self.slot_dims, self.bufs = slot_dims, None
+
+    def _buffers(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.bufs is None or any(t.data_ptr() != b.data_ptr() or t.shape[1:] != b.shape[1:] or not t.is_contiguous()
+                                    for t, b in zip(views, self.bufs)):
+            self.bufs = list(views)
+        return self.bufs
+
+    def _filled(self, t: torch.Tensor, dim: int | None, filled: int) -> torch.Tensor:
+        return t if dim is None else t.narrow(dim, 0, filled)
+
+    def keep(self, views: list[torch.Tensor], index: list[int], filled: int) -> list[torch.Tensor]:
+        """Rows index (in that order) -> their views: rows before the first that moves stay put."""
+        bufs = self._buffers(views)
+        first = next((j for j, b in enumerate(index) if b != j), len(index))  # rows [0, first) stay
+        if first < len(index):
+            idx = torch.tensor(index[first:], dtype=torch.long, device=bufs[0].device)
+            for b, dim in zip(bufs, self.slot_dims):  # gathered before the write: sources may overlap targets
+                part = self._filled(b, dim, filled)
+                part[first:len(index)] = part.index_select(0, idx)
+        return [b[:len(index)] for b in bufs]
+
+    def append(self, views: list[torch.Tensor], new: list[torch.Tensor] | None, filled: int,
+               new_filled: int, n: int = 0) -> list[torch.Tensor]:
+        """The views with the rows of `new` appended (or n zero rows when new is None)."""
+        bufs, B = self._buffers(views), views[0].shape[0]
+        n = new[0].shape[0] if new is not None else n
+        if B + n > bufs[0].shape[0]:  # grow by doubling: the live rows move once
+            grown = [b.new_zeros((max(B + n, 2 * b.shape[0]), *b.shape[1:])) for b in bufs]
+            for g, b, dim in zip(grown, bufs, self.slot_dims):
+                self._filled(g[:B], dim, filled).copy_(self._filled(b[:B], dim, filled))
+            bufs = self.bufs = grown
+        for i, (b, dim) in enumerate(zip(bufs, self.slot_dims)):
+            if new is None:
+                b[B:B + n].zero_()
+            else:
+                self._filled(b[B:B + n], dim, new_filled).copy_(self._filled(new[i], dim, new_filled))
+        return [b[:B + n] for b in bufs]
 
 
 class StepPlan:

@@ -161,6 +161,31 @@ def test_left_padded_rows_match_single_rows():
     assert (logits[1, 7:] - model(b)[0]).abs().max() <= 1e-5
 
 
+def test_cache_rows_join_and_leave_in_place():
+    model = tiny_model()
+    a, b = KVCache(model.config, 2, 64), KVCache(model.config, 1, 64)
+    model.forward_cached(torch.randint(0, 300, (2, 10)), a)
+    model.forward_cached(torch.randint(0, 300, (1, 6)), b)
+    rows = lambda c: [(k[:, :, :10].clone(), v[:, :, :10].clone(), tok.clone()) for k, v, tok in
+                      zip(torch.stack(c.k, 1), torch.stack(c.v, 1), c.tokens)]  # per row: K/V up to slot 10
+    ref = rows(a) + rows(b) + rows(b)
+    a.append_rows(b)  # 3 rows: the buffers grow to 4
+    ptr = a.k[0].data_ptr()
+    a.append_rows(b)  # into the free row slot: no new buffer
+    assert a.batch_size == 4 and a.k[0].data_ptr() == ptr
+    for index in ([0, 2, 3], [2, 0], [0]):  # a middle row leaves, then a reorder, then the last leaves
+        ref = [ref[j] for j in index]
+        a.keep_rows(index)
+        assert a.batch_size == len(index) and a.k[0].data_ptr() == ptr
+        for (k, v, tok), (rk, rv, rtok) in zip(rows(a), ref):
+            n = 10 if rtok[6:10].any() else 6  # the joined rows filled 6 slots
+            assert torch.equal(k[:, :, :n], rk[:, :, :n]) and torch.equal(v[:, :, :n], rv[:, :, :n])
+            assert torch.equal(tok, rtok)
+    a.k = [t.clone() for t in a.k]  # replaced from outside (the HF cache's beam reorder): adopted
+    a.append_rows(b)
+    assert a.batch_size == 2 and torch.equal(a.k[1][1, :, :6], b.k[1][0, :, :6])
+
+
 def test_smear_uses_previous_token():
     model = tiny_model()
     with torch.no_grad():

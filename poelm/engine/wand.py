@@ -23,7 +23,7 @@ from poelm.engine.calibrate import wand_exit_rule
 from poelm.engine.decoders import Decoder, Row
 from poelm.engine.options import DecodeOptions
 from poelm.engine.sampling import logop, top_gap
-from poelm.model import GPT, KVCache, SOFTCAP, StepPlan, logop_weight
+from poelm.model import GPT, KVCache, SOFTCAP, RowBuffers, StepPlan, logop_weight
 
 
 class WandDecoder(Decoder):
@@ -41,6 +41,7 @@ class WandDecoder(Decoder):
         self.first_layer = [0] + [e + 1 for e in cfg.stage_ends[:-1]]
         self.lag = [0] * self.K  # slots every row's stage s still has to run
         self.x0 = self.boundary = None  # (B, max_len, d) and K-1 of them
+        self._row_buffers = RowBuffers([1] * self.K)  # their rows: joined and removed in place
         self.stats.exit_stage_counts = [0] * self.K
 
     # --- rows ------------------------------------------------------------------------
@@ -48,19 +49,22 @@ class WandDecoder(Decoder):
         if self.rows:
             self.flush()  # the new rows start with no lag; so must the old ones
         d, p = self.cfg.n_embd, self.model.lm_head.weight
-        zeros = lambda: torch.zeros(len(rows), self.max_len, d, device=p.device, dtype=p.dtype)  # noqa: E731
         if self.x0 is None or not self.rows:
-            self.x0, self.boundary = zeros(), [zeros() for _ in range(self.K - 1)]
-        else:
-            self.x0 = torch.cat([self.x0, zeros()])
-            self.boundary = [torch.cat([b, zeros()]) for b in self.boundary]
+            self.x0, *self.boundary = [torch.zeros(len(rows), self.max_len, d, device=p.device, dtype=p.dtype)
+                                       for _ in range(self.K)]
+        else:  # zero rows joined into free row slots: inputs are kept for lagging slots only, none after the flush
+            self.x0, *self.boundary = self._row_buffers.append([self.x0, *self.boundary], None, self._filled(), 0,
+                                                               n=len(rows))
         super()._append(cache, rows, seen, x0)
 
     def _keep(self, keep: list[int]) -> None:
         super()._keep(keep)
         if self.rows:
-            self.x0 = self.x0[keep]
-            self.boundary = [b[keep] for b in self.boundary]
+            self.x0, *self.boundary = self._row_buffers.keep([self.x0, *self.boundary], keep, self._filled())
+
+    def _filled(self) -> int:
+        """Slots that may hold kept inputs: a stage's inputs are kept where its layers wrote K/V."""
+        return max(self.cache.lengths, default=0) if self.cache is not None else 0
 
     def rollback(self, handle: int, n: int) -> None:
         self.flush()
