@@ -27,6 +27,17 @@ def tiny_model(seed: int = 0, noise: float = 0.05, **overrides) -> GPT:
     return model
 
 
+def noisy_projections(model: GPT) -> None:
+    """N(0, 0.02) on the zero-initialised c_proj weights. At the standard init every block is the
+    identity and every readout RMS-normed, so some gradients are exactly zero and AdamW (eps 1e-10)
+    turns their rounding noise into full +-lr steps whose sign depends on summation order: runs
+    compared across processes start from this init instead."""
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for lin in (block.attn.c_proj, block.mlp.c_proj):
+                lin.weight.normal_(0.0, 0.02)
+
+
 @pytest.fixture
 def make_model():
     return tiny_model

@@ -23,12 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WINDOW = 8  # the S layers' window: every test sequence is longer, so it crosses the S boundary
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one torch thread: tests/conftest.py sets it for every test module
 
 
 def random_model(seed: int = 0, **kw) -> GPT:

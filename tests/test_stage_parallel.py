@@ -28,16 +28,14 @@ HELPER = """
     # the rank POELM_TEST_KILL_RANK kills itself (SIGKILL) as step N begins its optimizer update.
     import os, signal, sys, torch
     import poelm.model as pm, poelm.schedule as ps
+    from conftest import noisy_projections
     from poelm.cli import main
 
     real_init, real_schedules = pm.GPT.init_weights, ps.apply_schedules
 
     def noisy_init(self):
         real_init(self)
-        with torch.no_grad():
-            for block in self.transformer.h:
-                for lin in (block.attn.c_proj, block.mlp.c_proj):
-                    lin.weight.normal_(0.0, 0.02)
+        noisy_projections(self)
         if os.environ.get("POELM_TEST_FP64") == "1":
             self.double()
 
@@ -66,16 +64,14 @@ def torchrun(args: list[str], cwd: Path, nproc: int = 2, timeout: int = 300, **e
 
 def in_process(argv: list[str], capsys, fp64: bool) -> None:
     """The one-process reference run, from the helper's init."""
+    from conftest import noisy_projections
     from poelm.model import GPT
 
     real_init = GPT.init_weights
 
     def noisy_init(self):
         real_init(self)
-        with torch.no_grad():
-            for block in self.transformer.h:
-                for lin in (block.attn.c_proj, block.mlp.c_proj):
-                    lin.weight.normal_(0.0, 0.02)
+        noisy_projections(self)
         if fp64:
             self.double()
 

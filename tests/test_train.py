@@ -470,7 +470,7 @@ def test_resume_with_another_architecture_or_tokenizer(env, base_run, tmp_path, 
 
 
 def torchrun(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -535,14 +535,12 @@ SAME_BATCH_HELPER = """
             return (x, y) if self.slice is None else (x[self.slice], y[self.slice])
 
     import poelm.rundir as rd
+    from conftest import noisy_projections
     real_init, real_save = pm.GPT.init_weights, rd.RunDir.save_checkpoint
 
     def noisy_init(self):
         real_init(self)
-        with torch.no_grad():
-            for block in self.transformer.h:
-                for lin in (block.attn.c_proj, block.mlp.c_proj):
-                    lin.weight.normal_(0.0, 0.02)
+        noisy_projections(self)
 
     def save(run, step, model, *a, **kw):
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, run.path.parent / f"rank{run.rank}_{step}.pt")
@@ -575,14 +573,13 @@ def test_torchrun_matches_one_process_on_the_same_global_batch(env, tmp_path, mo
                     cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
+    from conftest import noisy_projections
+
     real_init = GPT.init_weights
 
     def noisy_init(self):  # the helper's init, for the 1-process run
         real_init(self)
-        with torch.no_grad():
-            for block in self.transformer.h:
-                for lin in (block.attn.c_proj, block.mlp.c_proj):
-                    lin.weight.normal_(0.0, 0.02)
+        noisy_projections(self)
 
     monkeypatch.setattr(GPT, "init_weights", noisy_init)
     one = tmp_path / "one"
