@@ -299,6 +299,14 @@ def rmsnorm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+def gate_linear(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """lin applied to a column slice x (..., k) of the residual as ONE 2-D matmul (a view when the
+    rows fold, else a copy). Handed a 3-D strided slice, torch.matmul picks mm or bmm by whether
+    the weight requires grad, and the two round differently on some CPUs (AVX-512): a frozen and a
+    trainable copy of the same weights must compute the same logits."""
+    return F.linear(x.reshape(-1, x.shape[-1]), lin.weight).view(*x.shape[:-1], lin.out_features)
+
+
 def softcap(logits: torch.Tensor) -> torch.Tensor:
     return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
@@ -613,7 +621,7 @@ class CausalSelfAttention(nn.Module):
             qkv = (x @ self.qkv_weight().t()).view(B, T, H + 2 * Hk, D)
             qk, v = qkv[:, :, :H + Hk], qkv[:, :, H + Hk:]
         if ve is not None:
-            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_DIM]))  # (B, T, Hkv)
+            gate = 3 * torch.sigmoid(gate_linear(self.ve_gate, x[..., :VE_GATE_DIM]))  # (B, T, Hkv)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, Hk, D)
         qk = rmsnorm(apply_rotary(qk, plan.cos, plan.sin)) * QK_SCALE  # q and k rotated and normed together
         qk, v = qk.transpose(1, 2), v.transpose(1, 2)  # (B, H+Hk, T, D), (B, Hk, T, D)
@@ -852,7 +860,7 @@ class GPT(nn.Module):
         x = rmsnorm(self.transformer.wte(idx))  # (B, T, d)
         if cache is None:
             prev = x[:, :-1]
-            gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_DIM]))  # (B, T-1, 1)
+            gate = self.smear_lambda * torch.sigmoid(gate_linear(self.smear_gate, x[:, 1:, :SMEAR_DIM]))  # (B, T-1, 1)
             return torch.cat([x[:, :1], x[:, 1:] + gate * prev], dim=1)
         T = idx.shape[1]
         start = cache.n_tokens if start is None else start
@@ -872,7 +880,7 @@ class GPT(nn.Module):
             cache.tokens.scatter_(1, slots, idx)
             positions = slots - cache.pad.unsqueeze(1)
         has_prev = (positions >= 1).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
-        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_DIM]))
+        gate = self.smear_lambda * torch.sigmoid(gate_linear(self.smear_gate, x[..., :SMEAR_DIM]))
         return x + gate * prev * has_prev
 
     def run_layers(self, x: torch.Tensor, x0: torch.Tensor, idx: torch.Tensor, start_layer: int, end_layer: int,

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -298,32 +299,47 @@ def test_resume_refuses_changed_settings_and_extend_to_is_recorded(env, base_run
 # 6. kill -9 at random points of a save, then an exact resume
 
 
+KILL_AT_REPLACE = """
+    # Run `poelm` and SIGKILL it at its Nth os.replace (N from POELM_TEST_KILL_AT): with
+    # --save-every 1 every replace after start-up belongs to a checkpoint save (a model file,
+    # an optimizer or loader shard, trainer.json, the step directory, `latest`), so the kill
+    # lands inside a save at a point fixed by N, not by the scheduler.
+    import os, signal, sys
+    from poelm.cli import main
+
+    kill_at, calls, real_replace = int(os.environ["POELM_TEST_KILL_AT"]), [0], os.replace
+
+    def replace(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_replace(*args, **kwargs)
+
+    os.replace = replace
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_kill9_during_saves_then_exact_resume(env, base_run, tmp_path):
-    """Saves every step; each attempt is SIGKILLed a random few ms after a temporary
-    checkpoint directory appears (i.e. inside a save). After every kill the newest complete
-    checkpoint loads; the last resume runs to the end and equals the straight run bit for bit."""
+    """Saves every step; each attempt SIGKILLs itself at a seeded, random os.replace inside
+    a save (before or after any file, directory or `latest` moves into place). After every
+    kill the newest complete checkpoint loads; the last resume runs to the end and equals the
+    straight run bit for bit. (The kill used to be timed from outside: a poll for a temporary
+    directory plus a random sleep, which under load could miss every save and never kill.)"""
     rng = random.Random(1234)
     out = tmp_path / "run"
+    wrapper = tmp_path / "kill_at_replace.py"
+    wrapper.write_text(textwrap.dedent(KILL_AT_REPLACE))
     argv = train_args(env, out, **{"save-every": 1, "keep-checkpoints": 2})
-    kills = 0
     for attempt in range(3):
-        cmd = poelm_cmd(argv + (["--resume"] if attempt else []))
-        proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
-        try:
-            wait_for(lambda: proc.poll() is not None or any(out.glob(".*step_*.tmp*")), timeout=180)
-            time.sleep(rng.uniform(0, 0.03))
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                kills += 1
-            proc.wait()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        kill_at = rng.randint(2, 14)
+        cmd = [sys.executable, str(wrapper), *map(str, argv + (["--resume"] if attempt else []))]
+        proc = subprocess.run(cmd, env={**subprocess_env(), "POELM_TEST_KILL_AT": str(kill_at)}, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+        assert proc.returncode == -signal.SIGKILL, (attempt, kill_at, proc.stderr[-2000:])
         point = RunDir(out).resume_point()
         if point is not None:  # whatever was killed, the newest complete checkpoint is loadable
             assert weights(point.path)
-    assert kills >= 1
     rc = subprocess.run(poelm_cmd(argv + ["--resume"]), env=subprocess_env(), cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
     assert rc.returncode == 0, rc.stderr[-2000:]
