@@ -117,8 +117,8 @@ def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
     """Refuse a state dict holding a NaN or an infinity (it would load and generate garbage silently)."""
     for name, t in state.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{source}: tensor {name} holds NaN or infinite values; the weights are broken, "
-                             "load an earlier checkpoint or re-export them")
+            raise ValueError(f"{source}: tensor {name} holds NaN or infinite values; the weights are broken: "
+                             "load an earlier checkpoint or a good copy of the file")
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
