@@ -14,7 +14,9 @@ nothing else, each a regular file (not a link, not a directory) of the recorded 
 exception is a `__pycache__` directory of compiled copies of the output's own `.py` files
 (Python writes it when the remote code is imported from the directory). File names decide
 nothing by themselves: a downloaded Hugging Face folder, or an output a user has added to, is
-foreign. This module is poelm's side only: the remote code copied into exports never imports it.
+foreign. A training checkpoint (a run's step directory, written by save_model) holds more than
+its marker lists (optimizer and loader state), so no output replaces it. This module is
+poelm's side only: the remote code copied into exports never imports it.
 """
 
 from __future__ import annotations

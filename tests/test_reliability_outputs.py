@@ -229,6 +229,9 @@ def test_specialist_attach_and_save_delta_replace_only_their_own_outputs(src, tm
     marker = read_marker(spec)
     assert marker["kind"] == "model" and "specialist.json" in marker["files"]  # the lineage is in the marker
     assert cli(["specialist", "attach", src, "--layers", "2", "--out", spec], capsys)[0] == 0  # its own output
+    before = tree(src)
+    rc, err = cli(["specialist", "attach", src, "--layers", "1", "--out", src], capsys)  # a poelm model, but the base
+    assert rc == 2 and err.count("\n") == 1 and "is the source" in err and tree(src) == before, err
 
     delta = tmp_path / "delta"
     assert cli(["specialist", "save-delta", spec, "--out", delta], capsys)[0] == 0
