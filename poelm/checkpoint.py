@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from poelm.atomic import atomic_dir, atomic_path, atomic_write_json
-from poelm.hf import REMOTE_CODE_FILES
 from poelm.codec import from_nanochat_meta, read_config_file, to_config_json, to_nanochat_meta
 from poelm.model import GPT, GPTConfig
+from poelm.outputs import MODEL_KIND, MODEL_KINDS, foreign_content, mark_output
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -43,18 +43,12 @@ def atomic_torch_save(obj, path: str | Path) -> None:
         torch.save(obj, tmp)
 
 
-# Every file a poelm model directory or export may hold (a directory of only these, with a
-# config.json, is a previous poelm output and may be replaced).
-MODEL_DIR_FILES = frozenset({
-    CONFIG_NAME, WEIGHTS_NAME, GENERATION_CONFIG_NAME, "specialist.json", "tokenizer.json", "tokenizer.pkl", "token_bytes.pt",
-    "tokenizer_config.json", "special_tokens_map.json", "__pycache__", *REMOTE_CODE_FILES,
-})
-
-
-def check_replaceable(out: str | Path, sources: tuple = (), overwrite: bool = False, flag: str = "--out") -> None:
-    """Refuse to replace `out` wholesale unless it is new, empty or a previous poelm model
-    directory (or `overwrite`); never when it is a file, is/contains/lies inside a source,
-    or contains the working or home directory (those are refused even with overwrite)."""
+def check_replaceable(out: str | Path, sources: tuple = (), overwrite: bool = False, flag: str = "--out",
+                      kinds: tuple[str, ...] = MODEL_KINDS) -> None:
+    """Refuse to replace `out` wholesale unless it is new, empty or a previous poelm output of
+    one of `kinds` that nobody has changed since (its marker, poelm.outputs), or `overwrite`;
+    never when it is a file, is/contains/lies inside a source, or contains the working or home
+    directory (those are refused even with overwrite)."""
     out = Path(out)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ValueError(f"{flag} {out} is a file (or a link); remove it or choose a directory path")
@@ -72,11 +66,10 @@ def check_replaceable(out: str | Path, sources: tuple = (), overwrite: bool = Fa
             raise ValueError(f"{flag} {out} is or contains the {name}; choose a new directory for the output")
     if not out.is_dir() or overwrite:
         return
-    names = {p.name for p in out.iterdir()}
-    foreign = sorted(names - MODEL_DIR_FILES)
-    if names and (foreign or CONFIG_NAME not in names):
-        what = f"it holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}" if foreign else "it has no config.json"
-        raise ValueError(f"{flag} {out} exists and is not a poelm model directory ({what}); choose a new or empty "
+    foreign = foreign_content(out, kinds)
+    if foreign is not None:
+        what = "model" if kinds == MODEL_KINDS else "/".join(kinds)
+        raise ValueError(f"{flag} {out} exists and is not a poelm {what} directory ({foreign}); choose a new or empty "
                          "directory, or pass --overwrite to replace it and everything in it")
 
 
@@ -114,9 +107,18 @@ def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str = "c
     wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
     if wrong:
         raise ValueError(f"{source} has tensors of the wrong shape for this config: {', '.join(wrong)}")
+    check_finite(state, source)
     with torch.no_grad():
         for k, v in expected.items():
             v.copy_(state[k].to(v.dtype))
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse a state dict holding a NaN or an infinity (it would load and generate garbage silently)."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{source}: tensor {name} holds NaN or infinite values; the weights are broken: "
+                             "load an earlier checkpoint or a good copy of the file")
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -145,8 +147,8 @@ def write_safetensors(model: GPT, path: Path, dtype: torch.dtype | None = None) 
 def save_model(model: GPT, out_dir: str | Path, tokenizer=None, dtype: torch.dtype | None = None,
                generation_config: dict | None = None, overwrite: bool = False) -> Path:
     """Write config.json + model.safetensors (+ tokenizer files, generation_config.json)
-    into a temporary directory, then move it onto out_dir in one rename. An existing
-    out_dir must be a poelm model directory (see `check_replaceable`) unless `overwrite`."""
+    and the output marker into a temporary directory, then move it onto out_dir in one rename.
+    An existing out_dir must be a poelm model directory (see `check_replaceable`) unless `overwrite`."""
     out_dir = Path(out_dir)
     check_replaceable(out_dir, overwrite=overwrite)
     with atomic_dir(out_dir) as tmp:
@@ -162,6 +164,7 @@ def save_model(model: GPT, out_dir: str | Path, tokenizer=None, dtype: torch.dty
         gen.update(generation_config or {})
         if gen:
             atomic_write_json(tmp / GENERATION_CONFIG_NAME, gen)
+        mark_output(tmp, MODEL_KIND)
     return out_dir
 
 

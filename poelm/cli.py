@@ -180,7 +180,9 @@ def tokenizer_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="corpus directory (parquet shards)")
     p.add_argument("--vocab-size", type=int, default=32768, help="tokens in the vocabulary (256 bytes + merges + 9 specials)")
     p.add_argument("--max-chars", type=at_least(1), default=2_000_000_000, help="train on at most this many characters")
-    p.add_argument("--out", required=True, help="tokenizer directory to write")
+    p.add_argument("--out", required=True, help="tokenizer directory to write (replaced atomically; an existing one only "
+                   "if it is a previous `poelm tokenizer train` output, or with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a poelm tokenizer")
 
 
 def eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -233,6 +235,7 @@ def specialist_attach_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="the base MODEL (a PoE model; with --delta: the base of the parent delta)")
     p.add_argument("--layers", type=int, required=True, help="new layers to append (>= 1)")
     p.add_argument("--out", required=True, help="model directory to write (config.json, weights, specialist.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a poelm model directory")
     p.add_argument("--delta", default=None, help="parent delta: stack the new specialist on it (a cascade)")
     p.add_argument("--force", action="store_true", help="attach to a BP base anyway (research)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
@@ -241,6 +244,7 @@ def specialist_attach_arguments(p: argparse.ArgumentParser) -> None:
 def specialist_save_delta_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="the trained specialist (a run directory or model directory)")
     p.add_argument("--out", required=True, help="delta directory to write (delta.safetensors + delta.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out that is not a poelm delta")
     p.add_argument("--base", default=None, help="its base MODEL, when the specialist has no specialist.json")
 
 
@@ -618,13 +622,19 @@ def cmd_data_climbmix(args: argparse.Namespace) -> int:
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     import time
     from poelm import corpus
+    from poelm.atomic import atomic_dir
+    from poelm.checkpoint import check_replaceable
+    from poelm.outputs import TOKENIZER_KIND, mark_output
     from poelm.tokenizer import Tokenizer
 
+    check_replaceable(args.out, sources=(args.data,), overwrite=args.overwrite, kinds=(TOKENIZER_KIND,))
     train_files, _ = corpus.list_shards(args.data)
     texts = _cap_chars(corpus.iter_documents(train_files), args.max_chars)
     t0 = time.time()
     tok = Tokenizer.train(texts, args.vocab_size)
-    tok.save(args.out)
+    with atomic_dir(args.out) as tmp:
+        tok.save(tmp)
+        mark_output(tmp, TOKENIZER_KIND)
     result = {"out": args.out, "vocab_size": tok.vocab_size, "seconds": round(time.time() - t0, 2)}
     emit(args, result, f"tokenizer with {tok.vocab_size} tokens written to {args.out} in {result['seconds']} s")
     return 0

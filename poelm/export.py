@@ -25,6 +25,8 @@ The directory then loads with transformers (`AutoConfig`, `AutoModelForCausalLM`
                                  remote code imports relatively (one definition of each)
     tokenizer.pkl, token_bytes.pt, tokenizer_config.json (auto_map.AutoTokenizer =
                                  [slow class, null]), special_tokens_map.json
+    .poelm-output.json           poelm's output marker (names and sizes of the files above): a
+                                 later export replaces this directory only while it matches
 
 No `tokenizer.json` is written: transformers would take it for a fast-tokenizer file.
 Everything is written to a temporary directory first and renamed into place.
@@ -43,6 +45,7 @@ from poelm.atomic import atomic_dir, atomic_write_json
 from poelm.checkpoint import CONFIG_NAME, GENERATION_CONFIG_NAME, check_replaceable, save_model
 from poelm.codec import to_config_json
 from poelm.model import GPT, GPTConfig
+from poelm.outputs import EXPORT_KIND, mark_output
 
 ASSISTANT_END = "<|assistant_end|>"
 
@@ -97,8 +100,9 @@ def generation_defaults(tokenizer) -> dict:
 def export_model(model: GPT, tokenizer, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
                  generation_config: dict | None = None, sources: tuple = (), overwrite: bool = False) -> Path:
     """Write the whole Hugging Face layout of `model` (+ `tokenizer`) into out_dir. An
-    existing out_dir is replaced only when it is a previous poelm model directory (or with
-    `overwrite`), and never when it is, contains or lies inside one of `sources`."""
+    existing out_dir is replaced only when it is a previous poelm model directory unchanged
+    since (its output marker, poelm.outputs) or with `overwrite`, and never when it is,
+    contains or lies inside one of `sources`."""
     from poelm.hf import REMOTE_CODE_FILES
 
     check_replaceable(out_dir, sources=sources, overwrite=overwrite)
@@ -119,6 +123,7 @@ def export_model(model: GPT, tokenizer, out_dir: str | Path, dtype: torch.dtype 
                 atomic_write_json(stage / name, obj)
         for name, source in REMOTE_CODE_FILES.items():
             shutil.copyfile(source, stage / name)
+        mark_output(stage, EXPORT_KIND)
         _share(stage)
     return out_dir
 

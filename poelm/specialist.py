@@ -214,23 +214,24 @@ def delta_size(model: GPT) -> tuple[int, int]:
     return len(names), sum(state[n].numel() * 2 for n in names)
 
 
-def _check_delta_out(out_dir: Path) -> None:
-    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
-        raise ValueError(f"--out {out_dir} is a file (or a link); choose a directory path")
-    if out_dir.is_dir():
-        foreign = sorted({p.name for p in out_dir.iterdir()} - {DELTA_WEIGHTS, DELTA_META})
-        if foreign:
-            raise ValueError(f"--out {out_dir} exists and is not a delta directory (it holds {', '.join(foreign[:3])}); "
-                             "choose a new or empty directory")
+def check_delta_out(out_dir: str | os.PathLike, sources: tuple = (), overwrite: bool = False) -> None:
+    """Refuse an --out that is not new, empty or a previous delta (poelm.checkpoint.check_replaceable)."""
+    from poelm.checkpoint import check_replaceable
+    from poelm.outputs import DELTA_KIND
+
+    check_replaceable(out_dir, sources=sources, overwrite=overwrite, kinds=(DELTA_KIND,))
 
 
-def save_delta(model: GPT, out_dir: str | os.PathLike, base_ref: str, base_hash: str, parent: str | None = None) -> Path:
-    """Write delta.safetensors (the delta_names tensors in bf16) and delta.json into out_dir
-    (a temporary directory renamed into place). parent: the parent delta's directory (cascade),
+def save_delta(model: GPT, out_dir: str | os.PathLike, base_ref: str, base_hash: str, parent: str | None = None,
+               overwrite: bool = False) -> Path:
+    """Write delta.safetensors (the delta_names tensors in bf16), delta.json and the output
+    marker into out_dir (a temporary directory renamed into place; an existing out_dir must be
+    a previous delta unless `overwrite`). parent: the parent delta's directory (cascade),
     recorded relative to out_dir."""
     from safetensors.torch import save_file
 
     from poelm.atomic import atomic_dir, atomic_path, atomic_write_json
+    from poelm.outputs import DELTA_KIND, mark_output
 
     cfg = model.config
     if not cfg.is_specialist():
@@ -239,7 +240,7 @@ def save_delta(model: GPT, out_dir: str | os.PathLike, base_ref: str, base_hash:
         raise ValueError(f"a specialist with {cfg.frozen_layers} frozen layers on a base of {cfg.base_n_layer} "
                          f"{'is a cascade and needs its parent delta' if parent is None else 'has no parent delta'}")
     out_dir = Path(out_dir)
-    _check_delta_out(out_dir)
+    check_delta_out(out_dir, overwrite=overwrite)
     state = model.state_dict()
     tensors = {n: state[n].detach().to(torch.bfloat16).cpu().contiguous() for n in delta_names(model)}
     meta = {"format": DELTA_FORMAT, "base": str(base_ref), "base_hash": base_hash,
@@ -251,6 +252,7 @@ def save_delta(model: GPT, out_dir: str | os.PathLike, base_ref: str, base_hash:
         with atomic_path(tmp / DELTA_WEIGHTS) as path:
             save_file(tensors, path, metadata={"format": "pt", "base_hash": base_hash})
         atomic_write_json(tmp / DELTA_META, meta)
+        mark_output(tmp, DELTA_KIND)
     return out_dir
 
 
@@ -272,7 +274,7 @@ def load_delta(base: GPT, delta_dir: str | os.PathLike, base_hash: str | None = 
     The base must be the one the delta was made for (content hash). Weights come back as the
     bf16 values the delta holds; the base's own tensors (and the base rows of wte and of the
     lambdas) are the base's, untouched."""
-    from poelm.checkpoint import read_safetensors
+    from poelm.checkpoint import check_finite, read_safetensors
 
     delta_dir = Path(delta_dir)
     meta = read_delta_meta(delta_dir)
@@ -292,6 +294,7 @@ def load_delta(base: GPT, delta_dir: str | os.PathLike, base_hash: str | None = 
     if sorted(state) != sorted(expected) or any(state[n].shape != own[n].shape for n in expected):
         raise ValueError(f"{delta_dir / DELTA_WEIGHTS} does not hold this specialist's tensors "
                          f"({len(state)} found, {len(expected)} expected: {', '.join(expected[:3])} ...)")
+    check_finite(state, str(delta_dir / DELTA_WEIGHTS))
     F, rows = cfg.frozen_layers, chat_token_ids(cfg.vocab_size)
     with torch.no_grad():
         for name in expected:
@@ -315,9 +318,12 @@ def lineage(base_ref: str, base_hash: str, parent: str | None = None) -> dict:
 
 
 def write_lineage(model_dir: str | os.PathLike, info: dict) -> None:
+    """specialist.json beside a model (its output marker, if any, follows) or in a run directory."""
     from poelm.atomic import atomic_write_json
+    from poelm.outputs import amending
 
-    atomic_write_json(Path(model_dir) / LINEAGE_NAME, info)
+    with amending(model_dir, LINEAGE_NAME):
+        atomic_write_json(Path(model_dir) / LINEAGE_NAME, info)
 
 
 def find_lineage(*dirs: Path | None) -> dict | None:
@@ -441,12 +447,12 @@ def cmd_specialist_attach(args: argparse.Namespace) -> int:
 
     if args.layers < 1:
         raise ValueError(f"--layers {args.layers}: a specialist needs at least 1 new layer")
-    check_replaceable(args.out)
+    check_replaceable(args.out, sources=(args.model, args.delta), overwrite=args.overwrite)
     base, tokenizer = load_model(args.model, device=parse_device(args.device))
     base_hash = base_content_hash(base)
     parent = load_delta(base, args.delta, base_hash) if args.delta else base
     model = attach(parent, args.layers, force=args.force)
-    save_model(model, args.out, tokenizer)
+    save_model(model, args.out, tokenizer, overwrite=args.overwrite)
     write_lineage(args.out, lineage(args.model, base_hash, args.delta))
     params = sum(p.numel() for p in trainable_parameters(model).values())
     result = {"out": args.out, "frozen_layers": model.config.frozen_layers, "new_layers": args.layers,
@@ -469,8 +475,8 @@ def cmd_specialist_save_delta(args: argparse.Namespace) -> int:
         info = lineage(args.base, base_content_hash(load_model(args.base)[0]), info and info.get("parent"))
     if info is None:
         raise CliError(f"{args.model} has no {LINEAGE_NAME} naming its base: pass --base BASE")
-    _check_delta_out(Path(args.out))
-    save_delta(model, args.out, info["base"], info["base_hash"], info.get("parent"))
+    check_delta_out(args.out, sources=(args.model,), overwrite=args.overwrite)
+    save_delta(model, args.out, info["base"], info["base_hash"], info.get("parent"), overwrite=args.overwrite)
     n, size = delta_size(model)
     emit(args, {"out": args.out, "tensors": n, "bytes": size, "base": info["base"], "base_hash": info["base_hash"]},
          f"delta: {n} tensors, {size / 2 ** 20:.1f} MiB (bf16) -> {args.out}")

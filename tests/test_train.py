@@ -30,6 +30,7 @@ from poelm.cli import main
 from poelm.corpus import write_corpus
 from poelm.dataloader import val_batches
 from poelm.evaluate import evaluate_bpb
+from poelm.outputs import MARKER_NAME
 from poelm.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,7 +170,7 @@ def test_run_layout_metrics_and_checkpoints(env, base_run):
     out = base_run
     assert latest(out) == "step_000008"
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("step_")) == ["step_000004", "step_000008"]
-    assert not [p for p in out.rglob(".*")], "temporary files left behind"  # atomic: tmp dirs renamed away
+    assert not [p for p in out.rglob(".*") if p.name != MARKER_NAME], "temporary files left behind"  # atomic: tmp dirs renamed away
     for step in ("step_000004", "step_000008"):
         names = {p.name for p in (out / step).iterdir()}
         assert {"config.json", "model.safetensors", "tokenizer.json", "token_bytes.pt", "optim_rank0.pt",
@@ -350,7 +351,7 @@ def test_nonfinite_weights_are_never_checkpointed(env, tmp_path, monkeypatch, ca
     rc, _, err = run(train_args(env, out, **{"save-every": 2}), capsys)
     assert rc == 2 and "parameters became non-finite before the checkpoint of step 4" in err, err
     assert latest(out) == "step_000002" and not (out / "step_000004").exists()
-    assert not [p for p in out.rglob(".*")]
+    assert not [p for p in out.rglob(".*") if p.name != MARKER_NAME]
     model, _ = load_model(out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

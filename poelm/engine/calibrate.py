@@ -20,6 +20,7 @@ import torch
 from poelm.atomic import atomic_write_json
 from poelm.engine.options import CALIBRATION_KEYS, GENERATION_CONFIG_NAME, WAND_TARGETS, _check, refuse_bp
 from poelm.engine.sampling import top_gap
+from poelm.outputs import amending
 from poelm.model import GPT, logop_weight
 
 
@@ -111,7 +112,8 @@ def save_calibration(model_dir: str | os.PathLike, calib: dict) -> Path:
     _check(Path(model_dir).is_dir(), f"{model_dir} is not a model directory: cannot store the calibration")
     gen = json.loads(path.read_text()) if path.exists() else {}
     gen.update({k: calib[k] for k in CALIBRATION_KEYS if k in calib})
-    atomic_write_json(path, gen)
+    with amending(model_dir, GENERATION_CONFIG_NAME):  # an output marker follows the new file
+        atomic_write_json(path, gen)
     return path
 
 
