@@ -399,14 +399,14 @@ def prepare_output(out: Path, manifest: str, written: str) -> dict | None:
     if not out.is_dir():
         return None
     try:
-        record = read_manifest(out / manifest)
+        record = read_manifest(out / manifest) if (out / manifest).is_file() else None
     except (OSError, ValueError):
         record = None
     if record is None and any(out.glob("*.parquet")):
         raise ValueError(f"{out} already holds parquet files not written {written}; pick an empty output directory")
     ours = re.compile(rf"{SHARD_NAME.pattern}|{re.escape(manifest)}|"  # + atomic_path leftovers of older builds
                       rf"\.({SHARD_NAME.pattern}|{re.escape(manifest)})\..+\.tmp")
-    foreign = sorted(p.name for p in out.iterdir() if not ours.fullmatch(p.name))
+    foreign = sorted(p.name for p in out.iterdir() if not (ours.fullmatch(p.name) and p.is_file()))
     if foreign:
         raise ValueError(f"--out {out} holds {foreign[0]!r}, which is not one of its shards; the new shards "
                          "replace the whole directory, so move it out or choose another --out")

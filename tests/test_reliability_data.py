@@ -161,6 +161,19 @@ def test_kill9_during_data_chat_keeps_the_old_chat_set(tmp_path, capsys):
     assert all(c[0]["content"].startswith("new") for p in train + [val] for c in chatdata.read_conversations(p))
 
 
+def test_a_dead_build_inside_the_source_is_neither_read_nor_kept(tmp_path, capsys):
+    src = source_folder(tmp_path / "src", "real")
+    out = src / "corpus"  # the output inside its own source: its build directories are too
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    stale = src / f".corpus.build-{proc.pid}"
+    stale.mkdir()
+    write_corpus([f"stray {i}" for i in range(5)], stale / "inner")
+    assert main(["data", "build", "--source", str(src), "--out", str(out)]) == 0
+    assert not stale.exists() and siblings(out) == []
+    assert {d.split(":")[0] for d in corpus_docs(out)} == {f"real document {i}" for i in range(40)}
+
+
 # -----------------------------------------------------------------------------
 # shards that do not match the manifest are refused when read
 
@@ -213,6 +226,13 @@ def test_build_refuses_an_output_holding_other_files_and_follows_a_symlink(tmp_p
     (mixed / "notes.txt").write_text("mine")
     expect_error(["data", "build", "--source", src, "--out", mixed], capsys, f"--out {mixed} holds 'notes.txt'")
     assert snapshot(mixed) == {"notes.txt": b"mine"}
+
+    fake = tmp_path / "fake"  # a manifest does not make a directory named like a shard poelm's to replace
+    (fake / "shard_00000.parquet").mkdir(parents=True)
+    (fake / "shard_00000.parquet" / "mine.txt").write_text("mine")
+    (fake / "corpus.json").write_text(json.dumps({"shards": []}))
+    expect_error(["data", "build", "--source", src, "--out", fake], capsys, "holds 'shard_00000.parquet'")
+    assert (fake / "shard_00000.parquet" / "mine.txt").read_text() == "mine"
 
     target, link = tmp_path / "disk" / "corpus", tmp_path / "link"
     target.parent.mkdir()
