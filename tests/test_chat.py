@@ -249,9 +249,7 @@ def sample_conversations(n: int = 12) -> list[list[dict]]:
 
 
 def all_conversations(chatdata, out: Path) -> tuple[list, list]:
-    from poelm.corpus import list_shards
-
-    train, val = list_shards(out)
+    train, val = chatdata.list_shards(out)
     return [c for p in train for c in chatdata.read_conversations(p)], chatdata.read_conversations(val)
 
 

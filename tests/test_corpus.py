@@ -104,9 +104,15 @@ def test_list_shards_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no .parquet shards"):
         list_shards(tmp_path)
     pq.write_table(pa.table({"text": ["a"]}), tmp_path / "shard_00000.parquet")
+    with pytest.raises(ValueError, match="no corpus.json beside its parquet shards"):
+        list_shards(tmp_path)
+    (tmp_path / "corpus.json").write_text(json.dumps({"shards": ["shard_00000.parquet"]}))
     with pytest.raises(ValueError, match="only 1 parquet shard"):
         list_shards(tmp_path)
     pq.write_table(pa.table({"body": ["a"]}), tmp_path / "shard_00001.parquet")
+    with pytest.raises(ValueError, match="shard_00001.parquet is not one of the 1 shards corpus.json lists"):
+        list_shards(tmp_path)
+    (tmp_path / "corpus.json").write_text(json.dumps({"shards": ["shard_00000.parquet", "shard_00001.parquet"]}))
     train, val = list_shards(tmp_path)
     with pytest.raises(ValueError, match="no 'text' column"):
         list(iter_documents(val))

@@ -421,11 +421,16 @@ def test_bad_data(env, tmp_path, capsys):
     bad.mkdir()
     for i in range(2):
         pq.write_table(pa.table({"content": ["some words here"] * 4}), bad / f"shard_{i:05d}.parquet")
+    expect_error(train_args(env, out, data=bad), capsys, "notext: no corpus.json beside its parquet shards")
+    (bad / "corpus.json").write_text(json.dumps({"shards": ["shard_00000.parquet", "shard_00001.parquet"]}))
     expect_error(train_args(env, out, data=bad), capsys, "no 'text' column")
     # a bad validation shard is found before anything is written too
     mixed = tmp_path / "badval"
     shutil.copytree(env / "data", mixed)
     pq.write_table(pa.table({"content": ["x"]}), mixed / "shard_99999.parquet")
+    expect_error(train_args(env, out, data=mixed), capsys, "shard_99999.parquet is not one of the 3 shards")
+    manifest = json.loads((mixed / "corpus.json").read_text())
+    (mixed / "corpus.json").write_text(json.dumps({"shards": manifest["shards"] + ["shard_99999.parquet"]}))
     expect_error(train_args(env, out, data=mixed), capsys, "shard_99999.parquet has no 'text' column")
     assert not out.exists()
 
