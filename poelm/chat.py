@@ -1,5 +1,5 @@
 """
-Chat format (poe.md §7): conversations rendered with nanochat's special tokens.
+Chat format (docs/poe.md §7): conversations rendered with nanochat's special tokens.
 
     <|bos|><|user_start|>SYSTEM\n\nUSER<|user_end|><|assistant_start|>REPLY<|assistant_end|><|user_start|>...
 

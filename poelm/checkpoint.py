@@ -5,7 +5,7 @@ directories, training runs, presets and hub ids — everything `MODEL` may name.
     model, tokenizer = load_model("runs/demo")        # a run, model dir, nanochat dir or preset
     save_model(model, "out/model", tokenizer)           # config.json + model.safetensors + tokenizer
 
-A model directory (formats.md) holds `config.json`, `model.safetensors` and the tokenizer
+A model directory (docs/formats.md) holds `config.json`, `model.safetensors` and the tokenizer
 files; `poelm export` adds the remote code. Every write goes to a temporary name first and
 is renamed into place, so a crash never leaves a half-written checkpoint behind.
 """

@@ -333,7 +333,7 @@ def sft_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", dest="attach_layers", type=at_least(1), default=d.attach_layers,
                    help="new layers attached to a base")
     p.add_argument("--force", action="store_true", help="attach to a BP base anyway (its stages were never trained "
-                                                        "to predict: poe.md section 6)")
+                                                        "to predict: docs/poe.md section 6)")
     p.add_argument("--row-len", type=at_least(1), default=None,
                    help="tokens per conversation row (default: the model's context)")
     p.add_argument("--eval-prompts", type=at_least(0), default=d.eval_prompts,
@@ -364,7 +364,7 @@ def trainer_arguments(p: argparse.ArgumentParser) -> None:
     a("--weight-decay", type=float, default=d.weight_decay,
       help="Muon weight decay at d12 / 2^19 tokens, scaled to this run's start value")
     a("--lr-scaling", default=d.lr_scaling, choices=LR_SCALING,
-      help="nanochat: scale LRs and weight decay with batch, width and model size (training.md); "
+      help="nanochat: scale LRs and weight decay with batch, width and model size (docs/training.md); "
            "off: take them literally, for small CPU runs")
     a("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warmup steps")
     a("--warmdown-frac", type=float, default=d.warmdown_frac, help="fraction of the run spent warming down")

@@ -86,7 +86,7 @@ def read_config_file(path: str | Path) -> GPTConfig:
 
 
 # -----------------------------------------------------------------------------
-# nanochat meta_*.json (formats.md "nanochat checkpoints")
+# nanochat meta_*.json (docs/formats.md "nanochat checkpoints")
 
 # What the PoE fork's base_train.py writes into meta_*.json: model_config is asdict() of its
 # GPTConfig; user_config is vars(args) of its flags.

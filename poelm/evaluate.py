@@ -5,7 +5,7 @@
     poelm eval MODEL --data DIR --json
 
 bpb = sum of nats over targets / (ln 2 * sum of the targets' bytes); targets of 0 bytes
-(the special tokens) are left out of both sums (training.md). Sums are all-reduced across
+(the special tokens) are left out of both sums (docs/training.md). Sums are all-reduced across
 ranks when torch.distributed is initialised, so every rank returns the same figures.
 """
 

@@ -1,4 +1,4 @@
-"""Write a model as a Hugging Face directory (formats.md, "Hugging Face layout").
+"""Write a model as a Hugging Face directory (docs/formats.md, "Hugging Face layout").
 
     from poelm.export import export_model
     export_model(model, tokenizer, "out/hf", dtype=torch.bfloat16)
@@ -6,7 +6,7 @@
     poelm export runs/tiny --out out/hf [--dtype bf16|fp32]
     poelm export runs/tiny --out out/hf-s1 --stages 1       # elastic depth: the first stage alone
 
-`--stages K` (`truncate(model, K)`) writes a standalone model of the first K stages (poe.md §3):
+`--stages K` (`truncate(model, K)`) writes a standalone model of the first K stages (docs/poe.md §3):
 its own config (n_layer, poe_stage_layers; source_n_layer keeps the windows and value
 embeddings of the source) and only those layers' tensors; its final readout is stage K-1's
 readout of the source (no backout), so its logits equal that stage's.
@@ -17,7 +17,7 @@ The directory then loads with transformers (`AutoConfig`, `AutoModelForCausalLM`
     config.json                  GPTConfig fields + model_type, architectures, auto_map (strings
                                  only), num_hidden_layers, hidden_size, num_attention_heads,
                                  num_key_value_heads, max_position_embeddings, vocab_size, ...
-    model.safetensors            model.md's tensor names, in --dtype (bf16 like the releases)
+    model.safetensors            docs/model.md's tensor names, in --dtype (bf16 like the releases)
     generation_config.json       bos / eos (<|bos|>, <|assistant_end|>) / pad ids, plus whatever
                                  the source directory stored there (WAND calibration)
     configuration_cognica_poe.py, modeling_cognica_poe.py, tokenization_cognica_poe.py

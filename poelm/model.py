@@ -7,7 +7,7 @@ training, native inference and the Hugging Face remote code.
     loss = model(idx, targets)                       # the loss of config.poe_mode
     logits, stage_logits = model(idx, return_stage_logits=True)
 
-Architecture (../shared/spec/model.md): weightless RMSNorm, smear (bigram mix of the
+Architecture (docs/model.md): weightless RMSNorm, smear (bigram mix of the
 previous token's normed embedding), x0 blend before every block, rotary + QK-norm
 attention with sliding windows ("SSSL", last layer always L), value embeddings on
 alternating layers, relu^2 MLP, backout of the middle residual, soft-capped logits.
@@ -15,11 +15,11 @@ The layers are cut into K consecutive stages; every stage boundary has a readout
 the shared `lm_head` (plus an optional per-stage head). The final readout is a recorded
 setting (`final_readout`, `backout`): the last stage's head, with or without backout, or the
 Log-OP of all stages (what the PoE fork's per-stage-head models return). Training objectives
-are those of poe.md §1. The cached path (`KVCache`, `embed`, `run_layers`, `readout`) runs any layer
+are those of docs/poe.md §1. The cached path (`KVCache`, `embed`, `run_layers`, `readout`) runs any layer
 range on any chunk of positions, which the engine uses for pruning, WAND and
 self-speculative decoding. A post-hoc specialist (config.frozen_layers > 0, built by
 poelm/specialist.py) is the same model with new layers after its frozen base, one more
-stage, and `lm_head_stage` read out by config.head_mode (poe.md section 7).
+stage, and `lm_head_stage` read out by config.head_mode (docs/poe.md section 7).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class GPTConfig:
     intermediate_size: int | None = _f(None, "MLP width; default: 4 x n_embd")
     window_pattern: str = _f("SSSL", "per-layer attention windows, repeated; S = short, L = long (last layer L)")
     short_window: int | None = _f(None, "S window; default: sequence_len / 4 rounded up to 128")
-    poe_mode: str = _f("flat", "objective: none = BP, flat | hier | residual_logop = PoE (poe.md section 1)",
+    poe_mode: str = _f("flat", "objective: none = BP, flat | hier | residual_logop = PoE (docs/poe.md section 1)",
                        POE_MODES)
     poe_alpha: float = _f(0.0, "stage losses summed / K^(1-alpha): 0 = their mean, 1 = their sum")
     poe_every: int | None = _f(None, "uniform stages of this many layers; default: 4 equal stages when the depth "
@@ -88,7 +88,7 @@ class GPTConfig:
     final_readout: str = _f("last", "final readout: last = the last stage's head, logop = the Log-OP of all stages",
                             FINAL_READOUTS)
     final_logop_alpha: float | None = _f(None, "alpha of the final Log-OP readout; default: poe_alpha")
-    # post-hoc specialists (poe.md section 7; built by poelm.specialist.attach, not trained from scratch)
+    # post-hoc specialists (docs/poe.md section 7; built by poelm.specialist.attach, not trained from scratch)
     frozen_layers: int = _f(0, "specialist: leading layers frozen from its base (the base depth, plus earlier "
                                "cascade layers); 0 = not a specialist")
     base_n_layer: int | None = _f(None, "specialist: depth of the original base (backout stays at its middle "
@@ -319,7 +319,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def logop_weight(n_stages: int, alpha: float) -> float:
-    """Uniform Log-OP weight w = 1/|S|^(1-alpha) (poe.md section 2)."""
+    """Uniform Log-OP weight w = 1/|S|^(1-alpha) (docs/poe.md section 2)."""
     return 1.0 / n_stages ** (1.0 - alpha)
 
 
@@ -669,7 +669,7 @@ class Block(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, s: float) -> None:
-        """model.md: q/k/v uniform(-s, s), c_fc uniform(-0.4s, 0.4s), both projections zero
+        """docs/model.md: q/k/v uniform(-s, s), c_fc uniform(-0.4s, 0.4s), both projections zero
         (so a new block starts as the identity), the value-embedding gate uniform(0, 0.02)."""
         for lin in (self.attn.c_q, self.attn.c_k, self.attn.c_v):
             nn.init.uniform_(lin.weight, -s, s)
@@ -748,7 +748,7 @@ def softcap_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 
 
 def init_scale(config: GPTConfig) -> float:
-    """The uniform bound s = sqrt(3 / n_embd) of the block matrices (model.md)."""
+    """The uniform bound s = sqrt(3 / n_embd) of the block matrices (docs/model.md)."""
     return math.sqrt(3) / math.sqrt(config.n_embd)
 
 
@@ -783,7 +783,7 @@ class GPT(nn.Module):
     # --- init -----------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self) -> None:
-        """The initialisation of model.md (call after moving off the meta device)."""
+        """The initialisation of docs/model.md (call after moving off the meta device)."""
         cfg = self.config
         s = init_scale(cfg)
         L = cfg.n_layer
@@ -802,7 +802,7 @@ class GPT(nn.Module):
         if self.config.per_stage_head:
             for head in self.lm_head_stages:
                 nn.init.zeros_(head.weight)
-        if cfg.frozen_layers:  # the layers after the base: plain residual, no x0 blend, zero head (poe.md 7)
+        if cfg.frozen_layers:  # the layers after the base: plain residual, no x0 blend, zero head (docs/poe.md 7)
             self.resid_lambdas[cfg.base_n_layer:] = 1.0
             self.x0_lambdas[cfg.base_n_layer:] = 0.0
             nn.init.zeros_(self.lm_head_stage.weight)
@@ -903,7 +903,7 @@ class GPT(nn.Module):
         for i in range(start_layer, end_layer):
             if detach_stages and (i - 1) in ends:
                 x = x.detach()
-            if i == self.config.frozen_layers > 0:  # nothing flows back into the frozen base (poe.md 7)
+            if i == self.config.frozen_layers > 0:  # nothing flows back into the frozen base (docs/poe.md 7)
                 x, x0 = x.detach(), x0.detach()
             x = resid[i] * x + x0_mix[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None

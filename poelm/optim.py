@@ -12,9 +12,9 @@ Param groups carry `kind`:
   have no fast bf16; fp64 params stay fp64, which the equivalence tests use).
 
 Usage:
-    lrs = effective_hparams(model.config, total_batch_size, tc)   # training.md "Scaling rules"
+    lrs = effective_hparams(model.config, total_batch_size, tc)   # docs/training.md "Scaling rules"
     print(lrs.line())
-    opt = build_optimizer(model, lrs)            # groups by parameter name, training.md
+    opt = build_optimizer(model, lrs)            # groups by parameter name, docs/training.md
     for step in range(n):
         apply_schedules(opt, step, n)            # poelm.schedule: lr / momentum / wd
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-# Polar Express (a, b, c) per iteration, training.md
+# Polar Express (a, b, c) per iteration, docs/training.md
 POLAR_EXPRESS_COEFFS = [
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -357,7 +357,7 @@ class MuonAdamW(torch.optim.Optimizer):
 # -----------------------------------------------------------------------------
 
 def adamw_group_of(name: str) -> str | None:
-    """Which AdamW group (training.md table) a parameter name belongs to, if any."""
+    """Which AdamW group (docs/training.md table) a parameter name belongs to, if any."""
     if name in ("lm_head.weight", "lm_head_stage.weight") or name.startswith("lm_head_stages."):
         return "lm_head"
     if name == "transformer.wte.weight":
@@ -415,7 +415,7 @@ def reference_config(config):
 
 
 def effective_hparams(config, total_batch_size: int, tc) -> EffectiveLRs:
-    """training.md "Scaling rules" (nanochat base_train). config: the GPTConfig; tc: a
+    """docs/training.md "Scaling rules" (nanochat base_train). config: the GPTConfig; tc: a
     TrainConfig (unembedding_lr, embedding_lr, matrix_lr, scalar_lr, weight_decay, lr_scaling).
     nanochat: s_B = sqrt(B / 2^19) on all four LR flags, (n_embd/768)^-0.5 on lm_head, wte and
     value embeds, Muon wd = weight_decay * s_B * D_ref / D with D = ratio * scaling params
@@ -440,7 +440,7 @@ def effective_hparams(config, total_batch_size: int, tc) -> EffectiveLRs:
 
 def build_optimizer(model: torch.nn.Module, lrs: EffectiveLRs = EffectiveLRs(), *, momentum: float = 0.85,
                     adam_eps: float = 1e-10) -> MuonAdamW:
-    """Group the trainable params by name per training.md and build MuonAdamW with the LRs
+    """Group the trainable params by name per docs/training.md and build MuonAdamW with the LRs
     of `lrs` as they are (scaling is effective_hparams' job). Muon: every 2-D matrix under
     transformer.h, one group per shape, lr=lrs.matrix, start weight decay
     lrs.muon_weight_decay. AdamW: the table. Frozen params (requires_grad=False) are left

@@ -1,5 +1,5 @@
 """
-Training schedules and the training horizon (training.md, "Schedule and horizon").
+Training schedules and the training horizon (docs/training.md, "Schedule and horizon").
 
 - lr_multiplier: linear warmup (40 steps), flat, linear warmdown over the last 65 % of the
   run down to final_lr_frac (0.05). Where warmup and warmdown overlap (very short runs) the

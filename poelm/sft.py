@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of a post-hoc specialist (poe.md §7) through `poelm train`'s own
+"""Supervised fine-tuning of a post-hoc specialist (docs/poe.md §7) through `poelm train`'s own
 trainer: the same progress bar, metrics.jsonl, atomic checkpoints, exact resume and plots.
 
     poelm data chat --source recall --out data/recall

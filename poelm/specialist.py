@@ -1,4 +1,4 @@
-"""Post-hoc specialists on a frozen PoE base (poe.md section 7): attach, freeze, delta files,
+"""Post-hoc specialists on a frozen PoE base (docs/poe.md section 7): attach, freeze, delta files,
 cascades and sibling composition.
 
     from poelm.specialist import attach, trainable_parameters, save_delta, load_delta, compose
@@ -62,7 +62,7 @@ def is_specialist(config: GPTConfig) -> bool:
 
 
 def chat_token_ids(vocab_size: int) -> list[int]:
-    """Ids of the four chat specials: the specials are the top ids of the vocab (formats.md)."""
+    """Ids of the four chat specials: the specials are the top ids of the vocab (docs/formats.md)."""
     first = vocab_size - len(SPECIAL_TOKENS)
     if first < 1:
         raise ValueError(f"vocab_size {vocab_size} has no room for the {len(SPECIAL_TOKENS)} special tokens")
@@ -104,12 +104,12 @@ def attach(base: GPT, n_layers: int, force: bool = False) -> GPT:
     a zero lm_head_stage, so the new model starts out predicting exactly what the base does (up
     to the warm chat rows). A base that is a specialist makes a cascade (its head folded into
     lm_head). Everything but the new blocks and lm_head_stage is frozen. A BP base is refused
-    unless force (poe.md section 6)."""
+    unless force (docs/poe.md section 6)."""
     if not isinstance(n_layers, int) or n_layers < 1:
         raise ValueError(f"--layers {n_layers}: a specialist needs at least 1 new layer")
     if not base.config.is_poe() and not force:
         raise ValueError("the base is a BP model (poe_mode=none): a specialist reads out its frozen stages, which BP "
-                         "never trained to predict (poe.md section 6); pass --force (force=True) to attach anyway")
+                         "never trained to predict (docs/poe.md section 6); pass --force (force=True) to attach anyway")
     if base.config.per_stage_head or base.config.final_readout != "last":
         raise ValueError("attach needs a base without per-stage heads whose final readout is its last stage "
                          f"(this one: per_stage_head={base.config.per_stage_head}, "

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 4 -m poelm train --stage-parallel --poe-mode flat --poe-every 6 ...  # K=4, R=1
     torchrun --nnodes 2 --nproc_per_node 4 ... -m poelm train --stage-parallel ...                # K=4, R=2
 
-With `flat` PoE (poe.md section 1) the residual is detached at every stage boundary, so no
+With `flat` PoE (docs/poe.md section 1) the residual is detached at every stage boundary, so no
 gradient crosses a boundary through it. The world of K x R ranks is a 2-D mesh: rank
 r*K + k is stage k of data-parallel replica r (a replica's K stages are consecutive ranks,
 so with --nproc_per_node K the pipeline stays inside one node). Rank (k, r) holds:

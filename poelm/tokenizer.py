@@ -1,7 +1,7 @@
 """
 Byte-level BPE tokenizer: trained with `rustbpe`, encoded with `tiktoken`.
 
-Layout (formats.md): ids 0..255 are the raw bytes, then the learned merges, then the
+Layout (docs/formats.md): ids 0..255 are the raw bytes, then the learned merges, then the
 9 special tokens at the top ids (`<|bos|>` first, `<|output_end|>` = vocab_size - 1).
 Ordinary text is never parsed for special tokens: "<|bos|>" typed by a user encodes as
 plain bytes, only `encode_special` / `prepend_bos` produce special ids.

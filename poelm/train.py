@@ -9,7 +9,7 @@ packed data, bits-per-byte of every stage, atomic checkpoints and exact resume.
     poelm train ... --resume                            # continue the run in --out exactly
 
 The LR and weight-decay flags are nanochat's d12 / 2^19-token values, scaled per run as in
-training.md "Scaling rules" (the start of every run prints the effective values);
+docs/training.md "Scaling rules" (the start of every run prints the effective values);
 `--lr-scaling off` takes them literally (small CPU runs, e.g. the `tiny` experiment preset).
 
 A run directory holds `metrics.jsonl`, `step_NNNNNN/` checkpoints (model directory +
@@ -51,7 +51,7 @@ class TrainConfig:
     task: str = "pretrain"
     init: str | None = None  # the MODEL to start from (sft: a PoE base or a specialist; pretrain: its weights)
     attach_layers: int = 2  # sft from a base: new layers of the specialist
-    force: bool = False  # sft: attach to a BP base anyway (poe.md section 6)
+    force: bool = False  # sft: attach to a BP base anyway (docs/poe.md section 6)
     row_len: int | None = None  # sft: tokens per conversation row (default: the model's context)
     eval_prompts: int = 32  # sft: held-out prompts scored by exact match of the greedy answer (0: off)
     # batch and horizon

@@ -700,11 +700,11 @@ def test_native_registration(export_dir, native):
 
 
 # -----------------------------------------------------------------------------
-# The released checkpoints' inventory (model.md)
+# The released checkpoints' inventory (docs/model.md)
 
 
 def released_inventory(L: int, d: int, V: int, n_head: int, n_kv_head: int, hd: int, inner: int) -> dict[str, tuple]:
-    """Tensor name -> shape, written out from model.md's table (independently of poelm.model)."""
+    """Tensor name -> shape, written out from docs/model.md's table (independently of poelm.model)."""
     kv = n_kv_head * hd
     inv = {"resid_lambdas": (L,), "x0_lambdas": (L,), "smear_lambda": (1,), "backout_lambda": (1,),
            "transformer.wte.weight": (V, d), "lm_head.weight": (V, d), "smear_gate.weight": (1, 24)}

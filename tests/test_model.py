@@ -1,4 +1,4 @@
-"""The model of model.md: shapes, presets, windows, cached decoding, PoE objectives."""
+"""The model of docs/model.md: shapes, presets, windows, cached decoding, PoE objectives."""
 
 import math
 
@@ -77,7 +77,7 @@ def test_window_mask_brute_force():
 
 
 def _reference_attention(attn, x, ve, window):
-    """Per-query loop over the keys t-window ... t (model.md), no masks."""
+    """Per-query loop over the keys t-window ... t (docs/model.md), no masks."""
     B, T, _ = x.shape
     H, Hkv, D = attn.n_head, attn.n_kv_head, attn.head_dim
     q = attn.c_q(x).view(B, T, H, D)

@@ -31,7 +31,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 # -----------------------------------------------------------------------------
-# a tiny stand-in with model.md's parameter names (self-contained, so the distributed test
+# a tiny stand-in with docs/model.md's parameter names (self-contained, so the distributed test
 # does not move when the real model does)
 
 class TinyNamed(nn.Module):
@@ -220,7 +220,7 @@ def test_muon_direction_is_deterministic_function_of_state():
     torch.testing.assert_close(muon_direction(g, b1, v1, 0.95, 0.9), muon_direction(g, b2, v2, 0.95, 0.9), rtol=0, atol=0)
 
 # -----------------------------------------------------------------------------
-# the whole Muon step against a plain fp64 reference written from training.md
+# the whole Muon step against a plain fp64 reference written from docs/training.md
 
 SPEC_PE = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
            (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -230,7 +230,7 @@ SPEC_PE = [(8.156554524902461, -22.48329292557795, 15.878769915207462),
 
 
 def spec_muon_step(p, g, state, lr, momentum, wd, beta2=0.9):
-    """One Muon step on one (m, n) fp64 matrix, each line a formula of training.md."""
+    """One Muon step on one (m, n) fp64 matrix, each line a formula of docs/training.md."""
     m, n = p.shape
     buf = state.setdefault("buf", torch.zeros_like(p))
     v = state.setdefault("v", torch.zeros(m, 1, dtype=p.dtype) if m >= n else torch.zeros(1, n, dtype=p.dtype))
@@ -279,7 +279,7 @@ def test_muon_step_matches_fp64_spec_reference(shape, gnorm):
     assert all((p - p0).norm() > 1e-3 for p, p0 in zip(ps, start))
 
 # -----------------------------------------------------------------------------
-# scaling rules (training.md): one function, the d24 column
+# scaling rules (docs/training.md): one function, the d24 column
 
 @pytest.mark.parametrize("preset", ["poe-1.3b", "bp-1.3b"])
 def test_effective_hparams_d24_released_values(preset):

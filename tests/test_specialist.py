@@ -1,4 +1,4 @@
-"""Tests of poelm/specialist.py and the specialist side of poelm/model.py (poe.md section 7):
+"""Tests of poelm/specialist.py and the specialist side of poelm/model.py (docs/poe.md section 7):
 attach, freezing, base preservation, delta files, cascades, sibling composition, the CLI.
 Run: .venv/bin/pytest -q tests/test_specialist.py"""
 

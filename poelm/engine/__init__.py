@@ -1,5 +1,5 @@
 """Inference engine for PoE models: cached decoding with stage readouts, Log-OP, WAND
-adaptive depth and self-speculative decoding (poe.md §2-6).
+adaptive depth and self-speculative decoding (docs/poe.md §2-6).
 
     from poelm.engine import Engine, calibrate, save_calibration
     engine = Engine(model, tokenizer)

@@ -1,4 +1,4 @@
-"""WAND calibration (per-stage swing bounds, poe.md §4), its storage in
+"""WAND calibration (per-stage swing bounds, docs/poe.md §4), its storage in
 generation_config.json, the exit rule and the teacher-forced WAND decision.
 
     from poelm.engine import calibrate, save_calibration
@@ -56,7 +56,7 @@ def stage_swings(running: list[torch.Tensor]) -> list[torch.Tensor]:
 def calibrate(model: GPT, token_batches: Iterable, quantile: float = 0.99, target: str = "final",
               logop_alpha: float | None = None, max_tokens: int | None = None, force: bool = False,
               chunk: int = 512) -> dict:
-    """Per-stage WAND swing bounds b_j (poe.md §4) from calibration text.
+    """Per-stage WAND swing bounds b_j (docs/poe.md §4) from calibration text.
 
     token_batches yields LongTensor (B, T) (or (inputs, targets) pairs). Returns
     {"wand_bounds": [0.0, b_1, ..., b_{K-1}], "wand_quantile", "wand_target",

@@ -1,4 +1,4 @@
-"""Self-speculative decoding, batched (poe.md §5).
+"""Self-speculative decoding, batched (docs/poe.md §5).
 
     dec = SpeculativeDecoder(model, DecodeOptions(mode="speculative", draft_stage=0, gamma=4), capacity)
     dec.add_rows(prompts); new = dec.step()          # {handle: [accepted drafts..., next token]}

@@ -1,4 +1,4 @@
-"""WAND adaptive depth, batched, with exact lazy KV back-fill (poe.md §4).
+"""WAND adaptive depth, batched, with exact lazy KV back-fill (docs/poe.md §4).
 
     dec = WandDecoder(model, DecodeOptions(mode="wand", calibration=calib), capacity)
     dec.add_rows(prompts); new = dec.step()          # {handle: [token]}

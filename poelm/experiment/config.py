@@ -14,7 +14,7 @@ from pathlib import Path
 
 from poelm.model import GPTConfig
 
-# The paper's figures (poe.md §1, training.md): d24, 27.7 B ClimbMix tokens.
+# The paper's figures (docs/poe.md §1, docs/training.md): d24, 27.7 B ClimbMix tokens.
 PAPER = {"bp_bpb": 0.676788, "poe_bpb": 0.720935, "gap_pct_final": 6.52, "gap_pct_step1000": 4.32,
          "speculative_speedup": 1.87, "speculative_acceptance": 0.88, "wand_speedup": 1.82,
          "wand_agreement": 1.0, "stage0_cost_ratio": 4.0}
@@ -40,7 +40,7 @@ class ExperimentConfig:
     eval_every: int = 50
     eval_tokens: int | None = None  # None: the device's default (dataloader.default_eval_tokens)
     save_every: int = 50
-    # optimizer: nanochat's d12 / 2^19-token flag values, scaled per run (training.md "Scaling
+    # optimizer: nanochat's d12 / 2^19-token flag values, scaled per run (docs/training.md "Scaling
     # rules"); lr_scaling "off" takes them literally
     lr_scaling: str = "nanochat"
     matrix_lr: float = 0.02
@@ -55,7 +55,7 @@ class ExperimentConfig:
     arms: list[str] = field(default_factory=lambda: [a[0] for a in ARMS])
     decode_tokens: int = 96  # new tokens per prompt in the inference-mode measurement
     decode_prompts: int = 4
-    # the specialist stage (poe.md section 7) on the PoE arm; 0 steps: off
+    # the specialist stage (docs/poe.md section 7) on the PoE arm; 0 steps: off
     specialist_steps: int = 0
     specialist_layers: int = 1
     specialist_data: str = "data/recall"

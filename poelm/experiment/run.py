@@ -132,7 +132,7 @@ def measure_inference(cfg: ExperimentConfig, say) -> dict:
 
 def backout_compat(cfg: ExperimentConfig) -> dict:
     """PoE arms: final bpb with the reference code's backout on the plain final path
-    (which PoE training never saw) beside the default without it (poe.md §2)."""
+    (which PoE training never saw) beside the default without it (docs/poe.md §2)."""
     from poelm.checkpoint import load_model
     from poelm.dataloader import val_batches
     from poelm.evaluate import evaluate_bpb

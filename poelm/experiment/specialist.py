@@ -1,4 +1,4 @@
-"""The experiment's specialist stage (poe.md §7): attach a small specialist to the trained PoE
+"""The experiment's specialist stage (docs/poe.md §7): attach a small specialist to the trained PoE
 arm, train it with `poelm sft` (the same trainer) on the *recall* chat set for a few CPU
 minutes, save its delta, and report accuracy and bits per assistant token beside the base's,
 the base's Δlogit (exactly 0) and the delta's size and tensor count.

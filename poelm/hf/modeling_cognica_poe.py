@@ -10,7 +10,7 @@ The architecture is not defined here. `poe_model.py` beside this file is a copy 
 `poelm/model.py` (inside poelm it re-exports `poelm.model`), and this wrapper only drives its
 public pieces: `GPT.embed`, `GPT.run_layers`, `GPT.readout` and the `KVCache`. The wrapped
 `GPT` is the `model` submodule (`base_model_prefix`); the checkpoint's tensor names are
-poelm's (model.md), with or without the leading `model.`.
+poelm's (docs/model.md), with or without the leading `model.`.
 
 Depth and readout. Every forward pass runs `config.num_hidden_layers` layers, read at call
 time (transformers' `assistant_early_exit` lowers it while the draft runs). The logits then

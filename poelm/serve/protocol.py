@@ -47,7 +47,7 @@ class Strict(BaseModel):
 
 
 class PoeOptions(Strict):
-    """The PoE decoding mode of a request (poe.md §2-6), e.g. {"mode": "speculative", "gamma": 4}."""
+    """The PoE decoding mode of a request (docs/poe.md §2-6), e.g. {"mode": "speculative", "gamma": 4}."""
 
     mode: Literal[MODES] = "final"
     stage: StrictInt | None = None
