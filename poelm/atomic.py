@@ -125,14 +125,17 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Move a fully written tmp_dir onto final_dir (the old one is removed only after)."""
+    """Move a fully written tmp_dir onto final_dir (the old one is removed only after; a link
+    there is replaced, never followed)."""
     final_dir = Path(final_dir)
     old = None
-    if final_dir.exists():
+    if os.path.lexists(final_dir):
         old = final_dir.with_name(f".{final_dir.name}.old-{owner()}")
         os.replace(final_dir, old)
     os.replace(tmp_dir, final_dir)
-    if old is not None:
+    if old is not None and old.is_symlink():
+        old.unlink()
+    elif old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 

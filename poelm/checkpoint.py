@@ -389,7 +389,7 @@ def resolve_run_dir(path: Path) -> Path | None:
     says when it is not the one `latest` names), or None when `path` holds none."""
     ckpt, why = run_checkpoint(path)
     if ckpt is not None and why is not None:
-        warnings.warn(f"{path}: {why}; loading {ckpt.name}, the newest complete checkpoint", stacklevel=2)
+        warnings.warn(f"{path}: {why}; loading {ckpt.name}, the newest complete checkpoint")  # (from here: shown once, however many callers ask)
     return ckpt
 
 
