@@ -288,10 +288,6 @@ def save_nanochat_dir(model: GPT, out_dir: str | Path, step: int, meta_extra: di
 
 
 # -----------------------------------------------------------------------------
-# Anything MODEL may name
-
-
-# -----------------------------------------------------------------------------
 # Training runs: nothing in a run directory leads outside it
 
 
@@ -361,7 +357,7 @@ def _read_latest(run: Path) -> tuple[str | None, str | None]:
     try:
         text = read_run_file(pointer, limit=256).decode("utf-8", "replace").strip()
     except ValueError:
-        return None, "`latest` is a symbolic link" if os.path.islink(pointer) else "`latest` is not a small regular file"
+        return None, "`latest` is a symbolic link" if os.path.islink(pointer) else "`latest` is not a small file"
     except OSError as e:
         return None, f"`latest` cannot be read ({e.strerror})"
     if step_of(text) is None:
@@ -388,8 +384,8 @@ def resolve_run_dir(path: Path) -> Path | None:
     """The checkpoint directory of a `poelm train --out` run (see `run_checkpoint`; a warning
     says when it is not the one `latest` names), or None when `path` holds none."""
     ckpt, why = run_checkpoint(path)
-    if ckpt is not None and why is not None:
-        warnings.warn(f"{path}: {why}; loading {ckpt.name}, the newest complete checkpoint")  # (from here: shown once, however many callers ask)
+    if ckpt is not None and why is not None:  # (warned from this line: shown once, however many callers ask)
+        warnings.warn(f"{path}: {why}; loading {ckpt.name}, the newest complete checkpoint")
     return ckpt
 
 
@@ -410,6 +406,10 @@ def load_run(path: Path, device="cpu", dtype: torch.dtype = torch.float32, tries
             return loaded
     raise FileNotFoundError(f"{path} is a training run with no complete checkpoint now (it may be saving or pruning "
                             "one); wait for its next save and try again")
+
+
+# -----------------------------------------------------------------------------
+# Anything MODEL may name
 
 
 def looks_like_hub_id(name: str) -> bool:

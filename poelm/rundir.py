@@ -59,10 +59,9 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def _not_a_link(path: Path) -> None:
+def _not_a_link(path: Path, fix: str) -> None:
     if path.is_symlink():
-        raise ValueError(f"{path} is a symbolic link; poelm never follows links inside a run directory: "
-                         f"delete it (rm {path}) and run again")
+        raise ValueError(f"{path} is a symbolic link; poelm never follows links inside a run directory: {fix}")
 
 
 @dataclass
@@ -135,7 +134,8 @@ class RunDir:
             raise ValueError(f"--out {self.path} is a file; a run needs a directory (choose another --out)")
         self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
-        _not_a_link(self.path / METRICS_NAME)  # the one run file poelm appends to in place
+        metrics = self.path / METRICS_NAME  # the one run file poelm appends to in place
+        _not_a_link(metrics, "replace it with a copy of the file it points to (or delete it) and run again")
         lock = self.path / LOCK_NAME
         while True:  # the lock file is removed on release: make sure we locked the file that is there now
             f = self._open_lock(lock)
@@ -171,7 +171,7 @@ class RunDir:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
         except OSError:
-            _not_a_link(lock)
+            _not_a_link(lock, f"delete it (rm {lock}) and run again")
             raise
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
@@ -262,7 +262,9 @@ class RunDir:
                         run_id: str) -> Path:
         """Every rank writes its optimizer/loader shard into a temporary directory named by
         the run (`run_id` is the same on every rank, distinct per process); rank 0 writes the
-        model and trainer.json, renames the directory into place and only then moves `latest`."""
+        model and trainer.json, renames the directory into place and only then moves `latest`.
+        A failed write (a full disk) removes the temporary directory and raises
+        CheckpointSaveError, naming the checkpoint that survives."""
         final = self.path / step_dir_name(step)
         tmp = self.path / f".{final.name}.tmp-{run_id}"
         try:

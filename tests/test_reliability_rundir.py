@@ -97,7 +97,7 @@ def test_latest_never_leads_outside_the_run(env, base_run, tmp_path, capsys, poi
     assert rc == 0, err
     assert "`latest`" in stdout and "resuming from step_000004, the newest complete checkpoint" in stdout
     assert equal_weights(out / "step_000008", base_run / "step_000008") and latest(out) == "step_000008"
-    assert not (out / "step_000008").is_symlink() and not list(out.glob(".*"))  # a linked step is replaced, not followed
+    assert not (out / "step_000008").is_symlink() and not list(out.glob(".*"))  # the link replaced, not followed
     assert snapshot(other) == before
 
 
@@ -108,6 +108,10 @@ def test_latest_naming_nothing_usable_without_a_checkpoint_is_refused(env, tmp_p
     expect_error(train_args(env, out, resume=True, **SHORT), capsys, f"{out / 'latest'}: `latest` holds",
                  "not the name of a step directory inside the run", "delete it")
     assert sorted(p.name for p in out.iterdir()) == ["latest"]
+    (out / "latest").unlink()
+    (tmp_path / "pointer").write_text("step_000002")
+    (out / "latest").symlink_to(tmp_path / "pointer")  # never read through
+    expect_error(train_args(env, out, resume=True, **SHORT), capsys, "`latest` is a symbolic link")
 
 
 def test_links_inside_a_checkpoint_make_it_incomplete(env, base_run, tmp_path, capsys):
