@@ -326,3 +326,27 @@ def test_full_disk_in_safetensors_is_an_oserror_naming_the_first_checkpoint(env,
                  "the run has no checkpoint yet", "--resume")
     assert not list(out.glob(".*")) and not list(out.glob("step_*"))
     assert json.loads((out / "train_config.json").read_text())["num_iterations"] == 4
+
+
+def test_full_disk_in_torch_save_keeps_its_errno(tmp_path, monkeypatch):
+    """torch.save writing to a path reports a full disk as an opaque RuntimeError; through a
+    Python file it is OSError(ENOSPC), and the old file is kept."""
+    import io
+
+    import poelm.checkpoint
+    from poelm.checkpoint import atomic_torch_save
+
+    class Full(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, b):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    target = tmp_path / "optim_rank0.pt"
+    target.write_bytes(b"old")
+    monkeypatch.setattr(poelm.checkpoint, "open", lambda path, mode: Full(), raising=False)
+    with pytest.raises(OSError) as caught:
+        atomic_torch_save({"a": torch.zeros(4)}, target)
+    assert caught.value.errno == errno.ENOSPC
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["optim_rank0.pt"]
