@@ -31,8 +31,8 @@ def read_bounded(path: str | os.PathLike, max_bytes: int = MAX_SETTINGS_BYTES) -
             raise ValueError(f"{path} is not a regular file (a device, FIFO or socket, or a link to one); "
                              "replace it with the file itself")
         if info.st_size > max_bytes:
-            raise ValueError(f"{path} holds {info.st_size:,} bytes, more than the {max_bytes:,} a settings file "
-                             "may have; replace it with the file itself")
+            raise ValueError(f"{path} holds {info.st_size:,} bytes, more than the {max_bytes:,} bytes a settings "
+                             "file may have; check that it is the file poelm wrote")
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(max_bytes + 1)
     finally:
@@ -101,7 +101,7 @@ def check_field(data: dict, name: str, kind: type | tuple[type, ...], source: st
         if required:
             raise ValueError(f"{source}: field {name!r} is missing (it must be {_kind_name(kind)}){hint}")
         return None
-    shown = json.dumps(value)[:60] if _has_kind(value, (str, int, float, bool)) else _kind_of(value)
+    shown = json.dumps(value)[:60] if isinstance(value, (str, int, float, bool)) else _kind_of(value)
     if not _has_kind(value, kind):
         raise ValueError(f"{source}: field {name!r} must be {_kind_name(kind)}, got {shown}{hint}")
     if choices is not None and value not in choices:

@@ -324,9 +324,11 @@ def _load_delta(base: GPT, delta_dir: Path, have: str, children: tuple[Path, ...
     parent = base
     if meta.get("parent"):
         chain = children + (delta_dir.resolve(),)
-        if (delta_dir / meta["parent"]).resolve() in chain:
-            raise ValueError(f"{path}: field 'parent' {meta['parent']!r} leads back to {delta_dir} (a cycle); set it "
-                             "to the parent delta's directory, relative to this one, or null for a delta on the base")
+        target = (delta_dir / meta["parent"]).resolve()
+        if target in chain:
+            raise ValueError(f"{path}: field 'parent' {meta['parent']!r} leads back to {target}, a delta of this "
+                             "cascade (a cycle); set it to the parent delta's directory, relative to this one, or "
+                             "null for a delta on the base")
         parent = _load_delta(base, delta_dir / meta["parent"], have, chain)
     pcfg = parent.config
     gives = (pcfg.n_layer, pcfg.base_n_layer if pcfg.frozen_layers else pcfg.n_layer)
