@@ -13,7 +13,6 @@ is renamed into place, so a crash never leaves a half-written checkpoint behind.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import pickle
 import re

@@ -34,7 +34,6 @@ Everything is written to a temporary directory first and renamed into place.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
