@@ -13,7 +13,6 @@ is renamed into place, so a crash never leaves a half-written checkpoint behind.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import pickle
 import re
@@ -25,6 +24,8 @@ import torch
 
 from poelm.atomic import atomic_dir, atomic_path, atomic_write_json
 from poelm.codec import from_nanochat_meta, read_config_file, to_config_json, to_nanochat_meta
+from poelm.jsonfile import read_json_object
+from poelm.memory import check_fits
 from poelm.model import GPT, GPTConfig
 from poelm.outputs import MODEL_KIND, MODEL_KINDS, foreign_content, mark_output
 
@@ -167,7 +168,7 @@ def save_model(model: GPT, out_dir: str | Path, tokenizer=None, dtype: torch.dty
         gen = {"bos_token_id": tokenizer.bos_token_id} if tokenizer is not None else {}
         old_gen = out_dir / GENERATION_CONFIG_NAME
         if old_gen.exists():  # keep calibration etc. stored with an earlier save
-            gen = {**json.loads(old_gen.read_text()), **gen}
+            gen = {**read_json_object(old_gen, "a generation config", "fix or delete it"), **gen}
         gen.update(generation_config or {})
         if gen:
             atomic_write_json(tmp / GENERATION_CONFIG_NAME, gen)
@@ -180,6 +181,7 @@ def load_model_dir(path: Path, device="cpu", dtype: torch.dtype = torch.float32)
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} is missing: not a poelm/Hugging Face model directory")
     config = read_config_file(cfg_path)
+    check_fits(config, str(cfg_path), device)
     state = read_safetensors(path / WEIGHTS_NAME)
     model = build_model(config, device="meta")
     model.to_empty(device=device)
@@ -211,10 +213,12 @@ def check_tokenizer(tokenizer, config: GPTConfig, where: str = "tokenizer") -> N
                          "use the tokenizer the model was trained with")
 
 
-def build_model(config: GPTConfig, device="cpu", init: bool = False) -> GPT:
+def build_model(config: GPTConfig, device="cpu", init: bool = False, source: str = "the model settings") -> GPT:
+    """GPT(config) on device (refused first, naming `source`, when it cannot fit there)."""
     if device == "meta":
         with torch.device("meta"):
             return GPT(config)
+    check_fits(config, source, device)
     with torch.device(device):
         model = GPT(config)
     if init:
@@ -247,12 +251,12 @@ def load_nanochat_dir(path: Path, device="cpu", dtype=torch.float32, step: int |
         raise FileNotFoundError(f"{meta_file} is missing: a nanochat checkpoint needs its meta json beside the model file")
     if not model_file.exists():
         raise FileNotFoundError(f"{model_file} is missing: pass a step that has a model file")
+    meta = read_json_object(meta_file, "a nanochat meta file", "re-download or re-save the checkpoint")
     try:
-        config = from_nanochat_meta(json.loads(meta_file.read_text()), poe_mode)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_file} is not valid JSON ({e})") from None
+        config = from_nanochat_meta(meta, poe_mode)
     except ValueError as e:
         raise ValueError(f"{meta_file}: {e}") from None
+    check_fits(config, str(meta_file), device)
     try:
         state = torch.load(model_file, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:  # truncated zip, foreign or corrupt pickle
@@ -452,7 +456,8 @@ def _load_base_model(spec, device, dtype, seed, tokenizer_dir, **overrides) -> t
     path = Path(name)
     if name in PRESETS and not path.exists():
         torch.manual_seed(seed)
-        model = build_model(get_preset(name, **overrides), device=device, init=True).to(dtype).eval()
+        model = build_model(get_preset(name, **overrides), device=device, init=True, source=f"preset {name}")
+        model = model.to(dtype).eval()
         tokenizer = load_tokenizer_if_any(Path(tokenizer_dir), model.config) if tokenizer_dir else None
         return model, tokenizer
     if not path.exists():
