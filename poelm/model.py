@@ -995,7 +995,11 @@ class GPT(nn.Module):
         logits = logits[..., : cfg.vocab_size].float()
         if torch.is_grad_enabled():
             return softcap(logits)
-        return logits.div_(SOFTCAP).tanh_().mul_(SOFTCAP)  # inference: the same soft cap, in place (no copies)
+        # inference: softcap() in place. A padded vocabulary leaves a strided slice, which is first
+        # divided into a contiguous tensor as softcap() does: tanh's vector and scalar kernels round
+        # differently, so it must see the same layout (the same tail elements) on both paths
+        logits = logits.div_(SOFTCAP) if logits.is_contiguous() else logits / SOFTCAP
+        return logits.tanh_().mul_(SOFTCAP)
 
     # --- full-sequence forward -------------------------------------------------
     def trunk(self, idx: torch.Tensor, upto_stage: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:

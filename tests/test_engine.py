@@ -118,6 +118,23 @@ def full_logits(model: GPT, ids: list[int]) -> torch.Tensor:
     return model(torch.tensor([ids]))[0]  # (T, V)
 
 
+# Token-identity claims between computations of different shapes (speculative verify vs one
+# step, a batch vs a row alone) rest on the logits agreeing to the cross-shape bound that the
+# cached-vs-uncached tests below assert (|dlogit| <= 1e-5): greedy tokens then agree wherever
+# the reference's top-1/top-2 gap exceeds twice that. DECISIVE checks the gap (on this CPU's
+# own kernels), so a near-tie shows up as itself, not as a flaky mismatch.
+CROSS_SHAPE_BOUND = 1e-5
+
+
+@torch.no_grad()
+def assert_decisive(model: GPT, prompt: list[int], tokens: list[int], readout=None) -> None:
+    """Every greedy token of `tokens` after `prompt` wins its full-forward readout by > 2 x bound."""
+    logits = full_logits(model, prompt + tokens[:-1])[len(prompt) - 1:] if readout is None else readout
+    top2 = logits.topk(2, dim=-1).values
+    gap = (top2[:, 0] - top2[:, 1]).min().item()
+    assert gap > 2 * CROSS_SHAPE_BOUND, f"near-tie (top-2 gap {gap:.2e}) in the reference: pick another prompt"
+
+
 # -----------------------------------------------------------------------------
 # cached == uncached
 
@@ -168,6 +185,7 @@ def test_batch_generation_equals_rows_alone(rand_model):
     rows = prompts()
     batch = engine.generate(rows, max_new_tokens=25)
     for r, out in zip(rows, batch):
+        assert_decisive(rand_model, r, out.tokens)
         assert out.tokens == engine.generate(r, max_new_tokens=25).tokens
 
 
@@ -182,6 +200,7 @@ def test_speculative_greedy_token_identical(which, rand_model, trained):
     rows = prompts()[1:] + [text_prompt_ids("the red cat sat on")]
     for row in rows:
         plain = engine.generate(row, max_new_tokens=48).tokens
+        assert_decisive(model, row, plain)
         for gamma in (1, 2, 4, 7):
             for draft in (0, 1):
                 out = engine.generate(row, mode="speculative", gamma=gamma, draft_stage=draft, max_new_tokens=48)
