@@ -152,11 +152,3 @@ def base_logit_delta(model, base, tokenizer, data_dir: str, n: int = 8) -> float
         want, got = base.eval()(idx), base_logits(model.eval(), idx)
         worst = max(worst, (want - got).abs().max().item())
     return worst
-
-
-def cmd_sft(args) -> int:
-    """`poelm sft MODEL --data CHATDIR --out RUN ...`: `poelm train`'s trainer with task sft."""
-    from poelm.train import cmd_train
-
-    args.task, args.init = "sft", args.model
-    return cmd_train(args)

@@ -18,9 +18,7 @@ optimizer, loader and RNG state), `latest` (the newest complete checkpoint) and 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
 import random
@@ -33,9 +31,9 @@ import torch.distributed as dist
 
 from poelm.atomic import atomic_write_json
 from poelm.checkpoint import build_model, check_tokenizer, load_state_into, read_safetensors
-from poelm.cli import check_bf16, check_compiler, parse_device, parse_dtype
 from poelm.model import GPT, GPTConfig
 from poelm.rundir import METRICS_NAME, MetricsLog, RunDir, set_rng_state
+from poelm.runtime import RunStopped, check_bf16, check_compiler, parse_device, parse_dtype
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -93,8 +91,9 @@ class TrainConfig:
         return dataclasses.replace(self.model, vocab_size=vocab_size)
 
 
-class NonFiniteLoss(ValueError):
-    pass
+class NonFiniteLoss(RunStopped):
+    """The loss or the weights became non-finite: the run stops (its last good checkpoint is
+    intact). Not bad input, so not a ValueError: the CLI says it in one line, exit status 1."""
 
 
 def check_config(tc: TrainConfig) -> None:
@@ -608,25 +607,3 @@ def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
         except Exception as e:  # plots are a convenience; never fail a finished run on them
             say(f"(plots skipped: {e})")
     return result
-
-
-# -----------------------------------------------------------------------------
-# `poelm train` (its flags are in poelm/cli.py)
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """TrainConfig from `poelm train` flags: the model flags build its GPTConfig (poelm.codec)."""
-    from poelm.codec import config_from_flags, model_kwargs
-
-    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
-    return TrainConfig(model=config_from_flags(model_kwargs(args)), **{k: v for k, v in vars(args).items() if k in names})
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    result = train(config_from_args(args))
-    if getattr(args, "json", False):
-        print(json.dumps(result, indent=2, default=str))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
-

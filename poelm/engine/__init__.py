@@ -57,7 +57,8 @@ from poelm.engine.calibrate import (calibrate, check_calibration, load_calibrati
                                     save_calibration, stage_swings, wand_exit_rule, wand_teacher_forced)
 from poelm.engine.decoders import PLAIN_MODES, Decoder, DecodeStats, PlainDecoder, Row, make_decoder, new_cache
 from poelm.engine.options import (BP_REFUSAL, CALIBRATION_KEYS, GENERATION_CONFIG_NAME, MAX_GAMMA, MODES,
-                                  WAND_TARGETS, DecodeOptions, Generation, _check, refuse_bp, validate_options)
+                                  WAND_TARGETS, ContextLengthError, DecodeOptions, Generation, _check, refuse_bp,
+                                  validate_options)
 from poelm.engine.sampling import Sampler, logop, top_gap
 from poelm.engine.speculative import SpeculativeDecoder
 from poelm.engine.stream import TextStream, Collector
@@ -69,7 +70,7 @@ __all__ = ["Engine", "PLAIN_MODES", "Session", "Decoder", "DecodeStats", "PlainD
            "top_gap", "TextStream", "calibrate", "check_calibration", "load_calibration", "save_calibration",
            "running_readouts", "stage_swings", "wand_exit_rule", "wand_teacher_forced", "refuse_bp", "MODES",
            "WAND_TARGETS", "MAX_GAMMA", "BP_REFUSAL", "CALIBRATION_KEYS", "GENERATION_CONFIG_NAME", "_check",
-           "Collector"]
+           "Collector", "ContextLengthError"]
 
 
 class Engine:
@@ -106,7 +107,8 @@ class Engine:
         if add_bos and bos is not None and ids[0] != bos:
             ids = [bos] + ids
         T = self.model.config.sequence_len
-        _check(len(ids) <= T, f"prompt has {len(ids)} tokens but the context holds {T}; shorten it")
+        if len(ids) > T:
+            raise ContextLengthError(len(ids), T)
         return ids
 
     def _rows(self, prompt, add_bos: bool) -> tuple[list[list[int]], bool]:

@@ -72,6 +72,14 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+class ContextLengthError(ValueError):
+    """A prompt longer than the model's context (`context` tokens; it has `tokens`)."""
+
+    def __init__(self, tokens: int, context: int):
+        self.tokens, self.context = tokens, context
+        super().__init__(f"prompt has {tokens} tokens but the context holds {context}; shorten it")
+
+
 def validate_options(opts: DecodeOptions, model: GPT) -> None:
     """Raise ValueError (one line) for bad parameters, bad stages and refused modes."""
     cfg = model.config
