@@ -13,10 +13,10 @@ is renamed into place, so a crash never leaves a half-written checkpoint behind.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import pickle
 import re
+import stat
 import warnings
 from pathlib import Path
 
@@ -24,6 +24,8 @@ import torch
 
 from poelm.atomic import atomic_dir, atomic_path, atomic_write_json
 from poelm.codec import from_nanochat_meta, read_config_file, to_config_json, to_nanochat_meta
+from poelm.jsonfile import read_json_object
+from poelm.memory import check_fits
 from poelm.model import GPT, GPTConfig
 from poelm.outputs import MODEL_KIND, MODEL_KINDS, foreign_content, mark_output
 
@@ -39,8 +41,8 @@ KEY_PREFIXES = ("_orig_mod.", "model.", "module.")
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)  # through a Python file, so a full disk raises OSError(ENOSPC), not an opaque RuntimeError
 
 
 def check_replaceable(out: str | Path, sources: tuple = (), overwrite: bool = False, flag: str = "--out",
@@ -137,7 +139,13 @@ def write_safetensors(model: GPT, path: Path, dtype: torch.dtype | None = None) 
 
     state = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(state, tmp, metadata={"format": "pt"})
+        try:
+            save_file(state, tmp, metadata={"format": "pt"})
+        except Exception as e:  # safetensors reports I/O errors as "... (os error N)": give them back their errno
+            code = re.search(r"\(os error (\d+)\)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), tmp) from None
 
 
 # -----------------------------------------------------------------------------
@@ -160,7 +168,7 @@ def save_model(model: GPT, out_dir: str | Path, tokenizer=None, dtype: torch.dty
         gen = {"bos_token_id": tokenizer.bos_token_id} if tokenizer is not None else {}
         old_gen = out_dir / GENERATION_CONFIG_NAME
         if old_gen.exists():  # keep calibration etc. stored with an earlier save
-            gen = {**json.loads(old_gen.read_text()), **gen}
+            gen = {**read_json_object(old_gen, "a generation config", "fix or delete it"), **gen}
         gen.update(generation_config or {})
         if gen:
             atomic_write_json(tmp / GENERATION_CONFIG_NAME, gen)
@@ -173,6 +181,7 @@ def load_model_dir(path: Path, device="cpu", dtype: torch.dtype = torch.float32)
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} is missing: not a poelm/Hugging Face model directory")
     config = read_config_file(cfg_path)
+    check_fits(config, str(cfg_path), device)
     state = read_safetensors(path / WEIGHTS_NAME)
     model = build_model(config, device="meta")
     model.to_empty(device=device)
@@ -204,10 +213,12 @@ def check_tokenizer(tokenizer, config: GPTConfig, where: str = "tokenizer") -> N
                          "use the tokenizer the model was trained with")
 
 
-def build_model(config: GPTConfig, device="cpu", init: bool = False) -> GPT:
+def build_model(config: GPTConfig, device="cpu", init: bool = False, source: str = "the model settings") -> GPT:
+    """GPT(config) on device (refused first, naming `source`, when it cannot fit there)."""
     if device == "meta":
         with torch.device("meta"):
             return GPT(config)
+    check_fits(config, source, device)
     with torch.device(device):
         model = GPT(config)
     if init:
@@ -240,12 +251,12 @@ def load_nanochat_dir(path: Path, device="cpu", dtype=torch.float32, step: int |
         raise FileNotFoundError(f"{meta_file} is missing: a nanochat checkpoint needs its meta json beside the model file")
     if not model_file.exists():
         raise FileNotFoundError(f"{model_file} is missing: pass a step that has a model file")
+    meta = read_json_object(meta_file, "a nanochat meta file", "re-download or re-save the checkpoint")
     try:
-        config = from_nanochat_meta(json.loads(meta_file.read_text()), poe_mode)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_file} is not valid JSON ({e})") from None
+        config = from_nanochat_meta(meta, poe_mode)
     except ValueError as e:
         raise ValueError(f"{meta_file}: {e}") from None
+    check_fits(config, str(meta_file), device)
     try:
         state = torch.load(model_file, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:  # truncated zip, foreign or corrupt pickle
@@ -281,17 +292,128 @@ def save_nanochat_dir(model: GPT, out_dir: str | Path, step: int, meta_extra: di
 
 
 # -----------------------------------------------------------------------------
-# Anything MODEL may name
+# Training runs: nothing in a run directory leads outside it
+
+
+TRAINER_NAME = "trainer.json"  # written last into a step directory: its presence marks a complete checkpoint
+STEP_NAME = re.compile(r"step_(\d{6,})")
+SHARD_NAME = re.compile(r"optim_rank(\d+)\.pt")
+
+
+def step_of(name: str) -> int | None:
+    """The step of a `step_NNNNNN` name; None for anything else (paths included)."""
+    m = STEP_NAME.fullmatch(name)
+    return int(m[1]) if m else None
+
+
+def read_run_file(path: Path, limit: int = 1 << 26) -> bytes:
+    """A regular file of a run directory, read without following a link, at most `limit` bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        if os.path.islink(path):
+            raise ValueError(f"{path} is a symbolic link; poelm never follows links inside a run directory: "
+                             "replace it with the file itself") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file; replace it with the file poelm wrote")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is larger than {limit:,} bytes, which no poelm run file is; replace it")
+    return data
+
+
+def run_step_dirs(run: Path) -> list[Path]:
+    """The run's step_NNNNNN directories (real directories, never links), oldest first."""
+    try:
+        with os.scandir(run) as entries:
+            names = [e.name for e in entries if step_of(e.name) is not None and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+    return [run / n for n in sorted(names, key=step_of)]
+
+
+def is_complete_checkpoint(ckpt: Path) -> bool:
+    """A real directory holding no links, with config, weights, trainer.json and the optimizer
+    and loader shard of every rank that wrote it, all regular files."""
+    try:
+        if not stat.S_ISDIR(os.lstat(ckpt).st_mode):
+            return False
+        with os.scandir(ckpt) as entries:
+            found = list(entries)
+    except OSError:
+        return False
+    if any(e.is_symlink() for e in found):
+        return False
+    files = {e.name for e in found if e.is_file(follow_symlinks=False)}
+    shards = sum(1 for n in files if SHARD_NAME.fullmatch(n))
+    need = {CONFIG_NAME, WEIGHTS_NAME, TRAINER_NAME, *(f"optim_rank{r}.pt" for r in range(shards)),
+            *(f"loader_rank{r}.json" for r in range(shards))}
+    return need <= files
+
+
+def _read_latest(run: Path) -> tuple[str | None, str | None]:
+    """(the step directory name `latest` holds, None), (None, why it names none), or (None, None) without one."""
+    pointer = run / LATEST_NAME
+    if not os.path.lexists(pointer):
+        return None, None
+    try:
+        text = read_run_file(pointer, limit=256).decode("utf-8", "replace").strip()
+    except ValueError:
+        return None, "`latest` is a symbolic link" if os.path.islink(pointer) else "`latest` is not a small file"
+    except OSError as e:
+        return None, f"`latest` cannot be read ({e.strerror})"
+    if step_of(text) is None:
+        return None, f"`latest` holds {text[:80]!r}, not the name of a step directory inside the run"
+    return text, None
+
+
+def run_checkpoint(run: Path) -> tuple[Path | None, str | None]:
+    """The checkpoint of a training run that loads and resumes use: the step directory `latest`
+    names when that is a complete checkpoint directly inside the run, else the newest complete
+    one, returned with why `latest` was not used. (None, why or None) when the run has none."""
+    name, why = _read_latest(run)
+    if name is not None:
+        if is_complete_checkpoint(run / name):
+            return run / name, None
+        why = f"`latest` names {name}, which is missing or incomplete"
+    complete = [p for p in run_step_dirs(run) if is_complete_checkpoint(p)]
+    if not complete:
+        return None, why
+    return complete[-1], why or "`latest` is missing"
 
 
 def resolve_run_dir(path: Path) -> Path | None:
-    """The newest checkpoint directory of a `poelm train --out` run, or None."""
-    pointer = path / LATEST_NAME
-    if pointer.is_file():
-        target = path / pointer.read_text().strip()
-        if (target / CONFIG_NAME).exists():
-            return target
-    return None
+    """The checkpoint directory of a `poelm train --out` run (see `run_checkpoint`; a warning
+    says when it is not the one `latest` names), or None when `path` holds none."""
+    ckpt, why = run_checkpoint(path)
+    if ckpt is not None and why is not None:  # (warned from this line: shown once, however many callers ask)
+        warnings.warn(f"{path}: {why}; loading {ckpt.name}, the newest complete checkpoint")
+    return ckpt
+
+
+def load_run(path: Path, device="cpu", dtype: torch.dtype = torch.float32, tries: int = 5) -> tuple[GPT, object]:
+    """The checkpoint of a training run. Pruning moves a checkpoint away whole, so a load whose
+    directory is gone when it ends may have missed files: it is retried on the new newest."""
+    for _ in range(tries):
+        ckpt = resolve_run_dir(path)
+        if ckpt is None:
+            break
+        try:
+            loaded = load_model_dir(ckpt, device, dtype)
+        except (OSError, ValueError):
+            if ckpt.is_dir():
+                raise
+            continue
+        if ckpt.is_dir():
+            return loaded
+    raise FileNotFoundError(f"{path} is a training run with no complete checkpoint now (it may be saving or pruning "
+                            "one); wait for its next save and try again")
+
+
+# -----------------------------------------------------------------------------
+# Anything MODEL may name
 
 
 def model_dir(spec: str) -> Path | None:
@@ -335,7 +457,8 @@ def load_model(spec: str | Path, device="cpu", dtype: torch.dtype = torch.float3
     path = Path(name)
     if name in PRESETS and not path.exists():
         torch.manual_seed(seed)
-        model = build_model(get_preset(name, **overrides), device=device, init=True).to(dtype).eval()
+        model = build_model(get_preset(name, **overrides), device=device, init=True, source=f"preset {name}")
+        model = model.to(dtype).eval()
         tokenizer = load_tokenizer_if_any(Path(tokenizer_dir), model.config) if tokenizer_dir else None
         return model, tokenizer
     if not path.exists():
@@ -344,13 +467,15 @@ def load_model(spec: str | Path, device="cpu", dtype: torch.dtype = torch.float3
         else:
             raise FileNotFoundError(f"{name!r} is neither a preset ({', '.join(PRESETS)}), a directory nor a hub id")
     if path.is_dir():
-        run = resolve_run_dir(path)
-        if run is not None:
-            path = run
-        if (path / CONFIG_NAME).exists():
+        if run_checkpoint(path)[0] is not None:
+            model, tokenizer = load_run(path, device, dtype)
+        elif (path / CONFIG_NAME).exists():
             model, tokenizer = load_model_dir(path, device, dtype)
         elif is_nanochat_dir(path):
             model, tokenizer = load_nanochat_dir(path, device, dtype, tokenizer_dir=tokenizer_dir)
+        elif run_step_dirs(path) or os.path.lexists(path / LATEST_NAME):
+            raise FileNotFoundError(f"{path} is a training run with no complete checkpoint; wait for its first save "
+                                    "(or resume the run) and load it then")
         else:
             raise FileNotFoundError(f"{path} holds no config.json, no model_*.pt and no training run: nothing to load")
         if tokenizer_dir and tokenizer is None:

@@ -19,6 +19,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+from poelm.jsonfile import read_json_object
 from poelm.model import STANDARD_NAMES, GPTConfig
 
 MODEL_TYPE = "cognica_poe"
@@ -71,11 +72,10 @@ def from_config_json(d: dict) -> GPTConfig:
 
 
 def read_config_file(path: str | Path) -> GPTConfig:
-    """GPTConfig from a config.json file; every error is one line that starts with its path."""
+    """GPTConfig from a config.json file (a bounded read); every error is one line that starts with its path."""
+    d = read_json_object(path, "a model config", "re-export the model or fix the file")
     try:
-        return from_config_json(json.loads(Path(path).read_text()))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+        return from_config_json(d)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
 

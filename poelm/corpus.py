@@ -43,7 +43,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from poelm.atomic import atomic_path, atomic_write_json, replace_dir
+from poelm.atomic import atomic_path, atomic_write_json, clear_stale, replace_dir
 
 CLIMBMIX_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
 CLIMBMIX_VAL_SHARD = 6542  # shard_06542.parquet, the last of 6,543, is the validation split
@@ -414,19 +414,17 @@ def prepare_output(out: Path, manifest: str, written: str) -> dict | None:
 
 
 def clear_dead_builds(final: Path) -> None:
-    """Remove the `.NAME.build-PID` directories beside `final` whose process is gone; an
-    `.NAME.old-PID` (replace_dir's copy of the previous `final`) whose process died goes back to
-    `final` if the swap never finished, and is removed otherwise."""
+    """Remove the `.NAME.build-PID` directories beside `final` whose process is gone, after what
+    other dead writers left there (poelm.atomic.clear_stale: replace_dir's `.NAME.old-*` copy of
+    the previous `final` goes back to `final` if the swap never finished)."""
     if not final.parent.is_dir():
         return
-    for p in final.parent.glob(f".{glob.escape(final.name)}.*-*"):
-        kind, _, pid = p.name[len(final.name) + 2:].rpartition("-")
-        if kind not in ("build", "old") or not pid.isdigit() or p.is_symlink() or _pid_alive(int(pid)):
+    clear_stale(final.parent)
+    for p in final.parent.glob(f".{glob.escape(final.name)}.build-*"):
+        pid = p.name.rpartition("-")[2]
+        if not pid.isdigit() or p.is_symlink() or _pid_alive(int(pid)):
             continue
-        if kind == "old" and not final.exists():
-            os.replace(p, final)
-        else:
-            shutil.rmtree(p, ignore_errors=True)
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -34,7 +34,6 @@ Everything is written to a temporary directory first and renamed into place.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -162,15 +161,13 @@ def _share(directory: Path) -> None:
 def source_generation_config(spec: str) -> dict:
     """generation_config.json of MODEL's directory (a run resolves to its latest checkpoint), or {}."""
     from poelm.checkpoint import resolve_run_dir
+    from poelm.engine.calibrate import read_generation_config
 
     path = Path(spec)
     if not path.is_dir():
         return {}
     path = resolve_run_dir(path) or path
     file = path / GENERATION_CONFIG_NAME
-    if not file.is_file():
+    if not file.exists():
         return {}
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON ({e})") from None
+    return read_generation_config(file)

@@ -24,6 +24,7 @@ stage, and `lm_head_stage` read out by config.head_mode (docs/poe.md section 7).
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 import typing
@@ -52,6 +53,10 @@ STANDARD_NAMES = {"n_layer": "num_hidden_layers", "n_embd": "hidden_size", "n_he
 
 POSITIVE_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "head_dim",
                    "aspect_ratio", "intermediate_size", "short_window", "poe_every", "base_n_layer", "source_n_layer")
+# GPT builds one Python module per layer (and a config one stage tuple entry per stage): deeper
+# than any trained transformer by far, and a config past it is refused before anything is built
+MAX_LAYERS = 2 ** 14
+ROTARY_SPAN = 2  # the rotary tables cover this many times sequence_len positions (grown on demand past it)
 
 
 def _f(default, help: str, choices: tuple[str, ...] | None = None):
@@ -99,13 +104,21 @@ class GPTConfig:
                                 "spec = lm_head_stage only", HEAD_MODES)
 
     def __post_init__(self) -> None:
+        hints = _field_hints()
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not _has_type(value, hints[f.name]):
+                raise ValueError(f"config field {f.name}={repr(value)[:60]} ({type(value).__name__}) must be "
+                                 f"{_type_name(hints[f.name])}")
         for name in POSITIVE_FIELDS:
             value = getattr(self, name)
             if value is not None and not value >= 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.n_layer > MAX_LAYERS:
+            raise ValueError(f"n_layer must be at most {MAX_LAYERS} (GPT builds a module per layer), got {self.n_layer}")
         if self.n_embd is None:
             hd = self.head_dim
-            self.n_embd = math.ceil(self.n_layer * self.aspect_ratio / hd) * hd
+            self.n_embd = _ceil_div(self.n_layer * self.aspect_ratio, hd) * hd
         if self.n_head is None:
             if self.n_embd % self.head_dim:
                 raise ValueError(f"n_embd {self.n_embd} is not a multiple of head_dim {self.head_dim}: set n_head")
@@ -199,7 +212,7 @@ class GPTConfig:
 
     @property
     def padded_vocab_size(self) -> int:
-        return math.ceil(self.vocab_size / 64) * 64
+        return _ceil_div(self.vocab_size, 64) * 64
 
     @property
     def backout_layer(self) -> int:
@@ -211,13 +224,12 @@ class GPTConfig:
         long = self.sequence_len
         short = self.short_window
         if short is None:
-            short = math.ceil((self.sequence_len // 4) / 128) * 128
+            short = _ceil_div(self.sequence_len // 4, 128) * 128
         short = min(short, long)
-        depth = self.source_n_layer or self.n_layer  # a truncated model keeps its source's windows
         sizes = [short if self.window_pattern[i % len(self.window_pattern)] == "S" else long
-                 for i in range(depth)]
-        sizes[-1] = long
-        sizes = sizes[: self.n_layer]
+                 for i in range(self.n_layer)]
+        if (self.source_n_layer or self.n_layer) == self.n_layer:  # a truncated model keeps its source's windows
+            sizes[-1] = long
         if self.frozen_layers:  # the base's last layer, and each cascade level's, stay long as they were
             for end in self.stage_ends:
                 if end >= self.base_n_layer - 1:
@@ -232,6 +244,20 @@ class GPTConfig:
 
     def is_poe(self) -> bool:
         return self.poe_mode != "none"
+
+    def num_params(self) -> int:
+        """The parameters GPT(self) holds, by arithmetic: nothing is built (GPT.num_params counts them)."""
+        V, d, L = self.padded_vocab_size, self.n_embd, self.n_layer
+        kv = self.n_kv_head * self.head_dim
+        heads = 1 + (self.n_stages if self.per_stage_head else 0) + (1 if self.frozen_layers else 0)
+        ve_layers = sum(self.has_value_embed(i) for i in range(L))
+        block = 2 * d * d + 2 * d * kv + 2 * d * self.intermediate_size  # c_q, c_proj; c_k, c_v; c_fc, c_proj
+        return (V * d * (1 + heads) + L * block + ve_layers * (V * kv + VE_GATE_DIM * self.n_kv_head)
+                + 2 * L + SMEAR_DIM + 2)  # wte + heads, blocks, value embeddings; lambdas, smear, backout
+
+    def rotary_numel(self) -> int:
+        """Elements of the rotary cos and sin tables GPT builds at its first forward."""
+        return 2 * ROTARY_SPAN * self.sequence_len * (self.head_dim // 2)
 
     def is_specialist(self) -> bool:
         return self.frozen_layers > 0
@@ -255,18 +281,25 @@ class GPTConfig:
         unknown = sorted(k for k in d if k not in known and k not in ignore)
         if unknown:
             raise ValueError(f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        hints = typing.get_type_hints(cls)
         kw = {k: v for k, v in d.items() if k in known}
-        for name, value in kw.items():
-            if not _has_type(value, hints[name]):
-                raise ValueError(f"config field {name}={value!r} ({type(value).__name__}) must be {_type_name(hints[name])}")
-        if kw.get("poe_stage_layers") is not None:
+        if isinstance(kw.get("poe_stage_layers"), list):
             kw["poe_stage_layers"] = tuple(kw["poe_stage_layers"])
         return cls(**kw)
 
 
+def _ceil_div(a: int, b: int) -> int:
+    """ceil(a / b) in integers (exact, and no float overflow for any size)."""
+    return -(-a // b)
+
+
+@functools.cache
+def _field_hints() -> dict:
+    """GPTConfig's field annotations, resolved once."""
+    return typing.get_type_hints(GPTConfig)
+
+
 def _has_type(value, hint) -> bool:
-    """Whether a JSON value fits a field annotation (bool is not an int; an int is a float)."""
+    """Whether a (JSON) value fits a field annotation (bool is not an int; an int is a float; numbers are finite)."""
     if isinstance(hint, types.UnionType):
         return any(_has_type(value, h) for h in typing.get_args(hint))
     if hint is type(None):
@@ -275,7 +308,7 @@ def _has_type(value, hint) -> bool:
         item = typing.get_args(hint)[0]
         return isinstance(value, (list, tuple)) and all(_has_type(v, item) for v in value)
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and math.isfinite(value)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)
@@ -814,7 +847,7 @@ class GPT(nn.Module):
         """cos/sin for positions (T,) or (B, T), all < need -> broadcastable to (B, T, 1, D/2)."""
         device = self.lm_head.weight.device
         if need > self._rotary_len or self.rotary_cos.device != device:
-            length = max(need, self.config.sequence_len * 2)
+            length = max(need, self.config.sequence_len * ROTARY_SPAN)
             hd = self.config.head_dim
             inv_freq = 1.0 / (100000 ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
             angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)

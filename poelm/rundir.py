@@ -18,9 +18,13 @@ Layout (formats of poelm's own runs):
 
 A checkpoint is written into a per-process temporary directory and renamed into place, and
 `latest` moves only after that, so a crash or `kill -9` at any point leaves the previous
-checkpoint loadable. `resume_point` never trusts `latest` blindly: when it names a missing or
-incomplete directory, the newest complete one is used (and named). Nothing read from a run
-directory can execute code: optimizer shards load with `torch.load(weights_only=True)`.
+checkpoint loadable; pruning renames a checkpoint to a hidden name before deleting it, so a
+reader sees it whole or not at all. `resume_point` never trusts `latest` blindly: when it names
+a missing or incomplete directory, or anything but a step directory inside the run, the newest
+complete one is used (and named). Nothing read from a run directory can execute code
+(optimizer shards load with `torch.load(weights_only=True)`) or lead outside it: links are
+never followed (the lock and metrics are opened with O_NOFOLLOW, checkpoints holding links are
+not complete), and a failed save (a full disk) names the checkpoint that survives.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import json
 import os
 import random
 import shutil
+import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,26 +43,25 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from poelm.atomic import atomic_write_bytes, atomic_write_json, replace_dir
-from poelm.checkpoint import CONFIG_NAME, LATEST_NAME, WEIGHTS_NAME, atomic_torch_save, save_model
+from poelm.atomic import atomic_write_bytes, atomic_write_json, clear_stale, owner, replace_dir
+from poelm.checkpoint import (LATEST_NAME, TRAINER_NAME, atomic_torch_save, is_complete_checkpoint, read_run_file,
+                              run_checkpoint, run_step_dirs, save_model, step_of)
 
 LOCK_NAME = ".lock"
 METRICS_NAME = "metrics.jsonl"
-TRAINER_NAME = "trainer.json"  # written last: its presence marks a complete checkpoint
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (a full disk, most often); the previous one survives."""
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def _step_of(path: Path) -> int | None:
-    name = path.name
-    if not name.startswith("step_"):
-        return None
-    try:
-        return int(name[len("step_"):])
-    except ValueError:
-        return None
+def _not_a_link(path: Path, fix: str) -> None:
+    if path.is_symlink():
+        raise ValueError(f"{path} is a symbolic link; poelm never follows links inside a run directory: {fix}")
 
 
 @dataclass
@@ -130,9 +134,11 @@ class RunDir:
             raise ValueError(f"--out {self.path} is a file; a run needs a directory (choose another --out)")
         self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
+        metrics = self.path / METRICS_NAME  # the one run file poelm appends to in place
+        _not_a_link(metrics, "replace it with a copy of the file it points to (or delete it) and run again")
         lock = self.path / LOCK_NAME
         while True:  # the lock file is removed on release: make sure we locked the file that is there now
-            f = open(lock, "a+")
+            f = self._open_lock(lock)
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -144,7 +150,7 @@ class RunDir:
                 raise ValueError(f"{self.path} is in use by another poelm process (pid {holder}); wait for it to "
                                  "finish or choose another --out") from None
             try:
-                if os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino:
+                if os.lstat(lock).st_ino == os.fstat(f.fileno()).st_ino:
                     break
             except FileNotFoundError:
                 pass
@@ -158,6 +164,19 @@ class RunDir:
         self._lock_file = f
         self.stale_lock_pid = int(stale) if stale.isdigit() else None
         self._clear_temporaries()
+
+    @staticmethod
+    def _open_lock(lock: Path):
+        """The lock file, opened (created) without following a link, even a dangling one."""
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError:
+            _not_a_link(lock, f"delete it (rm {lock}) and run again")
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ValueError(f"{lock} is not a regular file; delete it (rm -r {lock}) and run again")
+        return os.fdopen(fd, "r+")
 
     def _release(self) -> None:
         if self._lock_file is not None:
@@ -173,60 +192,51 @@ class RunDir:
             shutil.rmtree(self.path, ignore_errors=True)
 
     def _clear_temporaries(self) -> None:
-        """Half-written checkpoints of a killed process (safe: we hold the lock)."""
-        for tmp in self.path.glob(".*step_*.tmp*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        """What killed writers left: half-written and half-pruned checkpoints (safe: we hold
+        the lock, and only its holder writes them) and the temporaries of dead processes."""
+        for tmp in [*self.path.glob(".*step_*.tmp*"), *self.path.glob(".step_*.pruned-*")]:
+            if not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+        clear_stale(self.path)
 
     # ---- checkpoints ------------------------------------------------------------
-
-    def is_complete(self, ckpt: Path) -> bool:
-        """All files of a checkpoint written by `world` ranks are present."""
-        if not (ckpt / TRAINER_NAME).is_file() or not (ckpt / CONFIG_NAME).is_file():
-            return False
-        if not (ckpt / WEIGHTS_NAME).is_file():
-            return False
-        return all((ckpt / n).is_file() for r in range(self.shards_of(ckpt))
-                   for n in (f"optim_rank{r}.pt", f"loader_rank{r}.json"))
 
     @staticmethod
     def shards_of(ckpt: Path) -> int:
         return len(list(ckpt.glob("optim_rank*.pt")))
 
     def step_dirs(self) -> list[Path]:
-        """Every step_* directory, oldest first (complete or not)."""
-        dirs = [p for p in self.path.glob("step_*") if p.is_dir() and _step_of(p) is not None]
-        return sorted(dirs, key=_step_of)
+        """Every step_NNNNNN directory (never a link), oldest first (complete or not)."""
+        return run_step_dirs(self.path)
 
     def complete_checkpoints(self) -> list[Path]:
-        return [p for p in self.step_dirs() if self.is_complete(p)]
+        return [p for p in self.step_dirs() if is_complete_checkpoint(p)]
 
     def resume_point(self) -> ResumePoint | None:
-        """The newest complete checkpoint. `latest` is used when it names a complete one;
+        """The newest complete checkpoint inside the run. `latest` is used when it names one;
         otherwise the newest complete step directory, with a note saying so. A run whose
-        step directories are all incomplete is refused rather than restarted."""
-        pointer = self.path / LATEST_NAME
-        named = pointer.read_text().strip() if pointer.is_file() else None
-        if named:
-            path = self.path / named
-            if path.is_dir() and _step_of(path) is not None and self.is_complete(path):
-                return ResumePoint(path, _step_of(path))
-        complete = self.complete_checkpoints()
-        if complete:
-            best = complete[-1]
-            why = f"`latest` names {named}, which is missing or incomplete" if named else "`latest` is missing"
-            return ResumePoint(best, _step_of(best), f"{why}; resuming from {best.name}, the newest complete checkpoint")
+        step directories are all incomplete, or whose `latest` names nothing usable while no
+        checkpoint is complete, is refused rather than restarted."""
+        ckpt, why = run_checkpoint(self.path)
+        if ckpt is not None:
+            note = why and f"{why}; resuming from {ckpt.name}, the newest complete checkpoint"
+            return ResumePoint(ckpt, step_of(ckpt.name), note)
         dirs = self.step_dirs()
         if dirs:
             raise ValueError(f"{self.path} has checkpoint directories ({', '.join(p.name for p in dirs)}) but none is "
                              "complete (each needs trainer.json, config.json, model.safetensors and its optimizer "
-                             "and loader shards); restore one or choose another --out")
+                             "and loader shards, none of them a link); restore one or choose another --out")
+        if why is not None:
+            raise ValueError(f"{self.path / LATEST_NAME}: {why}, and the run has no checkpoint; delete it to start "
+                             "the run afresh, or choose another --out")
         return None
 
     def read_shard(self, ckpt: Path, device: torch.device | str = "cpu") -> dict:
-        """This rank's optimizer + RNG shard, loaded without executing code."""
+        """This rank's optimizer + RNG shard, loaded without executing code or following a link."""
         path = ckpt / f"optim_rank{self.rank}.pt"
         try:
-            blob = torch.load(path, map_location=device, weights_only=True)
+            with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
+                blob = torch.load(f, map_location=device, weights_only=True)
         except FileNotFoundError:
             raise
         except Exception as e:  # truncated file, or a pickle that is not plain tensors and containers
@@ -239,9 +249,10 @@ class RunDir:
         return blob
 
     def read_json(self, path: Path) -> dict:
+        """A JSON object of the run (never read through a link)."""
         try:
-            value = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            value = json.loads(read_run_file(path))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON ({e}); resume from another checkpoint") from None
         if not isinstance(value, dict):
             raise ValueError(f"{path} holds {type(value).__name__}, not a JSON object; resume from another checkpoint")
@@ -251,33 +262,53 @@ class RunDir:
                         run_id: str) -> Path:
         """Every rank writes its optimizer/loader shard into a temporary directory named by
         the run (`run_id` is the same on every rank, distinct per process); rank 0 writes the
-        model and trainer.json, renames the directory into place and only then moves `latest`."""
+        model and trainer.json, renames the directory into place and only then moves `latest`.
+        A failed write (a full disk) removes the temporary directory and raises
+        CheckpointSaveError, naming the checkpoint that survives."""
         final = self.path / step_dir_name(step)
         tmp = self.path / f".{final.name}.tmp-{run_id}"
+        try:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                save_model(model, tmp, tokenizer)
+            self._barrier()
+            atomic_torch_save({"optimizer": optimizer.state_dict(), "rng": rng_state()},
+                              tmp / f"optim_rank{self.rank}.pt")
+            atomic_write_json(tmp / f"loader_rank{self.rank}.json", loader.state_dict())
+            self._barrier()
+            if self.rank == 0:
+                atomic_write_json(tmp / TRAINER_NAME, trainer_state)
+                replace_dir(tmp, final)
+                atomic_write_bytes(self.path / LATEST_NAME, final.name.encode())
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # what a full disk needs back first
+            raise self._save_failed(final, e) from None
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_model(model, tmp, tokenizer)
-        self._barrier()
-        atomic_torch_save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / f"optim_rank{self.rank}.pt")
-        atomic_write_json(tmp / f"loader_rank{self.rank}.json", loader.state_dict())
-        self._barrier()
-        if self.rank == 0:
-            atomic_write_json(tmp / TRAINER_NAME, trainer_state)
-            replace_dir(tmp, final)
-            atomic_write_bytes(self.path / LATEST_NAME, final.name.encode())
             self.prune(keep)
         self._barrier()
         return final
 
+    def _save_failed(self, final: Path, e: OSError) -> CheckpointSaveError:
+        good, _ = run_checkpoint(self.path)
+        kept = f"the last good checkpoint {good.name} is intact" if good else "the run has no checkpoint yet"
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        return CheckpointSaveError(
+            f"could not save checkpoint {final.name} in {self.path} ({'the disk is full: ' if full else ''}"
+            f"{e.strerror or e}); {kept}; {'free disk space' if full else 'fix that'}, then run the same "
+            "command with --resume to continue")
+
     def prune(self, keep: int) -> None:
         """Keep the newest `keep` complete checkpoints (and always `latest`); incomplete
-        directories are left for the user to inspect."""
+        directories are left for the user to inspect. Each is renamed to a hidden name before
+        it is deleted, so a reader loads it whole or finds it gone, never half-deleted."""
         if keep <= 0:
             return
-        latest = (self.path / LATEST_NAME).read_text().strip()
+        latest = read_run_file(self.path / LATEST_NAME, limit=256).decode().strip()
         for old in self.complete_checkpoints()[:-keep]:
             if old.name != latest:
-                shutil.rmtree(old, ignore_errors=True)
+                gone = old.with_name(f".{old.name}.pruned-{owner()}")
+                os.replace(old, gone)
+                shutil.rmtree(gone, ignore_errors=True)
 
     def _barrier(self) -> None:
         if self.world > 1:
@@ -311,8 +342,9 @@ class MetricsLog:
         atomic_write_bytes(path, ("\n".join(kept) + "\n").encode() if kept else b"")
 
     def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
+        if self.enabled:  # never through a link (one made after the run started included)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
 

@@ -40,12 +40,14 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from poelm.jsonfile import check_field, read_json_object
 from poelm.model import GPT, GPTConfig, HEAD_MODES, init_scale, logop_weight
 from poelm.tokenizer import SPECIAL_TOKENS
 
@@ -53,6 +55,8 @@ CHAT_SPECIALS = ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|ass
 DELTA_WEIGHTS = "delta.safetensors"
 DELTA_META = "delta.json"
 DELTA_FORMAT = "poelm-specialist-delta-v1"
+DELTA_FIX = "re-save the delta with `poelm specialist save-delta`"
+BLOCK_NAME = re.compile(r"transformer\.h\.(\d+)\.")
 LINEAGE_NAME = "specialist.json"  # beside a specialist's model files: its base and parent delta
 WARM_DEVIATION = 0.5  # warm rows sit at this fraction of the median distance of ordinary rows from their mean
 
@@ -98,13 +102,25 @@ def warm_chat_rows(wte: torch.Tensor, vocab_size: int) -> None:
         wte[i] = row.to(torch.bfloat16).to(wte.dtype)  # bf16 values: the bf16 delta holds them exactly
 
 
-def attach(base: GPT, n_layers: int, force: bool = False) -> GPT:
+def planned_config(parent: GPTConfig, n_layers: int, source: str, device="cpu") -> GPTConfig:
+    """specialist_config, refused (naming `source`) when it is no valid config or cannot fit on device."""
+    from poelm.memory import check_fits
+
+    try:
+        config = specialist_config(parent, n_layers)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    check_fits(config, source, device)
+    return config
+
+
+def attach(base: GPT, n_layers: int, force: bool = False, source: str | None = None) -> GPT:
     """A specialist on `base`: base weights copied exactly, n_layers new blocks (no value
     embeddings, resid_lambda 1, x0_lambda 0, projections zero so they start as the identity) and
     a zero lm_head_stage, so the new model starts out predicting exactly what the base does (up
     to the warm chat rows). A base that is a specialist makes a cascade (its head folded into
     lm_head). Everything but the new blocks and lm_head_stage is frozen. A BP base is refused
-    unless force (docs/poe.md section 6)."""
+    unless force (docs/poe.md section 6). source names where n_layers came from in errors (default: --layers)."""
     if not isinstance(n_layers, int) or n_layers < 1:
         raise ValueError(f"--layers {n_layers}: a specialist needs at least 1 new layer")
     if not base.config.is_poe() and not force:
@@ -114,8 +130,8 @@ def attach(base: GPT, n_layers: int, force: bool = False) -> GPT:
         raise ValueError("attach needs a base without per-stage heads whose final readout is its last stage "
                          f"(this one: per_stage_head={base.config.per_stage_head}, "
                          f"final_readout={base.config.final_readout})")
-    config = specialist_config(base.config, n_layers)
     ref = base.lm_head.weight
+    config = planned_config(base.config, n_layers, source or f"--layers {n_layers}", ref.device)
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=ref.device)
@@ -257,16 +273,35 @@ def save_delta(model: GPT, out_dir: str | os.PathLike, base_ref: str, base_hash:
 
 
 def read_delta_meta(delta_dir: str | os.PathLike) -> dict:
+    """delta.json of delta_dir (a bounded read), every field save_delta writes checked."""
     path = Path(delta_dir) / DELTA_META
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: {delta_dir} is not a specialist delta directory")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != DELTA_FORMAT:
-        raise ValueError(f"{path} is not a {DELTA_FORMAT} file")
+    meta = read_json_object(path, f"a {DELTA_FORMAT} file", DELTA_FIX)
+    if meta.get("format") != DELTA_FORMAT:
+        raise ValueError(f"{path} is not a {DELTA_FORMAT} file (its field 'format' is not {DELTA_FORMAT!r}); "
+                         f"{DELTA_FIX}")
+    for name in ("base", "base_hash"):
+        check_field(meta, name, str, path, DELTA_FIX)
+    for name in ("frozen_layers", "base_n_layer", "new_layers"):
+        check_field(meta, name, int, path, DELTA_FIX, low=1)
+    check_field(meta, "head_mode", str, path, DELTA_FIX, required=False, choices=HEAD_MODES)
+    check_field(meta, "parent", str, path, DELTA_FIX, required=False)
     return meta
+
+
+def delta_layers(path: Path) -> list[int]:
+    """Indices of the blocks a delta.safetensors holds, from its header alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: a delta directory needs its weights ({DELTA_WEIGHTS})")
+    try:
+        with safe_open(str(path), "pt") as f:
+            names = list(f.keys())
+    except Exception as e:  # truncated or foreign files raise assorted errors
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}); {DELTA_FIX}") from None
+    return sorted({int(m.group(1)) for m in map(BLOCK_NAME.match, names) if m})
 
 
 def load_with_delta(spec: str, delta_dir: str | os.PathLike | None, **load_kw) -> tuple[GPT, object]:
@@ -284,21 +319,41 @@ def load_delta(base: GPT, delta_dir: str | os.PathLike, base_hash: str | None = 
     """The specialist of delta_dir rebuilt on `base` (its parent deltas first, for a cascade).
     The base must be the one the delta was made for (content hash). Weights come back as the
     bf16 values the delta holds; the base's own tensors (and the base rows of wte and of the
-    lambdas) are the base's, untouched."""
+    lambdas) are the base's, untouched. delta.json is checked against the base and against the
+    header of delta.safetensors before a layer is built."""
+    return _load_delta(base, Path(delta_dir), base_hash or base_content_hash(base), ())
+
+
+def _load_delta(base: GPT, delta_dir: Path, have: str, children: tuple[Path, ...]) -> GPT:
     from poelm.checkpoint import check_finite, read_safetensors
 
-    delta_dir = Path(delta_dir)
     meta = read_delta_meta(delta_dir)
-    have = base_hash or base_content_hash(base)
+    path = delta_dir / DELTA_META
     if have != meta["base_hash"]:
         raise ValueError(f"{delta_dir} is a delta for base {meta['base']} ({meta['base_hash']}) but the given base "
                          f"hashes to {have}; load it onto {meta['base']}")
-    parent = load_delta(base, delta_dir / meta["parent"], have) if meta.get("parent") else base
-    model = attach(parent, meta["new_layers"], force=True)  # a delta on a BP base was forced when it was made
+    parent = base
+    if meta.get("parent"):
+        chain = children + (delta_dir.resolve(),)
+        target = (delta_dir / meta["parent"]).resolve()
+        if target in chain:
+            raise ValueError(f"{path}: field 'parent' {meta['parent']!r} leads back to {target}, a delta of this "
+                             "cascade (a cycle); set it to the parent delta's directory, relative to this one, or "
+                             "null for a delta on the base")
+        parent = _load_delta(base, delta_dir / meta["parent"], have, chain)
+    pcfg = parent.config
+    gives = (pcfg.n_layer, pcfg.base_n_layer if pcfg.frozen_layers else pcfg.n_layer)
+    if (meta["frozen_layers"], meta["base_n_layer"]) != gives:
+        raise ValueError(f"{path}: fields frozen_layers={meta['frozen_layers']}, base_n_layer={meta['base_n_layer']} "
+                         f"disagree with its base's {gives[0]}, {gives[1]}; load it onto the base it was made for")
+    new = meta["new_layers"]
+    layers = delta_layers(delta_dir / DELTA_WEIGHTS)
+    if layers != list(range(gives[0], gives[0] + new)):
+        raise ValueError(f"{path}: field 'new_layers' is {new} but {DELTA_WEIGHTS} holds {len(layers)} new layer(s); "
+                         f"{DELTA_FIX}")
+    # a delta on a BP base was forced when it was made
+    model = attach(parent, new, force=True, source=f"{path} new_layers={new}")
     cfg = model.config
-    if (cfg.frozen_layers, cfg.base_n_layer) != (meta["frozen_layers"], meta["base_n_layer"]):
-        raise ValueError(f"{delta_dir}: delta.json says frozen_layers={meta['frozen_layers']}, base_n_layer="
-                         f"{meta['base_n_layer']}, but its base gives {cfg.frozen_layers}, {cfg.base_n_layer}")
     state = read_safetensors(delta_dir / DELTA_WEIGHTS)
     expected = delta_names(model)
     own = model.state_dict()
@@ -316,7 +371,7 @@ def load_delta(base: GPT, delta_dir: str | os.PathLike, base_hash: str | None = 
                 own[name][F:] = t[F:]
             else:
                 own[name].copy_(t)
-    return with_head_mode(model, meta.get("head_mode", "dual"))
+    return with_head_mode(model, meta.get("head_mode") or "dual")
 
 
 # -----------------------------------------------------------------------------
@@ -337,10 +392,18 @@ def write_lineage(model_dir: str | os.PathLike, info: dict) -> None:
         atomic_write_json(Path(model_dir) / LINEAGE_NAME, info)
 
 
+def read_lineage(path: Path) -> dict:
+    """specialist.json (a bounded read), its fields checked."""
+    fix = "it needs base and base_hash (strings) and parent (a delta directory or null), as `poelm specialist attach` writes it"
+    info = read_json_object(path, "a specialist lineage file", fix)
+    return {"base": check_field(info, "base", str, path, fix), "base_hash": check_field(info, "base_hash", str, path, fix),
+            "parent": check_field(info, "parent", str, path, fix, required=False)}
+
+
 def find_lineage(*dirs: Path | None) -> dict | None:
     for d in dirs:
         if d is not None and (Path(d) / LINEAGE_NAME).exists():
-            return json.loads((Path(d) / LINEAGE_NAME).read_text())
+            return read_lineage(Path(d) / LINEAGE_NAME)
     return None
 
 

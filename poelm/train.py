@@ -283,6 +283,7 @@ class RunSetup:
     base: GPT | None = None  # sft: the base the specialist was attached to (for its scores and Δlogit)
     lineage: dict | None = None  # sft: the base's name and content hash (written beside the run)
     stage_parallel: object | None = None  # --stage-parallel: this rank's poelm.stage_parallel.StageParallel
+    rng: dict | None = None  # resumed: the checkpoint's RNG states, set just before the first step
 
 
 def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
@@ -345,7 +346,7 @@ def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
     else:
         num_iterations, rule = resolve_horizon(tc.num_iterations, tc.target_tokens, tc.target_param_data_ratio,
                                                model.num_params(), tc.total_batch_size)
-    start_step, loader_state, state = 0, None, {}
+    start_step, loader_state, state, rng = 0, None, {}, None
     point = run.resume_point()
     if point is not None and not tc.resume:
         raise ValueError(f"{run.path} already holds a run (checkpoint {point.path.name}); pass --resume to continue it "
@@ -359,7 +360,7 @@ def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
     if tc.resume and point is not None:
         if point.note:
             say(f"--resume: {point.note}", flush=True)
-        state, loader_state = resume_into(run, point, tc, rt, tokenizer, config, model, optimizer)
+        state, loader_state, rng = resume_into(run, point, tc, rt, tokenizer, config, model, optimizer)
         start_step, num_iterations = state["step"], state["num_iterations"]
         rule = f"horizon: {num_iterations:,} steps (resumed from {point.path.name})"
         if tc.extend_to is not None and tc.extend_to != num_iterations:
@@ -379,7 +380,7 @@ def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
                                world_size=dp_world, device=rt.device, state=loader_state)
     return RunSetup(tokenizer, model, optimizer, loader, grad_accum, num_iterations, rule, start_step, state,
                     resumed=point is not None and tc.resume, lrs=lrs, seq_len=seq_len, base=base,
-                    lineage=lineage, stage_parallel=sp)
+                    lineage=lineage, stage_parallel=sp, rng=rng)
 
 
 def init_from(model: GPT, spec: str) -> None:
@@ -418,9 +419,10 @@ def resume_settings_diff(saved: dict, now: dict) -> list[str]:
 
 
 def resume_into(run: RunDir, point, tc: TrainConfig, rt: Runtime, tokenizer, config: GPTConfig, model: GPT,
-                optimizer) -> tuple[dict, dict]:
-    """Check a checkpoint against this invocation and load it into model/optimizer/RNG.
-    Returns (trainer state, this rank's loader state)."""
+                optimizer) -> tuple[dict, dict, dict]:
+    """Check a checkpoint against this invocation and load it into model/optimizer.
+    Returns (trainer state, this rank's loader state, its RNG states: the caller sets them
+    last, so nothing that runs while the run is set up draws from them)."""
     from poelm.codec import from_config_json
     from poelm.tokenizer import Tokenizer
 
@@ -454,8 +456,7 @@ def resume_into(run: RunDir, point, tc: TrainConfig, rt: Runtime, tokenizer, con
     blob = run.read_shard(ckpt)  # on the CPU: RNG states must be; the optimizer moves its state to the params
     optimizer.load_state_dict(blob["optimizer"])
     loader_state = run.read_json(ckpt / f"loader_rank{rt.rank}.json")
-    set_rng_state(blob["rng"])
-    return state, loader_state
+    return state, loader_state, blob["rng"]
 
 
 def train(tc: TrainConfig) -> dict:
@@ -534,6 +535,8 @@ def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
 
     with make_progress(rt.master and not tc.quiet) as progress:
         task = progress.add_task(f"train {out.name}", total=num_iterations, completed=start_step, status="")
+        if setup.rng is not None:  # the last thing before the first step (imports and set-up may draw)
+            set_rng_state(setup.rng)
         while True:
             last = step == num_iterations
             if tc.eval_every > 0 and (step % tc.eval_every == 0 or last) and (step > start_step or step == 0 or last) \

@@ -100,7 +100,7 @@ def parse_stages(text: str | None) -> list[int] | None:
 def load_engine(args: argparse.Namespace):
     """MODEL on --device as an Engine (with its WAND calibration for --mode wand)."""
     from poelm.checkpoint import model_dir
-    from poelm.engine import PLAIN_MODES, Engine, load_calibration
+    from poelm.engine import COMPILABLE_MODES, Engine, capabilities, load_calibration
     from poelm.runtime import check_compiler, parse_device
     from poelm.specialist import load_with_delta
 
@@ -108,15 +108,15 @@ def load_engine(args: argparse.Namespace):
     compile = getattr(args, "compile", False)
     if compile:
         check_compiler(device)
-        if args.mode not in PLAIN_MODES:
-            raise CliError(f"--compile applies to the plain modes ({', '.join(PLAIN_MODES)}); --mode {args.mode} "
+        if not capabilities(args.mode).compilable:
+            raise CliError(f"--compile applies to the plain modes ({', '.join(COMPILABLE_MODES)}); --mode {args.mode} "
                            f"decodes eagerly: drop --compile")
     model, tokenizer = load_with_delta(args.model, getattr(args, "delta", None), device=device)
     if getattr(args, "head_mode", None) is not None:
         from poelm.specialist import with_head_mode
         with_head_mode(model, args.head_mode)
     calib = None
-    if args.mode == "wand":
+    if capabilities(args.mode).needs_calibration:
         directory = model_dir(args.model)
         calib = load_calibration(directory) if directory is not None else None
         if calib is None:

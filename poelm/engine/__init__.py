@@ -34,8 +34,9 @@ Modes
                are cropped from every layer.
 Every mode is a decoder of one protocol (decoders.py: add_rows / step / remove_row /
 rollback / stats) and decodes a batch of rows together (a list of prompts); finished rows
-leave the batch between steps (with compile they stay, so the batch keeps its compiled shape). Package layout: options.py (DecodeOptions, validation),
-sampling.py, decoders.py (protocol, plain), wand.py, speculative.py, calibrate.py, stream.py.
+leave the batch between steps (with compile they stay, so the batch keeps its compiled shape). Package layout: options.py (DecodeOptions, the
+shared checks), sampling.py, decoders.py (protocol, plain), wand.py, speculative.py, registry.py (mode ->
+decoder class and its capabilities, validation, make_decoder), calibrate.py, stream.py.
 
 Prompts: text (needs a tokenizer) or token ids; with a tokenizer `<|bos|>` is prepended when
 missing. A prompt longer than config.sequence_len is an error (no silent truncation);
@@ -55,22 +56,24 @@ import torch
 
 from poelm.engine.calibrate import (calibrate, check_calibration, load_calibration, running_readouts,
                                     save_calibration, stage_swings, wand_exit_rule, wand_teacher_forced)
-from poelm.engine.decoders import PLAIN_MODES, Decoder, DecodeStats, PlainDecoder, Row, make_decoder, new_cache
-from poelm.engine.options import (BP_REFUSAL, CALIBRATION_KEYS, GENERATION_CONFIG_NAME, MAX_GAMMA, MODES,
-                                  WAND_TARGETS, ContextLengthError, DecodeOptions, Generation, _check, refuse_bp,
-                                  validate_options)
+from poelm.engine.decoders import Capabilities, Decoder, DecodeStats, PlainDecoder, Row, new_cache
+from poelm.engine.options import (BP_REFUSAL, CALIBRATION_KEYS, GENERATION_CONFIG_NAME, MAX_GAMMA, WAND_TARGETS,
+                                  ContextLengthError, DecodeOptions, Generation, ModeRefused, _check, refuse_bp)
+from poelm.engine.registry import (COMPILABLE_MODES, DECODERS, LOGPROB_MODES, MODES, capabilities, make_decoder,
+                                   modes_with, validate_options)
 from poelm.engine.sampling import Sampler, logop, top_gap
 from poelm.engine.speculative import SpeculativeDecoder
 from poelm.engine.stream import TextStream, Collector
 from poelm.engine.wand import WandDecoder
 from poelm.model import GPT
 
-__all__ = ["Engine", "PLAIN_MODES", "Session", "Decoder", "DecodeStats", "PlainDecoder", "WandDecoder", "SpeculativeDecoder", "Row",
+__all__ = ["Engine", "Session", "Decoder", "DecodeStats", "PlainDecoder", "WandDecoder", "SpeculativeDecoder", "Row",
            "make_decoder", "new_cache", "DecodeOptions", "Generation", "validate_options", "Sampler", "logop",
            "top_gap", "TextStream", "calibrate", "check_calibration", "load_calibration", "save_calibration",
            "running_readouts", "stage_swings", "wand_exit_rule", "wand_teacher_forced", "refuse_bp", "MODES",
            "WAND_TARGETS", "MAX_GAMMA", "BP_REFUSAL", "CALIBRATION_KEYS", "GENERATION_CONFIG_NAME", "_check",
-           "Collector", "ContextLengthError"]
+           "Collector", "Capabilities", "ModeRefused", "DECODERS", "COMPILABLE_MODES", "LOGPROB_MODES",
+           "capabilities", "modes_with", "ContextLengthError"]
 
 
 class Engine:
@@ -159,7 +162,7 @@ class Engine:
         validate_options(opts, self.model)
         if opts.stop_strings:
             _check(self.tokenizer is not None, "stop strings need a tokenizer")
-        if opts.mode == "wand":
+        if capabilities(opts.mode).needs_calibration:
             opts.calibration = check_calibration(opts.calibration or self.calibration, self.model)
         return opts
 

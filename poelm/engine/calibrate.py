@@ -8,7 +8,6 @@ generation_config.json, the exit rule and the teacher-forced WAND decision.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable
@@ -20,6 +19,7 @@ import torch
 from poelm.atomic import atomic_write_json
 from poelm.engine.options import CALIBRATION_KEYS, GENERATION_CONFIG_NAME, WAND_TARGETS, _check, refuse_bp
 from poelm.engine.sampling import top_gap
+from poelm.jsonfile import check_field, read_json_object
 from poelm.outputs import amending
 from poelm.model import GPT, logop_weight
 
@@ -106,11 +106,28 @@ def check_calibration(calib: dict | None, model: GPT) -> dict:
     return calib
 
 
+def read_generation_config(path: str | os.PathLike) -> dict:
+    """A generation_config.json (a bounded read): a JSON object whose calibration fields are checked."""
+    fix = "fix it, or delete it and re-run `poelm calibrate`"
+    gen = read_json_object(path, "a generation config", fix)
+    bounds = check_field(gen, "wand_bounds", list, path, fix, required=False)
+    if bounds is not None and not all(_is_bound(b) for b in bounds):
+        raise ValueError(f"{path}: field 'wand_bounds' must be a list of numbers >= 0; {fix}")
+    check_field(gen, "wand_quantile", float, path, fix, required=False, low=0, high=1)
+    check_field(gen, "wand_target", str, path, fix, required=False, choices=WAND_TARGETS)
+    check_field(gen, "wand_calibration_tokens", int, path, fix, required=False, low=0)
+    return gen
+
+
+def _is_bound(b) -> bool:
+    return isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and b >= 0
+
+
 def save_calibration(model_dir: str | os.PathLike, calib: dict) -> Path:
     """Merge the calibration keys into MODEL_DIR/generation_config.json (atomic write)."""
     path = Path(model_dir) / GENERATION_CONFIG_NAME
     _check(Path(model_dir).is_dir(), f"{model_dir} is not a model directory: cannot store the calibration")
-    gen = json.loads(path.read_text()) if path.exists() else {}
+    gen = read_generation_config(path) if path.exists() else {}
     gen.update({k: calib[k] for k in CALIBRATION_KEYS if k in calib})
     with amending(model_dir, GENERATION_CONFIG_NAME):  # an output marker follows the new file
         atomic_write_json(path, gen)
@@ -120,12 +137,9 @@ def save_calibration(model_dir: str | os.PathLike, calib: dict) -> Path:
 def load_calibration(model_dir: str | os.PathLike) -> dict | None:
     """The WAND calibration stored in MODEL_DIR/generation_config.json, or None."""
     path = Path(model_dir) / GENERATION_CONFIG_NAME
-    if not path.is_file():
+    if not path.exists():
         return None
-    try:
-        gen = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    gen = read_generation_config(path)
     if "wand_bounds" not in gen:
         return None
     return {k: gen[k] for k in CALIBRATION_KEYS if k in gen}

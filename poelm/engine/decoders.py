@@ -2,7 +2,7 @@
 
 A decoder owns a KV cache and a batch of rows; a scheduler drives it step by step:
 
-    dec = make_decoder(model, opts, capacity)
+    dec = make_decoder(model, opts, capacity)        # registry.py: the decoder class of opts.mode
     handles = dec.add_rows([[1, 2, 3], [4, 5]])     # prefill (rows may be added between steps)
     new = dec.step()                                 # {handle: [new token ids]}: one, or several (speculative)
     dec.remove_row(handles[0]); dec.rollback(handles[1], 2)
@@ -11,6 +11,9 @@ A decoder owns a KV cache and a batch of rows; a scheduler drives it step by ste
 A row's last token is pending: prefill runs the prompt but its last token, and every step
 feeds each row's pending token(s) and samples the next. Rows are ragged: each keeps its own
 slot count, and steps where all rows agree use the uniform (slice, mask-free) path.
+
+Every decoder class declares the modes it decodes and what each supports (`modes`:
+mode -> Capabilities) and checks a mode's own options (`check`); registry.py collects them.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from poelm.engine.options import DecodeOptions, _check
+from poelm.engine.options import DecodeOptions, _check, refuse_bp
 from poelm.engine.sampling import Sampler, logop
 from poelm.model import GPT, KVCache
 
@@ -34,6 +37,17 @@ def new_cache(model: GPT, batch_size: int, capacity: int, pad: torch.Tensor | No
         cfg.n_layer = n_layers
     p = model.lm_head.weight
     return KVCache(cfg, batch_size, capacity, p.device, p.dtype, pad)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a decoding mode supports and needs."""
+
+    description: str  # what the mode reads out, as a BP refusal names it
+    compilable: bool = False  # the step can run as one compiled static-shape graph (compile_step)
+    logprobs: bool = False  # one token per row per step from one readout: its log-probabilities are reported
+    needs_calibration: bool = False  # WAND swing bounds (calibrate.py)
+    needs_stages: bool = False  # reads out intermediate stages: refused on a BP model unless forced
 
 
 @dataclass
@@ -92,6 +106,20 @@ class Decoder:
     `_append` / `_keep` for per-row state of their own."""
 
     end_layer: int
+    modes: dict[str, Capabilities] = {}  # the modes this class decodes
+
+    @classmethod
+    def check(cls, opts: DecodeOptions, model: GPT) -> None:
+        """Raise ValueError (one line) where opts.mode cannot decode `model` with opts: the mode's
+        own options, then ModeRefused on a BP model for a mode that reads out stages."""
+        cls.check_options(opts, model)
+        caps = cls.modes[opts.mode]
+        if caps.needs_stages:
+            refuse_bp(model, caps.description, opts.force)
+
+    @classmethod
+    def check_options(cls, opts: DecodeOptions, model: GPT) -> None:
+        """The mode's own options (ValueError), or ModeRefused where the model cannot run it at all."""
 
     def __init__(self, model: GPT, opts: DecodeOptions, capacity: int, scratch: int = 0):
         self.model, self.cfg, self.opts = model, model.config, opts
@@ -213,6 +241,22 @@ class Decoder:
 class PlainDecoder(Decoder):
     """final / stage / logop: one token per row per step through a fixed layer range."""
 
+    modes = {"final": Capabilities("the final readout", compilable=True, logprobs=True),
+             "stage": Capabilities("prefix pruning / a stage readout", compilable=True, logprobs=True, needs_stages=True),
+             "logop": Capabilities("a Log-OP of stages", compilable=True, logprobs=True, needs_stages=True)}
+
+    @classmethod
+    def check_options(cls, opts: DecodeOptions, model: GPT) -> None:
+        K = model.config.n_stages
+        if opts.mode == "stage":
+            stage = 0 if opts.stage is None else opts.stage
+            _check(isinstance(stage, int) and 0 <= stage < K, f"stage {stage!r} is out of range: this model has stages 0..{K - 1}")
+        if opts.mode == "logop":
+            stages = list(range(K)) if opts.stages is None else list(opts.stages)
+            _check(len(stages) > 0, "logop needs at least one stage")
+            _check(all(isinstance(s, int) and 0 <= s < K for s in stages), f"logop stages {stages} out of range: this model has stages 0..{K - 1}")
+            _check(len(set(stages)) == len(stages), f"logop stages {stages} repeat a stage")
+
     def __init__(self, model: GPT, opts: DecodeOptions, capacity: int, scratch: int = 0):
         super().__init__(model, opts, capacity, scratch)
         cfg = model.config
@@ -284,30 +328,7 @@ class PlainDecoder(Decoder):
         return self._emit(self.sampler.pick(logits, self.seen))
 
 
-PLAIN_MODES = ("final", "stage", "logop")
-
-
 def compiled_cache_len(capacity: int, sequence_len: int) -> int:
     """Cache slots of a compiled decoder: the next power of two (>= 64), so that the graphs of
     one batch size are few (the compiled step attends over every slot; shapes are static)."""
     return max(capacity, min(max(64, 1 << (capacity - 1).bit_length()), sequence_len))
-
-
-def make_decoder(model: GPT, opts: DecodeOptions, capacity: int, compile: str | None = None) -> Decoder:
-    """The decoder of opts.mode (opts already validated); compile (a torch.compile backend): a
-    plain mode's step runs as one compiled graph (PlainDecoder.compile_step)."""
-    if compile:
-        _check(opts.mode in PLAIN_MODES, f"compile applies to the plain modes ({', '.join(PLAIN_MODES)}); "
-               f"mode {opts.mode} decodes eagerly: drop compile / --compile")
-        dec = PlainDecoder(model, opts, capacity, compiled_cache_len(capacity, model.config.sequence_len) - capacity)
-        dec.compile_step(compile)
-        return dec
-    if opts.mode == "wand":
-        from poelm.engine.wand import WandDecoder
-
-        return WandDecoder(model, opts, capacity)
-    if opts.mode == "speculative":
-        from poelm.engine.speculative import SpeculativeDecoder
-
-        return SpeculativeDecoder(model, opts, capacity)
-    return PlainDecoder(model, opts, capacity)

@@ -1,7 +1,8 @@
-"""Decoding options, results and their validation (one line per bad value).
+"""Decoding options, results and the checks of the mode-independent options (one line per bad
+value); each mode's own checks belong to its decoder (registry.validate_options runs both).
 
-    from poelm.engine.options import DecodeOptions, validate_options
-    validate_options(DecodeOptions(mode="speculative", gamma=4), model)
+    from poelm.engine.options import DecodeOptions, check_common
+    check_common(DecodeOptions(temperature=0.8, top_p=0.9), model)
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from dataclasses import dataclass, field
 
 from poelm.model import GPT, KVCache
 
-MODES = ("final", "stage", "logop", "wand", "speculative")
 WAND_TARGETS = ("final", "logop")
 GENERATION_CONFIG_NAME = "generation_config.json"
 CALIBRATION_KEYS = ("wand_bounds", "wand_quantile", "wand_target", "wand_calibration_tokens")
@@ -80,11 +80,13 @@ class ContextLengthError(ValueError):
         super().__init__(f"prompt has {tokens} tokens but the context holds {context}; shorten it")
 
 
-def validate_options(opts: DecodeOptions, model: GPT) -> None:
-    """Raise ValueError (one line) for bad parameters, bad stages and refused modes."""
+class ModeRefused(ValueError):
+    """A decoding mode cannot run on this model (a BP model's stages, too few stages, ...)."""
+
+
+def check_common(opts: DecodeOptions, model: GPT) -> None:
+    """Raise ValueError (one line) for a bad value of an option every mode shares."""
     cfg = model.config
-    K = cfg.n_stages
-    _check(opts.mode in MODES, f"unknown mode {opts.mode!r}; choose one of {', '.join(MODES)}")
     _check(isinstance(opts.max_new_tokens, int) and opts.max_new_tokens >= 0,
            f"max_new_tokens must be an integer >= 0, got {opts.max_new_tokens!r}")
     t = opts.temperature
@@ -99,36 +101,10 @@ def validate_options(opts: DecodeOptions, model: GPT) -> None:
         _check(all(isinstance(i, int) and 0 <= i < cfg.vocab_size for i in opts.stop_token_ids),
                f"stop_token_ids must be token ids in [0, {cfg.vocab_size})")
     _check(all(isinstance(s, str) and s for s in opts.stop_strings), "stop_strings must be non-empty strings")
-    if opts.mode == "stage":
-        stage = 0 if opts.stage is None else opts.stage
-        _check(isinstance(stage, int) and 0 <= stage < K, f"stage {stage!r} is out of range: this model has stages 0..{K - 1}")
-    if opts.mode == "logop":
-        stages = list(range(K)) if opts.stages is None else list(opts.stages)
-        _check(len(stages) > 0, "logop needs at least one stage")
-        _check(all(isinstance(s, int) and 0 <= s < K for s in stages), f"logop stages {stages} out of range: this model has stages 0..{K - 1}")
-        _check(len(set(stages)) == len(stages), f"logop stages {stages} repeat a stage")
     if opts.logop_alpha is not None:
         _check(math.isfinite(opts.logop_alpha), f"logop_alpha must be finite, got {opts.logop_alpha!r}")
-    if opts.mode == "speculative":
-        _check(K >= 2, "speculative decoding needs a model with at least 2 stages")
-        _check(cfg.final_readout == "last", "speculative decoding verifies with the last stage's readout; this "
-               "model's final readout is the Log-OP of all stages (final_readout=logop): use mode final, logop or wand")
-        d = opts.draft_stage
-        _check(isinstance(d, int) and 0 <= d < K - 1, f"draft stage {d!r} is out of range: use 0..{K - 2} (the last stage is the target)")
-        g = opts.gamma
-        _check(isinstance(g, int) and 1 <= g <= MAX_GAMMA, f"gamma must be an integer in 1..{MAX_GAMMA}, got {g!r}")
-        th = opts.draft_threshold
-        _check(th is None or (isinstance(th, (int, float)) and 0 <= th <= 1), f"draft_threshold must lie in [0, 1], got {th!r}")
-    if opts.mode == "wand":
-        f = opts.wand_factor
-        _check(isinstance(f, (int, float)) and not math.isnan(f) and f >= 0, f"wand_factor must be >= 0 (inf = full depth), got {f!r}")
-    if opts.mode != "final" and not cfg.is_poe() and not opts.force:
-        what = {"stage": "prefix pruning / a stage readout", "logop": "a Log-OP of stages", "wand": "WAND adaptive depth",
-                "speculative": "speculative drafting from a stage"}[opts.mode]
-        raise ValueError(BP_REFUSAL.format(what=what))
-
 
 
 def refuse_bp(model: GPT, what: str, force: bool) -> None:
     if not model.config.is_poe() and not force:
-        raise ValueError(BP_REFUSAL.format(what=what))
+        raise ModeRefused(BP_REFUSAL.format(what=what))

@@ -16,13 +16,31 @@ from __future__ import annotations
 
 import torch
 
-from poelm.engine.decoders import Decoder
-from poelm.engine.options import MAX_GAMMA, DecodeOptions
+from poelm.engine.decoders import Capabilities, Decoder
+from poelm.engine.options import MAX_GAMMA, DecodeOptions, ModeRefused, _check
 from poelm.engine.sampling import Sampler
 from poelm.model import GPT
 
 
 class SpeculativeDecoder(Decoder):
+    modes = {"speculative": Capabilities("speculative drafting from a stage", needs_stages=True)}
+
+    @classmethod
+    def check_options(cls, opts: DecodeOptions, model: GPT) -> None:
+        cfg = model.config
+        K = cfg.n_stages
+        if K < 2:
+            raise ModeRefused("speculative decoding needs a model with at least 2 stages")
+        if cfg.final_readout != "last":
+            raise ModeRefused("speculative decoding verifies with the last stage's readout; this model's final readout "
+                              "is the Log-OP of all stages (final_readout=logop): use mode final, logop or wand")
+        d = opts.draft_stage
+        _check(isinstance(d, int) and 0 <= d < K - 1, f"draft stage {d!r} is out of range: use 0..{K - 2} (the last stage is the target)")
+        g = opts.gamma
+        _check(isinstance(g, int) and 1 <= g <= MAX_GAMMA, f"gamma must be an integer in 1..{MAX_GAMMA}, got {g!r}")
+        th = opts.draft_threshold
+        _check(th is None or (isinstance(th, (int, float)) and 0 <= th <= 1), f"draft_threshold must lie in [0, 1], got {th!r}")
+
     def __init__(self, model: GPT, opts: DecodeOptions, capacity: int):
         scratch = (MAX_GAMMA if opts.adaptive_gamma else opts.gamma) + 1
         super().__init__(model, opts, capacity, scratch)

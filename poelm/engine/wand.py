@@ -17,16 +17,25 @@ exit on their own, so each row gets the token it gets alone.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from poelm.engine.calibrate import wand_exit_rule
-from poelm.engine.decoders import Decoder, Row
-from poelm.engine.options import DecodeOptions
+from poelm.engine.decoders import Capabilities, Decoder, Row
+from poelm.engine.options import DecodeOptions, _check
 from poelm.engine.sampling import logop, top_gap
 from poelm.model import GPT, KVCache, SOFTCAP, RowBuffers, StepPlan, logop_weight
 
 
 class WandDecoder(Decoder):
+    modes = {"wand": Capabilities("WAND adaptive depth", needs_calibration=True, needs_stages=True)}
+
+    @classmethod
+    def check_options(cls, opts: DecodeOptions, model: GPT) -> None:
+        f = opts.wand_factor
+        _check(isinstance(f, (int, float)) and not math.isnan(f) and f >= 0, f"wand_factor must be >= 0 (inf = full depth), got {f!r}")
+
     def __init__(self, model: GPT, opts: DecodeOptions, capacity: int):
         super().__init__(model, opts, capacity)
         cfg = model.config

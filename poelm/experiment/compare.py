@@ -47,19 +47,19 @@ def compare_models(specs: list[str], data: str, tokens: int | None = None, seq_l
 
 
 def supported_modes(model, spec: str) -> list[str]:
-    if not model.config.is_poe():
-        return ["final"]
-    modes = ["final", "stage", "logop", "speculative"]
-    try:
-        from poelm.engine import load_calibration
+    """The decoding modes the registry accepts for `model` (default options), a mode that needs a
+    calibration marked where `spec` has none."""
+    from poelm.engine import MODES, DecodeOptions, ModeRefused, capabilities, load_calibration, validate_options
 
-        path = (resolve_run_dir(Path(spec)) or Path(spec)) if Path(spec).is_dir() else None
-        if path is not None and load_calibration(path):
-            modes.insert(3, "wand")
-        else:
-            modes.insert(3, "wand (needs `poelm calibrate`)")
-    except Exception:
-        pass
+    path = (resolve_run_dir(Path(spec)) or Path(spec)) if Path(spec).is_dir() else None
+    calibrated = path is not None and load_calibration(path) is not None
+    modes = []
+    for mode in MODES:
+        try:
+            validate_options(DecodeOptions(mode=mode), model)
+        except ModeRefused:
+            continue
+        modes.append(mode if calibrated or not capabilities(mode).needs_calibration else f"{mode} (needs `poelm calibrate`)")
     return modes
 
 

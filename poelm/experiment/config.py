@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
+import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from poelm.jsonfile import check_field, read_text
 from poelm.model import GPTConfig
 
 # The paper's figures (docs/poe.md §1, docs/training.md): d24, 27.7 B ClimbMix tokens.
@@ -128,7 +130,8 @@ def fold_model_keys(settings: dict, where: str) -> dict:
     model_fields = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
     aliases = {flag[2:].replace("-", "_"): name for name, flags in FLAG_ALIASES.items() for flag in flags}
     out = {k: v for k, v in settings.items() if k != "model"}
-    model = dict(settings.get("model") or {})
+    model = dict(check_field(settings, "model", dict, where, "give the model settings as a table",
+                             required=False) or {})
     for key in list(out):
         name = aliases.get(key, key)
         if name in model_fields:
@@ -159,12 +162,16 @@ def load_config(preset_or_file: str | None, overrides: dict) -> ExperimentConfig
     if unknown:
         raise ValueError(f"{name}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))} and "
                          "the GPTConfig fields")
+    check_settings(base, name)
     overrides = fold_model_keys(overrides, "overrides")
     base.update({k: v for k, v in overrides.items() if v is not None and k != "model"})
     base["model"] = {**base["model"], **overrides["model"]}
     base.setdefault("out", f"runs/{base.get('name', name)}")
     cfg = ExperimentConfig(**base)
-    cfg.model_config("flat", 0.0)  # every model field is checked now, before any work
+    try:
+        cfg.model_config("flat", 0.0)  # every model field is checked now, before any work
+    except ValueError as e:
+        raise ValueError(f"{name}: model: {e}") from None
     bad = [a for a in cfg.arms if a not in {n for n, _, _ in ARMS}]
     if bad:
         raise ValueError(f"unknown arm(s) {', '.join(bad)}; choose from {', '.join(n for n, _, _ in ARMS)}")
@@ -172,17 +179,50 @@ def load_config(preset_or_file: str | None, overrides: dict) -> ExperimentConfig
 
 
 def read_config_file(path: str) -> dict:
-    text = Path(path).read_text()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    else:
-        import tomllib
-
-        data = tomllib.loads(text)
+    """The settings table of a TOML or YAML file (a bounded read; its `experiment` table when it has
+    one); a file that does not parse, or holds no table, is one line naming it."""
+    text = read_text(path)
+    yaml_file = path.endswith((".yaml", ".yml"))
+    try:
+        data = _parse_yaml(text) if yaml_file else _parse_toml(text)
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply for an experiment file") from None
+    except ValueError as e:  # the YAML and TOML parsers' errors, multi-line
+        raise ValueError(f"{path} is not valid {'YAML' if yaml_file else 'TOML'} ({' '.join(str(e).split())})") from None
+    if isinstance(data, dict):
+        data = data.get("experiment", data)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a table of settings at the top level")
-    return data.get("experiment", data)
+        raise ValueError(f"{path}: expected a table of settings at the top level (or under `experiment`), "
+                         f"got a {type(data).__name__}")
+    return data
+
+
+def _parse_yaml(text: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(str(e)) from None
+
+
+def _parse_toml(text: str) -> dict:
+    import tomllib
+
+    return tomllib.loads(text)  # its TOMLDecodeError is a ValueError
+
+
+def check_settings(settings: dict, where: str) -> None:
+    """Each setting against the type of its ExperimentConfig field (an error names `where` and the key)."""
+    hints = typing.get_type_hints(ExperimentConfig)
+    for key in settings:
+        hint = hints[key]
+        optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+        kinds = tuple(typing.get_origin(h) or h for h in (typing.get_args(hint) if optional else (hint,))
+                      if h is not type(None))
+        value = check_field(settings, key, kinds, where, "see `poelm experiment --help` for each setting",
+                            required=not optional)
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{where}: field {key!r} must be a list of strings, e.g. [bp, poe]")
 
 

@@ -38,10 +38,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from poelm.engine import DecodeOptions, DecodeStats, Sampler, Collector, make_decoder
+from poelm.engine import LOGPROB_MODES, DecodeOptions, DecodeStats, Sampler, Collector, make_decoder
 from poelm.serve.protocol import FINISH_REASONS, ApiError
-
-LOGPROB_MODES = ("final", "stage", "logop")  # decoders that sample one token per row from one readout
 
 
 @dataclass

@@ -1,0 +1,58 @@
+"""The decoding modes: each mode's decoder class and what it supports, in one place.
+
+    from poelm.engine.registry import MODES, capabilities, make_decoder, validate_options
+    capabilities("wand").needs_calibration           # True
+    validate_options(opts, model)                    # ValueError (ModeRefused: the mode cannot run here)
+    dec = make_decoder(model, opts, capacity)        # the decoder of opts.mode
+
+The CLI, the server, compare and the engine ask this module about a mode instead of naming
+modes themselves: a new mode is one decoder class with its `modes` declaration, listed here.
+"""
+
+from __future__ import annotations
+
+from poelm.engine.decoders import Capabilities, Decoder, PlainDecoder, compiled_cache_len
+from poelm.engine.options import DecodeOptions, _check, check_common
+from poelm.engine.speculative import SpeculativeDecoder
+from poelm.engine.wand import WandDecoder
+from poelm.model import GPT
+
+DECODERS: dict[str, type[Decoder]] = {mode: cls for cls in (PlainDecoder, WandDecoder, SpeculativeDecoder)
+                                      for mode in cls.modes}
+MODES = tuple(DECODERS)
+
+
+def capabilities(mode: str) -> Capabilities:
+    """What `mode` supports and needs (a mode of MODES)."""
+    return DECODERS[mode].modes[mode]
+
+
+def modes_with(**wanted: bool) -> tuple[str, ...]:
+    """The modes whose capabilities have these values, e.g. modes_with(compilable=True)."""
+    return tuple(m for m in MODES if all(getattr(capabilities(m), k) == v for k, v in wanted.items()))
+
+
+COMPILABLE_MODES = modes_with(compilable=True)
+LOGPROB_MODES = modes_with(logprobs=True)
+
+
+def validate_options(opts: DecodeOptions, model: GPT) -> None:
+    """Raise ValueError (one line) for bad parameters and bad stages, ModeRefused (a ValueError)
+    where the mode cannot decode this model (a BP model's stages unless forced, ...). A WAND
+    calibration is checked where one is chosen (Engine.options)."""
+    _check(opts.mode in DECODERS, f"unknown mode {opts.mode!r}; choose one of {', '.join(MODES)}")
+    check_common(opts, model)
+    DECODERS[opts.mode].check(opts, model)
+
+
+def make_decoder(model: GPT, opts: DecodeOptions, capacity: int, compile: str | None = None) -> Decoder:
+    """The decoder of opts.mode (opts already validated); compile (a torch.compile backend): a
+    compilable mode's step runs as one compiled graph (PlainDecoder.compile_step)."""
+    cls = DECODERS[opts.mode]
+    if not compile:
+        return cls(model, opts, capacity)
+    _check(capabilities(opts.mode).compilable, f"compile applies to the plain modes ({', '.join(COMPILABLE_MODES)}); "
+           f"mode {opts.mode} decodes eagerly: drop compile / --compile")
+    dec = cls(model, opts, capacity, compiled_cache_len(capacity, model.config.sequence_len) - capacity)
+    dec.compile_step(compile)
+    return dec
