@@ -212,7 +212,7 @@ def test_eval_budget_defaults_to_the_device_and_is_capped(env):
     from types import SimpleNamespace
 
     from poelm.cli.train import config_from_args
-    from poelm.train import Runtime, make_evaluator
+    from poelm.train import Pretraining, Runtime
     from poelm.cli import build_parser
 
     tc = config_from_args(build_parser().parse_args(["train", "--data", str(env / "data")]))
@@ -220,7 +220,7 @@ def test_eval_budget_defaults_to_the_device_and_is_capped(env):
     tc = dataclasses.replace(tc, device_batch_size=2)
     tok = Tokenizer.load(env / "tok")
     with pytest.warns(UserWarning, match=r"holds only [\d,]+ tokens at seq_len 32, less than the 65,536-token"):
-        val = make_evaluator(tc, SimpleNamespace(tokenizer=tok, seq_len=32), Runtime()).val
+        val = Pretraining().evaluator(tc, SimpleNamespace(tokenizer=tok, seq_len=32), Runtime()).val
     one_pass = list(val_batches(env / "data", tok, 2, 32, 10 ** 9))
     assert sum(y.numel() for _, y in val) == sum(y.numel() for _, y in one_pass) < 2 ** 16
     assert all(torch.equal(a[1], b[1]) for a, b in zip(val, one_pass))

@@ -105,19 +105,26 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    return run_trainer(args)
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    """`poelm sft MODEL --data CHATDIR --out RUN ...`: `poelm train`'s trainer with the SFT task."""
+    from poelm.sft import SftTask
+
+    args.task, args.init = "sft", args.model
+    return run_trainer(args, SftTask())
+
+
+def run_trainer(args: argparse.Namespace, task=None) -> int:
+    """poelm.train.train on the flags (`task`: pretraining when None); --json prints its result."""
     import torch.distributed as dist
 
     from poelm.train import train
 
-    result = train(config_from_args(args))
+    result = train(config_from_args(args), task)
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, default=str))
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
-
-
-def cmd_sft(args: argparse.Namespace) -> int:
-    """`poelm sft MODEL --data CHATDIR --out RUN ...`: `poelm train`'s trainer with task sft."""
-    args.task, args.init = "sft", args.model
-    return cmd_train(args)
