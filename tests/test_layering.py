@@ -152,3 +152,83 @@ def test_every_import_points_down(graph):
 def test_every_module_has_a_floor(graph):
     for name in graph:
         floor(name)
+
+
+# -----------------------------------------------------------------------------
+# Errors with types: the library raises them, the CLI and the server map them at their edge
+
+
+def fail_with(monkeypatch, error: BaseException) -> None:
+    """Make `poelm inspect` raise `error`."""
+    from poelm.cli import inspect as cli_inspect
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli_inspect, "cmd_inspect", fail)
+
+
+def test_a_setting_error_names_the_parameter_and_the_cli_names_the_flag(monkeypatch, capsys):
+    from poelm.cli import main
+    from poelm.runtime import SettingError, parse_dtype
+
+    error = SettingError("compile", lambda name, off: f"{name} on the CPU needs a C++ compiler; pass {off}")
+    assert isinstance(error, ValueError) and str(error) == "compile on the CPU needs a C++ compiler; pass compile=False"
+    fail_with(monkeypatch, error)
+    assert main(["inspect", "tiny"]) == 2
+    assert capsys.readouterr().err == "poelm: error: --compile on the CPU needs a C++ compiler; pass --no-compile\n"
+    with pytest.raises(SettingError, match=r"^dtype 'fp8' is not a dtype"):
+        parse_dtype("fp8")
+
+
+def test_a_diverged_run_is_not_bad_input(monkeypatch, capsys):
+    """NonFiniteLoss is a RunStopped, not a ValueError: one line, exit status 1 (bad input is 2)."""
+    from poelm.cli import main
+    from poelm.train import NonFiniteLoss
+
+    assert not issubclass(NonFiniteLoss, ValueError)
+    fail_with(monkeypatch, NonFiniteLoss("loss became nan at step 6; stopping"))
+    assert main(["inspect", "tiny"]) == 1
+    assert capsys.readouterr().err == "poelm: error: loss became nan at step 6; stopping\n"
+
+
+def test_the_server_maps_the_context_length_error_by_its_type():
+    from types import SimpleNamespace
+
+    from poelm.engine import ContextLengthError
+    from poelm.serve.app import encode
+    from poelm.serve.protocol import ApiError
+
+    def served(error: Exception):
+        def encode_prompt(prompt):
+            raise error
+        return SimpleNamespace(engine=SimpleNamespace(encode_prompt=encode_prompt))
+
+    too_long = ContextLengthError(300, 128)
+    assert isinstance(too_long, ValueError) and (too_long.tokens, too_long.context) == (300, 128)
+    with pytest.raises(ApiError) as e:
+        encode(served(too_long), "x", "prompt")
+    assert (e.value.status, e.value.code, e.value.param) == (400, "context_length_exceeded", "prompt")
+    assert "the context holds 128" in e.value.message
+    with pytest.raises(ApiError) as e:  # the same words in another error are not that error
+        encode(served(ValueError("the context holds nothing")), "x", "prompt")
+    assert e.value.code is None
+
+
+def test_the_engine_raises_the_context_length_error():
+    from poelm.engine import ContextLengthError, Engine
+    from poelm.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(n_layer=2, n_embd=32, n_head=2, n_kv_head=1, vocab_size=64, sequence_len=16, poe_every=1))
+    with pytest.raises(ContextLengthError) as e:
+        Engine(model).encode_prompt(list(range(20)))
+    assert (e.value.tokens, e.value.context) == (20, 16)
+
+
+def test_python_m_poelm_is_the_command_line():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "poelm", "--help"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert out.returncode == 0 and "usage: poelm" in out.stdout and "specialist" in out.stdout
