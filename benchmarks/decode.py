@@ -159,11 +159,11 @@ def mbu(bytes_per_step: int, batch: int, tokens_per_s: float) -> dict:
 
 def compiled_engine(model: GPT) -> Engine | None:
     """An Engine with the inductor-compiled plain step, or None (one line why) without a compiler."""
-    from poelm.cli import CliError, check_compiler
+    from poelm.runtime import SettingError, check_compiler
 
     try:
         check_compiler(model.lm_head.weight.device)
-    except CliError as e:
+    except SettingError as e:
         print(f"plain, compiled: skipped ({e})")
         return None
     return Engine(model, compile=True)

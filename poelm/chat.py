@@ -154,3 +154,15 @@ def _render(tokenizer: ChatTokenizer, turns: list[tuple[str, str]]) -> RenderedC
             ids += [special("<|assistant_start|>"), *body, special("<|assistant_end|>")]
             mask += [0] + [1] * (len(body) + 1)
     return RenderedChat(ids, mask)
+
+
+def check_chat_tokenizer(tokenizer, spec: str) -> None:
+    """Raise a one-line ValueError unless `tokenizer` (MODEL `spec`'s) has every chat special token."""
+    if tokenizer is None:
+        raise ValueError(f"MODEL {spec} has no tokenizer; chat needs one with the chat special tokens "
+                         f"({', '.join(CHAT_SPECIALS)})")
+    known = getattr(tokenizer, "special_tokens", None) or {}
+    missing = [name for name in CHAT_SPECIALS if name not in known]
+    if missing:
+        raise ValueError(f"MODEL {spec}: its tokenizer lacks the chat special tokens {', '.join(missing)}; "
+                         "chat needs a tokenizer from `poelm tokenizer train` (or nanochat's)")

@@ -164,17 +164,6 @@ def build_chat_data(source: str, out_dir: str | os.PathLike, cache_dir: str | os
     return write_chat_data(items, out_dir, val_fraction=val_fraction, seed=seed, sources=sources)
 
 
-def cmd_data_chat(args) -> int:
-    """`poelm data chat --source recall|dialogue|FILE.jsonl --out DIR [--json]`."""
-    stats = build_chat_data(args.source, args.out)
-    if getattr(args, "json", False):
-        print(json.dumps(stats, indent=2, default=str))
-    else:
-        print(f"chat data written to {args.out}: {stats['train_conversations']} train + "
-              f"{stats['val_conversations']} held-out conversations from {stats['sources']}")
-    return 0
-
-
 # ---------------------------------------------------------------------- reading
 def list_shards(data_dir: str | os.PathLike) -> tuple[list[Path], Path]:
     """(train shard paths, held-out shard path) of a chat data set whose chat.json matches its shards."""

@@ -416,6 +416,16 @@ def load_run(path: Path, device="cpu", dtype: torch.dtype = torch.float32, tries
 # Anything MODEL may name
 
 
+def model_dir(spec: str) -> Path | None:
+    """The directory that holds MODEL's config.json (a run dir resolves to its latest
+    checkpoint); None for a preset, a hub id or a path that holds no model."""
+    path = Path(spec)
+    if not path.is_dir():
+        return None
+    path = resolve_run_dir(path) or path
+    return path if (path / CONFIG_NAME).exists() or any(path.glob("model_*.pt")) else None
+
+
 def looks_like_hub_id(name: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name)) and not os.path.exists(name)
 
@@ -436,20 +446,11 @@ def download_from_hub(repo_id: str) -> Path:
 
 
 def load_model(spec: str | Path, device="cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
-               tokenizer_dir: str | Path | None = None, delta: str | Path | None = None,
-               **overrides) -> tuple[GPT, object]:
+               tokenizer_dir: str | Path | None = None, **overrides) -> tuple[GPT, object]:
     """Load MODEL: a preset name (random init), a model directory, a nanochat checkpoint
-    directory, the --out directory of `poelm train` (its latest checkpoint) or a hub id; with
-    `delta`, the specialist of that delta directory rebuilt on it (poelm.specialist.load_delta).
-    Returns (model in eval mode, tokenizer or None)."""
-    model, tokenizer = _load_base_model(spec, device, dtype, seed, tokenizer_dir, **overrides)
-    if delta is not None:
-        from poelm.specialist import load_delta
-        model = load_delta(model, delta).eval()
-    return model, tokenizer
-
-
-def _load_base_model(spec, device, dtype, seed, tokenizer_dir, **overrides) -> tuple[GPT, object]:
+    directory, the --out directory of `poelm train` (its latest checkpoint) or a hub id.
+    Returns (model in eval mode, tokenizer or None). A specialist delta on it:
+    poelm.specialist.load_with_delta."""
     from poelm.presets import PRESETS, get_preset
 
     name = str(spec)

@@ -1,29 +1,24 @@
-"""GPTConfig to and from every place a model's settings are written: config.json (poelm's
-model directories and the Hugging Face exports), the PoE fork's nanochat `meta_*.json`, and
-the command line. GPTConfig (poelm/model.py) is the one source; this module is its codec.
+"""GPTConfig to and from the files a model's settings are written in: config.json (poelm's
+model directories and the Hugging Face exports) and the PoE fork's nanochat `meta_*.json`.
+GPTConfig (poelm/model.py) is the one source; this module is its codec (its command-line
+flags are poelm/flags.py's).
 
-    from poelm.codec import to_config_json, read_config_file, from_nanochat_meta, add_model_flags
+    from poelm.codec import to_config_json, read_config_file, from_nanochat_meta
     d = to_config_json(config, dtype="bfloat16")     # GPTConfig fields + the standard HF names
     config = read_config_file("out/model/config.json")
     config = from_nanochat_meta(json.load(open("meta_026430.json")))
-    add_model_flags(parser)                          # --n-layer/--depth, --n-embd, ... from the fields
-    config = GPTConfig(**model_kwargs(args))
 
-A new GPTConfig field (with its `help`) appears in all of these without another edit: the
-flags are generated from the fields, config.json carries `to_dict()`, and a nanochat meta
-written by poelm carries every field the fork's own does not define.
+A new GPTConfig field appears in all of these without another edit: config.json carries
+`to_dict()`, and a nanochat meta written by poelm carries every field the fork's own does
+not define.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import types
-import typing
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 
-from poelm.cli import comma_ints
 from poelm.jsonfile import read_json_object
 from poelm.model import STANDARD_NAMES, GPTConfig
 
@@ -155,83 +150,3 @@ def to_nanochat_meta(config: GPTConfig) -> dict:
     mc.update({k: d[k] for k in POELM_MODEL_FIELDS if k not in ("poe_mode", "poe_alpha")})
     user = {"poe_mode": config.poe_mode, "poe_alpha": config.poe_alpha, "poe_every": config.poe_every or 1}
     return {"model_config": mc, "user_config": user}
-
-
-# -----------------------------------------------------------------------------
-# Command line: one flag per GPTConfig field
-
-# nanochat's own flag names, accepted beside the field names
-FLAG_ALIASES = {"n_layer": ("--depth",), "sequence_len": ("--seq-len",)}
-
-
-def _base_type(hint):
-    """int | None -> int; tuple[int, ...] stays."""
-    if isinstance(hint, types.UnionType):
-        return next(h for h in typing.get_args(hint) if h is not type(None))
-    return hint
-
-
-def flag_name(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
-def add_model_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ("vocab_size",),
-                    defaults_note: str | None = None) -> None:
-    """One flag per GPTConfig field (its help from the field). Every flag defaults to None,
-    i.e. "not given": GPTConfig's own default (shown) or derivation applies. defaults_note
-    replaces the shown default (e.g. "the preset's")."""
-    group = parser.add_argument_group("model (GPTConfig; sizes left unset are derived)")
-    hints = typing.get_type_hints(GPTConfig)
-    for f in fields(GPTConfig):
-        if f.name in exclude:
-            continue
-        kind = _base_type(hints[f.name])
-        default = f.default if f.default is not MISSING else None
-        shown = defaults_note or ("derived" if default is None else default)
-        kw: dict = {"dest": f.name, "default": None, "help": f"{f.metadata.get('help', f.name)} (default: {shown})"}
-        if kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(kind) is tuple:
-            kw.update(type=comma_ints, metavar="N,N,...")
-        else:
-            kw["type"] = kind
-            choices = f.metadata.get("choices")
-            if choices:
-                kw["choices"] = choices
-        group.add_argument(flag_name(f.name), *FLAG_ALIASES.get(f.name, ()), **kw)
-
-
-def model_kwargs(args: argparse.Namespace) -> dict:
-    """The GPTConfig fields given on the command line (flags left unset are absent)."""
-    return {f.name: getattr(args, f.name) for f in fields(GPTConfig) if getattr(args, f.name, None) is not None}
-
-
-def config_from_flags(kwargs: dict) -> GPTConfig:
-    """GPTConfig from model flags; a validation error names the flag it is about."""
-    try:
-        return GPTConfig(**kwargs)
-    except ValueError as e:
-        msg = str(e)
-        named = next((f.name for f in fields(GPTConfig) if msg.startswith(f.name)), None)
-        if named is None:
-            named = next((f.name for f in fields(GPTConfig) if f.name in msg), None)
-        if named is None:
-            raise
-        flags = " / ".join((flag_name(named), *FLAG_ALIASES.get(named, ())))
-        raise ValueError(f"{flags}: {msg}") from None
-
-
-def model_flags(config: GPTConfig, exclude: tuple[str, ...] = ("vocab_size",)) -> list[str]:
-    """Flags that rebuild `config` exactly (e.g. for a torchrun child process)."""
-    argv: list[str] = []
-    for f in fields(GPTConfig):
-        value = getattr(config, f.name)
-        if f.name in exclude or value is None or (f.name == "poe_every"):  # the stage sizes say it all
-            continue
-        if isinstance(value, bool):
-            argv.append(flag_name(f.name) if value else "--no-" + f.name.replace("_", "-"))
-        elif isinstance(value, (tuple, list)):
-            argv += [flag_name(f.name), ",".join(map(str, value))]
-        else:
-            argv += [flag_name(f.name), str(value)]
-    return argv

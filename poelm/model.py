@@ -68,7 +68,7 @@ def _f(default, help: str, choices: tuple[str, ...] | None = None):
 class GPTConfig:
     """Every architecture and objective setting. Sizes left as None are derived."""
 
-    # Every field's `help` is its one description: the CLI flags (poelm.codec.add_model_flags),
+    # Every field's `help` is its one description: the CLI flags (poelm.flags.add_model_flags),
     # config.json and the HF config are all generated from these fields.
     sequence_len: int = _f(2048, "context length: tokens per training row and the longest prompt + output")
     vocab_size: int = _f(32768, "vocabulary size (taken from the tokenizer when training)")

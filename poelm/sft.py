@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from poelm.chat import render_prompt
-from poelm.chatdata import chat_batches, list_shards, read_conversations
+from poelm.chatdata import ChatLoader, chat_batches, list_shards, read_conversations
+from poelm.train import Task
 
 ASSISTANT_END = "<|assistant_end|>"
 
@@ -154,9 +155,51 @@ def base_logit_delta(model, base, tokenizer, data_dir: str, n: int = 8) -> float
     return worst
 
 
-def cmd_sft(args) -> int:
-    """`poelm sft MODEL --data CHATDIR --out RUN ...`: `poelm train`'s trainer with task sft."""
-    from poelm.train import cmd_train
+class SftTask(Task):
+    """`poelm sft`'s task for the trainer (poelm.train.train): a specialist on a frozen base,
+    conversations as data, one epoch as the default horizon, bits per assistant token (beside
+    the base's) as evaluation, the base's lineage beside the run and its Δlogit at the end."""
+    name = "sft"
+    data_hint = "chat data with `poelm data chat --out DIR`"
 
-    args.task, args.init = "sft", args.model
-    return cmd_train(args)
+    def __init__(self):
+        self.model = self.base = self.lineage = None
+
+    def start(self, tc, rt) -> tuple[object, object, int]:
+        tokenizer, self.model, self.base, self.lineage = sft_model(tc, rt.device)
+        config = self.model.config
+        return tokenizer, config, min(tc.row_len or config.sequence_len, config.sequence_len)
+
+    def build(self, tc, rt, config):
+        return self.model
+
+    def horizon(self, tc, rt, model, tokenizer, seq_len: int, grad_accum: int) -> tuple[int, str]:
+        conversations = len(self.loader(tc, rt, tokenizer, seq_len, rt.rank, rt.world, None).conversations)
+        epoch = -(-conversations // (tc.device_batch_size * rt.world * grad_accum))
+        if tc.num_iterations > 0:
+            return tc.num_iterations, f"horizon: {tc.num_iterations:,} steps (--num-iterations)"
+        return epoch, f"horizon: {epoch:,} steps = one epoch of {conversations:,} conversations"
+
+    def loader(self, tc, rt, tokenizer, seq_len: int, rank: int, world: int, state: dict | None) -> ChatLoader:
+        return ChatLoader(tc.data, tokenizer, tc.device_batch_size, seq_len, rank=rank, world_size=world,
+                          seed=tc.seed, device=rt.device, state=state)
+
+    def evaluator(self, tc, setup, rt) -> ChatEvaluator:
+        evaluator = ChatEvaluator(tc.data, setup.tokenizer, tc.device_batch_size, setup.seq_len, tc.eval_prompts,
+                                  rt.device)
+        if self.base is not None and tc.eval_every > 0:
+            evaluator.base = evaluator(self.base)  # the base's scores on the same data, once
+        return evaluator
+
+    def begin(self, out: Path) -> None:
+        if self.lineage is not None:  # `poelm specialist save-delta RUN` finds the base here
+            from poelm.specialist import write_lineage
+
+            write_lineage(out, self.lineage)
+
+    def finish(self, tc, model, tokenizer, say) -> dict:
+        if self.base is None:
+            return {}
+        delta = base_logit_delta(model, self.base, tokenizer, tc.data)  # the base's predictions, exactly untouched
+        say(f"base preservation: max |Δlogit| of the base prefix + base head = {delta:.4f}")
+        return {"base_delta_logit": delta}

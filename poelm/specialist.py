@@ -1,11 +1,12 @@
 """Post-hoc specialists on a frozen PoE base (docs/poe.md section 7): attach, freeze, delta files,
 cascades and sibling composition.
 
-    from poelm.specialist import attach, trainable_parameters, save_delta, load_delta, compose
+    from poelm.specialist import attach, trainable_parameters, save_delta, load_delta, load_with_delta, compose
     spec = attach(base, n_layers=2)                  # base weights copied, frozen; new blocks + zero head
     params = trainable_parameters(spec)              # what SFT updates (the new blocks and lm_head_stage)
     save_delta(spec, "out/chat", base_ref="runs/base", base_hash=base_content_hash(base))
     spec = load_delta(base, "out/chat")              # refuses a base whose content hash differs
+    spec, tok = load_with_delta("runs/base", "out/chat")   # load_model, then its delta
     comp = compose(base, ["out/chat", "out/code"])   # siblings, Log-OP in one pass over the trunk
 
     poelm specialist attach BASE --layers 2 --out runs/chat-init [--delta PARENT] [--force]
@@ -35,7 +36,6 @@ layer counts, the default head_mode and the parent delta of a cascade.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -304,6 +304,17 @@ def delta_layers(path: Path) -> list[int]:
     return sorted({int(m.group(1)) for m in map(BLOCK_NAME.match, names) if m})
 
 
+def load_with_delta(spec: str, delta_dir: str | os.PathLike | None, **load_kw) -> tuple[GPT, object]:
+    """(model, tokenizer) of MODEL `spec` (poelm.checkpoint.load_model with `load_kw`), with the
+    specialist of `delta_dir` rebuilt on it when one is given (in eval mode)."""
+    from poelm.checkpoint import load_model
+
+    model, tokenizer = load_model(spec, **load_kw)
+    if delta_dir is not None:
+        model = load_delta(model, delta_dir).eval()
+    return model, tokenizer
+
+
 def load_delta(base: GPT, delta_dir: str | os.PathLike, base_hash: str | None = None) -> GPT:
     """The specialist of delta_dir rebuilt on `base` (its parent deltas first, for a cascade).
     The base must be the one the delta was made for (content hash). Weights come back as the
@@ -489,101 +500,3 @@ def generate_composed(comp: Composition, tokens: list[int], max_new_tokens: int,
         if nxt == stop:
             break
     return out[len(tokens):]
-
-
-# -----------------------------------------------------------------------------
-# Commands
-
-
-def parse_compose(text: str) -> list[str]:
-    dirs = [d for d in text.split(",") if d]
-    if len(dirs) < 2:
-        raise ValueError(f"--compose {text!r}: give at least two delta directories, comma separated")
-    for d in dirs:
-        read_delta_meta(d)
-    return dirs
-
-
-def cmd_specialist_attach(args: argparse.Namespace) -> int:
-    from poelm.checkpoint import check_replaceable, load_model, save_model
-    from poelm.cli import emit, parse_device
-
-    if args.layers < 1:
-        raise ValueError(f"--layers {args.layers}: a specialist needs at least 1 new layer")
-    check_replaceable(args.out, sources=(args.model, args.delta), overwrite=args.overwrite)
-    base, tokenizer = load_model(args.model, device=parse_device(args.device))
-    base_hash = base_content_hash(base)
-    parent = load_delta(base, args.delta, base_hash) if args.delta else base
-    model = attach(parent, args.layers, force=args.force)
-    save_model(model, args.out, tokenizer, overwrite=args.overwrite)
-    write_lineage(args.out, lineage(args.model, base_hash, args.delta))
-    params = sum(p.numel() for p in trainable_parameters(model).values())
-    result = {"out": args.out, "frozen_layers": model.config.frozen_layers, "new_layers": args.layers,
-              "trainable_params": params, "base_hash": base_hash}
-    emit(args, result, f"specialist: {args.layers} new layers on {model.config.frozen_layers} frozen, "
-                       f"{params:,} trainable parameters -> {args.out}")
-    return 0
-
-
-def cmd_specialist_save_delta(args: argparse.Namespace) -> int:
-    from poelm.checkpoint import load_model, resolve_run_dir
-    from poelm.cli import CliError, emit
-
-    model, _ = load_model(args.model)
-    if not model.config.is_specialist():
-        raise CliError(f"{args.model} is not a specialist (frozen_layers=0); attach one with `poelm specialist attach`")
-    run = Path(args.model)
-    info = find_lineage(resolve_run_dir(run) if run.is_dir() else None, run if run.is_dir() else None)
-    if args.base is not None:
-        info = lineage(args.base, base_content_hash(load_model(args.base)[0]), info and info.get("parent"))
-    if info is None:
-        raise CliError(f"{args.model} has no {LINEAGE_NAME} naming its base: pass --base BASE")
-    check_delta_out(args.out, sources=(args.model,), overwrite=args.overwrite)
-    save_delta(model, args.out, info["base"], info["base_hash"], info.get("parent"), overwrite=args.overwrite)
-    n, size = delta_size(model)
-    emit(args, {"out": args.out, "tensors": n, "bytes": size, "base": info["base"], "base_hash": info["base_hash"]},
-         f"delta: {n} tensors, {size / 2 ** 20:.1f} MiB (bf16) -> {args.out}")
-    return 0
-
-
-def cmd_eval_compose(args: argparse.Namespace) -> int:
-    """`poelm eval BASE --compose D1,D2 --data CHATDIR`: bits per assistant token."""
-    from poelm.chatdata import chat_batches
-    from poelm.checkpoint import load_model
-    from poelm.cli import CliError, emit, parse_device
-
-    dirs = parse_compose(args.compose)
-    device = parse_device(args.device)
-    base, tokenizer = load_model(args.model, device=device, tokenizer_dir=args.tokenizer)
-    if tokenizer is None:
-        raise CliError(f"{args.model} has no tokenizer: pass --tokenizer DIR (chat data is rendered with it)")
-    comp = compose(base, dirs)
-    T = args.seq_len or base.config.sequence_len
-    result = bits_per_assistant_token(comp, chat_batches(args.data, tokenizer, args.batch_size, T, split="val",
-                                                         device=device))
-    lines = [*(f"{name}: {v:.4f}" for name, v in result["branches"].items()), f"composition: {result['composition']:.4f}",
-             f"(bits per assistant token, {result['assistant_tokens']} tokens)"]
-    emit(args, result, "\n".join(lines))
-    return 0
-
-
-def cmd_generate_compose(args: argparse.Namespace) -> int:
-    """`poelm generate BASE --compose D1,D2 PROMPT`: plain decoding from the Log-OP."""
-    from poelm.checkpoint import load_model
-    from poelm.cli import CliError, parse_device, parse_prompt
-
-    if args.mode != "final":
-        raise CliError(f"--compose decodes the Log-OP of the branches' final readouts; --mode {args.mode} is not "
-                       "available with it")
-    dirs = parse_compose(args.compose)
-    base, tokenizer = load_model(args.model, device=parse_device(args.device))
-    comp = compose(base, dirs)
-    prompt = parse_prompt(args.prompt, tokenizer)
-    ids = tokenizer.encode(prompt, prepend_bos=True) if isinstance(prompt, str) else prompt
-    stop = tokenizer.encode_special("<|assistant_end|>") if tokenizer is not None else None
-    out = generate_composed(comp, ids, args.max_new_tokens, args.temperature, stop, args.seed)
-    if args.json or tokenizer is None:
-        print(json.dumps({"tokens": out}) if args.json else " ".join(map(str, out)))
-    else:
-        print(tokenizer.decode(out))
-    return 0

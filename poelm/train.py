@@ -18,9 +18,7 @@ optimizer, loader and RNG state), `latest` (the newest complete checkpoint) and 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
 import random
@@ -33,9 +31,9 @@ import torch.distributed as dist
 
 from poelm.atomic import atomic_write_json
 from poelm.checkpoint import build_model, check_tokenizer, load_state_into, read_safetensors
-from poelm.cli import check_bf16, check_compiler, parse_device, parse_dtype
 from poelm.model import GPT, GPTConfig
 from poelm.rundir import METRICS_NAME, MetricsLog, RunDir, set_rng_state
+from poelm.runtime import RunStopped, check_bf16, check_compiler, parse_device, parse_dtype
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -93,8 +91,9 @@ class TrainConfig:
         return dataclasses.replace(self.model, vocab_size=vocab_size)
 
 
-class NonFiniteLoss(ValueError):
-    pass
+class NonFiniteLoss(RunStopped):
+    """The loss or the weights became non-finite: the run stops (its last good checkpoint is
+    intact). Not bad input, so not a ValueError: the CLI says it in one line, exit status 1."""
 
 
 def check_config(tc: TrainConfig) -> None:
@@ -235,23 +234,6 @@ class BpbEvaluator:
         return f"step {step:>6} | val bpb {r['bpb']:.4f} | stages [{stages}] | log-op {r['logop']:.4f}"
 
 
-def make_evaluator(tc: TrainConfig, setup: "RunSetup", rt: Runtime):
-    """The run's evaluation; bad validation data fails here, before anything is written."""
-    if tc.task == "sft":
-        from poelm.sft import ChatEvaluator
-
-        evaluator = ChatEvaluator(tc.data, setup.tokenizer, tc.device_batch_size, setup.seq_len, tc.eval_prompts,
-                                  rt.device)
-        if setup.base is not None and tc.eval_every > 0:
-            evaluator.base = evaluator(setup.base)  # the base's scores on the same data, once
-        return evaluator
-    from poelm.dataloader import val_batches
-
-    val = list(val_batches(tc.data, setup.tokenizer, tc.device_batch_size, setup.seq_len, tc.eval_tokens,
-                           rank=rt.rank, world_size=rt.world, device=rt.device)) if tc.eval_every > 0 else []
-    return BpbEvaluator(val, setup.tokenizer.token_bytes(), rt.autocast_dtype)
-
-
 @torch.no_grad()
 def greedy_sample(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 48) -> str:
     """A greedy continuation through the inference engine (final readout)."""
@@ -260,6 +242,91 @@ def greedy_sample(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 48) 
     text = Engine(model, tokenizer).generate(prompt, max_new_tokens=max_new_tokens, stop_token_ids=[]).text
     model.train()  # Engine puts the model in eval mode
     return prompt + text
+
+
+# -----------------------------------------------------------------------------
+# Tasks: what a run trains; the trainer below never asks which one it runs
+
+
+class Task:
+    """A task of the trainer: its model, data loader, horizon and evaluation. Pretraining (a new
+    model on a corpus) is `Pretraining` below; SFT (a specialist on chat data) is
+    poelm.sft.SftTask. `name` is TrainConfig.task (recorded with the run)."""
+    name: str
+    data_hint: str  # how to build the --data this task reads
+
+    def start(self, tc: TrainConfig, rt: Runtime) -> tuple[object, GPTConfig, int]:
+        """(tokenizer, model config, tokens per row), before the batch arithmetic is checked."""
+        raise NotImplementedError
+
+    def build(self, tc: TrainConfig, rt: Runtime, config: GPTConfig) -> GPT:
+        """The model to train."""
+        raise NotImplementedError
+
+    def horizon(self, tc: TrainConfig, rt: Runtime, model: GPT, tokenizer, seq_len: int,
+                grad_accum: int) -> tuple[int, str]:
+        """(optimizer steps, the line that says which rule set them) of a fresh run."""
+        raise NotImplementedError
+
+    def loader(self, tc: TrainConfig, rt: Runtime, tokenizer, seq_len: int, rank: int, world: int,
+               state: dict | None):
+        """The training batches of this data-parallel rank (resumed from `state`)."""
+        raise NotImplementedError
+
+    def evaluator(self, tc: TrainConfig, setup: "RunSetup", rt: Runtime):
+        """The run's evaluation (a callable on the model with a `line`); bad validation data fails
+        here, before anything is written."""
+        raise NotImplementedError
+
+    def begin(self, out: Path) -> None:
+        """Write what this task keeps beside the run (rank 0, once the run directory is locked)."""
+
+    def finish(self, tc: TrainConfig, model: GPT, tokenizer, say) -> dict:
+        """Results this task adds at the end of the run."""
+        return {}
+
+
+class Pretraining(Task):
+    """A new model of tc.model on a corpus (or from --init's weights), bits per byte as evaluation."""
+    name = "pretrain"
+    data_hint = "a corpus with `poelm data build --out DIR`"
+
+    def start(self, tc: TrainConfig, rt: Runtime) -> tuple[object, GPTConfig, int]:
+        from poelm.tokenizer import Tokenizer
+
+        if not tc.tokenizer:
+            raise ValueError("--tokenizer DIR is required (train one with `poelm tokenizer train --data DIR --out DIR`)")
+        tokenizer = Tokenizer.load(tc.tokenizer)
+        config = tc.model_config(tokenizer.vocab_size)
+        check_tokenizer(tokenizer, config, tc.tokenizer)
+        return tokenizer, config, config.sequence_len
+
+    def build(self, tc: TrainConfig, rt: Runtime, config: GPTConfig) -> GPT:
+        model = build_model(config, device=rt.device, init=True)
+        if tc.init:  # pretraining from the weights of a model of this architecture (an ordinary checkpoint)
+            init_from(model, tc.init)
+        return model
+
+    def horizon(self, tc: TrainConfig, rt: Runtime, model: GPT, tokenizer, seq_len: int,
+                grad_accum: int) -> tuple[int, str]:
+        from poelm.schedule import resolve_horizon
+
+        return resolve_horizon(tc.num_iterations, tc.target_tokens, tc.target_param_data_ratio, model.num_params(),
+                               tc.total_batch_size)
+
+    def loader(self, tc: TrainConfig, rt: Runtime, tokenizer, seq_len: int, rank: int, world: int,
+               state: dict | None):
+        from poelm.dataloader import BestFitLoader
+
+        return BestFitLoader(tc.data, tokenizer, tc.device_batch_size, seq_len, split="train", rank=rank,
+                             world_size=world, device=rt.device, state=state)
+
+    def evaluator(self, tc: TrainConfig, setup: "RunSetup", rt: Runtime) -> BpbEvaluator:
+        from poelm.dataloader import val_batches
+
+        val = list(val_batches(tc.data, setup.tokenizer, tc.device_batch_size, setup.seq_len, tc.eval_tokens,
+                               rank=rt.rank, world_size=rt.world, device=rt.device)) if tc.eval_every > 0 else []
+        return BpbEvaluator(val, setup.tokenizer.token_bytes(), rt.autocast_dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -281,40 +348,20 @@ class RunSetup:
     resumed: bool
     lrs: object  # poelm.optim.EffectiveLRs: what the optimizer was built with
     seq_len: int  # tokens per row
-    base: GPT | None = None  # sft: the base the specialist was attached to (for its scores and Δlogit)
-    lineage: dict | None = None  # sft: the base's name and content hash (written beside the run)
     stage_parallel: object | None = None  # --stage-parallel: this rank's poelm.stage_parallel.StageParallel
     rng: dict | None = None  # resumed: the checkpoint's RNG states, set just before the first step
 
 
-def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
+def prepare(tc: TrainConfig, task: Task, rt: Runtime, run: RunDir) -> RunSetup:
     """Tokenizer, model, optimizer, loader and horizon of a run (fresh or resumed); the
     caller holds the run directory's lock."""
-    from poelm.chatdata import ChatLoader
-    from poelm.dataloader import BestFitLoader
     from poelm.optim import build_optimizer, effective_hparams
-    from poelm.schedule import resolve_horizon
-    from poelm.tokenizer import Tokenizer
 
     if not Path(tc.data).is_dir():
-        what = "chat data with `poelm data chat --out DIR`" if tc.task == "sft" else "a corpus with `poelm data build --out DIR`"
-        raise FileNotFoundError(f"--data {tc.data} does not exist; build {what}")
+        raise FileNotFoundError(f"--data {tc.data} does not exist; build {task.data_hint}")
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
-    base = lineage = None
-    if tc.task == "sft":
-        from poelm.sft import sft_model
-
-        tokenizer, model, base, lineage = sft_model(tc, rt.device)
-        config = model.config
-        seq_len = min(tc.row_len or config.sequence_len, config.sequence_len)
-    else:
-        if not tc.tokenizer:
-            raise ValueError("--tokenizer DIR is required (train one with `poelm tokenizer train --data DIR --out DIR`)")
-        tokenizer = Tokenizer.load(tc.tokenizer)
-        config = tc.model_config(tokenizer.vocab_size)
-        check_tokenizer(tokenizer, config, tc.tokenizer)
-        seq_len = config.sequence_len
+    tokenizer, config, seq_len = task.start(tc, rt)
     mesh = None
     if tc.stage_parallel:
         from poelm.stage_parallel import StageParallel, make_mesh
@@ -328,25 +375,12 @@ def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
                          f"{tokens_per_micro}")
     grad_accum = tc.total_batch_size // tokens_per_micro
     lrs = effective_hparams(config, tc.total_batch_size, tc)
-    if tc.task != "sft":
-        model = build_model(config, device=rt.device, init=True)
-        if tc.init:  # pretraining from the weights of a model of this architecture (an ordinary checkpoint)
-            init_from(model, tc.init)
+    model = task.build(tc, rt, config)
     sp = StageParallel(model, mesh) if mesh else None  # keeps only this stage's tensors
     optimizer = build_optimizer(model, lrs)  # SFT: only the specialist's tensors require grad
     if sp:
         optimizer = sp.optimizer(optimizer)
-    if tc.task == "sft":
-        loader = ChatLoader(tc.data, tokenizer, tc.device_batch_size, seq_len, rank=rt.rank, world_size=rt.world,
-                            seed=tc.seed, device=rt.device)  # (its resumed state is set below)
-        rows_per_step = tc.device_batch_size * rt.world * grad_accum
-        epoch = -(-len(loader.conversations) // rows_per_step)
-        num_iterations = tc.num_iterations if tc.num_iterations > 0 else epoch
-        rule = (f"horizon: {num_iterations:,} steps (--num-iterations)" if tc.num_iterations > 0 else
-                f"horizon: {num_iterations:,} steps = one epoch of {len(loader.conversations):,} conversations")
-    else:
-        num_iterations, rule = resolve_horizon(tc.num_iterations, tc.target_tokens, tc.target_param_data_ratio,
-                                               model.num_params(), tc.total_batch_size)
+    num_iterations, rule = task.horizon(tc, rt, model, tokenizer, seq_len, grad_accum)
     start_step, loader_state, state, rng = 0, None, {}, None
     point = run.resume_point()
     if point is not None and not tc.resume:
@@ -373,15 +407,9 @@ def prepare(tc: TrainConfig, rt: Runtime, run: RunDir) -> RunSetup:
             state["extended"] = state.get("extended", []) + [{"at_step": start_step, "from": num_iterations,
                                                               "to": tc.extend_to}]
             num_iterations = state["num_iterations"] = tc.extend_to
-    if tc.task == "sft":
-        loader = ChatLoader(tc.data, tokenizer, tc.device_batch_size, seq_len, rank=rt.rank, world_size=rt.world,
-                            seed=tc.seed, device=rt.device, state=loader_state)
-    else:
-        loader = BestFitLoader(tc.data, tokenizer, tc.device_batch_size, seq_len, split="train", rank=dp_rank,
-                               world_size=dp_world, device=rt.device, state=loader_state)
+    loader = task.loader(tc, rt, tokenizer, seq_len, dp_rank, dp_world, loader_state)
     return RunSetup(tokenizer, model, optimizer, loader, grad_accum, num_iterations, rule, start_step, state,
-                    resumed=point is not None and tc.resume, lrs=lrs, seq_len=seq_len, base=base,
-                    lineage=lineage, stage_parallel=sp, rng=rng)
+                    resumed=point is not None and tc.resume, lrs=lrs, seq_len=seq_len, stage_parallel=sp, rng=rng)
 
 
 def init_from(model: GPT, spec: str) -> None:
@@ -460,27 +488,32 @@ def resume_into(run: RunDir, point, tc: TrainConfig, rt: Runtime, tokenizer, con
     return state, loader_state, blob["rng"]
 
 
-def train(tc: TrainConfig) -> dict:
-    """Run (or resume) training, holding the run directory's lock; returns the final metrics."""
+def train(tc: TrainConfig, task: Task | None = None) -> dict:
+    """Run (or resume) training, holding the run directory's lock; returns the final metrics.
+    `task` defaults to pretraining; SFT passes poelm.sft.SftTask() (tc.task names it)."""
+    task = task or Pretraining()
+    if task.name != tc.task:
+        raise ValueError(f"task {tc.task!r} needs its Task: train(tc, task) with task.name {tc.task!r} "
+                         f"(poelm.sft.SftTask for 'sft'), got {task.name!r}")
     check_config(tc)
     rt = setup_runtime(tc)
     run = RunDir(tc.out, rt.rank, rt.world)
     with run.locked():
-        return run_locked(tc, rt, run)
+        return run_locked(tc, task, rt, run)
 
 
-def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
+def run_locked(tc: TrainConfig, task: Task, rt: Runtime, run: RunDir) -> dict:
     """The training loop of `train`, inside the run directory's lock."""
     from poelm.schedule import apply_schedules
 
-    setup = prepare(tc, rt, run)
+    setup = prepare(tc, task, rt, run)
     tokenizer, model, optimizer, loader = setup.tokenizer, setup.model, setup.optimizer, setup.loader
     grad_accum, num_iterations, rule, start_step, state = (setup.grad_accum, setup.num_iterations, setup.rule,
                                                            setup.start_step, setup.state)
     lrs = setup.lrs
     sp = setup.stage_parallel
     whole = (lambda: sp.full_model(step)) if sp else (lambda: model)  # the complete model (a collective with sp)
-    evaluate = make_evaluator(tc, setup, rt)
+    evaluate = task.evaluator(tc, setup, rt)
     out = run.path
     settings = {**dataclasses.asdict(tc), "model": model.config.to_dict(),  # the model as built
                 "effective": dataclasses.asdict(lrs)}
@@ -491,10 +524,7 @@ def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
         run_id = str(int(pid))
     if rt.master:
         atomic_write_json(out / "train_config.json", settings)
-        if setup.lineage is not None:  # `poelm specialist save-delta RUN` finds the base here
-            from poelm.specialist import write_lineage
-
-            write_lineage(out, setup.lineage)
+        task.begin(out)
     log = MetricsLog(out / METRICS_NAME, rt.master, resumed_step=start_step if setup.resumed else None)
     say = (lambda *a: print(*a, flush=True)) if rt.master and not tc.quiet else (lambda *a: None)
     if getattr(run, "stale_lock_pid", None):
@@ -535,7 +565,7 @@ def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
         say(evaluate.line(step, result))
 
     with make_progress(rt.master and not tc.quiet) as progress:
-        task = progress.add_task(f"train {out.name}", total=num_iterations, completed=start_step, status="")
+        bar = progress.add_task(f"train {out.name}", total=num_iterations, completed=start_step, status="")
         if setup.rng is not None:  # the last thing before the first step (imports and set-up may draw)
             set_rng_state(setup.rng)
         while True:
@@ -594,15 +624,11 @@ def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
                 record.update(sp.step_metrics(dt, optimizer))
             log.write(record)
             status = f"loss {debiased:.4f} lr {lrm:.3f} {tok_s:,.0f} tok/s MFU " + (f"{100 * mfu:.1f}%" if mfu else "n/a")
-            progress.update(task, completed=step, status=status)
+            progress.update(bar, completed=step, status=status)
     final_loss = ema / (1 - 0.9 ** step) if step > 0 else None
     result = {"step": step, "num_iterations": num_iterations, "train_seconds": total_time, "final_loss": final_loss,
               "eval": last_eval, "out": str(out), "cropped_fraction": getattr(loader, "cropped_fraction", None)}
-    if tc.task == "sft" and setup.base is not None:  # the base's predictions must be untouched, exactly
-        from poelm.sft import base_logit_delta
-
-        result["base_delta_logit"] = base_logit_delta(model, setup.base, tokenizer, tc.data)
-        say(f"base preservation: max |Δlogit| of the base prefix + base head = {result['base_delta_logit']:.4f}")
+    result.update(task.finish(tc, model, tokenizer, say))
     if rt.master:
         atomic_write_json(out / "result.json", result)
         try:
@@ -611,25 +637,3 @@ def run_locked(tc: TrainConfig, rt: Runtime, run: RunDir) -> dict:
         except Exception as e:  # plots are a convenience; never fail a finished run on them
             say(f"(plots skipped: {e})")
     return result
-
-
-# -----------------------------------------------------------------------------
-# `poelm train` (its flags are in poelm/cli.py)
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """TrainConfig from `poelm train` flags: the model flags build its GPTConfig (poelm.codec)."""
-    from poelm.codec import config_from_flags, model_kwargs
-
-    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
-    return TrainConfig(model=config_from_flags(model_kwargs(args)), **{k: v for k, v in vars(args).items() if k in names})
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    result = train(config_from_args(args))
-    if getattr(args, "json", False):
-        print(json.dumps(result, indent=2, default=str))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
-

@@ -372,6 +372,8 @@ def test_chat_batches_train_epochs(chatdata, tmp_path, tok):
 def test_cmd_data_chat(chatdata, tmp_path, capsys):
     src = write_jsonl(tmp_path / "c.jsonl", [{"messages": c} for c in sample_conversations()])
     args = argparse.Namespace(source=str(src), out=str(tmp_path / "out"), json=True)
-    assert chatdata.cmd_data_chat(args) == 0
+    from poelm.cli.data import cmd_data_chat
+
+    assert cmd_data_chat(args) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["train_conversations"] + stats["val_conversations"] == 12 and stats["format"] == "poelm-chat-v1"

@@ -1,4 +1,4 @@
-"""`poelm chat` and `poelm generate --chat` (poelm/chat_cli.py): replies are exactly greedy
+"""`poelm chat` and `poelm generate --chat` (poelm/cli/chat.py): replies are exactly greedy
 Engine.generate on render_prompt of the whole conversation, through a pipe and a pseudo-terminal.
 Run: .venv/bin/pytest -q tests/test_chat_cli.py"""
 

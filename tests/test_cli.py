@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from poelm import cli
-from poelm.cli import build_parser, main
+from poelm import runtime
+from poelm.cli import inspect as cli_inspect
+from poelm.cli.common import CliError
+from poelm.cli.main import COMMANDS, build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -186,7 +188,7 @@ def test_tokenizer_pickle_hint_fits_exports_and_runs(tmp_path):
 
 @pytest.mark.parametrize("error,line", [
     (ValueError("bad value '0,x'"), "poelm: error: bad value '0,x'"),  # quotes at the end are kept
-    (cli.CliError('"quoted" start'), 'poelm: error: "quoted" start'),
+    (CliError('"quoted" start'), 'poelm: error: "quoted" start'),
     (ValueError("first line\nsecond line"), "poelm: error: first line"),
     (FileNotFoundError(2, "No such file or directory", "x.json"), "poelm: error: [Errno 2] No such file or directory: 'x.json'"),
     (PermissionError("cannot write out/"), "poelm: error: cannot write out/"),
@@ -196,7 +198,7 @@ def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, error, line):
     def fail(args):
         raise error
 
-    monkeypatch.setattr(cli, "cmd_inspect", fail)
+    monkeypatch.setattr(cli_inspect, "cmd_inspect", fail)
     assert main(["inspect", "tiny"]) == 2
     assert capsys.readouterr().err == line + "\n"
 
@@ -206,7 +208,7 @@ def test_bugs_keep_their_traceback(monkeypatch, error):
     def fail(args):
         raise error
 
-    monkeypatch.setattr(cli, "cmd_inspect", fail)
+    monkeypatch.setattr(cli_inspect, "cmd_inspect", fail)
     with pytest.raises(type(error)):
         main(["inspect", "tiny"])
 
@@ -232,7 +234,7 @@ def all_parsers(parser: argparse.ArgumentParser):
 def test_every_flag_has_one_line_help_with_its_default():
     parsers = list(all_parsers(build_parser()))
     names = {p.prog for p in parsers}
-    for cmd in cli.COMMANDS:
+    for cmd in COMMANDS:
         assert f"poelm {cmd.name}" in names
     checked = 0
     for parser in parsers:
@@ -263,11 +265,11 @@ def test_dtype_names():
 
     for name, dtype in (("fp32", torch.float32), ("float32", torch.float32), ("bf16", torch.bfloat16),
                         ("bfloat16", torch.bfloat16), ("fp16", torch.float16), ("float16", torch.float16)):
-        assert cli.parse_dtype(name) == dtype
+        assert runtime.parse_dtype(name) == dtype
     assert setup_runtime(TrainConfig(device="cpu", dtype="float32")).autocast_dtype is None
     assert setup_runtime(TrainConfig(device="cpu", dtype="bfloat16")).autocast_dtype == torch.bfloat16
     assert setup_runtime(TrainConfig(device="cpu", dtype="bf16")).autocast_dtype == torch.bfloat16
-    assert cli.parse_device("cpu") == torch.device("cpu")
+    assert runtime.parse_device("cpu") == torch.device("cpu")
 
 
 def test_help_and_inspect_import_no_matplotlib():

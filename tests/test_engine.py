@@ -660,9 +660,12 @@ def test_stats_present(rand_model, trained_calib):
 
 @pytest.mark.filterwarnings("ignore:validation split")
 def test_cli_generate_and_calibrate(tmp_path, trained, capsys):
+    import importlib
+
     import tiktoken
 
     from poelm import cli
+    from poelm.cli.common import parse_prompt
 
     enc = tiktoken.Encoding(name="bytes", pat_str=tokenizer_mod.SPLIT_PATTERN,
                             mergeable_ranks={bytes([i]): i for i in range(256)},
@@ -677,8 +680,8 @@ def test_cli_generate_and_calibrate(tmp_path, trained, capsys):
     def run(*argv) -> int:
         args = parser.parse_args([str(a) for a in argv])
         module, _, name = args.run.partition(":")
-        assert module == "poelm.cli"
-        return getattr(cli, name)(args)
+        assert module == "poelm.cli.generate"
+        return getattr(importlib.import_module(module), name)(args)
 
     assert run("generate", model_dir, "the cat", "--max-new-tokens", 5, "--json") == 0
     out = json.loads(capsys.readouterr().out)
@@ -699,7 +702,7 @@ def test_cli_generate_and_calibrate(tmp_path, trained, capsys):
         run("generate", model_dir, "the", "--mode", "logop", "--stages", "0,7")
     args = parser.parse_args(["generate", "tiny", "1 2 x"])
     with pytest.raises(ValueError, match="space-separated token ids"):
-        cli.parse_prompt(args.prompt, None)
+        parse_prompt(args.prompt, None)
 
 
 # -----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import poelm.model as model_mod
-from poelm.cli import CliError, check_bf16, check_compiler, parse_device
+from poelm.runtime import SettingError, check_bf16, check_compiler, parse_device
 from poelm.engine import Engine, PlainDecoder, DecodeOptions
 from poelm.model import GPT, GPTConfig, StepPlan, resolve_attention_backend, softcap_cross_entropy
 
@@ -231,27 +231,27 @@ def test_bad_runtime_input(monkeypatch):
     from poelm.train import TrainConfig, use_compile
 
     if not torch.cuda.is_available():
-        with pytest.raises(CliError, match="--device cuda but no CUDA GPU is visible; use --device cpu"):
+        with pytest.raises(SettingError, match="device cuda but no CUDA GPU is visible; use device cpu"):
             parse_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
-    with pytest.raises(CliError, match="--dtype bf16 but Tesla V100 has no bfloat16 support; use --dtype fp32"):
+    with pytest.raises(SettingError, match="dtype bf16 but Tesla V100 has no bfloat16 support; use dtype fp32"):
         check_bf16(torch.device("cuda"))
     check_bf16(torch.device("cpu"))  # the CPU computes bf16 (slowly)
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr("shutil.which", lambda name: None)
-    with pytest.raises(CliError, match=r"--compile on the CPU needs a C\+\+ compiler .*; pass --no-compile"):
+    with pytest.raises(SettingError, match=r"compile on the CPU needs a C\+\+ compiler .*; pass compile=False"):
         check_compiler(torch.device("cpu"))
     assert use_compile(TrainConfig(), torch.device("cpu")) is False  # the default: off on the CPU
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
-    with pytest.raises(CliError, match="--compile on CUDA needs triton"):  # the default: on for CUDA
+    with pytest.raises(SettingError, match="compile on CUDA needs triton"):  # the default: on for CUDA
         use_compile(TrainConfig(), torch.device("cuda"))
     assert use_compile(TrainConfig(compile=False), torch.device("cuda")) is False
 
 
 def test_compile_flags():
     from poelm.cli import build_parser
-    from poelm.train import config_from_args
+    from poelm.cli.train import config_from_args
 
     parse = lambda extra: config_from_args(build_parser().parse_args(["train", *extra]))  # noqa: E731
     assert parse([]).compile is None and parse(["--compile"]).compile is True

@@ -333,8 +333,8 @@ def test_a_delta_on_the_wrong_base_refuses_at_start_up(models):
 
 
 def test_specialists_share_the_frozen_base_weights(models):
-    from poelm.checkpoint import load_model
     from poelm.serve.models import load_models
+    from poelm.specialist import load_with_delta
 
     registry = load_models(str(models / "base"), {"chat": str(models / "chat")}, name="base")
     base, spec = registry.get("base").model, registry.get("base+chat").model
@@ -344,7 +344,7 @@ def test_specialists_share_the_frozen_base_weights(models):
             assert ptr(spec, name) != ptr(base, name)
         else:
             assert ptr(spec, name) == ptr(base, name), name
-    alone, _ = load_model(models / "base", delta=models / "chat")  # the same predictions as a private copy
+    alone, _ = load_with_delta(models / "base", models / "chat")  # the same predictions as a private copy
     idx = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         assert torch.equal(spec(idx), alone(idx))

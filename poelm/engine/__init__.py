@@ -58,7 +58,7 @@ from poelm.engine.calibrate import (calibrate, check_calibration, load_calibrati
                                     save_calibration, stage_swings, wand_exit_rule, wand_teacher_forced)
 from poelm.engine.decoders import Capabilities, Decoder, DecodeStats, PlainDecoder, Row, new_cache
 from poelm.engine.options import (BP_REFUSAL, CALIBRATION_KEYS, GENERATION_CONFIG_NAME, MAX_GAMMA, WAND_TARGETS,
-                                  DecodeOptions, Generation, ModeRefused, _check, refuse_bp)
+                                  ContextLengthError, DecodeOptions, Generation, ModeRefused, _check, refuse_bp)
 from poelm.engine.registry import (COMPILABLE_MODES, DECODERS, LOGPROB_MODES, MODES, capabilities, make_decoder,
                                    modes_with, validate_options)
 from poelm.engine.sampling import Sampler, logop, top_gap
@@ -73,7 +73,7 @@ __all__ = ["Engine", "Session", "Decoder", "DecodeStats", "PlainDecoder", "WandD
            "running_readouts", "stage_swings", "wand_exit_rule", "wand_teacher_forced", "refuse_bp", "MODES",
            "WAND_TARGETS", "MAX_GAMMA", "BP_REFUSAL", "CALIBRATION_KEYS", "GENERATION_CONFIG_NAME", "_check",
            "Collector", "Capabilities", "ModeRefused", "DECODERS", "COMPILABLE_MODES", "LOGPROB_MODES",
-           "capabilities", "modes_with"]
+           "capabilities", "modes_with", "ContextLengthError"]
 
 
 class Engine:
@@ -110,7 +110,8 @@ class Engine:
         if add_bos and bos is not None and ids[0] != bos:
             ids = [bos] + ids
         T = self.model.config.sequence_len
-        _check(len(ids) <= T, f"prompt has {len(ids)} tokens but the context holds {T}; shorten it")
+        if len(ids) > T:
+            raise ContextLengthError(len(ids), T)
         return ids
 
     def _rows(self, prompt, add_bos: bool) -> tuple[list[list[int]], bool]:

@@ -72,6 +72,14 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+class ContextLengthError(ValueError):
+    """A prompt longer than the model's context (`context` tokens; it has `tokens`)."""
+
+    def __init__(self, tokens: int, context: int):
+        self.tokens, self.context = tokens, context
+        super().__init__(f"prompt has {tokens} tokens but the context holds {context}; shorten it")
+
+
 class ModeRefused(ValueError):
     """A decoding mode cannot run on this model (a BP model's stages, too few stages, ...)."""
 

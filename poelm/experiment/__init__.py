@@ -10,11 +10,11 @@ PoE model's inference modes against plain decoding; then report.md, plots, resul
 Rerunning the same command resumes the unfinished arm and skips the finished ones.
 
 The package reads as the experiment: config.py (arms, presets, files), run.py (the steps),
-report.py (report.md and plots), compare.py (`poelm compare`), specialist.py (the
+report.py (report.md and plots), compare.py (what `poelm compare` reports), specialist.py (the
 post-hoc specialist stage on the PoE arm).
 """
 
-from poelm.experiment.compare import cmd_compare, compare_models  # noqa: F401
+from poelm.experiment.compare import compare_models  # noqa: F401
 from poelm.experiment.config import ARMS, PAPER, PRESETS, ExperimentConfig, load_config  # noqa: F401
 from poelm.experiment.report import alpha_ordering, render_report  # noqa: F401
-from poelm.experiment.run import arm_train_config, cmd_experiment, run_arm, run_experiment  # noqa: F401
+from poelm.experiment.run import arm_train_config, run_arm, run_experiment  # noqa: F401

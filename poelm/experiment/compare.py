@@ -77,27 +77,3 @@ def compare_plot(result: dict, path: Path) -> Path:
     ax.set_xlabel("stage"), ax.set_ylabel("val bits per byte"), ax.set_title("bpb per stage (dotted: final readout)")
     ax.grid(alpha=0.3), ax.legend()
     return save_figure(fig, path)
-
-
-
-
-def cmd_compare(args) -> int:
-    from poelm.cli import check_model, emit, parse_device
-
-    for spec in args.models:  # every MODEL resolves before the first one is evaluated
-        check_model(spec)
-    device = parse_device(args.device)
-    result = compare_models(args.models, args.data, args.tokens, args.seq_len, args.batch_size, device, args.tokenizer)
-    if args.plot:
-        result["plot"] = str(compare_plot(result, Path(args.plot)))
-    header = f"{'model':<36} {'params':>12} {'mode':>6} {'final':>7} {'stages':<32} {'Log-OP':>7}  modes"
-    lines = [header]
-    for r in result["models"]:
-        stages = " ".join(f"{b:.4f}" for b in r["stage_bpb"])
-        lines.append(f"{r['model'][-36:]:<36} {r['params']:>12,} {r['poe_mode']:>6} {r['bpb']:>7.4f} {stages:<32} "
-                     f"{r['logop']:>7.4f}  {', '.join(r['modes'])}")
-    if result["note"]:
-        lines.append(f"note: {result['note']}")
-    emit(args, result, "\n".join(lines))
-    return 0
-

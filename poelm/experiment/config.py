@@ -125,7 +125,7 @@ PRESETS: dict[str, dict] = {
 def fold_model_keys(settings: dict, where: str) -> dict:
     """Move GPTConfig fields given at the top level (or by their nanochat names depth /
     seq_len) into settings["model"]; poe_mode / poe_alpha belong to the arms."""
-    from poelm.codec import FLAG_ALIASES
+    from poelm.flags import FLAG_ALIASES
 
     model_fields = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
     aliases = {flag[2:].replace("-", "_"): name for name, flags in FLAG_ALIASES.items() for flag in flags}

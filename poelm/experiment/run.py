@@ -83,7 +83,7 @@ def run_arm_torchrun(tc, nproc: int) -> dict:
     import sys
 
     args = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "poelm", "train"]
-    from poelm.codec import model_flags
+    from poelm.flags import model_flags
 
     for f in dataclasses.fields(tc):
         value = getattr(tc, f.name)
@@ -206,21 +206,3 @@ def machine_description() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
     return f"{os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, fp32"
-
-
-# `poelm experiment` (its flags are in poelm/cli.py)
-
-
-def cmd_experiment(args) -> int:
-    from poelm.codec import model_kwargs
-
-    keys = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"name", "model"}
-    overrides = {k: v for k, v in vars(args).items() if k in keys}
-    overrides["model"] = model_kwargs(args)
-    cfg = load_config(args.config, overrides)
-    results = run_experiment(cfg, quiet=args.json)
-    if args.json:
-        print(json.dumps({k: results[k] for k in ("arms", "gap", "inference", "wall_seconds", "plots")}, default=str))
-    return 0
-
-

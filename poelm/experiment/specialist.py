@@ -36,6 +36,7 @@ def run_specialist(cfg: ExperimentConfig, say) -> dict | None:
         return None
     from poelm.chatdata import MANIFEST, build_chat_data
     from poelm.checkpoint import load_model
+    from poelm.sft import SftTask
     from poelm.specialist import delta_size, find_lineage, save_delta, trainable_parameters
     from poelm.train import train
 
@@ -51,7 +52,7 @@ def run_specialist(cfg: ExperimentConfig, say) -> dict | None:
     else:
         say(f"[specialist] {cfg.specialist_layers} new layer(s) on the PoE arm, {cfg.specialist_steps} SFT steps "
             f"on {cfg.specialist_data} -> {out}")
-        result = train(tc)
+        result = train(tc, SftTask())
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [r for r in evals if r.get("type") == "eval"]
     model, _ = load_model(out)

@@ -9,9 +9,9 @@ every PoE decoding mode per request and specialists by model name.
 Parts: models.py (the base and its specialists, base weights shared), protocol.py (request
 and response shapes, OpenAI error objects), scheduler.py (the continuous-batching thread that
 drives the engine's decoder protocol), metrics.py (Prometheus), app.py (routes, API key,
-limits, streaming, the command). Benchmark: benchmarks/serve_load.py.
+limits, streaming; the command is poelm/cli/serve.py). Benchmark: benchmarks/serve_load.py.
 """
 
-from poelm.serve.app import cmd_serve, create_app
+from poelm.serve.app import create_app
 
-__all__ = ["cmd_serve", "create_app"]
+__all__ = ["create_app"]

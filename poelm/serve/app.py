@@ -1,4 +1,4 @@
-"""The HTTP side of `poelm serve`: routes, security, streaming and the command itself.
+"""The HTTP side of `poelm serve`: routes, security and streaming (the command: poelm/cli/serve.py).
 
     poelm serve runs/base --delta chat=out/chat --port 8000 --api-key KEY
     app = create_app(registry, scheduler, metrics, ServeConfig())      # a FastAPI app
@@ -12,12 +12,9 @@ large, 503 (+ Retry-After) queue full or shutting down, 504 per-request timeout.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hmac
 import json
-import os
-import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -27,9 +24,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from poelm.engine import DecodeOptions
+from poelm.engine import ContextLengthError, DecodeOptions
 from poelm.serve.metrics import Metrics
-from poelm.serve.models import ModelRegistry, ServedModel, load_models, parse_deltas
+from poelm.serve.models import ModelRegistry, ServedModel
 from poelm.serve.protocol import (ApiError, ChatRequest, CompletionRequest, PoeOptions, Sampling, chat_logprobs,
                                   check_unsupported, completion_logprobs, parse_request, usage)
 from poelm.serve.scheduler import LOGPROB_MODES, Job, Scheduler
@@ -91,9 +88,10 @@ def check_prompt(ids: list[int], config: ServeConfig, context: int) -> list[int]
 def encode(served: ServedModel, prompt, param: str) -> list[int]:
     try:
         return served.engine.encode_prompt(prompt)
+    except ContextLengthError as e:
+        raise ApiError(400, str(e), param=param, code="context_length_exceeded") from None
     except ValueError as e:
-        code = "context_length_exceeded" if "context holds" in str(e) else None
-        raise ApiError(400, str(e), param=param, code=code) from None
+        raise ApiError(400, str(e), param=param) from None
 
 
 def completion_job(req: CompletionRequest, served: ServedModel, config: ServeConfig, loop) -> tuple[Job, int]:
@@ -112,7 +110,7 @@ def completion_job(req: CompletionRequest, served: ServedModel, config: ServeCon
 
 def chat_job(req: ChatRequest, served: ServedModel, config: ServeConfig, loop) -> tuple[Job, int]:
     from poelm.chat import render_prompt
-    from poelm.chat_cli import check_chat_tokenizer
+    from poelm.chat import check_chat_tokenizer
 
     context = served.model.config.sequence_len
     if req.max_tokens is not None and req.max_completion_tokens is not None:
@@ -359,31 +357,3 @@ def create_app(registry: ModelRegistry, scheduler: Scheduler, metrics: Metrics, 
         return await run(request, chat=True)
 
     return app
-
-
-# -----------------------------------------------------------------------------
-# poelm serve
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    import torch
-    import uvicorn
-
-    from poelm.cli import parse_device
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sys.setswitchinterval(0.0005)  # the scheduler gets the GIL back sooner from the event loop between torch ops
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    registry = load_models(args.model, parse_deltas(args.delta or []), name=args.name, device=parse_device(args.device))
-    metrics = Metrics()
-    scheduler = Scheduler(args.max_batch, args.max_queue, metrics)
-    config = ServeConfig(api_key=api_key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
-                         max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n, request_timeout=args.request_timeout)
-    app = create_app(registry, scheduler, metrics, config)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=int(args.request_timeout) + 5))
-    print(f"poelm serve: http://{args.host}:{args.port} models {', '.join(registry.models)}"
-          f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
-    server.run()
-    return 0

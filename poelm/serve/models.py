@@ -106,8 +106,7 @@ def parse_deltas(items: list[str]) -> dict[str, str]:
 
 def load_models(spec: str, deltas: dict[str, str] | None = None, name: str | None = None, device="cpu") -> ModelRegistry:
     """MODEL as `name` (default: its directory name) and each delta as `name+NAME`."""
-    from poelm.checkpoint import load_model
-    from poelm.cli import model_dir
+    from poelm.checkpoint import load_model, model_dir
     from poelm.engine import load_calibration
     from poelm.specialist import base_content_hash, load_delta
 

@@ -28,29 +28,18 @@ import argparse
 import json
 import sys
 
-from poelm.chat import CHAT_SPECIALS, render_prompt
-from poelm.cli import CliError, decode_options, load_engine
+from poelm.chat import render_prompt
+from poelm.cli.common import CliError, chat_stop_ids, decode_options, load_engine
+from poelm.cli.generate import decoding_arguments
 
 PROMPT = "you> "
 QUIT, RESET = "/quit", "/reset"
 
 
-def check_chat_tokenizer(tokenizer, spec: str) -> None:
-    """Raise a one-line CliError unless `tokenizer` has every chat special token."""
-    if tokenizer is None:
-        raise CliError(f"MODEL {spec} has no tokenizer; chat needs one with the chat special tokens "
-                       f"({', '.join(CHAT_SPECIALS)})")
-    known = getattr(tokenizer, "special_tokens", None) or {}
-    missing = [name for name in CHAT_SPECIALS if name not in known]
-    if missing:
-        raise CliError(f"MODEL {spec}: its tokenizer lacks the chat special tokens {', '.join(missing)}; "
-                       "chat needs a tokenizer from `poelm tokenizer train` (or nanochat's)")
-
-
-def chat_stop_ids(tokenizer, spec: str) -> list[int]:
-    """<|assistant_end|> and <|bos|>, after checking that `tokenizer` has the chat specials."""
-    check_chat_tokenizer(tokenizer, spec)
-    return [tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id]
+def chat_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="MODEL (its tokenizer must have the chat special tokens)")
+    p.add_argument("--system", default=None, help="system message, merged into the first user turn")
+    decoding_arguments(p, max_new_tokens=256)
 
 
 class History:

@@ -1,0 +1,133 @@
+"""What the commands share: their bad-input error, the output of --json, MODEL checks, the
+prompt and the decoding flags turned into an Engine and its options.
+
+Nothing here imports torch at import time; the handlers import what they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+class CliError(ValueError):
+    """Bad input to show the user as one line."""
+
+
+def emit(args: argparse.Namespace, result: dict, text: str | None = None) -> None:
+    """Print `result` as JSON with --json, else the human text (or pretty JSON)."""
+    if getattr(args, "json", False) or text is None:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(text)
+
+
+def check_model(spec: str) -> None:
+    """Raise the one-line error load_model would, without loading anything (hub ids pass)."""
+    from poelm.checkpoint import looks_like_hub_id, model_dir
+    from poelm.presets import PRESETS
+
+    path = Path(spec)
+    if (spec in PRESETS and not path.exists()) or looks_like_hub_id(spec):
+        return
+    if not path.exists():
+        raise FileNotFoundError(f"MODEL {spec!r} is neither a preset ({', '.join(PRESETS)}), a directory nor a hub id")
+    if not path.is_dir():
+        raise CliError(f"MODEL {spec} is a file; pass the directory that holds it")
+    if model_dir(spec) is None:
+        raise FileNotFoundError(f"MODEL {spec} holds no config.json, no model_*.pt and no training run")
+
+
+def check_seq_len(seq_len: int, model, spec: str) -> None:
+    """Refuse rows longer than the model's context before anything is allocated for them."""
+    context = model.config.sequence_len
+    if seq_len > context:
+        raise CliError(f"--seq-len {seq_len} is longer than {spec}'s context of {context} tokens; "
+                       f"use --seq-len {context} or less")
+
+
+def parse_compose(text: str) -> list[str]:
+    """--compose D1,D2: the delta directories, each with a readable delta.json."""
+    from poelm.specialist import read_delta_meta
+
+    dirs = [d for d in text.split(",") if d]
+    if len(dirs) < 2:
+        raise ValueError(f"--compose {text!r}: give at least two delta directories, comma separated")
+    for d in dirs:
+        read_delta_meta(d)
+    return dirs
+
+
+def chat_stop_ids(tokenizer, spec: str) -> list[int]:
+    """<|assistant_end|> and <|bos|>, after checking that `tokenizer` has the chat specials."""
+    from poelm.chat import check_chat_tokenizer
+
+    check_chat_tokenizer(tokenizer, spec)
+    return [tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id]
+
+
+def decode_prompt(prompt: str) -> str:
+    """argv bytes that are not UTF-8 arrive as surrogate escapes: replace them by U+FFFD, saying so."""
+    if not any("\udc80" <= c <= "\udcff" for c in prompt):
+        return prompt
+    print("poelm: warning: the prompt has bytes that are not UTF-8; they were replaced by U+FFFD", file=sys.stderr)
+    return prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def parse_prompt(prompt: str, tokenizer) -> str | list[int]:
+    if tokenizer is not None:
+        return decode_prompt(prompt)
+    try:
+        ids = [int(t) for t in prompt.split()]
+    except ValueError:
+        raise CliError("this model has no tokenizer: give the prompt as space-separated token ids, e.g. \"1 2 3\"") from None
+    if not ids:
+        raise CliError("empty prompt: give at least one token id")
+    return ids
+
+
+def parse_stages(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise CliError(f"--stages must be a comma list of stage indices like 0,3, got {text!r}") from None
+
+
+def load_engine(args: argparse.Namespace):
+    """MODEL on --device as an Engine (with its WAND calibration for --mode wand)."""
+    from poelm.checkpoint import model_dir
+    from poelm.engine import COMPILABLE_MODES, Engine, capabilities, load_calibration
+    from poelm.runtime import check_compiler, parse_device
+    from poelm.specialist import load_with_delta
+
+    device = parse_device(args.device)
+    compile = getattr(args, "compile", False)
+    if compile:
+        check_compiler(device)
+        if not capabilities(args.mode).compilable:
+            raise CliError(f"--compile applies to the plain modes ({', '.join(COMPILABLE_MODES)}); --mode {args.mode} "
+                           f"decodes eagerly: drop --compile")
+    model, tokenizer = load_with_delta(args.model, getattr(args, "delta", None), device=device)
+    if getattr(args, "head_mode", None) is not None:
+        from poelm.specialist import with_head_mode
+        with_head_mode(model, args.head_mode)
+    calib = None
+    if capabilities(args.mode).needs_calibration:
+        directory = model_dir(args.model)
+        calib = load_calibration(directory) if directory is not None else None
+        if calib is None:
+            raise CliError(f"WAND needs calibrated swing bounds and {args.model} has none: "
+                           f"run `poelm calibrate {args.model} --data DIR` first")
+    return Engine(model, tokenizer, calibration=calib, compile=compile)
+
+
+def decode_options(args: argparse.Namespace) -> dict:
+    """The Engine.generate / Engine.stream options of the decoding flags."""
+    return dict(mode=args.mode, stage=args.stage, stages=parse_stages(args.stages), draft_stage=args.draft_stage,
+                gamma=args.gamma, wand_factor=args.wand_factor, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed, force=args.force)

@@ -1,0 +1,78 @@
+"""`poelm eval MODEL --data DIR`: bits per byte of the final readout, every stage and the
+Log-OP; with --compose, bits per assistant token of sibling specialists and their Log-OP."""
+
+from __future__ import annotations
+
+import argparse
+
+from poelm.cli.common import CliError, check_seq_len, emit, parse_compose
+from poelm.flags import at_least
+
+
+def eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="MODEL")
+    p.add_argument("--data", required=True, help="corpus directory (its last shard is validation)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: MODEL's own)")
+    p.add_argument("--tokens", type=at_least(1), default=None,
+                   help="validation token budget, capped at the split (default: 80 x 2^19 on CUDA, 2^16 on CPU)")
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="rows per forward pass")
+    p.add_argument("--seq-len", type=at_least(1), default=None, help="tokens per row (default: MODEL's sequence_len)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    p.add_argument("--backout-both", action="store_true",
+                   help="PoE: also report the final bpb with the other backout setting")
+    p.add_argument("--delta", default=None, help="specialist delta directory to load onto MODEL (its base)")
+    p.add_argument("--compose", default=None, metavar="DELTA1,DELTA2",
+                   help="sibling deltas on MODEL: bits per assistant token of each and of their Log-OP on the "
+                        "held-out split of --data (a chat data directory)")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from poelm.dataloader import val_batches
+    from poelm.evaluate import evaluate_bpb
+    from poelm.runtime import parse_device
+    from poelm.specialist import load_with_delta
+
+    if args.compose:
+        return eval_compose(args)
+    device = parse_device(args.device)
+    model, tokenizer = load_with_delta(args.model, args.delta, device=device, tokenizer_dir=args.tokenizer)
+    if tokenizer is None:
+        raise CliError(f"{args.model} has no tokenizer: pass --tokenizer DIR (bpb needs token_bytes.pt)")
+    T = args.seq_len or model.config.sequence_len
+    check_seq_len(T, model, args.model)
+
+    def batches():
+        return val_batches(args.data, tokenizer, args.batch_size, T, args.tokens, device=device)
+
+    result = evaluate_bpb(model, batches(), tokenizer.token_bytes())
+    result["model"] = str(args.model)
+    if model.config.is_poe() and args.backout_both:
+        model.config.backout = not model.config.backout
+        other = evaluate_bpb(model, batches(), tokenizer.token_bytes())
+        result["bpb_with_backout" if model.config.backout else "bpb_without_backout"] = other["bpb"]
+    lines = [f"final bpb: {result['bpb']:.4f}", *(f"stage {k} bpb: {v:.4f}" for k, v in enumerate(result["stages"])),
+             f"log-op bpb: {result['logop']:.4f}", f"({result['tokens']} tokens)"]
+    emit(args, result, "\n".join(lines))
+    return 0
+
+
+def eval_compose(args: argparse.Namespace) -> int:
+    """`poelm eval BASE --compose D1,D2 --data CHATDIR`: bits per assistant token."""
+    from poelm.chatdata import chat_batches
+    from poelm.checkpoint import load_model
+    from poelm.runtime import parse_device
+    from poelm.specialist import bits_per_assistant_token, compose
+
+    dirs = parse_compose(args.compose)
+    device = parse_device(args.device)
+    base, tokenizer = load_model(args.model, device=device, tokenizer_dir=args.tokenizer)
+    if tokenizer is None:
+        raise CliError(f"{args.model} has no tokenizer: pass --tokenizer DIR (chat data is rendered with it)")
+    comp = compose(base, dirs)
+    T = args.seq_len or base.config.sequence_len
+    result = bits_per_assistant_token(comp, chat_batches(args.data, tokenizer, args.batch_size, T, split="val",
+                                                         device=device))
+    lines = [*(f"{name}: {v:.4f}" for name, v in result["branches"].items()), f"composition: {result['composition']:.4f}",
+             f"(bits per assistant token, {result['assistant_tokens']} tokens)"]
+    emit(args, result, "\n".join(lines))
+    return 0

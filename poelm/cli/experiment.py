@@ -1,0 +1,83 @@
+"""`poelm experiment [PRESET|FILE]` (the BP-vs-PoE experiment end to end, poelm/experiment/)
+and `poelm compare MODEL ...` (several models on the same validation data)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from poelm.cli.common import check_model, emit
+from poelm.cli.train import NOT_TRAINING_FLAGS
+from poelm.flags import add_model_flags, at_least, model_kwargs
+
+
+def experiment_arguments(p: argparse.ArgumentParser) -> None:
+    from poelm.experiment.config import PRESETS
+
+    p.add_argument("config", nargs="?", default="tiny", help=f"preset ({', '.join(PRESETS)}) or a TOML/YAML file")
+    preset = " (default: the preset's)"
+    for flag, kind, text in (
+            ("--out", str, "experiment directory"), ("--data", str, "corpus directory (built when missing)"),
+            ("--data-source", str, "default, a folder, or climbmix:N"),
+            ("--tokenizer", str, "tokenizer directory (trained when missing)"),
+            ("--vocab-size", int, "tokenizer vocabulary"), ("--total-batch-size", int, "tokens per step"),
+            ("--device-batch-size", int, "rows per forward pass"), ("--num-iterations", int, "steps per arm"),
+            ("--target-tokens", int, "training tokens per arm"), ("--eval-every", int, "steps between evals"),
+            ("--eval-tokens", int, "validation tokens per eval"), ("--save-every", int, "steps between checkpoints"),
+            ("--seed", int, "seed of every arm"), ("--device", str, "auto, cpu, cuda or cuda:N"),
+            ("--dtype", str, "auto, fp32/float32 or bf16/bfloat16"), ("--nproc", int, "processes per arm (torchrun)"),
+            ("--decode-tokens", int, "new tokens per prompt when timing the inference modes")):
+        p.add_argument(flag, type=kind, default=None, help=text + preset)
+    add_model_flags(p, exclude=NOT_TRAINING_FLAGS + ("poe_mode", "poe_alpha"), defaults_note="the preset's")
+
+
+def compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="+", help="MODEL ...")
+    p.add_argument("--data", required=True, help="corpus directory (its last shard is validation)")
+    p.add_argument("--tokens", type=at_least(1), default=None,
+                   help="validation token budget per model, capped at the split (default: 80 x 2^19 on CUDA, 2^16 on CPU)")
+    p.add_argument("--seq-len", type=at_least(1), default=None,
+                   help="tokens per row (default: each model's sequence_len, at most 1024)")
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="rows per forward pass")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: each MODEL's own)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    p.add_argument("--plot", default=None, help="write a PNG of bpb per stage here (default: no plot)")
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from poelm.experiment.config import ExperimentConfig, load_config
+    from poelm.experiment.run import run_experiment
+
+    keys = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"name", "model"}
+    overrides = {k: v for k, v in vars(args).items() if k in keys}
+    overrides["model"] = model_kwargs(args)
+    cfg = load_config(args.config, overrides)
+    results = run_experiment(cfg, quiet=args.json)
+    if args.json:
+        print(json.dumps({k: results[k] for k in ("arms", "gap", "inference", "wall_seconds", "plots")}, default=str))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from poelm.experiment.compare import compare_models, compare_plot
+    from poelm.runtime import parse_device
+
+    for spec in args.models:  # every MODEL resolves before the first one is evaluated
+        check_model(spec)
+    device = parse_device(args.device)
+    result = compare_models(args.models, args.data, args.tokens, args.seq_len, args.batch_size, device, args.tokenizer)
+    if args.plot:
+        result["plot"] = str(compare_plot(result, Path(args.plot)))
+    header = f"{'model':<36} {'params':>12} {'mode':>6} {'final':>7} {'stages':<32} {'Log-OP':>7}  modes"
+    lines = [header]
+    for r in result["models"]:
+        stages = " ".join(f"{b:.4f}" for b in r["stage_bpb"])
+        lines.append(f"{r['model'][-36:]:<36} {r['params']:>12,} {r['poe_mode']:>6} {r['bpb']:>7.4f} {stages:<32} "
+                     f"{r['logop']:>7.4f}  {', '.join(r['modes'])}")
+    if result["note"]:
+        lines.append(f"note: {result['note']}")
+    emit(args, result, "\n".join(lines))
+    return 0
+

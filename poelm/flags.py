@@ -1,0 +1,143 @@
+"""Command-line flags that are not one command's own: argparse types (at_least,
+finite_float, comma_ints) and GPTConfig's flags, generated from its fields (their help and
+choices), so a new field becomes a flag without another edit.
+
+    p.add_argument("--batch-size", type=at_least(1))
+    add_model_flags(parser)                          # --n-layer/--depth, --n-embd, ... from the fields
+    config = config_from_flags(model_kwargs(args))   # an error names the flag it is about
+    argv = model_flags(config)                       # the flags that rebuild `config` (torchrun)
+
+It imports no torch until a GPTConfig function runs, so `poelm --help` stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, fields
+
+if typing.TYPE_CHECKING:
+    from poelm.model import GPTConfig
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= low."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a float that is not NaN (inf allowed)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value:
+        raise argparse.ArgumentTypeError("must be a number, got nan")
+    return value
+
+
+def comma_ints(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated integers such as 12,5,4,3."""
+    try:
+        return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give comma-separated integers such as 12,5,4,3, got {text!r}") from None
+
+
+# -----------------------------------------------------------------------------
+# GPTConfig: one flag per field
+
+# nanochat's own flag names, accepted beside the field names
+FLAG_ALIASES = {"n_layer": ("--depth",), "sequence_len": ("--seq-len",)}
+
+
+def _base_type(hint):
+    """int | None -> int; tuple[int, ...] stays."""
+    if isinstance(hint, types.UnionType):
+        return next(h for h in typing.get_args(hint) if h is not type(None))
+    return hint
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def add_model_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ("vocab_size",),
+                    defaults_note: str | None = None) -> None:
+    """One flag per GPTConfig field (its help from the field). Every flag defaults to None,
+    i.e. "not given": GPTConfig's own default (shown) or derivation applies. defaults_note
+    replaces the shown default (e.g. "the preset's")."""
+    from poelm.model import GPTConfig
+
+    group = parser.add_argument_group("model (GPTConfig; sizes left unset are derived)")
+    hints = typing.get_type_hints(GPTConfig)
+    for f in fields(GPTConfig):
+        if f.name in exclude:
+            continue
+        kind = _base_type(hints[f.name])
+        default = f.default if f.default is not MISSING else None
+        shown = defaults_note or ("derived" if default is None else default)
+        kw: dict = {"dest": f.name, "default": None, "help": f"{f.metadata.get('help', f.name)} (default: {shown})"}
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple:
+            kw.update(type=comma_ints, metavar="N,N,...")
+        else:
+            kw["type"] = kind
+            choices = f.metadata.get("choices")
+            if choices:
+                kw["choices"] = choices
+        group.add_argument(flag_name(f.name), *FLAG_ALIASES.get(f.name, ()), **kw)
+
+
+def model_kwargs(args: argparse.Namespace) -> dict:
+    """The GPTConfig fields given on the command line (flags left unset are absent)."""
+    from poelm.model import GPTConfig
+
+    return {f.name: getattr(args, f.name) for f in fields(GPTConfig) if getattr(args, f.name, None) is not None}
+
+
+def config_from_flags(kwargs: dict) -> GPTConfig:
+    """GPTConfig from model flags; a validation error names the flag it is about."""
+    from poelm.model import GPTConfig
+
+    try:
+        return GPTConfig(**kwargs)
+    except ValueError as e:
+        msg = str(e)
+        named = next((f.name for f in fields(GPTConfig) if msg.startswith(f.name)), None)
+        if named is None:
+            named = next((f.name for f in fields(GPTConfig) if f.name in msg), None)
+        if named is None:
+            raise
+        flags = " / ".join((flag_name(named), *FLAG_ALIASES.get(named, ())))
+        raise ValueError(f"{flags}: {msg}") from None
+
+
+def model_flags(config: GPTConfig, exclude: tuple[str, ...] = ("vocab_size",)) -> list[str]:
+    """Flags that rebuild `config` exactly (e.g. for a torchrun child process)."""
+    argv: list[str] = []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name in exclude or value is None or (f.name == "poe_every"):  # the stage sizes say it all
+            continue
+        if isinstance(value, bool):
+            argv.append(flag_name(f.name) if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, (tuple, list)):
+            argv += [flag_name(f.name), ",".join(map(str, value))]
+        else:
+            argv += [flag_name(f.name), str(value)]
+    return argv

@@ -1,0 +1,103 @@
+"""Where a computation runs: the device, the dtype and torch.compile, each refused with one
+line when this machine cannot give it.
+
+    device = parse_device("auto")          # cuda if visible, else cpu
+    dtype = parse_dtype("bf16")            # torch.bfloat16
+    check_bf16(device); check_compiler(device)
+
+A refusal is a SettingError naming the setting (`device`, `dtype`, `compile`); the command
+line prints the same sentence with the flag instead (`--device`, `--no-compile`). A run that
+stops itself for a reason that is not bad input (it diverged) raises a RunStopped.
+torch is imported only when a function runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+
+
+class SettingError(ValueError):
+    """A bad value of one setting. `say(name, off)` writes the message given how to name the
+    setting and how to turn a boolean setting off: str() says them as Python parameters
+    (`device`, `compile=False`), `render` as the caller says them (the CLI: `--device`,
+    `--no-compile`)."""
+
+    def __init__(self, setting: str, say: Callable[[str, str], str]):
+        self.setting, self.say = setting, say
+        super().__init__(say(setting, f"{setting}=False"))
+
+    def render(self, name: str, off: str) -> str:
+        return self.say(name, off)
+
+
+class RunStopped(Exception):
+    """A run stopped itself for a reason that is not bad input (its loss diverged); what it wrote
+    before stays intact. The CLI reports it in one line with exit status 1."""
+
+
+def parse_dtype(name: str):
+    """fp32/bf16/fp16 or torch's names (float32, bfloat16, float16) -> torch.dtype."""
+    import torch
+
+    if name not in DTYPES:
+        raise SettingError("dtype", lambda n, off: f"{n} {name!r} is not a dtype; use fp32 (float32), bf16 (bfloat16) "
+                                                   "or fp16 (float16)")
+    return getattr(torch, DTYPES[name])
+
+
+def parse_device(name: str):
+    """auto, cpu, cuda, cuda:N or mps -> torch.device, refusing devices this machine lacks."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SettingError("device", lambda n, off: f"{n} {name!r} is not a device; use cpu, cuda, cuda:N, mps or "
+                                                    "auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SettingError("device", lambda n, off: f"{n} {name} but no CUDA GPU is visible; use {n} cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise SettingError("device", lambda n, off: f"{n} {name} but only {count} CUDA GPU(s) are visible; "
+                                                        f"use {n} cuda:0")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise SettingError("device", lambda n, off: f"{n} {name} but MPS is not available here; use {n} cpu")
+    elif device.type != "cpu":
+        raise SettingError("device", lambda n, off: f"{n} {name!r} is not supported; use cpu, cuda, cuda:N, mps or "
+                                                    "auto")
+    return device
+
+
+def check_bf16(device) -> None:
+    """Refuse bf16 on a CUDA GPU without bfloat16 support (the CPU computes it, slowly)."""
+    import torch
+
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        gpu = torch.cuda.get_device_name(device)
+        raise SettingError("dtype", lambda n, off: f"{n} bf16 but {gpu} has no bfloat16 support; use {n} fp32")
+
+
+def check_compiler(device) -> None:
+    """Refuse torch.compile where it cannot work: no dynamo for this Python, no triton (CUDA) or no C++ compiler (CPU)."""
+    import importlib.util
+    import shutil
+
+    import torch
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise SettingError("compile", lambda n, off: f"{n}: torch.compile does not support this Python or platform; "
+                                                     f"pass {off}")
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise SettingError("compile", lambda n, off: f"{n} on CUDA needs triton (pip install triton); pass {off} to "
+                                                     "run eagerly")
+    if device.type == "cpu" and not (os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++"))):
+        raise SettingError("compile", lambda n, off: f"{n} on the CPU needs a C++ compiler (g++ or clang++ on PATH, "
+                                                     f"or $CXX); pass {off}")
