@@ -190,14 +190,15 @@ def base_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     return model.readout(x, None, kept.get(cfg.backout_layer), head_mode="base")
 
 
-def with_head_mode(model: GPT, head_mode: str) -> GPT:
-    """Set the readout of a specialist's last stage; a model without lm_head_stage refuses."""
+def with_head_mode(model: GPT, head_mode: str, name: str = "--head-mode") -> GPT:
+    """Set the readout of a specialist's last stage; a model without lm_head_stage refuses
+    (naming the setting as `name`: the flag, or the server's request field)."""
     if head_mode not in HEAD_MODES:
-        raise ValueError(f"--head-mode {head_mode!r} is not one of {', '.join(HEAD_MODES)}")
+        raise ValueError(f"{name} {head_mode!r} is not one of {', '.join(HEAD_MODES)}")
     try:
         model.config = replace(model.config, head_mode=head_mode)
     except ValueError as e:
-        raise ValueError(f"--head-mode {head_mode}: {e}") from None
+        raise ValueError(f"{name} {head_mode}: {e}") from None
     return model
 
 
@@ -483,6 +484,8 @@ def bits_per_assistant_token(comp: Composition, batches) -> dict:
 def generate_composed(comp: Composition, tokens: list[int], max_new_tokens: int, temperature: float = 0.0,
                       stop: int | None = None, seed: int | None = None) -> list[int]:
     """Plain (uncached) decoding from the composition: greedy, or sampling at `temperature`."""
+    from poelm.engine.sampling import tempered
+
     device = comp.branches[0].lm_head.weight.device
     gen = torch.Generator(device=device)
     if seed is not None:
@@ -493,7 +496,7 @@ def generate_composed(comp: Composition, tokens: list[int], max_new_tokens: int,
         idx = torch.tensor([out[-limit:]], device=device)
         logp = comp.logits(idx)[0, -1]
         if temperature > 0:
-            nxt = int(torch.multinomial((logp / temperature).softmax(-1), 1, generator=gen))
+            nxt = int(torch.multinomial(tempered(logp, temperature).softmax(-1), 1, generator=gen))
         else:
             nxt = int(logp.argmax())
         out.append(nxt)
