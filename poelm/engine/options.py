@@ -14,7 +14,8 @@ from poelm.model import GPT, KVCache
 
 WAND_TARGETS = ("final", "logop")
 GENERATION_CONFIG_NAME = "generation_config.json"
-CALIBRATION_KEYS = ("wand_bounds", "wand_quantile", "wand_target", "wand_calibration_tokens")
+CALIBRATION_KEYS = ("wand_bounds", "wand_quantile", "wand_target", "wand_calibration_tokens", "wand_exit_rates",
+                    "stage_agreement", "decode_costs")
 MAX_GAMMA = 64
 BP_REFUSAL = ("this is a BP model (poe_mode='none'): its intermediate stages were never trained to predict, "
               "so {what} would read out meaningless stages; pass force=True (--force) to run it anyway")
