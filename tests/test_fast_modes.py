@@ -137,3 +137,60 @@ def test_wand_where_every_test_pays_gives_the_tokens_of_before(model, factor):
 def test_wand_rates_past_the_largest_calibrated_factor_test_nothing(model):
     out = wand(model, wand_calib([1.0] * (K - 1)), wand_factor=2.0)  # rates stored at factor 1 only
     assert out[0].stats["wand_tested_stages"] == []
+
+
+# -----------------------------------------------------------------------------
+# Adaptive speculative decoding
+
+
+def spec_calib(agreement: list[float], stage: float = 1e-3, test: float = 1e-5) -> dict:
+    return {"decode_costs": costs(stage, test), "stage_agreement": agreement}
+
+
+def test_expected_tokens_and_the_chooser_arithmetic():
+    from poelm.engine.speculative import DraftChooser, expected_tokens
+
+    assert expected_tokens(0.0, 4) == 1 and expected_tokens(1.0, 4) == 5
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    chooser = DraftChooser(costs(1e-3, 0.0), [0, 1, 2], 8, [0.0, 0.0, 0.0], probe=3)
+    # plain: 4 stages; (d=0, g=1): 2 x stage 0 + stages 1..3 = 5 stages for 1 token
+    assert chooser.speedup(0, 1, 0.0) == pytest.approx(4 / 5) and chooser.speedup(0, 0, 0.3) == pytest.approx(1)
+    assert [chooser.next_pass()[1] for _ in range(8)] == [0, 0, 0, 1, 0, 0, 0, 1]  # plain, probing every 3
+    assert chooser.report()["fallback_passes"] == 6 and chooser.report()["probes"] == 2
+    sure = DraftChooser(costs(1e-3, 0.0), [0, 1, 2], 8, [1.0, 1.0, 1.0], probe=3)
+    assert sure.next_pass() == (0, 8)  # every draft accepted: the cheapest stage, the longest draft
+    sure.observe(0, 8, 0)  # a rejection moves stage 0's estimate by EMA_WEIGHT
+    assert sure.acceptance[0] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("calib,regime", [(spec_calib([0.95, 0.95, 0.95]), "drafts"),
+                                          (spec_calib([0.0, 0.0, 0.0]), "falls back"),
+                                          (None, "measures")])
+def test_adaptive_speculative_greedy_is_plain_greedy(model, calib, regime):
+    plain = Engine(model).generate(prompts(), max_new_tokens=30, stop_token_ids=[])
+    out = Engine(model, calibration=calib).generate(prompts(), mode="speculative", adaptive=True, gamma=4,
+                                                    adaptive_probe=4, max_new_tokens=30, stop_token_ids=[])
+    assert [g.tokens for g in out] == [g.tokens for g in plain]
+    choice = out[0].stats["speculative_choice"]
+    assert set(choice) >= {"draft_stage", "gamma", "expected_speedup", "fallback_passes", "probes", "acceptance"}
+    if regime == "falls back":
+        assert choice["fallback_passes"] > 0 and choice["probes"] > 0 and out[0].stats["drafted"] > 0
+    else:
+        assert out[0].stats["drafted"] > 0
+
+
+def test_adaptive_speculative_sampling_while_falling_back_is_plain_sampling(model):
+    """Plain passes draw the target's token with the sampler's generator exactly as plain decoding does."""
+    opts = dict(temperature=0.9, top_k=20, seed=5, max_new_tokens=20, stop_token_ids=[])
+    plain = Engine(model).generate(prompts()[0], **opts)
+    out = Engine(model, calibration=spec_calib([0.0] * (K - 1))).generate(
+        prompts()[0], mode="speculative", adaptive=True, adaptive_probe=1000, **opts)
+    assert out.tokens == plain.tokens and out.stats["drafted"] == 0
+
+
+@pytest.mark.parametrize("kw,message", [(dict(adaptive=True, adaptive_gamma=True), "adaptive and adaptive_gamma"),
+                                        (dict(adaptive=True, adaptive_probe=0), "adaptive_probe must be an integer >= 1"),
+                                        (dict(adaptive="yes"), "adaptive must be true or false")])
+def test_adaptive_options_are_checked(model, kw, message):
+    with pytest.raises(ValueError, match=message):
+        Engine(model).generate([1, 2, 3], mode="speculative", **kw)

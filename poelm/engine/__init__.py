@@ -8,6 +8,7 @@ adaptive depth and self-speculative decoding (docs/poe.md §2-6).
     engine.generate(prompt, mode="stage", stage=0)                           # prefix pruning
     engine.generate(prompt, mode="logop", stages=[0, 3])                     # Log-OP of stages
     engine.generate(prompt, mode="speculative", draft_stage=0, gamma=4)      # token-identical to greedy
+    engine.generate(prompt, mode="speculative", adaptive=True)   # stage and gamma chosen by cost; plain if none pays
     engine.calibration = calibrate(model, batches); engine.generate(prompt, mode="wand")
     for delta in engine.stream(prompt, temperature=0.8, top_p=0.9): print(delta, end="")
     Engine(model, tokenizer, compile=True)   # plain modes: an inductor-compiled step (--compile)
@@ -54,8 +55,9 @@ import time
 
 import torch
 
-from poelm.engine.calibrate import (calibrate, check_calibration, load_calibration, running_readouts,
-                                    save_calibration, stage_swings, wand_exit_rule, wand_teacher_forced)
+from poelm.engine.calibrate import (calibrate, check_calibration, check_cost_model, load_calibration, measure_costs,
+                                    running_readouts, save_calibration, stage_swings, wand_exit_rule,
+                                    wand_teacher_forced)
 from poelm.engine.decoders import Capabilities, Decoder, DecodeStats, PlainDecoder, Row, new_cache
 from poelm.engine.options import (BP_REFUSAL, CALIBRATION_KEYS, GENERATION_CONFIG_NAME, MAX_GAMMA, WAND_TARGETS,
                                   DecodeOptions, Generation, ModeRefused, _check, refuse_bp)
@@ -70,7 +72,7 @@ from poelm.model import GPT
 __all__ = ["Engine", "Session", "Decoder", "DecodeStats", "PlainDecoder", "WandDecoder", "SpeculativeDecoder", "Row",
            "make_decoder", "new_cache", "DecodeOptions", "Generation", "validate_options", "Sampler", "logop",
            "top_gap", "TextStream", "calibrate", "check_calibration", "load_calibration", "save_calibration",
-           "running_readouts", "stage_swings", "wand_exit_rule", "wand_teacher_forced", "refuse_bp", "MODES",
+           "running_readouts", "stage_swings", "wand_exit_rule", "wand_teacher_forced", "measure_costs", "refuse_bp", "MODES",
            "WAND_TARGETS", "MAX_GAMMA", "BP_REFUSAL", "CALIBRATION_KEYS", "GENERATION_CONFIG_NAME", "_check",
            "Collector", "Capabilities", "ModeRefused", "DECODERS", "COMPILABLE_MODES", "LOGPROB_MODES",
            "capabilities", "modes_with"]
@@ -163,6 +165,9 @@ class Engine:
             _check(self.tokenizer is not None, "stop strings need a tokenizer")
         if capabilities(opts.mode).needs_calibration:
             opts.calibration = check_calibration(opts.calibration or self.calibration, self.model)
+        elif opts.adaptive and (opts.calibration or self.calibration):  # adaptive speculative's cost model
+            opts.calibration = opts.calibration or self.calibration
+            check_cost_model(opts.calibration, self.model.config.n_stages)
         return opts
 
 

@@ -80,6 +80,7 @@ class DecodeStats:
     accepted: int = 0
     verify_passes: int = 0  # per row
     gamma: int | None = None
+    speculative_choice: dict | None = None  # adaptive speculative: the draft stage and gamma chosen, fallbacks
 
     def to_dict(self, n_new: int) -> dict:
         out: dict = {"mode": self.mode}
@@ -99,6 +100,8 @@ class DecodeStats:
                        verify_passes=self.verify_passes, gamma=self.gamma,
                        acceptance_rate=self.accepted / self.drafted if self.drafted else None,
                        tokens_per_verify=n_new / self.verify_passes if self.verify_passes else None)
+            if self.speculative_choice is not None:
+                out["speculative_choice"] = dict(self.speculative_choice)
         return out
 
 
