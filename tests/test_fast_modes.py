@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from poelm.engine import DecodeOptions, Engine, WandDecoder, calibrate, load_calibration, save_calibration
-from poelm.engine.calibrate import COST_POSITIONS, EXIT_RATE_FACTORS, exit_rates, exit_rates_at, read_generation_config
+from poelm.engine.calibrate import EXIT_RATE_FACTORS, exit_rates, read_generation_config
+from poelm.engine.costs import COST_POSITIONS
+from poelm.engine.wand import exit_rates_at
 from tests.conftest import tiny_model
 
 K = 4  # the tiny model's stages (one layer each)
@@ -49,6 +51,7 @@ def test_calibration_measures_costs_rates_and_agreement(model, tmp_path):
     assert c["positions"] == [1, 8] and c["device"] == "cpu" and c["threads"] == torch.get_num_threads()
     assert len(c["stage_s"]) == K and len(c["test_s"]) == K
     assert all(len(r) == 2 and all(0 < t < 1 for t in r) for r in c["stage_s"] + c["test_s"])
+    assert 0 <= c["wand_overhead_s"] < 1
     table = calib["wand_exit_rates"]
     assert table["factors"] == list(EXIT_RATE_FACTORS) and all(len(r) == K - 1 for r in table["rates"])
     assert all(0 <= a <= 1 for a in calib["stage_agreement"]) and len(calib["stage_agreement"]) == K - 1
@@ -119,6 +122,25 @@ def test_wand_tests_exactly_where_saving_exceeds_cost(model):
     assert stats["wand_tested_stages"] == [1] and "stage 1: exit rate 0.50, saving 1000 us vs test 500 us" in \
         stats["wand_reason"]
     assert stats["exit_stage_counts"][0] == 0 and stats["exit_stage_counts"][2] == 0
+
+
+def test_wand_staging_overhead_can_outweigh_every_test(model):
+    """Stage 1's test pays alone (1 ms saved vs 0.5 ms) but not with the staged step's 1 ms overhead."""
+    calib = wand_calib([0.1, 0.5, 0.4], test=5e-4)
+    calib["decode_costs"]["wand_overhead_s"] = 1e-3
+    out = wand(model, calib)
+    assert out[0].stats["wand_tested_stages"] == [] and "does not cover their cost and the staged step's " \
+        "overhead (1500 us" in out[0].stats["wand_reason"]
+    plain = Engine(model).generate(prompts(), max_new_tokens=24, stop_token_ids=[])
+    assert [g.tokens for g in out] == [g.tokens for g in plain]
+
+
+def test_wand_saving_counts_the_back_fill(model):
+    """A skipped stage is run later with the next deep position: its saving is its one-position
+    cost less the cost of one more position (here 1 ms at 1 position, 1.7 ms at 8: 0.9 ms)."""
+    calib = wand_calib([0.0, 0.0, 1.0], test=8.5e-4)
+    calib["decode_costs"]["stage_s"][3] = [1e-3, 1.7e-3]
+    assert "stage 2: exit rate 1.00, saving 900 us vs test 850 us" in wand(model, calib, n=2)[0].stats["wand_reason"]
 
 
 @pytest.mark.parametrize("factor", [0.0, 0.5])

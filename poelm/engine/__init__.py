@@ -37,7 +37,8 @@ Every mode is a decoder of one protocol (decoders.py: add_rows / step / remove_r
 rollback / stats) and decodes a batch of rows together (a list of prompts); finished rows
 leave the batch between steps (with compile they stay, so the batch keeps its compiled shape). Package layout: options.py (DecodeOptions, the
 shared checks), sampling.py, decoders.py (protocol, plain), wand.py, speculative.py, registry.py (mode ->
-decoder class and its capabilities, validation, make_decoder), calibrate.py, stream.py.
+decoder class and its capabilities, validation, make_decoder), calibrate.py, costs.py (measured costs),
+stream.py.
 
 Prompts: text (needs a tokenizer) or token ids; with a tokenizer `<|bos|>` is prepended when
 missing. A prompt longer than config.sequence_len is an error (no silent truncation);
@@ -55,9 +56,9 @@ import time
 
 import torch
 
-from poelm.engine.calibrate import (calibrate, check_calibration, check_cost_model, load_calibration, measure_costs,
-                                    running_readouts, save_calibration, stage_swings, wand_exit_rule,
-                                    wand_teacher_forced)
+from poelm.engine.calibrate import (calibrate, check_calibration, check_cost_model, load_calibration,
+                                    running_readouts, save_calibration, stage_swings, wand_teacher_forced)
+from poelm.engine.costs import measure_costs
 from poelm.engine.decoders import Capabilities, Decoder, DecodeStats, PlainDecoder, Row, new_cache
 from poelm.engine.options import (BP_REFUSAL, CALIBRATION_KEYS, GENERATION_CONFIG_NAME, MAX_GAMMA, WAND_TARGETS,
                                   DecodeOptions, Generation, ModeRefused, _check, refuse_bp)
@@ -66,7 +67,7 @@ from poelm.engine.registry import (COMPILABLE_MODES, DECODERS, LOGPROB_MODES, MO
 from poelm.engine.sampling import Sampler, logop, top_gap
 from poelm.engine.speculative import SpeculativeDecoder
 from poelm.engine.stream import TextStream, Collector
-from poelm.engine.wand import WandDecoder
+from poelm.engine.wand import WandDecoder, wand_exit_rule
 from poelm.model import GPT
 
 __all__ = ["Engine", "Session", "Decoder", "DecodeStats", "PlainDecoder", "WandDecoder", "SpeculativeDecoder", "Row",

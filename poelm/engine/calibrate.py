@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,9 +20,10 @@ import numpy as np
 import torch
 
 from poelm.atomic import atomic_write_json
-from poelm.engine.decoders import new_cache
+from poelm.engine.costs import measure_costs
 from poelm.engine.options import CALIBRATION_KEYS, GENERATION_CONFIG_NAME, WAND_TARGETS, _check, refuse_bp
 from poelm.engine.sampling import top_gap
+from poelm.engine.wand import wand_exit_rule
 from poelm.jsonfile import check_field, read_json_object
 from poelm.outputs import amending
 from poelm.model import GPT, logop_weight
@@ -117,15 +117,6 @@ def calibrate(model: GPT, token_batches: Iterable, quantile: float = 0.99, targe
 EXIT_RATE_FACTORS = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # wand_factor values the exit rates are stored at
 
 
-def exit_rates_at(table: dict, factor: float) -> list[float]:
-    """The stored exit rates at the smallest calibrated factor >= `factor` (rates fall as the factor
-    grows, so this errs towards fewer exits); zeros past the largest."""
-    for f, rates in sorted(zip(table["factors"], table["rates"])):
-        if f >= factor:
-            return rates
-    return [0.0] * len(table["rates"][0])
-
-
 def exit_rates(gaps: list[torch.Tensor], thresholds: list[float]) -> list[float]:
     """P(exit at k | reached k) for every stage k < K-1, from the top1 - top2 gaps (n,) of r_k at
     the same n positions (teacher forcing) and the exit thresholds."""
@@ -137,58 +128,6 @@ def exit_rates(gaps: list[torch.Tensor], thresholds: list[float]) -> list[float]
         rates.append(int(exits.sum()) / n if n else 0.0)
         reached &= ~exits
     return rates
-
-
-COST_POSITIONS = (1, 8)  # positions per timed pass: a decode step, and a verify pass's order of size
-
-
-@torch.no_grad()
-def measure_costs(model: GPT, repeats: int = 5, context: int = 32) -> dict:
-    """What the pieces of a cached decode step cost on this machine, in seconds at batch 1
-    (the median of `repeats` timed passes after a warm-up), at each of COST_POSITIONS positions
-    per pass: {"device", "threads", "positions", "stage_s": K x [seconds per position count]
-    (stage k's layers; stage 0's include the embedding), "test_s": K x [...] (stage k's exit
-    test: its readout, top-2 and the host read; the last stage's: the final readout's)}.
-    The figures hold for this machine only: `poelm calibrate` measures them again."""
-    cfg, device = model.config, model.lm_head.weight.device
-    K, wide = cfg.n_stages, COST_POSITIONS[-1]
-    context = max(1, min(context, cfg.sequence_len - wide))
-    ids = torch.randint(cfg.vocab_size, (1, context + wide), generator=torch.Generator().manual_seed(0)).to(device)
-    cache = new_cache(model, 1, context + wide)
-    x = model.embed(ids[:, :context], cache, 0)
-    model.run_layers(x, x, ids[:, :context], 0, cfg.n_layer, cache, 0)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    stage_s, test_s = [[] for _ in range(K)], [[] for _ in range(K)]
-    for n in COST_POSITIONS:
-        laps = [_timed_pass(model, cache, ids[:, context:context + n], context, sync) for _ in range(repeats + 1)][1:]
-        for k in range(K):
-            stage_s[k].append(float(np.median([lap[k] for lap in laps])))
-            test_s[k].append(float(np.median([lap[K + k] for lap in laps])))
-    return {"device": device.type, "threads": torch.get_num_threads(), "positions": list(COST_POSITIONS),
-            "stage_s": stage_s, "test_s": test_s}
-
-
-def _timed_pass(model: GPT, cache, idx: torch.Tensor, start: int, sync) -> list[float]:
-    """One pass over idx (1, n) at `start` -> seconds of the K stages, then of the K exit tests."""
-    cfg = model.config
-    bl = cfg.backout_layer if cfg.backout else -1
-    laps, lasts, x_mid, first = [], [], None, 0
-    sync()
-    t = time.perf_counter()
-    x = x0 = model.embed(idx, cache, start)
-    for end in cfg.stage_ends:
-        x, kept = model.run_layers(x, x0, idx, first, end + 1, cache, start, keep={bl} if bl >= 0 else set())
-        x_mid, first = kept.get(bl, x_mid), end + 1
-        lasts.append(x)
-        sync()
-        laps.append(time.perf_counter() - t)
-        t = time.perf_counter()
-    for k, last in enumerate(lasts):
-        r = model.readout(last, k) if k < len(lasts) - 1 else model.readout(x, None, x_mid, lasts)
-        top_gap(r).tolist()
-        laps.append(time.perf_counter() - t)
-        t = time.perf_counter()
-    return laps
 
 
 def check_calibration(calib: dict | None, model: GPT) -> dict:
@@ -248,6 +187,7 @@ def _check_costs(costs: dict, path, fix: str) -> None:
     positions = check_field(costs, "positions", list, f"{path}: decode_costs", fix)
     if not positions or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in positions):
         raise ValueError(f"{path}: decode_costs field 'positions' must be a list of integers >= 1; {fix}")
+    check_field(costs, "wand_overhead_s", float, f"{path}: decode_costs", fix, required=False, low=0)
     for key in ("stage_s", "test_s"):
         rows = check_field(costs, key, list, f"{path}: decode_costs", fix)
         if not all(isinstance(r, list) and len(r) == len(positions) and all(map(_is_bound, r)) for r in rows):
@@ -283,14 +223,6 @@ def load_calibration(model_dir: str | os.PathLike) -> dict | None:
     if "wand_bounds" not in gen:
         return None
     return {k: gen[k] for k in CALIBRATION_KEYS if k in gen}
-
-
-def wand_exit_rule(bounds: list[float], factor: float) -> list[float]:
-    """Threshold after each stage k: F * sum_{j>k} b_j (inf for every stage but the last when F = inf)."""
-    K = len(bounds)
-    if math.isinf(factor):
-        return [math.inf] * (K - 1) + [-math.inf]
-    return [factor * sum(bounds[k + 1:]) for k in range(K - 1)] + [-math.inf]
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ import weakref
 
 import torch
 
-from poelm.engine.calibrate import measure_costs
+from poelm.engine.costs import measure_costs
 from poelm.engine.decoders import Capabilities, Decoder
 from poelm.engine.options import MAX_GAMMA, DecodeOptions, ModeRefused, _check
 from poelm.engine.sampling import Sampler

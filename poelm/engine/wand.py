@@ -26,18 +26,36 @@ import math
 
 import torch
 
-from poelm.engine.calibrate import exit_rates_at, wand_exit_rule
 from poelm.engine.decoders import Capabilities, PlainDecoder, Row
 from poelm.engine.options import DecodeOptions, _check
 from poelm.engine.sampling import logop, top_gap
 from poelm.model import GPT, KVCache, SOFTCAP, RowBuffers, StepPlan, logop_weight
 
 
+def wand_exit_rule(bounds: list[float], factor: float) -> list[float]:
+    """Threshold after each stage k: F * sum_{j>k} b_j (inf for every stage but the last when F = inf)."""
+    K = len(bounds)
+    if math.isinf(factor):
+        return [math.inf] * (K - 1) + [-math.inf]
+    return [factor * sum(bounds[k + 1:]) for k in range(K - 1)] + [-math.inf]
+
+
+def exit_rates_at(table: dict, factor: float) -> list[float]:
+    """The stored exit rates at the smallest calibrated factor >= `factor` (rates fall as the factor
+    grows, so this errs towards fewer exits); zeros past the largest."""
+    for f, rates in sorted(zip(table["factors"], table["rates"])):
+        if f >= factor:
+            return rates
+    return [0.0] * len(table["rates"][0])
+
+
 def exit_plan(calib: dict, factor: float, thresholds: list[float], max_gap: list[float]) -> tuple[list[bool], str]:
     """Whether each stage k < K-1 runs its exit test, and why. A test runs where some gap can pass
     it and, when the calibration holds exit rates and measured costs, where its expected saving
-    (P(exit at k | reached k) at this factor x the cost of stages k+1 ... K-1, batch 1) exceeds
-    its cost (stage k's readout, top-2 and host read)."""
+    (P(exit at k | reached k) at this factor x the cost of stages k+1 ... K-1 at batch 1, less
+    what back-filling the skipped position adds to the next deep pass) exceeds its cost (stage
+    k's readout, top-2 and host read); and only if, per token, the tests' expected saving
+    covers their expected cost plus the staged step's own overhead (else none runs)."""
     K = len(thresholds)
     possible = [thresholds[k] < max_gap[k] for k in range(K - 1)]
     table, costs = calib.get("wand_exit_rates"), calib.get("decode_costs")
@@ -45,14 +63,23 @@ def exit_plan(calib: dict, factor: float, thresholds: list[float], max_gap: list
         return possible, "the calibration holds no measured costs: every stage that can exit is tested " \
                          "(re-run `poelm calibrate` to measure them)"
     rates = exit_rates_at(table, factor)
-    stage = [c[0] for c in costs["stage_s"]]
+    span = costs["positions"][-1] - costs["positions"][0]
+    skipped = [c[0] - max(0.0, (c[-1] - c[0]) / span if span else 0.0) for c in costs["stage_s"]]  # run lazily
     test = [c[0] for c in costs["test_s"]]
-    saving = [rates[k] * sum(stage[k + 1:]) for k in range(K - 1)]
+    saving = [rates[k] * sum(skipped[k + 1:]) for k in range(K - 1)]
     tested = [possible[k] and saving[k] > test[k] for k in range(K - 1)]
     figures = "; ".join(f"stage {k}: exit rate {rates[k]:.2f}, saving {1e6 * saving[k]:.0f} us vs test "
                         f"{1e6 * test[k]:.0f} us" for k in range(K - 1))
+    overhead, reach, gain, spend = costs.get("wand_overhead_s", 0.0), 1.0, 0.0, 0.0
+    for k in (k for k in range(K - 1) if tested[k]):
+        gain, spend, reach = gain + reach * saving[k], spend + reach * test[k], reach * (1 - rates[k])
+    if any(tested) and gain > spend + overhead:
+        return tested, f"tested where the expected saving exceeds the test's cost ({figures}; per token " \
+                       f"{1e6 * gain:.0f} us saved vs {1e6 * (spend + overhead):.0f} us of tests and staging)"
     if any(tested):
-        return tested, f"tested where the expected saving exceeds the test's cost ({figures})"
+        return [False] * (K - 1), f"the tests' expected saving ({1e6 * gain:.0f} us per token) does not cover " \
+                                  f"their cost and the staged step's overhead ({1e6 * (spend + overhead):.0f} us; " \
+                                  f"{figures}): decodes as plain"
     return tested, f"no exit test pays ({figures}): decodes as plain"
 
 
