@@ -8,6 +8,7 @@ adaptive depth and self-speculative decoding (docs/poe.md §2-6).
     engine.generate(prompt, mode="stage", stage=0)                           # prefix pruning
     engine.generate(prompt, mode="logop", stages=[0, 3])                     # Log-OP of stages
     engine.generate(prompt, mode="speculative", draft_stage=0, gamma=4)      # token-identical to greedy
+    engine.generate(prompt, mode="speculative", adaptive=True)   # stage and gamma chosen by cost; plain if none pays
     engine.calibration = calibrate(model, batches); engine.generate(prompt, mode="wand")
     for delta in engine.stream(prompt, temperature=0.8, top_p=0.9): print(delta, end="")
     Engine(model, tokenizer, compile=True)   # plain modes: an inductor-compiled step (--compile)
@@ -36,7 +37,8 @@ Every mode is a decoder of one protocol (decoders.py: add_rows / step / remove_r
 rollback / stats) and decodes a batch of rows together (a list of prompts); finished rows
 leave the batch between steps (with compile they stay, so the batch keeps its compiled shape). Package layout: options.py (DecodeOptions, the
 shared checks), sampling.py, decoders.py (protocol, plain), wand.py, speculative.py, registry.py (mode ->
-decoder class and its capabilities, validation, make_decoder), calibrate.py, stream.py.
+decoder class and its capabilities, validation, make_decoder), calibrate.py, costs.py (measured costs),
+stream.py.
 
 Prompts: text (needs a tokenizer) or token ids; with a tokenizer `<|bos|>` is prepended when
 missing. A prompt longer than config.sequence_len is an error (no silent truncation);
@@ -54,8 +56,9 @@ import time
 
 import torch
 
-from poelm.engine.calibrate import (calibrate, check_calibration, load_calibration, running_readouts,
-                                    save_calibration, stage_swings, wand_exit_rule, wand_teacher_forced)
+from poelm.engine.calibrate import (calibrate, check_calibration, check_cost_model, load_calibration,
+                                    running_readouts, save_calibration, stage_swings, wand_teacher_forced)
+from poelm.engine.costs import measure_costs
 from poelm.engine.decoders import Capabilities, Decoder, DecodeStats, PlainDecoder, Row, new_cache
 from poelm.engine.options import (BP_REFUSAL, CALIBRATION_KEYS, GENERATION_CONFIG_NAME, MAX_GAMMA, WAND_TARGETS,
                                   ContextLengthError, DecodeOptions, Generation, ModeRefused, OptionError, _check,
@@ -65,14 +68,14 @@ from poelm.engine.registry import (COMPILABLE_MODES, DECODERS, LOGPROB_MODES, MO
 from poelm.engine.sampling import NonFiniteLogits, Sampler, logop, top_gap
 from poelm.engine.speculative import SpeculativeDecoder
 from poelm.engine.stream import TextStream, Collector
-from poelm.engine.wand import WandDecoder
+from poelm.engine.wand import WandDecoder, wand_exit_rule
 from poelm.model import GPT
 
 __all__ = ["Engine", "Session", "Decoder", "DecodeStats", "PlainDecoder", "WandDecoder", "SpeculativeDecoder", "Row",
            "make_decoder", "new_cache", "DecodeOptions", "Generation", "OptionError", "validate_options", "Sampler",
            "NonFiniteLogits", "logop",
            "top_gap", "TextStream", "calibrate", "check_calibration", "load_calibration", "save_calibration",
-           "running_readouts", "stage_swings", "wand_exit_rule", "wand_teacher_forced", "refuse_bp", "MODES",
+           "running_readouts", "stage_swings", "wand_exit_rule", "wand_teacher_forced", "measure_costs", "refuse_bp", "MODES",
            "WAND_TARGETS", "MAX_GAMMA", "BP_REFUSAL", "CALIBRATION_KEYS", "GENERATION_CONFIG_NAME", "_check",
            "Collector", "Capabilities", "ModeRefused", "DECODERS", "COMPILABLE_MODES", "LOGPROB_MODES",
            "capabilities", "modes_with", "ContextLengthError"]
@@ -166,6 +169,9 @@ class Engine:
             _check(self.tokenizer is not None, "stop strings need a tokenizer")
         if capabilities(opts.mode).needs_calibration:
             opts.calibration = check_calibration(opts.calibration or self.calibration, self.model)
+        elif opts.adaptive and (opts.calibration or self.calibration):  # adaptive speculative's cost model
+            opts.calibration = opts.calibration or self.calibration
+            check_cost_model(opts.calibration, self.model.config.n_stages)
         return opts
 
 

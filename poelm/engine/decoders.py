@@ -72,12 +72,15 @@ class DecodeStats:
     layer_calls: int = 0  # sequential layer invocations (latency on overhead-bound hardware)
     exit_stage_counts: list[int] = field(default_factory=list)  # WAND: tokens that exited after stage k
     backfilled: int = 0  # WAND: (slot, stage) pairs run lazily
-    tests_skipped: int = 0  # WAND: exit tests skipped because no gap can reach the threshold
+    tests_skipped: int = 0  # WAND: exit tests skipped (no gap can pass, or the test does not pay)
+    wand_tested_stages: list[int] = field(default_factory=list)  # WAND: the stages whose exit test runs
+    wand_reason: str | None = None  # WAND: why those stages (the cost model's figures)
     draft_stage: int | None = None  # speculative
     drafted: int = 0
     accepted: int = 0
     verify_passes: int = 0  # per row
     gamma: int | None = None
+    speculative_choice: dict | None = None  # adaptive speculative: the draft stage and gamma chosen, fallbacks
 
     def to_dict(self, n_new: int) -> dict:
         out: dict = {"mode": self.mode}
@@ -88,7 +91,8 @@ class DecodeStats:
             n = sum(self.exit_stage_counts)
             out.update(mean_stages_per_token=sum((k + 1) * c for k, c in enumerate(self.exit_stage_counts)) / max(n, 1),
                        exit_stage_counts=list(self.exit_stage_counts), backfilled=self.backfilled,
-                       exit_tests_skipped=self.tests_skipped)
+                       exit_tests_skipped=self.tests_skipped, wand_tested_stages=list(self.wand_tested_stages),
+                       wand_reason=self.wand_reason)
         else:
             out["mean_stages_per_token"] = self.stages_per_token
         if self.mode == "speculative":
@@ -96,6 +100,8 @@ class DecodeStats:
                        verify_passes=self.verify_passes, gamma=self.gamma,
                        acceptance_rate=self.accepted / self.drafted if self.drafted else None,
                        tokens_per_verify=n_new / self.verify_passes if self.verify_passes else None)
+            if self.speculative_choice is not None:
+                out["speculative_choice"] = dict(self.speculative_choice)
         return out
 
 
@@ -260,8 +266,8 @@ class PlainDecoder(Decoder):
     def __init__(self, model: GPT, opts: DecodeOptions, capacity: int, scratch: int = 0):
         super().__init__(model, opts, capacity, scratch)
         cfg = model.config
-        self.mode = opts.mode
-        self.stage = (opts.stage or 0) if opts.mode == "stage" else None
+        self.mode = self.readout_mode(opts)
+        self.stage = (opts.stage or 0) if self.mode == "stage" else None
         self.stages = sorted(opts.stages if opts.stages is not None else range(cfg.n_stages))
         self.alpha = cfg.poe_alpha if opts.logop_alpha is None else opts.logop_alpha
         if self.mode == "final":
@@ -274,6 +280,11 @@ class PlainDecoder(Decoder):
             self.end_layer = cfg.stage_ends[max(self.stages)] + 1
             self.keep = {cfg.stage_ends[k] for k in self.stages}
             self.stats.stages_per_token = max(self.stages) + 1
+
+    @staticmethod
+    def readout_mode(opts: DecodeOptions) -> str:
+        """The plain mode (final / stage / logop) whose readout this decoder takes its tokens from."""
+        return opts.mode
 
     def forward(self, idx: torch.Tensor, start: int | list[int] | torch.Tensor | None = None,
                 last_only: bool = True) -> torch.Tensor:

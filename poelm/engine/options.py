@@ -14,7 +14,8 @@ from poelm.model import GPT, KVCache
 
 WAND_TARGETS = ("final", "logop")
 GENERATION_CONFIG_NAME = "generation_config.json"
-CALIBRATION_KEYS = ("wand_bounds", "wand_quantile", "wand_target", "wand_calibration_tokens")
+CALIBRATION_KEYS = ("wand_bounds", "wand_quantile", "wand_target", "wand_calibration_tokens", "wand_exit_rates",
+                    "stage_agreement", "decode_costs")
 MAX_GAMMA = 64
 SEED_RANGE = (-2 ** 63, 2 ** 64)  # what torch.Generator.manual_seed takes
 BP_REFUSAL = ("this is a BP model (poe_mode='none'): its intermediate stages were never trained to predict, "
@@ -36,6 +37,8 @@ class DecodeOptions:
     draft_stage: int = 0  # mode=speculative
     gamma: int = 4  # drafted tokens per verify pass (the maximum when adaptive)
     adaptive_gamma: bool = False  # grow gamma by 2 after a fully accepted pass, shrink by 1 otherwise
+    adaptive: bool = False  # speculative: draft stage and gamma from measured acceptance and costs; plain where drafting loses
+    adaptive_probe: int = 16  # adaptive: plain passes before drafting is tried again
     draft_threshold: float | None = None  # stop drafting when the draft's top probability falls below
     wand_factor: float = 1.0  # F of the exit rule (larger is safer, inf = full depth)
     calibration: dict | None = None  # overrides Engine.calibration for this call

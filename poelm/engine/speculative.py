@@ -10,16 +10,108 @@ rule (the output distribution equals the target's). Rows accept different number
 and advance by different amounts (ragged slots); rejected slots are simply overwritten by
 the row's next step. The cache holds `gamma + 1` scratch slots past the capacity so drafts
 of one row never depend on another row's room.
+
+With `adaptive`, a DraftChooser picks every pass's draft stage and gamma (0 = a plain pass:
+the pending token through every layer, no drafts) from the acceptance measured so far in
+this decoder and the measured stage costs; the tokens stay those of plain decoding (greedy)
+or distributed as the target (sampling) whatever it picks.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
+from poelm.engine.costs import measure_costs
 from poelm.engine.decoders import Capabilities, Decoder
 from poelm.engine.options import MAX_GAMMA, DecodeOptions, ModeRefused, _check
 from poelm.engine.sampling import Sampler
 from poelm.model import GPT
+
+
+EMA_WEIGHT = 0.1  # weight of each drafted token's outcome in a stage's acceptance estimate
+_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> measure_costs(model)
+
+
+def expected_tokens(a: float, gamma: int) -> float:
+    """Tokens one verify pass yields with gamma drafts each accepted with probability a: (1 - a^(g+1)) / (1 - a)."""
+    return gamma + 1.0 if a >= 1 else (1 - a ** (gamma + 1)) / (1 - a)
+
+
+class DraftChooser:
+    """The (draft stage, gamma) of each adaptive pass: the most expected tokens per second.
+
+    Costs are measure_costs' (batch 1): a pass drafting g tokens from stage d costs (g + 1)
+    positions through stages 0..d one at a time, g readouts of stage d, and one verify pass of
+    stages d+1..K-1 and the final readout over g + 1 positions (interpolated between the measured
+    position counts); g = 0 is a plain pass, speed-up 1. Acceptance per stage is an exponential
+    moving average over drafted tokens, starting from the calibration's stage agreement (or
+    unknown: the first pass from draft_stage drafts the full gamma to measure it). When no choice
+    beats plain, plain passes run, and every `probe` of them one drafting pass measures again."""
+
+    def __init__(self, costs: dict, stages: list[int], gamma_max: int, priors: list[float] | None, probe: int):
+        self.stage_s, self.test_s, self.positions = costs["stage_s"], costs["test_s"], costs["positions"]
+        self.stages, self.gamma_max, self.probe = stages, gamma_max, probe
+        self.acceptance: dict[int, float | None] = {d: priors[d] if priors else None for d in stages}
+        self.plain_run = 0  # plain passes since the last drafting pass
+        self.counts = {"passes": 0, "fallback_passes": 0, "probes": 0}
+        self.choice: tuple[int, int, float] | None = None
+
+    def _cost(self, table: list[list[float]], k: int, n: int) -> float:
+        """Seconds of table[k] at n positions, linear between the first and last measured counts."""
+        (p0, p1), (c0, c1) = (self.positions[0], self.positions[-1]), (table[k][0], table[k][-1])
+        slope = max(0.0, (c1 - c0) / (p1 - p0)) if p1 > p0 else 0.0
+        return c0 + slope * (n - p0)
+
+    def speedup(self, d: int, g: int, a: float) -> float:
+        """Expected tokens per second of a (d, g) pass over plain decoding's."""
+        K = len(self.stage_s)
+        plain = sum(self._cost(self.stage_s, k, 1) for k in range(K)) + self._cost(self.test_s, K - 1, 1)
+        draft = (g + 1) * sum(self._cost(self.stage_s, k, 1) for k in range(d + 1)) + g * self._cost(self.test_s, d, 1)
+        verify = sum(self._cost(self.stage_s, k, g + 1) for k in range(d + 1, K)) + self._cost(self.test_s, K - 1, g + 1)
+        return plain * expected_tokens(a, g) / (draft + verify)
+
+    def _best(self) -> tuple[int, int, float]:
+        """The drafting (d, g >= 1) of the highest expected speed-up; an unmeasured stage: its full gamma."""
+        unknown = [d for d in self.stages if self.acceptance[d] is None]
+        if unknown:
+            return unknown[0], self.gamma_max, float("nan")
+        return max(((d, g, self.speedup(d, g, self.acceptance[d])) for d in self.stages
+                    for g in range(1, self.gamma_max + 1)), key=lambda c: c[2])
+
+    def next_pass(self) -> tuple[int, int]:
+        """(draft stage, gamma) of the next pass; gamma 0: a plain pass."""
+        d, g, speedup = self._best()
+        self.counts["passes"] += 1
+        if speedup < 1:  # nan (an unmeasured stage) drafts
+            if self.plain_run < self.probe:
+                self.plain_run += 1
+                self.counts["fallback_passes"] += 1
+                self.choice = (d, 0, 1.0)
+                return d, 0
+            self.counts["probes"] += 1
+        self.plain_run = 0
+        self.choice = (d, g, speedup)
+        return d, g
+
+    def observe(self, d: int, proposed: int, accepted: int) -> None:
+        """One row's pass: `accepted` of `proposed` drafts from stage d (the first rejection ends it)."""
+        outcomes = [1.0] * accepted + ([0.0] if accepted < proposed else [])
+        if not outcomes:
+            return
+        a = self.acceptance[d]
+        if a is None:
+            a = sum(outcomes) / len(outcomes)
+        else:
+            for o in outcomes:
+                a += EMA_WEIGHT * (o - a)
+        self.acceptance[d] = a
+
+    def report(self) -> dict:
+        d, g, speedup = self.choice
+        return dict(self.counts, draft_stage=d, gamma=g, expected_speedup=None if speedup != speedup else speedup,
+                    acceptance={str(s): a for s, a in self.acceptance.items()})
 
 
 class SpeculativeDecoder(Decoder):
@@ -40,6 +132,10 @@ class SpeculativeDecoder(Decoder):
         _check(isinstance(g, int) and 1 <= g <= MAX_GAMMA, f"gamma must be an integer in 1..{MAX_GAMMA}, got {g!r}", "gamma")
         th = opts.draft_threshold
         _check(th is None or (isinstance(th, (int, float)) and 0 <= th <= 1), f"draft_threshold must lie in [0, 1], got {th!r}", "draft_threshold")
+        _check(isinstance(opts.adaptive, bool), f"adaptive must be true or false, got {opts.adaptive!r}", "adaptive")
+        _check(not (opts.adaptive and opts.adaptive_gamma), "adaptive and adaptive_gamma both choose gamma: pass one of them", "adaptive")
+        p = opts.adaptive_probe
+        _check(isinstance(p, int) and not isinstance(p, bool) and p >= 1, f"adaptive_probe must be an integer >= 1, got {p!r}", "adaptive_probe")
 
     def __init__(self, model: GPT, opts: DecodeOptions, capacity: int):
         scratch = (MAX_GAMMA if opts.adaptive_gamma else opts.gamma) + 1
@@ -50,8 +146,30 @@ class SpeculativeDecoder(Decoder):
         self.split = cfg.stage_ends[self.d] + 1
         self.bl = cfg.backout_layer if cfg.backout else -1
         self.stats.draft_stage, self.stats.stages_per_token, self.stats.gamma = self.d, cfg.n_stages, opts.gamma
+        self.chooser = self._chooser() if opts.adaptive else None
+
+    def _chooser(self) -> DraftChooser:
+        """Adaptive: costs and stage agreement from the calibration, else costs measured now (once per model)."""
+        calib = self.opts.calibration or {}
+        costs = calib.get("decode_costs")
+        if costs is None:
+            if self.model not in _MEASURED:
+                _MEASURED[self.model] = measure_costs(self.model)
+            costs = _MEASURED[self.model]
+        priors = calib.get("stage_agreement")
+        stages = list(range(self.cfg.n_stages - 1)) if priors else [self.d]
+        return DraftChooser(costs, stages, self.opts.gamma, priors, self.opts.adaptive_probe)
+
+    def _choose(self) -> None:
+        """Adaptive: this pass's draft stage and gamma (every row's)."""
+        self.d, gamma = self.chooser.next_pass()
+        self.split = self.cfg.stage_ends[self.d] + 1
+        for r in self.rows:
+            r.gamma = gamma
 
     def _step(self) -> dict[int, list[int]]:
+        if self.chooser is not None:
+            self._choose()
         model, opts, sampler = self.model, self.opts, self.sampler
         B, L, split, bl = len(self.rows), self.cfg.n_layer, self.split, self.bl
         mid_in_draft = 0 <= bl < split
@@ -124,10 +242,14 @@ class SpeculativeDecoder(Decoder):
             self.stats.drafted += proposed[b]
             self.stats.accepted += n_acc
             self.stats.verify_passes += 1
+            if self.chooser is not None:
+                self.chooser.observe(self.d, proposed[b], n_acc)
             if opts.adaptive_gamma:
                 r.gamma = min(r.gamma + 2, MAX_GAMMA) if (proposed[b] and n_acc == proposed[b]) else max(1, r.gamma - 1)
             out[r.handle] = accepted
-        self.stats.gamma = self.rows[0].gamma
+        self.stats.gamma, self.stats.draft_stage = self.rows[0].gamma, self.d
+        if self.chooser is not None:
+            self.stats.speculative_choice = self.chooser.report()
         return out
 
     @staticmethod
