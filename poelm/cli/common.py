@@ -16,6 +16,21 @@ class CliError(ValueError):
     """Bad input to show the user as one line."""
 
 
+# Parameters whose flag is not --parameter-name (the library names the parameter; the command
+# line says the flag: poelm.runtime.SettingError)
+FLAG_OF_PARAMETER = {"attach_layers": "--layers", "n_layers": "--layers"}
+
+
+def flag_of(parameter: str) -> str:
+    """The flag that sets a library parameter (num_iterations -> --num-iterations)."""
+    return FLAG_OF_PARAMETER.get(parameter) or "--" + parameter.replace("_", "-")
+
+
+def flag_off(parameter: str) -> str:
+    """The flag that turns a boolean parameter off (compile -> --no-compile)."""
+    return "--no-" + flag_of(parameter)[2:]
+
+
 def emit(args: argparse.Namespace, result: dict, text: str | None = None) -> None:
     """Print `result` as JSON with --json, else the human text (or pretty JSON)."""
     if getattr(args, "json", False) or text is None:
