@@ -43,14 +43,20 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="write a PNG of bpb per stage here (default: no plot)")
 
 
-def cmd_experiment(args: argparse.Namespace) -> int:
+def experiment_config(args: argparse.Namespace):
+    """The ExperimentConfig of the preset or file with the flags given on top."""
     from poelm.experiment.config import ExperimentConfig, load_config
-    from poelm.experiment.run import run_experiment
 
     keys = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"name", "model"}
     overrides = {k: v for k, v in vars(args).items() if k in keys}
     overrides["model"] = model_kwargs(args)
-    cfg = load_config(args.config, overrides)
+    return load_config(args.config, overrides)
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from poelm.experiment.run import run_experiment
+
+    cfg = experiment_config(args)
     results = run_experiment(cfg, quiet=args.json)
     if args.json:
         print(json.dumps({k: results[k] for k in ("arms", "gap", "inference", "wall_seconds", "plots")}, default=str))

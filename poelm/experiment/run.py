@@ -76,10 +76,10 @@ def torchrun_argv(tc, nproc: int) -> list[str]:
     """The command that runs `poelm train` on `tc` under torchrun (its flags rebuild tc exactly)."""
     import sys
 
-    from poelm.flags import model_flags, setting_flags
+    from poelm.flags import model_flags, setting_flags, untrained_fields
 
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "poelm", "train",
-            *setting_flags(tc, exclude=("model",)), *model_flags(tc.model)]
+            *setting_flags(tc, exclude=("model",)), *model_flags(tc.model, exclude=untrained_fields())]
 
 
 def run_arm_torchrun(tc, nproc: int) -> dict:
