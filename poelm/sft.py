@@ -22,12 +22,11 @@ from pathlib import Path
 
 import torch
 
-from poelm.chat import render_prompt
+from poelm.chat import ASSISTANT_END, TURN_SPECIALS, render_prompt
 from poelm.chatdata import ChatLoader, chat_batches, list_shards, read_conversations
 from poelm.flags import at_least, setting
 from poelm.train import Task
 
-ASSISTANT_END = "<|assistant_end|>"
 
 
 @dataclass
@@ -133,8 +132,7 @@ def sft_model(tc, sft: SftSettings, device) -> tuple[object, object, object | No
     if tokenizer is None:
         raise ValueError(f"{tc.init} has no tokenizer; SFT renders chats with the model's own tokenizer (and its "
                          "chat special tokens)")
-    missing = [t for t in ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", ASSISTANT_END)
-               if t not in tokenizer.special_tokens]
+    missing = [t for t in TURN_SPECIALS if t not in tokenizer.special_tokens]
     if missing:
         raise ValueError(f"{tc.init}'s tokenizer lacks the chat special tokens {', '.join(missing)}")
     if specialist.is_specialist(base.config):  # trained as it is; its base (for the scores) from its lineage

@@ -153,3 +153,35 @@ def test_stage_parallel_asks_the_task(monkeypatch):
 
     with pytest.raises(ValueError, match="task other is not supported"):
         check_config(tc, Other())
+
+
+def test_chat_specials_are_declared_once_and_the_tokenizer_agrees():
+    from poelm import chat, specialist
+    from poelm.tokenizer import SPECIAL_TOKENS
+
+    assert chat.CHAT_SPECIALS == (chat.BOS, *chat.TURN_SPECIALS) and chat.ASSISTANT_END in chat.TURN_SPECIALS
+    assert SPECIAL_TOKENS[:len(chat.CHAT_SPECIALS)] == list(chat.CHAT_SPECIALS)  # its standalone copy agrees
+    V = 300
+    assert specialist.chat_token_ids(V) == [V - len(SPECIAL_TOKENS) + SPECIAL_TOKENS.index(t) for t in
+                                            chat.TURN_SPECIALS]
+
+
+def test_one_name_for_each_fact():
+    import poelm.engine as engine
+    from poelm import checkpoint, experiment
+
+    assert engine.GENERATION_CONFIG_NAME is checkpoint.GENERATION_CONFIG_NAME
+    assert "_check" not in engine.__all__
+    assert not hasattr(experiment.config, "PRESETS") and not hasattr(experiment.config, "read_config_file")
+
+
+def test_run_files_share_the_json_reader(tmp_path):
+    from poelm.rundir import RunDir
+
+    run = RunDir(tmp_path / "run", 0, 1)
+    bad = tmp_path / "bad.json"
+    for text, message in (("[1]", "a run file must be a JSON object, got a list; resume from another"),
+                          ("{", "is not valid JSON")):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            run.read_json(bad)

@@ -140,8 +140,9 @@ def load_engine(args: argparse.Namespace):
     return Engine(model, tokenizer, calibration=calib, compile=compile)
 
 
-def decode_options(args: argparse.Namespace) -> dict:
-    """The Engine.generate / Engine.stream options of the decoding flags."""
+def decode_kwargs(args: argparse.Namespace) -> dict:
+    """The Engine.generate / Engine.stream keyword arguments of the decoding flags (the server builds
+    a DecodeOptions instead: poelm.serve.app.decode_options)."""
     return dict(mode=args.mode, stage=args.stage, stages=parse_stages(args.stages), draft_stage=args.draft_stage,
                 gamma=args.gamma, wand_factor=args.wand_factor, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
