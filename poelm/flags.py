@@ -1,8 +1,8 @@
 """Command-line flags that are not one command's own: argparse types (at_least,
-finite_float, comma_ints), settings declared once as dataclass fields (`setting`: help,
-choices, flag names, whether a resume may change it) and the flags generated from them, for
-GPTConfig (poelm.model), TrainConfig (poelm.train) and SftSettings (poelm.sft), so a new
-field becomes a flag without another edit.
+finite_float, int_range, seconds, comma_ints), settings declared once as dataclass fields
+(`setting`: help, choices, flag names, whether a resume may change it) and the flags generated
+from them, for GPTConfig (poelm.model), TrainConfig (poelm.train) and SftSettings (poelm.sft),
+so a new field becomes a flag without another edit.
 
     p.add_argument("--batch-size", type=at_least(1))
     add_model_flags(parser)                          # --n-layer/--depth, --n-embd, ... from the fields
@@ -51,6 +51,32 @@ def finite_float(text: str) -> float:
     if value != value:
         raise argparse.ArgumentTypeError("must be a number, got nan")
     return value
+
+
+def int_range(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in low..high."""
+
+    def parse(text: str) -> int:
+        value = at_least(low)(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
+        return value
+
+    parse.__name__ = f"integer in {low}..{high}"
+    return parse
+
+
+def seconds(high: float) -> Callable[[str], float]:
+    """An argparse type: a number of seconds > 0 and <= high."""
+
+    def parse(text: str) -> float:
+        value = finite_float(text)
+        if not 0 < value <= high:
+            raise argparse.ArgumentTypeError(f"must be > 0 and <= {high:g} seconds, got {text}")
+        return value
+
+    parse.__name__ = "seconds"
+    return parse
 
 
 def comma_ints(text: str) -> tuple[int, ...]:

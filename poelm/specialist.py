@@ -191,14 +191,16 @@ def base_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     return model.readout(x, None, kept.get(cfg.backout_layer), head_mode="base")
 
 
-def with_head_mode(model: GPT, head_mode: str) -> GPT:
-    """Set the readout of a specialist's last stage; a model without lm_head_stage refuses."""
+def with_head_mode(model: GPT, head_mode: str, name: str = "head_mode") -> GPT:
+    """Set the readout of a specialist's last stage; a model without lm_head_stage refuses
+    (a SettingError naming the setting `name`: the parameter, which the CLI says as --head-mode,
+    or the server's request field)."""
     if head_mode not in HEAD_MODES:
-        raise SettingError("head_mode", lambda n, off: f"{n} {head_mode!r} is not one of {', '.join(HEAD_MODES)}")
+        raise SettingError(name, lambda n, off: f"{n} {head_mode!r} is not one of {', '.join(HEAD_MODES)}")
     try:
         model.config = replace(model.config, head_mode=head_mode)
     except ValueError as e:
-        raise SettingError("head_mode", lambda n, off, e=e: f"{n} {head_mode}: {e}") from None
+        raise SettingError(name, lambda n, off, e=e: f"{n} {head_mode}: {e}") from None
     return model
 
 
@@ -484,6 +486,8 @@ def bits_per_assistant_token(comp: Composition, batches) -> dict:
 def generate_composed(comp: Composition, tokens: list[int], max_new_tokens: int, temperature: float = 0.0,
                       stop: int | None = None, seed: int | None = None) -> list[int]:
     """Plain (uncached) decoding from the composition: greedy, or sampling at `temperature`."""
+    from poelm.engine.sampling import tempered
+
     device = comp.branches[0].lm_head.weight.device
     gen = torch.Generator(device=device)
     if seed is not None:
@@ -494,7 +498,7 @@ def generate_composed(comp: Composition, tokens: list[int], max_new_tokens: int,
         idx = torch.tensor([out[-limit:]], device=device)
         logp = comp.logits(idx)[0, -1]
         if temperature > 0:
-            nxt = int(torch.multinomial((logp / temperature).softmax(-1), 1, generator=gen))
+            nxt = int(torch.multinomial(tempered(logp, temperature).softmax(-1), 1, generator=gen))
         else:
             nxt = int(logp.argmax())
         out.append(nxt)

@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from poelm.flags import at_least, finite_float
+from poelm.flags import at_least, int_range, seconds
 
 
 def serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,12 +16,19 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="a specialist delta on MODEL, served as model id BASE+NAME (repeatable)")
     p.add_argument("--name", default=None, help="model id of MODEL (default: its directory name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server to the network)")
-    p.add_argument("--port", type=at_least(1), default=8000, help="TCP port")
+    p.add_argument("--port", type=int_range(1, 65535), default=8000, help="TCP port (1..65535)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (default: the POELM_API_KEY environment variable, else none)")
     p.add_argument("--max-batch", type=at_least(1), default=32, help="rows (choices) decoded together at most")
-    p.add_argument("--max-queue", type=at_least(0), default=64, help="requests waiting at most; beyond: 503 + Retry-After")
-    p.add_argument("--request-timeout", type=finite_float, default=600.0, help="seconds a request may take, queue included")
+    p.add_argument("--max-queue", type=at_least(1), default=64, help="requests waiting at most; beyond: 503 + Retry-After")
+    p.add_argument("--request-timeout", type=seconds(86400), default=600.0,
+                   help="seconds a request may take, queue included (at most a day)")
+    p.add_argument("--header-timeout", type=seconds(3600), default=10.0,
+                   help="seconds a client may take to send a request (header and body), counted from connecting or "
+                        "from its previous response; idle connections close after it")
+    p.add_argument("--max-connections", type=at_least(1), default=None,
+                   help="open client connections at most; beyond, the oldest idle one is closed (default: 1024, "
+                        "fewer when `ulimit -Hn` is lower)")
     p.add_argument("--max-tokens", type=at_least(1), default=None, help="max_tokens a request may ask (default: the context)")
     p.add_argument("--max-prompt-tokens", type=at_least(1), default=None, help="prompt tokens at most (default: the context)")
     p.add_argument("--max-n", type=at_least(1), default=8, help="choices (n) per request at most")
@@ -38,23 +45,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from poelm.runtime import parse_device
     from poelm.serve.app import API_KEY_ENV, ServeConfig, create_app
+    from poelm.serve.guard import BACKLOG, MAX_HEADER_BYTES, ConnectionGuard, bind_socket, fit_fd_limit
     from poelm.serve.metrics import Metrics
     from poelm.serve.models import load_models, parse_deltas
     from poelm.serve.scheduler import Scheduler
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sys.setswitchinterval(0.0005)  # the scheduler gets the GIL back sooner from the event loop between torch ops
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    registry = load_models(args.model, parse_deltas(args.delta or []), name=args.name, device=parse_device(args.device))
-    metrics = Metrics()
-    scheduler = Scheduler(args.max_batch, args.max_queue, metrics)
-    config = ServeConfig(api_key=api_key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
-                         max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n, request_timeout=args.request_timeout)
-    app = create_app(registry, scheduler, metrics, config)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=int(args.request_timeout) + 5))
-    print(f"poelm serve: http://{args.host}:{args.port} models {', '.join(registry.models)}"
-          f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
-    server.run()
+    device = parse_device(args.device)
+    max_connections = fit_fd_limit(args.max_connections)
+    sock = bind_socket(args.host, args.port)  # before the model loads: a busy port or bad host fails at once
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        sys.setswitchinterval(0.0005)  # the scheduler gets the GIL back sooner from the event loop between torch ops
+        api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+        registry = load_models(args.model, parse_deltas(args.delta or []), name=args.name, device=device)
+        metrics = Metrics()
+        scheduler = Scheduler(args.max_batch, args.max_queue, metrics)
+        config = ServeConfig(api_key=api_key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
+                             max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n,
+                             request_timeout=args.request_timeout, header_timeout=args.header_timeout)
+        guard = ConnectionGuard(max_connections, args.header_timeout)
+        app = create_app(registry, scheduler, metrics, config, guard)
+        server = uvicorn.Server(uvicorn.Config(app, http=guard.protocol(), log_level=args.log_level, backlog=BACKLOG,
+                                               timeout_keep_alive=args.header_timeout,
+                                               h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                                               timeout_graceful_shutdown=int(args.request_timeout) + 5))
+        print(f"poelm serve: http://{args.host}:{args.port} models {', '.join(registry.models)}"
+              f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

@@ -59,17 +59,19 @@ from poelm.engine.calibrate import (calibrate, check_calibration, load_calibrati
                                     save_calibration, stage_swings, wand_exit_rule, wand_teacher_forced)
 from poelm.engine.decoders import Capabilities, Decoder, DecodeStats, PlainDecoder, Row, new_cache
 from poelm.engine.options import (BP_REFUSAL, CALIBRATION_KEYS, MAX_GAMMA, WAND_TARGETS,
-                                  ContextLengthError, DecodeOptions, Generation, ModeRefused, _check, refuse_bp)
+                                  ContextLengthError, DecodeOptions, Generation, ModeRefused, OptionError, _check,
+                                  refuse_bp)
 from poelm.engine.registry import (COMPILABLE_MODES, DECODERS, LOGPROB_MODES, MODES, capabilities, make_decoder,
                                    modes_with, validate_options)
-from poelm.engine.sampling import Sampler, logop, top_gap
+from poelm.engine.sampling import NonFiniteLogits, Sampler, logop, top_gap
 from poelm.engine.speculative import SpeculativeDecoder
 from poelm.engine.stream import TextStream, Collector
 from poelm.engine.wand import WandDecoder
 from poelm.model import GPT
 
 __all__ = ["Engine", "Session", "Decoder", "DecodeStats", "PlainDecoder", "WandDecoder", "SpeculativeDecoder", "Row",
-           "make_decoder", "new_cache", "DecodeOptions", "Generation", "validate_options", "Sampler", "logop",
+           "make_decoder", "new_cache", "DecodeOptions", "Generation", "OptionError", "validate_options", "Sampler",
+           "NonFiniteLogits", "logop",
            "top_gap", "TextStream", "calibrate", "check_calibration", "load_calibration", "save_calibration",
            "running_readouts", "stage_swings", "wand_exit_rule", "wand_teacher_forced", "refuse_bp", "MODES",
            "WAND_TARGETS", "MAX_GAMMA", "BP_REFUSAL", "CALIBRATION_KEYS", "GENERATION_CONFIG_NAME",

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from poelm.engine.options import DecodeOptions, _check, refuse_bp
+from poelm.engine.options import DecodeOptions, _check, refuse_bp, shown
 from poelm.engine.sampling import Sampler, logop
 from poelm.model import GPT, KVCache
 
@@ -250,12 +250,12 @@ class PlainDecoder(Decoder):
         K = model.config.n_stages
         if opts.mode == "stage":
             stage = 0 if opts.stage is None else opts.stage
-            _check(isinstance(stage, int) and 0 <= stage < K, f"stage {stage!r} is out of range: this model has stages 0..{K - 1}")
+            _check(isinstance(stage, int) and 0 <= stage < K, f"stage {shown(stage)} is out of range: this model has stages 0..{K - 1}", "stage")
         if opts.mode == "logop":
             stages = list(range(K)) if opts.stages is None else list(opts.stages)
-            _check(len(stages) > 0, "logop needs at least one stage")
-            _check(all(isinstance(s, int) and 0 <= s < K for s in stages), f"logop stages {stages} out of range: this model has stages 0..{K - 1}")
-            _check(len(set(stages)) == len(stages), f"logop stages {stages} repeat a stage")
+            _check(len(stages) > 0, "logop needs at least one stage", "stages")
+            _check(all(isinstance(s, int) and 0 <= s < K for s in stages), f"logop stages {shown(stages)} out of range: this model has stages 0..{K - 1}", "stages")
+            _check(len(set(stages)) == len(stages), f"logop stages {shown(stages)} repeat a stage", "stages")
 
     def __init__(self, model: GPT, opts: DecodeOptions, capacity: int, scratch: int = 0):
         super().__init__(model, opts, capacity, scratch)

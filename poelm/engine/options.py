@@ -15,6 +15,7 @@ from poelm.model import GPT, KVCache
 WAND_TARGETS = ("final", "logop")
 CALIBRATION_KEYS = ("wand_bounds", "wand_quantile", "wand_target", "wand_calibration_tokens")
 MAX_GAMMA = 64
+SEED_RANGE = (-2 ** 63, 2 ** 64)  # what torch.Generator.manual_seed takes
 BP_REFUSAL = ("this is a BP model (poe_mode='none'): its intermediate stages were never trained to predict, "
               "so {what} would read out meaningless stages; pass force=True (--force) to run it anyway")
 
@@ -66,9 +67,17 @@ class Generation:
         return {"text": self.text, "tokens": self.tokens, "stats": self.stats}
 
 
-def _check(ok: bool, message: str) -> None:
+class OptionError(ValueError):
+    """A bad decoding option, one line; `option` names its DecodeOptions field (None: no one field)."""
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option
+
+
+def _check(ok: bool, message: str, option: str | None = None) -> None:
     if not ok:
-        raise ValueError(message)
+        raise OptionError(message, option)
 
 
 class ContextLengthError(ValueError):
@@ -79,29 +88,39 @@ class ContextLengthError(ValueError):
         super().__init__(f"prompt has {tokens} tokens but the context holds {context}; shorten it")
 
 
-class ModeRefused(ValueError):
+def shown(value, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters, so an echoed value keeps a message one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class ModeRefused(OptionError):
     """A decoding mode cannot run on this model (a BP model's stages, too few stages, ...)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "mode")
 
 
 def check_common(opts: DecodeOptions, model: GPT) -> None:
     """Raise ValueError (one line) for a bad value of an option every mode shares."""
     cfg = model.config
     _check(isinstance(opts.max_new_tokens, int) and opts.max_new_tokens >= 0,
-           f"max_new_tokens must be an integer >= 0, got {opts.max_new_tokens!r}")
+           f"max_new_tokens must be an integer >= 0, got {shown(opts.max_new_tokens)}", "max_new_tokens")
     t = opts.temperature
-    _check(isinstance(t, (int, float)) and math.isfinite(t) and t >= 0, f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-    _check(isinstance(opts.top_k, int) and opts.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {opts.top_k!r}")
+    _check(isinstance(t, (int, float)) and math.isfinite(t) and t >= 0, f"temperature must be a finite number >= 0 (0 = greedy), got {shown(t)}", "temperature")
+    _check(isinstance(opts.top_k, int) and opts.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {shown(opts.top_k)}", "top_k")
     p = opts.top_p
-    _check(isinstance(p, (int, float)) and 0 < p <= 1, f"top_p must lie in (0, 1], got {p!r}")
+    _check(isinstance(p, (int, float)) and 0 < p <= 1, f"top_p must lie in (0, 1], got {shown(p)}", "top_p")
     rp = opts.repetition_penalty
-    _check(isinstance(rp, (int, float)) and math.isfinite(rp) and rp > 0, f"repetition_penalty must be a finite number > 0 (1 = off), got {rp!r}")
-    _check(opts.seed is None or isinstance(opts.seed, int), f"seed must be an integer, got {opts.seed!r}")
+    _check(isinstance(rp, (int, float)) and math.isfinite(rp) and rp > 0, f"repetition_penalty must be a finite number > 0 (1 = off), got {shown(rp)}", "repetition_penalty")
+    _check(opts.seed is None or (isinstance(opts.seed, int) and SEED_RANGE[0] <= opts.seed < SEED_RANGE[1]),
+           f"seed must be an integer in [-2**63, 2**64) (a torch generator's seed), got {shown(opts.seed)}", "seed")
     if opts.stop_token_ids is not None:
         _check(all(isinstance(i, int) and 0 <= i < cfg.vocab_size for i in opts.stop_token_ids),
-               f"stop_token_ids must be token ids in [0, {cfg.vocab_size})")
-    _check(all(isinstance(s, str) and s for s in opts.stop_strings), "stop_strings must be non-empty strings")
+               f"stop_token_ids must be token ids in [0, {cfg.vocab_size})", "stop_token_ids")
+    _check(all(isinstance(s, str) and s for s in opts.stop_strings), "stop_strings must be non-empty strings", "stop_strings")
     if opts.logop_alpha is not None:
-        _check(math.isfinite(opts.logop_alpha), f"logop_alpha must be finite, got {opts.logop_alpha!r}")
+        _check(math.isfinite(opts.logop_alpha), f"logop_alpha must be finite, got {shown(opts.logop_alpha)}", "logop_alpha")
 
 
 def refuse_bp(model: GPT, what: str, force: bool) -> None:

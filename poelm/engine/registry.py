@@ -40,7 +40,7 @@ def validate_options(opts: DecodeOptions, model: GPT) -> None:
     """Raise ValueError (one line) for bad parameters and bad stages, ModeRefused (a ValueError)
     where the mode cannot decode this model (a BP model's stages unless forced, ...). A WAND
     calibration is checked where one is chosen (Engine.options)."""
-    _check(opts.mode in DECODERS, f"unknown mode {opts.mode!r}; choose one of {', '.join(MODES)}")
+    _check(opts.mode in DECODERS, f"unknown mode {opts.mode!r}; choose one of {', '.join(MODES)}", "mode")
     check_common(opts, model)
     DECODERS[opts.mode].check(opts, model)
 

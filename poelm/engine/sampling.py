@@ -3,6 +3,12 @@ readout helpers every decoder shares (Log-OP of stages, top1 - top2 gap).
 
     sampler = Sampler(DecodeOptions(temperature=0.8, top_p=0.9, seed=0), device)
     tokens = sampler.pick(logits, seen)            # (N,) from logits (N, V)
+
+Every temperature > 0 and repetition penalty > 0 keeps the distribution finite: penalised
+logits are clamped to the dtype's finite range, and temperature divides the logits after
+their row maximum is moved to 0, so a temperature too small for the dtype (1e-300) turns
+every non-maximal logit into -inf and samples among the maxima (greedy) instead of 0/0.
+Non-finite logits (a model with NaN weights) raise NonFiniteLogits instead of sampling.
 """
 
 from __future__ import annotations
@@ -11,6 +17,27 @@ import torch
 
 from poelm.engine.options import DecodeOptions
 from poelm.model import logop_weight
+
+
+class NonFiniteLogits(ValueError):
+    """The model's logits hold NaN or inf: no token can be picked from them."""
+
+    def __init__(self):
+        super().__init__("the model's logits hold NaN or inf, so no token can be sampled; check that its weights "
+                         "are finite (a NaN or inf tensor in the checkpoint)")
+
+
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits (..., V) / temperature > 0 with each row's maximum at 0: finite maxima, never NaN."""
+    shifted = logits - logits.amax(-1, keepdim=True)
+    return torch.where(shifted == 0, shifted, shifted / temperature)
+
+
+def check_finite(probs: torch.Tensor) -> torch.Tensor:
+    """probs, or NonFiniteLogits when any is NaN or inf (torch.multinomial would fail, on CUDA fatally)."""
+    if not bool(torch.isfinite(probs).all()):
+        raise NonFiniteLogits()
+    return probs
 
 
 class Sampler:
@@ -26,11 +53,12 @@ class Sampler:
         rp = self.opts.repetition_penalty
         if rp == 1.0 or seen is None:
             return logits
-        return torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
+        big = torch.finfo(logits.dtype).max  # a tiny penalty would divide a positive logit to inf
+        return torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp).clamp(-big, big), logits)
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Penalised logits (N, V) -> sampling distribution (N, V) after temperature/top-k/top-p."""
-        logits = logits / self.opts.temperature
+        logits = tempered(logits, self.opts.temperature)
         k = self.opts.top_k
         if 0 < k < logits.shape[-1]:
             kth = logits.topk(k, dim=-1).values[..., -1:]  # (N, 1)
@@ -46,8 +74,8 @@ class Sampler:
         return logits.softmax(-1)
 
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
-        """probs (N, V) -> (N,) samples."""
-        return torch.multinomial(probs, 1, generator=self.gen).squeeze(-1)
+        """probs (N, V) -> (N,) samples (NonFiniteLogits when probs hold NaN or inf)."""
+        return torch.multinomial(check_finite(probs), 1, generator=self.gen).squeeze(-1)
 
     def uniform(self) -> float:
         return torch.rand((), generator=self.gen, device=self.gen.device).item()

@@ -35,11 +35,11 @@ class SpeculativeDecoder(Decoder):
             raise ModeRefused("speculative decoding verifies with the last stage's readout; this model's final readout "
                               "is the Log-OP of all stages (final_readout=logop): use mode final, logop or wand")
         d = opts.draft_stage
-        _check(isinstance(d, int) and 0 <= d < K - 1, f"draft stage {d!r} is out of range: use 0..{K - 2} (the last stage is the target)")
+        _check(isinstance(d, int) and 0 <= d < K - 1, f"draft stage {d!r} is out of range: use 0..{K - 2} (the last stage is the target)", "draft_stage")
         g = opts.gamma
-        _check(isinstance(g, int) and 1 <= g <= MAX_GAMMA, f"gamma must be an integer in 1..{MAX_GAMMA}, got {g!r}")
+        _check(isinstance(g, int) and 1 <= g <= MAX_GAMMA, f"gamma must be an integer in 1..{MAX_GAMMA}, got {g!r}", "gamma")
         th = opts.draft_threshold
-        _check(th is None or (isinstance(th, (int, float)) and 0 <= th <= 1), f"draft_threshold must lie in [0, 1], got {th!r}")
+        _check(th is None or (isinstance(th, (int, float)) and 0 <= th <= 1), f"draft_threshold must lie in [0, 1], got {th!r}", "draft_threshold")
 
     def __init__(self, model: GPT, opts: DecodeOptions, capacity: int):
         scratch = (MAX_GAMMA if opts.adaptive_gamma else opts.gamma) + 1

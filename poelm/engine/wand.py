@@ -34,7 +34,7 @@ class WandDecoder(Decoder):
     @classmethod
     def check_options(cls, opts: DecodeOptions, model: GPT) -> None:
         f = opts.wand_factor
-        _check(isinstance(f, (int, float)) and not math.isnan(f) and f >= 0, f"wand_factor must be >= 0 (inf = full depth), got {f!r}")
+        _check(isinstance(f, (int, float)) and not math.isnan(f) and f >= 0, f"wand_factor must be >= 0 (inf = full depth), got {f!r}", "wand_factor")
 
     def __init__(self, model: GPT, opts: DecodeOptions, capacity: int):
         super().__init__(model, opts, capacity)

@@ -6,8 +6,9 @@
 Routes: GET /health, GET /metrics, GET /v1/models, POST /v1/completions,
 POST /v1/chat/completions (streamed as server-sent events ending in `data: [DONE]`).
 Every error is {"error": {"message", "type", "param", "code"}} with one line of message:
-400 bad request, 401 missing/wrong bearer token, 404 unknown model or route, 413 body too
-large, 503 (+ Retry-After) queue full or shutting down, 504 per-request timeout.
+400 bad request, 401 missing/wrong bearer token, 404 unknown model or route, 408 body not sent
+within --header-timeout, 413 body too large, 503 (+ Retry-After) queue full or shutting down,
+504 per-request timeout. Connections are bounded by guard.py (header deadline, connection cap).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from poelm.engine import ContextLengthError, DecodeOptions
+from poelm.engine import ContextLengthError, DecodeOptions, OptionError
+from poelm.serve.guard import ConnectionGuard
 from poelm.serve.metrics import Metrics
 from poelm.serve.models import ModelRegistry, ServedModel
 from poelm.serve.protocol import (ApiError, ChatRequest, CompletionRequest, PoeOptions, Sampling, chat_logprobs,
@@ -45,10 +47,22 @@ class ServeConfig:
     max_prompt_tokens: int | None = None  # None: the model's context
     max_n: int = 8
     request_timeout: float = 600.0
+    header_timeout: float = 10.0  # seconds to send a request, header (guard.py) and body (read_body)
 
 
 # -----------------------------------------------------------------------------
 # Requests -> jobs
+
+
+REQUEST_FIELDS = {"max_new_tokens": "max_tokens", "stop_strings": "stop", "temperature": "temperature",
+                  "top_k": "top_k", "top_p": "top_p", "repetition_penalty": "repetition_penalty", "seed": "seed"}
+
+
+def option_param(option: str | None) -> str | None:
+    """The request field of a DecodeOptions field: a top-level one, else poe.<name> (None: no one field)."""
+    if option is None:
+        return None
+    return REQUEST_FIELDS.get(option, f"poe.{option}")
 
 
 def decode_options(req: Sampling, served: ServedModel, max_tokens: int, stop: list[str]) -> DecodeOptions:
@@ -94,12 +108,17 @@ def encode(served: ServedModel, prompt, param: str) -> list[int]:
         raise ApiError(400, str(e), param=param) from None
 
 
+def prompts_of(req: CompletionRequest) -> list:
+    """The request's prompts: one string or token-id list, or a list of them."""
+    p = req.prompt
+    return [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+
+
 def completion_job(req: CompletionRequest, served: ServedModel, config: ServeConfig, loop) -> tuple[Job, int]:
     """-> (job, prompt tokens)."""
     context = served.model.config.sequence_len
     max_tokens, stop = check_common(req, config, context, req.max_tokens, "max_tokens")
-    p = req.prompt
-    prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+    prompts = prompts_of(req)
     if not prompts:
         raise ApiError(400, "prompt is empty: give a string, a list of strings or token ids", param="prompt")
     ids = [check_prompt(encode(served, q, "prompt"), config, context) for q in prompts]
@@ -139,9 +158,14 @@ def make_job(req: Sampling, served: ServedModel, prompts: list[list[int]], max_t
              logprobs: int | None, config: ServeConfig, loop) -> Job:
     try:
         opts = decode_options(req, served, max_tokens, stop)
+    except OptionError as e:
+        raise ApiError(400, str(e), param=option_param(e.option)) from None
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    try:
         model = served.variant(req.poe.head_mode if req.poe else None)
     except ValueError as e:
-        raise ApiError(400, str(e), param="poe") from None
+        raise ApiError(400, str(e), param="poe.head_mode") from None
     if logprobs is not None and opts.mode not in LOGPROB_MODES:
         raise ApiError(400, f"logprobs are reported in poe modes {', '.join(LOGPROB_MODES)}, not {opts.mode}",
                        param="logprobs")
@@ -155,7 +179,7 @@ def make_job(req: Sampling, served: ServedModel, prompts: list[list[int]], max_t
 
 
 def sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(obj, ensure_ascii=False, allow_nan=False)}\n\n"  # NaN is not JSON
 
 
 def merge_chunks(payloads: list[list[tuple]]) -> list[tuple]:
@@ -249,7 +273,15 @@ def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, 413 beyond `limit` bytes, 408 when it has not arrived within timeout_s."""
+    try:
+        return await asyncio.wait_for(receive_body(request, limit), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s (--header-timeout)") from None
+
+
+async def receive_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body has {declared} bytes; the limit is {limit} (--max-body-bytes)")
@@ -278,9 +310,13 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-def create_app(registry: ModelRegistry, scheduler: Scheduler, metrics: Metrics, config: ServeConfig) -> FastAPI:
+def create_app(registry: ModelRegistry, scheduler: Scheduler, metrics: Metrics, config: ServeConfig,
+               guard: ConnectionGuard | None = None) -> FastAPI:
+    """The app; with `guard`, the event loop reports accept() errors through its rate-limited log."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if guard is not None:
+            asyncio.get_running_loop().set_exception_handler(guard.loop_exception)
         if not scheduler.alive():
             scheduler.start()
         yield
@@ -322,9 +358,11 @@ def create_app(registry: ModelRegistry, scheduler: Scheduler, metrics: Metrics, 
 
     async def run(request: Request, chat: bool):
         kind = ChatRequest if chat else CompletionRequest
-        req = parse_request(kind, await read_body(request, config.max_body_bytes))
+        req = parse_request(kind, await read_body(request, config.max_body_bytes, config.header_timeout))
         served = registry.get(req.model)
         try:
+            if not chat:  # before encoding: a long list of prompts would hold the event loop first
+                scheduler.check_rows(len(prompts_of(req)) * req.n)
             job, prompt_tokens = (chat_job if chat else completion_job)(req, served, config, asyncio.get_running_loop())
             scheduler.submit(job)
         except ApiError as e:
@@ -341,7 +379,8 @@ def create_app(registry: ModelRegistry, scheduler: Scheduler, metrics: Metrics, 
                 kind, payload = await asyncio.wait_for(job.events.get(), timeout=0.5)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    job.cancelled = True  # its rows leave at the next step
+                    job.cancelled = True  # its rows leave at the next step; nobody reads an answer
+                    return Response(status_code=499)  # "client closed request": never sent
                 continue
             if kind == "error":
                 raise payload

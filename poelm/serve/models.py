@@ -46,7 +46,7 @@ class ServedModel:
         if head_mode not in self._variants:
             from poelm.specialist import with_head_mode
 
-            self._variants[head_mode] = with_head_mode(copy.copy(self.model), head_mode)  # own config, same tensors
+            self._variants[head_mode] = with_head_mode(copy.copy(self.model), head_mode, "poe.head_mode")  # same tensors
         return self._variants[head_mode]
 
     def card(self) -> dict:

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from poelm.engine import MODES
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               413: "invalid_request_error", 503: "server_overloaded", 504: "timeout", 500: "server_error"}
+               408: "timeout", 413: "invalid_request_error", 503: "server_overloaded", 504: "timeout", 500: "server_error"}
+MAX_MESSAGE = 400  # characters of an error message: a value it echoes is cut, not sent back whole
 
 
 class ApiError(Exception):
@@ -28,6 +29,8 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  retry_after: int | None = None):
+        if len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE - 3] + "..."
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.retry_after = status, message, param, code, retry_after
 
@@ -116,6 +119,8 @@ def parse_request(kind: type[Strict], body: bytes) -> Strict:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:  # the decoder recurses per nesting level
+        raise ApiError(400, "the request body nests arrays or objects too deeply to parse; flatten it") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, not {type(data).__name__}")
     try:

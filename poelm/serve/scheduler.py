@@ -15,7 +15,8 @@ unseeded rows with equal options share. Each loop: drop cancelled (client gone) 
 (per-request timeout) rows, admit queued requests FIFO while the rows fit in max_batch
 (prefilled together per decoder), then step every decoder once. A decoder whose rows have all
 left is dropped. Any error inside a decoder fails that decoder's requests with 500 (the
-traceback goes to stderr) and the server goes on.
+traceback goes to stderr; a model whose logits are NaN or inf gets one line naming that
+instead) and the server goes on.
 
 Joining and leaving copy a decoder's whole KV cache, so both are batched: while rows are
 running, queued requests wait until they fill the free rows or the oldest has waited
@@ -30,6 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import math
+import sys
 import threading
 import time
 import traceback
@@ -38,7 +41,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from poelm.engine import LOGPROB_MODES, DecodeOptions, DecodeStats, Sampler, Collector, make_decoder
+from poelm.engine import LOGPROB_MODES, DecodeOptions, DecodeStats, NonFiniteLogits, Sampler, Collector, make_decoder
 from poelm.serve.protocol import FINISH_REASONS, ApiError
 
 
@@ -51,7 +54,8 @@ class TokenLogprob:
 
 class LogprobSampler(Sampler):
     """The decoder's sampler, also keeping the readout's log-softmax at the picked token and its
-    `top` alternatives for each row of the last pick (rows in decoder order)."""
+    `top` alternatives for each row of the last pick (rows in decoder order); NonFiniteLogits
+    rather than a NaN or inf logprob (JSON has no such numbers)."""
 
     def __init__(self, opts: DecodeOptions, device: torch.device):
         super().__init__(opts, device)
@@ -69,6 +73,8 @@ class LogprobSampler(Sampler):
                 tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
             else:
                 tops = [[] for _ in chosen]
+            if not all(math.isfinite(v) for v in chosen + [v for top in tops for _, v in top]):
+                raise NonFiniteLogits()
             self.last = [TokenLogprob(t, c, top) for t, c, top in zip(tokens.tolist(), chosen, tops)]
         return tokens
 
@@ -137,6 +143,16 @@ class Batch:
     tokens_out: int = 0  # tokens every decoder row (dead ones too) got so far: the stats' denominator
 
 
+def decoder_error(e: Exception, doing: str) -> ApiError:
+    """The 500 of the requests of a decoder that raised: non-finite logits are the model's fault
+    (one line on stderr, the message names it), anything else is a bug (its traceback)."""
+    if isinstance(e, NonFiniteLogits):
+        print(f"poelm serve: {e}", file=sys.stderr, flush=True)
+        return ApiError(500, str(e), code="non_finite_logits")
+    traceback.print_exc()
+    return ApiError(500, f"internal error while {doing}: {type(e).__name__}: {e}")
+
+
 def deliver(items: list[tuple[Job, tuple]]) -> None:
     """On the event loop: put each event on its job's queue."""
     for job, event in items:
@@ -159,6 +175,8 @@ def stats_delta(now: DecodeStats, then: DecodeStats) -> DecodeStats:
 
 class Scheduler:
     def __init__(self, max_batch: int, max_queue: int, metrics, retry_after_s: int = 1, join_wait_s: float = 0.05):
+        if max_batch < 1 or max_queue < 1:  # a request always waits in the queue, if only until the next loop
+            raise ValueError(f"max_batch and max_queue must be >= 1 (--max-batch, --max-queue), got {max_batch} and {max_queue}")
         self.max_batch, self.max_queue, self.metrics, self.retry_after_s = max_batch, max_queue, metrics, retry_after_s
         self.join_wait_s = join_wait_s  # the longest a queued request waits for others to join with it
         self.cond = threading.Condition()
@@ -177,10 +195,14 @@ class Scheduler:
     def alive(self) -> bool:
         return self.thread.is_alive()
 
-    def submit(self, job: Job) -> None:
-        if len(job.rows) > self.max_batch:
-            raise ApiError(400, f"this request needs {len(job.rows)} rows (prompts x n) but the server runs at most "
+    def check_rows(self, rows: int) -> None:
+        """ApiError(400) for a request of more rows (prompts x n) than one batch holds."""
+        if rows > self.max_batch:
+            raise ApiError(400, f"this request needs {rows} rows (prompts x n) but the server runs at most "
                            f"{self.max_batch} (--max-batch); lower n or send fewer prompts", param="n")
+
+    def submit(self, job: Job) -> None:
+        self.check_rows(len(job.rows))
         with self.cond:
             if self.draining:
                 raise ApiError(503, "the server is shutting down", retry_after=self.retry_after_s)
@@ -270,11 +292,11 @@ class Scheduler:
                 if len(batch.decoder.rows) + new_rows > self.max_batch:
                     self._compact(batch)  # dead rows make room (else they stay: a dead row's step costs less than a copy)
                 handles = batch.decoder.add_rows([row for job in group for row in job.rows])
-            except Exception as e:  # a bug: its requests fail, the server goes on
-                traceback.print_exc()
+            except Exception as e:  # a bug or a broken model: its requests fail, the server goes on
+                error = decoder_error(e, "prefilling")
                 for job in group:
                     self.running_rows -= len(job.rows)
-                    self._fail(job, ApiError(500, f"internal error while prefilling: {type(e).__name__}: {e}"))
+                    self._fail(job, error)
                 if batch is not None and not batch.rows:
                     self.batches.pop(key, None)
                 continue
@@ -328,13 +350,13 @@ class Scheduler:
             order = [r.handle for r in dec.rows]
             self.metrics.step_rows.observe(len(batch.rows))
             new = dec.step()
-        except Exception as e:  # a bug: this decoder's requests fail, the server goes on
-            traceback.print_exc()
+        except Exception as e:  # a bug or a broken model: this decoder's requests fail, the server goes on
+            error = decoder_error(e, "decoding")
             jobs = {job for job, _ in batch.rows.values()}
             for job in jobs:
                 self.running_rows -= job.live
                 job.live = 0
-                self._fail(job, ApiError(500, f"internal error while decoding: {type(e).__name__}: {e}"))
+                self._fail(job, error)
             batch.rows.clear()
             dec.rows = []  # the decoder is dropped with its batch
             return
