@@ -14,6 +14,7 @@ torch is imported only when a function runs.
 from __future__ import annotations
 
 import os
+import string
 from collections.abc import Callable
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -21,17 +22,21 @@ DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16
 
 
 class SettingError(ValueError):
-    """A bad value of one setting. `say(name, off)` writes the message given how to name the
-    setting and how to turn a boolean setting off: str() says them as Python parameters
-    (`device`, `compile=False`), `render` as the caller says them (the CLI: `--device`,
-    `--no-compile`)."""
+    """A bad value of one setting. Its message names settings as the caller says them: str()
+    as Python parameters (`device`, `compile=False`), `render` as the caller says them (the
+    CLI: `--device`, `--no-compile`). `say` is either say(name, off) of the one setting or a
+    template whose fields are setting names ("{num_iterations} 0 ... from {target_tokens}")."""
 
-    def __init__(self, setting: str, say: Callable[[str, str], str]):
+    def __init__(self, setting: str, say: Callable[[str, str], str] | str):
         self.setting, self.say = setting, say
-        super().__init__(say(setting, f"{setting}=False"))
+        super().__init__(self.render(lambda s: s, lambda s: f"{s}=False"))
 
-    def render(self, name: str, off: str) -> str:
-        return self.say(name, off)
+    def render(self, name: Callable[[str], str], off: Callable[[str], str]) -> str:
+        """The message with each setting s said as name(s) (a boolean turned off: off(s))."""
+        if callable(self.say):
+            return self.say(name(self.setting), off(self.setting))
+        settings = {field for _, field, _, _ in string.Formatter().parse(self.say) if field}
+        return self.say.format_map({s: name(s) for s in settings})
 
 
 class RunStopped(Exception):

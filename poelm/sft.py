@@ -22,11 +22,23 @@ from pathlib import Path
 
 import torch
 
-from poelm.chat import render_prompt
+from poelm.chat import ASSISTANT_END, TURN_SPECIALS, render_prompt
 from poelm.chatdata import ChatLoader, chat_batches, list_shards, read_conversations
+from poelm.flags import at_least, setting
 from poelm.train import Task
 
-ASSISTANT_END = "<|assistant_end|>"
+
+
+@dataclass
+class SftSettings:
+    """SFT's own settings beside TrainConfig's, declared like them (poelm.flags.setting): `poelm
+    sft`'s flags are generated from these fields and the run records them."""
+    attach_layers: int = setting(2, "new layers attached to a base", flags=("--layers",), type=at_least(1))
+    force: bool = setting(False, "attach to a BP base anyway (its stages were never trained to predict: "
+                                 "docs/poe.md section 6)")
+    row_len: int | None = setting(None, "tokens per conversation row", type=at_least(1), shown="the model's context")
+    eval_prompts: int = setting(32, "held-out prompts scored by exact match of the greedy answer, 0 = off",
+                                type=at_least(0))
 
 
 @torch.no_grad()
@@ -107,9 +119,9 @@ class ChatEvaluator:
         return text
 
 
-def sft_model(tc, device) -> tuple[object, object, object | None, dict | None]:
+def sft_model(tc, sft: SftSettings, device) -> tuple[object, object, object | None, dict | None]:
     """(tokenizer, specialist to train, its base or None, its lineage) for `poelm sft MODEL`: a
-    base gets tc.attach_layers new layers; a specialist made by `poelm specialist attach`
+    base gets sft.attach_layers new layers; a specialist made by `poelm specialist attach`
     trains as it is. The lineage (poelm.specialist) names the base for `save-delta`."""
     from poelm import specialist
     from poelm.checkpoint import load_model, resolve_run_dir
@@ -120,8 +132,7 @@ def sft_model(tc, device) -> tuple[object, object, object | None, dict | None]:
     if tokenizer is None:
         raise ValueError(f"{tc.init} has no tokenizer; SFT renders chats with the model's own tokenizer (and its "
                          "chat special tokens)")
-    missing = [t for t in ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", ASSISTANT_END)
-               if t not in tokenizer.special_tokens]
+    missing = [t for t in TURN_SPECIALS if t not in tokenizer.special_tokens]
     if missing:
         raise ValueError(f"{tc.init}'s tokenizer lacks the chat special tokens {', '.join(missing)}")
     if specialist.is_specialist(base.config):  # trained as it is; its base (for the scores) from its lineage
@@ -132,7 +143,7 @@ def sft_model(tc, device) -> tuple[object, object, object | None, dict | None]:
             not info.get("parent") else None
     else:
         info = specialist.lineage(tc.init, specialist.base_content_hash(base))
-        model = specialist.attach(base, tc.attach_layers, force=tc.force)
+        model = specialist.attach(base, sft.attach_layers, force=sft.force)
     return tokenizer, model.train(), base, info
 
 
@@ -162,13 +173,14 @@ class SftTask(Task):
     name = "sft"
     data_hint = "chat data with `poelm data chat --out DIR`"
 
-    def __init__(self):
+    def __init__(self, settings: SftSettings | None = None):
+        self.settings = settings or SftSettings()
         self.model = self.base = self.lineage = None
 
     def start(self, tc, rt) -> tuple[object, object, int]:
-        tokenizer, self.model, self.base, self.lineage = sft_model(tc, rt.device)
+        tokenizer, self.model, self.base, self.lineage = sft_model(tc, self.settings, rt.device)
         config = self.model.config
-        return tokenizer, config, min(tc.row_len or config.sequence_len, config.sequence_len)
+        return tokenizer, config, min(self.settings.row_len or config.sequence_len, config.sequence_len)
 
     def build(self, tc, rt, config):
         return self.model
@@ -185,8 +197,8 @@ class SftTask(Task):
                           seed=tc.seed, device=rt.device, state=state)
 
     def evaluator(self, tc, setup, rt) -> ChatEvaluator:
-        evaluator = ChatEvaluator(tc.data, setup.tokenizer, tc.device_batch_size, setup.seq_len, tc.eval_prompts,
-                                  rt.device)
+        evaluator = ChatEvaluator(tc.data, setup.tokenizer, tc.device_batch_size, setup.seq_len,
+                                  self.settings.eval_prompts, rt.device)
         if self.base is not None and tc.eval_every > 0:
             evaluator.base = evaluator(self.base)  # the base's scores on the same data, once
         return evaluator

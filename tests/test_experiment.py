@@ -137,7 +137,7 @@ def test_bad_input(tmp_path, capsys):
 
 
 def test_presets_are_valid():
-    for name in exp.PRESETS:
+    for name in exp.EXPERIMENTS:
         cfg = exp.load_config(name, {})
         tc = exp.arm_train_config(cfg, "poe")
         assert tc.model_config(cfg.vocab_size).n_stages >= 2

@@ -29,7 +29,7 @@ import json
 import sys
 
 from poelm.chat import render_prompt
-from poelm.cli.common import CliError, chat_stop_ids, decode_options, load_engine
+from poelm.cli.common import CliError, chat_stop_ids, decode_kwargs, load_engine
 from poelm.cli.generate import decoding_arguments
 
 PROMPT = "you> "
@@ -107,7 +107,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         raise CliError("--compose is not supported by poelm chat (composed siblings decode without a cache); "
                        "use `poelm generate --compose` or load one specialist with --delta")
     engine = load_engine(args)
-    options = dict(decode_options(args), stop_token_ids=chat_stop_ids(engine.tokenizer, args.model))
+    options = dict(decode_kwargs(args), stop_token_ids=chat_stop_ids(engine.tokenizer, args.model))
     validate_options(DecodeOptions(**options), engine.model)  # bad flags fail before the first prompt
     context = engine.model.config.sequence_len
     history = History(engine.tokenizer, args.system, context, max(1, min(args.max_new_tokens, context // 2)))

@@ -16,6 +16,21 @@ class CliError(ValueError):
     """Bad input to show the user as one line."""
 
 
+# Parameters whose flag is not --parameter-name (the library names the parameter; the command
+# line says the flag: poelm.runtime.SettingError)
+FLAG_OF_PARAMETER = {"attach_layers": "--layers", "n_layers": "--layers"}
+
+
+def flag_of(parameter: str) -> str:
+    """The flag that sets a library parameter (num_iterations -> --num-iterations)."""
+    return FLAG_OF_PARAMETER.get(parameter) or "--" + parameter.replace("_", "-")
+
+
+def flag_off(parameter: str) -> str:
+    """The flag that turns a boolean parameter off (compile -> --no-compile)."""
+    return "--no-" + flag_of(parameter)[2:]
+
+
 def emit(args: argparse.Namespace, result: dict, text: str | None = None) -> None:
     """Print `result` as JSON with --json, else the human text (or pretty JSON)."""
     if getattr(args, "json", False) or text is None:
@@ -125,8 +140,9 @@ def load_engine(args: argparse.Namespace):
     return Engine(model, tokenizer, calibration=calib, compile=compile)
 
 
-def decode_options(args: argparse.Namespace) -> dict:
-    """The Engine.generate / Engine.stream options of the decoding flags."""
+def decode_kwargs(args: argparse.Namespace) -> dict:
+    """The Engine.generate / Engine.stream keyword arguments of the decoding flags (the server builds
+    a DecodeOptions instead: poelm.serve.app.decode_options)."""
     return dict(mode=args.mode, stage=args.stage, stages=parse_stages(args.stages), draft_stage=args.draft_stage,
                 gamma=args.gamma, wand_factor=args.wand_factor, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

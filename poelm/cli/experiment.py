@@ -9,28 +9,25 @@ import json
 from pathlib import Path
 
 from poelm.cli.common import check_model, emit
-from poelm.cli.train import NOT_TRAINING_FLAGS
-from poelm.flags import add_model_flags, at_least, model_kwargs
+from poelm.flags import add_model_flags, add_setting_flags, at_least, model_kwargs, untrained_fields
 
 
 def experiment_arguments(p: argparse.ArgumentParser) -> None:
-    from poelm.experiment.config import PRESETS
+    """The experiment's own flags, then one per training setting of its arms (TrainConfig's fields)
+    and per model field, each defaulting to the preset's."""
+    from poelm.experiment.config import EXPERIMENTS, ArmTraining
 
-    p.add_argument("config", nargs="?", default="tiny", help=f"preset ({', '.join(PRESETS)}) or a TOML/YAML file")
+    p.add_argument("config", nargs="?", default="tiny", help=f"preset ({', '.join(EXPERIMENTS)}) or a TOML/YAML file")
     preset = " (default: the preset's)"
     for flag, kind, text in (
             ("--out", str, "experiment directory"), ("--data", str, "corpus directory (built when missing)"),
             ("--data-source", str, "default, a folder, or climbmix:N"),
             ("--tokenizer", str, "tokenizer directory (trained when missing)"),
-            ("--vocab-size", int, "tokenizer vocabulary"), ("--total-batch-size", int, "tokens per step"),
-            ("--device-batch-size", int, "rows per forward pass"), ("--num-iterations", int, "steps per arm"),
-            ("--target-tokens", int, "training tokens per arm"), ("--eval-every", int, "steps between evals"),
-            ("--eval-tokens", int, "validation tokens per eval"), ("--save-every", int, "steps between checkpoints"),
-            ("--seed", int, "seed of every arm"), ("--device", str, "auto, cpu, cuda or cuda:N"),
-            ("--dtype", str, "auto, fp32/float32 or bf16/bfloat16"), ("--nproc", int, "processes per arm (torchrun)"),
+            ("--vocab-size", int, "tokenizer vocabulary"), ("--nproc", int, "processes per arm (torchrun)"),
             ("--decode-tokens", int, "new tokens per prompt when timing the inference modes")):
         p.add_argument(flag, type=kind, default=None, help=text + preset)
-    add_model_flags(p, exclude=NOT_TRAINING_FLAGS + ("poe_mode", "poe_alpha"), defaults_note="the preset's")
+    add_setting_flags(p, ArmTraining, defaults_note="the preset's")
+    add_model_flags(p, exclude=untrained_fields() + ("poe_mode", "poe_alpha"), defaults_note="the preset's")
 
 
 def compare_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,14 +43,20 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="write a PNG of bpb per stage here (default: no plot)")
 
 
-def cmd_experiment(args: argparse.Namespace) -> int:
+def experiment_config(args: argparse.Namespace):
+    """The ExperimentConfig of the preset or file with the flags given on top."""
     from poelm.experiment.config import ExperimentConfig, load_config
-    from poelm.experiment.run import run_experiment
 
     keys = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"name", "model"}
     overrides = {k: v for k, v in vars(args).items() if k in keys}
     overrides["model"] = model_kwargs(args)
-    cfg = load_config(args.config, overrides)
+    return load_config(args.config, overrides)
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from poelm.experiment.run import run_experiment
+
+    cfg = experiment_config(args)
     results = run_experiment(cfg, quiet=args.json)
     if args.json:
         print(json.dumps({k: results[k] for k in ("arms", "gap", "inference", "wall_seconds", "plots")}, default=str))

@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from poelm.cli.common import (CliError, chat_stop_ids, decode_options, decode_prompt, emit, load_engine,
+from poelm.cli.common import (CliError, chat_stop_ids, decode_kwargs, decode_prompt, emit, load_engine,
                               parse_compose, parse_prompt)
 from poelm.flags import at_least, finite_float
 
@@ -72,7 +72,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return generate_compose(args)
     engine = load_engine(args)
     tokenizer = engine.tokenizer
-    options = decode_options(args)
+    options = decode_kwargs(args)
     if args.chat:
         from poelm.chat import render_prompt
 

@@ -17,7 +17,7 @@ poelm/cli/ that holds its flags and its handler. Only the chosen command's modul
 imported, so `poelm --help` loads neither torch nor matplotlib. Every flag has a one-line
 help that shows its default. Errors:
 - bad input (ValueError, which CliError is, or OSError): `poelm: error: <one line>` on
-  stderr and exit status 2; a SettingError (poelm.runtime) is said with its flag's name;
+  stderr and exit status 2; a SettingError (poelm.runtime) is said with its flags' names (cli/common.py);
 - a run that stopped itself (poelm.runtime.RunStopped: its loss diverged): the same one
   line and exit status 1;
 - anything else is a bug and keeps its traceback.
@@ -30,6 +30,7 @@ import importlib
 import sys
 from dataclasses import dataclass
 
+from poelm.cli.common import flag_of, flag_off
 from poelm.runtime import RunStopped, SettingError
 
 
@@ -145,8 +146,7 @@ def error_line(error: BaseException) -> str:
     --device, --no-compile), else its type's name."""
     text = str(error)
     if isinstance(error, SettingError):
-        flag = error.setting.replace("_", "-")
-        text = error.render(f"--{flag}", f"--no-{flag}")
+        text = error.render(flag_of, flag_off)
     lines = text.strip().splitlines()
     return lines[0] if lines else type(error).__name__
 

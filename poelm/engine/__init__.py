@@ -56,11 +56,12 @@ import time
 
 import torch
 
+from poelm.checkpoint import GENERATION_CONFIG_NAME
 from poelm.engine.calibrate import (calibrate, check_calibration, check_cost_model, load_calibration,
                                     running_readouts, save_calibration, stage_swings, wand_teacher_forced)
 from poelm.engine.costs import measure_costs
 from poelm.engine.decoders import Capabilities, Decoder, DecodeStats, PlainDecoder, Row, new_cache
-from poelm.engine.options import (BP_REFUSAL, CALIBRATION_KEYS, GENERATION_CONFIG_NAME, MAX_GAMMA, WAND_TARGETS,
+from poelm.engine.options import (BP_REFUSAL, CALIBRATION_KEYS, MAX_GAMMA, WAND_TARGETS,
                                   ContextLengthError, DecodeOptions, Generation, ModeRefused, OptionError, _check,
                                   refuse_bp)
 from poelm.engine.registry import (COMPILABLE_MODES, DECODERS, LOGPROB_MODES, MODES, capabilities, make_decoder,
@@ -76,7 +77,7 @@ __all__ = ["Engine", "Session", "Decoder", "DecodeStats", "PlainDecoder", "WandD
            "NonFiniteLogits", "logop",
            "top_gap", "TextStream", "calibrate", "check_calibration", "load_calibration", "save_calibration",
            "running_readouts", "stage_swings", "wand_exit_rule", "wand_teacher_forced", "measure_costs", "refuse_bp", "MODES",
-           "WAND_TARGETS", "MAX_GAMMA", "BP_REFUSAL", "CALIBRATION_KEYS", "GENERATION_CONFIG_NAME", "_check",
+           "WAND_TARGETS", "MAX_GAMMA", "BP_REFUSAL", "CALIBRATION_KEYS", "GENERATION_CONFIG_NAME",
            "Collector", "Capabilities", "ModeRefused", "DECODERS", "COMPILABLE_MODES", "LOGPROB_MODES",
            "capabilities", "modes_with", "ContextLengthError"]
 

@@ -21,7 +21,8 @@ import torch
 
 from poelm.atomic import atomic_write_json
 from poelm.engine.costs import measure_costs
-from poelm.engine.options import CALIBRATION_KEYS, GENERATION_CONFIG_NAME, WAND_TARGETS, _check, refuse_bp
+from poelm.checkpoint import GENERATION_CONFIG_NAME
+from poelm.engine.options import CALIBRATION_KEYS, WAND_TARGETS, _check, refuse_bp
 from poelm.engine.sampling import top_gap
 from poelm.engine.wand import wand_exit_rule
 from poelm.jsonfile import check_field, read_json_object

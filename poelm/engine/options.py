@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from poelm.model import GPT, KVCache
 
 WAND_TARGETS = ("final", "logop")
-GENERATION_CONFIG_NAME = "generation_config.json"
 CALIBRATION_KEYS = ("wand_bounds", "wand_quantile", "wand_target", "wand_calibration_tokens", "wand_exit_rates",
                     "stage_agreement", "decode_costs")
 MAX_GAMMA = 64

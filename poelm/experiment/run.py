@@ -48,19 +48,13 @@ def ensure_data(cfg: ExperimentConfig, say) -> None:
 
 
 def arm_train_config(cfg: ExperimentConfig, arm: str):
+    """The TrainConfig of one arm: the experiment's training settings, its data, tokenizer and the
+    arm's model, in out/arms/ARM, resumed when it has a checkpoint."""
     from poelm.train import TrainConfig
 
     mode, alpha = next((m, a) for n, m, a in ARMS if n == arm)
-    return TrainConfig(
-        data=cfg.data, tokenizer=cfg.tokenizer, out=str(Path(cfg.out) / "arms" / arm),
-        model=cfg.model_config(mode, alpha),
-        total_batch_size=cfg.total_batch_size, device_batch_size=cfg.device_batch_size,
-        num_iterations=cfg.num_iterations, target_tokens=cfg.target_tokens,
-        target_param_data_ratio=cfg.target_param_data_ratio, eval_every=cfg.eval_every,
-        eval_tokens=cfg.eval_tokens, save_every=cfg.save_every, lr_scaling=cfg.lr_scaling,
-        matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
-        scalar_lr=cfg.scalar_lr, weight_decay=cfg.weight_decay, seed=cfg.seed, device=cfg.device,
-        dtype=cfg.dtype, compile=cfg.compile, resume=True)
+    return TrainConfig(data=cfg.data, tokenizer=cfg.tokenizer, out=str(Path(cfg.out) / "arms" / arm),
+                       model=cfg.model_config(mode, alpha), resume=True, **cfg.training())
 
 
 def run_arm(cfg: ExperimentConfig, arm: str, say) -> dict:
@@ -78,23 +72,20 @@ def run_arm(cfg: ExperimentConfig, arm: str, say) -> dict:
     return train(tc)
 
 
-def run_arm_torchrun(tc, nproc: int) -> dict:
-    import subprocess
+def torchrun_argv(tc, nproc: int) -> list[str]:
+    """The command that runs `poelm train` on `tc` under torchrun (its flags rebuild tc exactly)."""
     import sys
 
-    args = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "poelm", "train"]
-    from poelm.flags import model_flags
+    from poelm.flags import model_flags, setting_flags, untrained_fields
 
-    for f in dataclasses.fields(tc):
-        value = getattr(tc, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "model":
-            args += model_flags(value)
-        elif isinstance(value, bool):  # --compile is on/off/auto (None): its off must be said
-            args += [flag] if value else (["--no-compile"] if f.name == "compile" else [])
-        elif value is not None:
-            args += [flag, str(value)]
-    subprocess.run(args, check=True)
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "poelm", "train",
+            *setting_flags(tc, exclude=("model",)), *model_flags(tc.model, exclude=untrained_fields())]
+
+
+def run_arm_torchrun(tc, nproc: int) -> dict:
+    import subprocess
+
+    subprocess.run(torchrun_argv(tc, nproc), check=True)
     return json.loads((Path(tc.out) / "result.json").read_text())
 
 
