@@ -6,7 +6,8 @@ poelm_requests_total{model,status}, poelm_prompt_tokens_total / poelm_completion
 {model}, poelm_queue_depth, poelm_batch_rows, poelm_step_rows (rows per decode step), poelm_decoders, poelm_rejected_total (503),
 poelm_time_to_first_token_seconds, poelm_request_seconds{model}, and the PoE statistics
 poelm_stages_per_token{model,mode} (per request, batch scope) and
-poelm_speculative_drafted_total / poelm_speculative_accepted_total{model}.
+poelm_speculative_drafted_total / poelm_speculative_accepted_total{model}; the prefix cache's
+poelm:prefix_cache_queries_total / poelm:prefix_cache_hits_total (prompt tokens looked up / reused).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class Metrics:
                                 buckets=STAGE_BUCKETS, registry=r)
         self.drafted = Counter("poelm_speculative_drafted", "speculative draft tokens (batch scope)", ["model"], registry=r)
         self.accepted = Counter("poelm_speculative_accepted", "speculative draft tokens accepted (batch scope)", ["model"], registry=r)
+        self.prefix_queries = Counter("poelm:prefix_cache_queries", "prompt tokens looked up in the prefix cache", registry=r)
+        self.prefix_hits = Counter("poelm:prefix_cache_hits", "prompt tokens whose K/V came from the prefix cache", registry=r)
 
     def finished(self, job) -> None:
         model = job.served.id
@@ -49,6 +52,10 @@ class Metrics:
         if poe.get("drafted"):
             self.drafted.labels(model).inc(poe["drafted"])
             self.accepted.labels(model).inc(poe["accepted"])
+
+    def prefix_cache(self, queries: int, hits: int) -> None:
+        self.prefix_queries.inc(queries)
+        self.prefix_hits.inc(hits)
 
     def failed(self, job, status: int) -> None:
         self.requests.labels(job.served.id, str(status)).inc()

