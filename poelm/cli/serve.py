@@ -33,7 +33,11 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=at_least(1), default=None, help="prompt tokens at most (default: the context)")
     p.add_argument("--max-n", type=at_least(1), default=8, help="choices (n) per request at most")
     p.add_argument("--max-body-bytes", type=at_least(1), default=1 << 20, help="request body bytes at most (413 beyond)")
-    p.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads, 0 = torch's default")
+    p.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads of the decoder, 0 = torch's default")
+    p.add_argument("--kv-cache-bytes", type=at_least(0), default=256 << 20,
+                   help="bytes of prompt K/V kept for prefix caching (least recently used evicted; 0 = off)")
+    p.add_argument("--in-process", action="store_true",
+                   help="decode in the HTTP process (one process) instead of an engine process beside it")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="warning",
                    help="uvicorn's log level")
@@ -46,21 +50,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from poelm.runtime import parse_device
     from poelm.serve.app import API_KEY_ENV, ServeConfig, create_app
     from poelm.serve.guard import BACKLOG, MAX_HEADER_BYTES, ConnectionGuard, bind_socket, fit_fd_limit
+    from poelm.serve.engine_proc import EngineProcess
     from poelm.serve.metrics import Metrics
     from poelm.serve.models import load_models, parse_deltas
+    from poelm.serve.prefix_cache import PrefixCache
     from poelm.serve.scheduler import Scheduler
 
     device = parse_device(args.device)
     max_connections = fit_fd_limit(args.max_connections)
     sock = bind_socket(args.host, args.port)  # before the model loads: a busy port or bad host fails at once
+    scheduler = None
     try:
-        if args.threads:
+        if args.in_process and args.threads:
             torch.set_num_threads(args.threads)
-        sys.setswitchinterval(0.0005)  # the scheduler gets the GIL back sooner from the event loop between torch ops
+        elif not args.in_process:
+            torch.set_num_threads(1)  # this process never runs the model
+        sys.setswitchinterval(0.0005)  # the scheduler or reader thread gets the GIL back sooner from the event loop
         api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-        registry = load_models(args.model, parse_deltas(args.delta or []), name=args.name, device=device)
+        deltas = parse_deltas(args.delta or [])
+        # here: tokenizers and option checks (an engine process holds the model that decodes)
+        registry = load_models(args.model, deltas, name=args.name, device=device if args.in_process else "cpu")
         metrics = Metrics()
-        scheduler = Scheduler(args.max_batch, args.max_queue, metrics)
+        if args.in_process:
+            cache = PrefixCache(args.kv_cache_bytes) if args.kv_cache_bytes else None
+            scheduler = Scheduler(args.max_batch, args.max_queue, metrics, prefix_cache=cache)
+        else:
+            spec = dict(model=args.model, deltas=deltas, name=args.name, device=args.device, threads=args.threads,
+                        kv_cache_bytes=args.kv_cache_bytes)
+            scheduler = EngineProcess(spec, args.max_batch, args.max_queue, metrics)
+            scheduler.start()
         config = ServeConfig(api_key=api_key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
                              max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n,
                              request_timeout=args.request_timeout, header_timeout=args.header_timeout)
@@ -75,4 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.run(sockets=[sock])
     finally:
         sock.close()
+        if scheduler is not None and scheduler.alive():  # the server never ran, or stopped without its lifespan
+            scheduler.drain()
+            scheduler.stop()
     return 0

@@ -154,6 +154,13 @@ def decoder_error(e: Exception, doing: str) -> ApiError:
     return ApiError(500, f"internal error while {doing}: {type(e).__name__}: {e}")
 
 
+def check_rows(rows: int, max_batch: int) -> None:
+    """ApiError(400) for a request of more rows (prompts x n) than one batch holds."""
+    if rows > max_batch:
+        raise ApiError(400, f"this request needs {rows} rows (prompts x n) but the server runs at most "
+                       f"{max_batch} (--max-batch); lower n or send fewer prompts", param="n")
+
+
 def stream_chunk(job: Job, rows: list[int]) -> list[tuple]:
     """What rows of a streamed job add since the last chunk: the payload of one ("chunk", ...)
     event, [(row, text offset, text delta, logprob entries, finish reason or None)] (may be empty)."""
@@ -216,10 +223,7 @@ class Scheduler:
         return self.thread.is_alive()
 
     def check_rows(self, rows: int) -> None:
-        """ApiError(400) for a request of more rows (prompts x n) than one batch holds."""
-        if rows > self.max_batch:
-            raise ApiError(400, f"this request needs {rows} rows (prompts x n) but the server runs at most "
-                           f"{self.max_batch} (--max-batch); lower n or send fewer prompts", param="n")
+        check_rows(rows, self.max_batch)
 
     def submit(self, job: Job) -> None:
         self.check_rows(len(job.rows))

@@ -1,0 +1,444 @@
+"""The engine process of `poelm serve`: the scheduler and its decoders run in a process of their
+own, so HTTP, tokenisation and streaming (the server's process) never wait for the model's GIL.
+
+    engine = EngineProcess(spec, max_batch=32, max_queue=64, metrics=Metrics())   # the HTTP side
+    engine.start()       # spawns `python -m poelm.serve.engine_proc FD`; returns once its models loaded
+    engine.submit(job)   # the Scheduler's interface: check_rows, submit, drain, stop, alive, load
+
+Messages cross a socket pair as length-prefixed JSON (multiprocessing.connection's framing of
+bytes; nothing is pickled). To the engine: {"op": "submit"} (the job's rows and options),
+"cancel" (the client left), "finish" (stop strings ended every row: the engine ends the job with
+its PoE statistics), "stop". From the engine, one message per scheduler loop: every row's new
+tokens with their logprobs and finish reason ("t"), the jobs admitted from the queue ("adm"),
+ended with their PoE statistics ("end") or failed ("err"), the rows of each step ("steps"), the
+load and the prefix cache's counters ("pc"). The HTTP side keeps each request's Collector: it
+detokenises, cuts stop strings and streams; the engine ends rows at stop tokens, max_tokens and
+the context.
+
+If the engine process dies, the HTTP side writes one line, fails every request in flight with a
+503 error object and /health answers 503. SIGTERM to the server drains it, then stops the
+engine; SIGTERM to the engine alone makes it refuse new work and exit once idle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from poelm.engine import Collector, DecodeOptions
+from poelm.serve.protocol import ApiError
+from poelm.serve.scheduler import Job, Scheduler, TokenLogprob, check_rows, deliver, stream_chunk
+
+POLL_S = 0.05  # how often the HTTP side looks for requests whose client left
+
+
+class Link:
+    """Length-prefixed JSON messages over a Connection (send_bytes / recv_bytes only: never pickle)."""
+
+    def __init__(self, conn: Connection):
+        self.conn, self.lock = conn, threading.Lock()
+
+    def send(self, msg: dict) -> None:
+        data = json.dumps(msg, separators=(",", ":")).encode()
+        with self.lock:
+            self.conn.send_bytes(data)
+
+    def recv(self) -> dict:
+        return json.loads(self.conn.recv_bytes())
+
+    def poll(self, timeout: float) -> bool:
+        return self.conn.poll(timeout)
+
+
+# -----------------------------------------------------------------------------
+# The HTTP side
+
+
+class EngineProcess:
+    """The Scheduler's interface to a scheduler in an engine process (one per server)."""
+
+    def __init__(self, spec: dict, max_batch: int, max_queue: int, metrics, retry_after_s: int = 1):
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError(f"max_batch and max_queue must be >= 1 (--max-batch, --max-queue), got {max_batch} and {max_queue}")
+        # spec: what the engine loads (model, deltas, name, device, threads, kv_cache_bytes)
+        self.spec = dict(spec, max_batch=max_batch, max_queue=max_queue)
+        self.max_batch, self.max_queue, self.metrics, self.retry_after_s = max_batch, max_queue, metrics, retry_after_s
+        self.lock = threading.Lock()  # jobs and pending, between the event loop and the reader thread
+        self.jobs: dict[int, Job] = {}  # in flight, by id
+        self.pending: set[int] = set()  # ids sent but not yet admitted into a batch (the queue)
+        self.told: set[int] = set()  # ids whose cancel or finish the engine has been sent
+        self.ids = itertools.count()
+        self.draining = self.stopping = self.dead = False
+        self.running_rows = self.decoders = 0
+        self.counted = (0, 0)  # prefix cache queries and hits already in the metrics
+        self.proc: subprocess.Popen | None = None
+        self.reader = threading.Thread(target=self._read, name="poelm-engine-reader", daemon=True)
+
+    def start(self) -> None:
+        """Spawn the engine and wait until it has loaded its models (OSError if it exits first)."""
+        ours, theirs = socket.socketpair()
+        self.proc = subprocess.Popen([sys.executable, "-m", "poelm.serve.engine_proc", str(theirs.fileno())],
+                                     pass_fds=[theirs.fileno()])
+        theirs.close()
+        self.link = Link(Connection(ours.detach()))
+        try:
+            self.link.send(self.spec)
+            self.link.recv()  # {"ready": true}
+        except (EOFError, OSError):
+            raise OSError(f"the engine process exited with code {self.proc.wait()} while loading the models "
+                          "(its error is above)") from None
+        self.reader.start()
+
+    def alive(self) -> bool:
+        return self.reader.is_alive() and not self.dead
+
+    def check_rows(self, rows: int) -> None:
+        check_rows(rows, self.max_batch)
+
+    def submit(self, job: Job) -> None:
+        self.check_rows(len(job.rows))
+        with self.lock:
+            if self.dead:
+                raise ApiError(503, "the engine process has stopped; this server answers no requests until restarted")
+            if self.draining:
+                raise ApiError(503, "the server is shutting down", retry_after=self.retry_after_s)
+            if len(self.pending) >= self.max_queue:
+                self.metrics.rejected.inc()
+                raise ApiError(503, f"the server is busy: {self.running_rows} rows running and {len(self.pending)} "
+                               "requests queued (--max-queue); retry later", retry_after=self.retry_after_s)
+            rid = next(self.ids)
+            self.jobs[rid] = job
+            self.pending.add(rid)
+            self.metrics.queue_depth.set(len(self.pending))
+        opts = dataclasses.asdict(job.opts)
+        opts["stop_strings"] = []  # cut here, in the HTTP process
+        try:
+            self.link.send({"op": "submit", "id": rid, "model": job.served.id, "head_mode": job.model.config.head_mode,
+                            "rows": job.rows, "opts": opts, "stop_ids": sorted(job.stop_ids), "logprobs": job.logprobs,
+                            "timeout": job.timeout_s})
+        except OSError:  # the engine just died: the reader fails what was in flight
+            with self.lock:
+                self.jobs.pop(rid, None)
+                self.pending.discard(rid)
+            raise ApiError(503, "the engine process has stopped; this server answers no requests until restarted") from None
+
+    def drain(self) -> None:
+        self.draining = True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """After the HTTP side has drained: the engine finishes and exits (killed after timeout)."""
+        self.stopping = True
+        if self.proc is None:
+            return
+        try:
+            self.link.send({"op": "stop"})
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.reader.is_alive():
+            self.reader.join(timeout)
+
+    def load(self) -> dict:
+        return {"running_rows": self.running_rows, "queued": len(self.pending), "decoders": self.decoders}
+
+    # --- the reader thread ---------------------------------------------------------
+    def _read(self) -> None:
+        bye = None
+        try:
+            while True:
+                if self.link.poll(POLL_S):
+                    msg = self.link.recv()
+                    bye = msg.get("bye", bye)
+                    self._apply(msg)
+                self._tell_gone()
+        except (EOFError, OSError):
+            pass
+        finally:  # a bug here keeps its traceback, and still no request waits forever
+            self._gone(bye)
+
+    def _tell_gone(self) -> None:
+        """Cancel in the engine the jobs whose client left."""
+        with self.lock:
+            gone = [rid for rid, job in self.jobs.items() if job.cancelled and rid not in self.told]
+            self.told.update(gone)
+        for rid in gone:
+            self.link.send({"op": "cancel", "id": rid})
+
+    def _apply(self, msg: dict) -> None:
+        """One message of the engine: tokens into the collectors, events to the event loops."""
+        out: list[tuple[Job, tuple]] = []
+        ends = dict(msg.get("end", ()))
+        with self.lock:
+            self.pending.difference_update(msg.get("adm", ()))
+            jobs = {rid: self.jobs.get(rid) for rid in {t[0] for t in msg.get("t", ())} | set(ends)}
+        for rid, poe in ends.items():
+            if jobs[rid] is not None:
+                jobs[rid].poe = poe
+        touched = self._tokens(msg.get("t", ()), jobs)
+        finish = []
+        for job, rows in touched.items():
+            if job.stream:
+                chunk = stream_chunk(job, rows)
+                if chunk:
+                    out.append((job, ("chunk", chunk)))
+        with self.lock:
+            for rid, job in jobs.items():
+                if job is not None and rid not in ends and job.collector.done and rid not in self.told:
+                    self.told.add(rid)  # stop strings ended every row: the engine stops it
+                    finish.append(rid)
+        for rid in finish:
+            self.link.send({"op": "finish", "id": rid})
+        out += self._endings(ends, msg.get("err", ()))
+        self._observe(msg)
+        self._deliver(out)
+
+    def _tokens(self, rows: list, jobs: dict) -> dict[Job, list[int]]:
+        now, touched = time.monotonic(), {}
+        for rid, row, tokens, reason, entries in rows:
+            job = jobs[rid]
+            if job is None:
+                continue
+            col = job.collector
+            col.add(row, tokens)
+            if reason is not None and col.reason[row] is None:  # the context ended it
+                col.reason[row] = reason
+            job.entries[row] += [TokenLogprob(t, lp, [tuple(x) for x in top]) for t, lp, top in entries]
+            if job.t_first is None and tokens:
+                job.t_first = now
+                self.metrics.ttft.observe(now - job.t_submit)
+            touched.setdefault(job, []).append(row)
+        return touched
+
+    def _endings(self, ends: dict, errors: list) -> list[tuple[Job, tuple]]:
+        out = []
+        with self.lock:
+            done = [(rid, self.jobs.pop(rid, None)) for rid in ends] + [(e[0], self.jobs.pop(e[0], None)) for e in errors]
+            for rid, _ in done:
+                self.pending.discard(rid)
+                self.told.discard(rid)
+        for (rid, job), error in zip(done, [None] * len(ends) + list(errors)):
+            if job is None:
+                continue
+            job.done = True
+            if error is None:
+                if not job.cancelled:
+                    self.metrics.finished(job)
+                out.append((job, ("end", None)))
+            else:
+                _, status, message, param, code, retry_after = error
+                self.metrics.failed(job, status)
+                out.append((job, ("error", ApiError(status, message, param, code, retry_after))))
+        return out
+
+    def _observe(self, msg: dict) -> None:
+        if "load" in msg:
+            self.running_rows, self.decoders = msg["load"]
+            self.metrics.batch_rows.set(self.running_rows)
+            self.metrics.decoders.set(self.decoders)
+            self.metrics.queue_depth.set(len(self.pending))
+        for rows in msg.get("steps", ()):
+            self.metrics.step_rows.observe(rows)
+        if "pc" in msg:
+            queries, hits = msg["pc"]
+            self.metrics.prefix_cache(queries - self.counted[0], hits - self.counted[1])
+            self.counted = (queries, hits)
+
+    def _deliver(self, items: list[tuple[Job, tuple]]) -> None:
+        """One call per event loop, not one per event."""
+        by_loop: dict = {}
+        for job, event in items:
+            by_loop.setdefault(job.loop, []).append((job, event))
+        for loop, events in by_loop.items():
+            loop.call_soon_threadsafe(deliver, events)
+
+    def _gone(self, bye: str | None) -> None:
+        """The engine's end: after stop(), quietly; else one line, and every request in flight fails with 503."""
+        self.dead = True
+        if self.stopping:
+            return
+        code = self.proc.wait()
+        why = f"drained and exited after {bye}" if bye else f"exited with code {code}"
+        print(f"poelm serve: the engine process {why}; requests in flight fail with 503 and /health reports "
+              "unhealthy until the server is restarted", file=sys.stderr, flush=True)
+        with self.lock:
+            jobs, self.jobs = list(self.jobs.values()), {}
+            self.pending.clear()
+        error = ApiError(503, f"the engine process {why}; this server answers no requests until restarted")
+        for job in jobs:
+            job.done = True
+            self.metrics.failed(job, 503)
+        self._deliver([(job, ("error", error)) for job in jobs])
+
+
+# -----------------------------------------------------------------------------
+# The engine side
+
+
+class RecordingCollector(Collector):
+    """A Collector that notes the rows it got tokens for (the next message carries them)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.dirty: set[int] = set()
+
+    def add(self, row: int, new: list[int]) -> None:
+        super().add(row, new)
+        self.dirty.add(row)
+
+
+@dataclass(eq=False)
+class EngineJob(Job):
+    rid: int = 0
+    finish_early: bool = False  # the HTTP side ended every row (stop strings): end with the PoE statistics
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.collector = RecordingCollector(len(self.rows), self.opts, self.served.engine.tokenizer, self.stop_ids)
+        self.sent_tokens = [0] * len(self.rows)
+
+
+class EngineScheduler(Scheduler):
+    """The scheduler whose events go to the HTTP process, one message per loop."""
+
+    def __init__(self, link: Link, registry, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.link, self.registry = link, registry
+        self.jobs: dict[int, EngineJob] = {}
+        self.admitted: list[int] = []
+        self.steps: list[int] = []
+
+    def accept(self, msg: dict) -> None:
+        """A submit message -> a job in the queue (or its error back at once)."""
+        served = self.registry.get(msg["model"])
+        job = EngineJob(served, served.variant(msg["head_mode"]), msg["rows"], DecodeOptions(**msg["opts"]),
+                        set(msg["stop_ids"]), None, logprobs=msg["logprobs"], timeout_s=msg["timeout"], rid=msg["id"])
+        try:
+            with self.cond:
+                self.submit(job)
+                self.jobs[job.rid] = job
+        except ApiError as e:
+            self.link.send({"err": [[job.rid, e.status, e.message, e.param, e.code, e.retry_after]]})
+
+    def cancel(self, rid: int, finish: bool) -> None:
+        job = self.jobs.get(rid)
+        if job is not None:
+            job.finish_early = finish
+            job.cancelled = True
+
+    def idle(self) -> bool:
+        with self.cond:
+            return not self.queue and not self.batches
+
+    def _admit(self) -> list[Job]:
+        jobs = super()._admit()
+        self.admitted += [job.rid for job in jobs]
+        return jobs
+
+    def _step(self, batch) -> None:
+        self.steps.append(len(batch.rows))
+        super()._step(batch)
+
+    def _end_gone(self, job: Job) -> None:
+        if job.finish_early and job.batch is not None and job.poe is None:
+            job.poe = self._poe_stats(job, job.batch)
+        super()._end_gone(job)
+
+    def _flush(self) -> None:
+        with self.cond:
+            jobs = list(self.jobs.values())
+        rows = []
+        for job in jobs:
+            col = job.collector
+            for row in sorted(col.dirty):
+                tokens, entries = col.tokens[row][job.sent_tokens[row]:], job.entries[row][job.sent_entries[row]:]
+                job.sent_tokens[row] += len(tokens)
+                job.sent_entries[row] += len(entries)
+                rows.append([job.rid, row, tokens, col.reason[row], [[e.token, e.logprob, e.top] for e in entries]])
+            col.dirty.clear()
+        ends, errors = [], []
+        for job, (kind, payload) in self.outbox:
+            if kind == "end":
+                ends.append([job.rid, job.poe])
+            else:
+                errors.append([job.rid, payload.status, payload.message, payload.param, payload.code, payload.retry_after])
+            self.jobs.pop(job.rid, None)
+        self.outbox = []
+        if not (rows or ends or errors or self.admitted or self.steps):
+            return
+        msg = {"t": rows, "end": ends, "err": errors, "adm": self.admitted, "steps": self.steps,
+               "load": [self.running_rows, len(self.batches)]}
+        if self.prefix_cache is not None:
+            msg["pc"] = [self.prefix_cache.queries, self.prefix_cache.hits]
+        self.admitted, self.steps = [], []
+        try:
+            self.link.send(msg)
+        except OSError:  # the server is gone; serve() returns at its end of the socket
+            pass
+
+
+def serve(link: Link, scheduler: EngineScheduler, term: threading.Event) -> None:
+    """Handle the HTTP side's messages until it says stop or goes away, or SIGTERM and idle."""
+    while True:
+        if term.is_set():
+            scheduler.drain()
+            if scheduler.idle():
+                link.send({"bye": "SIGTERM"})
+                return
+        if not link.poll(0.1):
+            continue
+        try:
+            msg = link.recv()
+        except (EOFError, OSError):  # the server is gone
+            return
+        op = msg["op"]
+        if op == "submit":
+            scheduler.accept(msg)
+        elif op in ("cancel", "finish"):
+            scheduler.cancel(msg["id"], finish=op == "finish")
+        elif op == "stop":
+            return
+
+
+def main(fd: int) -> int:
+    import torch
+
+    from poelm.runtime import parse_device
+    from poelm.serve.metrics import Metrics
+    from poelm.serve.models import load_models
+    from poelm.serve.prefix_cache import PrefixCache
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which drains and then stops us
+    term = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: term.set())
+    link = Link(Connection(fd))
+    spec = link.recv()
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    registry = load_models(spec["model"], spec["deltas"], name=spec["name"], device=parse_device(spec["device"]))
+    cache = PrefixCache(spec["kv_cache_bytes"]) if spec["kv_cache_bytes"] else None
+    scheduler = EngineScheduler(link, registry, spec["max_batch"], spec["max_queue"], Metrics(), prefix_cache=cache)
+    scheduler.start()
+    link.send({"ready": True})
+    try:
+        serve(link, scheduler, term)
+    finally:
+        scheduler.drain()
+        scheduler.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1])))
