@@ -147,3 +147,28 @@ def decode_kwargs(args: argparse.Namespace) -> dict:
                 gamma=args.gamma, wand_factor=args.wand_factor, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 repetition_penalty=args.repetition_penalty, seed=args.seed, force=args.force)
+
+
+def val_progress(args: argparse.Namespace, batches, what: str, batch_size: int, seq_len: int, tokens: int | None,
+                 device):
+    """`batches` of val_batches with progress (plain lines in a log file; none with --json)."""
+    from poelm.dataloader import default_eval_tokens
+    from poelm.progress import track
+
+    budget = default_eval_tokens(device) if tokens is None else tokens
+    return track(batches, what, total=max(1, budget // (batch_size * seq_len)), enabled=not getattr(args, "json", False),
+                 tokens_per_item=batch_size * seq_len)
+
+
+def threads_note(args: argparse.Namespace) -> str | None:
+    """The line that says the torch threads main() chose for this command (None: not run by main)."""
+    choice = getattr(args, "thread_choice", None)
+    return choice.line() if choice is not None else None
+
+
+def with_threads(args: argparse.Namespace, result: dict, lines: list[str]) -> None:
+    """Add the torch threads to a command's --json result and to its text lines."""
+    choice = getattr(args, "thread_choice", None)
+    if choice is not None:
+        result["threads"] = choice.threads
+        lines.append(choice.line())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from poelm.cli.common import CliError, check_seq_len, emit, parse_compose
+from poelm.cli.common import CliError, check_seq_len, emit, parse_compose, val_progress, with_threads
 from poelm.flags import at_least
 
 
@@ -41,17 +41,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     T = args.seq_len or model.config.sequence_len
     check_seq_len(T, model, args.model)
 
-    def batches():
-        return val_batches(args.data, tokenizer, args.batch_size, T, args.tokens, device=device)
+    def batches(what: str = "eval"):
+        return val_progress(args, val_batches(args.data, tokenizer, args.batch_size, T, args.tokens, device=device),
+                            what, args.batch_size, T, args.tokens, device)
 
     result = evaluate_bpb(model, batches(), tokenizer.token_bytes())
     result["model"] = str(args.model)
     if model.config.is_poe() and args.backout_both:
         model.config.backout = not model.config.backout
-        other = evaluate_bpb(model, batches(), tokenizer.token_bytes())
+        other = evaluate_bpb(model, batches("eval, other backout"), tokenizer.token_bytes())
         result["bpb_with_backout" if model.config.backout else "bpb_without_backout"] = other["bpb"]
     lines = [f"final bpb: {result['bpb']:.4f}", *(f"stage {k} bpb: {v:.4f}" for k, v in enumerate(result["stages"])),
              f"log-op bpb: {result['logop']:.4f}", f"({result['tokens']} tokens)"]
+    with_threads(args, result, lines)
     emit(args, result, "\n".join(lines))
     return 0
 
@@ -74,5 +76,6 @@ def eval_compose(args: argparse.Namespace) -> int:
                                                          device=device))
     lines = [*(f"{name}: {v:.4f}" for name, v in result["branches"].items()), f"composition: {result['composition']:.4f}",
              f"(bits per assistant token, {result['assistant_tokens']} tokens)"]
+    with_threads(args, result, lines)
     emit(args, result, "\n".join(lines))
     return 0

@@ -8,7 +8,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from poelm.cli.common import check_model, emit
+from poelm.cli.common import check_model, emit, threads_note, with_threads
 from poelm.flags import add_model_flags, add_setting_flags, at_least, model_kwargs, untrained_fields
 
 
@@ -57,9 +57,14 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from poelm.experiment.run import run_experiment
 
     cfg = experiment_config(args)
+    note = threads_note(args)
+    if note and not args.json:
+        print(note, flush=True)
     results = run_experiment(cfg, quiet=args.json)
     if args.json:
-        print(json.dumps({k: results[k] for k in ("arms", "gap", "inference", "wall_seconds", "plots")}, default=str))
+        out = {k: results[k] for k in ("arms", "gap", "inference", "wall_seconds", "plots")}
+        with_threads(args, out, [])
+        print(json.dumps(out, default=str))
     return 0
 
 
@@ -81,6 +86,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      f"{r['logop']:>7.4f}  {', '.join(r['modes'])}")
     if result["note"]:
         lines.append(f"note: {result['note']}")
+    with_threads(args, result, lines)
     emit(args, result, "\n".join(lines))
     return 0
 
