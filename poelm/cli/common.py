@@ -68,6 +68,9 @@ def parse_compose(text: str) -> list[str]:
     from poelm.specialist import read_delta_meta
 
     dirs = [d for d in text.split(",") if d]
+    if len(dirs) == 1:
+        raise CliError(f"--compose {text} names one delta: composing needs two or more, comma separated; for "
+                       f"one specialist pass --delta {dirs[0]}")
     if len(dirs) < 2:
         raise ValueError(f"--compose {text!r}: give at least two delta directories, comma separated")
     for d in dirs:
@@ -119,6 +122,7 @@ def load_engine(args: argparse.Namespace):
     from poelm.runtime import check_compiler, parse_device
     from poelm.specialist import load_with_delta
 
+    refuse_ignored_flags(args)
     device = parse_device(args.device)
     compile = getattr(args, "compile", False)
     if compile:
@@ -138,6 +142,18 @@ def load_engine(args: argparse.Namespace):
             raise CliError(f"WAND needs calibrated swing bounds and {args.model} has none: "
                            f"run `poelm calibrate {args.model} --data DIR` first")
     return Engine(model, tokenizer, calibration=calib, compile=compile)
+
+
+def refuse_ignored_flags(args: argparse.Namespace) -> None:
+    """A decoding flag that --mode does not read (`--stage 2` without `--mode stage`): one line naming
+    the flag and the modes that read it (the engine's registry says which: Capabilities.options)."""
+    from poelm.engine import MODE_OPTIONS, DecodeOptions, ignored_options, modes_reading
+
+    given = {o: getattr(args, o) for o in MODE_OPTIONS if hasattr(args, o)}
+    for option in ignored_options(DecodeOptions(mode=args.mode, **given)):
+        modes = modes_reading(option)
+        raise CliError(f"{flag_of(option)} applies to --mode {' or '.join(modes)} and --mode {args.mode} ignores it: "
+                       f"add --mode {modes[0]} or drop {flag_of(option)}")
 
 
 def decode_kwargs(args: argparse.Namespace) -> dict:

@@ -127,7 +127,7 @@ def generate_compose(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from poelm.checkpoint import load_model, model_dir
     from poelm.dataloader import val_batches
-    from poelm.engine import calibrate, save_calibration
+    from poelm.engine import calibrate, load_calibration, save_calibration
     from poelm.runtime import parse_device
 
     device = parse_device(args.device)
@@ -140,12 +140,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                            "calibrate", batch_size, seq_len, args.tokens, device)
     calib = calibrate(model, batches, quantile=args.quantile, force=args.force)
     directory = model_dir(args.model)
+    old = load_calibration(directory) if directory is not None else None
     saved = str(save_calibration(directory, calib)) if directory is not None else None
-    result = dict(calib, saved_to=saved)
+    result = dict(calib, saved_to=saved, replaced=old["wand_bounds"] if old else None)
     bounds = ", ".join(f"{b:.3f}" for b in calib["wand_bounds"])
     where = f"saved to {saved}" if saved else f"not saved: {args.model} is not a model directory"
     lines = [f"WAND bounds (p{100 * args.quantile:g} over {calib['wand_calibration_tokens']:,} tokens): "
              f"[{bounds}]; {where}"]
+    if old and saved:
+        was = ", ".join(f"{b:.3f}" for b in old["wand_bounds"])
+        lines.append(f"replaced the earlier bounds [{was}] (p{100 * old.get('wand_quantile', 0):g} over "
+                     f"{old.get('wand_calibration_tokens', 0):,} tokens)")
     with_threads(args, result, lines)
     emit(args, result, "\n".join(lines))
     return 0

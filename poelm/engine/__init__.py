@@ -65,8 +65,8 @@ from poelm.engine.decoders import Capabilities, Decoder, DecodeStats, PlainDecod
 from poelm.engine.options import (BP_REFUSAL, CALIBRATION_KEYS, MAX_GAMMA, WAND_TARGETS,
                                   ContextLengthError, DecodeOptions, Generation, ModeRefused, OptionError, _check,
                                   refuse_bp)
-from poelm.engine.registry import (COMPILABLE_MODES, DECODERS, LOGPROB_MODES, MODES, capabilities, make_decoder,
-                                   modes_with, validate_options)
+from poelm.engine.registry import (COMPILABLE_MODES, DECODERS, LOGPROB_MODES, MODE_OPTIONS, MODES, capabilities,
+                                   ignored_options, make_decoder, modes_reading, modes_with, validate_options)
 from poelm.engine.sampling import NonFiniteLogits, Sampler, logop, top_gap
 from poelm.engine.speculative import SpeculativeDecoder
 from poelm.engine.stream import TextStream, Collector
@@ -80,7 +80,7 @@ __all__ = ["Engine", "Session", "Decoder", "DecodeStats", "PlainDecoder", "WandD
            "running_readouts", "stage_swings", "wand_exit_rule", "wand_teacher_forced", "measure_costs", "refuse_bp", "MODES",
            "WAND_TARGETS", "MAX_GAMMA", "BP_REFUSAL", "CALIBRATION_KEYS", "GENERATION_CONFIG_NAME",
            "Collector", "Capabilities", "ModeRefused", "DECODERS", "COMPILABLE_MODES", "LOGPROB_MODES",
-           "capabilities", "modes_with", "ContextLengthError"]
+           "capabilities", "modes_with", "modes_reading", "ignored_options", "MODE_OPTIONS", "ContextLengthError"]
 
 
 class Engine:
