@@ -183,7 +183,7 @@ def test_flags_the_mode_ignores_are_refused(base_run, capsys):
 
 
 def test_compare_has_alpha_gap_and_integer_stage_ticks(env, base_run, tmp_path, capsys, monkeypatch):
-    from poelm.experiment import compare
+    from poelm import plots
 
     figures = []
     monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or path)
