@@ -33,7 +33,6 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=at_least(1), default=None, help="prompt tokens at most (default: the context)")
     p.add_argument("--max-n", type=at_least(1), default=8, help="choices (n) per request at most")
     p.add_argument("--max-body-bytes", type=at_least(1), default=1 << 20, help="request body bytes at most (413 beyond)")
-    p.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads of the decoder, 0 = torch's default")
     p.add_argument("--kv-cache-bytes", type=at_least(0), default=256 << 20,
                    help="bytes of prompt K/V kept for prefix caching (least recently used evicted; 0 = off)")
     p.add_argument("--in-process", action="store_true",
@@ -49,8 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from poelm.runtime import parse_device
     from poelm.serve.app import API_KEY_ENV, ServeConfig, create_app
-    from poelm.serve.guard import BACKLOG, MAX_HEADER_BYTES, ConnectionGuard, bind_socket, fit_fd_limit
     from poelm.serve.engine_proc import EngineProcess
+    from poelm.serve.guard import BACKLOG, MAX_HEADER_BYTES, ConnectionGuard, bind_socket, fit_fd_limit
     from poelm.serve.metrics import Metrics
     from poelm.serve.models import load_models, parse_deltas
     from poelm.serve.prefix_cache import PrefixCache
@@ -61,10 +60,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sock = bind_socket(args.host, args.port)  # before the model loads: a busy port or bad host fails at once
     scheduler = None
     try:
-        if args.in_process and args.threads:
-            torch.set_num_threads(args.threads)
-        elif not args.in_process:
-            torch.set_num_threads(1)  # this process never runs the model
+        if not args.in_process:
+            torch.set_num_threads(1)  # this process never runs the model; the engine gets the --threads chosen
         sys.setswitchinterval(0.0005)  # the scheduler or reader thread gets the GIL back sooner from the event loop
         api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
         deltas = parse_deltas(args.delta or [])
@@ -75,7 +72,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             cache = PrefixCache(args.kv_cache_bytes) if args.kv_cache_bytes else None
             scheduler = Scheduler(args.max_batch, args.max_queue, metrics, prefix_cache=cache)
         else:
-            spec = dict(model=args.model, deltas=deltas, name=args.name, device=args.device, threads=args.threads,
+            choice = getattr(args, "thread_choice", None)
+            threads = choice.threads if choice is not None else 0
+            spec = dict(model=args.model, deltas=deltas, name=args.name, device=args.device, threads=threads,
                         kv_cache_bytes=args.kv_cache_bytes)
             scheduler = EngineProcess(spec, args.max_batch, args.max_queue, metrics)
             scheduler.start()
@@ -89,7 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                                h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                                                timeout_graceful_shutdown=int(args.request_timeout) + 5))
         print(f"poelm serve: http://{args.host}:{args.port} models {', '.join(registry.models)}"
-              f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
+              f"{' (API key required)' if api_key else ''}; {args.thread_choice.line()}", file=sys.stderr, flush=True)
         server.run(sockets=[sock])
     finally:
         sock.close()
