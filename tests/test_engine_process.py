@@ -8,6 +8,11 @@ Run: .venv/bin/pytest -q tests/test_engine_process.py"""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -110,3 +115,89 @@ def test_prefix_cache_stays_within_its_budget_and_evicts_the_least_recent(served
     assert cache.lookup(("tiny", None, dec.end_layer), b + [7]).shape[3] == 3 * BLOCK
     with pytest.raises(ValueError, match="--kv-cache-bytes"):
         PrefixCache(-1)
+
+
+# -----------------------------------------------------------------------------
+# `poelm serve` with its engine process
+
+
+@pytest.fixture(scope="module")
+def model_dir(served, tmp_path_factory):
+    from poelm.checkpoint import save_model
+
+    root = tmp_path_factory.mktemp("engine") / "tiny"
+    save_model(served.model, root, served.engine.tokenizer)
+    return root
+
+
+def engine_pid(server) -> int:
+    children = open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def metric(url: str, name: str) -> float:
+    import httpx
+
+    lines = httpx.get(url + "/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(name + " "))
+
+
+def test_engine_process_answers_like_generate_and_reuses_a_chats_earlier_turns(model_dir, served):
+    import httpx
+    from test_serve import Server
+
+    from poelm.chat import render_prompt
+
+    def expected(messages: list[dict]) -> str:
+        ids = render_prompt(served.engine.tokenizer, messages)
+        return served.engine.generate(ids, max_new_tokens=10).text
+
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "what is a product of experts?"}]
+    body = {"model": "tiny", "max_tokens": 10, "temperature": 0}
+    srv = Server(str(model_dir))
+    try:
+        assert engine_pid(srv)  # the default decodes in a child process
+        first = httpx.post(srv.url + "/v1/chat/completions", json={**body, "messages": messages}).json()
+        turn = messages + [first["choices"][0]["message"], {"role": "user", "content": "and a colour?"}]
+        second = httpx.post(srv.url + "/v1/chat/completions", json={**body, "messages": turn}).json()
+        assert first["choices"][0]["message"]["content"] == expected(messages)
+        assert second["choices"][0]["message"]["content"] == expected([{"role": m["role"], "content": m["content"]}
+                                                                       for m in turn])
+        # the second turn reuses the first turn's prompt (over 100 tokens) in blocks of 16
+        queries, hits = metric(srv.url, "poelm:prefix_cache_queries_total"), metric(srv.url, "poelm:prefix_cache_hits_total")
+        assert queries > hits >= 96
+        # a client that leaves mid-stream frees its rows
+        with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "prompt": "x", "max_tokens": 200, "stream": True}) as r:
+            next(r.iter_lines())
+        deadline = time.monotonic() + 5
+        while httpx.get(srv.url + "/health").json()["running_rows"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(srv.url + "/health").json()["running_rows"] == 0
+    finally:
+        assert srv.stop() in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after its graceful exit
+
+
+def test_an_engine_crash_is_503_for_requests_in_flight_and_an_unhealthy_server(model_dir):
+    import httpx
+    from test_serve import Server
+
+    srv = Server(str(model_dir), "--max-batch", "4")
+    try:
+        body = {"model": "tiny", "prompt": "Once", "max_tokens": 250, "temperature": 0, "n": 2}
+        with ThreadPoolExecutor(1) as pool:
+            whole = pool.submit(httpx.post, srv.url + "/v1/completions", json=body, timeout=30)
+            with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+                lines = r.iter_lines()
+                next(lines)
+                os.kill(engine_pid(srv), signal.SIGKILL)
+                rest = [line for line in lines if line]
+            assert whole.result().status_code == 503
+        assert rest[-1] == "data: [DONE]" and "engine process exited" in json.loads(rest[-2][6:])["error"]["message"]
+        health = httpx.get(srv.url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"
+        assert httpx.post(srv.url + "/v1/completions", json=body).status_code == 503
+    finally:
+        srv.stop()
+    err = srv.proc.stderr.read()
+    assert err.count("the engine process exited with code -9") == 1 and "Traceback" not in err, err

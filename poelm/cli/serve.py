@@ -65,8 +65,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.setswitchinterval(0.0005)  # the scheduler or reader thread gets the GIL back sooner from the event loop
         api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
         deltas = parse_deltas(args.delta or [])
-        # here: tokenizers and option checks (an engine process holds the model that decodes)
-        registry = load_models(args.model, deltas, name=args.name, device=device if args.in_process else "cpu")
         metrics = Metrics()
         if args.in_process:
             cache = PrefixCache(args.kv_cache_bytes) if args.kv_cache_bytes else None
@@ -77,6 +75,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             spec = dict(model=args.model, deltas=deltas, name=args.name, device=args.device, threads=threads,
                         kv_cache_bytes=args.kv_cache_bytes)
             scheduler = EngineProcess(spec, args.max_batch, args.max_queue, metrics)
+            scheduler.spawn()
+        # here: tokenizers and option checks (an engine process holds the model that decodes)
+        registry = load_models(args.model, deltas, name=args.name, device=device if args.in_process else "cpu")
+        if not args.in_process:
             scheduler.start()
         config = ServeConfig(api_key=api_key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
                              max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n,
@@ -92,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.run(sockets=[sock])
     finally:
         sock.close()
-        if scheduler is not None and scheduler.alive():  # the server never ran, or stopped without its lifespan
+        if isinstance(scheduler, EngineProcess) and not scheduler.stopping:  # the server never ran its lifespan
             scheduler.drain()
             scheduler.stop()
     return 0

@@ -78,18 +78,23 @@ class EngineProcess:
         self.told: set[int] = set()  # ids whose cancel or finish the engine has been sent
         self.ids = itertools.count()
         self.draining = self.stopping = self.dead = False
-        self.running_rows = self.decoders = 0
+        self.running_rows = self.decoders = self.queued = 0  # as the engine last said
         self.counted = (0, 0)  # prefix cache queries and hits already in the metrics
         self.proc: subprocess.Popen | None = None
         self.reader = threading.Thread(target=self._read, name="poelm-engine-reader", daemon=True)
 
-    def start(self) -> None:
-        """Spawn the engine and wait until it has loaded its models (OSError if it exits first)."""
+    def spawn(self) -> None:
+        """Start the engine process: it imports torch while this process loads its own copy of the models."""
         ours, theirs = socket.socketpair()
         self.proc = subprocess.Popen([sys.executable, "-m", "poelm.serve.engine_proc", str(theirs.fileno())],
                                      pass_fds=[theirs.fileno()])
         theirs.close()
         self.link = Link(Connection(ours.detach()))
+
+    def start(self) -> None:
+        """Spawn the engine (unless spawned) and wait until it has loaded its models (OSError if it exits first)."""
+        if self.proc is None:
+            self.spawn()
         try:
             self.link.send(self.spec)
             self.link.recv()  # {"ready": true}
@@ -111,14 +116,14 @@ class EngineProcess:
                 raise ApiError(503, "the engine process has stopped; this server answers no requests until restarted")
             if self.draining:
                 raise ApiError(503, "the server is shutting down", retry_after=self.retry_after_s)
-            if len(self.pending) >= self.max_queue:
+            waiting = self._waiting()
+            if waiting >= self.max_queue:
                 self.metrics.rejected.inc()
-                raise ApiError(503, f"the server is busy: {self.running_rows} rows running and {len(self.pending)} "
+                raise ApiError(503, f"the server is busy: {self.running_rows} rows running and {waiting} "
                                "requests queued (--max-queue); retry later", retry_after=self.retry_after_s)
             rid = next(self.ids)
             self.jobs[rid] = job
             self.pending.add(rid)
-            self.metrics.queue_depth.set(len(self.pending))
         opts = dataclasses.asdict(job.opts)
         opts["stop_strings"] = []  # cut here, in the HTTP process
         try:
@@ -131,6 +136,19 @@ class EngineProcess:
                 self.pending.discard(rid)
             raise ApiError(503, "the engine process has stopped; this server answers no requests until restarted") from None
 
+    def _waiting(self) -> int:
+        """The requests in the engine's queue once it has admitted what fits (under the lock): the
+        jobs sent but not yet admitted, less those whose rows fit beside the running ones (FIFO)."""
+        used = sum(len(job.rows) for rid, job in self.jobs.items() if rid not in self.pending)
+        waiting = 0
+        for rid, job in self.jobs.items():  # in the order they came
+            if rid in self.pending:
+                if waiting == 0 and used + len(job.rows) <= self.max_batch:
+                    used += len(job.rows)
+                else:
+                    waiting += 1
+        return waiting
+
     def drain(self) -> None:
         self.draining = True
 
@@ -138,6 +156,10 @@ class EngineProcess:
         """After the HTTP side has drained: the engine finishes and exits (killed after timeout)."""
         self.stopping = True
         if self.proc is None:
+            return
+        if not self.reader.is_alive():  # never started: it has loaded nothing
+            self.proc.kill()
+            self.proc.wait()
             return
         try:
             self.link.send({"op": "stop"})
@@ -152,7 +174,7 @@ class EngineProcess:
             self.reader.join(timeout)
 
     def load(self) -> dict:
-        return {"running_rows": self.running_rows, "queued": len(self.pending), "decoders": self.decoders}
+        return {"running_rows": self.running_rows, "queued": self.queued, "decoders": self.decoders}
 
     # --- the reader thread ---------------------------------------------------------
     def _read(self) -> None:
@@ -245,10 +267,10 @@ class EngineProcess:
 
     def _observe(self, msg: dict) -> None:
         if "load" in msg:
-            self.running_rows, self.decoders = msg["load"]
+            self.running_rows, self.decoders, self.queued = msg["load"]
             self.metrics.batch_rows.set(self.running_rows)
             self.metrics.decoders.set(self.decoders)
-            self.metrics.queue_depth.set(len(self.pending))
+            self.metrics.queue_depth.set(self.queued)
         for rows in msg.get("steps", ()):
             self.metrics.step_rows.observe(rows)
         if "pc" in msg:
@@ -379,7 +401,7 @@ class EngineScheduler(Scheduler):
         if not (rows or ends or errors or self.admitted or self.steps):
             return
         msg = {"t": rows, "end": ends, "err": errors, "adm": self.admitted, "steps": self.steps,
-               "load": [self.running_rows, len(self.batches)]}
+               "load": [self.running_rows, len(self.batches), len(self.queue)]}
         if self.prefix_cache is not None:
             msg["pc"] = [self.prefix_cache.queries, self.prefix_cache.hits]
         self.admitted, self.steps = [], []
@@ -413,23 +435,28 @@ def serve(link: Link, scheduler: EngineScheduler, term: threading.Event) -> None
 
 
 def main(fd: int) -> int:
-    import torch
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which drains and then stops us
+    term = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: term.set())
+    import torch  # while the server loads the models: the spec comes once they loaded there
 
     from poelm.runtime import parse_device
     from poelm.serve.metrics import Metrics
     from poelm.serve.models import load_models
     from poelm.serve.prefix_cache import PrefixCache
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which drains and then stops us
-    term = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: term.set())
     link = Link(Connection(fd))
-    spec = link.recv()
+    try:
+        spec = link.recv()
+    except EOFError:  # the server failed before it needed us
+        return 0
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     registry = load_models(spec["model"], spec["deltas"], name=spec["name"], device=parse_device(spec["device"]))
     cache = PrefixCache(spec["kv_cache_bytes"]) if spec["kv_cache_bytes"] else None
-    scheduler = EngineScheduler(link, registry, spec["max_batch"], spec["max_queue"], Metrics(), prefix_cache=cache)
+    # the server keeps its queue within --max-queue; here, what it sent before hearing of admissions fits too
+    queue = spec["max_queue"] + spec["max_batch"]
+    scheduler = EngineScheduler(link, registry, spec["max_batch"], queue, Metrics(), prefix_cache=cache)
     scheduler.start()
     link.send({"ready": True})
     try:
