@@ -47,12 +47,13 @@ def validate_options(opts: DecodeOptions, model: GPT) -> None:
 
 def make_decoder(model: GPT, opts: DecodeOptions, capacity: int, compile: str | None = None) -> Decoder:
     """The decoder of opts.mode (opts already validated); compile (a torch.compile backend): a
-    compilable mode's step runs as one compiled graph (PlainDecoder.compile_step)."""
+    compilable mode's step runs as compiled static-shape graphs (Decoder.compile_step)."""
     cls = DECODERS[opts.mode]
     if not compile:
         return cls(model, opts, capacity)
-    _check(capabilities(opts.mode).compilable, f"compile applies to the plain modes ({', '.join(COMPILABLE_MODES)}); "
+    _check(capabilities(opts.mode).compilable, f"compile applies to the modes {', '.join(COMPILABLE_MODES)}; "
            f"mode {opts.mode} decodes eagerly: drop compile / --compile")
-    dec = cls(model, opts, capacity, compiled_cache_len(capacity, model.config.sequence_len) - capacity)
+    slots = compiled_cache_len(capacity + cls.min_scratch(opts), model.config.sequence_len)
+    dec = cls(model, opts, capacity, slots - capacity)
     dec.compile_step(compile)
     return dec
