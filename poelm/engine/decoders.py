@@ -238,7 +238,7 @@ class Decoder:
 
     def _emit(self, tokens: torch.Tensor) -> dict[int, list[int]]:
         """Record one sampled token (B,) per row."""
-        self.seen[torch.arange(len(self.rows), device=self.device), tokens] = True
+        self.seen.scatter_(1, tokens[:, None], True)
         out = {}
         for r, t in zip(self.rows, tokens.tolist()):  # the one host sync of a step
             r.seq.append(t)
