@@ -11,7 +11,7 @@ adaptive depth and self-speculative decoding (docs/poe.md §2-6).
     engine.generate(prompt, mode="speculative", adaptive=True)   # stage and gamma chosen by cost; plain if none pays
     engine.calibration = calibrate(model, batches); engine.generate(prompt, mode="wand")
     for delta in engine.stream(prompt, temperature=0.8, top_p=0.9): print(delta, end="")
-    Engine(model, tokenizer, compile=True)   # plain modes: an inductor-compiled step (--compile)
+    Engine(model, tokenizer, compile=True)   # every mode: inductor-compiled static-shape steps (--compile)
 
     poelm generate MODEL "Once upon a time" --mode speculative --gamma 4
     poelm calibrate MODEL --data DIR
@@ -84,9 +84,10 @@ __all__ = ["Engine", "Session", "Decoder", "DecodeStats", "PlainDecoder", "WandD
 
 class Engine:
     def __init__(self, model: GPT, tokenizer=None, calibration: dict | None = None, compile: bool | str = False):
-        """compile: decode the plain modes with a compiled step, True = inductor, or a
-        torch.compile backend name (one static-shape graph per batch size and cache bucket;
-        the first call of each pays the compile)."""
+        """compile: decode with compiled steps, True = inductor, or a torch.compile backend name
+        (static-shape graphs per batch size and cache bucket, the first call of each pays the
+        compile): the plain modes and WAND-as-plain one graph per step, speculative a draft-step
+        graph and a verify graph per pass; WAND's staged step (where an exit test pays) runs eagerly."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.calibration = calibration
