@@ -128,8 +128,8 @@ def load_engine(args: argparse.Namespace):
     if compile:
         check_compiler(device)
         if not capabilities(args.mode).compilable:
-            raise CliError(f"--compile applies to the plain modes ({', '.join(COMPILABLE_MODES)}); --mode {args.mode} "
-                           f"decodes eagerly: drop --compile")
+            raise CliError(f"--compile applies to the compilable modes ({', '.join(COMPILABLE_MODES)}); --mode "
+                           f"{args.mode} decodes eagerly: drop --compile")
     model, tokenizer = load_with_delta(args.model, getattr(args, "delta", None), device=device)
     if getattr(args, "head_mode", None) is not None:
         from poelm.specialist import with_head_mode
