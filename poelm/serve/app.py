@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from poelm.engine import ContextLengthError, DecodeOptions, OptionError
+from poelm.engine.options import POE, TOP, request_fields, request_param, shown
 from poelm.serve.guard import ConnectionGuard
 from poelm.serve.metrics import Metrics
 from poelm.serve.models import ModelRegistry, ServedModel
@@ -54,26 +55,29 @@ class ServeConfig:
 # Requests -> jobs
 
 
-REQUEST_FIELDS = {"max_new_tokens": "max_tokens", "stop_strings": "stop", "temperature": "temperature",
-                  "top_k": "top_k", "top_p": "top_p", "repetition_penalty": "repetition_penalty", "seed": "seed"}
-
-
-def option_param(option: str | None) -> str | None:
-    """The request field of a DecodeOptions field: a top-level one, else poe.<name> (None: no one field)."""
-    if option is None:
-        return None
-    return REQUEST_FIELDS.get(option, f"poe.{option}")
-
-
 def decode_options(req: Sampling, served: ServedModel, max_tokens: int, stop: list[str]) -> DecodeOptions:
+    """The request's DecodeOptions: the generated fields (`poe` and top-level) by name, OpenAI's
+    own fields with OpenAI's defaults (temperature and top_p 1)."""
     poe = req.poe or PoeOptions()
-    options = dict(mode=poe.mode, stage=poe.stage, stages=poe.stages, logop_alpha=poe.logop_alpha,
-                   draft_stage=poe.draft_stage, gamma=poe.gamma, adaptive_gamma=poe.adaptive_gamma,
-                   draft_threshold=poe.draft_threshold, wand_factor=poe.wand_factor, force=poe.force,
-                   max_new_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-                   top_k=req.top_k, top_p=1.0 if req.top_p is None else req.top_p,
-                   repetition_penalty=req.repetition_penalty, seed=req.seed, stop_strings=stop)
+    options = {f.name: getattr(poe, f.name) for f in request_fields(POE)}
+    options.update({f.name: getattr(req, f.name) for f in request_fields(TOP)})
+    options.update(max_new_tokens=max_tokens, stop_strings=stop, temperature=1.0 if req.temperature is None else req.temperature,
+                   top_p=1.0 if req.top_p is None else req.top_p)
+    if req.logit_bias is not None:
+        options["logit_bias"] = token_keys(req.logit_bias, served.model.config.vocab_size)
     return served.engine.options(options)  # the engine's validation: one line per bad value, BP refusal
+
+
+def token_keys(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
+    """logit_bias's JSON keys (strings) -> integers, 400 for a key that is not one (the engine
+    refuses an integer that is not a token id of the model, in the same words)."""
+    out = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()):
+            raise ApiError(400, f"logit_bias key {shown(key)} is not a token id of this model: ids lie in "
+                           f"[0, {vocab_size})", param="logit_bias")
+        out[int(key)] = value
+    return out
 
 
 def check_common(req: Sampling, config: ServeConfig, context: int, max_tokens: int | None, param: str) -> tuple[int, list[str]]:
@@ -159,7 +163,7 @@ def make_job(req: Sampling, served: ServedModel, prompts: list[list[int]], max_t
     try:
         opts = decode_options(req, served, max_tokens, stop)
     except OptionError as e:
-        raise ApiError(400, str(e), param=option_param(e.option)) from None
+        raise ApiError(400, str(e), param=request_param(e.option)) from None
     except ValueError as e:
         raise ApiError(400, str(e)) from None
     try:

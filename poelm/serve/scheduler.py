@@ -45,6 +45,19 @@ from poelm.engine import LOGPROB_MODES, DecodeOptions, DecodeStats, NonFiniteLog
 from poelm.serve.protocol import FINISH_REASONS, ApiError
 
 
+# DecodeOptions fields that are not the decoder's: applied per row (the Collector), spent on the
+# prompt, or the same for every request of a model; and those that matter only when sampling
+PER_ROW = {"max_new_tokens", "stop_strings", "seed", "add_bos", "keep_cache", "calibration"}
+SAMPLED_ONLY = ("temperature", "top_k", "top_p", "min_p")
+
+
+def hashable(value):
+    """A DecodeOptions value as part of a dict key (lists -> tuples, dicts -> sorted item tuples)."""
+    if isinstance(value, dict):
+        return tuple(sorted(value.items()))
+    return tuple(value) if isinstance(value, list) else value
+
+
 @dataclass
 class TokenLogprob:
     token: int
@@ -114,9 +127,10 @@ class Job:
     @property
     def key(self) -> tuple:
         o = self.opts
-        sampler = None if o.greedy else (o.temperature, o.top_k, o.top_p, id(self) if o.seed is not None else None)
-        return (self.served.id, self.model.config.head_mode, o.mode, o.stage, tuple(o.stages or ()), o.logop_alpha,
-                o.draft_stage, o.gamma, o.adaptive_gamma, o.draft_threshold, o.wand_factor, o.repetition_penalty, sampler)
+        sampler = None if o.greedy else (*(getattr(o, f) for f in SAMPLED_ONLY), id(self) if o.seed is not None else None)
+        decoder = tuple(hashable(getattr(o, f.name)) for f in fields(DecodeOptions)
+                        if f.name not in PER_ROW and f.name not in SAMPLED_ONLY)
+        return (self.served.id, self.model.config.head_mode, decoder, sampler)
 
     def finish_reason(self, row: int) -> str:
         return FINISH_REASONS[self.collector.reason[row]]
@@ -286,7 +300,8 @@ class Scheduler:
                     job = group[0]
                     decoder = make_decoder(job.model, job.opts, job.model.config.sequence_len)
                     if job.opts.mode in LOGPROB_MODES:
-                        decoder.sampler = LogprobSampler(job.opts, decoder.device)
+                        rows, decoder.sampler = decoder.sampler.rows, LogprobSampler(job.opts, decoder.device)
+                        decoder.sampler.rows = rows
                     batch = self.batches[key] = Batch(key, decoder, lazy=job.opts.mode in LOGPROB_MODES)
                 new_rows = sum(len(job.rows) for job in group)
                 if len(batch.decoder.rows) + new_rows > self.max_batch:
