@@ -114,20 +114,21 @@ def test_a_bad_value_gets_the_same_refusal_everywhere(model_dir, server, capsys,
     from poelm.checkpoint import load_model
 
     model, tok = load_model(str(model_dir))
+    mode = "speculative" if FIELDS[name].metadata["request"] == POE else "final"  # a mode that reads the field
     with pytest.raises(OptionError) as python:
-        Engine(model, tok).generate("a", max_new_tokens=2, **{name: value})
+        Engine(model, tok).generate("a", max_new_tokens=2, mode=mode, **{name: value})
     message = str(python.value)
     assert words in message and python.value.option == name
 
     capsys.readouterr()
     flag = setting_flag_names(FIELDS[name])[0]
-    assert main(["generate", str(model_dir), "a", "--max-new-tokens", "2", flag, text]) == 2
+    assert main(["generate", str(model_dir), "a", "--max-new-tokens", "2", "--mode", mode, flag, text]) == 2
     assert capsys.readouterr().err == f"poelm: error: {flag}: {message}\n"
 
     body = {"model": "base", "prompt": "a", "max_tokens": 2}
     json_value = {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
     if FIELDS[name].metadata["request"] == POE:
-        body["poe"] = {"mode": "speculative", name: json_value}
+        body["poe"] = {"mode": mode, name: json_value}
     else:
         body[name] = json_value
     r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
