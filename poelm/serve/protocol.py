@@ -139,8 +139,49 @@ class ChatRequest(Sampling):
     top_logprobs: StrictInt | None = None  # 0..20, needs logprobs=true
 
 
-def parse_request(kind: type[Strict], body: bytes) -> Strict:
-    """JSON bytes -> a request model, or ApiError(400) with one line naming the field."""
+class TokenizeRequest(Strict):
+    """vLLM's POST /tokenize of a prompt."""
+
+    model: StrictStr | None = None  # None: the first model
+    prompt: StrictStr
+    add_special_tokens: StrictBool = True  # prepend <|bos|>
+    return_token_strs: StrictBool = False
+
+
+class TokenizeChatRequest(Strict):
+    """vLLM's POST /tokenize of a conversation (rendered as for a chat completion)."""
+
+    model: StrictStr | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: Literal[True] = True  # the rendering ends with <|assistant_start|>
+    return_token_strs: StrictBool = False
+
+
+class DetokenizeRequest(Strict):
+    model: StrictStr | None = None
+    tokens: list[StrictInt]
+
+
+def parse_request(kind, body: bytes) -> Strict:
+    """JSON bytes -> a request model, or ApiError(400) with one line naming the field. `kind`: the
+    model's class, or a function of the JSON object that picks it."""
+    data = parse_json(body)
+    if not isinstance(kind, type):
+        kind = kind(data)
+    try:
+        return kind.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("str", "int", "list", "float", "union", "literal")))
+        if err["type"] == "extra_forbidden":
+            raise ApiError(400, f"unsupported field {where!r}: this server does not implement it", param=where) from None
+        if err["type"] == "missing":
+            raise ApiError(400, f"missing required field {where!r}", param=where) from None
+        raise ApiError(400, f"{where}: {err['msg']} (got {_short(err.get('input'))})", param=where) from None
+
+
+def parse_json(body: bytes) -> dict:
+    """A request body -> its JSON object, or ApiError(400)."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -149,16 +190,7 @@ def parse_request(kind: type[Strict], body: bytes) -> Strict:
         raise ApiError(400, "the request body nests arrays or objects too deeply to parse; flatten it") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, not {type(data).__name__}")
-    try:
-        return kind.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("str", "int", "list", "float", "union")))
-        if err["type"] == "extra_forbidden":
-            raise ApiError(400, f"unsupported field {where!r}: this server does not implement it", param=where) from None
-        if err["type"] == "missing":
-            raise ApiError(400, f"missing required field {where!r}", param=where) from None
-        raise ApiError(400, f"{where}: {err['msg']} (got {_short(err.get('input'))})", param=where) from None
+    return data
 
 
 def _short(value) -> str:

@@ -112,6 +112,7 @@ class Job:
         self.t_submit = time.monotonic()
         self.deadline = self.t_submit + self.timeout_s
         self.t_first: float | None = None
+        self.t_last: float | None = None  # when its rows last got tokens
         self.collector = Collector(len(self.rows), self.opts, self.served.engine.tokenizer, self.stop_ids)
         self.sent = [""] * len(self.rows)  # text already streamed per row
         self.sent_entries = [0] * len(self.rows)  # logprob entries already streamed per row
@@ -267,6 +268,8 @@ class Scheduler:
             self._flush()
             self.metrics.batch_rows.set(self.running_rows)
             self.metrics.decoders.set(len(self.batches))
+            running = {job for batch in self.batches.values() for job, _ in batch.rows.values()}
+            self.metrics.batch(len(running), len(self.queue), self.running_rows, self.max_batch)
 
     def _admit(self) -> list[Job]:
         """Pop queued jobs FIFO while their rows fit (under the lock); expired/cancelled ones end."""
@@ -391,7 +394,9 @@ class Scheduler:
             added = len(col.tokens[row]) - before
             if job.t_first is None:
                 job.t_first = now
-                self.metrics.ttft.observe(now - job.t_submit)
+                self.metrics.first_token(now - job.t_submit)
+            elif added and job.t_last is not None:
+                self.metrics.next_tokens(now - job.t_last, added)
             if handle in lps and added:
                 job.entries[row].append(lps[handle])
             if col.reason[row] is None and dec.is_full(handle):
@@ -399,6 +404,8 @@ class Scheduler:
             if col.reason[row] is not None:
                 leaving.append(handle)
             touched.setdefault(job, []).append(row)
+        for job in touched:
+            job.t_last = now
         for job in touched:  # a job's poe stats are read before its rows leave
             if all(job.collector.reason[r] is not None for r in job.handles.values()):
                 job.poe = self._poe_stats(job, batch)
