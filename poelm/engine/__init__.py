@@ -44,7 +44,8 @@ Prompts: text (needs a tokenizer) or token ids; with a tokenizer `<|bos|>` is pr
 missing. A prompt longer than config.sequence_len is an error (no silent truncation);
 generation stops (stop_reason "context") when the context fills up.
 Sampling follows transformers: repetition penalty (every id seen in the row, prompt included:
-logit/penalty if > 0 else logit*penalty), then temperature (0 = greedy), top-k, top-p.
+logit/penalty if > 0 else logit*penalty), then temperature (0 = greedy), top-k, top-p; around
+them OpenAI's and vLLM's presence/frequency penalty, logit_bias, min_tokens and min_p (sampling.py).
 Stop token ids end generation and appear in `tokens` but not in `text`; a stop string cuts
 `text` before it. With a tokenizer the default stop ids are `<|bos|>` and `<|assistant_end|>`.
 """
