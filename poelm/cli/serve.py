@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 
 from poelm.flags import at_least, int_range, seconds
 
@@ -51,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from poelm.serve.engine_proc import EngineProcess
     from poelm.serve.guard import BACKLOG, MAX_HEADER_BYTES, ConnectionGuard, bind_socket, fit_fd_limit
     from poelm.serve.metrics import Metrics
-    from poelm.serve.models import load_models, parse_deltas
+    from poelm.serve.models import ModelRegistry, load_models, parse_deltas
     from poelm.serve.prefix_cache import PrefixCache
     from poelm.serve.scheduler import Scheduler
 
@@ -65,6 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.setswitchinterval(0.0005)  # the scheduler or reader thread gets the GIL back sooner from the event loop
         api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
         deltas = parse_deltas(args.delta or [])
+        registry = ModelRegistry([], loading=True)  # /health answers 503 "loading" until load() is done
         metrics = Metrics()
         if args.in_process:
             cache = PrefixCache(args.kv_cache_bytes) if args.kv_cache_bytes else None
@@ -75,11 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             spec = dict(model=args.model, deltas=deltas, name=args.name, device=args.device, threads=threads,
                         kv_cache_bytes=args.kv_cache_bytes)
             scheduler = EngineProcess(spec, args.max_batch, args.max_queue, metrics)
-            scheduler.spawn()
-        # here: tokenizers and option checks (an engine process holds the model that decodes)
-        registry = load_models(args.model, deltas, name=args.name, device=device if args.in_process else "cpu")
-        if not args.in_process:
-            scheduler.start()
+            scheduler.start()  # it imports torch while this process loads the models
         config = ServeConfig(api_key=api_key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
                              max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n,
                              request_timeout=args.request_timeout, header_timeout=args.header_timeout)
@@ -89,12 +87,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                                timeout_keep_alive=args.header_timeout,
                                                h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                                                timeout_graceful_shutdown=int(args.request_timeout) + 5))
-        print(f"poelm serve: http://{args.host}:{args.port} models {', '.join(registry.models)}"
-              f"{' (API key required)' if api_key else ''}; {args.thread_choice.line()}", file=sys.stderr, flush=True)
+        failed: list[BaseException] = []
+
+        def load() -> None:
+            try:
+                # with an engine process, this copy serves tokenizers and option checks only
+                models = load_models(args.model, deltas, name=args.name, device=device if args.in_process else "cpu")
+                if not args.in_process:
+                    scheduler.connect()  # the engine loads its models; requests go to it from now on
+                registry.loaded(models)
+            except BaseException as e:  # said by main() once the server has stopped
+                failed.append(e)
+                server.should_exit = True
+                return
+            print(f"poelm serve: http://{args.host}:{args.port} models {', '.join(registry.models)}"
+                  f"{' (API key required)' if api_key else ''}; {args.thread_choice.line()}", file=sys.stderr, flush=True)
+
+        threading.Thread(target=load, name="poelm-load", daemon=True).start()
         server.run(sockets=[sock])
     finally:
         sock.close()
         if isinstance(scheduler, EngineProcess) and not scheduler.stopping:  # the server never ran its lifespan
             scheduler.drain()
             scheduler.stop()
+    if failed:
+        raise failed[0]
     return 0

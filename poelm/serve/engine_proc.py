@@ -2,7 +2,8 @@
 own, so HTTP, tokenisation and streaming (the server's process) never wait for the model's GIL.
 
     engine = EngineProcess(spec, max_batch=32, max_queue=64, metrics=Metrics())   # the HTTP side
-    engine.start()       # spawns `python -m poelm.serve.engine_proc FD`; returns once its models loaded
+    engine.start()       # spawns `python -m poelm.serve.engine_proc FD` (it imports torch meanwhile)
+    engine.connect()     # sends it the spec; returns once its models loaded
     engine.submit(job)   # the Scheduler's interface: check_rows, submit, drain, stop, alive, load
 
 Messages cross a socket pair as length-prefixed JSON (multiprocessing.connection's framing of
@@ -83,18 +84,19 @@ class EngineProcess:
         self.proc: subprocess.Popen | None = None
         self.reader = threading.Thread(target=self._read, name="poelm-engine-reader", daemon=True)
 
-    def spawn(self) -> None:
-        """Start the engine process: it imports torch while this process loads its own copy of the models."""
+    def start(self) -> None:
+        """Start the engine process (once): it imports torch while this process loads its copy of the models."""
+        if self.proc is not None:
+            return
         ours, theirs = socket.socketpair()
         self.proc = subprocess.Popen([sys.executable, "-m", "poelm.serve.engine_proc", str(theirs.fileno())],
                                      pass_fds=[theirs.fileno()])
         theirs.close()
         self.link = Link(Connection(ours.detach()))
 
-    def start(self) -> None:
-        """Spawn the engine (unless spawned) and wait until it has loaded its models (OSError if it exits first)."""
-        if self.proc is None:
-            self.spawn()
+    def connect(self) -> None:
+        """Send the engine its spec and wait until it has loaded its models (OSError if it exits first)."""
+        self.start()
         try:
             self.link.send(self.spec)
             self.link.recv()  # {"ready": true}
@@ -234,14 +236,20 @@ class EngineProcess:
             if job is None:
                 continue
             col = job.collector
+            before = len(col.tokens[row])
             col.add(row, tokens)
+            added = len(col.tokens[row]) - before
             if reason is not None and col.reason[row] is None:  # the context ended it
                 col.reason[row] = reason
             job.entries[row] += [TokenLogprob(t, lp, [tuple(x) for x in top]) for t, lp, top in entries]
             if job.t_first is None and tokens:
                 job.t_first = now
-                self.metrics.ttft.observe(now - job.t_submit)
+                self.metrics.first_token(now - job.t_submit)
+            elif added and job.t_last is not None:
+                self.metrics.next_tokens(now - job.t_last, added)
             touched.setdefault(job, []).append(row)
+        for job in touched:
+            job.t_last = now
         return touched
 
     def _endings(self, ends: dict, errors: list) -> list[tuple[Job, tuple]]:
@@ -267,7 +275,8 @@ class EngineProcess:
 
     def _observe(self, msg: dict) -> None:
         if "load" in msg:
-            self.running_rows, self.decoders, self.queued = msg["load"]
+            self.running_rows, self.decoders, self.queued, requests = msg["load"]
+            self.metrics.batch(requests, self.queued, self.running_rows, self.max_batch)
             self.metrics.batch_rows.set(self.running_rows)
             self.metrics.decoders.set(self.decoders)
             self.metrics.queue_depth.set(self.queued)
@@ -345,7 +354,10 @@ class EngineScheduler(Scheduler):
     def accept(self, msg: dict) -> None:
         """A submit message -> a job in the queue (or its error back at once)."""
         served = self.registry.get(msg["model"])
-        job = EngineJob(served, served.variant(msg["head_mode"]), msg["rows"], DecodeOptions(**msg["opts"]),
+        opts = DecodeOptions(**msg["opts"])
+        if opts.logit_bias is not None:  # JSON object keys are strings
+            opts.logit_bias = {int(k): v for k, v in opts.logit_bias.items()}
+        job = EngineJob(served, served.variant(msg["head_mode"]), msg["rows"], opts,
                         set(msg["stop_ids"]), None, logprobs=msg["logprobs"], timeout_s=msg["timeout"], rid=msg["id"])
         try:
             with self.cond:
@@ -401,7 +413,8 @@ class EngineScheduler(Scheduler):
         if not (rows or ends or errors or self.admitted or self.steps):
             return
         msg = {"t": rows, "end": ends, "err": errors, "adm": self.admitted, "steps": self.steps,
-               "load": [self.running_rows, len(self.batches), len(self.queue)]}
+               "load": [self.running_rows, len(self.batches), len(self.queue),
+                        len({job for batch in self.batches.values() for job, _ in batch.rows.values()})]}
         if self.prefix_cache is not None:
             msg["pc"] = [self.prefix_cache.queries, self.prefix_cache.hits]
         self.admitted, self.steps = [], []
