@@ -117,6 +117,33 @@ def test_prefix_cache_stays_within_its_budget_and_evicts_the_least_recent(served
         PrefixCache(-1)
 
 
+def test_a_cancelled_request_leaves_the_decoder_at_once(served):
+    """A plain-mode row that finishes stays as a dead row until a compaction; a cancelled one leaves now."""
+    from poelm.serve.metrics import Metrics
+    from poelm.serve.prefix_cache import PrefixCache
+    from poelm.serve.scheduler import Job, Scheduler
+
+    async def run() -> int:
+        scheduler = Scheduler(max_batch=4, max_queue=4, metrics=Metrics(), prefix_cache=PrefixCache(1 << 20))
+        scheduler.start()
+        opts = served.engine.options(dict(max_new_tokens=200, stop_token_ids=[]))
+        jobs = [Job(served, served.model, [served.engine.encode_prompt(f"row {i}")], opts, set(),
+                    asyncio.get_running_loop(), stream=True) for i in range(3)]
+        for job in jobs:
+            scheduler.submit(job)
+        for job in jobs:
+            assert (await job.events.get())[0] == "chunk"
+        jobs[0].cancelled = True
+        while (await jobs[0].events.get())[0] != "end":
+            pass
+        with scheduler.cond:
+            rows = len(jobs[1].batch.decoder.rows)
+        scheduler.stop()
+        return rows
+
+    assert asyncio.run(run()) == 2
+
+
 # -----------------------------------------------------------------------------
 # `poelm serve` with its engine process
 
@@ -167,6 +194,19 @@ def test_engine_process_answers_like_generate_and_reuses_a_chats_earlier_turns(m
         # the second turn reuses the first turn's prompt (over 100 tokens) in blocks of 16
         queries, hits = metric(srv.url, "poelm:prefix_cache_queries_total"), metric(srv.url, "poelm:prefix_cache_hits_total")
         assert queries > hits >= 96
+        # a stop string ends its row in the server process: one finishing chunk per row, the text cut
+        two = {**body, "prompt": ["Once upon", "A product"], "max_tokens": 24}
+        texts = [c["text"] for c in httpx.post(srv.url + "/v1/completions", json=two).json()["choices"]]
+        at = next(i for i in range(1, len(texts[0]) - 1) if "\ufffd" not in texts[0][i:i + 2] and texts[0][i:i + 2] not in
+                  texts[1] and texts[0][i:i + 2] not in texts[0][:i + 1])  # its first occurrence
+        stop = texts[0][at:at + 2]
+        chunks = [json.loads(line[6:]) for line in
+                  httpx.post(srv.url + "/v1/completions", json={**two, "stop": stop, "stream": True}).text.splitlines()
+                  if line.startswith("data: {")]
+        finishes = [(c["choices"][0]["index"], c["choices"][0]["finish_reason"]) for c in chunks
+                    if c["choices"][0]["finish_reason"]]
+        assert sorted(finishes) == [(0, "stop"), (1, "length")]
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == 0) == texts[0][:at]
         # a client that leaves mid-stream frees its rows
         with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "prompt": "x", "max_tokens": 200, "stream": True}) as r:
             next(r.iter_lines())

@@ -233,7 +233,7 @@ class EngineProcess:
         now, touched = time.monotonic(), {}
         for rid, row, tokens, reason, entries in rows:
             job = jobs[rid]
-            if job is None:
+            if job is None or job.collector.reason[row] is not None:  # a stop string ended the row here
                 continue
             col = job.collector
             before = len(col.tokens[row])
@@ -458,6 +458,7 @@ def main(fd: int) -> int:
     from poelm.serve.models import load_models
     from poelm.serve.prefix_cache import PrefixCache
 
+    sys.setswitchinterval(0.0005)  # a message from the server waits less for the GIL of a decode step
     link = Link(Connection(fd))
     try:
         spec = link.recv()

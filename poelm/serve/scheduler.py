@@ -23,8 +23,13 @@ running, queued requests wait until they fill the free rows or the oldest has wa
 join_wait_s, then join in one prefill. In the plain modes (final/stage/logop, whose rows never
 affect each other) a finished row stays in the decoder as a dead row (its tokens are ignored)
 until half the rows are dead, joining rows need its place (at most max_batch rows in a
-decoder) or it would reach the context; then all dead rows leave in one compaction. Each loop
-hands each event loop its requests' events in one call.
+decoder) or it would reach the context; then all dead rows leave in one compaction. Rows of a
+cancelled or expired request leave at once (with the dead rows). Each loop hands each event
+loop its requests' events in one call.
+
+With a prefix cache (prefix_cache.py), a joining row reuses the K/V of the longest prefix of
+its prompt already computed and prefills only the rest. In a server with an engine process
+(engine_proc.py) this scheduler runs there and its events become one message per loop.
 """
 
 from __future__ import annotations
@@ -368,21 +373,23 @@ class Scheduler:
             sampler.top = max(wanted) if wanted else None
 
     def _drop_gone(self, batch: Batch) -> None:
-        """Rows of jobs whose client left or whose time ran out leave before the step."""
+        """Rows of jobs whose client left or whose time ran out leave the decoder before the step, at
+        once (not as dead rows: a cancelled request frees its rows and their cache now)."""
         now = time.monotonic()
         gone = {job for job, _ in batch.rows.values() if job.cancelled or now > job.deadline}
+        if gone:
+            self._leave(batch, [h for h, (j, _) in batch.rows.items() if j in gone], at_once=True)
         for job in gone:
-            self._leave(batch, [h for h, (j, _) in batch.rows.items() if j is job])
             self._end_gone(job)
 
-    def _leave(self, batch: Batch, handles: list[int]) -> None:
+    def _leave(self, batch: Batch, handles: list[int], at_once: bool = False) -> None:
         if not handles:
             return
         for h in handles:
             job, _ = batch.rows.pop(h)
             job.live -= 1
             self.running_rows -= 1
-        if batch.lazy and batch.rows and len(batch.dead) + len(handles) < len(batch.rows):
+        if not at_once and batch.lazy and batch.rows and len(batch.dead) + len(handles) < len(batch.rows):
             batch.dead.update(handles)
         elif batch.rows:  # a decoder without live rows is dropped whole
             batch.decoder.remove_rows(handles + sorted(batch.dead))
