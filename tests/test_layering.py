@@ -26,7 +26,8 @@ FLOORS = {
     # 2: inference and training
     "poelm.engine": 2, "poelm.inference_bench": 2, "poelm.train": 2, "poelm.rundir": 2, "poelm.stage_parallel": 2,
     # 3: specialists, serving and export
-    "poelm.specialist": 3, "poelm.sft": 3, "poelm.serve": 3, "poelm.export": 3,
+    "poelm.specialist": 3, "poelm.sft": 3, "poelm.serve": 3, "poelm.export": 3, "poelm.lm_eval_model": 3,
+    "poelm.downstream": 3,
     # 4: the experiment
     "poelm.experiment": 4,
     # 5: the command line

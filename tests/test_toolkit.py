@@ -1,0 +1,184 @@
+"""The researcher's toolkit (issue 18): every readout's downstream scores from one trunk pass
+per batch (poelm.lm_eval_model, poelm.downstream, `poelm eval --tasks`, `poelm compare
+--tasks`), experiment tracking (`--tracker`), seeds with error bars and SFT batch defaults.
+
+The lm-eval tasks are shipped in tests/data/lm_eval/ (a loglikelihood, a multiple-choice and a
+greedy-generation task over tiny jsonl files) and run offline with that directory as the
+working directory."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from poelm.checkpoint import save_model
+from poelm.cli import main
+from poelm.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK_DIR = ROOT / "tests" / "data" / "lm_eval"
+TOLERANCE = 1e-4
+
+
+def synthetic_texts(n: int = 200) -> list[str]:
+    import random
+
+    words = "the quick brown fox jumps over lazy dog cat sat on mat hat in sun while birds sing songs of joy".split()
+    rng = random.Random(0)
+    return [" ".join(rng.choice(words) for _ in range(30)) + f". Line {i}!\n" for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train(synthetic_texts(), vocab_size=300)
+
+
+def write_model(tmp_path: Path, tokenizer, make_model, poe_mode: str = "flat", name: str = "model",
+                seed: int = 3) -> Path:
+    model = make_model(seed=seed, vocab_size=tokenizer.vocab_size, sequence_len=64, poe_mode=poe_mode)
+    return save_model(model, tmp_path / name, tokenizer)
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """lm-eval offline, its data sets cached under tmp_path, the task files' directory as cwd."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_home" / "datasets"))
+    monkeypatch.chdir(TASK_DIR)
+
+
+def docs(name: str) -> list[dict]:
+    return [json.loads(l) for l in (TASK_DIR / f"{name}.jsonl").read_text().splitlines() if l.strip()]
+
+
+def poelm_scores(model, tok, context: str, continuation: str) -> dict[str, float]:
+    """poelm's own scoring: the sum of the continuation's log-probs under every readout
+    (GPT.token_nats on the whole text, lm-eval's tokenisation: <|bos|>, trailing spaces moved, a
+    text longer than the context keeps its last tokens)."""
+    stripped = context.rstrip()
+    continuation = context[len(stripped):] + continuation
+    whole = [tok.bos_token_id, *tok.encode(stripped + continuation)]
+    n_cont = len(whole) - 1 - len(tok.encode(stripped))
+    ids = torch.tensor([whole[-(model.config.sequence_len + 1):]])
+    nats = model.token_nats(ids[:, :-1], ids[:, 1:])
+    span = slice(-n_cont, None)
+    out = {"final": -float(nats["final"][0, span].sum()), "logop": -float(nats["logop"][0, span].sum())}
+    out.update({f"stage{k}": -float(s[0, span].sum()) for k, s in enumerate(nats["stages"])})
+    return out
+
+
+# -----------------------------------------------------------------------------
+# lm-eval: every readout from one trunk pass per batch
+
+lm_eval = pytest.importorskip("lm_eval")
+
+
+def test_scorer_equals_poelm_scoring_with_one_pass_per_batch(tmp_path, tokenizer, make_model):
+    from poelm.checkpoint import load_model
+    from poelm.lm_eval_model import PoelmLM, ReadoutScorer
+
+    model, tok = load_model(write_model(tmp_path, tokenizer, make_model))
+    scorer = ReadoutScorer(model, tok, batch_size=3)
+    assert scorer.readouts == ["stage0", "stage1", "stage2", "stage3", "logop", "final"]
+    pairs = [(d["context"], d["continuation"]) for d in docs("poe_tiny")]
+
+    class Request:
+        def __init__(self, args):
+            self.args = args
+
+    first = PoelmLM(readout="stage0", scorer=scorer).loglikelihood([Request(p) for p in pairs])
+    passes = scorer.passes
+    assert passes == -(-len(pairs) // 3)  # one trunk pass per batch of 3
+    by_readout = {r: PoelmLM(readout=r, scorer=scorer).loglikelihood([Request(p) for p in pairs])
+                  for r in scorer.readouts}
+    assert scorer.passes == passes  # the other readouts came from the cache
+    assert by_readout["stage0"] == first
+    for i, (context, continuation) in enumerate(pairs):
+        want = poelm_scores(model, tok, context, continuation)
+        for r in scorer.readouts:
+            assert abs(by_readout[r][i][0] - want[r]) < TOLERANCE, (r, context)
+    assert len({round(by_readout[r][0][0], 6) for r in scorer.readouts}) > 3  # the readouts really differ
+
+
+def test_bp_model_final_only_unless_forced(tmp_path, tokenizer, make_model):
+    from poelm.checkpoint import load_model
+    from poelm.lm_eval_model import PoelmLM, ReadoutScorer, readout_label
+
+    model, tok = load_model(write_model(tmp_path, tokenizer, make_model, poe_mode="none"))
+    assert ReadoutScorer(model, tok).readouts == ["final"]
+    with pytest.raises(ValueError, match="force=True"):
+        PoelmLM(readout="stage0", scorer=ReadoutScorer(model, tok))
+    forced = ReadoutScorer(model, tok, force=True)
+    assert "stage0" in forced.readouts and "logop" in forced.readouts
+    assert readout_label("stage0", model) == "stage0 (BP, not a predictor)"
+    assert readout_label("final", model) == "final"
+
+
+def test_poelm_eval_tasks_every_readout(tmp_path, tokenizer, make_model, offline, capsys):
+    from poelm.checkpoint import load_model
+
+    model_dir = write_model(tmp_path, tokenizer, make_model)
+    rc = main(["eval", str(model_dir), "--tasks", "poe_tiny,poe_choice,poe_gen", "--include-path", str(TASK_DIR),
+               "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["readouts"] == ["stage0", "stage1", "stage2", "stage3", "logop", "final"]
+    model, tok = load_model(model_dir)
+    n_requests = len(docs("poe_tiny")) + sum(len(d["choices"]) for d in docs("poe_choice"))
+    assert result["trunk_passes"] <= -(-n_requests // 8) + 2  # batches of 8 (lm-eval groups per task), not x6
+    # multiple choice: accuracy = the share of questions whose answer has the highest log-likelihood
+    for r in result["readouts"]:
+        hits = 0
+        for d in docs("poe_choice"):
+            lls = [poelm_scores(model, tok, d["question"], c)[r] for c in d["choices"]]
+            hits += max(range(len(lls)), key=lls.__getitem__) == d["answer"]
+        assert result["tasks"]["poe_choice"][r]["acc"] == pytest.approx(hits / len(docs("poe_choice")))
+        assert 0.0 <= result["tasks"]["poe_gen"][r]["exact_match"] <= 1.0
+    # loglikelihood task: perplexity = exp(-mean log-likelihood) of poelm's own scores
+    import math
+    for r in result["readouts"]:
+        lls = [poelm_scores(model, tok, d["context"], d["continuation"])[r] for d in docs("poe_tiny")]
+        want = math.exp(-sum(lls) / len(lls))
+        assert result["tasks"]["poe_tiny"][r]["perplexity"] == pytest.approx(want, rel=1e-4)
+
+
+def test_generation_matches_the_engine(tmp_path, tokenizer, make_model):
+    from poelm.checkpoint import load_model
+    from poelm.engine import Engine
+    from poelm.lm_eval_model import ReadoutScorer
+
+    model, tok = load_model(write_model(tmp_path, tokenizer, make_model))
+    scorer = ReadoutScorer(model, tok)
+    got = scorer.generate("the cat sat on the", [], 6, "stage1")
+    want = Engine(model, tok).generate("the cat sat on the", mode="stage", stage=1, max_new_tokens=6,
+                                       stop_token_ids=None).text
+    assert got == want
+    if want.strip():
+        stop = want.strip()[0]
+        assert stop not in scorer.generate("the cat sat on the", [stop], 6, "stage1")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "no_such_task_xyz"], "unknown task 'no_such_task_xyz'"),
+    (["--tasks", ","], "--tasks"),
+])
+def test_eval_tasks_bad_input(tmp_path, tokenizer, make_model, offline, capsys, argv, message):
+    model_dir = write_model(tmp_path, tokenizer, make_model)
+    rc = main(["eval", str(model_dir), "--include-path", str(TASK_DIR), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_tasks_unparsable_task_file(tmp_path, tokenizer, make_model, offline, capsys):
+    bad = tmp_path / "tasks"
+    bad.mkdir()
+    (bad / "broken.yaml").write_text("task: broken\n  output_type: [unclosed\n")
+    rc = main(["eval", str(tmp_path / "not_loaded"), "--tasks", "broken", "--include-path", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "broken.yaml does not parse" in err and len(err.strip().splitlines()) == 1, err
