@@ -75,8 +75,6 @@ def evaluate_tasks(spec: str, tasks: list[str], include_path: str | None = None,
                    device: str = "cpu", batch_size: int = 8, force: bool = False, manager=None) -> dict:
     """Every readout of MODEL `spec` on `tasks`: {"model", "readouts", "labels", "tasks": {task:
     {readout: {metric: value}}}, "primary": {task: metric}, "trunk_passes"}."""
-    import lm_eval
-
     from poelm.lm_eval_model import PoelmLM, load_scorer, readout_label
 
     require_lm_eval()
@@ -85,14 +83,28 @@ def evaluate_tasks(spec: str, tasks: list[str], include_path: str | None = None,
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     table: dict[str, dict[str, dict]] = {t: {} for t in tasks}
     for readout in scorer.readouts:
-        out = lm_eval.simple_evaluate(model=PoelmLM(readout=readout, scorer=scorer), tasks=tasks,
-                                      task_manager=manager, limit=limit, bootstrap_iters=0, log_samples=False)
+        out = run_harness(PoelmLM(readout=readout, scorer=scorer), tasks, manager, limit)
         for task in tasks:
             table[task][readout] = metrics_of(out["results"].get(task, {}))
     return {"model": str(spec), "readouts": scorer.readouts,
             "labels": {r: readout_label(r, scorer.model) for r in scorer.readouts}, "tasks": table,
             "primary": {t: primary_metric(next(iter(table[t].values()))) for t in tasks},
             "trunk_passes": scorer.passes}
+
+
+def run_harness(lm, tasks: list[str], manager, limit: int | None) -> dict:
+    """lm-eval's evaluation of `lm` on freshly built tasks, zero-shot unless a task sets its own
+    shots, few-shot examples drawn with lm-eval's default seed (what simple_evaluate does, without
+    its environment report, which runs `pip list` once per call)."""
+    from lm_eval.defaults import DEFAULT_OTHER_SEED
+    from lm_eval.evaluator import evaluate
+
+    loaded = manager.load(tasks)
+    for task in loaded["tasks"].values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
+    return evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=False, verbosity="ERROR")
 
 
 def metrics_of(result: dict) -> dict[str, float]:

@@ -182,3 +182,21 @@ def test_eval_tasks_unparsable_task_file(tmp_path, tokenizer, make_model, offlin
     rc = main(["eval", str(tmp_path / "not_loaded"), "--tasks", "broken", "--include-path", str(bad)])
     err = capsys.readouterr().err
     assert rc == 2 and "broken.yaml does not parse" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_compare_tasks_paper_table_and_png(tmp_path, tokenizer, make_model, offline, capsys):
+    bp = write_model(tmp_path, tokenizer, make_model, poe_mode="none", name="bp", seed=5)
+    poe = write_model(tmp_path, tokenizer, make_model, name="poe", seed=6)
+    png = tmp_path / "tasks.png"
+    rc = main(["compare", str(bp), str(poe), "--tasks", "poe_choice", "--include-path", str(TASK_DIR),
+               "--plot", str(png), "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    row = result["rows"][0]
+    assert row["task"] == "poe_choice" and row["metric"] == "acc"
+    bp_run, poe_run = result["runs"]
+    assert bp_run["readouts"] == ["final"] and "stage0" in poe_run["readouts"]
+    assert row["points"] == [100 * bp_run["tasks"]["poe_choice"]["final"]["acc"],
+                             100 * poe_run["tasks"]["poe_choice"]["final"]["acc"]]
+    assert row["difference"] == pytest.approx(row["points"][1] - row["points"][0])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
