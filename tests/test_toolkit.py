@@ -200,3 +200,123 @@ def test_compare_tasks_paper_table_and_png(tmp_path, tokenizer, make_model, offl
                              100 * poe_run["tasks"]["poe_choice"]["final"]["acc"]]
     assert row["difference"] == pytest.approx(row["points"][1] - row["points"][0])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -----------------------------------------------------------------------------
+# Experiment tracking
+
+from test_train import env, records, train_args  # noqa: E402,F401  (tests/ is on sys.path; env is a fixture)
+
+
+def test_flatten_names_every_metric():
+    from poelm.tracking import flatten
+
+    got = flatten({"type": "eval", "step": 4, "bpb": 2.0, "stages": [2.5, 2.1], "logop": 2.2, "mfu": None,
+                   "base": {"assistant_bits": 1.5}, "note": "text"})
+    assert got == {"eval/bpb": 2.0, "eval/stages/0": 2.5, "eval/stages/1": 2.1, "eval/logop": 2.2,
+                   "eval/base/assistant_bits": 1.5}
+
+
+@pytest.mark.parametrize("command", ["train", "sft", "experiment"])
+def test_tracker_flag_on_all_three(command, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--tracker {none,tensorboard,wandb}" in out
+    assert "POELM_TRACKER" in out or command == "experiment"  # (there: the preset's, which is unset)
+
+
+def test_tracker_without_its_package_is_one_line_and_starts_nothing(env, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    out = tmp_path / "run"
+    rc = main(train_args(env, out, tracker="wandb"))
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--tracker wandb needs the wandb package" in err and "pip install 'poelm[track]'" in err
+    assert not out.exists()
+    monkeypatch.setenv("POELM_TRACKER", "mlflow")
+    rc = main(train_args(env, out))
+    err = capsys.readouterr().err
+    assert rc == 2 and "POELM_TRACKER='mlflow': choose one of none, tensorboard, wandb" in err
+    assert not out.exists()
+
+
+def test_tensorboard_reads_back(env, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("POELM_TRACKER", "tensorboard")  # the environment default
+    out = tmp_path / "tb"
+    assert main(train_args(env, out)) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in ("train/loss", "train/stage_losses/0", "train/tokens_per_s", "train/lr/matrix", "eval/bpb",
+                "eval/stages/1", "eval/logop"):
+        assert tag in tags, tags
+    logged = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert logged == pytest.approx({r["step"]: r["loss"] for r in records(out, "train")})
+    evals = {e.step: e.value for e in events.Scalars("eval/logop")}
+    assert evals == pytest.approx({r["step"]: r["logop"] for r in records(out, "eval")})
+    config = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert '"total_batch_size": 128' in config and '"poe_mode": "flat"' in config
+
+
+def test_wandb_offline_reads_back(env, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "wb"
+    assert main(train_args(env, out, tracker="wandb")) == 0
+    runs = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    history, config = {}, {}
+    for record in wandb_records(runs[0]):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            history.setdefault(record.history.step.num, {}).update(items)
+        elif kind == "run":  # the run's start: its config
+            config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+    train, evals = records(out, "train"), records(out, "eval")
+    assert {s: h["train/loss"] for s, h in history.items() if "train/loss" in h} == \
+        pytest.approx({r["step"]: r["loss"] for r in train})
+    assert {s: h["eval/stages/1"] for s, h in history.items() if "eval/stages/1" in h} == \
+        pytest.approx({r["step"]: r["stages"][1] for r in evals})
+    assert all("train/lr/matrix" in h for s, h in history.items() if "train/loss" in h)
+    assert config["total_batch_size"] == 128 and config["model"]["poe_mode"] == "flat"
+
+
+def wandb_records(path: Path):
+    """The protobuf records of an offline W&B run file (a 7-byte header, then records in
+    LevelDB's log format: 32 KiB blocks of chunks with a 7-byte header: crc, length, type)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, pending, block = path.read_bytes(), 7, b"", 32768
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if left < 7 or (length == 0 and kind == 0):  # the zero padding at the end of a block
+            pos += left
+            continue
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = pb.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def test_experiment_tracker_refused_before_anything(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed")
+    out = tmp_path / "exp"
+    rc = main(["experiment", "tiny", "--out", str(out), "--data", str(tmp_path / "data"), "--tracker", "tensorboard"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--tracker tensorboard needs the tensorboard package" in err and len(err.splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "data").exists()

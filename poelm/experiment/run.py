@@ -15,6 +15,7 @@ from pathlib import Path
 
 from poelm.atomic import atomic_write_bytes, atomic_write_json
 from poelm.model import GPTConfig
+from poelm.tracking import resolve_tracker
 from poelm.experiment.config import ARMS, PAPER, ExperimentConfig, fold_model_keys, load_config
 from poelm.experiment.report import experiment_plots, render_report
 from poelm.experiment.specialist import run_specialist
@@ -152,6 +153,7 @@ def resolve(run_dir: Path) -> Path:
 
 def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    resolve_tracker(cfg.tracker)  # its package is installed, before anything starts
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "experiment.json"
@@ -160,7 +162,7 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
         now = json.loads(json.dumps(dataclasses.asdict(cfg)))
         for d in (old, now):  # the model as GPTConfig resolves it (defaults spelt out or not)
             d["model"] = GPTConfig(**d["model"]).to_dict()
-        diff = [k for k in old if k not in ("out", "arms", "decode_tokens", "decode_prompts") and old[k] != now.get(k)]
+        diff = [k for k in old if k not in ("out", "arms", "decode_tokens", "decode_prompts", "tracker") and old[k] != now.get(k)]
         if diff:
             raise ValueError(f"{out} holds an experiment with other settings ({', '.join(diff)}); "
                              "use another --out or rerun with the same settings to resume")
