@@ -320,3 +320,62 @@ def test_experiment_tracker_refused_before_anything(tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err
     assert rc == 2 and "--tracker tensorboard needs the tensorboard package" in err and len(err.splitlines()) == 1
     assert not out.exists() and not (tmp_path / "data").exists()
+
+
+# -----------------------------------------------------------------------------
+# Seeds with error bars
+
+from test_experiment import micro  # noqa: E402,F401  (a fixture: the micro experiment config)
+
+
+def evals_of(bp: list[float], poe: list[float], a05: list[float]) -> dict:
+    """Eval records per arm at steps 0, 2, 4 (2 stages each)."""
+    rec = lambda step, b: {"step": step, "bpb": b, "stages": [b + 0.2, b], "logop": b + 0.1}  # noqa: E731
+    return {arm: [rec(s, b) for s, b in zip((0, 2, 4), vals)] for arm, vals in
+            (("bp", bp), ("poe", poe), ("poe_a05", a05))}
+
+
+def test_seed_summary_mean_std_band_and_orderings():
+    from poelm.experiment.seeds import seed_summary
+
+    runs = [evals_of([3.0, 2.0, 1.00], [3.0, 2.1, 1.10], [3.0, 2.1, 1.101]),
+            evals_of([3.0, 2.0, 1.02], [3.0, 2.1, 1.12], [3.0, 2.1, 1.118]),
+            evals_of([3.0, 2.0, 0.98], [3.0, 2.1, 1.08], [3.0, 2.1, 1.082])]
+    s = seed_summary(runs, [42, 43, 44])
+    assert s["finals"]["bp"]["final"]["mean"] == pytest.approx(1.0)
+    assert s["finals"]["bp"]["final"]["std"] == pytest.approx(0.02)
+    assert s["finals"]["poe"]["stages"][0]["mean"] == pytest.approx(1.3)
+    gaps = [100 * (1.10 / 1.00 - 1), 100 * (1.12 / 1.02 - 1), 100 * (1.08 / 0.98 - 1)]
+    assert s["gap_pct"]["poe"]["mean"] == pytest.approx(sum(gaps) / 3)
+    assert [b["step"] for b in s["gap_band"]["poe"]] == [2, 4]
+    assert s["gap_band"]["poe"][0] == pytest.approx({"step": 2, "mean": 5.0, "std": 0.0, "n": 3})
+    bp_vs_poe, alpha = s["orderings"]["bp_vs_poe"], s["orderings"]["alpha"]
+    assert bp_vs_poe["exceeds_noise"] and bp_vs_poe["verdict"].startswith("BP better than PoE α=0 by 0.1000 bpb")
+    assert not alpha["exceeds_noise"] and "within the seed noise" in alpha["verdict"]  # +0.001, -0.002, +0.002
+
+
+def test_experiment_seeds_end_to_end(micro):
+    import poelm.experiment as exp
+
+    micro.arms, micro.seeds, micro.specialist_steps = ["bp", "poe"], 2, 0
+    results = exp.run_experiment(micro, quiet=True)
+    out = Path(micro.out)
+    s = results["seeds"]
+    assert s["seeds"] == [micro.seed, micro.seed + 1]
+    second = out / "seeds" / f"seed{micro.seed + 1}" / "arms"
+    again = [json.loads(l) for l in (second / "poe" / "metrics.jsonl").read_text().splitlines()]
+    finals = [results["evals"]["poe"][-1]["bpb"], [r for r in again if r["type"] == "eval"][-1]["bpb"]]
+    assert finals[0] != finals[1]  # another seed, another run
+    assert s["finals"]["poe"]["final"]["values"] == finals
+    assert s["finals"]["poe"]["final"]["mean"] == pytest.approx(sum(finals) / 2)
+    report = (out / "report.md").read_text()
+    assert "## Seeds: mean ± std over 2 seeds" in report and "- BP vs PoE α=0: " in report
+    assert "final gap PoE α=0 vs BP" in report
+    assert (out / "gap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seeds_zero_is_one_line(tmp_path, capsys):
+    rc = main(["experiment", "tiny", "--seeds", "0", "--out", str(tmp_path / "exp")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--seeds" in err and "must be >= 1" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "exp").exists()

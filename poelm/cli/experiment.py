@@ -26,6 +26,9 @@ def experiment_arguments(p: argparse.ArgumentParser) -> None:
             ("--vocab-size", int, "tokenizer vocabulary"), ("--nproc", int, "processes per arm (torchrun)"),
             ("--decode-tokens", int, "new tokens per prompt when timing the inference modes")):
         p.add_argument(flag, type=kind, default=None, help=text + preset)
+    p.add_argument("--seeds", type=at_least(1), default=None,
+                   help="train each arm N times (seed, seed+1, ...): the report gives mean ± std and says whether "
+                        "the orderings exceed the seed noise (default: the preset's, 1)")
     add_setting_flags(p, ArmTraining, defaults_note="the preset's")
     add_model_flags(p, exclude=untrained_fields() + ("poe_mode", "poe_alpha"), defaults_note="the preset's")
 
