@@ -379,3 +379,69 @@ def test_seeds_zero_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--seeds" in err and "must be >= 1" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "exp").exists()
+
+
+# -----------------------------------------------------------------------------
+# SFT batch defaults
+
+import test_sft  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sft_env(tmp_path_factory):
+    """A PoE base (model directory, 32-token context) and a chat set of 54 training conversations."""
+    from poelm.chatdata import build_chat_data
+    from poelm.model import GPT, GPTConfig
+
+    root = tmp_path_factory.mktemp("sft_batch")
+    tok = Tokenizer.train([f"Recite verse {i}. " + " ".join(test_sft.WORDS) for i in range(40)], 300)
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=tok.vocab_size, sequence_len=32, poe_every=1,
+                         window_pattern="L"))
+    base.init_weights()
+    save_model(base, root / "base", tok)
+    build_chat_data(str(test_sft.recall_jsonl(root / "recall.jsonl")), root / "chat", val_fraction=0.1)
+    return root
+
+
+def sft_argv(sft_env: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    argv = test_sft.sft_args(sft_env, out, model=model)
+    for flag in ("--total-batch-size", "--device-batch-size", "--quiet"):  # no batch flags: the defaults
+        i = argv.index(flag)
+        del argv[i:i + (1 if flag == "--quiet" else 2)]
+    return argv + list(extra)
+
+
+def with_trainer_state(src: Path, dst: Path, total: int, device_batch: int) -> Path:
+    """A copy of the model directory `src` with the trainer state a training run's checkpoint keeps."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / "trainer.json").write_text(json.dumps({"step": 10, "train_config": {
+        "total_batch_size": total, "device_batch_size": device_batch}}))
+    return dst
+
+
+def test_sft_inherits_the_base_runs_batch(sft_env, tmp_path, capsys):
+    base = with_trainer_state(sft_env / "base", tmp_path / "base_run", total=256, device_batch=4)
+    out = tmp_path / "sft"
+    assert main(sft_argv(sft_env, base, out, "--num-iterations", "2")) == 0
+    text = capsys.readouterr().out
+    assert "batch: 256 tokens per step, device batch 4, from the base run's 256 tokens per step" in text
+    saved = json.loads((out / "train_config.json").read_text())
+    assert (saved["total_batch_size"], saved["device_batch_size"]) == (256, 4)
+    conversations, rows = 54, 256 // 32  # 60 conversations, 6 held out; rows of the 32-token context
+    assert f"{rows / conversations:.3g} epochs per step ({rows} conversations of {conversations})" in text
+
+
+def test_sft_derives_the_batch_from_the_chat_set_and_warns(sft_env, tmp_path, capsys):
+    from poelm.sft import sft_batch
+
+    total, per_pass, source = sft_batch(str(sft_env / "base"), str(sft_env / "chat"), None)
+    assert (total, per_pass) == (6 * 32, 6) and "54 conversations" in source  # 54 // 8 = 6 rows of 32 tokens
+    assert sft_batch(str(sft_env / "base"), str(sft_env / "chat"), 16, total=None, device_batch=3)[:2] == (96, 3)
+    out = tmp_path / "big"
+    with pytest.warns(UserWarning, match=r"one step holds 2\.37 epochs of the 54 training conversations"):
+        assert main(sft_argv(sft_env, sft_env / "base", out, "--total-batch-size", str(128 * 32),
+                             "--device-batch-size", "64", "--num-iterations", "1", "--eval-every", "0")) == 0
+    assert "2.37 epochs per step (128 conversations of 54)" in capsys.readouterr().out
