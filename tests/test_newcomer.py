@@ -183,10 +183,10 @@ def test_flags_the_mode_ignores_are_refused(base_run, capsys):
 
 
 def test_compare_has_alpha_gap_and_integer_stage_ticks(env, base_run, tmp_path, capsys, monkeypatch):
-    from poelm.experiment import compare
+    from poelm import plots
 
     figures = []
-    monkeypatch.setattr(compare, "save_figure", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or path)
     rc, out, err = run(["compare", str(base_run), str(base_run), "--data", str(env / "data"), "--tokens", "256",
                         "--threads", "1", "--plot", str(tmp_path / "c.png")], capsys)
     assert rc == 0, err

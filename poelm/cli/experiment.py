@@ -79,7 +79,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from poelm.experiment.compare import compare_models, compare_plot
+    from poelm.experiment.compare import compare_models
+    from poelm.plots import plot_compare
     from poelm.runtime import parse_device
 
     if args.tasks:
@@ -91,7 +92,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     device = parse_device(args.device)
     result = compare_models(args.models, args.data, args.tokens, args.seq_len, args.batch_size, device, args.tokenizer)
     if args.plot:
-        result["plot"] = str(compare_plot(result, Path(args.plot)))
+        result["plot"] = str(plot_compare(result, Path(args.plot)))
     header = (f"{'model':<36} {'params':>12} {'mode':>6} {'alpha':>5} {'final':>7} {'gap':>8} {'stages':<32} "
               f"{'Log-OP':>7}  modes")
     lines = [header]

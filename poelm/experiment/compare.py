@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 from poelm.checkpoint import resolve_run_dir
-from poelm.plots import save_figure
 
 # -----------------------------------------------------------------------------
 # compare
@@ -70,24 +69,6 @@ def supported_modes(model, spec: str) -> list[str]:
             continue
         modes.append(mode if calibrated or not capabilities(mode).needs_calibration else f"{mode} (needs `poelm calibrate`)")
     return modes
-
-
-def compare_plot(result: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for row in result["models"]:
-        ks = list(range(len(row["stage_bpb"])))
-        ax.plot(ks, row["stage_bpb"], marker="o", label=f"{Path(row['model']).name} stages")
-        ax.axhline(row["bpb"], ls=":", lw=0.8, color=ax.lines[-1].get_color())
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # stages are whole numbers
-    ax.set_xlabel("stage"), ax.set_ylabel("val bits per byte"), ax.set_title("bpb per stage (dotted: final readout)")
-    ax.grid(alpha=0.3), ax.legend()
-    return save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------
