@@ -52,6 +52,7 @@ class DecodeOptions:
     add_bos: bool = True
     force: bool = False  # allow PoE modes on a BP model
     keep_cache: bool = False  # attach the final KV cache (complete: WAND back-fills pending slots)
+    constraint: object = None  # structured output: constrain.Constraint or {"kind", "spec"} (Engine.options compiles it)
 
     @property
     def greedy(self) -> bool:

@@ -25,12 +25,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from poelm.engine import ContextLengthError, DecodeOptions, OptionError
+from poelm.engine import ContextLengthError, ConstraintError, DecodeOptions, OptionError, compile_constraint
 from poelm.serve.guard import ConnectionGuard
 from poelm.serve.metrics import Metrics
 from poelm.serve.models import ModelRegistry, ServedModel
 from poelm.serve.protocol import (ApiError, ChatRequest, CompletionRequest, PoeOptions, Sampling, chat_logprobs,
-                                  check_unsupported, completion_logprobs, parse_request, usage)
+                                  check_unsupported, completion_logprobs, parse_request, request_constraint, usage)
 from poelm.serve.scheduler import LOGPROB_MODES, Job, Scheduler
 
 API_KEY_ENV = "POELM_API_KEY"
@@ -74,6 +74,19 @@ def decode_options(req: Sampling, served: ServedModel, max_tokens: int, stop: li
                    top_k=req.top_k, top_p=1.0 if req.top_p is None else req.top_p,
                    repetition_penalty=req.repetition_penalty, seed=req.seed, stop_strings=stop)
     return served.engine.options(options)  # the engine's validation: one line per bad value, BP refusal
+
+
+def structured(req: Sampling, served: ServedModel, opts: DecodeOptions) -> None:
+    """Compile the request's structured-output field into opts.constraint (ApiError(400) naming the field)."""
+    found = request_constraint(req)
+    if found is None:
+        return
+    field, constraint = found
+    try:
+        opts.constraint = compile_constraint(constraint, served.engine.tokenizer, served.engine.stop_ids(opts),
+                                             served.model.config.vocab_size)
+    except ConstraintError as e:
+        raise ApiError(400, f"{field}: {e.detail}", param=field) from None
 
 
 def check_common(req: Sampling, config: ServeConfig, context: int, max_tokens: int | None, param: str) -> tuple[int, list[str]]:
@@ -162,6 +175,7 @@ def make_job(req: Sampling, served: ServedModel, prompts: list[list[int]], max_t
         raise ApiError(400, str(e), param=option_param(e.option)) from None
     except ValueError as e:
         raise ApiError(400, str(e)) from None
+    structured(req, served, opts)
     try:
         model = served.variant(req.poe.head_mode if req.poe else None)
     except ValueError as e:
