@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from poelm.engine import Engine, calibrate  # noqa: E402
+from poelm.contention import CpuClock  # noqa: E402
 from poelm.inference_bench import agreement, timed_modes  # noqa: E402
 from poelm.model import GPT, GPTConfig  # noqa: E402
 
@@ -363,7 +364,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     engine = Engine(model, calibration=calib)
     modes = mode_table(args, cfg)
+    clock = CpuClock.start()
     timing = timed_modes(engine, prompts, modes, args.new_tokens, args.repeats)
+    cpu = clock.report(torch.get_num_threads())
+    if cpu["contended"]:
+        print(f"warning: {cpu['contended']}: these tokens/s are below this machine's", file=sys.stderr)
     outputs = timing.pop("_outputs")
     wand_runs = [engine.generate(q, max_new_tokens=args.new_tokens, stop_token_ids=[], **modes["wand"]).stats
                  for q in prompts]
@@ -382,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
                                     "vocab_size": cfg.vocab_size, "params": model.num_params()},
         "prompts": len(prompts), "new_tokens": args.new_tokens, "gamma": args.gamma, "wand_factor": args.wand_factor,
         "wand_bounds": calib["wand_bounds"], "wand_exit_stage_counts": exits,
-        "wand_teacher_forced_stages_per_token": wand_tf, "modes": timing}
+        "wand_teacher_forced_stages_per_token": wand_tf, "modes": timing, "cpu": cpu}
     results["elastic_depth"] = elastic_depth(args, model, prompts)
     report(args, results)
     speedups = {name: r["speedup"] for name, r in timing.items()}

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
+from poelm.contention import CpuClock
 from poelm.engine import Engine, calibrate, load_calibration, save_calibration, wand_teacher_forced
 from poelm.model import GPT
+from poelm.progress import progress
 
 
 def heldout_batches(data_dir: str, tokenizer, seq_len: int, n_tokens: int, batch_size: int = 4) -> list:
@@ -34,25 +36,31 @@ def prompts_from(batches: list[torch.Tensor], n_prompts: int, prompt_len: int) -
 
 
 def timed_modes(engine: Engine, prompts: list[list[int]], modes: dict[str, dict], new_tokens: int,
-                repeats: int = 1) -> dict[str, dict]:
+                repeats: int = 1, show_progress: bool = False) -> dict[str, dict]:
     """Greedy-decode every prompt in every mode (kwargs of Engine.generate per mode name);
     the modes are interleaved per repeat and the median repeat is kept, so load on the
-    machine hits every mode alike. result["_outputs"][name] holds the generated ids."""
+    machine hits every mode alike. result["_outputs"][name] holds the generated ids. show_progress:
+    plain progress lines when stdout is not a terminal (poelm.progress)."""
     for kw in modes.values():  # warm-up
         engine.generate(prompts[0], max_new_tokens=8, stop_token_ids=[], **kw)
     runs: dict[str, list[dict]] = {name: [] for name in modes}
     outputs: dict[str, list[list[int]]] = {}
-    for _ in range(repeats):
-        for name, kw in modes.items():
-            tokens = wall = 0
-            stats, outs = [], []
-            for prompt in prompts:
-                out = engine.generate(prompt, max_new_tokens=new_tokens, stop_token_ids=[], **kw)
-                tokens, wall = tokens + len(out.tokens), wall + out.stats["wall_s"]
-                stats.append(out.stats)
-                outs.append(out.tokens)
-            runs[name].append({"tokens_per_s": tokens / wall, "stats": stats})
-            outputs[name] = outs
+    with progress("inference timing", repeats * len(modes) * len(prompts), enabled=show_progress, tokens_per_item=new_tokens,
+                  final=False) as shown:
+        done = 0
+        for _ in range(repeats):
+            for name, kw in modes.items():
+                tokens = wall = 0
+                stats, outs = [], []
+                for prompt in prompts:
+                    out = engine.generate(prompt, max_new_tokens=new_tokens, stop_token_ids=[], **kw)
+                    tokens, wall = tokens + len(out.tokens), wall + out.stats["wall_s"]
+                    stats.append(out.stats)
+                    outs.append(out.tokens)
+                    done += 1
+                    shown.update(done, name)
+                runs[name].append({"tokens_per_s": tokens / wall, "stats": stats})
+                outputs[name] = outs
     result = {}
     for name, rs in runs.items():
         stats = rs[0]["stats"]
@@ -83,9 +91,11 @@ def agreement(model: GPT, heldout: torch.Tensor, calib: dict, factor: float) -> 
 
 def measure_modes(model: GPT, tokenizer, data_dir: str, n_prompts: int = 4, max_new_tokens: int = 96,
                   prompt_len: int = 32, gamma: int = 4, draft_stage: int = 0, wand_factor: float = 1.0,
-                  heldout_tokens: int = 2 ** 14, model_dir: str | Path | None = None, repeats: int = 1) -> dict:
+                  heldout_tokens: int = 2 ** 14, model_dir: str | Path | None = None, repeats: int = 1,
+                  show_progress: bool = False) -> dict:
     """Plain, stage 0, WAND and speculative greedy decoding (every draft stage) of the same
-    prompts, timed in this process; WAND is calibrated on held-out text (and stored in
+    prompts, timed in this process (result["cpu"]: the timed span's CPU share of wall x threads and
+    whether other processes contended for the cores, poelm.contention); WAND is calibrated on held-out text (and stored in
     model_dir if given). modes["speculative"] is the requested draft stage."""
     seq = min(model.config.sequence_len, 256)
     batches = heldout_batches(data_dir, tokenizer, seq, heldout_tokens)
@@ -102,7 +112,9 @@ def measure_modes(model: GPT, tokenizer, data_dir: str, n_prompts: int = 4, max_
              **{f"speculative_d{k}": dict(mode="speculative", draft_stage=k, gamma=gamma) for k in draft_stages}}
     for kw in modes.values():
         kw["add_bos"] = False  # held-out rows already start with <|bos|>
-    timing = timed_modes(engine, prompts, modes, max_new_tokens, repeats)
+    clock = CpuClock.start()
+    timing = timed_modes(engine, prompts, modes, max_new_tokens, repeats, show_progress)
+    cpu = clock.report(torch.get_num_threads()) if engine.device.type == "cpu" else {}  # contended? (CPU only)
     outputs = timing.pop("_outputs")
     agree = agreement(model, torch.cat(batches), calib, wand_factor)
     base = timing["plain"]["tokens_per_s"]
@@ -125,7 +137,7 @@ def measure_modes(model: GPT, tokenizer, data_dir: str, n_prompts: int = 4, max_
         row["speedup"] = row["tokens_per_s"] / base
     result["speculative"] = next(r for r in sweep if r["draft_stage"] == draft_stage)
     return {"modes": result, "speculative_sweep": sweep, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
-            "wand_bounds": calib["wand_bounds"]}
+            "wand_bounds": calib["wand_bounds"], "cpu": cpu}
 
 
 def bp_refusals(model: GPT, tokenizer) -> dict[str, str]:

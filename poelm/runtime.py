@@ -4,6 +4,7 @@ line when this machine cannot give it.
     device = parse_device("auto")          # cuda if visible, else cpu
     dtype = parse_dtype("bf16")            # torch.bfloat16
     check_bf16(device); check_compiler(device)
+    choice = set_threads(None)             # torch CPU threads: the free cores (choice.line() says why)
 
 A refusal is a SettingError naming the setting (`device`, `dtype`, `compile`); the command
 line prints the same sentence with the flag instead (`--device`, `--no-compile`). A run that
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import string
 from collections.abc import Callable
+from dataclasses import dataclass
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}
@@ -106,3 +108,50 @@ def check_compiler(device) -> None:
     if device.type == "cpu" and not (os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++"))):
         raise SettingError("compile", lambda n, off: f"{n} on the CPU needs a C++ compiler (g++ or clang++ on PATH, "
                                                      f"or $CXX); pass {off}")
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """How many torch CPU threads a command runs with, and why."""
+
+    threads: int
+    why: str
+
+    def line(self) -> str:
+        return f"torch threads: {self.threads} ({self.why})"
+
+
+def free_cores() -> tuple[int, float]:
+    """(the cores this process may run on, the 1-minute load average of the machine)."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks (macOS)
+        usable = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    return usable, load
+
+
+def choose_threads(requested: int | None, ceiling: int) -> ThreadChoice:
+    """`requested`, else the free cores: the usable cores less the rounded 1-minute load (other
+    processes; a process started just now adds none yet), shared among the local ranks of a
+    torchrun job, at least 1 and at most `ceiling` (torch's own default: OMP_NUM_THREADS or the
+    physical cores)."""
+    if requested is not None:
+        return ThreadChoice(requested, "--threads")
+    usable, load = free_cores()
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    threads = max(1, min(ceiling, (usable - round(load)) // ranks))
+    why = f"{usable} usable cores, 1-minute load {load:.1f}" + (f", {ranks} local ranks" if ranks > 1 else "")
+    return ThreadChoice(threads, f"free cores: {why}; pass --threads N to choose")
+
+
+def set_threads(requested: int | None) -> ThreadChoice:
+    """Set torch's CPU threads to choose_threads(requested) and return the choice."""
+    import torch
+
+    choice = choose_threads(requested, torch.get_num_threads())
+    torch.set_num_threads(choice.threads)
+    return choice

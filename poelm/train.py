@@ -34,6 +34,7 @@ from poelm.checkpoint import build_model, check_tokenizer, load_state_into, read
 from poelm.flags import resume_mutable, setting
 from poelm.model import ATTENTION_BACKENDS, GPT, GPTConfig
 from poelm.optim import LR_SCALING
+from poelm.progress import progress
 from poelm.rundir import METRICS_NAME, MetricsLog, RunDir, set_rng_state
 from poelm.runtime import RunStopped, SettingError, check_bf16, check_compiler, parse_device, parse_dtype
 
@@ -212,18 +213,6 @@ def same_tokenizer(a, b) -> bool:
 def config_diff(a: GPTConfig, b: GPTConfig) -> list[str]:
     da, db = a.to_dict(), b.to_dict()
     return [f"{k}: checkpoint {da[k]!r} vs now {db[k]!r}" for k in da if da[k] != db[k]]
-
-
-# -----------------------------------------------------------------------------
-# Metrics and progress
-
-
-def make_progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), disable=not enabled, transient=False)
 
 
 # -----------------------------------------------------------------------------
@@ -584,8 +573,7 @@ def run_locked(tc: TrainConfig, task: Task, rt: Runtime, run: RunDir) -> dict:
         log.write({"type": "eval", **last_eval})
         say(evaluate.line(step, result))
 
-    with make_progress(rt.master and not tc.quiet) as progress:
-        bar = progress.add_task(f"train {out.name}", total=num_iterations, completed=start_step, status="")
+    with progress(f"train {out.name}", num_iterations, start_step, rt.master and not tc.quiet) as bar:
         if setup.rng is not None:  # the last thing before the first step (imports and set-up may draw)
             set_rng_state(setup.rng)
         while True:
@@ -644,7 +632,7 @@ def run_locked(tc: TrainConfig, task: Task, rt: Runtime, run: RunDir) -> dict:
                 record.update(sp.step_metrics(dt, optimizer))
             log.write(record)
             status = f"loss {debiased:.4f} lr {lrm:.3f} {tok_s:,.0f} tok/s MFU " + (f"{100 * mfu:.1f}%" if mfu else "n/a")
-            progress.update(bar, completed=step, status=status)
+            bar.update(step, status)
     final_loss = ema / (1 - 0.9 ** step) if step > 0 else None
     result = {"step": step, "num_iterations": num_iterations, "train_seconds": total_time, "final_loss": final_loss,
               "eval": last_eval, "out": str(out), "cropped_fraction": getattr(loader, "cropped_fraction", None)}

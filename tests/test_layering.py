@@ -18,7 +18,7 @@ PACKAGE = ROOT / "poelm"
 FLOORS = {
     # 0: foundations that import nothing of poelm's but each other
     "poelm": 0, "poelm.model": 0, "poelm.atomic": 0, "poelm.runtime": 0, "poelm.chat": 0, "poelm.schedule": 0,
-    "poelm.jsonfile": 0, "poelm.memory": 0,
+    "poelm.jsonfile": 0, "poelm.memory": 0, "poelm.contention": 0, "poelm.progress": 0,
     # 1: files, data and settings around the model
     "poelm.flags": 1, "poelm.codec": 1, "poelm.presets": 1, "poelm.tokenizer": 1, "poelm.outputs": 1,
     "poelm.corpus": 1, "poelm.dataloader": 1, "poelm.chatdata": 1, "poelm.plots": 1, "poelm.checkpoint": 1,

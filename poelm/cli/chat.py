@@ -29,7 +29,7 @@ import json
 import sys
 
 from poelm.chat import render_prompt
-from poelm.cli.common import CliError, chat_stop_ids, decode_kwargs, load_engine
+from poelm.cli.common import CliError, chat_stop_ids, decode_kwargs, load_engine, threads_note
 from poelm.cli.generate import decoding_arguments
 
 PROMPT = "you> "
@@ -115,7 +115,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"poelm chat: {RESET} clears the history, {QUIT} or Ctrl-D exits", file=sys.stderr)
+        note = threads_note(args)
+        print(f"poelm chat: {RESET} clears the history, {QUIT} or Ctrl-D exits{f'; {note}' if note else ''}",
+              file=sys.stderr)
     while (line := read_line(interactive)) is not None:
         command = line.strip()
         if command == QUIT:

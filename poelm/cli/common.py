@@ -68,6 +68,9 @@ def parse_compose(text: str) -> list[str]:
     from poelm.specialist import read_delta_meta
 
     dirs = [d for d in text.split(",") if d]
+    if len(dirs) == 1:
+        raise CliError(f"--compose {text} names one delta: composing needs two or more, comma separated; for "
+                       f"one specialist pass --delta {dirs[0]}")
     if len(dirs) < 2:
         raise ValueError(f"--compose {text!r}: give at least two delta directories, comma separated")
     for d in dirs:
@@ -119,6 +122,7 @@ def load_engine(args: argparse.Namespace):
     from poelm.runtime import check_compiler, parse_device
     from poelm.specialist import load_with_delta
 
+    refuse_ignored_flags(args)
     device = parse_device(args.device)
     compile = getattr(args, "compile", False)
     if compile:
@@ -140,6 +144,18 @@ def load_engine(args: argparse.Namespace):
     return Engine(model, tokenizer, calibration=calib, compile=compile)
 
 
+def refuse_ignored_flags(args: argparse.Namespace) -> None:
+    """A decoding flag that --mode does not read (`--stage 2` without `--mode stage`): one line naming
+    the flag and the modes that read it (the engine's registry says which: Capabilities.options)."""
+    from poelm.engine import MODE_OPTIONS, DecodeOptions, ignored_options, modes_reading
+
+    given = {o: getattr(args, o) for o in MODE_OPTIONS if hasattr(args, o)}
+    for option in ignored_options(DecodeOptions(mode=args.mode, **given)):
+        modes = modes_reading(option)
+        raise CliError(f"{flag_of(option)} applies to --mode {' or '.join(modes)} and --mode {args.mode} ignores it: "
+                       f"add --mode {modes[0]} or drop {flag_of(option)}")
+
+
 def decode_kwargs(args: argparse.Namespace) -> dict:
     """The Engine.generate / Engine.stream keyword arguments of the decoding flags (the server builds
     a DecodeOptions instead: poelm.serve.app.decode_options)."""
@@ -147,3 +163,28 @@ def decode_kwargs(args: argparse.Namespace) -> dict:
                 gamma=args.gamma, wand_factor=args.wand_factor, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 repetition_penalty=args.repetition_penalty, seed=args.seed, force=args.force)
+
+
+def val_progress(args: argparse.Namespace, batches, what: str, batch_size: int, seq_len: int, tokens: int | None,
+                 device):
+    """`batches` of val_batches with progress (plain lines in a log file; none with --json)."""
+    from poelm.dataloader import default_eval_tokens
+    from poelm.progress import track
+
+    budget = default_eval_tokens(device) if tokens is None else tokens
+    return track(batches, what, total=max(1, budget // (batch_size * seq_len)), enabled=not getattr(args, "json", False),
+                 tokens_per_item=batch_size * seq_len)
+
+
+def threads_note(args: argparse.Namespace) -> str | None:
+    """The line that says the torch threads main() chose for this command (None: not run by main)."""
+    choice = getattr(args, "thread_choice", None)
+    return choice.line() if choice is not None else None
+
+
+def with_threads(args: argparse.Namespace, result: dict, lines: list[str]) -> None:
+    """Add the torch threads to a command's --json result and to its text lines."""
+    choice = getattr(args, "thread_choice", None)
+    if choice is not None:
+        result["threads"] = choice.threads
+        lines.append(choice.line())

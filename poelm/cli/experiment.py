@@ -8,7 +8,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from poelm.cli.common import check_model, emit
+from poelm.cli.common import check_model, emit, threads_note, with_threads
 from poelm.flags import add_model_flags, add_setting_flags, at_least, model_kwargs, untrained_fields
 
 
@@ -57,14 +57,20 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     from poelm.experiment.run import run_experiment
 
     cfg = experiment_config(args)
+    note = threads_note(args)
+    if note and not args.json:
+        print(note, flush=True)
     results = run_experiment(cfg, quiet=args.json)
     if args.json:
-        print(json.dumps({k: results[k] for k in ("arms", "gap", "inference", "wall_seconds", "plots")}, default=str))
+        out = {k: results[k] for k in ("arms", "gap", "inference", "wall_seconds", "plots")}
+        with_threads(args, out, [])
+        print(json.dumps(out, default=str))
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from poelm.experiment.compare import compare_models, compare_plot
+    from poelm.experiment.compare import compare_models
+    from poelm.plots import plot_compare
     from poelm.runtime import parse_device
 
     for spec in args.models:  # every MODEL resolves before the first one is evaluated
@@ -72,15 +78,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     device = parse_device(args.device)
     result = compare_models(args.models, args.data, args.tokens, args.seq_len, args.batch_size, device, args.tokenizer)
     if args.plot:
-        result["plot"] = str(compare_plot(result, Path(args.plot)))
-    header = f"{'model':<36} {'params':>12} {'mode':>6} {'final':>7} {'stages':<32} {'Log-OP':>7}  modes"
+        result["plot"] = str(plot_compare(result, Path(args.plot)))
+    header = (f"{'model':<36} {'params':>12} {'mode':>6} {'alpha':>5} {'final':>7} {'gap':>8} {'stages':<32} "
+              f"{'Log-OP':>7}  modes")
     lines = [header]
     for r in result["models"]:
         stages = " ".join(f"{b:.4f}" for b in r["stage_bpb"])
-        lines.append(f"{r['model'][-36:]:<36} {r['params']:>12,} {r['poe_mode']:>6} {r['bpb']:>7.4f} {stages:<32} "
-                     f"{r['logop']:>7.4f}  {', '.join(r['modes'])}")
+        lines.append(f"{r['model'][-36:]:<36} {r['params']:>12,} {r['poe_mode']:>6} {r['poe_alpha']:>5g} "
+                     f"{r['bpb']:>7.4f} {r['gap_pct']:>+7.2f}% {stages:<32} {r['logop']:>7.4f}  {', '.join(r['modes'])}")
+    lines.append(f"gap: final bpb vs {result['gap_reference']} (positive = worse than it)")
     if result["note"]:
         lines.append(f"note: {result['note']}")
+    with_threads(args, result, lines)
     emit(args, result, "\n".join(lines))
     return 0
 

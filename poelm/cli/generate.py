@@ -9,7 +9,7 @@ import json
 import sys
 
 from poelm.cli.common import (CliError, chat_stop_ids, decode_kwargs, decode_prompt, emit, load_engine,
-                              parse_compose, parse_prompt)
+                              parse_compose, parse_prompt, val_progress, with_threads)
 from poelm.flags import at_least, finite_float
 
 
@@ -60,11 +60,16 @@ def calibrate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def format_stats(stats: dict) -> str:
+    """key=value of the stats, then a line saying when the CPU was contended (poelm.contention)."""
     parts = []
     for k, v in stats.items():
-        if v is not None:
+        if v is not None and k != "contended":
             parts.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
-    return " ".join(parts)
+    text = " ".join(parts)
+    if stats.get("contended"):
+        text += (f"\npoelm: warning: {stats['contended']}: other processes share these cores, so tokens/s is "
+                 "below this machine's; pass a smaller --threads or measure on a quiet machine")
+    return text
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -122,7 +127,7 @@ def generate_compose(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from poelm.checkpoint import load_model, model_dir
     from poelm.dataloader import val_batches
-    from poelm.engine import calibrate, save_calibration
+    from poelm.engine import calibrate, load_calibration, save_calibration
     from poelm.runtime import parse_device
 
     device = parse_device(args.device)
@@ -131,13 +136,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise CliError(f"{args.model} has no tokenizer: calibration reads text from --data and needs one")
     seq_len = min(model.config.sequence_len, args.tokens)
     batch_size = max(1, min(8, args.tokens // seq_len))
-    batches = val_batches(args.data, tokenizer, batch_size, seq_len, args.tokens, device=device)
+    batches = val_progress(args, val_batches(args.data, tokenizer, batch_size, seq_len, args.tokens, device=device),
+                           "calibrate", batch_size, seq_len, args.tokens, device)
     calib = calibrate(model, batches, quantile=args.quantile, force=args.force)
     directory = model_dir(args.model)
+    old = load_calibration(directory) if directory is not None else None
     saved = str(save_calibration(directory, calib)) if directory is not None else None
-    result = dict(calib, saved_to=saved)
+    result = dict(calib, saved_to=saved, replaced=old["wand_bounds"] if old else None)
     bounds = ", ".join(f"{b:.3f}" for b in calib["wand_bounds"])
     where = f"saved to {saved}" if saved else f"not saved: {args.model} is not a model directory"
-    emit(args, result, f"WAND bounds (p{100 * args.quantile:g} over {calib['wand_calibration_tokens']:,} tokens): "
-                       f"[{bounds}]; {where}")
+    lines = [f"WAND bounds (p{100 * args.quantile:g} over {calib['wand_calibration_tokens']:,} tokens): "
+             f"[{bounds}]; {where}"]
+    if old and saved:
+        was = ", ".join(f"{b:.3f}" for b in old["wand_bounds"])
+        lines.append(f"replaced the earlier bounds [{was}] (p{100 * old.get('wand_quantile', 0):g} over "
+                     f"{old.get('wand_calibration_tokens', 0):,} tokens)")
+    with_threads(args, result, lines)
+    emit(args, result, "\n".join(lines))
     return 0

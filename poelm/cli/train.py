@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import typing
 
 from poelm.flags import (add_model_flags, add_setting_flags, config_from_flags, model_kwargs, setting_kwargs,
@@ -60,9 +61,15 @@ def run_trainer(args: argparse.Namespace, task=None) -> int:
     """poelm.train.train on the flags (`task`: pretraining when None); --json prints its result."""
     import torch.distributed as dist
 
+    from poelm.cli.common import threads_note
     from poelm.train import train
 
+    note = threads_note(args)
+    if note and not args.quiet and int(os.environ.get("RANK", "0")) == 0:
+        print(note, flush=True)
     result = train(config_from_args(args), task)
+    if note:
+        result["threads"] = args.thread_choice.threads
     if getattr(args, "json", False):
         print(json.dumps(result, indent=2, default=str))
     if dist.is_initialized():

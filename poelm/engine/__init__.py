@@ -59,6 +59,7 @@ import time
 import torch
 
 from poelm.checkpoint import GENERATION_CONFIG_NAME
+from poelm.contention import CpuClock
 from poelm.engine.calibrate import (calibrate, check_calibration, check_cost_model, load_calibration,
                                     running_readouts, save_calibration, stage_swings, wand_teacher_forced)
 from poelm.engine.constrain import Constraint, ConstraintError, compile_constraint
@@ -67,8 +68,8 @@ from poelm.engine.decoders import Capabilities, Decoder, DecodeStats, PlainDecod
 from poelm.engine.options import (BP_REFUSAL, CALIBRATION_KEYS, MAX_GAMMA, WAND_TARGETS,
                                   ContextLengthError, DecodeOptions, Generation, ModeRefused, OptionError, _check,
                                   refuse_bp)
-from poelm.engine.registry import (COMPILABLE_MODES, DECODERS, LOGPROB_MODES, MODES, capabilities, make_decoder,
-                                   modes_with, validate_options)
+from poelm.engine.registry import (COMPILABLE_MODES, DECODERS, LOGPROB_MODES, MODE_OPTIONS, MODES, capabilities,
+                                   ignored_options, make_decoder, modes_reading, modes_with, validate_options)
 from poelm.engine.sampling import NonFiniteLogits, Sampler, logop, top_gap
 from poelm.engine.speculative import SpeculativeDecoder
 from poelm.engine.stream import TextStream, Collector
@@ -82,7 +83,8 @@ __all__ = ["Engine", "Session", "Decoder", "DecodeStats", "PlainDecoder", "WandD
            "running_readouts", "stage_swings", "wand_exit_rule", "wand_teacher_forced", "measure_costs", "refuse_bp", "MODES",
            "WAND_TARGETS", "MAX_GAMMA", "BP_REFUSAL", "CALIBRATION_KEYS", "GENERATION_CONFIG_NAME",
            "Collector", "Capabilities", "ModeRefused", "DECODERS", "COMPILABLE_MODES", "LOGPROB_MODES",
-           "capabilities", "modes_with", "ContextLengthError", "Constraint", "ConstraintError", "compile_constraint"]
+           "capabilities", "modes_with", "modes_reading", "ignored_options", "MODE_OPTIONS", "ContextLengthError",
+           "Constraint", "ConstraintError", "compile_constraint"]
 
 
 class Engine:
@@ -189,6 +191,8 @@ class Session:
     def __init__(self, engine: Engine, rows: list[list[int]], opts: DecodeOptions):
         self.engine, self.rows, self.opts = engine, rows, opts
         self.t0 = time.perf_counter()
+        self.clock = CpuClock.start()
+        self.cpu: dict = {}  # on the CPU: threads, CPU share of wall x threads, contention (poelm.contention)
         self.collector = Collector(len(rows), opts, engine.tokenizer, engine.stop_ids(opts))
         self.first_token_s: float | None = None
         self.wall: float | None = None
@@ -237,12 +241,14 @@ class Session:
                     dec.rollback(r.handle, extra)
             self.cache = dec.finish()
         self.wall = time.perf_counter() - self.t0
+        if self.engine.device.type == "cpu":
+            self.cpu = self.clock.report(torch.get_num_threads())
 
     def results(self) -> list[Generation]:
         col, n_new = self.collector, sum(len(t) for t in self.collector.tokens)
         stats = self.decoder.stats.to_dict(n_new)
         stats.update({"new_tokens": n_new, "wall_s": self.wall, "tokens_per_s": n_new / self.wall if self.wall > 0 else 0.0,
-                      "time_to_first_token_s": self.first_token_s, "batch_size": len(self.rows)})
+                      "time_to_first_token_s": self.first_token_s, "batch_size": len(self.rows), **self.cpu})
         if self.opts.mode == "wand":
             stats["wand_factor"] = self.opts.wand_factor
         return [Generation(col.text(b), col.tokens[b], dict(stats, new_tokens=len(col.tokens[b]), stop_reason=col.reason[b]),

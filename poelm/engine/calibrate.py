@@ -21,7 +21,7 @@ import torch
 
 from poelm.atomic import atomic_write_json
 from poelm.engine.costs import measure_costs
-from poelm.checkpoint import GENERATION_CONFIG_NAME
+from poelm.checkpoint import GENERATION_CONFIG_NAME, resolve_run_dir
 from poelm.engine.options import CALIBRATION_KEYS, WAND_TARGETS, _check, refuse_bp
 from poelm.engine.sampling import top_gap
 from poelm.engine.wand import wand_exit_rule
@@ -204,8 +204,17 @@ def _is_bound(b) -> bool:
     return isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and b >= 0
 
 
+def calibration_dir(model: str | os.PathLike) -> Path:
+    """The directory that holds MODEL's generation_config.json: a training run (`poelm train --out`)
+    resolves to its newest complete checkpoint, as load_model does."""
+    path = Path(model)
+    return (resolve_run_dir(path) or path) if path.is_dir() else path
+
+
 def save_calibration(model_dir: str | os.PathLike, calib: dict) -> Path:
-    """Merge the calibration keys into MODEL_DIR/generation_config.json (atomic write)."""
+    """Merge the calibration keys into MODEL_DIR/generation_config.json (atomic write; a training
+    run's newest complete checkpoint)."""
+    model_dir = calibration_dir(model_dir)
     path = Path(model_dir) / GENERATION_CONFIG_NAME
     _check(Path(model_dir).is_dir(), f"{model_dir} is not a model directory: cannot store the calibration")
     gen = read_generation_config(path) if path.exists() else {}
@@ -216,8 +225,9 @@ def save_calibration(model_dir: str | os.PathLike, calib: dict) -> Path:
 
 
 def load_calibration(model_dir: str | os.PathLike) -> dict | None:
-    """The WAND calibration stored in MODEL_DIR/generation_config.json, or None."""
-    path = Path(model_dir) / GENERATION_CONFIG_NAME
+    """The WAND calibration stored in MODEL_DIR/generation_config.json (a model directory or a
+    training run: its newest complete checkpoint), or None."""
+    path = calibration_dir(model_dir) / GENERATION_CONFIG_NAME
     if not path.exists():
         return None
     gen = read_generation_config(path)

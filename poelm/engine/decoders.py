@@ -49,6 +49,7 @@ class Capabilities:
     logprobs: bool = False  # one token per row per step from one readout: its log-probabilities are reported
     needs_calibration: bool = False  # WAND swing bounds (calibrate.py)
     needs_stages: bool = False  # reads out intermediate stages: refused on a BP model unless forced
+    options: tuple[str, ...] = ()  # the DecodeOptions fields this mode reads that the other modes ignore
 
 
 @dataclass
@@ -261,8 +262,10 @@ class PlainDecoder(Decoder):
     """final / stage / logop: one token per row per step through a fixed layer range."""
 
     modes = {"final": Capabilities("the final readout", compilable=True, logprobs=True),
-             "stage": Capabilities("prefix pruning / a stage readout", compilable=True, logprobs=True, needs_stages=True),
-             "logop": Capabilities("a Log-OP of stages", compilable=True, logprobs=True, needs_stages=True)}
+             "stage": Capabilities("prefix pruning / a stage readout", compilable=True, logprobs=True, needs_stages=True,
+                                   options=("stage",)),
+             "logop": Capabilities("a Log-OP of stages", compilable=True, logprobs=True, needs_stages=True,
+                                   options=("stages",))}
 
     @classmethod
     def check_options(cls, opts: DecodeOptions, model: GPT) -> None:

@@ -32,6 +32,22 @@ def modes_with(**wanted: bool) -> tuple[str, ...]:
     return tuple(m for m in MODES if all(getattr(capabilities(m), k) == v for k, v in wanted.items()))
 
 
+def modes_reading(option: str) -> tuple[str, ...]:
+    """The modes that read a mode-specific DecodeOptions field (Capabilities.options)."""
+    return tuple(m for m in MODES if option in capabilities(m).options)
+
+
+MODE_OPTIONS = tuple(dict.fromkeys(o for m in MODES for o in capabilities(m).options))  # read by some modes only
+
+
+def ignored_options(opts: DecodeOptions) -> list[str]:
+    """The mode-specific fields of `opts` set away from their defaults that opts.mode does not read
+    (`--stage 2` without `--mode stage`)."""
+    defaults = DecodeOptions()
+    own = capabilities(opts.mode).options if opts.mode in DECODERS else ()
+    return [o for o in MODE_OPTIONS if o not in own and getattr(opts, o) != getattr(defaults, o)]
+
+
 COMPILABLE_MODES = modes_with(compilable=True)
 LOGPROB_MODES = modes_with(logprobs=True)
 

@@ -116,7 +116,9 @@ class DraftChooser:
 
 
 class SpeculativeDecoder(Decoder):
-    modes = {"speculative": Capabilities("speculative drafting from a stage", needs_stages=True)}
+    modes = {"speculative": Capabilities("speculative drafting from a stage", needs_stages=True,
+                                         options=("draft_stage", "gamma", "adaptive_gamma", "adaptive", "adaptive_probe",
+                                                  "draft_threshold"))}
 
     @classmethod
     def check_options(cls, opts: DecodeOptions, model: GPT) -> None:

@@ -85,7 +85,8 @@ def exit_plan(calib: dict, factor: float, thresholds: list[float], max_gap: list
 
 
 class WandDecoder(PlainDecoder):
-    modes = {"wand": Capabilities("WAND adaptive depth", needs_calibration=True, needs_stages=True)}
+    modes = {"wand": Capabilities("WAND adaptive depth", needs_calibration=True, needs_stages=True,
+                                  options=("wand_factor",))}
 
     @classmethod
     def check_options(cls, opts: DecodeOptions, model: GPT) -> None:

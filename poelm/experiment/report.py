@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from poelm.experiment.config import PAPER
-from poelm.experiment.specialist import specialist_plot, specialist_report
-from poelm.plots import save_figure
+from poelm.experiment.specialist import specialist_report
+from poelm.plots import plot_specialist, save_figure
 
 # -----------------------------------------------------------------------------
 # Report and plots
@@ -76,7 +76,7 @@ def experiment_plots(out: Path, results: dict) -> list[Path]:
         ax.set_ylabel("tokens/s relative to plain decoding"), ax.set_title("PoE inference modes (this machine)")
         written.append(save_figure(fig, out / "speedups.png"))
     if results.get("specialist"):
-        written.append(specialist_plot(out, results["specialist"]))
+        written.append(plot_specialist(out, results["specialist"]))
     return written
 
 

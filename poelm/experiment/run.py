@@ -103,7 +103,7 @@ def gap_trajectory(evals: dict[str, list[dict]], arm: str = "poe") -> list[dict]
             for r in evals.get(arm, []) if r["step"] in bp and r["step"] > 0]
 
 
-def measure_inference(cfg: ExperimentConfig, say) -> dict:
+def measure_inference(cfg: ExperimentConfig, say, show_progress: bool = False) -> dict:
     """PoE model: stage 0, WAND and speculative against plain decoding; BP refusing them."""
     from poelm.checkpoint import load_model
     from poelm.inference_bench import measure_modes, bp_refusals
@@ -114,7 +114,10 @@ def measure_inference(cfg: ExperimentConfig, say) -> dict:
         model, tok = load_model(arms / "poe")
         say("[inference] measuring plain, stage 0, WAND and speculative decoding on the PoE arm ...")
         result["poe"] = measure_modes(model, tok, cfg.data, n_prompts=cfg.decode_prompts,
-                                      max_new_tokens=cfg.decode_tokens, model_dir=resolve(arms / "poe"), repeats=3)
+                                      max_new_tokens=cfg.decode_tokens, model_dir=resolve(arms / "poe"), repeats=3,
+                                      show_progress=show_progress)
+        if result["poe"]["cpu"].get("contended"):
+            say(f"[inference] warning: {result['poe']['cpu']['contended']}: the tokens/s are below this machine's")
     if (arms / "bp").exists():
         model, tok = load_model(arms / "bp")
         result["bp_refusals"] = bp_refusals(model, tok)
@@ -177,7 +180,7 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
     results["gap"] = gap_trajectory(evals)
     results["gap_alpha05"] = gap_trajectory(evals, "poe_a05")
     results["backout_compat"] = backout_compat(cfg)
-    results["inference"] = measure_inference(cfg, say)
+    results["inference"] = measure_inference(cfg, say, show_progress=not quiet)
     results["specialist"] = run_specialist(cfg, say)
     results["wall_seconds"] = round(time.time() - t0, 1)
     results["machine"] = machine_description()

@@ -93,21 +93,3 @@ def specialist_report(s: dict) -> list[str]:
                   f"({s['trainable_params']:,} trainable parameters). Bits per assistant token, not bits per byte "
                   "(what the released stage cards report).", ""]
     return lines
-
-
-def specialist_plot(out: Path, s: dict) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from poelm.plots import save_figure
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    curve = s["curve"]
-    ax.plot([r["step"] for r in curve], [r["assistant_bits"] for r in curve], marker="o", label="base + specialist")
-    if s.get("base"):
-        ax.axhline(s["base"]["assistant_bits"], color="gray", ls="--", label="base (PoE arm)")
-    ax.set_xlabel("SFT step"), ax.set_ylabel("held-out bits per assistant token")
-    ax.set_title("specialist on the frozen PoE base (recall)"), ax.grid(alpha=0.3), ax.legend()
-    return save_figure(fig, out / "specialist.png")
