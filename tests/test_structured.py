@@ -133,6 +133,7 @@ def test_rows_of_one_decoder_keep_their_own_constraints(bpe_engine):
             alone = bpe_engine.generate(p, max_new_tokens=30, constraint=c, stop_token_ids=[]).tokens if c is None else \
                 bpe_engine.generate(p, max_new_tokens=30, constraint=c).tokens
             assert got[h][:len(alone)] == alone
+        assert dec.row(handles[1]).matcher.is_done  # the regex row ended its grammar (and took stop ids since)
 
 
 def test_rows_that_go_on_past_their_end_keep_the_cache_exact(bpe_engine):

@@ -7,12 +7,14 @@ gives the tokens allowed next as a mask on the logits.
     allowed = masks([m], V, device)        # (1, V) bool; masked(logits, allowed) puts -inf elsewhere
     m.advance(token); m.rollback(2); m.is_done
 
-The library is llguidance (guidance-ai; vLLM and llama.cpp use it too), chosen over xgrammar
-because it installs with no dependencies at all (one abi3 wheel), while xgrammar requires
-torch, transformers, triton and apache-tvm-ffi (a second torch or triton must never come with
-poelm's pinned CPU torch); it builds its token trie straight from a tiktoken encoding (the id ->
-bytes table and the special tokens) and computes a mask in tens of microseconds per row on
-CPU, lazily (no grammar compilation pass over the vocabulary), with rollback built in.
+The library is llguidance (guidance-ai; vLLM and SGLang use it too), chosen over xgrammar
+for its dependencies: llguidance is one abi3 wheel that needs nothing, while xgrammar requires
+torch, transformers, triton and apache-tvm-ffi (pip would add triton, a GPU compiler, beside
+poelm's pinned CPU torch). It builds its token trie straight from the tiktoken encoding (the
+id -> bytes table and the special tokens), compiles a grammar lazily (about 30 ms for the
+tokenizer and a schema at vocab 4096) and has rollback built in. Measured on the 2-core CPU
+box, a JSON Schema at vocab 4096: 6-20 us per row and step for llguidance, 2-4 us for xgrammar
+(which precomputes masks at compile time); both are far below a decode step (milliseconds).
 
 The stop ids of the decode (<|bos|>, <|assistant_end|> or the caller's stop_token_ids) are the
 grammar's end: allowed where the grammar may end, the only tokens allowed once it must; so a
