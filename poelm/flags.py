@@ -87,18 +87,32 @@ def comma_ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"give comma-separated integers such as 12,5,4,3, got {text!r}") from None
 
 
+def id_floats(text: str) -> dict[int, float]:
+    """An argparse type: comma-separated ID=NUMBER pairs such as 12=-100,7=2.5."""
+    out: dict[int, float] = {}
+    for pair in text.replace(" ", "").split(","):
+        key, _, value = pair.partition("=")
+        try:
+            out[int(key)] = float(value)  # no "=": float("") fails
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"give comma-separated ID=NUMBER pairs such as 12=-100,7=2.5, "
+                                             f"got {text!r}") from None
+    return out
+
+
 # -----------------------------------------------------------------------------
 # Settings: one dataclass field each, its flag generated
 
 
 def setting(default=None, help: str = "", *, choices: tuple[str, ...] | None = None, flags: tuple[str, ...] = (),
             type: Callable[[str], object] | None = None, shown: str | None = None, resume: bool = False,
-            default_factory=None):
+            default_factory=None, **more):
     """A settings field with its one-line help; `flags`: its flag names when they are not
     --field-name (the first is the one said in messages), `type`: the argparse type when the
     field's own type is not enough (e.g. at_least(1)), `shown`: the default as --help says it,
-    `resume`: a resumed run may change it (it does not alter the weights' trajectory)."""
-    meta = {"help": help, "choices": choices, "flags": flags, "type": type, "shown": shown, "resume": resume}
+    `resume`: a resumed run may change it (it does not alter the weights' trajectory); `more`:
+    metadata of the class's own (DecodeOptions: where the server's request carries the field)."""
+    meta = {"help": help, "choices": choices, "flags": flags, "type": type, "shown": shown, "resume": resume, **more}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -109,10 +123,12 @@ def setting_flag_names(f: Field) -> tuple[str, ...]:
     return f.metadata.get("flags") or (flag_name(f.name),)
 
 
-def add_setting_flags(parser, cls, exclude: tuple[str, ...] = (), defaults_note: str | None = None) -> None:
+def add_setting_flags(parser, cls, exclude: tuple[str, ...] = (), defaults_note: str | None = None,
+                      choices: dict[str, tuple[str, ...]] | None = None) -> None:
     """One flag per field of the settings dataclass `cls` (its help, choices and type from the
-    field). The default is the field's, or, with defaults_note (e.g. "the preset's"), None =
-    "not given", and a boolean flag then takes --no-X too."""
+    field; `choices` gives those known only above `cls`, e.g. the decoding modes). The default is
+    the field's, or, with defaults_note (e.g. "the preset's"), None = "not given", and a boolean
+    flag then takes --no-X too. A list field without a `type` is a repeatable flag (None: not given)."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         if f.name in exclude:
@@ -123,12 +139,15 @@ def add_setting_flags(parser, cls, exclude: tuple[str, ...] = (), defaults_note:
         shown = defaults_note or f.metadata.get("shown")
         kw: dict = {"dest": f.name, "default": default,
                     "help": help.replace("%", "%%") + (f" (default: {shown})" if shown else "")}
+        allowed = (choices or {}).get(f.name) or f.metadata.get("choices")
         if kind is bool:
             kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is list and not f.metadata.get("type"):
+            kw.update(action="append", type=typing.get_args(kind)[0])
         else:
             kw["type"] = f.metadata.get("type") or kind
-            if f.metadata.get("choices"):
-                kw["choices"] = f.metadata["choices"]
+            if allowed:
+                kw["choices"] = allowed
         parser.add_argument(*setting_flag_names(f), **kw)
 
 

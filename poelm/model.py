@@ -353,6 +353,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1)
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; t itself when it already is (Tensor.to costs a dispatch even then, several per
+    layer of an eager decode step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def logop_weight(n_stages: int, alpha: float) -> float:
     """Uniform Log-OP weight w = 1/|S|^(1-alpha) (docs/poe.md section 2)."""
     return 1.0 / n_stages ** (1.0 - alpha)
@@ -570,7 +576,7 @@ class StepPlan:
             positions = cache.positions(start, T) if cache is not None else torch.arange(start, start + T, device=device)
             need = start + T
         cos, sin = model._rotary(positions, need + 1)
-        self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+        self.cos, self.sin = as_dtype(cos, dtype), as_dtype(sin, dtype)
         self.backend = resolve_attention_backend(model.attention_backend, device, dtype)
         self.model = model
         self.keys: dict[int, tuple[int, object, bool, str]] = {w: self._plan(w, device) for w in windows}
@@ -679,11 +685,11 @@ class CausalSelfAttention(nn.Module):
         else:
             if start > cache.lengths[i]:  # a chunk before the end rewrites (crops) the layer; after it is a hole
                 raise RuntimeError(f"layer {i} cache holds {cache.lengths[i]} slots, chunk starts at {start}")
-            ck[:, :, start:end] = k.to(ck.dtype)
-            cv[:, :, start:end] = v.to(cv.dtype)
+            ck[:, :, start:end] = k  # the copy casts to the cache's dtype
+            cv[:, :, start:end] = v
             cache.lengths[i] = end
         lo = plan.keys[window][0]
-        return plan.attend(q, ck[:, :, lo:end].to(q.dtype), cv[:, :, lo:end].to(q.dtype), window)
+        return plan.attend(q, as_dtype(ck[:, :, lo:end], q.dtype), as_dtype(cv[:, :, lo:end], q.dtype), window)
 
 
 class MLP(nn.Module):

@@ -76,6 +76,14 @@ def test_speculative_greedy_equals_plain_masked_greedy(bpe_engine, constraint, s
     assert out[0].stats["drafted"] > out[0].stats["accepted"]  # drafts were rejected: the matchers rolled back
 
 
+def test_compiled_decoders_mask_too(bpe_engine):
+    """A compiled speculative decoder drafts eagerly while a row is constrained; compiled plain masks its logits."""
+    compiled = Engine(bpe_engine.model, bpe_engine.tokenizer, compile="eager")
+    plain = [g.tokens for g in bpe_engine.generate(PROMPTS, max_new_tokens=60, constraint=SCHEMA)]
+    for mode in ("final", "speculative"):
+        assert [g.tokens for g in compiled.generate(PROMPTS, max_new_tokens=60, constraint=SCHEMA, mode=mode)] == plain
+
+
 def test_speculative_sampling_keeps_to_the_regex(bpe_engine):
     for seed in range(4):
         for g in bpe_engine.generate(PROMPTS, max_new_tokens=40, constraint=REGEX, mode="speculative", gamma=4,

@@ -106,15 +106,6 @@ def parse_prompt(prompt: str, tokenizer) -> str | list[int]:
     return ids
 
 
-def parse_stages(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise CliError(f"--stages must be a comma list of stage indices like 0,3, got {text!r}") from None
-
-
 def load_engine(args: argparse.Namespace):
     """MODEL on --device as an Engine (with its WAND calibration for --mode wand)."""
     from poelm.checkpoint import model_dir
@@ -128,8 +119,8 @@ def load_engine(args: argparse.Namespace):
     if compile:
         check_compiler(device)
         if not capabilities(args.mode).compilable:
-            raise CliError(f"--compile applies to the plain modes ({', '.join(COMPILABLE_MODES)}); --mode {args.mode} "
-                           f"decodes eagerly: drop --compile")
+            raise CliError(f"--compile applies to the compilable modes ({', '.join(COMPILABLE_MODES)}); --mode "
+                           f"{args.mode} decodes eagerly: drop --compile")
     model, tokenizer = load_with_delta(args.model, getattr(args, "delta", None), device=device)
     if getattr(args, "head_mode", None) is not None:
         from poelm.specialist import with_head_mode
@@ -156,13 +147,39 @@ def refuse_ignored_flags(args: argparse.Namespace) -> None:
                        f"add --mode {modes[0]} or drop {flag_of(option)}")
 
 
+def python_only_options() -> tuple[str, ...]:
+    """The DecodeOptions fields without a flag (a calibration dict, the returned KV cache)."""
+    from dataclasses import fields
+
+    from poelm.engine.options import DecodeOptions
+
+    return tuple(f.name for f in fields(DecodeOptions) if f.metadata["request"] is None)
+
+
 def decode_kwargs(args: argparse.Namespace) -> dict:
-    """The Engine.generate / Engine.stream keyword arguments of the decoding flags (the server builds
-    a DecodeOptions instead: poelm.serve.app.decode_options)."""
-    return dict(mode=args.mode, stage=args.stage, stages=parse_stages(args.stages), draft_stage=args.draft_stage,
-                gamma=args.gamma, wand_factor=args.wand_factor, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                repetition_penalty=args.repetition_penalty, seed=args.seed, force=args.force)
+    """The Engine.generate / Engine.stream keyword arguments of the decoding flags (one per
+    DecodeOptions field; a repeatable flag not given is left to its default)."""
+    from poelm.engine.options import DecodeOptions
+    from poelm.flags import setting_kwargs
+
+    return {k: v for k, v in setting_kwargs(args, DecodeOptions, exclude=python_only_options()).items()
+            if v is not None}
+
+
+def decode_options(engine, options: dict):
+    """engine.options(options) with a bad value said as its flag: `--top-k: top_k must be ...`."""
+    from dataclasses import fields
+
+    from poelm.engine import DecodeOptions, OptionError
+    from poelm.flags import setting_flag_names
+
+    try:
+        return engine.options(options)
+    except OptionError as e:
+        field = next((f for f in fields(DecodeOptions) if f.name == e.option), None)
+        if field is None:
+            raise
+        raise CliError(f"{setting_flag_names(field)[0]}: {e}") from None
 
 
 def val_progress(args: argparse.Namespace, batches, what: str, batch_size: int, seq_len: int, tokens: int | None,

@@ -8,28 +8,20 @@ import argparse
 import json
 import sys
 
-from poelm.cli.common import (CliError, chat_stop_ids, decode_kwargs, decode_prompt, emit, load_engine,
-                              parse_compose, parse_prompt, val_progress, with_threads)
-from poelm.flags import at_least, finite_float
+from poelm.cli.common import (CliError, chat_stop_ids, decode_kwargs, decode_options, decode_prompt, emit, load_engine,
+                              parse_compose, parse_prompt, python_only_options, val_progress, with_threads)
+from poelm.flags import add_setting_flags, at_least, finite_float
 
 
 def decoding_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
-    """The readout / decoding mode and sampling flags of generate and chat."""
-    from poelm.engine import MODES
+    """The decoding flags of generate and chat: one per DecodeOptions field (poelm/engine/options.py
+    declares each, with its help), then the model and device flags."""
+    from poelm.engine.options import DecodeOptions
+    from poelm.engine.registry import option_choices
 
-    p.add_argument("--mode", choices=MODES, default="final", help="readout / decoding mode")
-    p.add_argument("--stage", type=at_least(0), default=None, help="--mode stage: read out at this stage (default: 0)")
-    p.add_argument("--stages", default=None, help="--mode logop: comma list of stages (default: all)")
-    p.add_argument("--draft-stage", type=at_least(0), default=0, help="--mode speculative: the drafting stage")
-    p.add_argument("--gamma", type=at_least(1), default=4, help="--mode speculative: drafted tokens per verify pass")
-    p.add_argument("--wand-factor", type=finite_float, default=1.0, help="--mode wand: exit factor F (inf = full depth)")
-    p.add_argument("--max-new-tokens", type=at_least(0), default=max_new_tokens, help="tokens to generate at most")
-    p.add_argument("--temperature", type=finite_float, default=0.0, help="sampling temperature, 0 = greedy")
-    p.add_argument("--top-k", type=at_least(0), default=0, help="sample from the k likeliest tokens, 0 = off")
-    p.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling mass, 1 = off")
-    p.add_argument("--repetition-penalty", type=finite_float, default=1.0, help="penalty on repeated tokens, 1 = off")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
-    p.add_argument("--force", action="store_true", help="allow PoE modes on a BP model (research)")
+    add_setting_flags(p.add_argument_group("decoding (DecodeOptions)"), DecodeOptions, exclude=python_only_options(),
+                      choices=option_choices())
+    p.set_defaults(max_new_tokens=max_new_tokens)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="plain modes: decode with an inductor-compiled step (faster at small batch; the first "
@@ -81,10 +73,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat:
         from poelm.chat import render_prompt
 
-        options["stop_token_ids"] = chat_stop_ids(tokenizer, args.model)
+        options.setdefault("stop_token_ids", chat_stop_ids(tokenizer, args.model))
         prompt = render_prompt(tokenizer, [{"role": "user", "content": decode_prompt(args.prompt)}])
     else:
         prompt = parse_prompt(args.prompt, tokenizer)
+    decode_options(engine, options)
     if args.json or tokenizer is None:
         out = engine.generate(prompt, **options)
         if args.json:

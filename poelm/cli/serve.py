@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 
 from poelm.flags import at_least, int_range, seconds
 
@@ -45,7 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from poelm.serve.app import API_KEY_ENV, ServeConfig, create_app
     from poelm.serve.guard import BACKLOG, MAX_HEADER_BYTES, ConnectionGuard, bind_socket, fit_fd_limit
     from poelm.serve.metrics import Metrics
-    from poelm.serve.models import load_models, parse_deltas
+    from poelm.serve.models import ModelRegistry, load_models, parse_deltas
     from poelm.serve.scheduler import Scheduler
 
     device = parse_device(args.device)
@@ -54,7 +55,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         sys.setswitchinterval(0.0005)  # the scheduler gets the GIL back sooner from the event loop between torch ops
         api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-        registry = load_models(args.model, parse_deltas(args.delta or []), name=args.name, device=device)
+        deltas = parse_deltas(args.delta or [])
+        registry = ModelRegistry([], loading=True)  # /health answers 503 "loading" until load() is done
         metrics = Metrics()
         scheduler = Scheduler(args.max_batch, args.max_queue, metrics)
         config = ServeConfig(api_key=api_key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
@@ -66,9 +68,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                                timeout_keep_alive=args.header_timeout,
                                                h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                                                timeout_graceful_shutdown=int(args.request_timeout) + 5))
-        print(f"poelm serve: http://{args.host}:{args.port} models {', '.join(registry.models)}"
-              f"{' (API key required)' if api_key else ''}; {args.thread_choice.line()}", file=sys.stderr, flush=True)
+        failed: list[BaseException] = []
+
+        def load() -> None:
+            try:
+                registry.loaded(load_models(args.model, deltas, name=args.name, device=device))
+            except BaseException as e:  # said by main() once the server has stopped
+                failed.append(e)
+                server.should_exit = True
+                return
+            print(f"poelm serve: http://{args.host}:{args.port} models {', '.join(registry.models)}"
+                  f"{' (API key required)' if api_key else ''}; {args.thread_choice.line()}", file=sys.stderr, flush=True)
+
+        threading.Thread(target=load, name="poelm-load", daemon=True).start()
         server.run(sockets=[sock])
     finally:
         sock.close()
+    if failed:
+        raise failed[0]
     return 0

@@ -11,7 +11,7 @@ adaptive depth and self-speculative decoding (docs/poe.md §2-6).
     engine.generate(prompt, mode="speculative", adaptive=True)   # stage and gamma chosen by cost; plain if none pays
     engine.calibration = calibrate(model, batches); engine.generate(prompt, mode="wand")
     for delta in engine.stream(prompt, temperature=0.8, top_p=0.9): print(delta, end="")
-    Engine(model, tokenizer, compile=True)   # plain modes: an inductor-compiled step (--compile)
+    Engine(model, tokenizer, compile=True)   # every mode: inductor-compiled static-shape steps (--compile)
 
     poelm generate MODEL "Once upon a time" --mode speculative --gamma 4
     poelm calibrate MODEL --data DIR
@@ -44,7 +44,8 @@ Prompts: text (needs a tokenizer) or token ids; with a tokenizer `<|bos|>` is pr
 missing. A prompt longer than config.sequence_len is an error (no silent truncation);
 generation stops (stop_reason "context") when the context fills up.
 Sampling follows transformers: repetition penalty (every id seen in the row, prompt included:
-logit/penalty if > 0 else logit*penalty), then temperature (0 = greedy), top-k, top-p.
+logit/penalty if > 0 else logit*penalty), then temperature (0 = greedy), top-k, top-p; around
+them OpenAI's and vLLM's presence/frequency penalty, logit_bias, min_tokens and min_p (sampling.py).
 Stop token ids end generation and appear in `tokens` but not in `text`; a stop string cuts
 `text` before it. With a tokenizer the default stop ids are `<|bos|>` and `<|assistant_end|>`.
 `constraint` (constrain.py: JSON object / JSON Schema / regex / grammar / choice) masks every
@@ -89,9 +90,10 @@ __all__ = ["Engine", "Session", "Decoder", "DecodeStats", "PlainDecoder", "WandD
 
 class Engine:
     def __init__(self, model: GPT, tokenizer=None, calibration: dict | None = None, compile: bool | str = False):
-        """compile: decode the plain modes with a compiled step, True = inductor, or a
-        torch.compile backend name (one static-shape graph per batch size and cache bucket;
-        the first call of each pays the compile)."""
+        """compile: decode with compiled steps, True = inductor, or a torch.compile backend name
+        (static-shape graphs per batch size and cache bucket, the first call of each pays the
+        compile): the plain modes and WAND-as-plain one graph per step, speculative a draft-step
+        graph and a verify graph per pass; WAND's staged step (where an exit test pays) runs eagerly."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.calibration = calibration
@@ -134,9 +136,10 @@ class Engine:
         return [self.encode_prompt(p, add_bos) for p in prompt], False
 
     def stop_ids(self, opts: DecodeOptions) -> set[int]:
-        """The token ids that end a row: the caller's, else <|bos|> and <|assistant_end|>."""
-        if opts.stop_token_ids is not None:
-            return set(opts.stop_token_ids)
+        """The token ids that end a row: the caller's, else <|bos|> and <|assistant_end|> (none of
+        those with ignore_eos)."""
+        if opts.stop_token_ids is not None or opts.ignore_eos:
+            return set(opts.stop_token_ids or ())
         if self.tokenizer is None:
             return set()
         specials = getattr(self.tokenizer, "special_tokens", {}) or {}
@@ -173,6 +176,8 @@ class Engine:
         validate_options(opts, self.model)
         if opts.stop_strings:
             _check(self.tokenizer is not None, "stop strings need a tokenizer")
+        if opts.min_tokens:  # the sampler masks the stop ids until then: it needs them spelt out
+            opts.stop_token_ids = sorted(self.stop_ids(opts))
         if capabilities(opts.mode).needs_calibration:
             opts.calibration = check_calibration(opts.calibration or self.calibration, self.model)
         elif opts.adaptive and (opts.calibration or self.calibration):  # adaptive speculative's cost model

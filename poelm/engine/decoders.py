@@ -141,6 +141,13 @@ class Decoder:
         self.seen = torch.zeros(0, self.cfg.vocab_size, dtype=torch.bool, device=self.device)  # (B, V)
         self.stats = DecodeStats(opts.mode)
         self._next_handle = 0
+        self._compiled = None  # compile_step: the compiled graph(s) of the step
+        self._cuda_graphs, self._marked = False, None
+
+    @classmethod
+    def min_scratch(cls, opts: DecodeOptions) -> int:
+        """Cache slots past a row's capacity that the mode writes (speculative drafts)."""
+        return 0
 
     # --- rows ------------------------------------------------------------------------
     def add_rows(self, prompts: list[list[int]], grammars: list | None = None) -> list[int]:
@@ -231,6 +238,10 @@ class Decoder:
     def pending(self) -> torch.Tensor:
         return torch.tensor([[r.seq[-1]] for r in self.rows], device=self.device)  # (B, 1)
 
+    def constrained(self) -> bool:
+        """Whether some row has a structured-output constraint."""
+        return any(r.matcher is not None for r in self.rows)
+
     def allowed(self) -> torch.Tensor | None:
         """(B, V) bool: the tokens each row's constraint allows next (None: no row is constrained)."""
         return masks([r.matcher for r in self.rows], self.cfg.vocab_size, self.device)
@@ -243,7 +254,7 @@ class Decoder:
 
     def _emit(self, tokens: torch.Tensor) -> dict[int, list[int]]:
         """Record one sampled token (B,) per row."""
-        self.seen[torch.arange(len(self.rows), device=self.device), tokens] = True
+        self.seen.scatter_(1, tokens[:, None], True)
         out = {}
         for r, t in zip(self.rows, tokens.tolist()):  # the one host sync of a step
             r.seq.append(t)
@@ -256,6 +267,40 @@ class Decoder:
 
     def _step(self) -> dict[int, list[int]]:
         raise NotImplementedError
+
+    # --- the compiled step ------------------------------------------------------------
+    def compile_step(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """Run every later step as compiled static-shape graphs (torch.compile; mode
+        "reduce-overhead" replays them as CUDA graphs). The graphs attend over every slot of the
+        cache through a mask and take the rows' slots as a tensor, so one graph serves every
+        position of a batch: they compile once per batch size and never across steps."""
+        self._cuda_graphs = mode is not None and "reduce-overhead" in mode or mode == "max-autotune"
+        self._marked = None
+        self._compiled = self._compile_graphs(
+            lambda fn: torch.compile(fn, backend=backend, mode=mode, dynamic=False, fullgraph=True))
+
+    def _compile_graphs(self, compiler):
+        """The compiled graph(s) of this decoder's step (compiler: a function -> its compiled form)."""
+        raise NotImplementedError
+
+    def _begin_static(self) -> None:
+        """Before a step's compiled graphs: the cache tensors as static graph inputs (CUDA graphs)."""
+        if not self._cuda_graphs:
+            return
+        cache = self.cache
+        if self._marked is not cache:  # the cache tensors keep their addresses: graph inputs
+            for t in cache.k + cache.v + [cache.tokens, cache.pad]:
+                torch._dynamo.mark_static_address(t)
+            self._marked = cache
+        torch.compiler.cudagraph_mark_step_begin()
+
+    def _static_written(self, end: int, uniform: bool) -> None:
+        """After a static step that wrote slots up to `end` (exclusive): the cache's host lengths
+        (the graphs keep none); uniform: every row's slots now end there."""
+        cache = self.cache
+        cache.lengths = [max(n, end) for n in cache.lengths]
+        if uniform:
+            cache.n_tokens = end
 
 
 class PlainDecoder(Decoder):
@@ -320,35 +365,20 @@ class PlainDecoder(Decoder):
         zs = [model.readout(sel(kept[self.cfg.stage_ends[k]]), k) for k in self.stages]
         return logop(zs, self.alpha)
 
-    def compile_step(self, backend: str = "inductor", mode: str | None = None) -> None:
-        """Run every later step as one compiled static-shape graph (torch.compile; mode
-        "reduce-overhead" replays it as a CUDA graph). The step attends over every slot of the
-        cache through a mask and takes the rows' slots as a tensor, so one graph serves every
-        position of a batch: it compiles once per batch size and never across steps."""
-        self._compiled = torch.compile(self.forward, backend=backend, mode=mode, dynamic=False, fullgraph=True)
-        self._cuda_graphs = mode is not None and "reduce-overhead" in mode or mode == "max-autotune"
-        self._marked = None
+    def _compile_graphs(self, compiler):
+        return compiler(self.forward)
 
     def _static_step(self) -> torch.Tensor:
         """One compiled step -> logits (B, V); keeps the cache's host lengths (the graph does not)."""
-        cache = self.cache
-        if self._cuda_graphs and self._marked is not cache:  # the cache tensors keep their addresses: graph inputs
-            for t in cache.k + cache.v + [cache.tokens, cache.pad]:
-                torch._dynamo.mark_static_address(t)
-            self._marked = cache
+        self._begin_static()
         slots = [r.slots for r in self.rows]
-        if self._cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
         logits = self._compiled(self.pending(), torch.tensor(slots, device=self.device))
         end = max(slots) + 1
-        cache.lengths = [max(n, end) for n in cache.lengths]
-        if min(slots) == end - 1:
-            cache.n_tokens = end
+        self._static_written(end, min(slots) == end - 1)
         return logits
 
     def _step(self) -> dict[int, list[int]]:
-        compiled = getattr(self, "_compiled", None) is not None
-        logits = self._static_step() if compiled else self.forward(self.pending(), self.starts())  # (B, V)
+        logits = self._static_step() if self._compiled is not None else self.forward(self.pending(), self.starts())  # (B, V)
         B = len(self.rows)
         self.stats.layer_passes += self.end_layer * B
         self.stats.layer_calls += self.end_layer * B

@@ -17,7 +17,8 @@ exit on their own, so each row gets the token it gets alone.
 A test runs only where it pays (exit_plan): where the calibration measured costs, at stage k
 when P(exit at k | reached k) x the cost of the stages after k exceeds the test's cost. With no
 stage tested the decoder is the plain decoder of the target readout (one pass over every layer,
-no kept residuals, compilable like plain), so WAND never pays for tests that cannot save.
+no kept residuals), so WAND never pays for tests that cannot save. Compiled (compile_step), that
+plain decoder runs the compiled plain step; the staged step (some test pays) runs eagerly.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def exit_plan(calib: dict, factor: float, thresholds: list[float], max_gap: list
 
 
 class WandDecoder(PlainDecoder):
-    modes = {"wand": Capabilities("WAND adaptive depth", needs_calibration=True, needs_stages=True,
+    modes = {"wand": Capabilities("WAND adaptive depth", compilable=True, needs_calibration=True, needs_stages=True,
                                   options=("wand_factor",))}
 
     @classmethod
