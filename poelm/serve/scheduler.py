@@ -83,7 +83,8 @@ class LogprobSampler(Sampler):
             chosen = lp.gather(-1, tokens[:, None])[:, 0].tolist()
             if self.top:
                 values, ids = lp.topk(self.top, dim=-1)
-                tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+                tops = [[(t, x) for t, x in zip(i, v) if x != -math.inf]  # a constraint's masked tokens are no alternatives
+                        for i, v in zip(ids.tolist(), values.tolist())]
             else:
                 tops = [[] for _ in chosen]
             if not all(math.isfinite(v) for v in chosen + [v for top in tops for _, v in top]):
@@ -309,7 +310,8 @@ class Scheduler:
                 new_rows = sum(len(job.rows) for job in group)
                 if len(batch.decoder.rows) + new_rows > self.max_batch:
                     self._compact(batch)  # dead rows make room (else they stay: a dead row's step costs less than a copy)
-                handles = batch.decoder.add_rows([row for job in group for row in job.rows])
+                handles = batch.decoder.add_rows([row for job in group for row in job.rows],
+                                                 [job.opts.constraint for job in group for _ in job.rows])
             except Exception as e:  # a bug or a broken model: its requests fail, the server goes on
                 error = decoder_error(e, "prefilling")
                 for job in group:
