@@ -17,6 +17,7 @@ base-style input, which must be exactly 0).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,58 @@ class ChatEvaluator:
         return text
 
 
+# rows per step when the batch is derived from the chat set: an epoch of about this many steps,
+# at most MAX_DERIVED_ROWS rows per step
+DERIVED_STEPS_PER_EPOCH = 8
+MAX_DERIVED_ROWS = 32
+
+
+def base_batch_settings(spec: str) -> dict | None:
+    """{"total_batch_size", "device_batch_size"} the base MODEL was trained with (its checkpoint's
+    trainer.json keeps the run's settings); None when MODEL is not a training run's checkpoint."""
+    from poelm.checkpoint import model_dir
+    from poelm.jsonfile import read_json_object
+
+    directory = model_dir(spec)
+    if directory is None or not (directory / "trainer.json").is_file():
+        return None
+    settings = read_json_object(directory / "trainer.json", "the trainer state").get("train_config") or {}
+    batch = {k: settings.get(k) for k in ("total_batch_size", "device_batch_size")}
+    return batch if all(isinstance(v, int) and v > 0 for v in batch.values()) else None
+
+
+def sft_batch(spec: str, data: str, row_len: int | None, world: int = 1, total: int | None = None,
+              device_batch: int | None = None) -> tuple[int, int, str]:
+    """(total_batch_size, device_batch_size, where they came from) of `poelm sft MODEL --data CHAT`:
+    flags given win; the others follow the base run's batch (its tokens per step, in rows of
+    this run's length, as nanochat's chat SFT inherits the pretraining batch), else the chat
+    set's size (an epoch of about DERIVED_STEPS_PER_EPOCH steps, one accumulation step)."""
+    from poelm.checkpoint import model_dir
+    from poelm.codec import from_config_json
+    from poelm.jsonfile import read_json_object
+
+    if total is not None and device_batch is not None:
+        return total, device_batch, "--total-batch-size and --device-batch-size"
+    directory = model_dir(spec)
+    if directory is None:
+        raise ValueError(f"poelm sft needs MODEL as a directory (a run or model directory), got {spec!r}")
+    context = from_config_json(read_json_object(directory / "config.json", "the model config")).sequence_len
+    seq_len = min(row_len or context, context)
+    base = base_batch_settings(spec)
+    if base is not None:
+        rows = max(1, base["total_batch_size"] // (seq_len * world))
+        per_pass = device_batch or min(base["device_batch_size"], rows)
+        source = (f"the base run's {base['total_batch_size']:,} tokens per step in rows of {seq_len} tokens "
+                  f"(device batch {base['device_batch_size']})")
+    else:
+        conversations = sum(len(read_conversations(p)) for p in list_shards(data)[0])
+        rows = min(MAX_DERIVED_ROWS, max(1, conversations // DERIVED_STEPS_PER_EPOCH))
+        per_pass = device_batch or rows
+        source = f"the chat set's {conversations:,} conversations (about {DERIVED_STEPS_PER_EPOCH} steps per epoch)"
+    rows = max(per_pass, rows // per_pass * per_pass)
+    return total or rows * seq_len * world, per_pass, source
+
+
 def sft_model(tc, sft: SftSettings, device) -> tuple[object, object, object | None, dict | None]:
     """(tokenizer, specialist to train, its base or None, its lineage) for `poelm sft MODEL`: a
     base gets sft.attach_layers new layers; a specialist made by `poelm specialist attach`
@@ -187,10 +240,16 @@ class SftTask(Task):
 
     def horizon(self, tc, rt, model, tokenizer, seq_len: int, grad_accum: int) -> tuple[int, str]:
         conversations = len(self.loader(tc, rt, tokenizer, seq_len, rt.rank, rt.world, None).conversations)
-        epoch = -(-conversations // (tc.device_batch_size * rt.world * grad_accum))
+        rows = tc.device_batch_size * rt.world * grad_accum
+        epoch = -(-conversations // rows)
+        per_step = f"{rows / conversations:.3g} epochs per step ({rows:,} conversations of {conversations:,})"
+        if rows > conversations:
+            warnings.warn(f"one step holds {rows / conversations:.3g} epochs of the {conversations:,} training "
+                          f"conversations (each is seen several times per step); lower --total-batch-size to "
+                          f"{conversations * seq_len:,} tokens or less")
         if tc.num_iterations > 0:
-            return tc.num_iterations, f"horizon: {tc.num_iterations:,} steps (--num-iterations)"
-        return epoch, f"horizon: {epoch:,} steps = one epoch of {conversations:,} conversations"
+            return tc.num_iterations, f"horizon: {tc.num_iterations:,} steps (--num-iterations); {per_step}"
+        return epoch, f"horizon: {epoch:,} steps = one epoch of {conversations:,} conversations; {per_step}"
 
     def loader(self, tc, rt, tokenizer, seq_len: int, rank: int, world: int, state: dict | None) -> ChatLoader:
         return ChatLoader(tc.data, tokenizer, tc.device_batch_size, seq_len, rank=rank, world_size=world,

@@ -37,6 +37,7 @@ from poelm.optim import LR_SCALING
 from poelm.progress import progress
 from poelm.rundir import METRICS_NAME, MetricsLog, RunDir, set_rng_state
 from poelm.runtime import RunStopped, SettingError, check_bf16, check_compiler, parse_device, parse_dtype
+from poelm.tracking import TRACKERS, Tracker, open_tracker, resolve_tracker
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -100,6 +101,10 @@ class TrainConfig:
     resume: bool = setting(False, "continue the run in --out from its newest complete checkpoint", resume=True)
     extend_to: int | None = setting(None, "with --resume: change the horizon to N steps (recorded)", resume=True)
     quiet: bool = setting(False, "no progress bar or log lines", resume=True)
+    tracker: str | None = setting(None, "also log the metrics and the config to TensorBoard (RUN/tensorboard) or "
+                                        "Weights & Biases (RUN/wandb; WANDB_MODE=offline works): pip install "
+                                        "'poelm[track]'", choices=TRACKERS, shown="$POELM_TRACKER, else none",
+                                  resume=True)
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The model of this run with the tokenizer's vocabulary."""
@@ -133,6 +138,7 @@ def check_config(tc: TrainConfig, task: Task | None = None) -> None:
         value = getattr(tc, name)
         if not 0.0 <= value <= 1.0:
             raise SettingError(name, lambda n, off, value=value: f"{n} {value}: must be between 0 and 1")
+    resolve_tracker(tc.tracker)  # its package is installed, before anything starts
     if tc.stage_parallel:
         from poelm.stage_parallel import check_mesh
 
@@ -571,9 +577,11 @@ def run_locked(tc: TrainConfig, task: Task, rt: Runtime, run: RunDir) -> dict:
         model.train()
         last_eval = {"step": step, **result}
         log.write({"type": "eval", **last_eval})
+        tracker.log({"type": "eval", **result}, step)
         say(evaluate.line(step, result))
 
-    with progress(f"train {out.name}", num_iterations, start_step, rt.master and not tc.quiet) as bar:
+    with progress(f"train {out.name}", num_iterations, start_step, rt.master and not tc.quiet) as bar, \
+            (open_tracker(tc.tracker, out, settings) if rt.master else Tracker()) as tracker:
         if setup.rng is not None:  # the last thing before the first step (imports and set-up may draw)
             set_rng_state(setup.rng)
         while True:
@@ -631,6 +639,8 @@ def run_locked(tc: TrainConfig, task: Task, rt: Runtime, run: RunDir) -> dict:
             if sp:
                 record.update(sp.step_metrics(dt, optimizer))
             log.write(record)
+            tracker.log({**record, "lr": {k: lrm * v for k, v in dataclasses.asdict(lrs).items()
+                                          if isinstance(v, float) and k != "muon_weight_decay"}}, step)
             status = f"loss {debiased:.4f} lr {lrm:.3f} {tok_s:,.0f} tok/s MFU " + (f"{100 * mfu:.1f}%" if mfu else "n/a")
             bar.update(step, status)
     final_loss = ema / (1 - 0.9 ** step) if step > 0 else None

@@ -34,8 +34,9 @@ def flags_of(command: str) -> dict[str, argparse.Action]:
     return {a.dest: a for a in sub._actions}
 
 
-def test_python_only_fields_are_the_calibration_dict_and_the_returned_cache():
-    assert {n for n, f in FIELDS.items() if f.metadata["request"] is None} == {"calibration", "keep_cache"}
+def test_python_only_fields_are_the_calibration_dict_the_returned_cache_and_the_constraint():
+    """(a request sets the constraint through response_format / guided_* instead)"""
+    assert {n for n, f in FIELDS.items() if f.metadata["request"] is None} == {"calibration", "keep_cache", "constraint"}
 
 
 @pytest.mark.parametrize("command,max_new_tokens", [("generate", 64), ("chat", 256)])

@@ -22,11 +22,12 @@ FLOORS = {
     # 1: files, data and settings around the model
     "poelm.flags": 1, "poelm.codec": 1, "poelm.presets": 1, "poelm.tokenizer": 1, "poelm.outputs": 1,
     "poelm.corpus": 1, "poelm.dataloader": 1, "poelm.chatdata": 1, "poelm.plots": 1, "poelm.checkpoint": 1,
-    "poelm.evaluate": 1, "poelm.optim": 1, "poelm.hf": 1,
+    "poelm.evaluate": 1, "poelm.optim": 1, "poelm.hf": 1, "poelm.tracking": 1,
     # 2: inference and training
     "poelm.engine": 2, "poelm.inference_bench": 2, "poelm.train": 2, "poelm.rundir": 2, "poelm.stage_parallel": 2,
     # 3: specialists, serving and export
-    "poelm.specialist": 3, "poelm.sft": 3, "poelm.serve": 3, "poelm.export": 3,
+    "poelm.specialist": 3, "poelm.sft": 3, "poelm.serve": 3, "poelm.export": 3, "poelm.lm_eval_model": 3,
+    "poelm.downstream": 3,
     # 4: the experiment
     "poelm.experiment": 4,
     # 5: the command line

@@ -1,17 +1,19 @@
 """`poelm eval MODEL --data DIR`: bits per byte of the final readout, every stage and the
-Log-OP; with --compose, bits per assistant token of sibling specialists and their Log-OP."""
+Log-OP; with --compose, bits per assistant token of sibling specialists and their Log-OP; with
+--tasks, lm-eval's downstream tasks on every readout at once (poelm.downstream)."""
 
 from __future__ import annotations
 
 import argparse
 
-from poelm.cli.common import CliError, check_seq_len, emit, parse_compose, val_progress, with_threads
+from poelm.cli.common import CliError, check_model, check_seq_len, emit, parse_compose, val_progress, with_threads
 from poelm.flags import at_least
 
 
 def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="MODEL")
-    p.add_argument("--data", required=True, help="corpus directory (its last shard is validation)")
+    p.add_argument("--data", default=None, help="corpus directory (its last shard is validation); "
+                                                 "required unless --tasks")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: MODEL's own)")
     p.add_argument("--tokens", type=at_least(1), default=None,
                    help="validation token budget, capped at the split (default: 80 x 2^19 on CUDA, 2^16 on CPU)")
@@ -24,6 +26,14 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compose", default=None, metavar="DELTA1,DELTA2",
                    help="sibling deltas on MODEL: bits per assistant token of each and of their Log-OP on the "
                         "held-out split of --data (a chat data directory)")
+    p.add_argument("--tasks", default=None, metavar="T1,T2",
+                   help="lm-eval tasks scored on every readout (stages, Log-OP, final) from one trunk pass per "
+                        "batch; real tasks download their data once (see README)")
+    p.add_argument("--include-path", default=None, metavar="DIR", help="with --tasks: a directory of task YAML files")
+    p.add_argument("--limit", type=at_least(1), default=None, help="with --tasks: at most N examples per task")
+    p.add_argument("--force", action="store_true",
+                   help="with --tasks: a BP model's stages and Log-OP too (labelled: they were never trained to "
+                        "predict)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -33,6 +43,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from poelm.runtime import parse_device
     from poelm.specialist import load_with_delta
 
+    if args.tasks:
+        return eval_tasks(args)
+    if args.data is None:
+        raise CliError("give --data DIR (bits per byte) or --tasks T1,T2 (lm-eval tasks)")
     if args.compose and "," in args.compose.strip(","):
         return eval_compose(args)
     if args.compose:  # one delta: that specialist alone
@@ -101,4 +115,18 @@ def eval_compose(args: argparse.Namespace) -> int:
              f"(bits per assistant token, {result['assistant_tokens']} tokens)"]
     with_threads(args, result, lines)
     emit(args, result, "\n".join(lines))
+    return 0
+
+
+def eval_tasks(args: argparse.Namespace) -> int:
+    """`poelm eval MODEL --tasks T1,T2 [--include-path DIR] [--limit N]`: a table task x readout."""
+    from poelm.downstream import evaluate_tasks, parse_tasks, require_lm_eval, task_manager, task_table
+
+    tasks = parse_tasks(args.tasks)
+    require_lm_eval()
+    manager = task_manager(tasks, args.include_path)  # an unknown task or a broken file: refused before loading
+    check_model(args.model)
+    result = evaluate_tasks(args.model, tasks, args.include_path, args.limit, args.device, args.batch_size,
+                            args.force, manager=manager)
+    emit(args, result, task_table(result))
     return 0

@@ -8,7 +8,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from poelm.cli.common import check_model, emit, threads_note, with_threads
+from poelm.cli.common import CliError, check_model, emit, threads_note, with_threads
 from poelm.flags import add_model_flags, add_setting_flags, at_least, model_kwargs, untrained_fields
 
 
@@ -26,13 +26,22 @@ def experiment_arguments(p: argparse.ArgumentParser) -> None:
             ("--vocab-size", int, "tokenizer vocabulary"), ("--nproc", int, "processes per arm (torchrun)"),
             ("--decode-tokens", int, "new tokens per prompt when timing the inference modes")):
         p.add_argument(flag, type=kind, default=None, help=text + preset)
+    p.add_argument("--seeds", type=at_least(1), default=None,
+                   help="train each arm N times (seed, seed+1, ...): the report gives mean ± std and says whether "
+                        "the orderings exceed the seed noise (default: the preset's, 1)")
     add_setting_flags(p, ArmTraining, defaults_note="the preset's")
     add_model_flags(p, exclude=untrained_fields() + ("poe_mode", "poe_alpha"), defaults_note="the preset's")
 
 
 def compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="+", help="MODEL ...")
-    p.add_argument("--data", required=True, help="corpus directory (its last shard is validation)")
+    p.add_argument("--data", default=None, help="corpus directory (its last shard is validation); required "
+                                                 "unless --tasks")
+    p.add_argument("--tasks", default=None, metavar="T1,T2",
+                   help="lm-eval tasks instead of bpb: the final readout per task in points and the last MODEL's "
+                        "difference from the first (the paper's table), with a PNG")
+    p.add_argument("--include-path", default=None, metavar="DIR", help="with --tasks: a directory of task YAML files")
+    p.add_argument("--limit", type=at_least(1), default=None, help="with --tasks: at most N examples per task")
     p.add_argument("--tokens", type=at_least(1), default=None,
                    help="validation token budget per model, capped at the split (default: 80 x 2^19 on CUDA, 2^16 on CPU)")
     p.add_argument("--seq-len", type=at_least(1), default=None,
@@ -40,7 +49,8 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=at_least(1), default=8, help="rows per forward pass")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: each MODEL's own)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
-    p.add_argument("--plot", default=None, help="write a PNG of bpb per stage here (default: no plot)")
+    p.add_argument("--plot", default=None, help="write a PNG of bpb per stage here (default: no plot; with --tasks: "
+                                                 "compare_tasks.png)")
 
 
 def experiment_config(args: argparse.Namespace):
@@ -73,6 +83,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from poelm.plots import plot_compare
     from poelm.runtime import parse_device
 
+    if args.tasks:
+        return compare_on_tasks(args)
+    if args.data is None:
+        raise CliError("give --data DIR (bits per byte) or --tasks T1,T2 (lm-eval tasks)")
     for spec in args.models:  # every MODEL resolves before the first one is evaluated
         check_model(spec)
     device = parse_device(args.device)
@@ -93,3 +107,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     emit(args, result, "\n".join(lines))
     return 0
 
+
+
+def compare_on_tasks(args: argparse.Namespace) -> int:
+    """`poelm compare BP POE --tasks T1,T2`: points per task and their difference, table and PNG."""
+    from poelm.downstream import parse_tasks, require_lm_eval, task_manager
+    from poelm.experiment.compare import compare_tasks, task_compare_table
+    from poelm.plots import plot_task_compare
+
+    tasks = parse_tasks(args.tasks)
+    require_lm_eval()
+    manager = task_manager(tasks, args.include_path)  # an unknown task or a broken file: refused before loading
+    for spec in args.models:
+        check_model(spec)
+    result = compare_tasks(args.models, tasks, args.include_path, args.limit, args.device, args.batch_size, manager)
+    result["plot"] = str(plot_task_compare(result, Path(args.plot or "compare_tasks.png")))
+    emit(args, result, task_compare_table(result) + f"\nplot: {result['plot']}")
+    return 0

@@ -48,6 +48,8 @@ logit/penalty if > 0 else logit*penalty), then temperature (0 = greedy), top-k, 
 them OpenAI's and vLLM's presence/frequency penalty, logit_bias, min_tokens and min_p (sampling.py).
 Stop token ids end generation and appear in `tokens` but not in `text`; a stop string cuts
 `text` before it. With a tokenizer the default stop ids are `<|bos|>` and `<|assistant_end|>`.
+`constraint` (constrain.py: JSON object / JSON Schema / regex / grammar / choice) masks every
+mode's logits to the tokens the constraint allows; the stop ids end it.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from poelm.checkpoint import GENERATION_CONFIG_NAME
 from poelm.contention import CpuClock
 from poelm.engine.calibrate import (calibrate, check_calibration, check_cost_model, load_calibration,
                                     running_readouts, save_calibration, stage_swings, wand_teacher_forced)
+from poelm.engine.constrain import Constraint, ConstraintError, compile_constraint
 from poelm.engine.costs import measure_costs
 from poelm.engine.decoders import Capabilities, Decoder, DecodeStats, PlainDecoder, Row, new_cache
 from poelm.engine.options import (BP_REFUSAL, CALIBRATION_KEYS, MAX_GAMMA, WAND_TARGETS,
@@ -81,7 +84,8 @@ __all__ = ["Engine", "Session", "Decoder", "DecodeStats", "PlainDecoder", "WandD
            "running_readouts", "stage_swings", "wand_exit_rule", "wand_teacher_forced", "measure_costs", "refuse_bp", "MODES",
            "WAND_TARGETS", "MAX_GAMMA", "BP_REFUSAL", "CALIBRATION_KEYS", "GENERATION_CONFIG_NAME",
            "Collector", "Capabilities", "ModeRefused", "DECODERS", "COMPILABLE_MODES", "LOGPROB_MODES",
-           "capabilities", "modes_with", "modes_reading", "ignored_options", "MODE_OPTIONS", "ContextLengthError"]
+           "capabilities", "modes_with", "modes_reading", "ignored_options", "MODE_OPTIONS", "ContextLengthError",
+           "Constraint", "ConstraintError", "compile_constraint"]
 
 
 class Engine:
@@ -179,6 +183,9 @@ class Engine:
         elif opts.adaptive and (opts.calibration or self.calibration):  # adaptive speculative's cost model
             opts.calibration = opts.calibration or self.calibration
             check_cost_model(opts.calibration, self.model.config.n_stages)
+        if opts.constraint is not None:
+            opts.constraint = compile_constraint(opts.constraint, self.tokenizer, self.stop_ids(opts),
+                                                 self.model.config.vocab_size)
         return opts
 
 

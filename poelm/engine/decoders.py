@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from poelm.engine.constrain import masked, masks, row_matcher
 from poelm.engine.options import DecodeOptions, _check, refuse_bp, shown
 from poelm.engine.sampling import Sampler, logop
 from poelm.model import GPT, KVCache
@@ -61,6 +62,7 @@ class Row:
     pad: int = 0
     produced: int = 0
     gamma: int = 0  # speculative: drafted tokens per verify pass (adaptive per row)
+    matcher: object = None  # constrain.RowMatcher: the row's structured-output constraint (None: free)
 
 
 @dataclass
@@ -148,8 +150,9 @@ class Decoder:
         return 0
 
     # --- rows ------------------------------------------------------------------------
-    def add_rows(self, prompts: list[list[int]]) -> list[int]:
-        """Prefill rows (left-padded together) and add them to the batch -> their handles."""
+    def add_rows(self, prompts: list[list[int]], grammars: list | None = None) -> list[int]:
+        """Prefill rows (left-padded together) and add them to the batch -> their handles.
+        grammars: each row's compiled constraint (constrain.Grammar or None; default opts.constraint)."""
         P = max(len(p) for p in prompts) - 1  # the last token of each prompt stays pending
         pad = torch.tensor([P - len(p) + 1 for p in prompts], device=self.device)
         cache = new_cache(self.model, len(prompts), self.max_len, pad if P > 0 else None, n_layers=self.end_layer)
@@ -158,16 +161,19 @@ class Decoder:
         for p, n_pad in zip(prompts, pad.tolist() if P > 0 else [0] * len(prompts)):
             rows.append(Row(self._next_handle, list(p), P if P > 0 else 0, n_pad if P > 0 else 0, gamma=self.opts.gamma))
             self._next_handle += 1
+        for r, g in zip(rows, grammars or [self.opts.constraint] * len(rows)):
+            r.matcher = row_matcher(g)
         seen = torch.zeros(len(prompts), self.cfg.vocab_size, dtype=torch.bool, device=self.device)
         for b, p in enumerate(prompts):
             seen[b, torch.tensor(p, device=self.device)] = True
         self._append(cache, rows, seen, x0)
         return [r.handle for r in rows]
 
-    def add_prefixed_row(self, prompt: list[int], prefix: torch.Tensor) -> int:
+    def add_prefixed_row(self, prompt: list[int], prefix: torch.Tensor, grammar=None) -> int:
         """Add one row whose first m positions already have K/V (prefix: (2, end_layer, kv heads,
         m, head_dim), e.g. from a prefix cache; m < len(prompt)): only the rest of the prompt is
-        prefilled -> its handle. The row continues exactly as add_rows([prompt]) would."""
+        prefilled -> its handle. The row continues exactly as add_rows([prompt], [grammar]) would
+        (grammar: its compiled constraint; None: opts.constraint)."""
         m = prefix.shape[3]
         cache = new_cache(self.model, 1, self.max_len, n_layers=self.end_layer)
         for layer in range(self.end_layer):
@@ -180,6 +186,7 @@ class Decoder:
             x = x0 = self.model.embed(idx, cache, m)
             self.model.run_layers(x, x0, idx, 0, self.end_layer, cache, m)
         row = Row(self._next_handle, list(prompt), len(prompt) - 1, gamma=self.opts.gamma)
+        row.matcher = row_matcher(grammar if grammar is not None else self.opts.constraint)
         self._next_handle += 1
         seen = torch.zeros(1, self.cfg.vocab_size, dtype=torch.bool, device=self.device)
         seen[0, torch.tensor(prompt, device=self.device)] = True
@@ -235,6 +242,8 @@ class Decoder:
         if not 0 <= n < len(r.seq):
             raise ValueError(f"cannot roll back {n} of the {len(r.seq)} ids of row {handle}")
         if n:
+            if r.matcher is not None:
+                r.matcher.rollback(min(n, r.produced))
             r.seq = r.seq[:-n]
             r.slots = r.pad + len(r.seq) - 1
             r.produced = max(0, r.produced - n)
@@ -260,6 +269,14 @@ class Decoder:
     def pending(self) -> torch.Tensor:
         return torch.tensor([[r.seq[-1]] for r in self.rows], device=self.device)  # (B, 1)
 
+    def constrained(self) -> bool:
+        """Whether some row has a structured-output constraint."""
+        return any(r.matcher is not None for r in self.rows)
+
+    def allowed(self) -> torch.Tensor | None:
+        """(B, V) bool: the tokens each row's constraint allows next (None: no row is constrained)."""
+        return masks([r.matcher for r in self.rows], self.cfg.vocab_size, self.device)
+
     def step(self) -> dict[int, list[int]]:
         """Feed every row's pending token -> {handle: new ids}."""
         if not self.rows:
@@ -274,6 +291,8 @@ class Decoder:
             r.seq.append(t)
             r.slots += 1
             r.produced += 1
+            if r.matcher is not None:
+                r.matcher.advance(t)
             out[r.handle] = [t]
         return out
 
@@ -394,7 +413,7 @@ class PlainDecoder(Decoder):
         B = len(self.rows)
         self.stats.layer_passes += self.end_layer * B
         self.stats.layer_calls += self.end_layer * B
-        return self._emit(self.sampler.pick(logits, self.seen))
+        return self._emit(self.sampler.pick(masked(logits, self.allowed()), self.seen))
 
 
 def compiled_cache_len(capacity: int, sequence_len: int) -> int:

@@ -91,6 +91,8 @@ class DecodeOptions:
     force: bool = option(False, "allow PoE modes on a BP model (research)")
     keep_cache: bool = option(False, "attach the final KV cache (complete: WAND back-fills pending slots)",
                               request=None)
+    constraint: object = option(None, "structured output: constrain.Constraint or {'kind', 'spec'} (Engine.options "
+                                      "compiles it)", request=None)
 
     @property
     def greedy(self) -> bool:

@@ -23,6 +23,7 @@ import weakref
 
 import torch
 
+from poelm.engine.constrain import masked
 from poelm.engine.costs import measure_costs
 from poelm.engine.decoders import Capabilities, Decoder
 from poelm.engine.options import MAX_GAMMA, DecodeOptions, ModeRefused, _check
@@ -175,7 +176,7 @@ class SpeculativeDecoder(Decoder):
     def _step(self) -> dict[int, list[int]]:
         if self.chooser is not None:
             self._choose()
-        if self._compiled is not None:
+        if self._compiled is not None and not self.constrained():  # a constraint's masks come from the host per draft
             return self._static_pass()
         model, opts, sampler = self.model, self.opts, self.sampler
         B, L, split, bl = len(self.rows), self.cfg.n_layer, self.split, self.bl
@@ -189,6 +190,7 @@ class SpeculativeDecoder(Decoder):
         arange = torch.arange(B, device=self.device)
         feed = self.pending()  # (B, 1)
         xs, x0s, mids, drafts, qs = [], [], [], [], []
+        allowed = []  # a constraint's (B, V) mask at each position: the drafts advance the rows' matchers
         while True:  # draft: layers [0, split), one position per row at a time
             j = len(drafts)
             start = slot0[0] + j if all(s == slot0[0] for s in slot0) else [s + j for s in slot0]
@@ -197,9 +199,10 @@ class SpeculativeDecoder(Decoder):
             self.stats.layer_passes += split * B
             self.stats.layer_calls += split * B
             xs.append(x), x0s.append(x0), mids.append(kept.get(bl))
+            allowed.append(self.allowed())
             if not any(drafting):
                 break
-            q_logits = sampler.penalise(model.readout(x[:, -1], self.d), draft_seen)  # (B, V)
+            q_logits = masked(sampler.penalise(model.readout(x[:, -1], self.d), draft_seen), allowed[j])  # (B, V)
             if opts.greedy:
                 token, q = q_logits.argmax(-1), None
                 top_prob = q_logits.softmax(-1).gather(1, token[:, None])[:, 0] if opts.draft_threshold else None
@@ -217,6 +220,7 @@ class SpeculativeDecoder(Decoder):
                         drafting[b] = proposed[b] < n_max[b]
             if not any(p > j for p in proposed):  # no row proposed this draft: verify what there is
                 break
+            self._advance_drafts(token, [p > j for p in proposed])
             drafts.append(token), qs.append(q)
             draft_seen[arange, token] = True
             feed = token[:, None]
@@ -235,6 +239,8 @@ class SpeculativeDecoder(Decoder):
             for i, t in enumerate(drafts):
                 rows_seen[:, i + 1:] |= torch.nn.functional.one_hot(t, rows_seen.shape[-1]).bool()[:, None]
             p_logits = sampler.penalise(p_logits, rows_seen)
+        if allowed[0] is not None:  # the target at each position is masked like the draft there
+            p_logits = masked(p_logits, torch.stack(allowed, 1))
         drafts_host = torch.stack(drafts, 1).tolist() if n else [[] for _ in range(B)]  # (B, n)
         outcomes = []
         for b in range(B):
@@ -251,6 +257,9 @@ class SpeculativeDecoder(Decoder):
         out = {}
         for r, s0, (row_drafts, proposed, n_acc, token) in zip(self.rows, slot0, outcomes):
             accepted = row_drafts[:n_acc] + [token]
+            if r.matcher is not None:  # back from the drafts it took to the accepted ones, then the next token
+                r.matcher.rollback(proposed - n_acc)
+                r.matcher.advance(token)
             r.slots = s0 + 1 + n_acc  # rejected drafts' slots are rewritten by the next step
             r.seq += accepted
             r.produced += len(accepted)
@@ -266,6 +275,13 @@ class SpeculativeDecoder(Decoder):
         if self.chooser is not None:
             self.stats.speculative_choice = self.chooser.report()
         return out
+
+    def _advance_drafts(self, token: torch.Tensor, took: list[bool]) -> None:
+        """The constrained rows that took this draft advance their matchers by it (rolled back on rejection)."""
+        if self.constrained():
+            for r, t, ok in zip(self.rows, token.tolist(), took):
+                if ok and r.matcher is not None:
+                    r.matcher.advance(t)
 
     @staticmethod
     def _accept(drafts: list[int], qs: list, p_logits: torch.Tensor, sampler: Sampler,

@@ -27,6 +27,7 @@ import math
 
 import torch
 
+from poelm.engine.constrain import masked
 from poelm.engine.decoders import Capabilities, PlainDecoder, Row
 from poelm.engine.options import DecodeOptions, _check
 from poelm.engine.sampling import logop, top_gap
@@ -215,6 +216,7 @@ class WandDecoder(PlainDecoder):
         ends = [r.slots + 1 for r in self.rows]
         bl = cfg.backout_layer if cfg.backout else -1
         active = list(range(B))  # rows that have not exited
+        allowed = self.allowed()  # (B, V) of a constraint: exits are decided among the allowed tokens
         out_logits: list[torch.Tensor | None] = [None] * B
         running = None  # logop target: the running Log-OP of the active rows (A, V)
         used: list[torch.Tensor] = []  # logop target: stage readouts (B, V)
@@ -248,6 +250,7 @@ class WandDecoder(PlainDecoder):
                 step_r = logop_weight(self.K, self.alpha) * z.log_softmax(-1)
                 running = step_r if running is None else running + step_r
                 r = running
+            r = masked(r, allowed, act)
             if last:
                 exits = [True] * len(active)
             elif not self.tested[s]:
@@ -270,4 +273,4 @@ class WandDecoder(PlainDecoder):
                 for j in range(s + 1, self.K):
                     self.lag[j] += 1
                 break
-        return self._emit(self.sampler.pick(torch.stack(out_logits), self.seen))
+        return self._emit(self.sampler.pick(masked(torch.stack(out_logits), allowed), self.seen))

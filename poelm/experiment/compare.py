@@ -69,3 +69,34 @@ def supported_modes(model, spec: str) -> list[str]:
             continue
         modes.append(mode if calibrated or not capabilities(mode).needs_calibration else f"{mode} (needs `poelm calibrate`)")
     return modes
+
+
+# -----------------------------------------------------------------------------
+# compare on downstream tasks
+
+
+def compare_tasks(specs: list[str], tasks: list[str], include_path: str | None = None, limit: int | None = None,
+                  device: str = "cpu", batch_size: int = 8, manager=None) -> dict:
+    """The paper's table of downstream tasks: each model's final readout per task (its primary
+    metric, in points), the last model minus the first, and every readout of each model beside
+    (poelm.downstream.evaluate_tasks)."""
+    from poelm.downstream import evaluate_tasks, task_manager
+
+    manager = manager or task_manager(tasks, include_path)
+    runs = [evaluate_tasks(spec, tasks, include_path, limit, device, batch_size, manager=manager) for spec in specs]
+    rows = []
+    for task in tasks:
+        metric = runs[0]["primary"][task]
+        points = [100 * run["tasks"][task]["final"].get(metric, float("nan")) for run in runs]
+        rows.append({"task": task, "metric": metric, "points": points, "difference": points[-1] - points[0]})
+    return {"models": [str(s) for s in specs], "rows": rows, "runs": runs}
+
+
+def task_compare_table(result: dict) -> str:
+    names = [Path(m).name[-14:] for m in result["models"]]
+    lines = [f"{'task':<24} {'metric':<12} " + " ".join(f"{n:>14}" for n in names) + f" {'difference':>11}"]
+    for row in result["rows"]:
+        lines.append(f"{row['task']:<24} {str(row['metric']):<12} " + " ".join(f"{p:>14.2f}" for p in row["points"])
+                     + f" {row['difference']:>+11.2f}")
+    lines.append(f"(points = 100 x the metric of the final readout; difference = {names[-1]} - {names[0]})")
+    return "\n".join(lines)

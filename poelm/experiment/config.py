@@ -70,6 +70,7 @@ class ExperimentConfig(ArmTraining):
     specialist_batch_rows: int = 16
     specialist_eval_prompts: int = 32
     nproc: int = 1  # >1: the arms run under torchrun with this many processes
+    seeds: int = 1  # each arm trains this many times, seed, seed + 1, ... (poelm.experiment.seeds)
     compute_note: str = ""
 
     def training(self) -> dict:

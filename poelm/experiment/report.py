@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from poelm.experiment.config import PAPER
+from poelm.experiment.seeds import draw_gap_band, seed_report
 from poelm.experiment.specialist import specialist_report
 from poelm.plots import plot_specialist, save_figure
 
@@ -62,6 +63,8 @@ def experiment_plots(out: Path, results: dict) -> list[Path]:
         if results.get("gap_alpha05"):
             ax.plot([g["step"] for g in results["gap_alpha05"]], [g["gap_pct"] for g in results["gap_alpha05"]],
                     marker="s", label="PoE α=0.5 vs BP (this run)")
+        if results.get("seeds"):
+            draw_gap_band(ax, results["seeds"])
         ax.axhline(PAPER["gap_pct_final"], ls="--", color="gray", label="paper final gap (+6.52 %)")
         ax.set_xlabel("step"), ax.set_ylabel("bpb gap (%)"), ax.set_title("PoE-vs-BP gap trajectory")
         ax.grid(alpha=0.3), ax.legend()
@@ -137,6 +140,7 @@ def render_report(results: dict) -> str:
         lines += ["## The BP model refuses the PoE modes", ""]
         lines += [f"- `{mode}`: {msg}" for mode, msg in inf["bp_refusals"].items()]
         lines.append("")
+    lines += seed_report(results.get("seeds"))
     if results.get("specialist"):
         lines += specialist_report(results["specialist"])
     lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in results.get("plots", [])]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from poelm.atomic import atomic_write_bytes, atomic_write_json
 from poelm.model import GPTConfig
+from poelm.tracking import resolve_tracker
 from poelm.experiment.config import ARMS, PAPER, ExperimentConfig, fold_model_keys, load_config
 from poelm.experiment.report import experiment_plots, render_report
 from poelm.experiment.specialist import run_specialist
@@ -103,6 +104,20 @@ def gap_trajectory(evals: dict[str, list[dict]], arm: str = "poe") -> list[dict]
             for r in evals.get(arm, []) if r["step"] in bp and r["step"] > 0]
 
 
+def run_seeds(cfg: ExperimentConfig, evals: dict[str, list[dict]], say) -> dict:
+    """Train the arms again for every further seed (poelm.experiment.seeds) and summarise all seeds."""
+    from poelm.experiment.seeds import extra_seed_configs, seed_summary
+
+    runs, seeds = [evals], [cfg.seed]
+    for sub in extra_seed_configs(cfg):
+        say(f"[seed {sub.seed}] the arms again -> {sub.out}")
+        for arm in sub.arms:
+            run_arm(sub, arm, say)
+        runs.append(eval_table(sub))
+        seeds.append(sub.seed)
+    return seed_summary(runs, seeds)
+
+
 def measure_inference(cfg: ExperimentConfig, say, show_progress: bool = False) -> dict:
     """PoE model: stage 0, WAND and speculative against plain decoding; BP refusing them."""
     from poelm.checkpoint import load_model
@@ -155,6 +170,9 @@ def resolve(run_dir: Path) -> Path:
 
 def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    resolve_tracker(cfg.tracker)  # its package is installed, before anything starts
+    if cfg.seeds < 1:
+        raise ValueError(f"seeds {cfg.seeds}: every arm trains at least once; give --seeds 1 or more")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "experiment.json"
@@ -163,7 +181,7 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
         now = json.loads(json.dumps(dataclasses.asdict(cfg)))
         for d in (old, now):  # the model as GPTConfig resolves it (defaults spelt out or not)
             d["model"] = GPTConfig(**d["model"]).to_dict()
-        diff = [k for k in old if k not in ("out", "arms", "decode_tokens", "decode_prompts") and old[k] != now.get(k)]
+        diff = [k for k in old if k not in ("out", "arms", "decode_tokens", "decode_prompts", "tracker", "seeds") and old[k] != now.get(k)]
         if diff:
             raise ValueError(f"{out} holds an experiment with other settings ({', '.join(diff)}); "
                              "use another --out or rerun with the same settings to resume")
@@ -177,6 +195,8 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
         results["arms"][arm] = run_arm(cfg, arm, say)
     evals = eval_table(cfg)
     results["evals"] = evals
+    if cfg.seeds > 1:
+        results["seeds"] = run_seeds(cfg, evals, say)
     results["gap"] = gap_trajectory(evals)
     results["gap_alpha05"] = gap_trajectory(evals, "poe_a05")
     results["backout_compat"] = backout_compat(cfg)

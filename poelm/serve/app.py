@@ -27,14 +27,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from poelm.engine import ContextLengthError, DecodeOptions, OptionError
+from poelm.engine import ContextLengthError, ConstraintError, DecodeOptions, OptionError, compile_constraint
 from poelm.engine.options import POE, TOP, request_fields, request_param, shown
 from poelm.serve.guard import ConnectionGuard
 from poelm.serve.metrics import Metrics
 from poelm.serve.models import ModelRegistry, ServedModel
 from poelm.serve.protocol import (ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, PoeOptions, Sampling,
                                   TokenizeChatRequest, TokenizeRequest, chat_logprobs, check_unsupported,
-                                  completion_logprobs, parse_request, usage)
+                                  completion_logprobs, parse_request, request_constraint, usage)
 from poelm.serve.scheduler import LOGPROB_MODES, Job, Scheduler
 
 API_KEY_ENV = "POELM_API_KEY"
@@ -69,6 +69,19 @@ def decode_options(req: Sampling, served: ServedModel, max_tokens: int, stop: li
     if req.logit_bias is not None:
         options["logit_bias"] = token_keys(req.logit_bias, served.model.config.vocab_size)
     return served.engine.options(options)  # the engine's validation: one line per bad value, BP refusal
+
+
+def structured(req: Sampling, served: ServedModel, opts: DecodeOptions) -> None:
+    """Compile the request's structured-output field into opts.constraint (ApiError(400) naming the field)."""
+    found = request_constraint(req)
+    if found is None:
+        return
+    field, constraint = found
+    try:
+        opts.constraint = compile_constraint(constraint, served.engine.tokenizer, served.engine.stop_ids(opts),
+                                             served.model.config.vocab_size)
+    except ConstraintError as e:
+        raise ApiError(400, f"{field}: {e.detail}", param=field) from None
 
 
 def token_keys(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
@@ -178,6 +191,7 @@ def make_job(req: Sampling, served: ServedModel, prompts: list[list[int]], max_t
         raise ApiError(400, str(e), param=request_param(e.option)) from None
     except ValueError as e:
         raise ApiError(400, str(e)) from None
+    structured(req, served, opts)
     try:
         model = served.variant(req.poe.head_mode if req.poe else None)
     except ValueError as e:

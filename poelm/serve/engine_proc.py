@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from poelm.engine import Collector, DecodeOptions
+from poelm.engine import Collector, DecodeOptions, compile_constraint
 from poelm.serve.protocol import ApiError
 from poelm.serve.scheduler import Job, Scheduler, TokenLogprob, check_rows, deliver, stream_chunk
 
@@ -126,8 +126,11 @@ class EngineProcess:
             rid = next(self.ids)
             self.jobs[rid] = job
             self.pending.add(rid)
-        opts = dataclasses.asdict(job.opts)
+        opts = {f.name: getattr(job.opts, f.name) for f in dataclasses.fields(job.opts)}
         opts["stop_strings"] = []  # cut here, in the HTTP process
+        if job.opts.constraint is not None:  # compiled here; the engine compiles its own from the same spec
+            c = job.opts.constraint.constraint
+            opts["constraint"] = {"kind": c.kind, "spec": c.spec}
         try:
             self.link.send({"op": "submit", "id": rid, "model": job.served.id, "head_mode": job.model.config.head_mode,
                             "rows": job.rows, "opts": opts, "stop_ids": sorted(job.stop_ids), "logprobs": job.logprobs,
@@ -357,6 +360,9 @@ class EngineScheduler(Scheduler):
         opts = DecodeOptions(**msg["opts"])
         if opts.logit_bias is not None:  # JSON object keys are strings
             opts.logit_bias = {int(k): v for k, v in opts.logit_bias.items()}
+        if opts.constraint is not None:
+            opts.constraint = compile_constraint(opts.constraint, served.engine.tokenizer, set(msg["stop_ids"]),
+                                                 served.model.config.vocab_size)
         job = EngineJob(served, served.variant(msg["head_mode"]), msg["rows"], opts,
                         set(msg["stop_ids"]), None, logprobs=msg["logprobs"], timeout_s=msg["timeout"], rid=msg["id"])
         try:

@@ -2,7 +2,7 @@
 prompt, the earlier turns of a chat) reuse their keys and values instead of recomputing them.
 
     cache = PrefixCache(budget_bytes=256 << 20)
-    handles = add_rows(decoder, prompts, cache, root=("base", None))   # prefill only what is new
+    handles = add_rows(decoder, prompts, cache, ("base", None), grammars)   # prefill only what is new
     cache.queries, cache.hits                                          # prompt tokens asked / reused
 
 The cache holds blocks of BLOCK tokens: a block's key is a BLAKE2 digest chained over the root
@@ -86,20 +86,22 @@ class PrefixCache:
             self.bytes -= block.numel() * block.element_size()
 
 
-def add_rows(decoder, prompts: list[list[int]], cache: PrefixCache | None, root: tuple) -> list[int]:
-    """decoder.add_rows(prompts), reusing and filling `cache` (None: no caching) -> handles in order."""
+def add_rows(decoder, prompts: list[list[int]], cache: PrefixCache | None, root: tuple,
+             grammars: list | None = None) -> list[int]:
+    """decoder.add_rows(prompts, grammars), reusing and filling `cache` (None: no caching) -> handles in order."""
     if cache is None or not cache.budget:
-        return decoder.add_rows(prompts)
+        return decoder.add_rows(prompts, grammars)
+    grammars = grammars or [decoder.opts.constraint] * len(prompts)
     root = (*root, decoder.end_layer)
     prefixes = [cache.lookup(root, p) for p in prompts]
     handles: list[int | None] = [None] * len(prompts)
     misses = [i for i, kv in enumerate(prefixes) if kv is None]
     if misses:
-        for i, h in zip(misses, decoder.add_rows([prompts[i] for i in misses])):
+        for i, h in zip(misses, decoder.add_rows([prompts[i] for i in misses], [grammars[i] for i in misses])):
             handles[i] = h
     for i, kv in enumerate(prefixes):
         if kv is not None:
-            handles[i] = decoder.add_prefixed_row(prompts[i], kv)
+            handles[i] = decoder.add_prefixed_row(prompts[i], kv, grammars[i])
     for p, h in zip(prompts, handles):
         cache.insert(root, p, lambda n, h=h: decoder.prompt_kv(h, n))
     return handles

@@ -22,7 +22,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, create_model
 
-from poelm.engine import DecodeOptions
+from poelm.engine import Constraint, DecodeOptions
 from poelm.engine.options import POE, TOP, request_fields
 from poelm.engine.registry import option_choices
 
@@ -96,7 +96,65 @@ class StreamOptions(Strict):
     continuous_usage_stats: StrictBool = False  # vLLM's: usage in every chunk
 
 
-class OpenAISampling(Strict):
+class JsonSchemaFormat(Strict):
+    """response_format.json_schema: the schema the reply must match (`strict` changes nothing: it always must)."""
+
+    name: StrictStr
+    description: StrictStr | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(Strict):
+    """vLLM's structured_outputs: one of a JSON schema, a regex, a Lark/GBNF grammar, a choice of strings."""
+
+    json_: dict | StrictStr | None = Field(None, alias="json")
+    regex: StrictStr | None = None
+    grammar: StrictStr | None = None
+    choice: list[StrictStr] | None = None
+
+
+class Structured(Strict):
+    """The structured-output fields (request_constraint reads the one a request sets)."""
+
+    response_format: ResponseFormat | None = None
+    guided_json: dict | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_grammar: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+
+GUIDED = {"json": "json_schema", "regex": "regex", "grammar": "grammar", "choice": "choice"}  # vLLM's key -> kind
+
+
+def request_constraint(req: Structured) -> tuple[str, Constraint] | None:
+    """(the request field, its Constraint) of the structured-output field a request sets (None:
+    free text); ApiError(400) for a json_schema format without a schema or more than one field."""
+    found = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        found.append(("response_format", Constraint("json_object")))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise ApiError(400, "response_format of type json_schema needs json_schema.schema", param="response_format.json_schema")
+        found.append(("response_format.json_schema.schema", Constraint("json_schema", fmt.json_schema.schema_)))
+    for key, kind in GUIDED.items():
+        for name, value in ((f"guided_{key}", getattr(req, f"guided_{key}")),
+                            (f"structured_outputs.{key}", getattr(req.structured_outputs, "json_" if key == "json" else key, None))):
+            if value is not None:
+                found.append((name, Constraint(kind, value)))
+    if len(found) > 1:
+        raise ApiError(400, f"give one structured-output field, not both {found[0][0]} and {found[1][0]}", param=found[1][0])
+    return found[0] if found else None
+
+
+class OpenAISampling(Structured):
     """Fields both endpoints share that OpenAI declares (its names and defaults)."""
 
     model: StrictStr

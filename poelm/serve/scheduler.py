@@ -89,7 +89,8 @@ class LogprobSampler(Sampler):
             chosen = lp.gather(-1, tokens[:, None])[:, 0].tolist()
             if self.top:
                 values, ids = lp.topk(self.top, dim=-1)
-                tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+                tops = [[(t, x) for t, x in zip(i, v) if x != -math.inf]  # a constraint's masked tokens are no alternatives
+                        for i, v in zip(ids.tolist(), values.tolist())]
             else:
                 tops = [[] for _ in chosen]
             if not all(math.isfinite(v) for v in chosen + [v for top in tops for _, v in top]):
@@ -338,7 +339,8 @@ class Scheduler:
                 new_rows = sum(len(job.rows) for job in group)
                 if len(batch.decoder.rows) + new_rows > self.max_batch:
                     self._compact(batch)  # dead rows make room (else they stay: a dead row's step costs less than a copy)
-                handles = self._add_rows(batch, [row for job in group for row in job.rows])
+                handles = self._add_rows(batch, [row for job in group for row in job.rows],
+                                         [job.opts.constraint for job in group for _ in job.rows])
             except Exception as e:  # a bug or a broken model: its requests fail, the server goes on
                 error = decoder_error(e, "prefilling")
                 for job in group:
@@ -357,11 +359,12 @@ class Scheduler:
                     batch.rows[h] = (job, row)
             self._want_logprobs(batch)
 
-    def _add_rows(self, batch: Batch, rows: list[list[int]]) -> list[int]:
-        """Prefill rows into a batch's decoder, through the prefix cache (its counters go to the metrics)."""
+    def _add_rows(self, batch: Batch, rows: list[list[int]], grammars: list) -> list[int]:
+        """Prefill rows (each with its compiled constraint or None) into a batch's decoder, through
+        the prefix cache (its counters go to the metrics)."""
         pc = self.prefix_cache
         before = (pc.queries, pc.hits) if pc is not None else (0, 0)
-        handles = add_rows(batch.decoder, rows, pc, batch.key[:2])
+        handles = add_rows(batch.decoder, rows, pc, batch.key[:2], grammars)
         if pc is not None:
             self.metrics.prefix_cache(pc.queries - before[0], pc.hits - before[1])
         return handles
