@@ -16,7 +16,7 @@ sent one at a time ("in sequence": the same prompts, so the same token counts an
 stops). Streaming's cost: N = 32 streamed against the same requests answered whole (goal <= 1.2x).
 The server decodes in its engine process (the default; --in-process: in the HTTP process);
 its CPU counts both processes, and the box's load average is reported (other work on the
-machine slows every figure). Then the PoE modes (stage 0, Log-OP, WAND, speculative) at N = 32. Every request has
+machine slows every figure; the same ratios per server CPU second are less sensitive to it). Then the PoE modes (stage 0, Log-OP, WAND, speculative) at N = 32. Every request has
 a timeout and the server is stopped (SIGTERM) at the end, whatever happens. A random model's speculative
 acceptance and WAND exits say nothing about a trained one; this measures the serving path.
 """
@@ -179,7 +179,8 @@ def load(url: str, prompts: list[list[str]], max_tokens: int, poe: dict | None, 
             "tokens": sum(r["tokens"] for r in ok), "wall_s": wall, "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
             "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
             "latency_p50_s": percentile(lat, 0.5), "latency_p99_s": percentile(lat, 0.99),
-            "client_cpu_cores": client_cores, "server_cpu_cores": server_cores}
+            "client_cpu_cores": client_cores, "server_cpu_cores": server_cores,
+            "tokens_per_server_cpu_s": sum(r["tokens"] for r in ok) / max(server_cores * wall, 1e-9)}
 
 
 def row(name: str, r: dict) -> str:
@@ -230,8 +231,10 @@ def main(argv: list[str] | None = None) -> dict:
                 proc.kill()
     ratio = by_clients[max(counts)]["tokens_per_s"] / one_at_a_time["tokens_per_s"]
     streaming_cost = whole["tokens_per_s"] / by_clients[max(counts)]["tokens_per_s"]
+    per_cpu = {"batching_gain": by_clients[max(counts)]["tokens_per_server_cpu_s"] / one_at_a_time["tokens_per_server_cpu_s"],
+               "streaming_cost": whole["tokens_per_server_cpu_s"] / by_clients[max(counts)]["tokens_per_server_cpu_s"]}
     out = {"by_clients": by_clients, "one_at_a_time": one_at_a_time, "whole": whole, "modes": modes,
-           "batching_gain": ratio, "streaming_cost": streaming_cost,
+           "batching_gain": ratio, "streaming_cost": streaming_cost, "per_server_cpu_s": per_cpu,
            "errors": sum(r["errors"] for r in [*by_clients.values(), one_at_a_time, whole, *modes.values()]),
            "load_average": [load_before, os.getloadavg()[0]],
            "setup": {"model": args.model or f"random d{args.depth} w{args.width}", "max_tokens": args.max_tokens,
@@ -254,6 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"errors {out['errors']}")
     print(f"streaming costs {streaming_cost:.2f}x not streaming ({max(counts)} clients); {out['setup']['engine']}; "
           f"load average {load_before:.1f} before, {out['load_average'][1]:.1f} after (on {os.cpu_count()} cores)")
+    print(f"per server CPU second (less sensitive to other work on the box): batching {per_cpu['batching_gain']:.1f}x, "
+          f"streaming costs {per_cpu['streaming_cost']:.2f}x")
     return out
 
 

@@ -214,8 +214,15 @@ def test_engine_process_answers_like_generate_and_reuses_a_chats_earlier_turns(m
         while httpx.get(srv.url + "/health").json()["running_rows"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert httpx.get(srv.url + "/health").json()["running_rows"] == 0
+        # SIGTERM to the engine alone: it drains and exits, the server says so once and is unhealthy
+        os.kill(engine_pid(srv), signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while httpx.get(srv.url + "/health").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(srv.url + "/health").status_code == 503
     finally:
         assert srv.stop() in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after its graceful exit
+    assert srv.proc.stderr.read().count("the engine process drained and exited after SIGTERM") == 1
 
 
 def test_an_engine_crash_is_503_for_requests_in_flight_and_an_unhealthy_server(model_dir):

@@ -14,7 +14,8 @@ tokens with their logprobs and finish reason ("t"), the jobs admitted from the q
 ended with their PoE statistics ("end") or failed ("err"), the rows of each step ("steps"), the
 load and the prefix cache's counters ("pc"). The HTTP side keeps each request's Collector: it
 detokenises, cuts stop strings and streams; the engine ends rows at stop tokens, max_tokens and
-the context.
+the context. When the HTTP side falls behind, the messages waiting go to the event loops in one
+call, so a stream writes the tokens of several steps at once.
 
 If the engine process dies, the HTTP side writes one line, fails every request in flight with a
 503 error object and /health answers 503. SIGTERM to the server drains it, then stops the
@@ -40,6 +41,7 @@ from poelm.serve.protocol import ApiError
 from poelm.serve.scheduler import Job, Scheduler, TokenLogprob, check_rows, deliver, stream_chunk
 
 POLL_S = 0.05  # how often the HTTP side looks for requests whose client left
+MAX_COALESCED = 16  # engine messages handed to the event loops together when the HTTP side fell behind
 
 
 class Link:
@@ -187,9 +189,14 @@ class EngineProcess:
         try:
             while True:
                 if self.link.poll(POLL_S):
-                    msg = self.link.recv()
-                    bye = msg.get("bye", bye)
-                    self._apply(msg)
+                    out: list[tuple[Job, tuple]] = []
+                    for _ in range(MAX_COALESCED):  # what waits goes to the event loops in one call
+                        msg = self.link.recv()
+                        bye = msg.get("bye", bye)
+                        out += self._apply(msg)
+                        if not self.link.poll(0):
+                            break
+                    self._deliver(out)
                 self._tell_gone()
         except (EOFError, OSError):
             pass
@@ -204,8 +211,8 @@ class EngineProcess:
         for rid in gone:
             self.link.send({"op": "cancel", "id": rid})
 
-    def _apply(self, msg: dict) -> None:
-        """One message of the engine: tokens into the collectors, events to the event loops."""
+    def _apply(self, msg: dict) -> list[tuple[Job, tuple]]:
+        """One message of the engine: tokens into the collectors -> the events for the event loops."""
         out: list[tuple[Job, tuple]] = []
         ends = dict(msg.get("end", ()))
         with self.lock:
@@ -230,7 +237,7 @@ class EngineProcess:
             self.link.send({"op": "finish", "id": rid})
         out += self._endings(ends, msg.get("err", ()))
         self._observe(msg)
-        self._deliver(out)
+        return out
 
     def _tokens(self, rows: list, jobs: dict) -> dict[Job, list[int]]:
         now, touched = time.monotonic(), {}
