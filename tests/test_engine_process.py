@@ -144,6 +144,44 @@ def test_a_cancelled_request_leaves_the_decoder_at_once(served):
     assert asyncio.run(run()) == 2
 
 
+def test_the_engine_side_speaks_json_and_rows_a_stop_string_ended_leave(served):
+    """The engine's scheduler over a socket pair: a submit, one message per step with every row's
+    tokens, a row the server ended (stop string) gets no more, and the job ends with its PoE stats."""
+    import dataclasses
+    import socket
+    from multiprocessing.connection import Connection
+
+    from poelm.serve.engine_proc import EngineScheduler, Link
+    from poelm.serve.metrics import Metrics
+    from poelm.serve.models import ModelRegistry
+
+    ours, theirs = socket.socketpair()
+    engine, server = Link(Connection(ours.detach())), Link(Connection(theirs.detach()))
+    scheduler = EngineScheduler(engine, ModelRegistry([served]), 4, 4, Metrics())
+    step = scheduler._step
+    scheduler._step = lambda batch: time.sleep(0.005) or step(batch)  # this test reads as fast as it decodes
+    scheduler.start()
+    opts = served.engine.options(dict(max_new_tokens=200, stop_token_ids=[]))
+    enc = served.engine.encode_prompt
+    scheduler.accept(json.loads(json.dumps({
+        "op": "submit", "id": 7, "model": "tiny", "head_mode": None, "rows": [enc("one"), enc("two")],
+        "opts": {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}, "stop_ids": [], "logprobs": None,
+        "timeout": 60})))
+    try:
+        first = server.recv()
+        assert first["adm"] == [7] and sorted(r[1] for r in first["t"]) == [0, 1]
+        scheduler.finish(7, [0])
+        rows = [sorted(r[1] for r in server.recv()["t"]) for _ in range(8)]
+        assert rows[2:] == [[1]] * 6  # the steps already sent or running still carry row 0
+        scheduler.finish(7, [1])
+        msg = server.recv()
+        while not msg["end"]:
+            msg = server.recv()
+        assert msg["end"][0][0] == 7 and msg["end"][0][1]["mode"] == "final"
+    finally:
+        scheduler.stop()
+
+
 # -----------------------------------------------------------------------------
 # `poelm serve` with its engine process
 

@@ -8,8 +8,8 @@ own, so HTTP, tokenisation and streaming (the server's process) never wait for t
 
 Messages cross a socket pair as length-prefixed JSON (multiprocessing.connection's framing of
 bytes; nothing is pickled). To the engine: {"op": "submit"} (the job's rows and options),
-"cancel" (the client left), "finish" (stop strings ended every row: the engine ends the job with
-its PoE statistics), "stop". From the engine, one message per scheduler loop: every row's new
+"cancel" (the client left), "finish" (stop strings ended these rows: they leave the batch, and a
+job whose rows all ended ends with its PoE statistics), "stop". From the engine, one message per scheduler loop: every row's new
 tokens with their logprobs and finish reason ("t"), the jobs admitted from the queue ("adm"),
 ended with their PoE statistics ("end") or failed ("err"), the rows of each step ("steps"), the
 load and the prefix cache's counters ("pc"). The HTTP side keeps each request's Collector: it
@@ -78,7 +78,7 @@ class EngineProcess:
         self.lock = threading.Lock()  # jobs and pending, between the event loop and the reader thread
         self.jobs: dict[int, Job] = {}  # in flight, by id
         self.pending: set[int] = set()  # ids sent but not yet admitted into a batch (the queue)
-        self.told: set[int] = set()  # ids whose cancel or finish the engine has been sent
+        self.told: set[int] = set()  # ids whose cancel the engine has been sent
         self.ids = itertools.count()
         self.draining = self.stopping = self.dead = False
         self.running_rows = self.decoders = self.queued = 0  # as the engine last said
@@ -222,19 +222,15 @@ class EngineProcess:
             if jobs[rid] is not None:
                 jobs[rid].poe = poe
         touched = self._tokens(msg.get("t", ()), jobs)
-        finish = []
         for job, rows in touched.items():
             if job.stream:
                 chunk = stream_chunk(job, rows)
                 if chunk:
                     out.append((job, ("chunk", chunk)))
-        with self.lock:
-            for rid, job in jobs.items():
-                if job is not None and rid not in ends and job.collector.done and rid not in self.told:
-                    self.told.add(rid)  # stop strings ended every row: the engine stops it
-                    finish.append(rid)
-        for rid in finish:
-            self.link.send({"op": "finish", "id": rid})
+        for rid, job in jobs.items():  # rows a stop string ended here leave the engine's batch
+            stopped = [row for row in touched.get(job, ()) if job.collector.reason[row] == "stop_string"]
+            if stopped and rid not in ends:
+                self.link.send({"op": "finish", "id": rid, "rows": stopped})
         out += self._endings(ends, msg.get("err", ()))
         self._observe(msg)
         return out
@@ -343,12 +339,12 @@ class RecordingCollector(Collector):
 @dataclass(eq=False)
 class EngineJob(Job):
     rid: int = 0
-    finish_early: bool = False  # the HTTP side ended every row (stop strings): end with the PoE statistics
 
     def __post_init__(self):
         super().__post_init__()
         self.collector = RecordingCollector(len(self.rows), self.opts, self.served.engine.tokenizer, self.stop_ids)
         self.sent_tokens = [0] * len(self.rows)
+        self.stopped: set[int] = set()  # rows a stop string ended in the server (they leave before the next step)
 
 
 class EngineScheduler(Scheduler):
@@ -379,11 +375,16 @@ class EngineScheduler(Scheduler):
         except ApiError as e:
             self.link.send({"err": [[job.rid, e.status, e.message, e.param, e.code, e.retry_after]]})
 
-    def cancel(self, rid: int, finish: bool) -> None:
+    def cancel(self, rid: int) -> None:
         job = self.jobs.get(rid)
         if job is not None:
-            job.finish_early = finish
             job.cancelled = True
+
+    def finish(self, rid: int, rows: list[int]) -> None:
+        with self.cond:
+            job = self.jobs.get(rid)
+            if job is not None:
+                job.stopped.update(rows)
 
     def idle(self) -> bool:
         with self.cond:
@@ -398,10 +399,23 @@ class EngineScheduler(Scheduler):
         self.steps.append(len(batch.rows))
         super()._step(batch)
 
-    def _end_gone(self, job: Job) -> None:
-        if job.finish_early and job.batch is not None and job.poe is None:
-            job.poe = self._poe_stats(job, job.batch)
-        super()._end_gone(job)
+    def _drop_gone(self, batch) -> None:
+        """Rows a stop string ended leave like finished rows (their job ends once all did), then
+        those of cancelled and expired jobs."""
+        with self.cond:
+            stopped = {job: job.stopped for job, _ in batch.rows.values() if job.stopped}
+            for job in stopped:
+                job.stopped = set()
+        for job, rows in stopped.items():
+            col = job.collector
+            for row in rows:
+                col.reason[row] = col.reason[row] or "stop_string"
+            if col.done:
+                job.poe = self._poe_stats(job, batch)
+            self._leave(batch, [h for h, (j, row) in batch.rows.items() if j is job and row in rows])
+            if job.live == 0:
+                self._end(job)
+        super()._drop_gone(batch)
 
     def _flush(self) -> None:
         with self.cond:
@@ -454,8 +468,10 @@ def serve(link: Link, scheduler: EngineScheduler, term: threading.Event) -> None
         op = msg["op"]
         if op == "submit":
             scheduler.accept(msg)
-        elif op in ("cancel", "finish"):
-            scheduler.cancel(msg["id"], finish=op == "finish")
+        elif op == "cancel":
+            scheduler.cancel(msg["id"])
+        elif op == "finish":
+            scheduler.finish(msg["id"], msg["rows"])
         elif op == "stop":
             return
 
