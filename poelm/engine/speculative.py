@@ -50,8 +50,12 @@ def speculative_overhead(model: GPT, repeats: int = 5, steps: int = 16) -> float
 
 
 def decode_costs(model: GPT) -> dict:
-    """measure_costs(model) with "speculative_overhead_s": what `poelm calibrate` stores."""
-    return dict(measure_costs(model), speculative_overhead_s=speculative_overhead(model))
+    """measure_costs(model) with "speculative_overhead_s" where the model decodes speculatively
+    (its final readout is the last stage's): what `poelm calibrate` stores."""
+    costs = measure_costs(model)
+    if model.config.final_readout == "last":
+        costs["speculative_overhead_s"] = speculative_overhead(model)
+    return costs
 
 
 def _measured(model: GPT, key: str, measure) -> object:
