@@ -15,20 +15,21 @@ from poelm.experiment.config import ExperimentConfig
 
 
 def specialist_train_config(cfg: ExperimentConfig):
-    """(TrainConfig, SftSettings) of the specialist stage."""
+    """(TrainConfig, SftSettings) of the specialist stage: the experiment's training settings
+    (ArmTraining's fields, as every arm takes them) but the batch, horizon and schedule of the
+    stage, SFT from the PoE arm's weights in out/specialist, on one process (SFT trains no
+    stage-parallel run), resumed when it has a checkpoint."""
     from poelm.sft import SftSettings
     from poelm.train import TrainConfig
 
     rows = cfg.specialist_batch_rows
     row_len = min(cfg.specialist_row_len, cfg.model_config("flat", 0.0).sequence_len)
-    tc = TrainConfig(
-        init=str(Path(cfg.out) / "arms" / "poe"), data=cfg.specialist_data, out=str(Path(cfg.out) / "specialist"),
-        total_batch_size=rows * row_len, device_batch_size=rows, num_iterations=cfg.specialist_steps,
-        eval_every=max(1, cfg.specialist_steps // 4), save_every=max(1, cfg.specialist_steps // 2),
-        warmup_steps=min(10, cfg.specialist_steps // 10),
-        lr_scaling=cfg.lr_scaling, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
-        unembedding_lr=cfg.unembedding_lr, scalar_lr=cfg.scalar_lr, weight_decay=cfg.weight_decay, seed=cfg.seed,
-        device=cfg.device, dtype=cfg.dtype, resume=True)
+    steps = cfg.specialist_steps
+    stage = dict(total_batch_size=rows * row_len, device_batch_size=rows, num_iterations=steps,
+                 eval_every=max(1, steps // 4), save_every=max(1, steps // 2), warmup_steps=min(10, steps // 10),
+                 stage_parallel=False, extend_to=None)
+    tc = TrainConfig(init=str(Path(cfg.out) / "arms" / "poe"), data=cfg.specialist_data,
+                     out=str(Path(cfg.out) / "specialist"), resume=True, **{**cfg.training(), **stage})
     return tc, SftSettings(attach_layers=cfg.specialist_layers, row_len=row_len,
                            eval_prompts=cfg.specialist_eval_prompts)
 
