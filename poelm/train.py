@@ -30,12 +30,13 @@ import torch
 import torch.distributed as dist
 
 from poelm.atomic import atomic_write_json
-from poelm.checkpoint import build_model, check_tokenizer, load_state_into, read_safetensors
+from poelm.checkpoint import (CONFIG_NAME, TRAINER_NAME, WEIGHTS_NAME, build_model, check_tokenizer, load_state_into,
+                              read_safetensors)
 from poelm.flags import resume_mutable, setting
 from poelm.model import ATTENTION_BACKENDS, GPT, GPTConfig
 from poelm.optim import LR_SCALING
 from poelm.progress import progress
-from poelm.rundir import METRICS_NAME, MetricsLog, RunDir, set_rng_state
+from poelm.rundir import METRICS_NAME, RESULT_NAME, SETTINGS_NAME, MetricsLog, RunDir, set_rng_state
 from poelm.runtime import RunStopped, SettingError, check_bf16, check_compiler, parse_device, parse_dtype
 from poelm.tracking import TRACKERS, Tracker, open_tracker, resolve_tracker
 
@@ -473,7 +474,7 @@ def changed_settings_error(path: Path, changed: list[tuple[str, object, object]]
     values = {k: repr(v) for i, (_, a, b) in enumerate(changed) for k, v in ((f"was_{i}", a), (f"now_{i}", b))}
     hint = " or {extend_to} N to change the horizon" if any(key == "num_iterations" for key, _, _ in changed) else ""
     return SettingError("resume", "{resume}: {path} was started with other settings: " + said + "; resume with the "
-                        "run's own settings (see {record})" + hint, path=path, record=path / "train_config.json",
+                        "run's own settings (see {record})" + hint, path=path, record=path / SETTINGS_NAME,
                         **values)
 
 
@@ -483,17 +484,16 @@ def resume_into(run: RunDir, point, tc: TrainConfig, task: Task, rt: Runtime, to
     Returns (trainer state, this rank's loader state, its RNG states: the caller sets them
     last, so nothing that runs while the run is set up draws from them)."""
     from poelm.codec import from_config_json
-    from poelm.tokenizer import Tokenizer
+    from poelm.tokenizer import Tokenizer, has_tokenizer
 
     ckpt = point.path
-    saved_config = from_config_json(run.read_json(ckpt / "config.json"))
+    saved_config = from_config_json(run.read_json(ckpt / CONFIG_NAME))
     if saved_config.vocab_size != config.vocab_size:
         raise SettingError("resume", "{resume}: tokenizer {tokenizer} has {vocab} tokens but the model in {ckpt} was "
                            "trained with a {saved}-token tokenizer; pass the run's own tokenizer (it is saved in "
                            "every checkpoint)", tokenizer=tc.tokenizer, vocab=config.vocab_size, ckpt=ckpt,
                            saved=saved_config.vocab_size)
-    if any((ckpt / n).exists() for n in ("tokenizer.json", "tokenizer.pkl")) and \
-            not same_tokenizer(Tokenizer.load(ckpt), tokenizer):
+    if has_tokenizer(ckpt) and not same_tokenizer(Tokenizer.load(ckpt), tokenizer):
         raise SettingError("resume", "{resume}: tokenizer {tokenizer} does not match the one {ckpt} was trained with "
                            "(same size, different merges or specials); pass the run's own tokenizer",
                            tokenizer=tc.tokenizer, ckpt=ckpt)
@@ -506,15 +506,15 @@ def resume_into(run: RunDir, point, tc: TrainConfig, task: Task, rt: Runtime, to
         raise SettingError("resume", "{resume}: {ckpt} was written by {shards} process(es), this run has {world}; "
                            "resume with the same number of processes (optimizer state is sharded per rank)",
                            ckpt=ckpt, shards=shards, world=rt.world)
-    state = run.read_json(ckpt / "trainer.json")
+    state = run.read_json(ckpt / TRAINER_NAME)
     saved_settings = state.get("train_config")
-    if saved_settings is None and (run.path / "train_config.json").is_file():  # runs of poelm 0.1
-        saved_settings = run.read_json(run.path / "train_config.json")
+    if saved_settings is None and (run.path / SETTINGS_NAME).is_file():  # runs of poelm 0.1
+        saved_settings = run.read_json(run.path / SETTINGS_NAME)
     changed = resume_settings_diff(saved_settings or {}, {**dataclasses.asdict(tc), **task.record()},
                                    resume_mutable(TrainConfig) | task.resume_mutable())
     if changed:
         raise changed_settings_error(run.path, changed)
-    load_state_into(model, read_safetensors(ckpt / "model.safetensors"), str(ckpt))
+    load_state_into(model, read_safetensors(ckpt / WEIGHTS_NAME), str(ckpt))
     blob = run.read_shard(ckpt)  # on the CPU: RNG states must be; the optimizer moves its state to the params
     optimizer.load_state_dict(blob["optimizer"])
     loader_state = run.read_json(ckpt / f"loader_rank{rt.rank}.json")
@@ -553,7 +553,7 @@ def run_locked(tc: TrainConfig, task: Task, rt: Runtime, run: RunDir) -> dict:
         dist.broadcast(pid, 0)
         run_id = str(int(pid))
     if rt.master:
-        atomic_write_json(out / "train_config.json", settings)
+        atomic_write_json(out / SETTINGS_NAME, settings)
         task.begin(out)
     log = MetricsLog(out / METRICS_NAME, rt.master, resumed_step=start_step if setup.resumed else None)
     say = (lambda *a: print(*a, flush=True)) if rt.master and not tc.quiet else (lambda *a: None)
@@ -663,7 +663,7 @@ def run_locked(tc: TrainConfig, task: Task, rt: Runtime, run: RunDir) -> dict:
               "eval": last_eval, "out": str(out), "cropped_fraction": getattr(loader, "cropped_fraction", None)}
     result.update(task.finish(tc, model, tokenizer, say))
     if rt.master:
-        atomic_write_json(out / "result.json", result)
+        atomic_write_json(out / RESULT_NAME, result)
         try:
             from poelm.plots import plot_run
             plot_run(out)

@@ -8,7 +8,6 @@ the base's Δlogit (exactly 0) and the delta's size and tensor count.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from poelm.experiment.config import ExperimentConfig
@@ -40,8 +39,11 @@ def run_specialist(cfg: ExperimentConfig, say) -> dict | None:
         return None
     from poelm.chatdata import MANIFEST, build_chat_data
     from poelm.checkpoint import load_model
+    from poelm.jsonfile import read_json_object
+    from poelm.plots import read_metrics
+    from poelm.rundir import RESULT_NAME
     from poelm.sft import SftTask
-    from poelm.specialist import delta_size, find_lineage, save_delta, trainable_parameters
+    from poelm.specialist import DELTA_META, delta_size, find_lineage, save_delta, trainable_parameters
     from poelm.train import train
 
     if not (Path(cfg.specialist_data) / MANIFEST).is_file():
@@ -49,19 +51,18 @@ def run_specialist(cfg: ExperimentConfig, say) -> dict | None:
         build_chat_data("recall", cfg.specialist_data)
     tc, sft = specialist_train_config(cfg)
     out = Path(tc.out)
-    done = out / "result.json"
+    done = out / RESULT_NAME
     if done.exists():
         say("[specialist] finished earlier: skipped")
-        result = json.loads(done.read_text())
+        result = read_json_object(done, "the specialist's result")
     else:
         say(f"[specialist] {cfg.specialist_layers} new layer(s) on the PoE arm, {cfg.specialist_steps} SFT steps "
             f"on {cfg.specialist_data} -> {out}")
         result = train(tc, SftTask(sft))
-    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    evals = [r for r in evals if r.get("type") == "eval"]
+    evals = read_metrics(out)[1]
     model, _ = load_model(out)
     delta_dir = out / "delta"
-    if not (delta_dir / "delta.json").exists():
+    if not (delta_dir / DELTA_META).exists():
         info = find_lineage(out)
         save_delta(model, delta_dir, info["base"], info["base_hash"])
     tensors, size = delta_size(model)
