@@ -83,3 +83,29 @@ def test_the_specialist_stage_takes_every_experiment_training_setting_but_its_ow
     assert (tc.init, tc.out) == (str(Path("x/arms/poe")), str(Path("x/specialist")))
     assert (tc.num_iterations, tc.device_batch_size, tc.total_batch_size) == (200, 16, 16 * 96)
     assert sft.attach_layers == cfg.specialist_layers
+
+
+def test_the_readme_layout_puts_every_module_on_its_floor():
+    """README "Layout": each numbered floor names its top-level modules (sub-modules go in
+    parentheses); every module of poelm/ is named once, on the floor FLOORS gives it."""
+    import re
+
+    from test_layering import FLOORS
+
+    root = Path(__file__).resolve().parent.parent
+    layout = (root / "README.md").read_text().split("## Layout\n", 1)[1].split("\n## ", 1)[0]
+    items = re.split(r"\n(?=\d\. )", layout.split("\n\n", 1)[1].strip())
+    named: dict[str, int] = {}
+    for item in items:
+        floor = int(item[0])
+        text = " ".join(item.split())
+        while re.search(r"\([^()]*\)", text):
+            text = re.sub(r"\([^()]*\)", "", text)
+        for name in re.findall(r"`([a-z_]+)(?:\.py|/)`", text):
+            assert name not in named, name
+            named[name] = floor
+    on_disk = {p.stem if p.is_file() else p.name for p in (root / "poelm").iterdir()
+               if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").is_file()}
+    assert set(named) == on_disk
+    for name, floor in named.items():
+        assert FLOORS[f"poelm.{name}"] == floor, name
