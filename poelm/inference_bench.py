@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from poelm.contention import CpuClock
-from poelm.engine import Engine, calibrate, load_calibration, save_calibration, wand_teacher_forced
+from poelm.engine import (Engine, calibrate, capabilities, load_calibration, modes_with, save_calibration,
+                          wand_teacher_forced)
 from poelm.model import GPT
 from poelm.progress import progress
 
@@ -141,12 +142,14 @@ def measure_modes(model: GPT, tokenizer, data_dir: str, n_prompts: int = 4, max_
 
 
 def bp_refusals(model: GPT, tokenizer) -> dict[str, str]:
-    """The error each PoE mode gives on a BP model (empty when the model is PoE)."""
+    """The error each PoE mode (one that reads out stages) gives on a BP model (empty when the
+    model is PoE)."""
     engine = Engine(model, tokenizer)
     prompt = [tokenizer.bos_token_id] if tokenizer is not None else [0]
     out = {}
-    for mode, kw in {"stage": {"stage": 0}, "logop": {}, "wand": {"calibration": {"wand_bounds": [0.0] * model.config.n_stages}},
-                     "speculative": {}}.items():
+    for mode in modes_with(needs_stages=True):
+        needs_bounds = capabilities(mode).needs_calibration
+        kw = {"calibration": {"wand_bounds": [0.0] * model.config.n_stages}} if needs_bounds else {}
         try:
             engine.generate(prompt, mode=mode, max_new_tokens=1, **kw)
         except ValueError as e:
