@@ -39,6 +39,10 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-process", action="store_true",
                    help="decode in the HTTP process (one process) instead of an engine process beside it")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode every mode with compiled static-shape steps, batches padded to powers of two; "
+                        "the graphs compile at start-up, before /health says ready (default: on for CUDA)")
+    p.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # tests: aot_eager
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="warning",
                    help="uvicorn's log level")
 
@@ -47,16 +51,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from poelm.runtime import parse_device
+    from poelm.runtime import check_compiler, parse_device
     from poelm.serve.app import API_KEY_ENV, ServeConfig, create_app
     from poelm.serve.engine_proc import EngineProcess
     from poelm.serve.guard import BACKLOG, MAX_HEADER_BYTES, ConnectionGuard, bind_socket, fit_fd_limit
     from poelm.serve.metrics import Metrics
     from poelm.serve.models import ModelRegistry, load_models, parse_deltas
+    from poelm.serve.compiled import warm_up
     from poelm.serve.prefix_cache import PrefixCache
     from poelm.serve.scheduler import Scheduler
 
     device = parse_device(args.device)
+    compile = args.compile if args.compile is not None else device.type == "cuda"
+    if compile:
+        check_compiler(device)
+    backend = args.compile_backend if compile else None
     max_connections = fit_fd_limit(args.max_connections)
     sock = bind_socket(args.host, args.port)  # before the model loads: a busy port or bad host fails at once
     scheduler = None
@@ -70,12 +79,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics = Metrics()
         if args.in_process:
             cache = PrefixCache(args.kv_cache_bytes) if args.kv_cache_bytes else None
-            scheduler = Scheduler(args.max_batch, args.max_queue, metrics, prefix_cache=cache)
+            scheduler = Scheduler(args.max_batch, args.max_queue, metrics, prefix_cache=cache, compile=backend)
         else:
             choice = getattr(args, "thread_choice", None)
             threads = choice.threads if choice is not None else 0
             spec = dict(model=args.model, deltas=deltas, name=args.name, device=args.device, threads=threads,
-                        kv_cache_bytes=args.kv_cache_bytes)
+                        kv_cache_bytes=args.kv_cache_bytes, compile=backend)
             scheduler = EngineProcess(spec, args.max_batch, args.max_queue, metrics)
             scheduler.start()  # it imports torch while this process loads the models
         config = ServeConfig(api_key=api_key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
@@ -94,7 +103,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 # with an engine process, this copy serves tokenizers and option checks only
                 models = load_models(args.model, deltas, name=args.name, device=device if args.in_process else "cpu")
                 if not args.in_process:
-                    scheduler.connect()  # the engine loads its models; requests go to it from now on
+                    scheduler.connect()  # the engine loads its models and warms up; requests go to it from now on
+                elif backend:
+                    warm_up(models, args.max_batch, backend)
                 registry.loaded(models)
             except BaseException as e:  # said by main() once the server has stopped
                 failed.append(e)

@@ -315,7 +315,10 @@ class Decoder:
         raise NotImplementedError
 
     def _begin_static(self) -> None:
-        """Before a step's compiled graphs: the cache tensors as static graph inputs (CUDA graphs)."""
+        """Before a step's compiled graphs: the pad mask always applied (rows without padding have
+        pad 0, so it changes nothing: one graph whether or not rows are padded), the cache tensors
+        as static graph inputs (CUDA graphs)."""
+        self.cache.has_pad = True
         if not self._cuda_graphs:
             return
         cache = self.cache

@@ -72,7 +72,7 @@ class EngineProcess:
     def __init__(self, spec: dict, max_batch: int, max_queue: int, metrics, retry_after_s: int = 1):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1 (--max-batch, --max-queue), got {max_batch} and {max_queue}")
-        # spec: what the engine loads (model, deltas, name, device, threads, kv_cache_bytes)
+        # spec: what the engine loads and runs (model, deltas, name, device, threads, kv_cache_bytes, compile)
         self.spec = dict(spec, max_batch=max_batch, max_queue=max_queue)
         self.max_batch, self.max_queue, self.metrics, self.retry_after_s = max_batch, max_queue, metrics, retry_after_s
         self.lock = threading.Lock()  # jobs and pending, between the event loop and the reader thread
@@ -97,7 +97,8 @@ class EngineProcess:
         self.link = Link(Connection(ours.detach()))
 
     def connect(self) -> None:
-        """Send the engine its spec and wait until it has loaded its models (OSError if it exits first)."""
+        """Send the engine its spec and wait until it has loaded its models and compiled their graphs
+        (compile; OSError if it exits first)."""
         self.start()
         try:
             self.link.send(self.spec)
@@ -483,6 +484,7 @@ def main(fd: int) -> int:
     import torch  # while the server loads the models: the spec comes once they loaded there
 
     from poelm.runtime import parse_device
+    from poelm.serve.compiled import warm_up
     from poelm.serve.metrics import Metrics
     from poelm.serve.models import load_models
     from poelm.serve.prefix_cache import PrefixCache
@@ -499,7 +501,10 @@ def main(fd: int) -> int:
     cache = PrefixCache(spec["kv_cache_bytes"]) if spec["kv_cache_bytes"] else None
     # the server keeps its queue within --max-queue; here, what it sent before hearing of admissions fits too
     queue = spec["max_queue"] + spec["max_batch"]
-    scheduler = EngineScheduler(link, registry, spec["max_batch"], queue, Metrics(), prefix_cache=cache)
+    compile = spec["compile"]
+    if compile:
+        warm_up(registry, spec["max_batch"], compile)
+    scheduler = EngineScheduler(link, registry, spec["max_batch"], queue, Metrics(), prefix_cache=cache, compile=compile)
     scheduler.start()
     link.send({"ready": True})
     try:

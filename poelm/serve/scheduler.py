@@ -28,7 +28,11 @@ cancelled or expired request leave at once (with the dead rows). Each loop hands
 loop its requests' events in one call.
 
 With a prefix cache (prefix_cache.py), a joining row reuses the K/V of the longest prefix of
-its prompt already computed and prefills only the rest. In a server with an engine process
+its prompt already computed and prefills only the rest. With compile (a torch.compile backend:
+`poelm serve --compile`), decoders run their compiled steps; every mode keeps finished rows as
+dead rows, and before each step a decoder's batch is padded with dead rows to its bucket
+(compiled.py), so its graphs are one per bucket, compiled by the warm-up; rows that join a
+compiled decoder first compact its dead rows. In a server with an engine process
 (engine_proc.py) this scheduler runs there and its events become one message per loop.
 """
 
@@ -47,6 +51,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from poelm.engine import LOGPROB_MODES, DecodeOptions, DecodeStats, NonFiniteLogits, Sampler, Collector, make_decoder
+from poelm.serve.compiled import PAD_TOKEN, allow_graphs, bucket
 from poelm.serve.prefix_cache import PrefixCache, add_rows
 from poelm.serve.protocol import FINISH_REASONS, ApiError
 
@@ -221,12 +226,13 @@ def stats_delta(now: DecodeStats, then: DecodeStats) -> DecodeStats:
 
 class Scheduler:
     def __init__(self, max_batch: int, max_queue: int, metrics, retry_after_s: int = 1, join_wait_s: float = 0.05,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, compile: str | None = None):
         if max_batch < 1 or max_queue < 1:  # a request always waits in the queue, if only until the next loop
             raise ValueError(f"max_batch and max_queue must be >= 1 (--max-batch, --max-queue), got {max_batch} and {max_queue}")
         self.max_batch, self.max_queue, self.metrics, self.retry_after_s = max_batch, max_queue, metrics, retry_after_s
         self.join_wait_s = join_wait_s  # the longest a queued request waits for others to join with it
         self.prefix_cache = prefix_cache  # None: every prompt is prefilled whole
+        self.compile = compile  # a torch.compile backend: decoders run compiled steps at bucketed batch sizes
         self.cond = threading.Condition()
         self.queue: deque[Job] = deque()
         self.batches: dict[tuple, Batch] = {}
@@ -274,6 +280,8 @@ class Scheduler:
 
     # --- the loop --------------------------------------------------------------
     def _run(self) -> None:
+        if self.compile is not None:
+            allow_graphs(self.max_batch)  # dynamo's settings are per thread
         while True:
             with self.cond:
                 while not self.stopping and not self.queue and not self.batches:
@@ -292,6 +300,7 @@ class Scheduler:
                     if batch.rows:
                         if any(batch.decoder.is_full(h) for h in batch.dead):
                             self._compact(batch)  # a dead row must not step past the context
+                        self._pad(batch)
                         self._step(batch)
                     if not batch.rows:
                         del self.batches[batch.key]
@@ -331,13 +340,14 @@ class Scheduler:
             try:
                 if batch is None:
                     job = group[0]
-                    decoder = make_decoder(job.model, job.opts, job.model.config.sequence_len)
+                    decoder = make_decoder(job.model, job.opts, job.model.config.sequence_len, compile=self.compile)
                     if job.opts.mode in LOGPROB_MODES:
                         rows, decoder.sampler = decoder.sampler.rows, LogprobSampler(job.opts, decoder.device)
                         decoder.sampler.rows = rows
-                    batch = self.batches[key] = Batch(key, decoder, lazy=job.opts.mode in LOGPROB_MODES)
+                    lazy = job.opts.mode in LOGPROB_MODES or self.compile is not None
+                    batch = self.batches[key] = Batch(key, decoder, lazy=lazy)
                 new_rows = sum(len(job.rows) for job in group)
-                if len(batch.decoder.rows) + new_rows > self.max_batch:
+                if len(batch.decoder.rows) + new_rows > self.max_batch or self.compile:
                     self._compact(batch)  # dead rows make room (else they stay: a dead row's step costs less than a copy)
                 handles = self._add_rows(batch, [row for job in group for row in job.rows],
                                          [job.opts.constraint for job in group for _ in job.rows])
@@ -398,6 +408,15 @@ class Scheduler:
             batch.decoder.remove_rows(handles + sorted(batch.dead))
             batch.dead.clear()
         self._want_logprobs(batch)
+
+    def _pad(self, batch: Batch) -> None:
+        """Compiled: dead rows fill the decoder's batch up to its bucket (one prefill-free join)."""
+        if self.compile is None:
+            return
+        n = len(batch.decoder.rows)
+        missing = bucket(n, self.max_batch) - n
+        if missing:
+            batch.dead.update(batch.decoder.add_rows([[PAD_TOKEN]] * missing))
 
     def _compact(self, batch: Batch) -> None:
         """Dead rows leave the decoder (one copy of its cache)."""

@@ -1,0 +1,112 @@
+"""`poelm serve --compile` (poelm/serve/compiled.py): the scheduler's compiled decoders answer
+greedy requests like the eager ones in every mode while rows join and leave (a batch of three
+live rows runs padded to four), and the warm-up compiles every graph those requests use (none
+is compiled after it).
+
+The compiled side uses dynamo's "eager" backend (the traced graphs, run by the same kernels as
+eager decoding: guards, recompiles and padding as with inductor, and the warm-up stays short),
+on a two-layer model.
+Run: .venv/bin/pytest -q tests/test_serve_compile.py"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from poelm.engine.registry import MODES
+from poelm.serve.compiled import bucket, buckets, graphs_compiled, warm_up
+from poelm.tokenizer import SPECIAL_TOKENS
+from test_chat_cli import byte_tokenizer  # noqa: E402  (tests/ is on sys.path, like conftest)
+
+BACKEND = "eager"
+MAX_BATCH = 4  # buckets 1, 2, 4: three live rows run with one padding row
+# every stage tested, exits at the first stage whose gap is positive (the staged WAND step)
+CALIBRATION = {"wand_bounds": [0.0, 1.0], "wand_quantile": 0.99, "wand_target": "final", "wand_calibration_tokens": 1}
+
+
+@pytest.fixture(scope="module")
+def served():
+    from poelm.engine import Engine
+    from poelm.model import GPT, GPTConfig
+    from poelm.serve.models import ServedModel
+
+    tok = byte_tokenizer(SPECIAL_TOKENS)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=tok.vocab_size, sequence_len=128, poe_every=1))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return ServedModel("tiny", Engine(model.eval(), tok, CALIBRATION))
+
+
+@pytest.fixture(scope="module")
+def warmed(served):
+    """The dynamo graphs a greedy warm-up compiles for every mode at every bucket -> their count."""
+    from poelm.serve.models import ModelRegistry
+
+    torch._dynamo.reset()
+    return warm_up(ModelRegistry([served]), MAX_BATCH, BACKEND, temperatures=(0.0,))
+
+
+def test_buckets_are_powers_of_two_up_to_max_batch():
+    assert buckets(32) == [1, 2, 4, 8, 16, 32]
+    assert buckets(6) == [1, 2, 4, 6] and buckets(1) == [1]
+    assert [bucket(n, 6) for n in range(1, 7)] == [1, 2, 4, 4, 6, 6]
+
+
+async def run_jobs(served, mode: str, compile: str | None) -> tuple[list[list[int]], list[int]]:
+    """Job A (two rows, 8 tokens); once it decodes, B (one row, 16) joins it (three live rows);
+    once A has left, C (one row, 5) joins B -> every row's tokens, and the decoder sizes seen."""
+    from poelm.serve.metrics import Metrics
+    from poelm.serve.scheduler import Job, Scheduler
+
+    scheduler = Scheduler(max_batch=MAX_BATCH, max_queue=8, metrics=Metrics(), join_wait_s=0.0, compile=compile)
+    sizes: list[int] = []
+    step = scheduler._step
+    scheduler._step = lambda batch: (sizes.append(len(batch.decoder.rows)), step(batch))
+    scheduler.start()
+    enc = served.engine.tokenizer.encode
+
+    def job(prompts: list[str], max_new: int) -> Job:
+        opts = served.engine.options(dict(mode=mode, temperature=0.0, max_new_tokens=max_new, stop_token_ids=[]))
+        return Job(served, served.model, [enc(p) for p in prompts], opts, set(), asyncio.get_running_loop())
+
+    async def ended(j: Job) -> None:
+        while True:
+            kind, payload = await j.events.get()
+            assert kind != "error", payload
+            if kind == "end":
+                return
+
+    async def started(j: Job) -> None:
+        while j.t_first is None and not j.done:
+            await asyncio.sleep(0.002)
+
+    try:
+        a, b, c = job(["Once upon a time", "The cat"], 8), job(["A product of experts"], 16), job(["Hello"], 5)
+        scheduler.submit(a)
+        await started(a)
+        scheduler.submit(b)
+        await ended(a)
+        scheduler.submit(c)
+        await ended(b)
+        await ended(c)
+    finally:
+        scheduler.stop()
+    return [col for j in (a, b, c) for col in j.collector.tokens], sizes
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_server_answers_like_the_eager_one_without_compiling_after_warm_up(served, warmed, mode):
+    eager, _ = asyncio.run(run_jobs(served, mode, None))
+    before = graphs_compiled()
+    compiled, sizes = asyncio.run(run_jobs(served, mode, BACKEND))
+    assert compiled == eager
+    assert [len(t) for t in compiled] == [8, 8, 16, 5]
+    assert set(sizes) <= set(buckets(MAX_BATCH)) and 4 in sizes  # three live rows ran padded to four
+    assert graphs_compiled() == before  # the warm-up compiled every graph these requests use
+    if mode != "wand":  # the staged WAND step runs eagerly
+        assert warmed > 0
