@@ -22,6 +22,7 @@ import dataclasses
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ class TrainConfig:
     total_batch_size: int = 2 ** 20
     device_batch_size: int = 32
     num_iterations: int = -1
+    stop_at: int | None = None  # stop after this step, under the schedule of the whole horizon (a run cut short)
     target_tokens: int = -1
     target_param_data_ratio: float = 20.0
     # optimizer
@@ -101,6 +103,8 @@ def check_config(tc: TrainConfig) -> None:
     if tc.num_iterations == 0 or tc.num_iterations < -1:
         raise ValueError(f"--num-iterations {tc.num_iterations} would train no steps: give a step count >= 1, or -1 "
                          "to derive the horizon from --target-tokens or --target-param-data-ratio")
+    if tc.stop_at is not None and (tc.stop_at < 1 or 0 < tc.num_iterations < tc.stop_at):
+        raise ValueError(f"--stop-at {tc.stop_at}: give a step between 1 and the horizon (--num-iterations)")
     if tc.target_tokens == 0 or tc.target_tokens < -1:
         raise ValueError(f"--target-tokens {tc.target_tokens} would train on no tokens: give a count >= 1, or -1 "
                          "to use --target-param-data-ratio")
@@ -201,6 +205,21 @@ def config_diff(a: GPTConfig, b: GPTConfig) -> list[str]:
 
 # -----------------------------------------------------------------------------
 # Metrics and progress
+
+
+class PlainProgress:
+    """Progress as plain lines at intervals (step, loss, tokens/s, ETA) for a stdout that is not a
+    terminal, where rich's bar would show once, at the end."""
+
+    def __init__(self, say, total: int, every_s: float = 30.0):
+        self.say, self.total, self.every_s = say, total, every_s
+        self.last = time.time()
+
+    def update(self, step: int, mean_dt: float, status: str) -> None:
+        if time.time() - self.last >= self.every_s or step == self.total:
+            self.last = time.time()
+            eta = (self.total - step) * mean_dt
+            self.say(f"step {step:>6}/{self.total} | {status} | ETA {int(eta // 60)}:{int(eta % 60):02d}")
 
 
 def make_progress(enabled: bool):
@@ -428,7 +447,8 @@ def init_from(model: GPT, spec: str) -> None:
 # is compared field by field with the checkpoint's own config.json instead).
 RESUME_MUTABLE = ("model", "out", "resume", "quiet", "device", "dtype", "compile", "attention_backend", "eval_every",
                   "eval_tokens",
-                  "sample_every", "sample_prompt", "save_every", "keep_checkpoints", "extend_to", "tokenizer")
+                  "sample_every", "sample_prompt", "save_every", "keep_checkpoints", "extend_to", "tokenizer",
+                  "stop_at")
 
 
 def resume_settings_diff(saved: dict, now: dict) -> list[str]:
@@ -564,12 +584,17 @@ def run_locked(tc: TrainConfig, task: Task, rt: Runtime, run: RunDir) -> dict:
         log.write({"type": "eval", **last_eval})
         say(evaluate.line(step, result))
 
-    with make_progress(rt.master and not tc.quiet) as progress:
-        bar = progress.add_task(f"train {out.name}", total=num_iterations, completed=start_step, status="")
+    stop = min(tc.stop_at or num_iterations, num_iterations)
+    if stop < num_iterations:
+        say(f"stopping at step {stop:,} of the {num_iterations:,}-step schedule (--stop-at)")
+    plain = PlainProgress(say, stop) if not sys.stdout.isatty() else None
+    steps_timed = 0
+    with make_progress(rt.master and not tc.quiet and plain is None) as progress:
+        bar = progress.add_task(f"train {out.name}", total=stop, completed=start_step, status="")
         if setup.rng is not None:  # the last thing before the first step (imports and set-up may draw)
             set_rng_state(setup.rng)
         while True:
-            last = step == num_iterations
+            last = step == stop
             if tc.eval_every > 0 and (step % tc.eval_every == 0 or last) and (step > start_step or step == 0 or last) \
                     and last_eval.get("step") != step:
                 do_eval(step)
@@ -625,6 +650,9 @@ def run_locked(tc: TrainConfig, task: Task, rt: Runtime, run: RunDir) -> dict:
             log.write(record)
             status = f"loss {debiased:.4f} lr {lrm:.3f} {tok_s:,.0f} tok/s MFU " + (f"{100 * mfu:.1f}%" if mfu else "n/a")
             progress.update(bar, completed=step, status=status)
+            steps_timed += 1
+            if plain is not None:
+                plain.update(step, (total_time - state.get("train_seconds", 0.0)) / steps_timed, status)
     final_loss = ema / (1 - 0.9 ** step) if step > 0 else None
     result = {"step": step, "num_iterations": num_iterations, "train_seconds": total_time, "final_loss": final_loss,
               "eval": last_eval, "out": str(out), "cropped_fraction": getattr(loader, "cropped_fraction", None)}

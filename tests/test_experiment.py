@@ -71,8 +71,8 @@ def test_experiment_end_to_end_and_resume(micro, monkeypatch):
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["arms"]) == {"bp", "poe", "poe_a05"}
     for arm in ("bp", "poe", "poe_a05"):
-        evals = saved["evals"][arm]
-        assert [r["step"] for r in evals] == [0, 2, 4]
+        evals = saved["evals"][arm]  # the alpha=0.5 arm stops at the eval step nearest 53 % (2 of 4)
+        assert [r["step"] for r in evals] == ([0, 2] if arm == "poe_a05" else [0, 2, 4])
         assert len(evals[-1]["stages"]) == 2 and evals[-1]["logop"] > 0
     # identical architecture, data and seed: step-0 evaluations agree across arms
     assert saved["evals"]["bp"][0]["stages"] == saved["evals"]["poe"][0]["stages"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from poelm.atomic import atomic_write_bytes, atomic_write_json
 from poelm.model import GPTConfig
-from poelm.experiment.config import ARMS, PAPER, ExperimentConfig, fold_model_keys, load_config
+from poelm.experiment.config import ARMS, PAPER, ExperimentConfig, alpha05_stop, fold_model_keys, load_config
 from poelm.experiment.report import experiment_plots, render_report
 from poelm.experiment.specialist import run_specialist
 
@@ -47,15 +47,34 @@ def ensure_data(cfg: ExperimentConfig, say) -> None:
         say(f"tokenizer trained in {time.time() - t0:.1f} s")
 
 
+def horizon(cfg: ExperimentConfig) -> int:
+    """The arms' number of steps (as the trainer derives it when not given in steps)."""
+    if cfg.num_iterations > 0:
+        return cfg.num_iterations
+    import torch
+
+    from poelm.model import GPT
+    from poelm.schedule import resolve_horizon
+    from poelm.tokenizer import Tokenizer
+
+    config = dataclasses.replace(cfg.model_config("none", 0.0), vocab_size=Tokenizer.load(cfg.tokenizer).vocab_size)
+    with torch.device("meta"):
+        params = GPT(config).num_params()
+    return resolve_horizon(-1, cfg.target_tokens, cfg.target_param_data_ratio, params, cfg.total_batch_size)[0]
+
+
 def arm_train_config(cfg: ExperimentConfig, arm: str):
     from poelm.train import TrainConfig
 
     mode, alpha = next((m, a) for n, m, a in ARMS if n == arm)
+    stop = None
+    if arm == "poe_a05" and cfg.alpha05_stop_fraction < 1.0:
+        stop = alpha05_stop(cfg, horizon(cfg))
     return TrainConfig(
         data=cfg.data, tokenizer=cfg.tokenizer, out=str(Path(cfg.out) / "arms" / arm),
         model=cfg.model_config(mode, alpha),
         total_batch_size=cfg.total_batch_size, device_batch_size=cfg.device_batch_size,
-        num_iterations=cfg.num_iterations, target_tokens=cfg.target_tokens,
+        num_iterations=cfg.num_iterations, stop_at=stop, target_tokens=cfg.target_tokens,
         target_param_data_ratio=cfg.target_param_data_ratio, eval_every=cfg.eval_every,
         eval_tokens=cfg.eval_tokens, save_every=cfg.save_every, lr_scaling=cfg.lr_scaling,
         matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
@@ -110,6 +129,30 @@ def gap_trajectory(evals: dict[str, list[dict]], arm: str = "poe") -> list[dict]
     bp = {r["step"]: r["bpb"] for r in evals.get("bp", [])}
     return [{"step": r["step"], "bp": bp[r["step"]], arm: r["bpb"], "gap_pct": 100 * (r["bpb"] / bp[r["step"]] - 1)}
             for r in evals.get(arm, []) if r["step"] in bp and r["step"] > 0]
+
+
+def at_step(evals: dict[str, list[dict]], step: int) -> dict[str, float]:
+    """Final-readout bpb of every arm that has an eval at this step."""
+    return {arm: r["bpb"] for arm, recs in evals.items() for r in recs if r["step"] == step}
+
+
+def alpha05_comparison(cfg: ExperimentConfig, results: dict) -> dict | None:
+    """The alpha=0.5 arm against the others at the step it stopped at (as the paper's run)."""
+    a05 = results["arms"].get("poe_a05")
+    if not a05:
+        return None
+    step, total = a05["step"], a05.get("num_iterations", a05["step"])
+    bpb = at_step(results["evals"], step)
+    return {"step": step, "horizon": total, "fraction": step / total, "bpb": bpb,
+            "gap_pct": {arm: 100 * (b / bpb["bp"] - 1) for arm, b in bpb.items() if arm != "bp" and "bp" in bpb}}
+
+
+def reused_parts(cfg: ExperimentConfig) -> dict[str, str]:
+    """Arms (and the specialist) finished by an earlier call, with when they finished (local time)."""
+    done = {arm: Path(cfg.out) / "arms" / arm / "result.json" for arm in cfg.arms}
+    done["specialist"] = Path(cfg.out) / "specialist" / "result.json"
+    return {name: time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+            for name, path in done.items() if path.exists()}
 
 
 def measure_inference(cfg: ExperimentConfig, say) -> dict:
@@ -178,13 +221,16 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
     ensure_data(cfg, say)
     results = {"config": dataclasses.asdict(cfg), "model": cfg.model_config("flat", 0.0).to_dict(), "arms": {},
                "paper": PAPER}
-    results["resumed_arms"] = [a for a in cfg.arms if (Path(cfg.out) / "arms" / a / "result.json").exists()]
+    results["reused"] = reused_parts(cfg)
+    results["resumed_arms"] = [a for a in cfg.arms if a in results["reused"]]
+    results["started"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(t0))
     for arm in cfg.arms:
         results["arms"][arm] = run_arm(cfg, arm, say)
     evals = eval_table(cfg)
     results["evals"] = evals
     results["gap"] = gap_trajectory(evals)
     results["gap_alpha05"] = gap_trajectory(evals, "poe_a05")
+    results["alpha05_at_stop"] = alpha05_comparison(cfg, results)
     results["backout_compat"] = backout_compat(cfg)
     results["inference"] = measure_inference(cfg, say)
     results["specialist"] = run_specialist(cfg, say)
