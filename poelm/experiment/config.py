@@ -60,6 +60,7 @@ class ExperimentConfig:
     arms: list[str] = field(default_factory=lambda: [a[0] for a in ARMS])
     decode_tokens: int = 128  # new tokens per prompt in the inference-mode measurement
     decode_prompts: int = 4
+    decode_compile: bool = True  # also time the compiled paths (speeds are over the faster plain path)
     # the specialist stage (docs/poe.md section 7) on the PoE arm; 0 steps: off
     specialist_steps: int = 0
     specialist_layers: int = 1

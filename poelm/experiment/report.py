@@ -63,21 +63,98 @@ def experiment_plots(out: Path, results: dict) -> list[Path]:
             ax.plot([g["step"] for g in results["gap_alpha05"]], [g["gap_pct"] for g in results["gap_alpha05"]],
                     marker="s", label="PoE α=0.5 vs BP (this run)")
         ax.axhline(PAPER["gap_pct_final"], ls="--", color="gray", label="paper final gap (+6.52 %)")
-        ax.set_xlabel("step"), ax.set_ylabel("bpb gap (%)"), ax.set_title("PoE-vs-BP gap trajectory")
+        ax.set_xlabel("step"), ax.set_ylabel("bpb gap (%, positive: PoE worse)"), ax.set_title("PoE-vs-BP gap trajectory")
         ax.grid(alpha=0.3), ax.legend()
         written.append(save_figure(fig, out / "gap.png"))
 
-    modes = (results.get("inference") or {}).get("poe", {}).get("modes", {})
-    if modes:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        names = list(modes)
-        ax.bar(names, [modes[m]["speedup"] for m in names], color="tab:green")
-        ax.axhline(1.0, color="black", lw=0.8)
-        ax.set_ylabel("tokens/s relative to plain decoding"), ax.set_title("PoE inference modes (this machine)")
-        written.append(save_figure(fig, out / "speedups.png"))
+    sets = ((results.get("inference") or {}).get("poe") or {}).get("sets", {})
+    if sets:
+        written.append(speedup_plot(out, sets))
     if results.get("specialist"):
         written.append(specialist_plot(out, results["specialist"]))
     return written
+
+
+def speedup_plot(out: Path, sets: dict) -> Path:
+    """Each path's speed over the best plain path, per prompt set, labelled with its tokens/s."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(sets)
+    names = list(next(iter(sets.values()))["paths"])
+    for j, (set_name, rep) in enumerate(sets.items()):
+        xs = [i + j * width for i in range(len(names))]
+        values = [rep["paths"].get(n, {}).get("speedup", 0.0) for n in names]
+        bars = ax.bar(xs, values, width, label=f"{set_name} prompts")
+        for bar, n in zip(bars, names):
+            if n in rep["paths"]:
+                ax.annotate(f"{rep['paths'][n]['tokens_per_s']:.0f}", (bar.get_x() + bar.get_width() / 2,
+                            bar.get_height()), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks([i + width * (len(sets) - 1) / 2 for i in range(len(names))], names, rotation=30, ha="right")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_ylabel("speed over the best plain path (labels: tok/s)")
+    ax.set_title("PoE decoding paths, greedy, batch 1, 1 thread (this machine, this run)")
+    ax.legend()
+    fig.tight_layout()
+    return save_figure(fig, out / "speedups.png")
+
+
+def bpb_at(evals: dict, arm: str, step: int) -> float | None:
+    return next((r["bpb"] for r in evals.get(arm, []) if r["step"] == step), None)
+
+
+def headline(results: dict) -> list[str]:
+    """The paper's headline from this run: what PoE costs in bpb and what it buys in decode speed,
+    against the best plain path, per prompt set; the BP arm's plain speed beside it."""
+    evals = results["evals"]
+    bp, poe = final_eval(evals.get("bp", [])), final_eval(evals.get("poe", []))
+    sets = ((results.get("inference") or {}).get("poe") or {}).get("sets", {})
+    if not (bp and poe and sets):
+        return []
+    cost = 100 * (poe["bpb"] / bp["bpb"] - 1)
+    lines = []
+    for name, rep in sets.items():
+        m = rep["modes"]
+        spec, wand, plain = m.get("speculative"), m.get("wand"), m["plain"]
+        buys = []
+        if spec:
+            exact = "exact" if spec["identical_to_plain"] else "OUTPUT DIFFERS"
+            buys.append(f"**{spec['speedup']:.2f}×** decode (speculative, {exact}: draft stage {spec['draft_stage']}, "
+                        f"{100 * spec['acceptance']:.0f} % acceptance)")
+        if wand:
+            buys.append(f"**{wand['speedup']:.2f}×** (WAND at {100 * wand['agreement']:.1f} % agreement)")
+        bp_plain = rep.get("bp_plain")
+        bp_line = (f"; the BP arm's plain path: {bp_plain['tokens_per_s']:.0f} tok/s ({bp_plain['path']}, "
+                   f"{bp_plain['speedup']:.2f}× the PoE arm's)" if bp_plain else "")
+        lines.append(f"- {rep['source']} prompts: PoE costs **{cost:+.2f} %** bpb and buys {' and '.join(buys)}, "
+                     f"every speed over the best plain path ({plain['path']}, {plain['tokens_per_s']:.0f} tok/s)"
+                     f"{bp_line}.")
+    lines.append(f"- Paper (d24, A100s): PoE costs +{PAPER['gap_pct_final']} % bpb and buys "
+                 f"{PAPER['speculative_speedup']}× (speculative, {int(100 * PAPER['speculative_acceptance'])} % "
+                 f"acceptance) and {PAPER['wand_speedup']}× (WAND at {int(100 * PAPER['wand_agreement'])} % agreement).")
+    return lines
+
+
+def stopped_arm_line(results: dict) -> str | None:
+    """The alpha=0.5 arm against the others at the step it stopped at."""
+    a = results.get("alpha05_at_stop")
+    if not a or a["step"] >= a["horizon"]:
+        return None
+    gaps = ", ".join(f"{arm} {a['bpb'][arm]:.4f}" + (f" ({a['gap_pct'][arm]:+.2f} % vs BP)" if arm in a["gap_pct"] else "")
+                     for arm in a["bpb"])
+    return (f"The α=0.5 arm stopped at step {a['step']} of {a['horizon']} ({100 * a['fraction']:.0f} %, under the "
+            f"full schedule), as the paper's run stopped at step {PAPER['alpha05_stop_step']:,} of "
+            f"{PAPER['horizon_steps']:,}; every arm at step {a['step']}: {gaps}.")
+
+
+def reuse_line(results: dict) -> str:
+    """Which parts an earlier call finished (and when), so a rerun's timings are not mistaken for a full run's."""
+    reused = results.get("reused") or {}
+    if not reused:
+        return f"Every part was run by this call (started {results.get('started', '?')})."
+    parts = ", ".join(f"{name} (finished {when})" for name, when in reused.items())
+    return (f"Reused from an earlier call: {parts}; this call (started {results.get('started', '?')}) ran the rest "
+            f"in {results['wall_seconds'] / 60:.1f} min.")
 
 
 def render_report(results: dict) -> str:
@@ -86,8 +163,12 @@ def render_report(results: dict) -> str:
              f"Machine: {results['machine']}. Wall time: {results['wall_seconds'] / 60:.1f} min. "
              f"Model: depth {model['n_layer']}, width {model['n_embd']}, stages {model['poe_stage_layers']}, "
              f"seq {model['sequence_len']}, "
-             f"vocab {cfg['vocab_size']}, {cfg['total_batch_size']:,} tokens/step. Data: `{cfg['data_source']}`.", "",
-             "## Final validation bits per byte", "",
+             f"vocab {cfg['vocab_size']}, {cfg['total_batch_size']:,} tokens/step. Data: `{cfg['data_source']}`. "
+             + reuse_line(results), ""]
+    top = headline(results)
+    if top:
+        lines += ["## Headline", ""] + top + [""]
+    lines += ["## Final validation bits per byte", "",
              "| arm | steps | tokens | final bpb | " + " | ".join(f"stage {k}" for k in range(_n_stages(evals))) +
              " | Log-OP | gap vs BP |", "|---|---|---|---|" + "---|" * (_n_stages(evals) + 2)]
     bp_last = final_eval(evals.get("bp", []))
@@ -97,7 +178,8 @@ def render_report(results: dict) -> str:
             continue
         arm_result = results["arms"].get(arm, {})
         steps = arm_result.get("step", last["step"])
-        gap = f"{100 * (last['bpb'] / bp_last['bpb'] - 1):+.2f} %" if bp_last and arm != "bp" else "—"
+        bp_then = bpb_at(evals, "bp", last["step"])  # an arm stopped early compares at its own step
+        gap = f"{100 * (last['bpb'] / bp_then - 1):+.2f} %" if bp_then and arm != "bp" else "—"
         stages = " | ".join(f"{b:.4f}" for b in last["stages"])
         lines.append(f"| {arm} | {steps} | {steps * cfg['total_batch_size']:,} | {last['bpb']:.4f} | {stages} | "
                      f"{last['logop']:.4f} | {gap} |")
@@ -106,33 +188,16 @@ def render_report(results: dict) -> str:
                      f"with the reference code's backout {row['with_backout']:.4f} bpb.")
     lines += ["", f"Paper (d24, 27.7 B tokens): BP {PAPER['bp_bpb']}, PoE α=0 {PAPER['poe_bpb']} "
               f"(+{PAPER['gap_pct_final']} %); the gap grew from +{PAPER['gap_pct_step1000']} % at step 1000.", ""]
-    ordering = alpha_ordering(results)
-    if ordering:
-        lines += [ordering, ""]
+    for line in (stopped_arm_line(results), alpha_ordering(results)):
+        if line:
+            lines += [line, ""]
     if results["gap"]:
         lines += ["## Gap trajectory (PoE α=0 vs BP)", "", "| step | BP bpb | PoE bpb | gap |", "|---|---|---|---|"]
         lines += [f"| {g['step']} | {g['bp']:.4f} | {g['poe']:.4f} | {g['gap_pct']:+.2f} % |" for g in results["gap"]]
         lines.append("")
     inf = results.get("inference") or {}
     if inf.get("poe"):
-        lines += ["## Inference modes of the PoE model (measured in one run against plain decoding)", "",
-                  "| mode | tokens/s | speedup | top-1 agreement | acceptance | extra |", "|---|---|---|---|---|---|"]
-        for mode, m in inf["poe"]["modes"].items():
-            agree = f"{100 * m['agreement']:.1f} %" if m.get("agreement") is not None else "—"
-            acc = f"{100 * m['acceptance']:.1f} %" if m.get("acceptance") is not None else "—"
-            lines.append(f"| {mode} | {m['tokens_per_s']:.1f} | {m['speedup']:.2f}x | {agree} | {acc} | "
-                         f"{m.get('note', '')} |")
-        sweep = inf["poe"].get("speculative_sweep") or []
-        if len(sweep) > 1:
-            lines += ["", "Speculative decoding by draft stage (γ fixed):", "",
-                      "| draft stage | tokens/s | speedup | acceptance | tokens per verify | identical to greedy |",
-                      "|---|---|---|---|---|---|"]
-            lines += [f"| {r['draft_stage']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
-                      f"{100 * (r['acceptance'] or 0):.1f} % | {r['tokens_per_verify'] or 0:.2f} | "
-                      f"{'yes' if r['identical_to_plain'] else 'NO'} |" for r in sweep]
-        lines += ["", f"Paper (1.3B on GPU): speculative {PAPER['speculative_speedup']}x at "
-                  f"{int(100 * PAPER['speculative_acceptance'])} % acceptance, WAND {PAPER['wand_speedup']}x at 100 % "
-                  "agreement, stage 0 about 4x cheaper per token.", ""]
+        lines += inference_section(inf["poe"])
     if inf.get("bp_refusals"):
         lines += ["## The BP model refuses the PoE modes", ""]
         lines += [f"- `{mode}`: {msg}" for mode, msg in inf["bp_refusals"].items()]
@@ -140,6 +205,9 @@ def render_report(results: dict) -> str:
     if results.get("specialist"):
         lines += specialist_report(results["specialist"])
     lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in results.get("plots", [])]
+    lines += ["", "Per arm (training loss and per-stage losses; the α=0.5 arm's total loss is √K times the α=0 "
+              "form's, so it is drawn beside the per-stage losses at a different scale): "
+              + ", ".join(f"[{arm}](arms/{arm}/loss.png)" for arm in evals)]
     lines += ["", "## What this run shows and what it does not", "",
               "- It reproduces the experiment's *protocol* exactly: same architecture, data order, seed, optimizer "
               "and schedule for the three arms, evaluated on the same fixed validation tokens.",
@@ -151,10 +219,55 @@ def render_report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def inference_section(poe: dict) -> list[str]:
+    """report.md's tables of every decoding path, per prompt set."""
+    lines = ["## Inference modes of the PoE model (one run, against the best plain path)", "",
+             f"Greedy, batch 1, {poe['threads']} torch thread(s), interleaved, median of {poe['repeats']}; the process "
+             f"got {100 * poe['cpu_share']:.0f} % of a core per thread while timing"
+             + (" (the machine was busy: ratios hold, absolute speeds are low)" if poe["cpu_share"] < 0.9 else "")
+             + ". Agreement: teacher-forced top-1 agreement with full depth on held-out text of the set "
+             "(WAND calibrated on other validation tokens); identical: the same greedy tokens as eager plain.", ""]
+    for name, rep in poe["sets"].items():
+        lines += [f"### Prompts from {rep['source']} ({rep['prompts']} × {rep['prompt_tokens']} tokens, "
+                  f"{rep['max_new_tokens']} new tokens each)", "",
+                  "| path | tokens/s | vs best plain | agreement | identical | acceptance | tokens per verify | "
+                  "stages per token |", "|---|---|---|---|---|---|---|---|"]
+        agree = {"stage0": rep["agreement"]["stage0"], "wand": rep["agreement"]["wand"]}
+        for path, r in rep["paths"].items():
+            a = agree.get(path.split(":")[0])
+            lines.append(f"| {path} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}× | "
+                         f"{'—' if a is None else f'{100 * a:.1f} %'} | {'yes' if r['identical_to_plain'] else 'no'} | "
+                         f"{_pct(r.get('acceptance'))} | {_num(r.get('tokens_per_verify'))} | "
+                         f"{r['mean_stages_per_token']:.2f} |")
+        if rep.get("bp_plain"):
+            b = rep["bp_plain"]
+            lines.append(f"| BP arm, {b['path']} | {b['tokens_per_s']:.1f} | {b['speedup']:.2f}× | — | — | — | — | — |")
+        wand = rep["paths"].get("wand:eager") or {}
+        if wand.get("exit_stage_counts"):
+            lines += ["", f"WAND exits per stage (generated tokens): {wand['exit_stage_counts']}."]
+        lines.append("")
+    lines += [f"Paper (1.3B on GPU): speculative {PAPER['speculative_speedup']}x at "
+              f"{int(100 * PAPER['speculative_acceptance'])} % acceptance, WAND {PAPER['wand_speedup']}x at 100 % "
+              "agreement, stage 0 about 4x cheaper per token.", ""]
+    return lines
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.0f} %"
+
+
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
 def alpha_ordering(results: dict) -> str | None:
     """The final-bpb ordering of the three arms against the paper's (BP < PoE α=0 < PoE α=0.5);
     None without all three arms."""
     bpb = {arm: recs[-1]["bpb"] for arm, recs in results["evals"].items() if recs}
+    stop = results.get("alpha05_at_stop")
+    where = "final bpb"
+    if stop and stop["step"] < stop["horizon"]:  # the alpha=0.5 arm stopped early: compare where it stopped
+        bpb, where = stop["bpb"], f"bpb at step {stop['step']}, where the α=0.5 arm stopped"
     if not {"bp", "poe", "poe_a05"} <= set(bpb):
         return None
     bp, a0, a05 = bpb["bp"], bpb["poe"], bpb["poe_a05"]
@@ -163,7 +276,7 @@ def alpha_ordering(results: dict) -> str | None:
     base = ("BP better than both PoE arms, as in the paper" if bp < min(a0, a05) else
             "BP not better than both PoE arms, not as in the paper (there BP is better)")
     k = len(results["evals"]["poe"][-1]["stages"])
-    return (f"Ordering of the final bpb (BP {bp:.4f}, PoE α=0 {a0:.4f}, PoE α=0.5 {a05:.4f}): {alpha}; {base}. "
+    return (f"Ordering of the {where} (BP {bp:.4f}, PoE α=0 {a0:.4f}, PoE α=0.5 {a05:.4f}): {alpha}; {base}. "
             f"The two α arms differ only in the loss scale ({k} stages: α=0.5 is {k ** 0.5:g}x the α=0 loss), which "
             "Muon and AdamW normalise away (their per-step losses agree to 4 digits over the first steps), so "
             f"their {abs(100 * (a05 / a0 - 1)):.1f} % difference measures how far tiny rounding differences "

@@ -156,20 +156,23 @@ def reused_parts(cfg: ExperimentConfig) -> dict[str, str]:
 
 
 def measure_inference(cfg: ExperimentConfig, say) -> dict:
-    """PoE model: stage 0, WAND and speculative against plain decoding; BP refusing them."""
+    """PoE model: every mode against the best plain path (and the BP arm's plain speed) on
+    validation and outside-text prompts; BP refusing the PoE modes."""
     from poelm.checkpoint import load_model
-    from poelm.inference_bench import measure_modes, bp_refusals
+    from poelm.inference_bench import bp_refusals, measure_modes
 
     arms = Path(cfg.out) / "arms"
     result: dict = {}
+    bp = load_model(arms / "bp")[0] if (arms / "bp").exists() else None
     if (arms / "poe").exists():
         model, tok = load_model(arms / "poe")
-        say("[inference] measuring plain, stage 0, WAND and speculative decoding on the PoE arm ...")
+        say("[inference] timing plain (eager, compiled), stage 0, WAND and speculative decoding on the PoE arm "
+            "and plain on the BP arm: validation and outside-text prompts, 1 thread ...")
         result["poe"] = measure_modes(model, tok, cfg.data, n_prompts=cfg.decode_prompts,
-                                      max_new_tokens=cfg.decode_tokens, model_dir=resolve(arms / "poe"), repeats=3)
-    if (arms / "bp").exists():
-        model, tok = load_model(arms / "bp")
-        result["bp_refusals"] = bp_refusals(model, tok)
+                                      max_new_tokens=cfg.decode_tokens, model_dir=resolve(arms / "poe"), repeats=3,
+                                      bp_model=bp, compile=cfg.decode_compile)
+    if bp is not None:
+        result["bp_refusals"] = bp_refusals(bp, load_model(arms / "bp")[1])
     return result
 
 
