@@ -86,3 +86,103 @@ def test_measure_modes_against_the_best_plain_path_on_both_prompt_sets(tiny_data
         assert "exit_stage_counts" in rep["paths"]["wand:eager"]
     assert r["sets"]["outside"]["source"].startswith("poelm/outside_text.py")
     assert r["sets"]["outside"]["prompts"] == 2 and r["sets"]["outside"]["prompt_tokens"] == 8
+
+
+def fake_results(reused: dict | None = None) -> dict:
+    """A results.json of the shape run_experiment writes, with round numbers."""
+    def ev(step, bpb):
+        return {"step": step, "bpb": bpb, "stages": [bpb + 0.3, bpb + 0.2, bpb + 0.1, bpb], "logop": bpb + 0.05}
+
+    def path(tps, **kw):
+        return {"tokens_per_s": tps, "speedup": tps / 400.0, "identical_to_plain": True, "mean_stages_per_token": 4.0,
+                "ttft_s": 0.01, "tpot_s": 0.002, **kw}
+
+    def one_set(source, spec_tps, wand_tps, agree):
+        paths = {"plain:eager": path(200.0), "plain:compiled": path(400.0), "stage0:eager": path(500.0),
+                 "wand:eager": path(wand_tps, exit_stage_counts=[10, 5, 0, 497]),
+                 "speculative_d0:eager": path(spec_tps, acceptance=0.6, tokens_per_verify=3.1)}
+        sweep = [dict(paths["speculative_d0:eager"], draft_stage=0, path="speculative_d0:eager")]
+        return {"source": source, "prompts": 4, "prompt_tokens": 32, "max_new_tokens": 128,
+                "best_plain": "plain:compiled", "paths": paths, "speculative_sweep": sweep,
+                "agreement": {"stage0": 0.7, "wand": agree, "wand_stages_per_token": 3.9, "tokens": 8192},
+                "bp_plain": dict(path(410.0), path="bp_plain:compiled"),
+                "modes": {"plain": dict(paths["plain:compiled"], path="plain:compiled", agreement=1.0),
+                          "stage0": dict(paths["stage0:eager"], path="stage0:eager", agreement=0.7),
+                          "wand": dict(paths["wand:eager"], path="wand:eager", agreement=agree),
+                          "speculative": dict(sweep[0])}}
+
+    evals = {"bp": [ev(0, 3.5), ev(120, 1.70), ev(226, 1.60)], "poe": [ev(0, 3.5), ev(120, 1.72), ev(226, 1.616)],
+             "poe_a05": [ev(0, 3.5), ev(120, 1.73)]}
+    return {"config": dataclasses_config(), "model": {"n_layer": 8, "n_embd": 128, "poe_stage_layers": [2, 2, 2, 2],
+                                                      "sequence_len": 256},
+            "arms": {"bp": {"step": 226, "num_iterations": 226, "train_seconds": 600.0},
+                     "poe": {"step": 226, "num_iterations": 226, "train_seconds": 620.0},
+                     "poe_a05": {"step": 120, "num_iterations": 226, "train_seconds": 330.0}},
+            "evals": evals, "gap": [], "gap_alpha05": [], "backout_compat": {},
+            "alpha05_at_stop": {"step": 120, "horizon": 226, "fraction": 120 / 226,
+                                "bpb": {"bp": 1.70, "poe": 1.72, "poe_a05": 1.73},
+                                "gap_pct": {"poe": 100 * (1.72 / 1.70 - 1), "poe_a05": 100 * (1.73 / 1.70 - 1)}},
+            "inference": {"poe": {"threads": 1, "repeats": 3, "gamma": 4, "cpu_share": 0.97, "wand_bounds": [1, 1, 1, 0],
+                                  "sets": {"validation": one_set("the validation split", 600.0, 380.0, 0.999),
+                                           "outside": one_set("poelm/outside_text.py", 520.0, 360.0, 0.998)}}},
+            "specialist": None, "wall_seconds": 1500.0, "machine": "2 CPU cores", "reused": reused or {},
+            "resumed_arms": [a for a in (reused or {}) if a != "specialist"], "started": "2026-01-02 10:00",
+            "paper": exp.PAPER}
+
+
+def dataclasses_config() -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(exp.load_config("tiny", {}))
+
+
+def test_report_headline_reuse_and_stop_on_fake_results(tmp_path):
+    results = fake_results({"bp": "2026-01-02 09:10", "poe": "2026-01-02 09:25"})
+    top = headline(results)
+    # PoE costs +1.00 % bpb (1.616 / 1.60) and buys 1.50x speculative (600 / 400) and 0.95x WAND at 99.9 %
+    assert top[0].startswith("- the validation split prompts: PoE costs **+1.00 %** bpb and buys **1.50×** decode "
+                             "(speculative, exact: draft stage 0, 60 % acceptance) and **0.95×** (WAND at 99.9 % "
+                             "agreement), every speed over the best plain path (plain:compiled, 400 tok/s); the BP "
+                             "arm's plain path: 410 tok/s (bp_plain:compiled")
+    assert "**1.30×** decode" in top[1] and "WAND at 99.8 % agreement" in top[1]  # the outside-text prompts
+    assert reuse_line(results).startswith("Reused from an earlier call: bp (finished 2026-01-02 09:10), poe "
+                                          "(finished 2026-01-02 09:25); this call (started 2026-01-02 10:00)")
+    assert reuse_line(fake_results()).startswith("Every part was run by this call")
+    report = render_report(results)
+    assert "## Headline" in report and "stopped at step 120 of 226 (53 %" in report
+    assert "poe_a05 1.7300 (+1.76 % vs BP)" in report
+    assert "| poe_a05 | 120 | 983,040 | 1.7300 |" in report and "+1.76 % |" in report  # gap at its own step
+    assert "Ordering of the bpb at step 120, where the α=0.5 arm stopped" in report
+    assert "| plain:compiled | 400.0 | 1.00× |" in report and "| BP arm, bp_plain:compiled | 410.0 |" in report
+    # the README section says the same, from the same functions
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import readme_results
+    finally:
+        sys.path.pop(0)
+    section = readme_results.results_section(copy.deepcopy(results))
+    assert top[0] in section and "Reused from an earlier call: bp (finished 2026-01-02 09:10)" in section
+
+
+def test_decode_benchmark_json_summary_on_real_text(tiny_data, tmp_path, capsys):
+    data, tok = tiny_data
+    tok.save(tmp_path / "tok")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import decode
+    finally:
+        sys.path.pop(0)
+    decode.main(["--data", str(data), "--tokenizer", str(tmp_path / "tok"), "--steps", "2", "--depth", "4",
+                 "--width", "64", "--prompts", "2", "--new-tokens", "6", "--repeats", "1", "--no-compile",
+                 "--shape-batches", "", "--out", str(tmp_path / "d.png")])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the JSON summary is the last line
+    assert summary["trained_on"].startswith("trained here on") and summary["memory_bandwidth_gb_s"] > 0
+    assert set(summary["sets"]) == {"validation", "outside"}
+    for s in summary["sets"].values():
+        assert s["best_plain"] == "plain:eager" and s["speedups"]["plain:eager"] == 1.0
+        assert {"plain", "stage0", "wand", "speculative"} <= set(s["modes"])
+        assert s["modes"]["speculative"]["identical_to_plain"] is True
+        roof = s["roofline"]
+        assert roof["bytes_per_step"] > 0 and roof["ceiling_tokens_per_s"] > 0 and 0 < roof["mbu"]
+        assert roof["ttft_ms"] > 0 and roof["tpot_ms"] > 0
+        assert "speculative_d0@T0.8:eager" in s["speedups"] and "logop{0,1}:eager" in s["speedups"]
