@@ -140,7 +140,7 @@ def test_report_headline_reuse_and_stop_on_fake_results(tmp_path):
     results = fake_results({"bp": "2026-01-02 09:10", "poe": "2026-01-02 09:25"})
     top = headline(results)
     # PoE costs +1.00 % bpb (1.616 / 1.60) and buys 1.50x speculative (600 / 400) and 0.95x WAND at 99.9 %
-    assert top[0].startswith("- the validation split prompts: PoE costs **+1.00 %** bpb and buys **1.50×** decode "
+    assert top[0].startswith("- Prompts from the validation split: PoE costs **+1.00 %** bpb and buys **1.50×** decode "
                              "(speculative, exact: draft stage 0, 60 % acceptance) and **0.95×** (WAND at 99.9 % "
                              "agreement), every speed over the best plain path (plain:compiled, 400 tok/s); the BP "
                              "arm's plain path: 410 tok/s (bp_plain:compiled")

@@ -126,7 +126,7 @@ def headline(results: dict) -> list[str]:
         bp_plain = rep.get("bp_plain")
         bp_line = (f"; the BP arm's plain path: {bp_plain['tokens_per_s']:.0f} tok/s ({bp_plain['path']}, "
                    f"{bp_plain['speedup']:.2f}× the PoE arm's)" if bp_plain else "")
-        lines.append(f"- {rep['source']} prompts: PoE costs **{cost:+.2f} %** bpb and buys {' and '.join(buys)}, "
+        lines.append(f"- Prompts from {rep['source']}: PoE costs **{cost:+.2f} %** bpb and buys {' and '.join(buys)}, "
                      f"every speed over the best plain path ({plain['path']}, {plain['tokens_per_s']:.0f} tok/s)"
                      f"{bp_line}.")
     lines.append(f"- Paper (d24, A100s): PoE costs +{PAPER['gap_pct_final']} % bpb and buys "

@@ -215,7 +215,8 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
         now = json.loads(json.dumps(dataclasses.asdict(cfg)))
         for d in (old, now):  # the model as GPTConfig resolves it (defaults spelt out or not)
             d["model"] = GPTConfig(**d["model"]).to_dict()
-        diff = [k for k in old if k not in ("out", "arms", "decode_tokens", "decode_prompts") and old[k] != now.get(k)]
+        diff = [k for k in old if k not in ("out", "arms", "decode_tokens", "decode_prompts", "decode_compile")
+                and old[k] != now.get(k)]
         if diff:
             raise ValueError(f"{out} holds an experiment with other settings ({', '.join(diff)}); "
                              "use another --out or rerun with the same settings to resume")
