@@ -43,7 +43,8 @@ def results_section(results: dict) -> str:
     else:
         timing = (f"**{results['wall_seconds'] / 60:.1f} minutes wall time** for the `poelm experiment` call that "
                   f"wrote these numbers (corpus, tokenizer, {len(lasts)} arms, inference modes, specialist; "
-                  f"{train_min:.1f} of them training the arms). ")
+                  f"{train_min:.1f} of them training the arms). "
+                  + (f"Code: commit {results['commit']}. " if results.get("commit") else ""))
     lines = [f"Machine: {results['machine']}. " + timing + f"Depth {model['n_layer']}, width {model['n_embd']}, vocab "
              f"{cfg['vocab_size']:,}, sequence {model['sequence_len']}, {tokens_per_arm:,} tokens per arm "
              f"({cfg['total_batch_size']:,} per step), corpus `{cfg['data_source']}`; LRs matrix "

@@ -127,6 +127,7 @@ def fake_results(reused: dict | None = None) -> dict:
                                            "outside": one_set("poelm/outside_text.py", 520.0, 360.0, 0.998)}}},
             "specialist": None, "wall_seconds": 1500.0, "machine": "2 CPU cores", "reused": reused or {},
             "resumed_arms": [a for a in (reused or {}) if a != "specialist"], "started": "2026-01-02 10:00",
+            "commit": "abc1234",
             "paper": exp.PAPER}
 
 
@@ -147,6 +148,7 @@ def test_report_headline_reuse_and_stop_on_fake_results(tmp_path):
     assert "**1.30×** decode" in top[1] and "WAND at 99.8 % agreement" in top[1]  # the outside-text prompts
     assert reuse_line(results).startswith("Reused from an earlier call: bp (finished 2026-01-02 09:10), poe "
                                           "(finished 2026-01-02 09:25); this call (started 2026-01-02 10:00)")
+    assert reuse_line(results).endswith("Code: commit abc1234.")
     assert reuse_line(fake_results()).startswith("Every part was run by this call")
     report = render_report(results)
     assert "## Headline" in report and "stopped at step 120 of 226 (53 %" in report

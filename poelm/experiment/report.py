@@ -148,7 +148,13 @@ def stopped_arm_line(results: dict) -> str | None:
 
 
 def reuse_line(results: dict) -> str:
-    """Which parts an earlier call finished (and when), so a rerun's timings are not mistaken for a full run's."""
+    """Which parts an earlier call finished (and when), so a rerun's timings are not mistaken for a full
+    run's, and the commit of the code that wrote the results."""
+    commit = f" Code: commit {results['commit']}." if results.get("commit") else ""
+    return _reuse(results) + commit
+
+
+def _reuse(results: dict) -> str:
     reused = results.get("reused") or {}
     if not reused:
         return f"Every part was run by this call (started {results.get('started', '?')})."

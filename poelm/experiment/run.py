@@ -240,12 +240,31 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
     results["specialist"] = run_specialist(cfg, say)
     results["wall_seconds"] = round(time.time() - t0, 1)
     results["machine"] = machine_description()
+    results["commit"] = code_commit()
     atomic_write_json(out / "results.json", results)
     results["plots"] = [str(p) for p in experiment_plots(out, results)]
     atomic_write_bytes(out / "report.md", render_report(results).encode())
     atomic_write_json(out / "results.json", results)
     say(f"report: {out / 'report.md'}")
     return results
+
+
+def code_commit() -> str | None:
+    """The git commit of the poelm sources that ran (with "+changes" when they differ from it);
+    None outside a git checkout."""
+    import subprocess
+
+    src = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=src, capture_output=True, text=True,
+                              timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=src, capture_output=True, text=True,
+                               timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def machine_description() -> str:
