@@ -188,3 +188,29 @@ def test_decode_benchmark_json_summary_on_real_text(tiny_data, tmp_path, capsys)
         assert roof["bytes_per_step"] > 0 and roof["ceiling_tokens_per_s"] > 0 and 0 < roof["mbu"]
         assert roof["ttft_ms"] > 0 and roof["tpot_ms"] > 0
         assert "speculative_d0@T0.8:eager" in s["speedups"] and "logop{0,1}:eager" in s["speedups"]
+
+
+def test_train_stop_at_keeps_the_whole_schedule(tiny_data, tmp_path, capsys):
+    """`poelm train --stop-at 2 --num-iterations 4`: two steps under the 4-step schedule (the LR of
+    step 2 is the 4-step schedule's), the last eval and checkpoint at step 2, plain progress lines."""
+    from poelm.cli import main
+    from poelm.schedule import lr_multiplier
+
+    data, tok = tiny_data
+    tok.save(tmp_path / "tok")
+    argv = ["train", "--data", str(data), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "run"),
+            "--depth", "2", "--n-embd", "32", "--n-head", "2", "--seq-len", "32", "--window-pattern", "L",
+            "--poe-mode", "flat", "--poe-every", "1", "--total-batch-size", "64", "--device-batch-size", "2",
+            "--num-iterations", "4", "--stop-at", "2", "--eval-every", "2", "--eval-tokens", "128",
+            "--warmup-steps", "1", "--warmdown-frac", "1.0", "--lr-scaling", "off", "--device", "cpu"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "stopping at step 2 of the 4-step schedule (--stop-at)" in out
+    assert any(line.startswith("step      2/2 | loss ") for line in out.splitlines())  # not a terminal: plain lines
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["step"] == 2 and result["num_iterations"] == 4 and result["eval"]["step"] == 2
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr_mult"] for r in records if r["type"] == "train"]
+    assert lrs == [lr_multiplier(s, 4, 1, 1.0, 0.05) for s in range(2)] and lrs[1] > 0.05
+    assert main(argv[:-2] + ["--stop-at", "5", "--device", "cpu"]) == 2  # beyond the horizon: one line
+    assert "--stop-at 5" in capsys.readouterr().err

@@ -93,6 +93,8 @@ def trainer_arguments(p: argparse.ArgumentParser) -> None:
            "the masked SDPA reference on the CPU")
     a("--resume", action="store_true", help="continue the run in --out from its newest complete checkpoint")
     a("--extend-to", type=int, default=None, help="with --resume: change the horizon to N steps (recorded)")
+    a("--stop-at", type=int, default=None,
+      help="stop after step N under the schedule of the whole horizon (a run cut short, as the paper's alpha=0.5 run)")
     a("--quiet", action="store_true", help="no progress bar or log lines")
 
 
