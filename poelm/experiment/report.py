@@ -166,7 +166,8 @@ def _reuse(results: dict) -> str:
 def render_report(results: dict) -> str:
     cfg, model, evals = results["config"], results["model"], results["evals"]
     lines = [f"# BP vs PoE: the 3-way experiment (`{cfg['name']}`)", "",
-             f"Machine: {results['machine']}. Wall time: {results['wall_seconds'] / 60:.1f} min. "
+             f"Machine: {results['machine']}. "
+             + ("" if results.get("reused") else f"Wall time: {results['wall_seconds'] / 60:.1f} min. ") +
              f"Model: depth {model['n_layer']}, width {model['n_embd']}, stages {model['poe_stage_layers']}, "
              f"seq {model['sequence_len']}, "
              f"vocab {cfg['vocab_size']}, {cfg['total_batch_size']:,} tokens/step. Data: `{cfg['data_source']}`. "
@@ -234,8 +235,8 @@ def inference_section(poe: dict) -> list[str]:
              + ". Agreement: teacher-forced top-1 agreement with full depth on held-out text of the set "
              "(WAND calibrated on other validation tokens); identical: the same greedy tokens as eager plain.", ""]
     for name, rep in poe["sets"].items():
-        lines += [f"### Prompts from {rep['source']} ({rep['prompts']} × {rep['prompt_tokens']} tokens, "
-                  f"{rep['max_new_tokens']} new tokens each)", "",
+        lines += [f"### Prompts from {rep['source']}: {rep['prompts']} × {rep['prompt_tokens']} tokens, "
+                  f"{rep['max_new_tokens']} new tokens each", "",
                   "| path | tokens/s | vs best plain | agreement | identical | acceptance | tokens per verify | "
                   "stages per token |", "|---|---|---|---|---|---|---|---|"]
         agree = {"stage0": rep["agreement"]["stage0"], "wand": rep["agreement"]["wand"]}
