@@ -50,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from poelm.engine import Engine, calibrate  # noqa: E402
+from poelm.experiment.report import mode_notes  # noqa: E402
 from poelm.inference_bench import OUTSIDE_SOURCE, heldout_batches, measure_sets, outside_set, prompts_from  # noqa: E402
 from poelm.model import GPT, GPTConfig  # noqa: E402
 
@@ -483,7 +484,9 @@ def report(args, results: dict) -> None:
     mdl = pm["model"]
     print(f"\n2. {mdl['n_layer']} layers x {mdl['n_embd']}, stages {mdl['stages']}, {mdl['params'] / 1e6:.2f}M params "
           f"({pm['trained_on']}); batch 1, {pm['threads']} thread(s), median of {pm['repeats']}, the process got "
-          f"{100 * pm['cpu_share']:.0f} % of a core per thread")
+          f"{100 * pm['cpu']['cpu_share']:.0f} % of a core per thread")
+    if pm["cpu"].get("contended"):
+        print(f"warning: {pm['cpu']['contended']}: these tokens/s are below this machine's", file=sys.stderr)
     print(f"WAND bounds {[round(b, 3) for b in pm['wand_bounds']]} (F={pm['wand_factor']})")
     for rep in pm["sets"].values():
         agree = rep["agreement"]
@@ -498,9 +501,8 @@ def report(args, results: dict) -> None:
             print(f"{name:<26} {r['tokens_per_s']:7.0f} {r['speedup']:7.2f}x {'' if a is None else f'{a:.4f}':>9} "
                   f"{r['mean_stages_per_token']:10.2f} {'' if acc is None else f'{acc:.3f}':>7} "
                   f"{'' if tpv is None else f'{tpv:.2f}':>10} {str(r.get('identical_to_plain', '')):>14}")
-        wand = rep["paths"].get("wand:eager", {})
-        if wand.get("exit_stage_counts"):
-            print(f"WAND exits per stage: {wand['exit_stage_counts']}")
+        for line in mode_notes(rep["modes"]):
+            print(line[2:])
         print(f"\n3. roofline at {pm['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s measured memory bandwidth "
               f"(copy), batch 1, KV at the mean context")
         for name, r in rep["roofline"].items():
@@ -545,15 +547,16 @@ def summary(results: dict) -> dict:
     over it, agreement, and the plain path's roofline."""
     pm = results["poe_modes"]
     out = {"trained_on": pm["trained_on"], "model": pm["model"], "threads": pm["threads"],
-           "cpu_share": round(pm["cpu_share"], 3), "memory_bandwidth_gb_s": pm["memory_bandwidth_bytes_per_s"] / 1e9,
+           "cpu_share": pm["cpu"]["cpu_share"], "memory_bandwidth_gb_s": pm["memory_bandwidth_bytes_per_s"] / 1e9,
            "sets": {}}
     for name, rep in pm["sets"].items():
         plain = rep["best_plain"]
         out["sets"][name] = {
             "source": rep["source"], "best_plain": plain,
             "best_plain_tokens_per_s": rep["modes"]["plain"]["tokens_per_s"],
-            "modes": {m: {k: r.get(k) for k in ("path", "tokens_per_s", "speedup", "agreement", "acceptance",
-                                                "identical_to_plain")} for m, r in rep["modes"].items()},
+            "modes": {m: {k: r[k] for k in ("path", "tokens_per_s", "speedup", "agreement", "acceptance",
+                                            "identical_to_plain", "gate", "adaptive") if k in r}
+                      for m, r in rep["modes"].items()},
             "speedups": {p: round(r["speedup"], 3) for p, r in rep["paths"].items()},
             "roofline": {k: rep["roofline"][plain][k] for k in ("bytes_per_step", "ceiling_tokens_per_s", "mbu",
                                                                  "ttft_ms", "tpot_ms")}}

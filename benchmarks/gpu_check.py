@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from poelm.engine import DecodeOptions, Engine, PlainDecoder, calibrate  # noqa: E402
-from poelm.experiment.config import ARMS, PRESETS as EXPERIMENTS  # noqa: E402
+from poelm.experiment.config import ARMS, EXPERIMENTS  # noqa: E402
 from poelm.model import GPT, GPTConfig, resolve_attention_backend  # noqa: E402
 from poelm.optim import build_optimizer  # noqa: E402
 from poelm.schedule import apply_schedules  # noqa: E402

@@ -9,7 +9,8 @@
 
 A file is written under a per-process temporary name in its own directory, flushed to disk
 (fsync), renamed over the final name in one step and the directory entry synced, so a crash
-or kill -9 leaves either the old file or the new one, never a torn one.
+or kill -9 leaves either the old file or the new one, never a torn one. Files and directories get
+the modes open() and mkdir() would give them under the user's umask (not mkstemp's 0600).
 
 Temporary names say who writes them: `.NAME.tmp-<pid>-<host>-<random>` (and `.NAME.old-<pid>-<host>`
 for a directory being replaced), where <host> is 8 hex digits naming the machine and its PID
@@ -43,6 +44,14 @@ def _host() -> str:
     except OSError:  # no /proc (macOS): the host name alone
         pass
     return hashlib.sha256(ident.encode()).hexdigest()[:8]
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """This process's umask (read once: setting it back at once is the only portable way to read it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def owner() -> str:
@@ -104,6 +113,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     clear_stale(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{owner()}-")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would give under the user's umask
     try:
         yield tmp
         _fsync_path(tmp)
@@ -147,6 +157,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     clear_stale(path.parent)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{owner()}-"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 -> what mkdir would give under the user's umask
     try:
         yield tmp
         replace_dir(tmp, path)

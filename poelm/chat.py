@@ -40,7 +40,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 ROLES = ("system", "user", "assistant")
-CHAT_SPECIALS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
+# The chat special tokens, declared here only (poelm/tokenizer.py, shipped standalone in exports,
+# lists them among its own; tests/test_settings.py checks they agree). <|bos|> is every
+# tokenizer's; the four turn tokens never occur in pretraining text.
+BOS = "<|bos|>"
+ASSISTANT_END = "<|assistant_end|>"
+TURN_SPECIALS = ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", ASSISTANT_END)
+CHAT_SPECIALS = (BOS, *TURN_SPECIALS)
 SYSTEM_SEPARATOR = "\n\n"
 
 # The same format for transformers' apply_chat_template (and anything else that reads Jinja

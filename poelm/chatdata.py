@@ -170,6 +170,11 @@ def list_shards(data_dir: str | os.PathLike) -> tuple[list[Path], Path]:
     return checked_shards(data_dir, MANIFEST, REBUILD)
 
 
+def is_chat_data(data_dir: str | os.PathLike) -> bool:
+    """Whether `data_dir` is a chat data directory (it has chat.json) rather than a corpus."""
+    return (Path(data_dir) / MANIFEST).is_file()
+
+
 def read_conversations(path: str | os.PathLike) -> list[list[dict]]:
     """The conversations of one chat shard."""
     try:

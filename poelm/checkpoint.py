@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from poelm.atomic import atomic_dir, atomic_path, atomic_write_json
-from poelm.codec import from_nanochat_meta, read_config_file, to_config_json, to_nanochat_meta
+from poelm.codec import from_nanochat_meta, read_config_json, to_config_json, to_nanochat_meta
 from poelm.jsonfile import read_json_object
 from poelm.memory import check_fits
 from poelm.model import GPT, GPTConfig
@@ -180,7 +180,7 @@ def load_model_dir(path: Path, device="cpu", dtype: torch.dtype = torch.float32)
     cfg_path = path / CONFIG_NAME
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} is missing: not a poelm/Hugging Face model directory")
-    config = read_config_file(cfg_path)
+    config = read_config_json(cfg_path)
     check_fits(config, str(cfg_path), device)
     state = read_safetensors(path / WEIGHTS_NAME)
     model = build_model(config, device="meta")

@@ -3,9 +3,9 @@ model directories and the Hugging Face exports) and the PoE fork's nanochat `met
 GPTConfig (poelm/model.py) is the one source; this module is its codec (its command-line
 flags are poelm/flags.py's).
 
-    from poelm.codec import to_config_json, read_config_file, from_nanochat_meta
+    from poelm.codec import to_config_json, read_config_json, from_nanochat_meta
     d = to_config_json(config, dtype="bfloat16")     # GPTConfig fields + the standard HF names
-    config = read_config_file("out/model/config.json")
+    config = read_config_json("out/model/config.json")
     config = from_nanochat_meta(json.load(open("meta_026430.json")))
 
 A new GPTConfig field appears in all of these without another edit: config.json carries
@@ -71,7 +71,7 @@ def from_config_json(d: dict) -> GPTConfig:
     return config
 
 
-def read_config_file(path: str | Path) -> GPTConfig:
+def read_config_json(path: str | Path) -> GPTConfig:
     """GPTConfig from a config.json file (a bounded read); every error is one line that starts with its path."""
     d = read_json_object(path, "a model config", "re-export the model or fix the file")
     try:

@@ -42,11 +42,10 @@ import torch
 
 from poelm.atomic import atomic_dir, atomic_write_json
 from poelm.checkpoint import CONFIG_NAME, GENERATION_CONFIG_NAME, check_replaceable, save_model
+from poelm.chat import ASSISTANT_END
 from poelm.codec import to_config_json
 from poelm.model import GPT, GPTConfig
 from poelm.outputs import EXPORT_KIND, mark_output
-
-ASSISTANT_END = "<|assistant_end|>"
 
 
 def hf_config(model: GPT, tokenizer=None, dtype: torch.dtype = torch.bfloat16) -> dict:

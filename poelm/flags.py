@@ -1,11 +1,15 @@
 """Command-line flags that are not one command's own: argparse types (at_least,
-finite_float, int_range, seconds, comma_ints) and GPTConfig's flags, generated from its fields (their help and
-choices), so a new field becomes a flag without another edit.
+finite_float, int_range, seconds, comma_ints), settings declared once as dataclass fields
+(`setting`: help, choices, flag names, whether a resume may change it) and the flags generated
+from them, for GPTConfig (poelm.model), TrainConfig (poelm.train) and SftSettings (poelm.sft),
+so a new field becomes a flag without another edit.
 
     p.add_argument("--batch-size", type=at_least(1))
     add_model_flags(parser)                          # --n-layer/--depth, --n-embd, ... from the fields
     config = config_from_flags(model_kwargs(args))   # an error names the flag it is about
     argv = model_flags(config)                       # the flags that rebuild `config` (torchrun)
+    add_setting_flags(parser, TrainConfig, exclude=("model",))   # one flag per field
+    argv = setting_flags(tc, exclude=("model",))     # the flags that rebuild those fields
 
 It imports no torch until a GPTConfig function runs, so `poelm --help` stays light.
 """
@@ -16,7 +20,7 @@ import argparse
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, Field, field, fields
 
 if typing.TYPE_CHECKING:
     from poelm.model import GPTConfig
@@ -83,6 +87,95 @@ def comma_ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"give comma-separated integers such as 12,5,4,3, got {text!r}") from None
 
 
+def id_floats(text: str) -> dict[int, float]:
+    """An argparse type: comma-separated ID=NUMBER pairs such as 12=-100,7=2.5."""
+    out: dict[int, float] = {}
+    for pair in text.replace(" ", "").split(","):
+        key, _, value = pair.partition("=")
+        try:
+            out[int(key)] = float(value)  # no "=": float("") fails
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"give comma-separated ID=NUMBER pairs such as 12=-100,7=2.5, "
+                                             f"got {text!r}") from None
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Settings: one dataclass field each, its flag generated
+
+
+def setting(default=None, help: str = "", *, choices: tuple[str, ...] | None = None, flags: tuple[str, ...] = (),
+            type: Callable[[str], object] | None = None, shown: str | None = None, resume: bool = False,
+            default_factory=None, **more):
+    """A settings field with its one-line help; `flags`: its flag names when they are not
+    --field-name (the first is the one said in messages), `type`: the argparse type when the
+    field's own type is not enough (e.g. at_least(1)), `shown`: the default as --help says it,
+    `resume`: a resumed run may change it (it does not alter the weights' trajectory); `more`:
+    metadata of the class's own (DecodeOptions: where the server's request carries the field)."""
+    meta = {"help": help, "choices": choices, "flags": flags, "type": type, "shown": shown, "resume": resume, **more}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def setting_flag_names(f: Field) -> tuple[str, ...]:
+    """The flags of a settings field: its own `flags`, else --field-name."""
+    return f.metadata.get("flags") or (flag_name(f.name),)
+
+
+def add_setting_flags(parser, cls, exclude: tuple[str, ...] = (), defaults_note: str | None = None,
+                      choices: dict[str, tuple[str, ...]] | None = None) -> None:
+    """One flag per field of the settings dataclass `cls` (its help, choices and type from the
+    field; `choices` gives those known only above `cls`, e.g. the decoding modes). The default is
+    the field's, or, with defaults_note (e.g. "the preset's"), None = "not given", and a boolean
+    flag then takes --no-X too. A list field without a `type` is a repeatable flag (None: not given)."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in exclude:
+            continue
+        kind = _base_type(hints[f.name])
+        default = None if defaults_note or f.default is MISSING else f.default
+        help = f.metadata.get("help", f.name)
+        shown = defaults_note or f.metadata.get("shown")
+        kw: dict = {"dest": f.name, "default": default,
+                    "help": help.replace("%", "%%") + (f" (default: {shown})" if shown else "")}
+        allowed = (choices or {}).get(f.name) or f.metadata.get("choices")
+        if kind is bool:
+            kw["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is list and not f.metadata.get("type"):
+            kw.update(action="append", type=typing.get_args(kind)[0])
+        else:
+            kw["type"] = f.metadata.get("type") or kind
+            if allowed:
+                kw["choices"] = allowed
+        parser.add_argument(*setting_flag_names(f), **kw)
+
+
+def setting_kwargs(args: argparse.Namespace, cls, exclude: tuple[str, ...] = ()) -> dict:
+    """The fields of `cls` found on the parsed flags."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if f.name not in exclude and hasattr(args, f.name)}
+
+
+def setting_flags(obj, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The flags that rebuild the fields of the settings dataclass `obj` (None: left unset)."""
+    argv: list[str] = []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in exclude or value is None:
+            continue
+        flag = setting_flag_names(f)[0]
+        if isinstance(value, bool):
+            argv += [flag] if value else ([] if f.default is False else ["--no-" + flag[2:]])
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def resume_mutable(cls) -> set[str]:
+    """The fields of `cls` a resumed run may change."""
+    return {f.name for f in fields(cls) if f.metadata.get("resume")}
+
+
 # -----------------------------------------------------------------------------
 # GPTConfig: one flag per field
 
@@ -127,6 +220,14 @@ def add_model_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = 
             if choices:
                 kw["choices"] = choices
         group.add_argument(flag_name(f.name), *FLAG_ALIASES.get(f.name, ()), **kw)
+
+
+def untrained_fields() -> tuple[str, ...]:
+    """GPTConfig fields a model gets from elsewhere, never from training flags (the tokenizer's
+    vocabulary, a specialist's attach, a cut by `poelm export --stages`)."""
+    from poelm.model import GPTConfig
+
+    return tuple(f.name for f in fields(GPTConfig) if not f.metadata.get("trained", True))
 
 
 def model_kwargs(args: argparse.Namespace) -> dict:

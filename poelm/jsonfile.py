@@ -54,10 +54,17 @@ def read_json_object(path: str | os.PathLike, what: str = "a JSON object", fix: 
                      max_bytes: int = MAX_SETTINGS_BYTES) -> dict:
     """The JSON object in `path`; anything else (not JSON, nested past the parser's depth, a
     list or a number) is one ValueError naming the file, `what` it should be and `fix`."""
+    return parse_json_object(read_text(path, max_bytes), path, what, fix)
+
+
+def parse_json_object(text: str | bytes, path: str | os.PathLike, what: str = "a JSON object", fix: str = "") -> dict:
+    """The JSON object in `text` read from `path` (by read_json_object, or by a caller with its own
+    way of opening files); anything else is one ValueError naming the file, `what` and `fix`."""
     hint = f"; {fix}" if fix else ""
-    text = read_text(path, max_bytes)
     try:
         data = json.loads(text)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}){hint}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}){hint}") from None
     except RecursionError:

@@ -59,9 +59,10 @@ MAX_LAYERS = 2 ** 14
 ROTARY_SPAN = 2  # the rotary tables cover this many times sequence_len positions (grown on demand past it)
 
 
-def _f(default, help: str, choices: tuple[str, ...] | None = None):
-    """A GPTConfig field with its one-line description (and allowed values)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _f(default, help: str, choices: tuple[str, ...] | None = None, trained: bool = True):
+    """A GPTConfig field with its one-line description (and allowed values); trained=False: a
+    model gets it from elsewhere, never from a training flag."""
+    return field(default=default, metadata={"help": help, "choices": choices, "trained": trained})
 
 
 @dataclass
@@ -71,7 +72,7 @@ class GPTConfig:
     # Every field's `help` is its one description: the CLI flags (poelm.flags.add_model_flags),
     # config.json and the HF config are all generated from these fields.
     sequence_len: int = _f(2048, "context length: tokens per training row and the longest prompt + output")
-    vocab_size: int = _f(32768, "vocabulary size (taken from the tokenizer when training)")
+    vocab_size: int = _f(32768, "vocabulary size (taken from the tokenizer when training)", trained=False)
     n_layer: int = _f(24, "number of transformer layers (the nanochat depth)")
     n_embd: int | None = _f(None, "width; default: ceil(n_layer x aspect_ratio / head_dim) x head_dim")
     n_head: int | None = _f(None, "attention heads; default: n_embd / head_dim")
@@ -95,13 +96,14 @@ class GPTConfig:
     final_logop_alpha: float | None = _f(None, "alpha of the final Log-OP readout; default: poe_alpha")
     # post-hoc specialists (docs/poe.md section 7; built by poelm.specialist.attach, not trained from scratch)
     frozen_layers: int = _f(0, "specialist: leading layers frozen from its base (the base depth, plus earlier "
-                               "cascade layers); 0 = not a specialist")
+                               "cascade layers); 0 = not a specialist", trained=False)
     base_n_layer: int | None = _f(None, "specialist: depth of the original base (backout stays at its middle "
-                                        "layer through cascades); default: frozen_layers")
+                                        "layer through cascades); default: frozen_layers", trained=False)
     source_n_layer: int | None = _f(None, "a truncated model (`poelm export --stages K`): depth of the model these "
-                                          "are the first layers of; windows and value embeddings follow that depth")
+                                          "are the first layers of; windows and value embeddings follow that depth",
+                                   trained=False)
     head_mode: str = _f("dual", "specialist readout: dual = lm_head + lm_head_stage, base = lm_head only, "
-                                "spec = lm_head_stage only", HEAD_MODES)
+                                "spec = lm_head_stage only", HEAD_MODES, trained=False)
 
     def __post_init__(self) -> None:
         hints = _field_hints()
@@ -351,6 +353,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1)
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; t itself when it already is (Tensor.to costs a dispatch even then, several per
+    layer of an eager decode step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def logop_weight(n_stages: int, alpha: float) -> float:
     """Uniform Log-OP weight w = 1/|S|^(1-alpha) (docs/poe.md section 2)."""
     return 1.0 / n_stages ** (1.0 - alpha)
@@ -568,7 +576,7 @@ class StepPlan:
             positions = cache.positions(start, T) if cache is not None else torch.arange(start, start + T, device=device)
             need = start + T
         cos, sin = model._rotary(positions, need + 1)
-        self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+        self.cos, self.sin = as_dtype(cos, dtype), as_dtype(sin, dtype)
         self.backend = resolve_attention_backend(model.attention_backend, device, dtype)
         self.model = model
         self.keys: dict[int, tuple[int, object, bool, str]] = {w: self._plan(w, device) for w in windows}
@@ -677,11 +685,11 @@ class CausalSelfAttention(nn.Module):
         else:
             if start > cache.lengths[i]:  # a chunk before the end rewrites (crops) the layer; after it is a hole
                 raise RuntimeError(f"layer {i} cache holds {cache.lengths[i]} slots, chunk starts at {start}")
-            ck[:, :, start:end] = k.to(ck.dtype)
-            cv[:, :, start:end] = v.to(cv.dtype)
+            ck[:, :, start:end] = k  # the copy casts to the cache's dtype
+            cv[:, :, start:end] = v
             cache.lengths[i] = end
         lo = plan.keys[window][0]
-        return plan.attend(q, ck[:, :, lo:end].to(q.dtype), cv[:, :, lo:end].to(q.dtype), window)
+        return plan.attend(q, as_dtype(ck[:, :, lo:end], q.dtype), as_dtype(cv[:, :, lo:end], q.dtype), window)
 
 
 class MLP(nn.Module):

@@ -70,3 +70,47 @@ def save_figure(fig, path: Path) -> Path:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
+
+
+def plot_compare(result: dict, path: Path) -> Path:
+    """`poelm compare`'s figure: bpb per stage of every model, its final readout dotted."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row in result["models"]:
+        ks = list(range(len(row["stage_bpb"])))
+        ax.plot(ks, row["stage_bpb"], marker="o", label=f"{Path(row['model']).name} stages")
+        ax.axhline(row["bpb"], ls=":", lw=0.8, color=ax.lines[-1].get_color())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # stages are whole numbers
+    ax.set_xlabel("stage"), ax.set_ylabel("val bits per byte"), ax.set_title("bpb per stage (dotted: final readout)")
+    ax.grid(alpha=0.3), ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_specialist(out: Path, s: dict) -> Path:
+    """The experiment's specialist figure: held-out bits per assistant token over SFT steps."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    curve = s["curve"]
+    ax.plot([r["step"] for r in curve], [r["assistant_bits"] for r in curve], marker="o", label="base + specialist")
+    if s.get("base"):
+        ax.axhline(s["base"]["assistant_bits"], color="gray", ls="--", label="base (PoE arm)")
+    ax.set_xlabel("SFT step"), ax.set_ylabel("held-out bits per assistant token")
+    ax.set_title("specialist on the frozen PoE base (recall)"), ax.grid(alpha=0.3), ax.legend()
+    return save_figure(fig, out / "specialist.png")
+
+
+def plot_task_compare(result: dict, path: Path) -> Path:
+    """Grouped bars of each model's points per task (poelm.experiment.compare.compare_tasks), the
+    difference of the last model from the first written above each group."""
+    rows, models = result["rows"], [Path(m).name for m in result["models"]]
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows) + 2), 4))
+    width = 0.8 / len(models)
+    for i, name in enumerate(models):
+        ax.bar([j + i * width for j in range(len(rows))], [r["points"][i] for r in rows], width, label=name)
+    for j, r in enumerate(rows):
+        top = max(r["points"]) if all(p == p for p in r["points"]) else 0
+        ax.annotate(f"{r['difference']:+.1f}", (j + 0.4 - width / 2, top), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], [r["task"] for r in rows], rotation=20)
+    ax.set_ylabel("points (final readout)"), ax.set_title(f"downstream tasks: {models[-1]} - {models[0]} above")
+    ax.grid(alpha=0.3, axis="y"), ax.legend()
+    return save_figure(fig, Path(path))

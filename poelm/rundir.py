@@ -46,6 +46,7 @@ import torch.distributed as dist
 from poelm.atomic import atomic_write_bytes, atomic_write_json, clear_stale, owner, replace_dir
 from poelm.checkpoint import (LATEST_NAME, TRAINER_NAME, atomic_torch_save, is_complete_checkpoint, read_run_file,
                               run_checkpoint, run_step_dirs, save_model, step_of)
+from poelm.jsonfile import parse_json_object
 
 LOCK_NAME = ".lock"
 METRICS_NAME = "metrics.jsonl"
@@ -250,13 +251,7 @@ class RunDir:
 
     def read_json(self, path: Path) -> dict:
         """A JSON object of the run (never read through a link)."""
-        try:
-            value = json.loads(read_run_file(path))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); resume from another checkpoint") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"{path} holds {type(value).__name__}, not a JSON object; resume from another checkpoint")
-        return value
+        return parse_json_object(read_run_file(path), path, "a run file", "resume from another checkpoint")
 
     def save_checkpoint(self, step: int, model, optimizer, loader, tokenizer, trainer_state: dict, keep: int,
                         run_id: str) -> Path:

@@ -4,6 +4,7 @@ line when this machine cannot give it.
     device = parse_device("auto")          # cuda if visible, else cpu
     dtype = parse_dtype("bf16")            # torch.bfloat16
     check_bf16(device); check_compiler(device)
+    choice = set_threads(None)             # torch CPU threads: the free cores (choice.line() says why)
 
 A refusal is a SettingError naming the setting (`device`, `dtype`, `compile`); the command
 line prints the same sentence with the flag instead (`--device`, `--no-compile`). A run that
@@ -14,24 +15,30 @@ torch is imported only when a function runs.
 from __future__ import annotations
 
 import os
+import string
 from collections.abc import Callable
+from dataclasses import dataclass
 
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}
 
 
 class SettingError(ValueError):
-    """A bad value of one setting. `say(name, off)` writes the message given how to name the
-    setting and how to turn a boolean setting off: str() says them as Python parameters
-    (`device`, `compile=False`), `render` as the caller says them (the CLI: `--device`,
-    `--no-compile`)."""
+    """A bad value of one setting. Its message names settings as the caller says them: str()
+    as Python parameters (`device`, `compile=False`), `render` as the caller says them (the
+    CLI: `--device`, `--no-compile`). `say` is either say(name, off) of the one setting or a
+    template whose fields are setting names ("{num_iterations} 0 ... from {target_tokens}")."""
 
-    def __init__(self, setting: str, say: Callable[[str, str], str]):
+    def __init__(self, setting: str, say: Callable[[str, str], str] | str):
         self.setting, self.say = setting, say
-        super().__init__(say(setting, f"{setting}=False"))
+        super().__init__(self.render(lambda s: s, lambda s: f"{s}=False"))
 
-    def render(self, name: str, off: str) -> str:
-        return self.say(name, off)
+    def render(self, name: Callable[[str], str], off: Callable[[str], str]) -> str:
+        """The message with each setting s said as name(s) (a boolean turned off: off(s))."""
+        if callable(self.say):
+            return self.say(name(self.setting), off(self.setting))
+        settings = {field for _, field, _, _ in string.Formatter().parse(self.say) if field}
+        return self.say.format_map({s: name(s) for s in settings})
 
 
 class RunStopped(Exception):
@@ -101,3 +108,50 @@ def check_compiler(device) -> None:
     if device.type == "cpu" and not (os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++"))):
         raise SettingError("compile", lambda n, off: f"{n} on the CPU needs a C++ compiler (g++ or clang++ on PATH, "
                                                      f"or $CXX); pass {off}")
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """How many torch CPU threads a command runs with, and why."""
+
+    threads: int
+    why: str
+
+    def line(self) -> str:
+        return f"torch threads: {self.threads} ({self.why})"
+
+
+def free_cores() -> tuple[int, float]:
+    """(the cores this process may run on, the 1-minute load average of the machine)."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks (macOS)
+        usable = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    return usable, load
+
+
+def choose_threads(requested: int | None, ceiling: int) -> ThreadChoice:
+    """`requested`, else the free cores: the usable cores less the rounded 1-minute load (other
+    processes; a process started just now adds none yet), shared among the local ranks of a
+    torchrun job, at least 1 and at most `ceiling` (torch's own default: OMP_NUM_THREADS or the
+    physical cores)."""
+    if requested is not None:
+        return ThreadChoice(requested, "--threads")
+    usable, load = free_cores()
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    threads = max(1, min(ceiling, (usable - round(load)) // ranks))
+    why = f"{usable} usable cores, 1-minute load {load:.1f}" + (f", {ranks} local ranks" if ranks > 1 else "")
+    return ThreadChoice(threads, f"free cores: {why}; pass --threads N to choose")
+
+
+def set_threads(requested: int | None) -> ThreadChoice:
+    """Set torch's CPU threads to choose_threads(requested) and return the choice."""
+    import torch
+
+    choice = choose_threads(requested, torch.get_num_threads())
+    torch.set_num_threads(choice.threads)
+    return choice

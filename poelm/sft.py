@@ -17,16 +17,29 @@ base-style input, which must be exactly 0).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from poelm.chat import render_prompt
+from poelm.chat import ASSISTANT_END, TURN_SPECIALS, render_prompt
 from poelm.chatdata import ChatLoader, chat_batches, list_shards, read_conversations
+from poelm.flags import at_least, setting
 from poelm.train import Task
 
-ASSISTANT_END = "<|assistant_end|>"
+
+
+@dataclass
+class SftSettings:
+    """SFT's own settings beside TrainConfig's, declared like them (poelm.flags.setting): `poelm
+    sft`'s flags are generated from these fields and the run records them."""
+    attach_layers: int = setting(2, "new layers attached to a base", flags=("--layers",), type=at_least(1))
+    force: bool = setting(False, "attach to a BP base anyway (its stages were never trained to predict: "
+                                 "docs/poe.md section 6)")
+    row_len: int | None = setting(None, "tokens per conversation row", type=at_least(1), shown="the model's context")
+    eval_prompts: int = setting(32, "held-out prompts scored by exact match of the greedy answer, 0 = off",
+                                type=at_least(0))
 
 
 @torch.no_grad()
@@ -107,9 +120,61 @@ class ChatEvaluator:
         return text
 
 
-def sft_model(tc, device) -> tuple[object, object, object | None, dict | None]:
+# rows per step when the batch is derived from the chat set: an epoch of about this many steps,
+# at most MAX_DERIVED_ROWS rows per step
+DERIVED_STEPS_PER_EPOCH = 8
+MAX_DERIVED_ROWS = 32
+
+
+def base_batch_settings(spec: str) -> dict | None:
+    """{"total_batch_size", "device_batch_size"} the base MODEL was trained with (its checkpoint's
+    trainer.json keeps the run's settings); None when MODEL is not a training run's checkpoint."""
+    from poelm.checkpoint import model_dir
+    from poelm.jsonfile import read_json_object
+
+    directory = model_dir(spec)
+    if directory is None or not (directory / "trainer.json").is_file():
+        return None
+    settings = read_json_object(directory / "trainer.json", "the trainer state").get("train_config") or {}
+    batch = {k: settings.get(k) for k in ("total_batch_size", "device_batch_size")}
+    return batch if all(isinstance(v, int) and v > 0 for v in batch.values()) else None
+
+
+def sft_batch(spec: str, data: str, row_len: int | None, world: int = 1, total: int | None = None,
+              device_batch: int | None = None) -> tuple[int, int, str]:
+    """(total_batch_size, device_batch_size, where they came from) of `poelm sft MODEL --data CHAT`:
+    flags given win; the others follow the base run's batch (its tokens per step, in rows of
+    this run's length, as nanochat's chat SFT inherits the pretraining batch), else the chat
+    set's size (an epoch of about DERIVED_STEPS_PER_EPOCH steps, one accumulation step)."""
+    from poelm.checkpoint import model_dir
+    from poelm.codec import from_config_json
+    from poelm.jsonfile import read_json_object
+
+    if total is not None and device_batch is not None:
+        return total, device_batch, "--total-batch-size and --device-batch-size"
+    directory = model_dir(spec)
+    if directory is None:
+        raise ValueError(f"poelm sft needs MODEL as a directory (a run or model directory), got {spec!r}")
+    context = from_config_json(read_json_object(directory / "config.json", "the model config")).sequence_len
+    seq_len = min(row_len or context, context)
+    base = base_batch_settings(spec)
+    if base is not None:
+        rows = max(1, base["total_batch_size"] // (seq_len * world))
+        per_pass = device_batch or min(base["device_batch_size"], rows)
+        source = (f"the base run's {base['total_batch_size']:,} tokens per step in rows of {seq_len} tokens "
+                  f"(device batch {base['device_batch_size']})")
+    else:
+        conversations = sum(len(read_conversations(p)) for p in list_shards(data)[0])
+        rows = min(MAX_DERIVED_ROWS, max(1, conversations // DERIVED_STEPS_PER_EPOCH))
+        per_pass = device_batch or rows
+        source = f"the chat set's {conversations:,} conversations (about {DERIVED_STEPS_PER_EPOCH} steps per epoch)"
+    rows = max(per_pass, rows // per_pass * per_pass)
+    return total or rows * seq_len * world, per_pass, source
+
+
+def sft_model(tc, sft: SftSettings, device) -> tuple[object, object, object | None, dict | None]:
     """(tokenizer, specialist to train, its base or None, its lineage) for `poelm sft MODEL`: a
-    base gets tc.attach_layers new layers; a specialist made by `poelm specialist attach`
+    base gets sft.attach_layers new layers; a specialist made by `poelm specialist attach`
     trains as it is. The lineage (poelm.specialist) names the base for `save-delta`."""
     from poelm import specialist
     from poelm.checkpoint import load_model, resolve_run_dir
@@ -120,8 +185,7 @@ def sft_model(tc, device) -> tuple[object, object, object | None, dict | None]:
     if tokenizer is None:
         raise ValueError(f"{tc.init} has no tokenizer; SFT renders chats with the model's own tokenizer (and its "
                          "chat special tokens)")
-    missing = [t for t in ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", ASSISTANT_END)
-               if t not in tokenizer.special_tokens]
+    missing = [t for t in TURN_SPECIALS if t not in tokenizer.special_tokens]
     if missing:
         raise ValueError(f"{tc.init}'s tokenizer lacks the chat special tokens {', '.join(missing)}")
     if specialist.is_specialist(base.config):  # trained as it is; its base (for the scores) from its lineage
@@ -132,7 +196,7 @@ def sft_model(tc, device) -> tuple[object, object, object | None, dict | None]:
             not info.get("parent") else None
     else:
         info = specialist.lineage(tc.init, specialist.base_content_hash(base))
-        model = specialist.attach(base, tc.attach_layers, force=tc.force)
+        model = specialist.attach(base, sft.attach_layers, force=sft.force)
     return tokenizer, model.train(), base, info
 
 
@@ -162,31 +226,38 @@ class SftTask(Task):
     name = "sft"
     data_hint = "chat data with `poelm data chat --out DIR`"
 
-    def __init__(self):
+    def __init__(self, settings: SftSettings | None = None):
+        self.settings = settings or SftSettings()
         self.model = self.base = self.lineage = None
 
     def start(self, tc, rt) -> tuple[object, object, int]:
-        tokenizer, self.model, self.base, self.lineage = sft_model(tc, rt.device)
+        tokenizer, self.model, self.base, self.lineage = sft_model(tc, self.settings, rt.device)
         config = self.model.config
-        return tokenizer, config, min(tc.row_len or config.sequence_len, config.sequence_len)
+        return tokenizer, config, min(self.settings.row_len or config.sequence_len, config.sequence_len)
 
     def build(self, tc, rt, config):
         return self.model
 
     def horizon(self, tc, rt, model, tokenizer, seq_len: int, grad_accum: int) -> tuple[int, str]:
         conversations = len(self.loader(tc, rt, tokenizer, seq_len, rt.rank, rt.world, None).conversations)
-        epoch = -(-conversations // (tc.device_batch_size * rt.world * grad_accum))
+        rows = tc.device_batch_size * rt.world * grad_accum
+        epoch = -(-conversations // rows)
+        per_step = f"{rows / conversations:.3g} epochs per step ({rows:,} conversations of {conversations:,})"
+        if rows > conversations:
+            warnings.warn(f"one step holds {rows / conversations:.3g} epochs of the {conversations:,} training "
+                          f"conversations (each is seen several times per step); lower --total-batch-size to "
+                          f"{conversations * seq_len:,} tokens or less")
         if tc.num_iterations > 0:
-            return tc.num_iterations, f"horizon: {tc.num_iterations:,} steps (--num-iterations)"
-        return epoch, f"horizon: {epoch:,} steps = one epoch of {conversations:,} conversations"
+            return tc.num_iterations, f"horizon: {tc.num_iterations:,} steps (--num-iterations); {per_step}"
+        return epoch, f"horizon: {epoch:,} steps = one epoch of {conversations:,} conversations; {per_step}"
 
     def loader(self, tc, rt, tokenizer, seq_len: int, rank: int, world: int, state: dict | None) -> ChatLoader:
         return ChatLoader(tc.data, tokenizer, tc.device_batch_size, seq_len, rank=rank, world_size=world,
                           seed=tc.seed, device=rt.device, state=state)
 
     def evaluator(self, tc, setup, rt) -> ChatEvaluator:
-        evaluator = ChatEvaluator(tc.data, setup.tokenizer, tc.device_batch_size, setup.seq_len, tc.eval_prompts,
-                                  rt.device)
+        evaluator = ChatEvaluator(tc.data, setup.tokenizer, tc.device_batch_size, setup.seq_len,
+                                  self.settings.eval_prompts, rt.device)
         if self.base is not None and tc.eval_every > 0:
             evaluator.base = evaluator(self.base)  # the base's scores on the same data, once
         return evaluator

@@ -47,11 +47,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from poelm.chat import TURN_SPECIALS
 from poelm.jsonfile import check_field, read_json_object
 from poelm.model import GPT, GPTConfig, HEAD_MODES, init_scale, logop_weight
+from poelm.runtime import SettingError
 from poelm.tokenizer import SPECIAL_TOKENS
 
-CHAT_SPECIALS = ("<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>")
 DELTA_WEIGHTS = "delta.safetensors"
 DELTA_META = "delta.json"
 DELTA_FORMAT = "poelm-specialist-delta-v1"
@@ -70,7 +71,7 @@ def chat_token_ids(vocab_size: int) -> list[int]:
     first = vocab_size - len(SPECIAL_TOKENS)
     if first < 1:
         raise ValueError(f"vocab_size {vocab_size} has no room for the {len(SPECIAL_TOKENS)} special tokens")
-    return [first + SPECIAL_TOKENS.index(s) for s in CHAT_SPECIALS]
+    return [first + SPECIAL_TOKENS.index(s) for s in TURN_SPECIALS]
 
 
 # -----------------------------------------------------------------------------
@@ -122,7 +123,7 @@ def attach(base: GPT, n_layers: int, force: bool = False, source: str | None = N
     lm_head). Everything but the new blocks and lm_head_stage is frozen. A BP base is refused
     unless force (docs/poe.md section 6). source names where n_layers came from in errors (default: --layers)."""
     if not isinstance(n_layers, int) or n_layers < 1:
-        raise ValueError(f"--layers {n_layers}: a specialist needs at least 1 new layer")
+        raise SettingError("n_layers", lambda n, off: f"{n} {n_layers}: a specialist needs at least 1 new layer")
     if not base.config.is_poe() and not force:
         raise ValueError("the base is a BP model (poe_mode=none): a specialist reads out its frozen stages, which BP "
                          "never trained to predict (docs/poe.md section 6); pass --force (force=True) to attach anyway")
@@ -190,15 +191,16 @@ def base_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     return model.readout(x, None, kept.get(cfg.backout_layer), head_mode="base")
 
 
-def with_head_mode(model: GPT, head_mode: str, name: str = "--head-mode") -> GPT:
+def with_head_mode(model: GPT, head_mode: str, name: str = "head_mode") -> GPT:
     """Set the readout of a specialist's last stage; a model without lm_head_stage refuses
-    (naming the setting as `name`: the flag, or the server's request field)."""
+    (a SettingError naming the setting `name`: the parameter, which the CLI says as --head-mode,
+    or the server's request field)."""
     if head_mode not in HEAD_MODES:
-        raise ValueError(f"{name} {head_mode!r} is not one of {', '.join(HEAD_MODES)}")
+        raise SettingError(name, lambda n, off: f"{n} {head_mode!r} is not one of {', '.join(HEAD_MODES)}")
     try:
         model.config = replace(model.config, head_mode=head_mode)
     except ValueError as e:
-        raise ValueError(f"{name} {head_mode}: {e}") from None
+        raise SettingError(name, lambda n, off, e=e: f"{n} {head_mode}: {e}") from None
     return model
 
 

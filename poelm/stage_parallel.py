@@ -73,8 +73,9 @@ class Mesh:
         return replica * self.stages + stage
 
 
-def check_mesh(config: GPTConfig, world: int, *, task: str = "pretrain", compile: bool = False) -> None:
-    """Refuse what stage-parallel training cannot do, with one line each."""
+def check_mesh(config: GPTConfig, world: int, *, task=None, compile: bool = False) -> None:
+    """Refuse what stage-parallel training cannot do, with one line each; `task` (a
+    poelm.train.Task, None: pretraining) says whether it can be trained so."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise ValueError(f"--stage-parallel runs one process per stage: launch it with torchrun, e.g. "
                          f"`torchrun --nproc_per_node {config.n_stages} -m poelm train --stage-parallel ...` "
@@ -82,8 +83,8 @@ def check_mesh(config: GPTConfig, world: int, *, task: str = "pretrain", compile
     if config.poe_mode != "flat":
         raise ValueError(f"--stage-parallel trains --poe-mode flat only: with {config.poe_mode}, "
                          f"{WHY_NOT[config.poe_mode]}")
-    if task != "pretrain":
-        raise ValueError(f"--stage-parallel trains pretraining runs; task {task} is not supported")
+    if task is not None and not task.stage_parallel:
+        raise ValueError(f"--stage-parallel trains pretraining runs; task {task.name} is not supported")
     if compile:
         raise ValueError("--compile is not supported with --stage-parallel (each rank runs its layers eagerly)")
     if world % config.n_stages:

@@ -22,7 +22,6 @@ import dataclasses
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,61 +31,83 @@ import torch.distributed as dist
 
 from poelm.atomic import atomic_write_json
 from poelm.checkpoint import build_model, check_tokenizer, load_state_into, read_safetensors
-from poelm.model import GPT, GPTConfig
+from poelm.flags import resume_mutable, setting
+from poelm.model import ATTENTION_BACKENDS, GPT, GPTConfig
+from poelm.optim import LR_SCALING
+from poelm.progress import progress
 from poelm.rundir import METRICS_NAME, MetricsLog, RunDir, set_rng_state
-from poelm.runtime import RunStopped, check_bf16, check_compiler, parse_device, parse_dtype
+from poelm.runtime import RunStopped, SettingError, check_bf16, check_compiler, parse_device, parse_dtype
+from poelm.tracking import TRACKERS, Tracker, open_tracker, resolve_tracker
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 @dataclass
 class TrainConfig:
-    data: str = "data/default"
-    tokenizer: str | None = None
-    out: str = "runs/train"
-    # the model: every architecture and objective field (vocab_size is the tokenizer's)
-    model: GPTConfig = field(default_factory=GPTConfig)
-    # task: "pretrain" (a new model on a corpus) or "sft" (a specialist on chat data, poelm.sft)
-    task: str = "pretrain"
-    init: str | None = None  # the MODEL to start from (sft: a PoE base or a specialist; pretrain: its weights)
-    attach_layers: int = 2  # sft from a base: new layers of the specialist
-    force: bool = False  # sft: attach to a BP base anyway (docs/poe.md section 6)
-    row_len: int | None = None  # sft: tokens per conversation row (default: the model's context)
-    eval_prompts: int = 32  # sft: held-out prompts scored by exact match of the greedy answer (0: off)
+    """Every setting of a training run, declared once: `poelm train`'s flags (poelm.cli.train),
+    `poelm sft`'s shared ones, an experiment's training settings and the torchrun argv of its
+    arms are all generated from these fields; `resume=True` marks the settings a resumed run may
+    change (they do not alter the trajectory of the weights). The task's own settings (SFT's:
+    poelm.sft.SftSettings) live with the task."""
+    data: str = setting("data/default", "corpus directory of parquet shards (last shard = validation)")
+    tokenizer: str | None = setting(None, "tokenizer directory (tokenizer.pkl/json + token_bytes.pt)",
+                                    shown="none; give it", resume=True)
+    out: str = setting("runs/train", "run directory (checkpoints, metrics.jsonl, plots)", resume=True)
+    # the model: every architecture and objective field (vocab_size is the tokenizer's); a resume
+    # compares it field by field with the checkpoint's own config.json instead
+    model: GPTConfig = setting(help="the model (its own flags: GPTConfig's fields)", default_factory=GPTConfig,
+                               resume=True)
+    init: str | None = setting(None, "MODEL whose weights the run starts from (same architecture; a fresh optimizer "
+                                     "and schedule), e.g. an ordinary run's checkpoint")
     # batch and horizon
-    total_batch_size: int = 2 ** 20
-    device_batch_size: int = 32
-    num_iterations: int = -1
-    stop_at: int | None = None  # stop after this step, under the schedule of the whole horizon (a run cut short)
-    target_tokens: int = -1
-    target_param_data_ratio: float = 20.0
+    total_batch_size: int = setting(2 ** 20, "tokens per optimizer step (all ranks)")
+    device_batch_size: int = setting(32, "rows per forward pass per rank")
+    num_iterations: int = setting(-1, "optimizer steps; -1 = derive from --target-tokens or "
+                                      "--target-param-data-ratio")
+    stop_at: int | None = setting(None, "stop after this step, under the learning-rate schedule of the whole "
+                                        "horizon (a run cut short; its checkpoint is the one compared)",
+                                  shown="the horizon", resume=True)
+    target_tokens: int = setting(-1, "training tokens; -1 = use the ratio below")
+    target_param_data_ratio: float = setting(20.0, "tokens per total parameter (released runs: 20)")
     # optimizer
-    matrix_lr: float = 0.02
-    embedding_lr: float = 0.3
-    unembedding_lr: float = 0.008
-    scalar_lr: float = 0.5
-    weight_decay: float = 0.28
-    lr_scaling: str = "nanochat"  # "off": the LR flags and --weight-decay are taken literally
-    warmup_steps: int = 40
-    warmdown_frac: float = 0.65
-    final_lr_frac: float = 0.05
+    matrix_lr: float = setting(0.02, "Muon lr of the matrices at d12 / 2^19 tokens")
+    embedding_lr: float = setting(0.3, "AdamW lr of wte at d12 / 2^19 tokens")
+    unembedding_lr: float = setting(0.008, "AdamW lr of lm_head at d12 / 2^19 tokens")
+    scalar_lr: float = setting(0.5, "AdamW lr of x0_lambdas at d12 / 2^19 tokens")
+    weight_decay: float = setting(0.28, "Muon weight decay at d12 / 2^19 tokens, scaled to this run's start value")
+    lr_scaling: str = setting("nanochat", "nanochat: scale LRs and weight decay with batch, width and model size "
+                                          "(docs/training.md); off: take them literally, for small CPU runs",
+                              choices=LR_SCALING)
+    warmup_steps: int = setting(40, "linear learning-rate warmup steps")
+    warmdown_frac: float = setting(0.65, "fraction of the run spent warming down")
+    final_lr_frac: float = setting(0.05, "learning-rate multiplier at the last step")
     # evaluation, sampling, saving
-    eval_every: int = 250
-    eval_tokens: int | None = None  # None: the device's default (dataloader.default_eval_tokens)
-    sample_every: int = 0
-    sample_prompt: str = "The "
-    save_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2
+    eval_every: int = setting(250, "validation bpb every this many steps, 0 = never", resume=True)
+    eval_tokens: int | None = setting(None, "validation tokens per evaluation, capped at the split",
+                                      shown="80 x 2^19 on CUDA, 2^16 on CPU", resume=True)
+    sample_every: int = setting(0, "print a greedy sample every this many steps, 0 = never", resume=True)
+    sample_prompt: str = setting("The ", "prompt of those samples", shown=repr("The "), resume=True)
+    save_every: int = setting(0, "checkpoint every this many steps, 0 = only at the end", resume=True)
+    keep_checkpoints: int = setting(2, "newest checkpoints to keep, 0 = all", resume=True)
     # runtime
-    seed: int = 42
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool | None = None  # None: on for CUDA (not with stage_parallel), off elsewhere
-    attention_backend: str = "auto"  # the S layers' kernel (poelm.model.ATTENTION_BACKENDS)
-    stage_parallel: bool = False  # one rank per PoE stage x data-parallel replicas (poelm.stage_parallel)
-    resume: bool = False
-    extend_to: int | None = None  # --resume with a new horizon (recorded in trainer.json)
-    quiet: bool = False
+    seed: int = setting(42, "seed of the initialisation")
+    device: str = setting("auto", "auto (cuda if visible, else cpu), cpu, cuda or cuda:N", resume=True)
+    dtype: str = setting("auto", "auto (bf16 on capable GPUs, else fp32), fp32/float32 or bf16/bfloat16", resume=True)
+    compile: bool | None = setting(None, "torch.compile the training step",
+                                   shown="on for CUDA, off on the CPU", resume=True)
+    attention_backend: str = setting("auto", "kernel of the sliding-window layers: auto = flash-attn if installed, "
+                                             "else FlexAttention on CUDA; the masked SDPA reference on the CPU",
+                                     choices=ATTENTION_BACKENDS, resume=True)
+    stage_parallel: bool = setting(False, "under torchrun: one rank per PoE stage (flat), world = stages x "
+                                          "data-parallel replicas; only forward activations cross stages "
+                                          "(docs/stage_parallel.md)")
+    resume: bool = setting(False, "continue the run in --out from its newest complete checkpoint", resume=True)
+    extend_to: int | None = setting(None, "with --resume: change the horizon to N steps (recorded)", resume=True)
+    quiet: bool = setting(False, "no progress bar or log lines", resume=True)
+    tracker: str | None = setting(None, "also log the metrics and the config to TensorBoard (RUN/tensorboard) or "
+                                        "Weights & Biases (RUN/wandb; WANDB_MODE=offline works): pip install "
+                                        "'poelm[track]'", choices=TRACKERS, shown="$POELM_TRACKER, else none",
+                                  resume=True)
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The model of this run with the tokenizer's vocabulary."""
@@ -98,33 +119,36 @@ class NonFiniteLoss(RunStopped):
     intact). Not bad input, so not a ValueError: the CLI says it in one line, exit status 1."""
 
 
-def check_config(tc: TrainConfig) -> None:
-    """Refuse obviously bad settings with one line naming the flag (CLI, torchrun and Python API)."""
+def check_config(tc: TrainConfig, task: Task | None = None) -> None:
+    """Refuse obviously bad settings with one line naming the setting (the CLI says its flag)."""
     if tc.num_iterations == 0 or tc.num_iterations < -1:
-        raise ValueError(f"--num-iterations {tc.num_iterations} would train no steps: give a step count >= 1, or -1 "
-                         "to derive the horizon from --target-tokens or --target-param-data-ratio")
+        raise SettingError("num_iterations", f"{{num_iterations}} {tc.num_iterations} would train no steps: give a "
+                           "step count >= 1, or -1 to derive the horizon from {target_tokens} or "
+                           "{target_param_data_ratio}")
     if tc.stop_at is not None and (tc.stop_at < 1 or 0 < tc.num_iterations < tc.stop_at):
-        raise ValueError(f"--stop-at {tc.stop_at}: give a step between 1 and the horizon (--num-iterations)")
+        raise SettingError("stop_at", f"{{stop_at}} {tc.stop_at}: give a step between 1 and the horizon "
+                           "({num_iterations})")
     if tc.target_tokens == 0 or tc.target_tokens < -1:
-        raise ValueError(f"--target-tokens {tc.target_tokens} would train on no tokens: give a count >= 1, or -1 "
-                         "to use --target-param-data-ratio")
-    at_least = [("--total-batch-size", tc.total_batch_size, 1), ("--device-batch-size", tc.device_batch_size, 1),
-                ("--eval-every", tc.eval_every, 0), ("--sample-every", tc.sample_every, 0),
-                ("--save-every", tc.save_every, 0), ("--keep-checkpoints", tc.keep_checkpoints, 0),
-                ("--warmup-steps", tc.warmup_steps, 0)]
+        raise SettingError("target_tokens", f"{{target_tokens}} {tc.target_tokens} would train on no tokens: give a "
+                           "count >= 1, or -1 to use {target_param_data_ratio}")
+    at_least = [("total_batch_size", 1), ("device_batch_size", 1), ("eval_every", 0), ("sample_every", 0),
+                ("save_every", 0), ("keep_checkpoints", 0), ("warmup_steps", 0)]
     if tc.eval_tokens is not None:
-        at_least.append(("--eval-tokens", tc.eval_tokens, 1))
+        at_least.append(("eval_tokens", 1))
     # the model's own fields are checked by GPTConfig itself
-    for flag, value, low in at_least:
+    for name, low in at_least:
+        value = getattr(tc, name)
         if not value >= low:  # also refuses NaN
-            raise ValueError(f"{flag} {value}: must be >= {low}")
-    for flag, value in (("--warmdown-frac", tc.warmdown_frac), ("--final-lr-frac", tc.final_lr_frac)):
+            raise SettingError(name, lambda n, off, value=value, low=low: f"{n} {value}: must be >= {low}")
+    for name in ("warmdown_frac", "final_lr_frac"):
+        value = getattr(tc, name)
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{flag} {value}: must be between 0 and 1")
+            raise SettingError(name, lambda n, off, value=value: f"{n} {value}: must be between 0 and 1")
+    resolve_tracker(tc.tracker)  # its package is installed, before anything starts
     if tc.stage_parallel:
         from poelm.stage_parallel import check_mesh
 
-        check_mesh(tc.model, int(os.environ.get("WORLD_SIZE", 1)), task=tc.task, compile=tc.compile is True)
+        check_mesh(tc.model, int(os.environ.get("WORLD_SIZE", 1)), task=task, compile=tc.compile is True)
 
 
 # -----------------------------------------------------------------------------
@@ -160,7 +184,7 @@ def setup_runtime(tc: TrainConfig) -> Runtime:
     else:
         dtype = parse_dtype(tc.dtype)
     if dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"--dtype {tc.dtype}: training runs in fp32 (float32) or bf16 (bfloat16)")
+        raise SettingError("dtype", lambda n, off: f"{n} {tc.dtype}: training runs in fp32 (float32) or bf16 (bfloat16)")
     if dtype == torch.bfloat16:
         check_bf16(rt.device)
     rt.autocast_dtype = torch.bfloat16 if dtype == torch.bfloat16 else None
@@ -204,33 +228,6 @@ def config_diff(a: GPTConfig, b: GPTConfig) -> list[str]:
 
 
 # -----------------------------------------------------------------------------
-# Metrics and progress
-
-
-class PlainProgress:
-    """Progress as plain lines at intervals (step, loss, tokens/s, ETA) for a stdout that is not a
-    terminal, where rich's bar would show once, at the end."""
-
-    def __init__(self, say, total: int, every_s: float = 30.0):
-        self.say, self.total, self.every_s = say, total, every_s
-        self.last = time.time()
-
-    def update(self, step: int, mean_dt: float, status: str) -> None:
-        if time.time() - self.last >= self.every_s or step == self.total:
-            self.last = time.time()
-            eta = (self.total - step) * mean_dt
-            self.say(f"step {step:>6}/{self.total} | {status} | ETA {int(eta // 60)}:{int(eta % 60):02d}")
-
-
-def make_progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), disable=not enabled, transient=False)
-
-
-# -----------------------------------------------------------------------------
 # Evaluation and samples
 
 
@@ -270,9 +267,20 @@ def greedy_sample(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 48) 
 class Task:
     """A task of the trainer: its model, data loader, horizon and evaluation. Pretraining (a new
     model on a corpus) is `Pretraining` below; SFT (a specialist on chat data) is
-    poelm.sft.SftTask. `name` is TrainConfig.task (recorded with the run)."""
+    poelm.sft.SftTask. `name` is recorded with the run (a resume must run the same task);
+    `settings` holds the task's own settings (a dataclass declared like TrainConfig, or None)."""
     name: str
     data_hint: str  # how to build the --data this task reads
+    stage_parallel: bool = False  # whether `--stage-parallel` can train it (poelm.stage_parallel)
+    settings: object | None = None
+
+    def record(self) -> dict:
+        """What the run records of its task (trainer.json's train_config, compared on resume)."""
+        return {"task": self.name, **(dataclasses.asdict(self.settings) if self.settings is not None else {})}
+
+    def resume_mutable(self) -> set[str]:
+        """The task's settings a resumed run may change."""
+        return resume_mutable(type(self.settings)) if self.settings is not None else set()
 
     def start(self, tc: TrainConfig, rt: Runtime) -> tuple[object, GPTConfig, int]:
         """(tokenizer, model config, tokens per row), before the batch arithmetic is checked."""
@@ -309,6 +317,7 @@ class Pretraining(Task):
     """A new model of tc.model on a corpus (or from --init's weights), bits per byte as evaluation."""
     name = "pretrain"
     data_hint = "a corpus with `poelm data build --out DIR`"
+    stage_parallel = True
 
     def start(self, tc: TrainConfig, rt: Runtime) -> tuple[object, GPTConfig, int]:
         from poelm.tokenizer import Tokenizer
@@ -389,9 +398,9 @@ def prepare(tc: TrainConfig, task: Task, rt: Runtime, run: RunDir) -> RunSetup:
     dp_rank, dp_world = (mesh.replica, mesh.replicas) if mesh else (rt.rank, rt.world)  # data parallelism
     tokens_per_micro = tc.device_batch_size * seq_len * dp_world
     if tc.total_batch_size % tokens_per_micro:
-        raise ValueError(f"--total-batch-size {tc.total_batch_size} is not a multiple of device batch x seq len x "
-                         f"{'replicas' if mesh else 'ranks'} = {tc.device_batch_size} x {seq_len} x {dp_world} = "
-                         f"{tokens_per_micro}")
+        raise SettingError("total_batch_size", lambda n, off: f"{n} {tc.total_batch_size} is not a multiple of "
+                           f"device batch x seq len x {'replicas' if mesh else 'ranks'} = {tc.device_batch_size} x "
+                           f"{seq_len} x {dp_world} = {tokens_per_micro}")
     grad_accum = tc.total_batch_size // tokens_per_micro
     lrs = effective_hparams(config, tc.total_batch_size, tc)
     model = task.build(tc, rt, config)
@@ -414,7 +423,7 @@ def prepare(tc: TrainConfig, task: Task, rt: Runtime, run: RunDir) -> RunSetup:
     if tc.resume and point is not None:
         if point.note:
             say(f"--resume: {point.note}", flush=True)
-        state, loader_state, rng = resume_into(run, point, tc, rt, tokenizer, config, model, optimizer)
+        state, loader_state, rng = resume_into(run, point, tc, task, rt, tokenizer, config, model, optimizer)
         start_step, num_iterations = state["step"], state["num_iterations"]
         rule = f"horizon: {num_iterations:,} steps (resumed from {point.path.name})"
         if tc.extend_to is not None and tc.extend_to != num_iterations:
@@ -443,19 +452,13 @@ def init_from(model: GPT, spec: str) -> None:
     load_state_into(model, start.state_dict(), spec)
 
 
-# Settings a resumed run may change: they do not alter the trajectory of the weights ("model"
-# is compared field by field with the checkpoint's own config.json instead).
-RESUME_MUTABLE = ("model", "out", "resume", "quiet", "device", "dtype", "compile", "attention_backend", "eval_every",
-                  "eval_tokens",
-                  "sample_every", "sample_prompt", "save_every", "keep_checkpoints", "extend_to", "tokenizer",
-                  "stop_at")
-
-
-def resume_settings_diff(saved: dict, now: dict) -> list[str]:
-    """The trajectory settings that differ between the run's record and this invocation."""
+def resume_settings_diff(saved: dict, now: dict, mutable: set[str] | None = None) -> list[str]:
+    """The trajectory settings that differ between the run's record and this invocation;
+    `mutable`: those a resume may change (default: TrainConfig's fields marked so)."""
+    mutable = resume_mutable(TrainConfig) if mutable is None else mutable
     diff = []
     for key in sorted(set(saved) & set(now)):
-        if key in RESUME_MUTABLE:
+        if key in mutable:
             continue
         a, b = saved[key], now[key]
         if key == "data" and a and b:
@@ -467,8 +470,8 @@ def resume_settings_diff(saved: dict, now: dict) -> list[str]:
     return diff
 
 
-def resume_into(run: RunDir, point, tc: TrainConfig, rt: Runtime, tokenizer, config: GPTConfig, model: GPT,
-                optimizer) -> tuple[dict, dict, dict]:
+def resume_into(run: RunDir, point, tc: TrainConfig, task: Task, rt: Runtime, tokenizer, config: GPTConfig,
+                model: GPT, optimizer) -> tuple[dict, dict, dict]:
     """Check a checkpoint against this invocation and load it into model/optimizer.
     Returns (trainer state, this rank's loader state, its RNG states: the caller sets them
     last, so nothing that runs while the run is set up draws from them)."""
@@ -496,7 +499,8 @@ def resume_into(run: RunDir, point, tc: TrainConfig, rt: Runtime, tokenizer, con
     saved_settings = state.get("train_config")
     if saved_settings is None and (run.path / "train_config.json").is_file():  # runs of poelm 0.1
         saved_settings = run.read_json(run.path / "train_config.json")
-    changed = resume_settings_diff(saved_settings or {}, dataclasses.asdict(tc))
+    changed = resume_settings_diff(saved_settings or {}, {**dataclasses.asdict(tc), **task.record()},
+                                   resume_mutable(TrainConfig) | task.resume_mutable())
     if changed:
         hint = " or --extend-to N to change the horizon" if any(c.startswith("--num-iterations") for c in changed) else ""
         raise ValueError(f"--resume: {run.path} was started with other settings: {'; '.join(changed)}; resume with "
@@ -510,12 +514,9 @@ def resume_into(run: RunDir, point, tc: TrainConfig, rt: Runtime, tokenizer, con
 
 def train(tc: TrainConfig, task: Task | None = None) -> dict:
     """Run (or resume) training, holding the run directory's lock; returns the final metrics.
-    `task` defaults to pretraining; SFT passes poelm.sft.SftTask() (tc.task names it)."""
+    `task` defaults to pretraining; SFT passes poelm.sft.SftTask(SftSettings(...))."""
     task = task or Pretraining()
-    if task.name != tc.task:
-        raise ValueError(f"task {tc.task!r} needs its Task: train(tc, task) with task.name {tc.task!r} "
-                         f"(poelm.sft.SftTask for 'sft'), got {task.name!r}")
-    check_config(tc)
+    check_config(tc, task)
     rt = setup_runtime(tc)
     run = RunDir(tc.out, rt.rank, rt.world)
     with run.locked():
@@ -535,7 +536,7 @@ def run_locked(tc: TrainConfig, task: Task, rt: Runtime, run: RunDir) -> dict:
     whole = (lambda: sp.full_model(step)) if sp else (lambda: model)  # the complete model (a collective with sp)
     evaluate = task.evaluator(tc, setup, rt)
     out = run.path
-    settings = {**dataclasses.asdict(tc), "model": model.config.to_dict(),  # the model as built
+    settings = {**dataclasses.asdict(tc), **task.record(), "model": model.config.to_dict(),  # the model as built
                 "effective": dataclasses.asdict(lrs)}
     run_id = f"{os.getpid()}"
     if rt.world > 1:  # one temporary-name suffix for every rank of this run: rank 0's pid
@@ -582,15 +583,14 @@ def run_locked(tc: TrainConfig, task: Task, rt: Runtime, run: RunDir) -> dict:
         model.train()
         last_eval = {"step": step, **result}
         log.write({"type": "eval", **last_eval})
+        tracker.log({"type": "eval", **result}, step)
         say(evaluate.line(step, result))
 
     stop = min(tc.stop_at or num_iterations, num_iterations)
     if stop < num_iterations:
         say(f"stopping at step {stop:,} of the {num_iterations:,}-step schedule (--stop-at)")
-    plain = PlainProgress(say, stop) if not sys.stdout.isatty() else None
-    steps_timed = 0
-    with make_progress(rt.master and not tc.quiet and plain is None) as progress:
-        bar = progress.add_task(f"train {out.name}", total=stop, completed=start_step, status="")
+    with progress(f"train {out.name}", stop, start_step, rt.master and not tc.quiet) as bar, \
+            (open_tracker(tc.tracker, out, settings) if rt.master else Tracker()) as tracker:
         if setup.rng is not None:  # the last thing before the first step (imports and set-up may draw)
             set_rng_state(setup.rng)
         while True:
@@ -648,11 +648,10 @@ def run_locked(tc: TrainConfig, task: Task, rt: Runtime, run: RunDir) -> dict:
             if sp:
                 record.update(sp.step_metrics(dt, optimizer))
             log.write(record)
+            tracker.log({**record, "lr": {k: lrm * v for k, v in dataclasses.asdict(lrs).items()
+                                          if isinstance(v, float) and k != "muon_weight_decay"}}, step)
             status = f"loss {debiased:.4f} lr {lrm:.3f} {tok_s:,.0f} tok/s MFU " + (f"{100 * mfu:.1f}%" if mfu else "n/a")
-            progress.update(bar, completed=step, status=status)
-            steps_timed += 1
-            if plain is not None:
-                plain.update(step, (total_time - state.get("train_seconds", 0.0)) / steps_timed, status)
+            bar.update(step, status)
     final_loss = ema / (1 - 0.9 ** step) if step > 0 else None
     result = {"step": step, "num_iterations": num_iterations, "train_seconds": total_time, "final_loss": final_loss,
               "eval": last_eval, "out": str(out), "cropped_fraction": getattr(loader, "cropped_fraction", None)}

@@ -124,7 +124,7 @@ def test_train_refuses_bad_flags(env, tmp_path, capsys, extra, flag):
 def test_train_checks_reach_the_python_api():
     from poelm.train import TrainConfig, train
 
-    with pytest.raises(ValueError, match=r"--num-iterations 0 would train no steps: give a step count >= 1, or -1"):
+    with pytest.raises(ValueError, match=r"^num_iterations 0 would train no steps: give a step count >= 1, or -1 to derive the horizon from target_tokens"):
         train(TrainConfig(num_iterations=0))
 
 

@@ -616,7 +616,7 @@ def test_stream_end_to_end(trained):
     ([1], dict(temperature=-0.1), "temperature"), ([1], dict(top_p=0.0), "top_p"), ([1], dict(top_p=1.5), "top_p"),
     ([1], dict(top_k=-1), "top_k"), ([1], dict(repetition_penalty=0.0), "repetition_penalty"),
     ([1], dict(max_new_tokens=-1), "max_new_tokens"), ([1], dict(mode="stage", stage=4), "out of range"),
-    ([1], dict(mode="stage", stage=-1), "out of range"), ([1], dict(mode="speculative", draft_stage=3), "out of range"),
+    ([1], dict(mode="stage", stage=-1), "stage must be an integer >= 0"), ([1], dict(mode="speculative", draft_stage=3), "out of range"),
     ([1], dict(mode="logop", stages=[0, 9]), "out of range"), ([1], dict(mode="nope"), "unknown mode"),
     ([1], dict(mode="speculative", gamma=0), "gamma"), ([1], dict(bogus=1), "unknown generation option"),
     ([1], dict(mode="wand", wand_factor=-1.0), "wand_factor"), ([BYTE_VOCAB], {}, "token ids"),

@@ -68,7 +68,8 @@ def test_experiment_end_to_end_and_resume(micro, monkeypatch):
     assert any("[poe] finished earlier: skipped" in s for s in said)
     # stdout is not a terminal: plain progress lines; the alpha=0.5 arm runs 2 of the 4 steps' schedule
     assert any(s.startswith("stopping at step 2 of the 4-step schedule") for s in said)
-    assert any(s.startswith("step      2/2 | loss ") and "tok/s" in s and "| ETA 0:00" in s for s in said)
+    assert any(s.startswith("train poe_a05: step 2/2 (100%) | loss ") and "tok/s" in s and "| ETA 0s" in s
+               for s in said)
     assert (out / "arms" / "bp" / "result.json").read_bytes() == bp_result  # not retrained
 
     saved = json.loads((out / "results.json").read_text())
@@ -83,7 +84,7 @@ def test_experiment_end_to_end_and_resume(micro, monkeypatch):
     sets = saved["inference"]["poe"]["sets"]  # validation and outside-text prompts
     assert set(sets) == {"validation", "outside"} and "bp_plain" in sets["validation"]
     modes = sets["validation"]["modes"]
-    assert set(modes) == {"plain", "stage0", "wand", "speculative"}
+    assert set(modes) == {"plain", "stage0", "wand", "speculative", "speculative_adaptive"}
     assert modes["speculative"]["identical_to_plain"] is True
     assert set(saved["reused"]) == {"bp", "poe"}  # finished by the interrupted call
     assert set(saved["inference"]["bp_refusals"]) == {"stage", "logop", "wand", "speculative"}
@@ -146,7 +147,7 @@ def test_bad_input(tmp_path, capsys):
 
 
 def test_presets_are_valid():
-    for name in exp.PRESETS:
+    for name in exp.EXPERIMENTS:
         cfg = exp.load_config(name, {})
         tc = exp.arm_train_config(cfg, "poe")
         assert tc.model_config(cfg.vocab_size).n_stages >= 2

@@ -18,15 +18,16 @@ PACKAGE = ROOT / "poelm"
 FLOORS = {
     # 0: foundations that import nothing of poelm's but each other
     "poelm": 0, "poelm.model": 0, "poelm.atomic": 0, "poelm.runtime": 0, "poelm.chat": 0, "poelm.schedule": 0,
-    "poelm.jsonfile": 0, "poelm.memory": 0,
+    "poelm.jsonfile": 0, "poelm.memory": 0, "poelm.contention": 0, "poelm.progress": 0,
     # 1: files, data and settings around the model
     "poelm.flags": 1, "poelm.codec": 1, "poelm.presets": 1, "poelm.tokenizer": 1, "poelm.outputs": 1,
     "poelm.corpus": 1, "poelm.dataloader": 1, "poelm.chatdata": 1, "poelm.plots": 1, "poelm.checkpoint": 1,
-    "poelm.evaluate": 1, "poelm.optim": 1, "poelm.hf": 1,
+    "poelm.evaluate": 1, "poelm.optim": 1, "poelm.hf": 1, "poelm.tracking": 1,
     # 2: inference and training
     "poelm.engine": 2, "poelm.inference_bench": 2, "poelm.train": 2, "poelm.rundir": 2, "poelm.stage_parallel": 2,
     # 3: specialists, serving and export
-    "poelm.specialist": 3, "poelm.sft": 3, "poelm.serve": 3, "poelm.export": 3,
+    "poelm.specialist": 3, "poelm.sft": 3, "poelm.serve": 3, "poelm.export": 3, "poelm.lm_eval_model": 3,
+    "poelm.downstream": 3,
     # 4: the experiment
     "poelm.experiment": 4,
     # 5: the command line

@@ -34,16 +34,20 @@ def _results(a0: float, a05: float) -> dict:
                 "ttft_s": 0.01, "tpot_s": 0.003, **kw}
 
     speculative = path(320.0, 1.1, acceptance=0.44, tokens_per_verify=2.7)
-    paths = {"plain:eager": path(290.9, 1.0), "stage0:eager": path(888.8, 3.055), "wand:eager": path(232.6, 0.8),
+    wand = path(232.6, 0.8, exit_stage_counts=[0, 0, 0, 384], wand_tested_stages=[],
+                wand_reason="no exit test pays (...): decodes as plain")
+    paths = {"plain:eager": path(290.9, 1.0), "stage0:eager": path(888.8, 3.055), "wand:eager": wand,
              "speculative_d0:eager": speculative}
     validation = {"source": "the validation split", "prompts": 4, "prompt_tokens": 32, "max_new_tokens": 96,
                   "best_plain": "plain:eager", "paths": paths, "agreement": {"stage0": 0.681, "wand": 1.0},
                   "speculative_sweep": [dict(speculative, draft_stage=0, path="speculative_d0:eager")],
                   "modes": {"plain": dict(paths["plain:eager"], path="plain:eager", agreement=1.0),
                             "stage0": dict(paths["stage0:eager"], path="stage0:eager", agreement=0.681),
-                            "wand": dict(paths["wand:eager"], path="wand:eager", agreement=1.0),
+                            "wand": dict(wand, path="wand:eager", agreement=1.0, gate="no exit test pays: decodes as plain",
+                                         note="no exit test pays: decodes as plain; mean stages per token 4.00 of 4"),
                             "speculative": dict(speculative, draft_stage=0, path="speculative_d0:eager")}}
-    inference = {"poe": {"threads": 1, "repeats": 3, "gamma": 4, "cpu_share": 0.95, "wand_bounds": [1.0, 1.0, 1.0, 0.0],
+    inference = {"poe": {"threads": 1, "repeats": 3, "gamma": 4, "cpu": {"threads": 1, "cpu_share": 0.95, "contended": None},
+                         "wand_bounds": [1.0, 1.0, 1.0, 0.0],
                          "sets": {"validation": validation}}}
     return {"config": cfg, "model": {**cfg["model"], "poe_stage_layers": [1, 1, 1, 1]}, "evals": evals, "arms": arms, "gap": gap, "gap_alpha05": [], "inference": inference,
             "backout_compat": {"poe": {"without_backout": a0, "with_backout": 1.6999}},
@@ -72,6 +76,7 @@ def test_section_rewritten_from_results_and_outside_untouched(tmp_path):
     assert "| stage0:eager | 888.8 | 3.06× | 68.1 % | yes |" in section
     assert "| speculative_d0:eager | 320.0 | 1.10× | — | yes | 44 % | 2.70 |" in section
     assert "PoE costs **+2.60 %** bpb and buys **1.10×** decode (speculative, exact" in section
+    assert "**0.80×** (WAND at 100.0 % agreement; no exit test pays: decodes as plain)" in section
     assert "1.6999 bpb vs 1.6543 without" in section
     assert not (tmp_path / "docs").exists()  # no plots beside this results.json: nothing copied
 

@@ -421,7 +421,7 @@ def test_joins_wait_and_dead_rows_leave_in_one_compaction(models, monkeypatch):
     calls = {"add_rows": [], "remove_rows": []}
     for name in calls:
         real = getattr(PlainDecoder, name)
-        monkeypatch.setattr(PlainDecoder, name, lambda self, arg, real=real, name=name: calls[name].append(len(arg)) or real(self, arg))
+        monkeypatch.setattr(PlainDecoder, name, lambda self, arg, *rest, real=real, name=name: calls[name].append(len(arg)) or real(self, arg, *rest))
 
     async def run() -> list[str]:
         loop = asyncio.get_running_loop()

@@ -110,7 +110,7 @@ def test_warm_chat_rows_move_only_the_four_chat_specials(base):
 
 
 def test_attach_refuses_bad_input(base):
-    with pytest.raises(ValueError, match="--layers 0"):
+    with pytest.raises(ValueError, match="^n_layers 0: a specialist needs"):  # the CLI says --layers 0
         attach(base, 0)
     bp = tiny_model(poe_mode="none").requires_grad_(False)
     with pytest.raises(ValueError, match="BP model.*--force"):
@@ -123,7 +123,7 @@ def test_attach_refuses_bad_input(base):
 def test_head_mode_needs_a_specialist_head(base):
     with pytest.raises(ValueError, match="head_mode=spec needs a specialist head"):
         GPTConfig(n_layer=4, n_embd=64, n_head=4, vocab_size=V, head_mode="spec")
-    with pytest.raises(ValueError, match="--head-mode spec"):
+    with pytest.raises(ValueError, match="^head_mode spec"):  # the CLI says --head-mode spec
         with_head_mode(base, "spec")
     with pytest.raises(ValueError, match="frozen_layers=6 must be between 1 and n_layer-1=5"):
         GPTConfig(n_layer=6, n_embd=64, n_head=4, vocab_size=V, frozen_layers=6)

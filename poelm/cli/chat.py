@@ -29,7 +29,7 @@ import json
 import sys
 
 from poelm.chat import render_prompt
-from poelm.cli.common import CliError, chat_stop_ids, decode_options, load_engine
+from poelm.cli.common import CliError, chat_stop_ids, decode_kwargs, decode_options, load_engine, threads_note
 from poelm.cli.generate import decoding_arguments
 
 PROMPT = "you> "
@@ -99,23 +99,24 @@ def reply(engine, ids: list[int], options: dict, as_json: bool) -> str | None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from poelm.engine import DecodeOptions, validate_options
-
     if args.system is not None and not args.system.strip():
         raise CliError("--system is empty; give the system message text or leave --system out")
     if args.compose:
         raise CliError("--compose is not supported by poelm chat (composed siblings decode without a cache); "
                        "use `poelm generate --compose` or load one specialist with --delta")
     engine = load_engine(args)
-    options = dict(decode_options(args), stop_token_ids=chat_stop_ids(engine.tokenizer, args.model))
-    validate_options(DecodeOptions(**options), engine.model)  # bad flags fail before the first prompt
+    options = decode_kwargs(args)
+    options.setdefault("stop_token_ids", chat_stop_ids(engine.tokenizer, args.model))
+    decode_options(engine, options)  # bad flags fail before the first prompt
     context = engine.model.config.sequence_len
     history = History(engine.tokenizer, args.system, context, max(1, min(args.max_new_tokens, context // 2)))
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"poelm chat: {RESET} clears the history, {QUIT} or Ctrl-D exits", file=sys.stderr)
+        note = threads_note(args)
+        print(f"poelm chat: {RESET} clears the history, {QUIT} or Ctrl-D exits{f'; {note}' if note else ''}",
+              file=sys.stderr)
     while (line := read_line(interactive)) is not None:
         command = line.strip()
         if command == QUIT:

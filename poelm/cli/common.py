@@ -16,6 +16,21 @@ class CliError(ValueError):
     """Bad input to show the user as one line."""
 
 
+# Parameters whose flag is not --parameter-name (the library names the parameter; the command
+# line says the flag: poelm.runtime.SettingError)
+FLAG_OF_PARAMETER = {"attach_layers": "--layers", "n_layers": "--layers"}
+
+
+def flag_of(parameter: str) -> str:
+    """The flag that sets a library parameter (num_iterations -> --num-iterations)."""
+    return FLAG_OF_PARAMETER.get(parameter) or "--" + parameter.replace("_", "-")
+
+
+def flag_off(parameter: str) -> str:
+    """The flag that turns a boolean parameter off (compile -> --no-compile)."""
+    return "--no-" + flag_of(parameter)[2:]
+
+
 def emit(args: argparse.Namespace, result: dict, text: str | None = None) -> None:
     """Print `result` as JSON with --json, else the human text (or pretty JSON)."""
     if getattr(args, "json", False) or text is None:
@@ -53,6 +68,9 @@ def parse_compose(text: str) -> list[str]:
     from poelm.specialist import read_delta_meta
 
     dirs = [d for d in text.split(",") if d]
+    if len(dirs) == 1:
+        raise CliError(f"--compose {text} names one delta: composing needs two or more, comma separated; for "
+                       f"one specialist pass --delta {dirs[0]}")
     if len(dirs) < 2:
         raise ValueError(f"--compose {text!r}: give at least two delta directories, comma separated")
     for d in dirs:
@@ -88,15 +106,6 @@ def parse_prompt(prompt: str, tokenizer) -> str | list[int]:
     return ids
 
 
-def parse_stages(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise CliError(f"--stages must be a comma list of stage indices like 0,3, got {text!r}") from None
-
-
 def load_engine(args: argparse.Namespace):
     """MODEL on --device as an Engine (with its WAND calibration for --mode wand)."""
     from poelm.checkpoint import model_dir
@@ -104,13 +113,14 @@ def load_engine(args: argparse.Namespace):
     from poelm.runtime import check_compiler, parse_device
     from poelm.specialist import load_with_delta
 
+    refuse_ignored_flags(args)
     device = parse_device(args.device)
     compile = getattr(args, "compile", False)
     if compile:
         check_compiler(device)
         if not capabilities(args.mode).compilable:
-            raise CliError(f"--compile applies to the plain modes ({', '.join(COMPILABLE_MODES)}); --mode {args.mode} "
-                           f"decodes eagerly: drop --compile")
+            raise CliError(f"--compile applies to the compilable modes ({', '.join(COMPILABLE_MODES)}); --mode "
+                           f"{args.mode} decodes eagerly: drop --compile")
     model, tokenizer = load_with_delta(args.model, getattr(args, "delta", None), device=device)
     if getattr(args, "head_mode", None) is not None:
         from poelm.specialist import with_head_mode
@@ -125,9 +135,73 @@ def load_engine(args: argparse.Namespace):
     return Engine(model, tokenizer, calibration=calib, compile=compile)
 
 
-def decode_options(args: argparse.Namespace) -> dict:
-    """The Engine.generate / Engine.stream options of the decoding flags."""
-    return dict(mode=args.mode, stage=args.stage, stages=parse_stages(args.stages), draft_stage=args.draft_stage,
-                gamma=args.gamma, wand_factor=args.wand_factor, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                repetition_penalty=args.repetition_penalty, seed=args.seed, force=args.force)
+def refuse_ignored_flags(args: argparse.Namespace) -> None:
+    """A decoding flag that --mode does not read (`--stage 2` without `--mode stage`): one line naming
+    the flag and the modes that read it (the engine's registry says which: Capabilities.options)."""
+    from poelm.engine import MODE_OPTIONS, DecodeOptions, ignored_options, modes_reading
+
+    given = {o: getattr(args, o) for o in MODE_OPTIONS if hasattr(args, o)}
+    for option in ignored_options(DecodeOptions(mode=args.mode, **given)):
+        modes = modes_reading(option)
+        raise CliError(f"{flag_of(option)} applies to --mode {' or '.join(modes)} and --mode {args.mode} ignores it: "
+                       f"add --mode {modes[0]} or drop {flag_of(option)}")
+
+
+def python_only_options() -> tuple[str, ...]:
+    """The DecodeOptions fields without a flag (a calibration dict, the returned KV cache)."""
+    from dataclasses import fields
+
+    from poelm.engine.options import DecodeOptions
+
+    return tuple(f.name for f in fields(DecodeOptions) if f.metadata["request"] is None)
+
+
+def decode_kwargs(args: argparse.Namespace) -> dict:
+    """The Engine.generate / Engine.stream keyword arguments of the decoding flags (one per
+    DecodeOptions field; a repeatable flag not given is left to its default)."""
+    from poelm.engine.options import DecodeOptions
+    from poelm.flags import setting_kwargs
+
+    return {k: v for k, v in setting_kwargs(args, DecodeOptions, exclude=python_only_options()).items()
+            if v is not None}
+
+
+def decode_options(engine, options: dict):
+    """engine.options(options) with a bad value said as its flag: `--top-k: top_k must be ...`."""
+    from dataclasses import fields
+
+    from poelm.engine import DecodeOptions, OptionError
+    from poelm.flags import setting_flag_names
+
+    try:
+        return engine.options(options)
+    except OptionError as e:
+        field = next((f for f in fields(DecodeOptions) if f.name == e.option), None)
+        if field is None:
+            raise
+        raise CliError(f"{setting_flag_names(field)[0]}: {e}") from None
+
+
+def val_progress(args: argparse.Namespace, batches, what: str, batch_size: int, seq_len: int, tokens: int | None,
+                 device):
+    """`batches` of val_batches with progress (plain lines in a log file; none with --json)."""
+    from poelm.dataloader import default_eval_tokens
+    from poelm.progress import track
+
+    budget = default_eval_tokens(device) if tokens is None else tokens
+    return track(batches, what, total=max(1, budget // (batch_size * seq_len)), enabled=not getattr(args, "json", False),
+                 tokens_per_item=batch_size * seq_len)
+
+
+def threads_note(args: argparse.Namespace) -> str | None:
+    """The line that says the torch threads main() chose for this command (None: not run by main)."""
+    choice = getattr(args, "thread_choice", None)
+    return choice.line() if choice is not None else None
+
+
+def with_threads(args: argparse.Namespace, result: dict, lines: list[str]) -> None:
+    """Add the torch threads to a command's --json result and to its text lines."""
+    choice = getattr(args, "thread_choice", None)
+    if choice is not None:
+        result["threads"] = choice.threads
+        lines.append(choice.line())

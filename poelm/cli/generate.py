@@ -8,28 +8,20 @@ import argparse
 import json
 import sys
 
-from poelm.cli.common import (CliError, chat_stop_ids, decode_options, decode_prompt, emit, load_engine,
-                              parse_compose, parse_prompt)
-from poelm.flags import at_least, finite_float
+from poelm.cli.common import (CliError, chat_stop_ids, decode_kwargs, decode_options, decode_prompt, emit, load_engine,
+                              parse_compose, parse_prompt, python_only_options, val_progress, with_threads)
+from poelm.flags import add_setting_flags, at_least, finite_float
 
 
 def decoding_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
-    """The readout / decoding mode and sampling flags of generate and chat."""
-    from poelm.engine import MODES
+    """The decoding flags of generate and chat: one per DecodeOptions field (poelm/engine/options.py
+    declares each, with its help), then the model and device flags."""
+    from poelm.engine.options import DecodeOptions
+    from poelm.engine.registry import option_choices
 
-    p.add_argument("--mode", choices=MODES, default="final", help="readout / decoding mode")
-    p.add_argument("--stage", type=at_least(0), default=None, help="--mode stage: read out at this stage (default: 0)")
-    p.add_argument("--stages", default=None, help="--mode logop: comma list of stages (default: all)")
-    p.add_argument("--draft-stage", type=at_least(0), default=0, help="--mode speculative: the drafting stage")
-    p.add_argument("--gamma", type=at_least(1), default=4, help="--mode speculative: drafted tokens per verify pass")
-    p.add_argument("--wand-factor", type=finite_float, default=1.0, help="--mode wand: exit factor F (inf = full depth)")
-    p.add_argument("--max-new-tokens", type=at_least(0), default=max_new_tokens, help="tokens to generate at most")
-    p.add_argument("--temperature", type=finite_float, default=0.0, help="sampling temperature, 0 = greedy")
-    p.add_argument("--top-k", type=at_least(0), default=0, help="sample from the k likeliest tokens, 0 = off")
-    p.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling mass, 1 = off")
-    p.add_argument("--repetition-penalty", type=finite_float, default=1.0, help="penalty on repeated tokens, 1 = off")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
-    p.add_argument("--force", action="store_true", help="allow PoE modes on a BP model (research)")
+    add_setting_flags(p.add_argument_group("decoding (DecodeOptions)"), DecodeOptions, exclude=python_only_options(),
+                      choices=option_choices())
+    p.set_defaults(max_new_tokens=max_new_tokens)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="plain modes: decode with an inductor-compiled step (faster at small batch; the first "
@@ -60,11 +52,16 @@ def calibrate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def format_stats(stats: dict) -> str:
+    """key=value of the stats, then a line saying when the CPU was contended (poelm.contention)."""
     parts = []
     for k, v in stats.items():
-        if v is not None:
+        if v is not None and k != "contended":
             parts.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
-    return " ".join(parts)
+    text = " ".join(parts)
+    if stats.get("contended"):
+        text += (f"\npoelm: warning: {stats['contended']}: other processes share these cores, so tokens/s is "
+                 "below this machine's; pass a smaller --threads or measure on a quiet machine")
+    return text
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -72,14 +69,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return generate_compose(args)
     engine = load_engine(args)
     tokenizer = engine.tokenizer
-    options = decode_options(args)
+    options = decode_kwargs(args)
     if args.chat:
         from poelm.chat import render_prompt
 
-        options["stop_token_ids"] = chat_stop_ids(tokenizer, args.model)
+        options.setdefault("stop_token_ids", chat_stop_ids(tokenizer, args.model))
         prompt = render_prompt(tokenizer, [{"role": "user", "content": decode_prompt(args.prompt)}])
     else:
         prompt = parse_prompt(args.prompt, tokenizer)
+    decode_options(engine, options)
     if args.json or tokenizer is None:
         out = engine.generate(prompt, **options)
         if args.json:
@@ -122,7 +120,7 @@ def generate_compose(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from poelm.checkpoint import load_model, model_dir
     from poelm.dataloader import val_batches
-    from poelm.engine import calibrate, save_calibration
+    from poelm.engine import calibrate, load_calibration, save_calibration
     from poelm.runtime import parse_device
 
     device = parse_device(args.device)
@@ -131,13 +129,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise CliError(f"{args.model} has no tokenizer: calibration reads text from --data and needs one")
     seq_len = min(model.config.sequence_len, args.tokens)
     batch_size = max(1, min(8, args.tokens // seq_len))
-    batches = val_batches(args.data, tokenizer, batch_size, seq_len, args.tokens, device=device)
+    batches = val_progress(args, val_batches(args.data, tokenizer, batch_size, seq_len, args.tokens, device=device),
+                           "calibrate", batch_size, seq_len, args.tokens, device)
     calib = calibrate(model, batches, quantile=args.quantile, force=args.force)
     directory = model_dir(args.model)
+    old = load_calibration(directory) if directory is not None else None
     saved = str(save_calibration(directory, calib)) if directory is not None else None
-    result = dict(calib, saved_to=saved)
+    result = dict(calib, saved_to=saved, replaced=old["wand_bounds"] if old else None)
     bounds = ", ".join(f"{b:.3f}" for b in calib["wand_bounds"])
     where = f"saved to {saved}" if saved else f"not saved: {args.model} is not a model directory"
-    emit(args, result, f"WAND bounds (p{100 * args.quantile:g} over {calib['wand_calibration_tokens']:,} tokens): "
-                       f"[{bounds}]; {where}")
+    lines = [f"WAND bounds (p{100 * args.quantile:g} over {calib['wand_calibration_tokens']:,} tokens): "
+             f"[{bounds}]; {where}"]
+    if old and saved:
+        was = ", ".join(f"{b:.3f}" for b in old["wand_bounds"])
+        lines.append(f"replaced the earlier bounds [{was}] (p{100 * old.get('wand_quantile', 0):g} over "
+                     f"{old.get('wand_calibration_tokens', 0):,} tokens)")
+    with_threads(args, result, lines)
+    emit(args, result, "\n".join(lines))
     return 0

@@ -34,7 +34,7 @@ def model_summary(model) -> dict:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     import torch
-    from poelm.checkpoint import CONFIG_NAME, load_model, read_config_file, resolve_run_dir
+    from poelm.checkpoint import CONFIG_NAME, load_model, read_config_json, resolve_run_dir
     from poelm.model import GPT
     from poelm.presets import PRESETS, get_preset
 
@@ -46,7 +46,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             path = resolve_run_dir(path)
         cfg_file = path / CONFIG_NAME
         if cfg_file.exists():
-            config = read_config_file(cfg_file)
+            config = read_config_json(cfg_file)
         else:
             config = load_model(name)[0].config
     with torch.device("meta"):

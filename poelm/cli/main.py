@@ -17,7 +17,7 @@ poelm/cli/ that holds its flags and its handler. Only the chosen command's modul
 imported, so `poelm --help` loads neither torch nor matplotlib. Every flag has a one-line
 help that shows its default. Errors:
 - bad input (ValueError, which CliError is, or OSError): `poelm: error: <one line>` on
-  stderr and exit status 2; a SettingError (poelm.runtime) is said with its flag's name;
+  stderr and exit status 2; a SettingError (poelm.runtime) is said with its flags' names (cli/common.py);
 - a run that stopped itself (poelm.runtime.RunStopped: its loss diverged): the same one
   line and exit status 1;
 - anything else is a bug and keeps its traceback.
@@ -30,6 +30,8 @@ import importlib
 import sys
 from dataclasses import dataclass
 
+from poelm.cli.common import flag_of, flag_off
+from poelm.flags import at_least
 from poelm.runtime import RunStopped, SettingError
 
 
@@ -40,6 +42,7 @@ class Command:
     module: str  # the module of poelm/cli/ that holds the two functions below
     arguments: str  # adds the command's flags to its parser
     handler: str  # runs the command
+    threads: bool = False  # runs torch on the CPU: gets the shared --threads flag (set before the handler runs)
 
     @property
     def run(self) -> str:
@@ -61,25 +64,26 @@ COMMANDS: tuple[Command, ...] = (
             "cmd_data_climbmix"),
     Command("tokenizer train", "train the byte-level BPE tokenizer on a corpus directory", "data",
             "tokenizer_train_arguments", "cmd_tokenizer_train"),
-    Command("train", "train a BP or PoE model from scratch (or --resume)", "train", "train_arguments", "cmd_train"),
+    Command("train", "train a BP or PoE model from scratch (or --resume)", "train", "train_arguments", "cmd_train",
+            threads=True),
     Command("sft", "train a post-hoc specialist on chat data (attached to a frozen PoE base)", "train",
-            "sft_arguments", "cmd_sft"),
+            "sft_arguments", "cmd_sft", threads=True),
     Command("eval", "bits per byte of the final readout, every stage and the Log-OP", "eval", "eval_arguments",
-            "cmd_eval"),
+            "cmd_eval", threads=True),
     Command("generate", "generate text: final, stage, logop, wand or speculative decoding", "generate",
-            "generate_arguments", "cmd_generate"),
+            "generate_arguments", "cmd_generate", threads=True),
     Command("chat", "chat with MODEL in the terminal (multi-turn, streamed; /reset, /quit)", "chat",
-            "chat_arguments", "cmd_chat"),
+            "chat_arguments", "cmd_chat", threads=True),
     Command("serve", "an OpenAI-compatible HTTP server: continuous batching, PoE modes per request, specialists",
-            "serve", "serve_arguments", "cmd_serve"),
+            "serve", "serve_arguments", "cmd_serve", threads=True),
     Command("calibrate", "calibrate WAND swing bounds and store them with the model", "generate",
-            "calibrate_arguments", "cmd_calibrate"),
+            "calibrate_arguments", "cmd_calibrate", threads=True),
     Command("export", "write MODEL as a Hugging Face directory (transformers + poelm load it)", "export",
             "export_arguments", "cmd_export"),
     Command("experiment", "the BP-vs-PoE 3-way experiment end to end (report, plots, results.json)", "experiment",
-            "experiment_arguments", "cmd_experiment"),
+            "experiment_arguments", "cmd_experiment", threads=True),
     Command("compare", "several models side by side on the same validation data", "experiment",
-            "compare_arguments", "cmd_compare"),
+            "compare_arguments", "cmd_compare", threads=True),
     Command("specialist attach", "append new layers and a zero head to a frozen PoE base (or to a specialist)",
             "specialist", "specialist_attach_arguments", "cmd_specialist_attach"),
     Command("specialist save-delta", "write a trained specialist's added/changed tensors as a bf16 delta",
@@ -136,6 +140,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if only is None or only == top:
             cmd.add_arguments(p)
             p.add_argument("--json", action="store_true", help="machine-readable JSON on stdout")
+            if cmd.threads:
+                p.add_argument("--threads", type=at_least(1), default=None,
+                               help="torch CPU threads (default: the free cores, i.e. the usable cores less the "
+                                    "1-minute load average, at most torch's default; said in the output)")
         p.set_defaults(run=cmd.run)
     return parser
 
@@ -145,8 +153,7 @@ def error_line(error: BaseException) -> str:
     --device, --no-compile), else its type's name."""
     text = str(error)
     if isinstance(error, SettingError):
-        flag = error.setting.replace("_", "-")
-        text = error.render(f"--{flag}", f"--no-{flag}")
+        text = error.render(flag_of, flag_off)
     lines = text.strip().splitlines()
     return lines[0] if lines else type(error).__name__
 
@@ -169,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     module, _, name = args.run.partition(":")
     func = getattr(importlib.import_module(module), name)
     try:
+        if hasattr(args, "threads"):
+            from poelm.runtime import set_threads
+
+            args.thread_choice = set_threads(args.threads)  # the handler says it (poelm.cli.common.threads_note)
         return int(func(args) or 0)
     except (ValueError, OSError) as e:  # bad input (CliError is a ValueError); any other error is a bug
         print(f"poelm: error: {error_line(e)}", file=sys.stderr)

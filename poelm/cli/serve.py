@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 
 from poelm.flags import at_least, int_range, seconds
 
@@ -33,32 +34,29 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=at_least(1), default=None, help="prompt tokens at most (default: the context)")
     p.add_argument("--max-n", type=at_least(1), default=8, help="choices (n) per request at most")
     p.add_argument("--max-body-bytes", type=at_least(1), default=1 << 20, help="request body bytes at most (413 beyond)")
-    p.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads, 0 = torch's default")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="warning",
                    help="uvicorn's log level")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import torch
     import uvicorn
 
     from poelm.runtime import parse_device
     from poelm.serve.app import API_KEY_ENV, ServeConfig, create_app
     from poelm.serve.guard import BACKLOG, MAX_HEADER_BYTES, ConnectionGuard, bind_socket, fit_fd_limit
     from poelm.serve.metrics import Metrics
-    from poelm.serve.models import load_models, parse_deltas
+    from poelm.serve.models import ModelRegistry, load_models, parse_deltas
     from poelm.serve.scheduler import Scheduler
 
     device = parse_device(args.device)
     max_connections = fit_fd_limit(args.max_connections)
     sock = bind_socket(args.host, args.port)  # before the model loads: a busy port or bad host fails at once
     try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
         sys.setswitchinterval(0.0005)  # the scheduler gets the GIL back sooner from the event loop between torch ops
         api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-        registry = load_models(args.model, parse_deltas(args.delta or []), name=args.name, device=device)
+        deltas = parse_deltas(args.delta or [])
+        registry = ModelRegistry([], loading=True)  # /health answers 503 "loading" until load() is done
         metrics = Metrics()
         scheduler = Scheduler(args.max_batch, args.max_queue, metrics)
         config = ServeConfig(api_key=api_key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
@@ -70,9 +68,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                                timeout_keep_alive=args.header_timeout,
                                                h11_max_incomplete_event_size=MAX_HEADER_BYTES,
                                                timeout_graceful_shutdown=int(args.request_timeout) + 5))
-        print(f"poelm serve: http://{args.host}:{args.port} models {', '.join(registry.models)}"
-              f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
+        failed: list[BaseException] = []
+
+        def load() -> None:
+            try:
+                registry.loaded(load_models(args.model, deltas, name=args.name, device=device))
+            except BaseException as e:  # said by main() once the server has stopped
+                failed.append(e)
+                server.should_exit = True
+                return
+            print(f"poelm serve: http://{args.host}:{args.port} models {', '.join(registry.models)}"
+                  f"{' (API key required)' if api_key else ''}; {args.thread_choice.line()}", file=sys.stderr, flush=True)
+
+        threading.Thread(target=load, name="poelm-load", daemon=True).start()
         server.run(sockets=[sock])
     finally:
         sock.close()
+    if failed:
+        raise failed[0]
     return 0

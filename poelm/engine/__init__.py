@@ -8,9 +8,10 @@ adaptive depth and self-speculative decoding (docs/poe.md §2-6).
     engine.generate(prompt, mode="stage", stage=0)                           # prefix pruning
     engine.generate(prompt, mode="logop", stages=[0, 3])                     # Log-OP of stages
     engine.generate(prompt, mode="speculative", draft_stage=0, gamma=4)      # token-identical to greedy
+    engine.generate(prompt, mode="speculative", adaptive=True)   # stage and gamma chosen by cost; plain if none pays
     engine.calibration = calibrate(model, batches); engine.generate(prompt, mode="wand")
     for delta in engine.stream(prompt, temperature=0.8, top_p=0.9): print(delta, end="")
-    Engine(model, tokenizer, compile=True)   # plain modes: an inductor-compiled step (--compile)
+    Engine(model, tokenizer, compile=True)   # every mode: inductor-compiled static-shape steps (--compile)
 
     poelm generate MODEL "Once upon a time" --mode speculative --gamma 4
     poelm calibrate MODEL --data DIR
@@ -36,15 +37,19 @@ Every mode is a decoder of one protocol (decoders.py: add_rows / step / remove_r
 rollback / stats) and decodes a batch of rows together (a list of prompts); finished rows
 leave the batch between steps (with compile they stay, so the batch keeps its compiled shape). Package layout: options.py (DecodeOptions, the
 shared checks), sampling.py, decoders.py (protocol, plain), wand.py, speculative.py, registry.py (mode ->
-decoder class and its capabilities, validation, make_decoder), calibrate.py, stream.py.
+decoder class and its capabilities, validation, make_decoder), calibrate.py, costs.py (measured costs),
+stream.py.
 
 Prompts: text (needs a tokenizer) or token ids; with a tokenizer `<|bos|>` is prepended when
 missing. A prompt longer than config.sequence_len is an error (no silent truncation);
 generation stops (stop_reason "context") when the context fills up.
 Sampling follows transformers: repetition penalty (every id seen in the row, prompt included:
-logit/penalty if > 0 else logit*penalty), then temperature (0 = greedy), top-k, top-p.
+logit/penalty if > 0 else logit*penalty), then temperature (0 = greedy), top-k, top-p; around
+them OpenAI's and vLLM's presence/frequency penalty, logit_bias, min_tokens and min_p (sampling.py).
 Stop token ids end generation and appear in `tokens` but not in `text`; a stop string cuts
 `text` before it. With a tokenizer the default stop ids are `<|bos|>` and `<|assistant_end|>`.
+`constraint` (constrain.py: JSON object / JSON Schema / regex / grammar / choice) masks every
+mode's logits to the tokens the constraint allows; the stop ids end it.
 """
 
 from __future__ import annotations
@@ -54,35 +59,41 @@ import time
 
 import torch
 
-from poelm.engine.calibrate import (calibrate, check_calibration, load_calibration, running_readouts,
-                                    save_calibration, stage_swings, wand_exit_rule, wand_teacher_forced)
+from poelm.checkpoint import GENERATION_CONFIG_NAME
+from poelm.contention import CpuClock
+from poelm.engine.calibrate import (calibrate, check_calibration, check_cost_model, load_calibration,
+                                    running_readouts, save_calibration, stage_swings, wand_teacher_forced)
+from poelm.engine.constrain import Constraint, ConstraintError, compile_constraint
+from poelm.engine.costs import measure_costs
 from poelm.engine.decoders import Capabilities, Decoder, DecodeStats, PlainDecoder, Row, new_cache
-from poelm.engine.options import (BP_REFUSAL, CALIBRATION_KEYS, GENERATION_CONFIG_NAME, MAX_GAMMA, WAND_TARGETS,
+from poelm.engine.options import (BP_REFUSAL, CALIBRATION_KEYS, MAX_GAMMA, WAND_TARGETS,
                                   ContextLengthError, DecodeOptions, Generation, ModeRefused, OptionError, _check,
                                   refuse_bp)
-from poelm.engine.registry import (COMPILABLE_MODES, DECODERS, LOGPROB_MODES, MODES, capabilities, make_decoder,
-                                   modes_with, validate_options)
+from poelm.engine.registry import (COMPILABLE_MODES, DECODERS, LOGPROB_MODES, MODE_OPTIONS, MODES, capabilities,
+                                   ignored_options, make_decoder, modes_reading, modes_with, validate_options)
 from poelm.engine.sampling import NonFiniteLogits, Sampler, logop, top_gap
 from poelm.engine.speculative import SpeculativeDecoder
 from poelm.engine.stream import TextStream, Collector
-from poelm.engine.wand import WandDecoder
+from poelm.engine.wand import WandDecoder, wand_exit_rule
 from poelm.model import GPT
 
 __all__ = ["Engine", "Session", "Decoder", "DecodeStats", "PlainDecoder", "WandDecoder", "SpeculativeDecoder", "Row",
            "make_decoder", "new_cache", "DecodeOptions", "Generation", "OptionError", "validate_options", "Sampler",
            "NonFiniteLogits", "logop",
            "top_gap", "TextStream", "calibrate", "check_calibration", "load_calibration", "save_calibration",
-           "running_readouts", "stage_swings", "wand_exit_rule", "wand_teacher_forced", "refuse_bp", "MODES",
-           "WAND_TARGETS", "MAX_GAMMA", "BP_REFUSAL", "CALIBRATION_KEYS", "GENERATION_CONFIG_NAME", "_check",
+           "running_readouts", "stage_swings", "wand_exit_rule", "wand_teacher_forced", "measure_costs", "refuse_bp", "MODES",
+           "WAND_TARGETS", "MAX_GAMMA", "BP_REFUSAL", "CALIBRATION_KEYS", "GENERATION_CONFIG_NAME",
            "Collector", "Capabilities", "ModeRefused", "DECODERS", "COMPILABLE_MODES", "LOGPROB_MODES",
-           "capabilities", "modes_with", "ContextLengthError"]
+           "capabilities", "modes_with", "modes_reading", "ignored_options", "MODE_OPTIONS", "ContextLengthError",
+           "Constraint", "ConstraintError", "compile_constraint"]
 
 
 class Engine:
     def __init__(self, model: GPT, tokenizer=None, calibration: dict | None = None, compile: bool | str = False):
-        """compile: decode the plain modes with a compiled step, True = inductor, or a
-        torch.compile backend name (one static-shape graph per batch size and cache bucket;
-        the first call of each pays the compile)."""
+        """compile: decode with compiled steps, True = inductor, or a torch.compile backend name
+        (static-shape graphs per batch size and cache bucket, the first call of each pays the
+        compile): the plain modes and WAND-as-plain one graph per step, speculative a draft-step
+        graph and a verify graph per pass; WAND's staged step (where an exit test pays) runs eagerly."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.calibration = calibration
@@ -125,9 +136,10 @@ class Engine:
         return [self.encode_prompt(p, add_bos) for p in prompt], False
 
     def stop_ids(self, opts: DecodeOptions) -> set[int]:
-        """The token ids that end a row: the caller's, else <|bos|> and <|assistant_end|>."""
-        if opts.stop_token_ids is not None:
-            return set(opts.stop_token_ids)
+        """The token ids that end a row: the caller's, else <|bos|> and <|assistant_end|> (none of
+        those with ignore_eos)."""
+        if opts.stop_token_ids is not None or opts.ignore_eos:
+            return set(opts.stop_token_ids or ())
         if self.tokenizer is None:
             return set()
         specials = getattr(self.tokenizer, "special_tokens", {}) or {}
@@ -164,8 +176,16 @@ class Engine:
         validate_options(opts, self.model)
         if opts.stop_strings:
             _check(self.tokenizer is not None, "stop strings need a tokenizer")
+        if opts.min_tokens:  # the sampler masks the stop ids until then: it needs them spelt out
+            opts.stop_token_ids = sorted(self.stop_ids(opts))
         if capabilities(opts.mode).needs_calibration:
             opts.calibration = check_calibration(opts.calibration or self.calibration, self.model)
+        elif opts.adaptive and (opts.calibration or self.calibration):  # adaptive speculative's cost model
+            opts.calibration = opts.calibration or self.calibration
+            check_cost_model(opts.calibration, self.model.config.n_stages)
+        if opts.constraint is not None:
+            opts.constraint = compile_constraint(opts.constraint, self.tokenizer, self.stop_ids(opts),
+                                                 self.model.config.vocab_size)
         return opts
 
 
@@ -176,6 +196,8 @@ class Session:
     def __init__(self, engine: Engine, rows: list[list[int]], opts: DecodeOptions):
         self.engine, self.rows, self.opts = engine, rows, opts
         self.t0 = time.perf_counter()
+        self.clock = CpuClock.start()
+        self.cpu: dict = {}  # on the CPU: threads, CPU share of wall x threads, contention (poelm.contention)
         self.collector = Collector(len(rows), opts, engine.tokenizer, engine.stop_ids(opts))
         self.first_token_s: float | None = None
         self.wall: float | None = None
@@ -224,12 +246,14 @@ class Session:
                     dec.rollback(r.handle, extra)
             self.cache = dec.finish()
         self.wall = time.perf_counter() - self.t0
+        if self.engine.device.type == "cpu":
+            self.cpu = self.clock.report(torch.get_num_threads())
 
     def results(self) -> list[Generation]:
         col, n_new = self.collector, sum(len(t) for t in self.collector.tokens)
         stats = self.decoder.stats.to_dict(n_new)
         stats.update({"new_tokens": n_new, "wall_s": self.wall, "tokens_per_s": n_new / self.wall if self.wall > 0 else 0.0,
-                      "time_to_first_token_s": self.first_token_s, "batch_size": len(self.rows)})
+                      "time_to_first_token_s": self.first_token_s, "batch_size": len(self.rows), **self.cpu})
         if self.opts.mode == "wand":
             stats["wand_factor"] = self.opts.wand_factor
         return [Generation(col.text(b), col.tokens[b], dict(stats, new_tokens=len(col.tokens[b]), stop_reason=col.reason[b]),

@@ -1,8 +1,11 @@
-"""WAND calibration (per-stage swing bounds, docs/poe.md §4), its storage in
-generation_config.json, the exit rule and the teacher-forced WAND decision.
+"""WAND calibration (per-stage swing bounds, docs/poe.md §4) with what the modes' cost models
+need (teacher-forced exit rates and stage agreement, the measured cost of every stage and exit
+test on this machine), its storage in generation_config.json, the exit rule and the
+teacher-forced WAND decision.
 
     from poelm.engine import calibrate, save_calibration
     calib = calibrate(model, batches); save_calibration("runs/tiny", calib)
+    measure_costs(model)["stage_s"]                  # K x [seconds at 1 position, at 8]
     poelm calibrate MODEL --data DIR
 """
 
@@ -17,8 +20,11 @@ import numpy as np
 import torch
 
 from poelm.atomic import atomic_write_json
-from poelm.engine.options import CALIBRATION_KEYS, GENERATION_CONFIG_NAME, WAND_TARGETS, _check, refuse_bp
+from poelm.engine.costs import measure_costs
+from poelm.checkpoint import GENERATION_CONFIG_NAME, resolve_run_dir
+from poelm.engine.options import CALIBRATION_KEYS, WAND_TARGETS, _check, refuse_bp
 from poelm.engine.sampling import top_gap
+from poelm.engine.wand import wand_exit_rule
 from poelm.jsonfile import check_field, read_json_object
 from poelm.outputs import amending
 from poelm.model import GPT, logop_weight
@@ -58,9 +64,12 @@ def calibrate(model: GPT, token_batches: Iterable, quantile: float = 0.99, targe
               chunk: int = 512) -> dict:
     """Per-stage WAND swing bounds b_j (docs/poe.md §4) from calibration text.
 
-    token_batches yields LongTensor (B, T) (or (inputs, targets) pairs). Returns
-    {"wand_bounds": [0.0, b_1, ..., b_{K-1}], "wand_quantile", "wand_target",
-    "wand_calibration_tokens"} — the dict stored in generation_config.json."""
+    token_batches yields LongTensor (B, T) (or (inputs, targets) pairs). Returns the dict stored
+    in generation_config.json: {"wand_bounds": [0.0, b_1, ..., b_{K-1}], "wand_quantile",
+    "wand_target", "wand_calibration_tokens", "wand_exit_rates": {"factors": EXIT_RATE_FACTORS,
+    "rates": per factor, P(exit at k | reached k) for k < K-1 under teacher forcing},
+    "stage_agreement": how often z_k's argmax is the final readout's (k < K-1),
+    "decode_costs": measure_costs(model)}."""
     refuse_bp(model, "WAND calibration", force)
     _check(0 < quantile <= 1, f"quantile must lie in (0, 1], got {quantile!r}")
     _check(target in WAND_TARGETS, f"WAND target must be one of {', '.join(WAND_TARGETS)}, got {target!r}")
@@ -70,6 +79,8 @@ def calibrate(model: GPT, token_batches: Iterable, quantile: float = 0.99, targe
     alpha = cfg.poe_alpha if logop_alpha is None else logop_alpha
     device = model.lm_head.weight.device
     swings: list[list[torch.Tensor]] = [[] for _ in range(K - 1)]
+    gaps: list[list[torch.Tensor]] = [[] for _ in range(K - 1)]
+    agree = [0] * (K - 1)
     n_tokens = 0
     for batch in token_batches:
         idx = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -83,15 +94,41 @@ def calibrate(model: GPT, token_batches: Iterable, quantile: float = 0.99, targe
             zs = [model.readout(x, k) for k, x in enumerate(xs)]  # K x (n, V)
             mid = flat_mid[s:s + chunk] if flat_mid is not None else None
             final = model.readout(xs[-1], None, mid, xs)
-            for j, sw in enumerate(stage_swings(running_readouts(zs, final, target, alpha))):
+            running = running_readouts(zs, final, target, alpha)
+            for j, sw in enumerate(stage_swings(running)):
                 swings[j].append(sw.float().cpu())
+            leader = final.argmax(-1)
+            for k in range(K - 1):
+                gaps[k].append(top_gap(running[k]).float().cpu())
+                agree[k] += int((zs[k].argmax(-1) == leader).sum())
         n_tokens += idx.numel()
         if max_tokens is not None and n_tokens >= max_tokens:
             break
     _check(n_tokens > 0, "calibration got no tokens")
     bounds = [0.0] + [float(np.quantile(torch.cat(s).numpy(), quantile)) for s in swings]
+    n_read = sum(len(g) for g in gaps[0])
     return {"wand_bounds": bounds, "wand_quantile": float(quantile), "wand_target": target,
-            "wand_calibration_tokens": n_tokens}
+            "wand_calibration_tokens": n_tokens,
+            "wand_exit_rates": {"factors": list(EXIT_RATE_FACTORS),
+                                "rates": [exit_rates([torch.cat(g) for g in gaps], wand_exit_rule(bounds, f))
+                                          for f in EXIT_RATE_FACTORS]},
+            "stage_agreement": [a / n_read for a in agree], "decode_costs": measure_costs(model)}
+
+
+EXIT_RATE_FACTORS = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # wand_factor values the exit rates are stored at
+
+
+def exit_rates(gaps: list[torch.Tensor], thresholds: list[float]) -> list[float]:
+    """P(exit at k | reached k) for every stage k < K-1, from the top1 - top2 gaps (n,) of r_k at
+    the same n positions (teacher forcing) and the exit thresholds."""
+    reached = torch.ones_like(gaps[0], dtype=torch.bool)
+    rates = []
+    for gap, threshold in zip(gaps, thresholds):
+        n = int(reached.sum())
+        exits = reached & (gap > threshold)
+        rates.append(int(exits.sum()) / n if n else 0.0)
+        reached &= ~exits
+    return rates
 
 
 def check_calibration(calib: dict | None, model: GPT) -> dict:
@@ -103,7 +140,21 @@ def check_calibration(calib: dict | None, model: GPT) -> dict:
     _check(isinstance(bounds, list) and len(bounds) == K and all(isinstance(b, (int, float)) and b >= 0 for b in bounds),
            f"wand_bounds must be {K} numbers >= 0 (one per stage), got {bounds!r}; re-run `poelm calibrate`")
     _check(calib.get("wand_target", "final") in WAND_TARGETS, f"unknown wand_target {calib.get('wand_target')!r}")
+    check_cost_model(calib, K)
     return calib
+
+
+def check_cost_model(calib: dict, K: int) -> None:
+    """The cost-model fields of a calibration, where present, describe K stages (ValueError)."""
+    fix = "re-run `poelm calibrate`"
+    agreement, table = calib.get("stage_agreement"), calib.get("wand_exit_rates")
+    _check(agreement is None or len(agreement) == K - 1, f"stage_agreement must hold {K - 1} numbers; {fix}")
+    _check(table is None or all(len(r) == K - 1 for r in table["rates"]),
+           f"wand_exit_rates must hold {K - 1} rates per factor (one per stage but the last); {fix}")
+    costs = calib.get("decode_costs")
+    if costs is not None:
+        _check(len(costs["stage_s"]) == K and len(costs["test_s"]) == K,
+               f"decode_costs must describe {K} stages; {fix}")
 
 
 def read_generation_config(path: str | os.PathLike) -> dict:
@@ -116,15 +167,54 @@ def read_generation_config(path: str | os.PathLike) -> dict:
     check_field(gen, "wand_quantile", float, path, fix, required=False, low=0, high=1)
     check_field(gen, "wand_target", str, path, fix, required=False, choices=WAND_TARGETS)
     check_field(gen, "wand_calibration_tokens", int, path, fix, required=False, low=0)
+    agreement = check_field(gen, "stage_agreement", list, path, fix, required=False)
+    if agreement is not None and not _fractions(agreement):
+        raise ValueError(f"{path}: field 'stage_agreement' must be a list of numbers from 0 to 1; {fix}")
+    table = check_field(gen, "wand_exit_rates", dict, path, fix, required=False)
+    if table is not None:
+        factors = check_field(table, "factors", list, f"{path}: wand_exit_rates", fix)
+        rates = check_field(table, "rates", list, f"{path}: wand_exit_rates", fix)
+        if not (factors and all(map(_is_bound, factors)) and len(rates) == len(factors)
+                and all(isinstance(r, list) and r and _fractions(r) for r in rates)):
+            raise ValueError(f"{path}: field 'wand_exit_rates' must hold factors >= 0 and, per factor, a list "
+                             f"of rates from 0 to 1; {fix}")
+    costs = check_field(gen, "decode_costs", dict, path, fix, required=False)
+    if costs is not None:
+        _check_costs(costs, path, fix)
     return gen
+
+
+def _check_costs(costs: dict, path, fix: str) -> None:
+    positions = check_field(costs, "positions", list, f"{path}: decode_costs", fix)
+    if not positions or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in positions):
+        raise ValueError(f"{path}: decode_costs field 'positions' must be a list of integers >= 1; {fix}")
+    check_field(costs, "wand_overhead_s", float, f"{path}: decode_costs", fix, required=False, low=0)
+    for key in ("stage_s", "test_s"):
+        rows = check_field(costs, key, list, f"{path}: decode_costs", fix)
+        if not all(isinstance(r, list) and len(r) == len(positions) and all(map(_is_bound, r)) for r in rows):
+            raise ValueError(f"{path}: decode_costs field {key!r} must hold, per stage, {len(positions)} "
+                             f"seconds >= 0 (one per position count); {fix}")
+
+
+def _fractions(values: list) -> bool:
+    return all(_is_bound(v) and v <= 1 for v in values)
 
 
 def _is_bound(b) -> bool:
     return isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and b >= 0
 
 
+def calibration_dir(model: str | os.PathLike) -> Path:
+    """The directory that holds MODEL's generation_config.json: a training run (`poelm train --out`)
+    resolves to its newest complete checkpoint, as load_model does."""
+    path = Path(model)
+    return (resolve_run_dir(path) or path) if path.is_dir() else path
+
+
 def save_calibration(model_dir: str | os.PathLike, calib: dict) -> Path:
-    """Merge the calibration keys into MODEL_DIR/generation_config.json (atomic write)."""
+    """Merge the calibration keys into MODEL_DIR/generation_config.json (atomic write; a training
+    run's newest complete checkpoint)."""
+    model_dir = calibration_dir(model_dir)
     path = Path(model_dir) / GENERATION_CONFIG_NAME
     _check(Path(model_dir).is_dir(), f"{model_dir} is not a model directory: cannot store the calibration")
     gen = read_generation_config(path) if path.exists() else {}
@@ -135,8 +225,9 @@ def save_calibration(model_dir: str | os.PathLike, calib: dict) -> Path:
 
 
 def load_calibration(model_dir: str | os.PathLike) -> dict | None:
-    """The WAND calibration stored in MODEL_DIR/generation_config.json, or None."""
-    path = Path(model_dir) / GENERATION_CONFIG_NAME
+    """The WAND calibration stored in MODEL_DIR/generation_config.json (a model directory or a
+    training run: its newest complete checkpoint), or None."""
+    path = calibration_dir(model_dir) / GENERATION_CONFIG_NAME
     if not path.exists():
         return None
     gen = read_generation_config(path)
@@ -145,19 +236,13 @@ def load_calibration(model_dir: str | os.PathLike) -> dict | None:
     return {k: gen[k] for k in CALIBRATION_KEYS if k in gen}
 
 
-def wand_exit_rule(bounds: list[float], factor: float) -> list[float]:
-    """Threshold after each stage k: F * sum_{j>k} b_j (inf for every stage but the last when F = inf)."""
-    K = len(bounds)
-    if math.isinf(factor):
-        return [math.inf] * (K - 1) + [-math.inf]
-    return [factor * sum(bounds[k + 1:]) for k in range(K - 1)] + [-math.inf]
-
-
 @torch.no_grad()
 def wand_teacher_forced(model: GPT, idx: torch.Tensor, calib: dict, factor: float = 1.0,
-                        logop_alpha: float | None = None) -> dict[str, torch.Tensor]:
-    """The WAND decision at every position of idx (B, T) under teacher forcing:
-    {"pred": (B, T) WAND argmax, "depth": (B, T) stages used, "full": (B, T) target argmax}."""
+                        logop_alpha: float | None = None, stages: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """The WAND decision at every position of idx (B, T) under teacher forcing, exits tested at
+    `stages` only (those the decoder's cost gate tests: DecodeStats.wand_tested_stages; None: every
+    stage but the last): {"pred": (B, T) WAND argmax, "depth": (B, T) stages used, "full": (B, T)
+    target argmax}."""
     calib = check_calibration(calib, model)
     cfg = model.config
     alpha = cfg.poe_alpha if logop_alpha is None else logop_alpha
@@ -168,6 +253,8 @@ def wand_teacher_forced(model: GPT, idx: torch.Tensor, calib: dict, factor: floa
     depth = torch.full_like(pred, cfg.n_stages)
     decided = torch.zeros_like(pred, dtype=torch.bool)
     for k, r in enumerate(running[:-1]):
+        if stages is not None and k not in stages:
+            continue
         exits = ~decided & (top_gap(r) > thresholds[k])
         pred = torch.where(exits, r.argmax(-1), pred)
         depth = torch.where(exits, torch.full_like(depth, k + 1), depth)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from poelm.engine.constrain import masked, masks, row_matcher
 from poelm.engine.options import DecodeOptions, _check, refuse_bp, shown
 from poelm.engine.sampling import Sampler, logop
 from poelm.model import GPT, KVCache
@@ -48,6 +49,7 @@ class Capabilities:
     logprobs: bool = False  # one token per row per step from one readout: its log-probabilities are reported
     needs_calibration: bool = False  # WAND swing bounds (calibrate.py)
     needs_stages: bool = False  # reads out intermediate stages: refused on a BP model unless forced
+    options: tuple[str, ...] = ()  # the DecodeOptions fields this mode reads that the other modes ignore
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Row:
     pad: int = 0
     produced: int = 0
     gamma: int = 0  # speculative: drafted tokens per verify pass (adaptive per row)
+    matcher: object = None  # constrain.RowMatcher: the row's structured-output constraint (None: free)
 
 
 @dataclass
@@ -72,12 +75,15 @@ class DecodeStats:
     layer_calls: int = 0  # sequential layer invocations (latency on overhead-bound hardware)
     exit_stage_counts: list[int] = field(default_factory=list)  # WAND: tokens that exited after stage k
     backfilled: int = 0  # WAND: (slot, stage) pairs run lazily
-    tests_skipped: int = 0  # WAND: exit tests skipped because no gap can reach the threshold
+    tests_skipped: int = 0  # WAND: exit tests skipped (no gap can pass, or the test does not pay)
+    wand_tested_stages: list[int] = field(default_factory=list)  # WAND: the stages whose exit test runs
+    wand_reason: str | None = None  # WAND: why those stages (the cost model's figures)
     draft_stage: int | None = None  # speculative
     drafted: int = 0
     accepted: int = 0
     verify_passes: int = 0  # per row
     gamma: int | None = None
+    speculative_choice: dict | None = None  # adaptive speculative: the draft stage and gamma chosen, fallbacks
 
     def to_dict(self, n_new: int) -> dict:
         out: dict = {"mode": self.mode}
@@ -88,7 +94,8 @@ class DecodeStats:
             n = sum(self.exit_stage_counts)
             out.update(mean_stages_per_token=sum((k + 1) * c for k, c in enumerate(self.exit_stage_counts)) / max(n, 1),
                        exit_stage_counts=list(self.exit_stage_counts), backfilled=self.backfilled,
-                       exit_tests_skipped=self.tests_skipped)
+                       exit_tests_skipped=self.tests_skipped, wand_tested_stages=list(self.wand_tested_stages),
+                       wand_reason=self.wand_reason)
         else:
             out["mean_stages_per_token"] = self.stages_per_token
         if self.mode == "speculative":
@@ -96,6 +103,8 @@ class DecodeStats:
                        verify_passes=self.verify_passes, gamma=self.gamma,
                        acceptance_rate=self.accepted / self.drafted if self.drafted else None,
                        tokens_per_verify=n_new / self.verify_passes if self.verify_passes else None)
+            if self.speculative_choice is not None:
+                out["speculative_choice"] = dict(self.speculative_choice)
         return out
 
 
@@ -132,10 +141,18 @@ class Decoder:
         self.seen = torch.zeros(0, self.cfg.vocab_size, dtype=torch.bool, device=self.device)  # (B, V)
         self.stats = DecodeStats(opts.mode)
         self._next_handle = 0
+        self._compiled = None  # compile_step: the compiled graph(s) of the step
+        self._cuda_graphs, self._marked = False, None
+
+    @classmethod
+    def min_scratch(cls, opts: DecodeOptions) -> int:
+        """Cache slots past a row's capacity that the mode writes (speculative drafts)."""
+        return 0
 
     # --- rows ------------------------------------------------------------------------
-    def add_rows(self, prompts: list[list[int]]) -> list[int]:
-        """Prefill rows (left-padded together) and add them to the batch -> their handles."""
+    def add_rows(self, prompts: list[list[int]], grammars: list | None = None) -> list[int]:
+        """Prefill rows (left-padded together) and add them to the batch -> their handles.
+        grammars: each row's compiled constraint (constrain.Grammar or None; default opts.constraint)."""
         P = max(len(p) for p in prompts) - 1  # the last token of each prompt stays pending
         pad = torch.tensor([P - len(p) + 1 for p in prompts], device=self.device)
         cache = new_cache(self.model, len(prompts), self.max_len, pad if P > 0 else None, n_layers=self.end_layer)
@@ -144,6 +161,8 @@ class Decoder:
         for p, n_pad in zip(prompts, pad.tolist() if P > 0 else [0] * len(prompts)):
             rows.append(Row(self._next_handle, list(p), P if P > 0 else 0, n_pad if P > 0 else 0, gamma=self.opts.gamma))
             self._next_handle += 1
+        for r, g in zip(rows, grammars or [self.opts.constraint] * len(rows)):
+            r.matcher = row_matcher(g)
         seen = torch.zeros(len(prompts), self.cfg.vocab_size, dtype=torch.bool, device=self.device)
         for b, p in enumerate(prompts):
             seen[b, torch.tensor(p, device=self.device)] = True
@@ -192,6 +211,8 @@ class Decoder:
         if not 0 <= n < len(r.seq):
             raise ValueError(f"cannot roll back {n} of the {len(r.seq)} ids of row {handle}")
         if n:
+            if r.matcher is not None:
+                r.matcher.rollback(min(n, r.produced))
             r.seq = r.seq[:-n]
             r.slots = r.pad + len(r.seq) - 1
             r.produced = max(0, r.produced - n)
@@ -217,6 +238,14 @@ class Decoder:
     def pending(self) -> torch.Tensor:
         return torch.tensor([[r.seq[-1]] for r in self.rows], device=self.device)  # (B, 1)
 
+    def constrained(self) -> bool:
+        """Whether some row has a structured-output constraint."""
+        return any(r.matcher is not None for r in self.rows)
+
+    def allowed(self) -> torch.Tensor | None:
+        """(B, V) bool: the tokens each row's constraint allows next (None: no row is constrained)."""
+        return masks([r.matcher for r in self.rows], self.cfg.vocab_size, self.device)
+
     def step(self) -> dict[int, list[int]]:
         """Feed every row's pending token -> {handle: new ids}."""
         if not self.rows:
@@ -225,25 +254,63 @@ class Decoder:
 
     def _emit(self, tokens: torch.Tensor) -> dict[int, list[int]]:
         """Record one sampled token (B,) per row."""
-        self.seen[torch.arange(len(self.rows), device=self.device), tokens] = True
+        self.seen.scatter_(1, tokens[:, None], True)
         out = {}
         for r, t in zip(self.rows, tokens.tolist()):  # the one host sync of a step
             r.seq.append(t)
             r.slots += 1
             r.produced += 1
+            if r.matcher is not None:
+                r.matcher.advance(t)
             out[r.handle] = [t]
         return out
 
     def _step(self) -> dict[int, list[int]]:
         raise NotImplementedError
 
+    # --- the compiled step ------------------------------------------------------------
+    def compile_step(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """Run every later step as compiled static-shape graphs (torch.compile; mode
+        "reduce-overhead" replays them as CUDA graphs). The graphs attend over every slot of the
+        cache through a mask and take the rows' slots as a tensor, so one graph serves every
+        position of a batch: they compile once per batch size and never across steps."""
+        self._cuda_graphs = mode is not None and "reduce-overhead" in mode or mode == "max-autotune"
+        self._marked = None
+        self._compiled = self._compile_graphs(
+            lambda fn: torch.compile(fn, backend=backend, mode=mode, dynamic=False, fullgraph=True))
+
+    def _compile_graphs(self, compiler):
+        """The compiled graph(s) of this decoder's step (compiler: a function -> its compiled form)."""
+        raise NotImplementedError
+
+    def _begin_static(self) -> None:
+        """Before a step's compiled graphs: the cache tensors as static graph inputs (CUDA graphs)."""
+        if not self._cuda_graphs:
+            return
+        cache = self.cache
+        if self._marked is not cache:  # the cache tensors keep their addresses: graph inputs
+            for t in cache.k + cache.v + [cache.tokens, cache.pad]:
+                torch._dynamo.mark_static_address(t)
+            self._marked = cache
+        torch.compiler.cudagraph_mark_step_begin()
+
+    def _static_written(self, end: int, uniform: bool) -> None:
+        """After a static step that wrote slots up to `end` (exclusive): the cache's host lengths
+        (the graphs keep none); uniform: every row's slots now end there."""
+        cache = self.cache
+        cache.lengths = [max(n, end) for n in cache.lengths]
+        if uniform:
+            cache.n_tokens = end
+
 
 class PlainDecoder(Decoder):
     """final / stage / logop: one token per row per step through a fixed layer range."""
 
     modes = {"final": Capabilities("the final readout", compilable=True, logprobs=True),
-             "stage": Capabilities("prefix pruning / a stage readout", compilable=True, logprobs=True, needs_stages=True),
-             "logop": Capabilities("a Log-OP of stages", compilable=True, logprobs=True, needs_stages=True)}
+             "stage": Capabilities("prefix pruning / a stage readout", compilable=True, logprobs=True, needs_stages=True,
+                                   options=("stage",)),
+             "logop": Capabilities("a Log-OP of stages", compilable=True, logprobs=True, needs_stages=True,
+                                   options=("stages",))}
 
     @classmethod
     def check_options(cls, opts: DecodeOptions, model: GPT) -> None:
@@ -260,8 +327,8 @@ class PlainDecoder(Decoder):
     def __init__(self, model: GPT, opts: DecodeOptions, capacity: int, scratch: int = 0):
         super().__init__(model, opts, capacity, scratch)
         cfg = model.config
-        self.mode = opts.mode
-        self.stage = (opts.stage or 0) if opts.mode == "stage" else None
+        self.mode = self.readout_mode(opts)
+        self.stage = (opts.stage or 0) if self.mode == "stage" else None
         self.stages = sorted(opts.stages if opts.stages is not None else range(cfg.n_stages))
         self.alpha = cfg.poe_alpha if opts.logop_alpha is None else opts.logop_alpha
         if self.mode == "final":
@@ -274,6 +341,11 @@ class PlainDecoder(Decoder):
             self.end_layer = cfg.stage_ends[max(self.stages)] + 1
             self.keep = {cfg.stage_ends[k] for k in self.stages}
             self.stats.stages_per_token = max(self.stages) + 1
+
+    @staticmethod
+    def readout_mode(opts: DecodeOptions) -> str:
+        """The plain mode (final / stage / logop) whose readout this decoder takes its tokens from."""
+        return opts.mode
 
     def forward(self, idx: torch.Tensor, start: int | list[int] | torch.Tensor | None = None,
                 last_only: bool = True) -> torch.Tensor:
@@ -293,39 +365,24 @@ class PlainDecoder(Decoder):
         zs = [model.readout(sel(kept[self.cfg.stage_ends[k]]), k) for k in self.stages]
         return logop(zs, self.alpha)
 
-    def compile_step(self, backend: str = "inductor", mode: str | None = None) -> None:
-        """Run every later step as one compiled static-shape graph (torch.compile; mode
-        "reduce-overhead" replays it as a CUDA graph). The step attends over every slot of the
-        cache through a mask and takes the rows' slots as a tensor, so one graph serves every
-        position of a batch: it compiles once per batch size and never across steps."""
-        self._compiled = torch.compile(self.forward, backend=backend, mode=mode, dynamic=False, fullgraph=True)
-        self._cuda_graphs = mode is not None and "reduce-overhead" in mode or mode == "max-autotune"
-        self._marked = None
+    def _compile_graphs(self, compiler):
+        return compiler(self.forward)
 
     def _static_step(self) -> torch.Tensor:
         """One compiled step -> logits (B, V); keeps the cache's host lengths (the graph does not)."""
-        cache = self.cache
-        if self._cuda_graphs and self._marked is not cache:  # the cache tensors keep their addresses: graph inputs
-            for t in cache.k + cache.v + [cache.tokens, cache.pad]:
-                torch._dynamo.mark_static_address(t)
-            self._marked = cache
+        self._begin_static()
         slots = [r.slots for r in self.rows]
-        if self._cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
         logits = self._compiled(self.pending(), torch.tensor(slots, device=self.device))
         end = max(slots) + 1
-        cache.lengths = [max(n, end) for n in cache.lengths]
-        if min(slots) == end - 1:
-            cache.n_tokens = end
+        self._static_written(end, min(slots) == end - 1)
         return logits
 
     def _step(self) -> dict[int, list[int]]:
-        compiled = getattr(self, "_compiled", None) is not None
-        logits = self._static_step() if compiled else self.forward(self.pending(), self.starts())  # (B, V)
+        logits = self._static_step() if self._compiled is not None else self.forward(self.pending(), self.starts())  # (B, V)
         B = len(self.rows)
         self.stats.layer_passes += self.end_layer * B
         self.stats.layer_calls += self.end_layer * B
-        return self._emit(self.sampler.pick(logits, self.seen))
+        return self._emit(self.sampler.pick(masked(logits, self.allowed()), self.seen))
 
 
 def compiled_cache_len(capacity: int, sequence_len: int) -> int:

@@ -12,7 +12,7 @@ modes themselves: a new mode is one decoder class with its `modes` declaration, 
 from __future__ import annotations
 
 from poelm.engine.decoders import Capabilities, Decoder, PlainDecoder, compiled_cache_len
-from poelm.engine.options import DecodeOptions, _check, check_common
+from poelm.engine.options import DecodeOptions, OptionError, _check, check_common, row_options
 from poelm.engine.speculative import SpeculativeDecoder
 from poelm.engine.wand import WandDecoder
 from poelm.model import GPT
@@ -32,8 +32,32 @@ def modes_with(**wanted: bool) -> tuple[str, ...]:
     return tuple(m for m in MODES if all(getattr(capabilities(m), k) == v for k, v in wanted.items()))
 
 
+def modes_reading(option: str) -> tuple[str, ...]:
+    """The modes that read a mode-specific DecodeOptions field (Capabilities.options)."""
+    return tuple(m for m in MODES if option in capabilities(m).options)
+
+
+MODE_OPTIONS = tuple(dict.fromkeys(o for m in MODES for o in capabilities(m).options))  # read by some modes only
+
+
+def ignored_options(opts: DecodeOptions) -> list[str]:
+    """The mode-specific fields of `opts` set away from their defaults that opts.mode does not read
+    (`--stage 2` without `--mode stage`)."""
+    defaults = DecodeOptions()
+    own = capabilities(opts.mode).options if opts.mode in DECODERS else ()
+    return [o for o in MODE_OPTIONS if o not in own and getattr(opts, o) != getattr(defaults, o)]
+
+
 COMPILABLE_MODES = modes_with(compilable=True)
 LOGPROB_MODES = modes_with(logprobs=True)
+# decoders that sample drafted positions the sampler's rows do not hold yet: the options that read
+# a row's generated tokens (presence/frequency penalty, min_tokens) are refused there
+DRAFTING = (SpeculativeDecoder,)
+
+
+def option_choices() -> dict[str, tuple[str, ...]]:
+    """The values of DecodeOptions fields that only the registry knows (mode: MODES)."""
+    return {"mode": MODES}
 
 
 def validate_options(opts: DecodeOptions, model: GPT) -> None:
@@ -42,17 +66,27 @@ def validate_options(opts: DecodeOptions, model: GPT) -> None:
     calibration is checked where one is chosen (Engine.options)."""
     _check(opts.mode in DECODERS, f"unknown mode {opts.mode!r}; choose one of {', '.join(MODES)}", "mode")
     check_common(opts, model)
+    for name in row_options(opts) if issubclass(DECODERS[opts.mode], DRAFTING) else ():
+        raise OptionError(f"{name} is not available in mode {opts.mode} (its drafts are sampled before they join "
+                          "the row); use another mode or leave it off", name)
     DECODERS[opts.mode].check(opts, model)
 
 
 def make_decoder(model: GPT, opts: DecodeOptions, capacity: int, compile: str | None = None) -> Decoder:
     """The decoder of opts.mode (opts already validated); compile (a torch.compile backend): a
-    compilable mode's step runs as one compiled graph (PlainDecoder.compile_step)."""
+    compilable mode's step runs as compiled static-shape graphs (Decoder.compile_step)."""
     cls = DECODERS[opts.mode]
     if not compile:
-        return cls(model, opts, capacity)
-    _check(capabilities(opts.mode).compilable, f"compile applies to the plain modes ({', '.join(COMPILABLE_MODES)}); "
+        return attached(cls(model, opts, capacity))
+    _check(capabilities(opts.mode).compilable, f"compile applies to the modes {', '.join(COMPILABLE_MODES)}; "
            f"mode {opts.mode} decodes eagerly: drop compile / --compile")
-    dec = cls(model, opts, capacity, compiled_cache_len(capacity, model.config.sequence_len) - capacity)
+    slots = compiled_cache_len(capacity + cls.min_scratch(opts), model.config.sequence_len)
+    dec = cls(model, opts, capacity, slots - capacity)
     dec.compile_step(compile)
+    return attached(dec)
+
+
+def attached(dec: Decoder) -> Decoder:
+    """dec, its sampler reading the decoder's rows (the generated tokens of ROW_OPTIONS)."""
+    dec.sampler.rows = lambda: dec.rows
     return dec

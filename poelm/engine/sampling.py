@@ -1,8 +1,14 @@
-"""Sampling (transformers' order: repetition penalty, temperature, top-k, top-p) and the
-readout helpers every decoder shares (Log-OP of stages, top1 - top2 gap).
+"""Sampling (transformers' order: repetition penalty, temperature, top-k, top-p; around it
+OpenAI's and vLLM's logit processors) and the readout helpers every decoder shares (Log-OP of
+stages, top1 - top2 gap).
 
     sampler = Sampler(DecodeOptions(temperature=0.8, top_p=0.9, seed=0), device)
     tokens = sampler.pick(logits, seen)            # (N,) from logits (N, V)
+
+The logits of a row are processed in this order: repetition penalty (ids seen in the row,
+prompt included), presence and frequency penalty (ids the row generated: Sampler.rows, which
+poelm.engine.registry attaches to the decoder's rows), logit_bias, and while a row has fewer
+than min_tokens new tokens its stop ids are masked; then temperature, min_p, top-k, top-p.
 
 Every temperature > 0 and repetition penalty > 0 keeps the distribution finite: penalised
 logits are clamped to the dtype's finite range, and temperature divides the logits after
@@ -13,9 +19,12 @@ Non-finite logits (a model with NaN weights) raise NonFiniteLogits instead of sa
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 
-from poelm.engine.options import DecodeOptions
+from poelm.engine.options import DecodeOptions, row_options
 from poelm.model import logop_weight
 
 
@@ -47,18 +56,64 @@ class Sampler:
         self.opts = opts
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(opts.seed if opts.seed is not None else int(torch.randint(2 ** 62, ()).item()))
+        self.rows: Callable[[], list] | None = None  # -> the decoder's rows (.seq, .produced), one per logits row
+        self._bias: torch.Tensor | None = None  # (V,) of logit_bias
 
     def penalise(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
-        """logits (N, V), seen (N, V) bool: logit/penalty if > 0 else logit*penalty on seen ids."""
+        """logits (N, V) or (N, T, V), seen alike (bool) -> the processed logits: repetition penalty
+        (logit/penalty if > 0 else logit*penalty on seen ids), then the row penalties, logit_bias
+        and the min_tokens mask (of (N, V) logits: one per row)."""
         rp = self.opts.repetition_penalty
-        if rp == 1.0 or seen is None:
-            return logits
-        big = torch.finfo(logits.dtype).max  # a tiny penalty would divide a positive logit to inf
-        return torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp).clamp(-big, big), logits)
+        if rp != 1.0 and seen is not None:
+            big = torch.finfo(logits.dtype).max  # a tiny penalty would divide a positive logit to inf
+            logits = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp).clamp(-big, big), logits)
+        if row_options(self.opts):
+            logits = self.row_penalties(logits)
+        if self.opts.logit_bias:
+            logits = logits + self.bias(logits)
+        return logits
+
+    def generated(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """-> (counts (N, V) of the ids each row generated, the rows' generated lengths)."""
+        if self.rows is None:
+            raise RuntimeError("presence/frequency penalty and min_tokens read the decoder's rows: make the decoder "
+                               "with poelm.engine.registry.make_decoder")
+        rows = self.rows()
+        counts = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+        for b, r in enumerate(rows):
+            if r.produced:
+                ids = torch.tensor(r.seq[len(r.seq) - r.produced:], device=logits.device)
+                counts[b].index_add_(0, ids, torch.ones(len(ids), dtype=logits.dtype, device=logits.device))
+        return counts, [r.produced for r in rows]
+
+    def row_penalties(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (N, V) - frequency * count - presence * [count > 0] of each row's generated ids,
+        and -inf at the stop ids of rows with fewer than min_tokens new tokens."""
+        o = self.opts
+        counts, lengths = self.generated(logits)
+        logits = logits - o.frequency_penalty * counts - o.presence_penalty * (counts > 0).to(logits.dtype)
+        short = [b for b, n in enumerate(lengths) if n < o.min_tokens]
+        if short and o.stop_token_ids:
+            rows = torch.tensor(short, device=logits.device)[:, None]
+            logits = logits.index_put((rows, torch.tensor(list(o.stop_token_ids), device=logits.device)[None]),
+                                      torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+        return logits
+
+    def bias(self, logits: torch.Tensor) -> torch.Tensor:
+        """The (V,) logit_bias vector on the logits' device and dtype (built once)."""
+        if self._bias is None or self._bias.device != logits.device or self._bias.dtype != logits.dtype:
+            bias = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+            ids = list(self.opts.logit_bias)
+            bias[torch.tensor(ids, device=logits.device)] = torch.tensor([float(self.opts.logit_bias[i]) for i in ids],
+                                                                         dtype=logits.dtype, device=logits.device)
+            self._bias = bias
+        return self._bias
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Penalised logits (N, V) -> sampling distribution (N, V) after temperature/top-k/top-p."""
-        logits = tempered(logits, self.opts.temperature)
+        logits = tempered(logits, self.opts.temperature)  # the row maximum is 0
+        if self.opts.min_p > 0:  # p < min_p * p_max  <=>  logit < log(min_p) + max logit
+            logits = logits.masked_fill(logits < math.log(self.opts.min_p), float("-inf"))
         k = self.opts.top_k
         if 0 < k < logits.shape[-1]:
             kth = logits.topk(k, dim=-1).values[..., -1:]  # (N, 1)

@@ -10,20 +10,115 @@ rule (the output distribution equals the target's). Rows accept different number
 and advance by different amounts (ragged slots); rejected slots are simply overwritten by
 the row's next step. The cache holds `gamma + 1` scratch slots past the capacity so drafts
 of one row never depend on another row's room.
+
+With `adaptive`, a DraftChooser picks every pass's draft stage and gamma (0 = a plain pass:
+the pending token through every layer, no drafts) from the acceptance measured so far in
+this decoder and the measured stage costs; the tokens stay those of plain decoding (greedy)
+or distributed as the target (sampling) whatever it picks.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
+from poelm.engine.constrain import masked
+from poelm.engine.costs import measure_costs
 from poelm.engine.decoders import Capabilities, Decoder
 from poelm.engine.options import MAX_GAMMA, DecodeOptions, ModeRefused, _check
-from poelm.engine.sampling import Sampler
+from poelm.engine.sampling import NonFiniteLogits, Sampler
 from poelm.model import GPT
 
 
+EMA_WEIGHT = 0.1  # weight of each drafted token's outcome in a stage's acceptance estimate
+_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> measure_costs(model)
+
+
+def expected_tokens(a: float, gamma: int) -> float:
+    """Tokens one verify pass yields with gamma drafts each accepted with probability a: (1 - a^(g+1)) / (1 - a)."""
+    return gamma + 1.0 if a >= 1 else (1 - a ** (gamma + 1)) / (1 - a)
+
+
+class DraftChooser:
+    """The (draft stage, gamma) of each adaptive pass: the most expected tokens per second.
+
+    Costs are measure_costs' (batch 1): a pass drafting g tokens from stage d costs (g + 1)
+    positions through stages 0..d one at a time, g readouts of stage d, and one verify pass of
+    stages d+1..K-1 and the final readout over g + 1 positions (interpolated between the measured
+    position counts); g = 0 is a plain pass, speed-up 1. Acceptance per stage is an exponential
+    moving average over drafted tokens, starting from the calibration's stage agreement (or
+    unknown: the first pass from draft_stage drafts the full gamma to measure it). When no choice
+    beats plain, plain passes run, and every `probe` of them one drafting pass measures again."""
+
+    def __init__(self, costs: dict, stages: list[int], gamma_max: int, priors: list[float] | None, probe: int):
+        self.stage_s, self.test_s, self.positions = costs["stage_s"], costs["test_s"], costs["positions"]
+        self.stages, self.gamma_max, self.probe = stages, gamma_max, probe
+        self.acceptance: dict[int, float | None] = {d: priors[d] if priors else None for d in stages}
+        self.plain_run = 0  # plain passes since the last drafting pass
+        self.counts = {"passes": 0, "fallback_passes": 0, "probes": 0}
+        self.choice: tuple[int, int, float] | None = None
+
+    def _cost(self, table: list[list[float]], k: int, n: int) -> float:
+        """Seconds of table[k] at n positions, linear between the first and last measured counts."""
+        (p0, p1), (c0, c1) = (self.positions[0], self.positions[-1]), (table[k][0], table[k][-1])
+        slope = max(0.0, (c1 - c0) / (p1 - p0)) if p1 > p0 else 0.0
+        return c0 + slope * (n - p0)
+
+    def speedup(self, d: int, g: int, a: float) -> float:
+        """Expected tokens per second of a (d, g) pass over plain decoding's."""
+        K = len(self.stage_s)
+        plain = sum(self._cost(self.stage_s, k, 1) for k in range(K)) + self._cost(self.test_s, K - 1, 1)
+        draft = (g + 1) * sum(self._cost(self.stage_s, k, 1) for k in range(d + 1)) + g * self._cost(self.test_s, d, 1)
+        verify = sum(self._cost(self.stage_s, k, g + 1) for k in range(d + 1, K)) + self._cost(self.test_s, K - 1, g + 1)
+        return plain * expected_tokens(a, g) / (draft + verify)
+
+    def _best(self) -> tuple[int, int, float]:
+        """The drafting (d, g >= 1) of the highest expected speed-up; an unmeasured stage: its full gamma."""
+        unknown = [d for d in self.stages if self.acceptance[d] is None]
+        if unknown:
+            return unknown[0], self.gamma_max, float("nan")
+        return max(((d, g, self.speedup(d, g, self.acceptance[d])) for d in self.stages
+                    for g in range(1, self.gamma_max + 1)), key=lambda c: c[2])
+
+    def next_pass(self) -> tuple[int, int]:
+        """(draft stage, gamma) of the next pass; gamma 0: a plain pass."""
+        d, g, speedup = self._best()
+        self.counts["passes"] += 1
+        if speedup < 1:  # nan (an unmeasured stage) drafts
+            if self.plain_run < self.probe:
+                self.plain_run += 1
+                self.counts["fallback_passes"] += 1
+                self.choice = (d, 0, 1.0)
+                return d, 0
+            self.counts["probes"] += 1
+        self.plain_run = 0
+        self.choice = (d, g, speedup)
+        return d, g
+
+    def observe(self, d: int, proposed: int, accepted: int) -> None:
+        """One row's pass: `accepted` of `proposed` drafts from stage d (the first rejection ends it)."""
+        outcomes = [1.0] * accepted + ([0.0] if accepted < proposed else [])
+        if not outcomes:
+            return
+        a = self.acceptance[d]
+        if a is None:
+            a = sum(outcomes) / len(outcomes)
+        else:
+            for o in outcomes:
+                a += EMA_WEIGHT * (o - a)
+        self.acceptance[d] = a
+
+    def report(self) -> dict:
+        d, g, speedup = self.choice
+        return dict(self.counts, draft_stage=d, gamma=g, expected_speedup=None if speedup != speedup else speedup,
+                    acceptance={str(s): a for s, a in self.acceptance.items()})
+
+
 class SpeculativeDecoder(Decoder):
-    modes = {"speculative": Capabilities("speculative drafting from a stage", needs_stages=True)}
+    modes = {"speculative": Capabilities("speculative drafting from a stage", compilable=True, needs_stages=True,
+                                         options=("draft_stage", "gamma", "adaptive_gamma", "adaptive", "adaptive_probe",
+                                                  "draft_threshold"))}
 
     @classmethod
     def check_options(cls, opts: DecodeOptions, model: GPT) -> None:
@@ -40,18 +135,49 @@ class SpeculativeDecoder(Decoder):
         _check(isinstance(g, int) and 1 <= g <= MAX_GAMMA, f"gamma must be an integer in 1..{MAX_GAMMA}, got {g!r}", "gamma")
         th = opts.draft_threshold
         _check(th is None or (isinstance(th, (int, float)) and 0 <= th <= 1), f"draft_threshold must lie in [0, 1], got {th!r}", "draft_threshold")
+        _check(isinstance(opts.adaptive, bool), f"adaptive must be true or false, got {opts.adaptive!r}", "adaptive")
+        _check(not (opts.adaptive and opts.adaptive_gamma), "adaptive and adaptive_gamma both choose gamma: pass one of them", "adaptive")
+        p = opts.adaptive_probe
+        _check(isinstance(p, int) and not isinstance(p, bool) and p >= 1, f"adaptive_probe must be an integer >= 1, got {p!r}", "adaptive_probe")
 
-    def __init__(self, model: GPT, opts: DecodeOptions, capacity: int):
-        scratch = (MAX_GAMMA if opts.adaptive_gamma else opts.gamma) + 1
-        super().__init__(model, opts, capacity, scratch)
+    @classmethod
+    def min_scratch(cls, opts: DecodeOptions) -> int:
+        return (MAX_GAMMA if opts.adaptive_gamma else opts.gamma) + 1
+
+    def __init__(self, model: GPT, opts: DecodeOptions, capacity: int, scratch: int = 0):
+        super().__init__(model, opts, capacity, max(scratch, self.min_scratch(opts)))
         cfg = model.config
         self.end_layer = cfg.n_layer
         self.d = opts.draft_stage
         self.split = cfg.stage_ends[self.d] + 1
         self.bl = cfg.backout_layer if cfg.backout else -1
         self.stats.draft_stage, self.stats.stages_per_token, self.stats.gamma = self.d, cfg.n_stages, opts.gamma
+        self.chooser = self._chooser() if opts.adaptive else None
+
+    def _chooser(self) -> DraftChooser:
+        """Adaptive: costs and stage agreement from the calibration, else costs measured now (once per model)."""
+        calib = self.opts.calibration or {}
+        costs = calib.get("decode_costs")
+        if costs is None:
+            if self.model not in _MEASURED:
+                _MEASURED[self.model] = measure_costs(self.model)
+            costs = _MEASURED[self.model]
+        priors = calib.get("stage_agreement")
+        stages = list(range(self.cfg.n_stages - 1)) if priors else [self.d]
+        return DraftChooser(costs, stages, self.opts.gamma, priors, self.opts.adaptive_probe)
+
+    def _choose(self) -> None:
+        """Adaptive: this pass's draft stage and gamma (every row's)."""
+        self.d, gamma = self.chooser.next_pass()
+        self.split = self.cfg.stage_ends[self.d] + 1
+        for r in self.rows:
+            r.gamma = gamma
 
     def _step(self) -> dict[int, list[int]]:
+        if self.chooser is not None:
+            self._choose()
+        if self._compiled is not None and not self.constrained():  # a constraint's masks come from the host per draft
+            return self._static_pass()
         model, opts, sampler = self.model, self.opts, self.sampler
         B, L, split, bl = len(self.rows), self.cfg.n_layer, self.split, self.bl
         mid_in_draft = 0 <= bl < split
@@ -64,6 +190,7 @@ class SpeculativeDecoder(Decoder):
         arange = torch.arange(B, device=self.device)
         feed = self.pending()  # (B, 1)
         xs, x0s, mids, drafts, qs = [], [], [], [], []
+        allowed = []  # a constraint's (B, V) mask at each position: the drafts advance the rows' matchers
         while True:  # draft: layers [0, split), one position per row at a time
             j = len(drafts)
             start = slot0[0] + j if all(s == slot0[0] for s in slot0) else [s + j for s in slot0]
@@ -72,9 +199,10 @@ class SpeculativeDecoder(Decoder):
             self.stats.layer_passes += split * B
             self.stats.layer_calls += split * B
             xs.append(x), x0s.append(x0), mids.append(kept.get(bl))
+            allowed.append(self.allowed())
             if not any(drafting):
                 break
-            q_logits = sampler.penalise(model.readout(x[:, -1], self.d), draft_seen)  # (B, V)
+            q_logits = masked(sampler.penalise(model.readout(x[:, -1], self.d), draft_seen), allowed[j])  # (B, V)
             if opts.greedy:
                 token, q = q_logits.argmax(-1), None
                 top_prob = q_logits.softmax(-1).gather(1, token[:, None])[:, 0] if opts.draft_threshold else None
@@ -92,6 +220,7 @@ class SpeculativeDecoder(Decoder):
                         drafting[b] = proposed[b] < n_max[b]
             if not any(p > j for p in proposed):  # no row proposed this draft: verify what there is
                 break
+            self._advance_drafts(token, [p > j for p in proposed])
             drafts.append(token), qs.append(q)
             draft_seen[arange, token] = True
             feed = token[:, None]
@@ -110,25 +239,49 @@ class SpeculativeDecoder(Decoder):
             for i, t in enumerate(drafts):
                 rows_seen[:, i + 1:] |= torch.nn.functional.one_hot(t, rows_seen.shape[-1]).bool()[:, None]
             p_logits = sampler.penalise(p_logits, rows_seen)
+        if allowed[0] is not None:  # the target at each position is masked like the draft there
+            p_logits = masked(p_logits, torch.stack(allowed, 1))
         drafts_host = torch.stack(drafts, 1).tolist() if n else [[] for _ in range(B)]  # (B, n)
-        out = {}
-        for b, r in enumerate(self.rows):
+        outcomes = []
+        for b in range(B):
             row_drafts = drafts_host[b][:proposed[b]]
             n_acc, token = self._accept(row_drafts, [q[b] if q is not None else None for q in qs[:proposed[b]]], p_logits[b, :proposed[b] + 1],
                                         sampler, opts)
+            self.seen[b, torch.tensor(row_drafts[:n_acc] + [token], device=self.device)] = True
+            outcomes.append((row_drafts, proposed[b], n_acc, token))
+        return self._advance(slot0, outcomes)
+
+    def _advance(self, slot0: list[int], outcomes: list[tuple[list[int], int, int, int]]) -> dict[int, list[int]]:
+        """Every row's pass outcome (its drafts, how many it proposed and accepted, the next token)
+        -> the rows advanced, the statistics and chooser updated, {handle: new ids}."""
+        out = {}
+        for r, s0, (row_drafts, proposed, n_acc, token) in zip(self.rows, slot0, outcomes):
             accepted = row_drafts[:n_acc] + [token]
-            r.slots = slot0[b] + 1 + n_acc  # rejected drafts' slots are rewritten by the next step
+            if r.matcher is not None:  # back from the drafts it took to the accepted ones, then the next token
+                r.matcher.rollback(proposed - n_acc)
+                r.matcher.advance(token)
+            r.slots = s0 + 1 + n_acc  # rejected drafts' slots are rewritten by the next step
             r.seq += accepted
             r.produced += len(accepted)
-            self.seen[b, torch.tensor(accepted, device=self.device)] = True
-            self.stats.drafted += proposed[b]
+            self.stats.drafted += proposed
             self.stats.accepted += n_acc
             self.stats.verify_passes += 1
-            if opts.adaptive_gamma:
-                r.gamma = min(r.gamma + 2, MAX_GAMMA) if (proposed[b] and n_acc == proposed[b]) else max(1, r.gamma - 1)
+            if self.chooser is not None:
+                self.chooser.observe(self.d, proposed, n_acc)
+            if self.opts.adaptive_gamma:
+                r.gamma = min(r.gamma + 2, MAX_GAMMA) if (proposed and n_acc == proposed) else max(1, r.gamma - 1)
             out[r.handle] = accepted
-        self.stats.gamma = self.rows[0].gamma
+        self.stats.gamma, self.stats.draft_stage = self.rows[0].gamma, self.d
+        if self.chooser is not None:
+            self.stats.speculative_choice = self.chooser.report()
         return out
+
+    def _advance_drafts(self, token: torch.Tensor, took: list[bool]) -> None:
+        """The constrained rows that took this draft advance their matchers by it (rolled back on rejection)."""
+        if self.constrained():
+            for r, t, ok in zip(self.rows, token.tolist(), took):
+                if ok and r.matcher is not None:
+                    r.matcher.advance(t)
 
     @staticmethod
     def _accept(drafts: list[int], qs: list, p_logits: torch.Tensor, sampler: Sampler,
@@ -150,3 +303,133 @@ class SpeculativeDecoder(Decoder):
                 residual = p[i]
             return i, sampler.draw((residual / residual.sum())[None])[0].item()
         return n, sampler.draw(p[n][None])[0].item()
+
+    # --- the compiled pass -----------------------------------------------------------------
+    def _compile_graphs(self, compiler):
+        """Two graphs: a draft step (stage d's layers over one position, its readout and the
+        pick) and a verify pass (the last draft through stage d's layers, the deeper layers over
+        [pending, drafts], the final readout and every row's acceptance)."""
+        return compiler(self._draft_graph), compiler(self._verify_graph)
+
+    def _width(self) -> int:
+        """Drafts per compiled pass (every row drafts as many; a row proposes at most its own
+        gamma): the pass's gamma, or with adaptive_gamma the rows' largest as a power of two, so
+        the verify graphs are few."""
+        g = max(r.gamma for r in self.rows)
+        return min(1 << (g - 1).bit_length(), MAX_GAMMA) if self.opts.adaptive_gamma and g else g
+
+    def _noise(self, *shape: int) -> torch.Tensor | None:
+        """Exponential noise from the decoder's generator (sampling: argmax(p / noise) draws from p); None when greedy."""
+        if self.opts.greedy:
+            return None
+        return torch.empty(shape, device=self.device).exponential_(generator=self.sampler.gen)
+
+    def _static_pass(self) -> dict[int, list[int]]:
+        """One pass of compiled graphs: G draft steps, one verify pass, one host read."""
+        opts, B, G = self.opts, len(self.rows), self._width()
+        draft, verify = self._compiled
+        self._begin_static()
+        slot0 = [r.slots for r in self.rows]
+        n_max = [max(0, min(r.gamma, G, self.capacity - r.slots - 1, opts.max_new_tokens - r.produced - 1))
+                 for r in self.rows]
+        starts = torch.tensor(slot0, device=self.device)
+        pending = self.pending()
+        feed, seen = pending, self.seen
+        xs, x0s, mids, drafts, qs, tops = [], [], [], [], [], []
+        for j in range(G):
+            x, x0, mid, token, q, top, seen = draft(self.d, feed, starts + j, seen, self._noise(B, self.cfg.vocab_size))
+            xs.append(x), x0s.append(x0), mids.append(mid), drafts.append(token), qs.append(q), tops.append(top)
+            feed = token[:, None]
+        u = torch.rand(B, G, device=self.device, generator=self.sampler.gen) if not opts.greedy else None
+        packed, new_ids = verify(self.d, pending, feed, starts, xs, x0s, mids, drafts, qs, tops,
+                                 torch.tensor(n_max, device=self.device), self.seen, u,
+                                 self._noise(B, self.cfg.vocab_size))
+        self.seen.scatter_(1, new_ids, True)
+        host = packed.tolist()  # the one host read of the pass
+        if host and host[0][-1]:
+            raise NonFiniteLogits()
+        L, split = self.cfg.n_layer, self.split
+        self.stats.layer_passes += L * (G + 1) * B
+        self.stats.layer_calls += (split * (G + 1) + L - split) * B
+        self._static_written(max(slot0) + G + 1, all(s == slot0[0] for s in slot0))
+        return self._advance(slot0, [(row[:G], row[G + 2], row[G], row[G + 1]) for row in host])
+
+    def _draft_layers(self, feed: torch.Tensor, starts: torch.Tensor):
+        """feed (B, 1) at slots starts (B,) through layers [0, split) -> x, x0, the backout residual (or None)."""
+        bl = self.bl
+        x = x0 = self.model.embed(feed, self.cache, starts)
+        x, kept = self.model.run_layers(x, x0, feed, 0, self.split, self.cache, starts,
+                                        keep={bl} if 0 <= bl < self.split else set())
+        return x, x0, kept.get(bl)
+
+    def _draft_graph(self, d: int, feed: torch.Tensor, starts: torch.Tensor, seen: torch.Tensor,
+                     noise: torch.Tensor | None):
+        """One draft step from stage d -> x, x0, mid, the draft token (B,), its distribution q
+        (sampling; else None), the draft's top probability (B,; greedy: only for draft_threshold),
+        seen with the token added (only with a repetition penalty)."""
+        x, x0, mid = self._draft_layers(feed, starts)
+        sampler = self.sampler
+        z = sampler.penalise(self.model.readout(x[:, -1], d), seen)  # (B, V)
+        if self.opts.greedy:
+            token, q = z.argmax(-1), None
+            top = z.softmax(-1).gather(1, token[:, None])[:, 0] if self.opts.draft_threshold is not None else None
+        else:
+            q = sampler.probs(z)
+            token = (q / noise).argmax(-1)
+            top = q.amax(-1)
+        if self.opts.repetition_penalty != 1.0:
+            seen = seen.scatter(1, token[:, None], True)
+        return x, x0, mid, token, q, top, seen
+
+    def _verify_graph(self, d: int, pending: torch.Tensor, last: torch.Tensor, starts: torch.Tensor, xs: list,
+                      x0s: list, mids: list, drafts: list, qs: list, tops: list, n_max: torch.Tensor,
+                      seen: torch.Tensor, u: torch.Tensor | None, noise: torch.Tensor | None):
+        """The verify pass of G = len(drafts) drafts -> (packed (B, G + 4): the drafts, accepted
+        count, next token, proposed count, non-finite flag; the ids to mark seen (B, G + 1))."""
+        model, sampler, opts = self.model, self.sampler, self.opts
+        G, L, split, bl = len(drafts), self.cfg.n_layer, self.split, self.bl
+        x, x0, mid = self._draft_layers(last, starts + G)
+        B = x.shape[0]
+        D = torch.stack(drafts, 1) if G else pending.new_zeros(B, 0)  # (B, G)
+        idx = torch.cat([pending, D], 1)  # (B, G+1)
+        h, kept = model.run_layers(torch.cat(xs + [x], 1), torch.cat(x0s + [x0], 1), idx, split, L, self.cache,
+                                   starts, keep={bl} if bl >= split else set())
+        z = model.readout(h, None, torch.cat(mids + [mid], 1) if 0 <= bl < split else kept.get(bl))  # (B, G+1, V)
+        if opts.repetition_penalty != 1.0:  # position i sees the drafts before it
+            drafted = torch.nn.functional.one_hot(D, z.shape[-1]).cumsum(1) > 0  # (B, G, V)
+            z = sampler.penalise(z, torch.cat([seen[:, None], seen[:, None] | drafted], 1))
+        ok = torch.ones(B, G, dtype=torch.long, device=z.device)
+        if opts.draft_threshold is not None and G:  # a row stops drafting at its first unsure draft
+            ok = (torch.stack(tops, 1) >= opts.draft_threshold).long()
+        proposed = torch.minimum(ok.cumprod(1).sum(1), n_max)  # (B,)
+        valid = torch.arange(G, device=z.device) < proposed[:, None]  # (B, G)
+        if opts.greedy:
+            target = z.argmax(-1)  # (B, G+1)
+            n_acc = ((D == target[:, :G]) & valid).long().cumprod(1).sum(1)
+            token = target.gather(1, n_acc[:, None])[:, 0]
+            bad = torch.zeros((), dtype=torch.bool, device=z.device)
+        else:
+            token, n_acc, bad = self._accept_sampled(sampler.probs(z), D, qs, valid, proposed, u, noise)
+        new = torch.cat([D, token[:, None]], 1)
+        new_ids = torch.where(torch.arange(G + 1, device=z.device) < n_acc[:, None], new, token[:, None])
+        packed = torch.cat([D, n_acc[:, None], token[:, None], proposed[:, None], bad.long().expand(B, 1)], 1)
+        return packed, new_ids
+
+    @staticmethod
+    def _accept_sampled(p: torch.Tensor, D: torch.Tensor, qs: list, valid: torch.Tensor, proposed: torch.Tensor,
+                        u: torch.Tensor, noise: torch.Tensor):
+        """The Leviathan/Chen rule for every row at once: draft i is accepted when u_i q_i(x_i) <
+        p_i(x_i); at the first rejection the token is drawn from normalise(max(0, p - q)) (p where
+        that is zero), after all proposed drafts from p -> (token, accepted count, non-finite flag)."""
+        B, G1, V = p.shape
+        Q = torch.stack(qs, 1) if qs else p.new_zeros(B, 0, V)  # (B, G, V)
+        at = D[..., None]
+        n_acc = ((u * Q.gather(2, at)[..., 0] < p[:, :G1 - 1].gather(2, at)[..., 0]) & valid).long().cumprod(1).sum(1)
+        pick = n_acc[:, None, None].expand(B, 1, V)
+        p_n = p.gather(1, pick)[:, 0]  # (B, V)
+        q_n = torch.cat([Q, torch.zeros_like(p[:, :1])], 1).gather(1, pick)[:, 0]
+        residual = (p_n - q_n).clamp(min=0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)
+        weights = torch.where((n_acc < proposed)[:, None], residual, p_n)
+        bad = ~(torch.isfinite(p).all() & torch.isfinite(Q).all())
+        return (weights / noise).argmax(-1), n_acc, bad

@@ -30,7 +30,7 @@ class Collector:
             self.tokens[row].append(t)
             if t in self.stop_ids:
                 self.reason[row] = "stop_token"
-            elif self.opts.stop_strings and self._find_stop(row):
+            elif self.opts.stop_strings and len(self.tokens[row]) >= self.opts.min_tokens and self._find_stop(row):
                 self.reason[row] = "stop_string"
             elif len(self.tokens[row]) >= self.opts.max_new_tokens:
                 self.reason[row] = "max_new_tokens"

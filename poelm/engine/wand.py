@@ -13,6 +13,12 @@ row of the batch lags stage s by the same `lag[s]` slots, whose inputs (the boun
 residual of stage s-1, and x0) are kept; the next step that runs stage s runs it on those
 slots together with the new one, so the cache becomes exactly the full-depth cache. Rows
 exit on their own, so each row gets the token it gets alone.
+
+A test runs only where it pays (exit_plan): where the calibration measured costs, at stage k
+when P(exit at k | reached k) x the cost of the stages after k exceeds the test's cost. With no
+stage tested the decoder is the plain decoder of the target readout (one pass over every layer,
+no kept residuals), so WAND never pays for tests that cannot save. Compiled (compile_step), that
+plain decoder runs the compiled plain step; the staged step (some test pays) runs eagerly.
 """
 
 from __future__ import annotations
@@ -21,28 +27,84 @@ import math
 
 import torch
 
-from poelm.engine.calibrate import wand_exit_rule
-from poelm.engine.decoders import Capabilities, Decoder, Row
+from poelm.engine.constrain import masked
+from poelm.engine.decoders import Capabilities, PlainDecoder, Row
 from poelm.engine.options import DecodeOptions, _check
 from poelm.engine.sampling import logop, top_gap
 from poelm.model import GPT, KVCache, SOFTCAP, RowBuffers, StepPlan, logop_weight
 
 
-class WandDecoder(Decoder):
-    modes = {"wand": Capabilities("WAND adaptive depth", needs_calibration=True, needs_stages=True)}
+def wand_exit_rule(bounds: list[float], factor: float) -> list[float]:
+    """Threshold after each stage k: F * sum_{j>k} b_j (inf for every stage but the last when F = inf)."""
+    K = len(bounds)
+    if math.isinf(factor):
+        return [math.inf] * (K - 1) + [-math.inf]
+    return [factor * sum(bounds[k + 1:]) for k in range(K - 1)] + [-math.inf]
+
+
+def exit_rates_at(table: dict, factor: float) -> list[float]:
+    """The stored exit rates at the smallest calibrated factor >= `factor` (rates fall as the factor
+    grows, so this errs towards fewer exits); zeros past the largest."""
+    for f, rates in sorted(zip(table["factors"], table["rates"])):
+        if f >= factor:
+            return rates
+    return [0.0] * len(table["rates"][0])
+
+
+def exit_plan(calib: dict, factor: float, thresholds: list[float], max_gap: list[float]) -> tuple[list[bool], str]:
+    """Whether each stage k < K-1 runs its exit test, and why. A test runs where some gap can pass
+    it and, when the calibration holds exit rates and measured costs, where its expected saving
+    (P(exit at k | reached k) at this factor x the cost of stages k+1 ... K-1 at batch 1, less
+    what back-filling the skipped position adds to the next deep pass) exceeds its cost (stage
+    k's readout, top-2 and host read); and only if, per token, the tests' expected saving
+    covers their expected cost plus the staged step's own overhead (else none runs)."""
+    K = len(thresholds)
+    possible = [thresholds[k] < max_gap[k] for k in range(K - 1)]
+    table, costs = calib.get("wand_exit_rates"), calib.get("decode_costs")
+    if table is None or costs is None:
+        return possible, "the calibration holds no measured costs: every stage that can exit is tested " \
+                         "(re-run `poelm calibrate` to measure them)"
+    rates = exit_rates_at(table, factor)
+    span = costs["positions"][-1] - costs["positions"][0]
+    skipped = [c[0] - max(0.0, (c[-1] - c[0]) / span if span else 0.0) for c in costs["stage_s"]]  # run lazily
+    test = [c[0] for c in costs["test_s"]]
+    saving = [rates[k] * sum(skipped[k + 1:]) for k in range(K - 1)]
+    tested = [possible[k] and saving[k] > test[k] for k in range(K - 1)]
+    figures = "; ".join(f"stage {k}: exit rate {rates[k]:.2f}, saving {1e6 * saving[k]:.0f} us vs test "
+                        f"{1e6 * test[k]:.0f} us" for k in range(K - 1))
+    overhead, reach, gain, spend = costs.get("wand_overhead_s", 0.0), 1.0, 0.0, 0.0
+    for k in (k for k in range(K - 1) if tested[k]):
+        gain, spend, reach = gain + reach * saving[k], spend + reach * test[k], reach * (1 - rates[k])
+    if any(tested) and gain > spend + overhead:
+        return tested, f"tested where the expected saving exceeds the test's cost ({figures}; per token " \
+                       f"{1e6 * gain:.0f} us saved vs {1e6 * (spend + overhead):.0f} us of tests and staging)"
+    if any(tested):
+        return [False] * (K - 1), f"the tests' expected saving ({1e6 * gain:.0f} us per token) does not cover " \
+                                  f"their cost and the staged step's overhead ({1e6 * (spend + overhead):.0f} us; " \
+                                  f"{figures}): decodes as plain"
+    return tested, f"no exit test pays ({figures}): decodes as plain"
+
+
+class WandDecoder(PlainDecoder):
+    modes = {"wand": Capabilities("WAND adaptive depth", compilable=True, needs_calibration=True, needs_stages=True,
+                                  options=("wand_factor",))}
 
     @classmethod
     def check_options(cls, opts: DecodeOptions, model: GPT) -> None:
         f = opts.wand_factor
         _check(isinstance(f, (int, float)) and not math.isnan(f) and f >= 0, f"wand_factor must be >= 0 (inf = full depth), got {f!r}", "wand_factor")
 
-    def __init__(self, model: GPT, opts: DecodeOptions, capacity: int):
-        super().__init__(model, opts, capacity)
+    @staticmethod
+    def readout_mode(opts: DecodeOptions) -> str:
+        """The target: the final readout, or the Log-OP of every stage."""
+        return "final" if opts.calibration.get("wand_target", "final") == "final" else "logop"
+
+    def __init__(self, model: GPT, opts: DecodeOptions, capacity: int, scratch: int = 0):
+        super().__init__(model, opts, capacity, scratch)
         cfg = model.config
-        self.K, self.end_layer = cfg.n_stages, cfg.n_layer
+        self.K = cfg.n_stages
         calib = opts.calibration
         self.target = calib.get("wand_target", "final")
-        self.alpha = cfg.poe_alpha if opts.logop_alpha is None else opts.logop_alpha
         self.thresholds = wand_exit_rule(calib["wand_bounds"], opts.wand_factor)
         w = logop_weight(self.K, self.alpha)
         # the largest gap r_k can have: each soft-capped readout spans < 2 x SOFTCAP
@@ -52,23 +114,30 @@ class WandDecoder(Decoder):
         self.x0 = self.boundary = None  # (B, max_len, d) and K-1 of them
         self._row_buffers = RowBuffers([1] * self.K)  # their rows: joined and removed in place
         self.stats.exit_stage_counts = [0] * self.K
+        self.tested, self.stats.wand_reason = exit_plan(calib, opts.wand_factor, self.thresholds, self.max_gap)
+        self.stats.wand_tested_stages = [k for k, t in enumerate(self.tested) if t]
+        self.staged = any(self.tested)  # else: the plain decoder of the target
 
     # --- rows ------------------------------------------------------------------------
     def _append(self, cache: KVCache, rows: list[Row], seen: torch.Tensor, x0) -> None:
+        if self.staged:
+            self._append_inputs(len(rows))
+        super()._append(cache, rows, seen, x0)
+
+    def _append_inputs(self, n: int) -> None:
+        """Room for n new rows' kept inputs (x0 and the stage boundary residuals)."""
         if self.rows:
             self.flush()  # the new rows start with no lag; so must the old ones
         d, p = self.cfg.n_embd, self.model.lm_head.weight
         if self.x0 is None or not self.rows:
-            self.x0, *self.boundary = [torch.zeros(len(rows), self.max_len, d, device=p.device, dtype=p.dtype)
+            self.x0, *self.boundary = [torch.zeros(n, self.max_len, d, device=p.device, dtype=p.dtype)
                                        for _ in range(self.K)]
         else:  # zero rows joined into free row slots: inputs are kept for lagging slots only, none after the flush
-            self.x0, *self.boundary = self._row_buffers.append([self.x0, *self.boundary], None, self._filled(), 0,
-                                                               n=len(rows))
-        super()._append(cache, rows, seen, x0)
+            self.x0, *self.boundary = self._row_buffers.append([self.x0, *self.boundary], None, self._filled(), 0, n=n)
 
     def _keep(self, keep: list[int]) -> None:
         super()._keep(keep)
-        if self.rows:
+        if self.rows and self.staged:
             self.x0, *self.boundary = self._row_buffers.keep([self.x0, *self.boundary], keep, self._filled())
 
     def _filled(self) -> int:
@@ -130,6 +199,11 @@ class WandDecoder(Decoder):
                 self.lag[s] = 0
 
     def _step(self) -> dict[int, list[int]]:
+        if not self.staged:  # every token takes the target's readout after the last stage
+            new = super()._step()
+            self.stats.exit_stage_counts[-1] += len(new)
+            self.stats.tests_skipped += (self.K - 1) * len(new)
+            return new
         model, cfg = self.model, self.cfg
         B = len(self.rows)
         start = self.starts()
@@ -142,6 +216,7 @@ class WandDecoder(Decoder):
         ends = [r.slots + 1 for r in self.rows]
         bl = cfg.backout_layer if cfg.backout else -1
         active = list(range(B))  # rows that have not exited
+        allowed = self.allowed()  # (B, V) of a constraint: exits are decided among the allowed tokens
         out_logits: list[torch.Tensor | None] = [None] * B
         running = None  # logop target: the running Log-OP of the active rows (A, V)
         used: list[torch.Tensor] = []  # logop target: stage readouts (B, V)
@@ -157,7 +232,7 @@ class WandDecoder(Decoder):
                 x_mid = kept[bl][:, -1]
             lasts.append(out[:, -1])
             last = s == self.K - 1
-            if not last and self.thresholds[s] >= self.max_gap[s]:  # no gap can pass: no test
+            if not last and not self.tested[s]:  # no gap can pass, or the test does not pay: no test
                 self.stats.tests_skipped += len(active)
                 if self.target == "final":  # nor a readout (the logop target sums every stage's)
                     continue
@@ -175,9 +250,10 @@ class WandDecoder(Decoder):
                 step_r = logop_weight(self.K, self.alpha) * z.log_softmax(-1)
                 running = step_r if running is None else running + step_r
                 r = running
+            r = masked(r, allowed, act)
             if last:
                 exits = [True] * len(active)
-            elif self.thresholds[s] >= self.max_gap[s]:
+            elif not self.tested[s]:
                 exits = [False] * len(active)
             else:
                 exits = (top_gap(r) > self.thresholds[s]).tolist()
@@ -197,4 +273,4 @@ class WandDecoder(Decoder):
                 for j in range(s + 1, self.K):
                     self.lag[j] += 1
                 break
-        return self._emit(self.sampler.pick(torch.stack(out_logits), self.seen))
+        return self._emit(self.sampler.pick(masked(torch.stack(out_logits), allowed), self.seen))

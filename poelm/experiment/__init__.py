@@ -15,6 +15,6 @@ post-hoc specialist stage on the PoE arm).
 """
 
 from poelm.experiment.compare import compare_models  # noqa: F401
-from poelm.experiment.config import ARMS, PAPER, PRESETS, ExperimentConfig, load_config  # noqa: F401
+from poelm.experiment.config import ARMS, EXPERIMENTS, PAPER, ExperimentConfig, load_config  # noqa: F401
 from poelm.experiment.report import alpha_ordering, render_report  # noqa: F401
 from poelm.experiment.run import arm_train_config, run_arm, run_experiment  # noqa: F401

@@ -1,5 +1,6 @@
 """`poelm compare`: several models side by side on the same validation data (bpb of the final
-readout, every stage and the Log-OP; the PoE modes each supports), as a table, JSON and PNG.
+readout, every stage and the Log-OP; α; the gap of the final bpb to the first BP model (else the
+first model), positive = worse; the PoE modes each supports), as a table, JSON and PNG.
 
     poelm compare runs/exp/arms/bp runs/exp/arms/poe --data data/default
 """
@@ -10,7 +11,6 @@ import json
 from pathlib import Path
 
 from poelm.checkpoint import resolve_run_dir
-from poelm.plots import save_figure
 
 # -----------------------------------------------------------------------------
 # compare
@@ -37,13 +37,21 @@ def compare_models(specs: list[str], data: str, tokens: int | None = None, seq_l
         r = evaluate_bpb(model, batches, tok.token_bytes())
         vocabs.add(json.dumps(tok.to_json(), sort_keys=True))
         rows.append({"model": spec, "params": model.num_params(), "poe_mode": model.config.poe_mode,
-                     "stages": list(model.config.poe_stage_layers), "bpb": r["bpb"], "stage_bpb": r["stages"],
+                     "poe_alpha": model.config.poe_alpha, "stages": list(model.config.poe_stage_layers), "bpb": r["bpb"], "stage_bpb": r["stages"],
                      "logop": r["logop"], "tokens": r["tokens"], "modes": supported_modes(model, spec)})
+    reference = gap_reference(rows)
+    for r in rows:
+        r["gap_pct"] = 100 * (r["bpb"] / reference["bpb"] - 1)
     note = None
     if len(vocabs) > 1:
         note = ("the models use different tokenizers: bpb is still comparable (it is normalised by bytes), "
                 "token-level metrics such as perplexity or top-1 agreement are not")
-    return {"models": rows, "data": data, "tokens_budget": default_eval_tokens(device) if tokens is None else tokens, "note": note}
+    return {"models": rows, "gap_reference": reference["model"], "data": data, "tokens_budget": default_eval_tokens(device) if tokens is None else tokens, "note": note}
+
+
+def gap_reference(rows: list[dict]) -> dict:
+    """The row every gap is measured against: the first BP model (poe_mode none), else the first model."""
+    return next((r for r in rows if r["poe_mode"] == "none"), rows[0])
 
 
 def supported_modes(model, spec: str) -> list[str]:
@@ -63,17 +71,32 @@ def supported_modes(model, spec: str) -> list[str]:
     return modes
 
 
-def compare_plot(result: dict, path: Path) -> Path:
-    import matplotlib
+# -----------------------------------------------------------------------------
+# compare on downstream tasks
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for row in result["models"]:
-        ks = list(range(len(row["stage_bpb"])))
-        ax.plot(ks, row["stage_bpb"], marker="o", label=f"{Path(row['model']).name} stages")
-        ax.axhline(row["bpb"], ls=":", lw=0.8, color=ax.lines[-1].get_color())
-    ax.set_xlabel("stage"), ax.set_ylabel("val bits per byte"), ax.set_title("bpb per stage (dotted: final readout)")
-    ax.grid(alpha=0.3), ax.legend()
-    return save_figure(fig, path)
+def compare_tasks(specs: list[str], tasks: list[str], include_path: str | None = None, limit: int | None = None,
+                  device: str = "cpu", batch_size: int = 8, manager=None) -> dict:
+    """The paper's table of downstream tasks: each model's final readout per task (its primary
+    metric, in points), the last model minus the first, and every readout of each model beside
+    (poelm.downstream.evaluate_tasks)."""
+    from poelm.downstream import evaluate_tasks, task_manager
+
+    manager = manager or task_manager(tasks, include_path)
+    runs = [evaluate_tasks(spec, tasks, include_path, limit, device, batch_size, manager=manager) for spec in specs]
+    rows = []
+    for task in tasks:
+        metric = runs[0]["primary"][task]
+        points = [100 * run["tasks"][task]["final"].get(metric, float("nan")) for run in runs]
+        rows.append({"task": task, "metric": metric, "points": points, "difference": points[-1] - points[0]})
+    return {"models": [str(s) for s in specs], "rows": rows, "runs": runs}
+
+
+def task_compare_table(result: dict) -> str:
+    names = [Path(m).name[-14:] for m in result["models"]]
+    lines = [f"{'task':<24} {'metric':<12} " + " ".join(f"{n:>14}" for n in names) + f" {'difference':>11}"]
+    for row in result["rows"]:
+        lines.append(f"{row['task']:<24} {str(row['metric']):<12} " + " ".join(f"{p:>14.2f}" for p in row["points"])
+                     + f" {row['difference']:>+11.2f}")
+    lines.append(f"(points = 100 x the metric of the final readout; difference = {names[-1]} - {names[0]})")
+    return "\n".join(lines)

@@ -1,5 +1,6 @@
-"""The experiment's settings: the three arms, the presets (tiny, cpu-long, gpu-small,
-paper-d24), TOML/YAML files and flag overrides folded into one ExperimentConfig.
+"""The experiment's settings: the three arms, the experiment presets (EXPERIMENTS: tiny,
+cpu-long, gpu-small, paper-d24), TOML/YAML files and flag overrides folded into one
+ExperimentConfig, whose training settings are TrainConfig's own fields (ArmTraining).
 
     from poelm.experiment.config import load_config
     cfg = load_config("tiny", {"num_iterations": 200})
@@ -23,8 +24,33 @@ PAPER = {"bp_bpb": 0.676788, "poe_bpb": 0.720935, "gap_pct_final": 6.52, "gap_pc
 ARMS = (("bp", "none", 0.0), ("poe", "flat", 0.0), ("poe_a05", "flat", 0.5))
 
 
+# TrainConfig fields an experiment sets itself: data, tokenizer and out are the experiment's own
+# (each arm trains in out/arms/ARM), the model is `model` below, every arm resumes, and arms of
+# different objectives cannot start from one model's weights (init); the alpha=0.5 arm's stop is
+# alpha05_stop_fraction below (stop_at)
+EXPERIMENT_OWN = ("data", "tokenizer", "out", "model", "resume", "init", "stop_at")
+# the experiment's defaults where they are not TrainConfig's
+TRAINING_DEFAULTS = {"total_batch_size": 8192, "eval_every": 50, "save_every": 50}
+
+
+def _arm_training() -> type:
+    """Every TrainConfig field an experiment may set for its arms, with its metadata (its help,
+    choices and type), generated from TrainConfig so a new training setting needs no edit here."""
+    from poelm.train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    return dataclasses.make_dataclass("ArmTraining", [
+        (f.name, hints[f.name], field(default=TRAINING_DEFAULTS.get(f.name, f.default), metadata=f.metadata))
+        for f in dataclasses.fields(TrainConfig) if f.name not in EXPERIMENT_OWN])
+
+
+ArmTraining = _arm_training()
+
+
 @dataclass
-class ExperimentConfig:
+class ExperimentConfig(ArmTraining):
+    """The experiment's settings: the training settings of every arm (ArmTraining: TrainConfig's
+    fields) and its own below."""
     name: str = "tiny"
     out: str = "runs/experiment"
     data_source: str = "default"  # "default", a folder of txt/jsonl/parquet, or "climbmix:N"
@@ -34,29 +60,9 @@ class ExperimentConfig:
     # GPTConfig fields shared by every arm (each arm sets poe_mode and poe_alpha itself); fields
     # left out take GPTConfig's defaults and derivations
     model: dict = field(default_factory=dict)
-    total_batch_size: int = 8192
-    device_batch_size: int = 32
-    num_iterations: int = -1
     # the alpha=0.5 arm stops at this fraction of the horizon under the full schedule (the paper's run
     # stopped at step 14,000 of 26,430) and is compared with the others at that step; 1: not stopped
     alpha05_stop_fraction: float = PAPER["alpha05_stop_step"] / PAPER["horizon_steps"]
-    target_tokens: int = -1
-    target_param_data_ratio: float = 20.0
-    eval_every: int = 50
-    eval_tokens: int | None = None  # None: the device's default (dataloader.default_eval_tokens)
-    save_every: int = 50
-    # optimizer: nanochat's d12 / 2^19-token flag values, scaled per run (docs/training.md "Scaling
-    # rules"); lr_scaling "off" takes them literally
-    lr_scaling: str = "nanochat"
-    matrix_lr: float = 0.02
-    embedding_lr: float = 0.3
-    unembedding_lr: float = 0.008
-    scalar_lr: float = 0.5
-    weight_decay: float = 0.28
-    seed: int = 42
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: bool | None = None  # None: on for CUDA, off on the CPU (TrainConfig.compile)
     arms: list[str] = field(default_factory=lambda: [a[0] for a in ARMS])
     decode_tokens: int = 128  # new tokens per prompt in the inference-mode measurement
     decode_prompts: int = 4
@@ -69,7 +75,12 @@ class ExperimentConfig:
     specialist_batch_rows: int = 16
     specialist_eval_prompts: int = 32
     nproc: int = 1  # >1: the arms run under torchrun with this many processes
+    seeds: int = 1  # each arm trains this many times, seed, seed + 1, ... (poelm.experiment.seeds)
     compute_note: str = ""
+
+    def training(self) -> dict:
+        """The TrainConfig fields every arm takes from the experiment (ArmTraining's)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ArmTraining)}
 
     def model_config(self, poe_mode: str, poe_alpha: float) -> GPTConfig:
         """The model of one arm (vocab_size is replaced by the tokenizer's when it trains)."""
@@ -79,7 +90,7 @@ class ExperimentConfig:
             raise ValueError(f"experiment model settings: {e}") from None
 
 
-PRESETS: dict[str, dict] = {
+EXPERIMENTS: dict[str, dict] = {
     # About 30 minutes on 2 quiet CPU cores (fp32): depth 8 in 4 stages of 2 layers (so a stage costs more
     # than a WAND exit test and a draft stage is a quarter of the model), 3 arms x 226 steps x 8,192 tokens
     # (1.85 M tokens per arm; the alpha=0.5 arm stops at step 120, 53 %, as the paper's did), then a 1-layer
@@ -156,12 +167,12 @@ def fold_model_keys(settings: dict, where: str) -> dict:
 
 def load_config(preset_or_file: str | None, overrides: dict) -> ExperimentConfig:
     name = preset_or_file or "tiny"
-    if name in PRESETS:
-        base = dict(PRESETS[name])
+    if name in EXPERIMENTS:
+        base = dict(EXPERIMENTS[name])
     elif os.path.isfile(name):
-        base = read_config_file(name)
+        base = read_experiment_file(name)
     else:
-        raise ValueError(f"unknown experiment preset or file {name!r}; presets: {', '.join(PRESETS)}")
+        raise ValueError(f"unknown experiment preset or file {name!r}; presets: {', '.join(EXPERIMENTS)}")
     base = fold_model_keys(base, name)
     known = {f.name for f in dataclasses.fields(ExperimentConfig)}
     unknown = sorted(set(base) - known)
@@ -194,12 +205,13 @@ def alpha05_stop(cfg: ExperimentConfig, horizon: int) -> int:
 
 
 def check_stop(cfg: ExperimentConfig, where: str) -> None:
+    """Refuse an alpha05_stop_fraction outside (0, 1] in one line naming it."""
     if not 0.0 < cfg.alpha05_stop_fraction <= 1.0:
         raise ValueError(f"{where}: alpha05_stop_fraction {cfg.alpha05_stop_fraction}: give a fraction in (0, 1], "
                          "e.g. 0.53 (the paper's 14,000 of 26,430 steps) or 1 to train the alpha=0.5 arm in full")
 
 
-def read_config_file(path: str) -> dict:
+def read_experiment_file(path: str) -> dict:
     """The settings table of a TOML or YAML file (a bounded read; its `experiment` table when it has
     one); a file that does not parse, or holds no table, is one line naming it."""
     text = read_text(path)

@@ -8,8 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from poelm.experiment.config import PAPER
-from poelm.experiment.specialist import specialist_plot, specialist_report
-from poelm.plots import save_figure
+from poelm.experiment.seeds import draw_gap_band, seed_report
+from poelm.experiment.specialist import specialist_report
+from poelm.plots import plot_specialist, save_figure
 
 # -----------------------------------------------------------------------------
 # Report and plots
@@ -62,6 +63,8 @@ def experiment_plots(out: Path, results: dict) -> list[Path]:
         if results.get("gap_alpha05"):
             ax.plot([g["step"] for g in results["gap_alpha05"]], [g["gap_pct"] for g in results["gap_alpha05"]],
                     marker="s", label="PoE α=0.5 vs BP (this run)")
+        if results.get("seeds"):
+            draw_gap_band(ax, results["seeds"])
         ax.axhline(PAPER["gap_pct_final"], ls="--", color="gray", label="paper final gap (+6.52 %)")
         ax.set_xlabel("step"), ax.set_ylabel("bpb gap (%, positive: PoE worse)"), ax.set_title("PoE-vs-BP gap trajectory")
         ax.grid(alpha=0.3), ax.legend()
@@ -71,7 +74,7 @@ def experiment_plots(out: Path, results: dict) -> list[Path]:
     if sets:
         written.append(speedup_plot(out, sets))
     if results.get("specialist"):
-        written.append(specialist_plot(out, results["specialist"]))
+        written.append(plot_specialist(out, results["specialist"]))
     return written
 
 
@@ -115,14 +118,17 @@ def headline(results: dict) -> list[str]:
     lines = []
     for name, rep in sets.items():
         m = rep["modes"]
-        spec, wand, plain = m.get("speculative"), m.get("wand"), m["plain"]
+        spec, adaptive, wand, plain = m.get("speculative"), m.get("speculative_adaptive"), m.get("wand"), m["plain"]
         buys = []
         if spec:
-            exact = "exact" if spec["identical_to_plain"] else "OUTPUT DIFFERS"
-            buys.append(f"**{spec['speedup']:.2f}×** decode (speculative, {exact}: draft stage {spec['draft_stage']}, "
-                        f"{100 * spec['acceptance']:.0f} % acceptance)")
+            buys.append(f"**{spec['speedup']:.2f}×** decode (speculative, {_exact(spec)}: draft stage "
+                        f"{spec['draft_stage']}, {100 * spec['acceptance']:.0f} % acceptance)")
+        if adaptive:
+            buys.append(f"**{adaptive['speedup']:.2f}×** (adaptive speculative, {_exact(adaptive)}: "
+                        f"{_adaptive_choice(adaptive)})")
         if wand:
-            buys.append(f"**{wand['speedup']:.2f}×** (WAND at {100 * wand['agreement']:.1f} % agreement)")
+            buys.append(f"**{wand['speedup']:.2f}×** (WAND at {100 * wand['agreement']:.1f} % agreement; "
+                        f"{wand['gate']})")
         bp_plain = rep.get("bp_plain")
         bp_line = (f"; the BP arm's plain path: {bp_plain['tokens_per_s']:.0f} tok/s ({bp_plain['path']}, "
                    f"{bp_plain['speedup']:.2f}× the PoE arm's)" if bp_plain else "")
@@ -133,6 +139,19 @@ def headline(results: dict) -> list[str]:
                  f"{PAPER['speculative_speedup']}× (speculative, {int(100 * PAPER['speculative_acceptance'])} % "
                  f"acceptance) and {PAPER['wand_speedup']}× (WAND at {int(100 * PAPER['wand_agreement'])} % agreement).")
     return lines
+
+
+def _exact(row: dict) -> str:
+    return "exact" if row["identical_to_plain"] else "OUTPUT DIFFERS"
+
+
+def _adaptive_choice(row: dict) -> str:
+    """What adaptive speculative decoding chose: the (draft stage, gamma) each prompt ended on and
+    the passes that fell back to plain."""
+    a = row.get("adaptive") or {}
+    ends = ", ".join(f"d{d}/γ{g}" if g else "plain" for d, g in a.get("last_choice", []))
+    return (f"ended on {ends}; {a.get('fallback_passes', 0)} of {a.get('passes', 0)} passes plain, "
+            f"{100 * row['acceptance']:.0f} % acceptance")
 
 
 def stopped_arm_line(results: dict) -> str | None:
@@ -209,6 +228,7 @@ def render_report(results: dict) -> str:
         lines += ["## The BP model refuses the PoE modes", ""]
         lines += [f"- `{mode}`: {msg}" for mode, msg in inf["bp_refusals"].items()]
         lines.append("")
+    lines += seed_report(results.get("seeds"))
     if results.get("specialist"):
         lines += specialist_report(results["specialist"])
     lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in results.get("plots", [])]
@@ -229,9 +249,8 @@ def render_report(results: dict) -> str:
 def inference_section(poe: dict) -> list[str]:
     """report.md's tables of every decoding path, per prompt set."""
     lines = ["## Inference modes of the PoE model (one run, against the best plain path)", "",
-             f"Greedy, batch 1, {poe['threads']} torch thread(s), interleaved, median of {poe['repeats']}; the process "
-             f"got {100 * poe['cpu_share']:.0f} % of a core per thread while timing"
-             + (" (the machine was busy: ratios hold, absolute speeds are low)" if poe["cpu_share"] < 0.9 else "")
+             f"Greedy, batch 1, {poe['threads']} torch thread(s), interleaved, median of {poe['repeats']}"
+             + _cpu_note(poe.get("cpu") or {})
              + ". Agreement: teacher-forced top-1 agreement with full depth on held-out text of the set "
              "(WAND calibrated on other validation tokens); identical: the same greedy tokens as eager plain.", ""]
     for name, rep in poe["sets"].items():
@@ -249,14 +268,31 @@ def inference_section(poe: dict) -> list[str]:
         if rep.get("bp_plain"):
             b = rep["bp_plain"]
             lines.append(f"| BP arm, {b['path']} | {b['tokens_per_s']:.1f} | {b['speedup']:.2f}× | — | — | — | — | — |")
-        wand = rep["paths"].get("wand:eager") or {}
-        if wand.get("exit_stage_counts"):
-            lines += ["", f"WAND exits per stage (generated tokens): {wand['exit_stage_counts']}."]
-        lines.append("")
+        lines += [""] + mode_notes(rep["modes"]) + [""]
     lines += [f"Paper (1.3B on GPU): speculative {PAPER['speculative_speedup']}x at "
               f"{int(100 * PAPER['speculative_acceptance'])} % acceptance, WAND {PAPER['wand_speedup']}x at 100 % "
               "agreement, stage 0 about 4x cheaper per token.", ""]
     return lines
+
+
+def _cpu_note(cpu: dict) -> str:
+    """How much of its cores the timing got (the machine may be shared)."""
+    if not cpu:
+        return ""
+    share = cpu["cpu_share"]
+    return (f"; the process got {100 * share:.0f} % of a core per thread while timing"
+            + (" (the machine was busy: ratios hold, absolute speeds are low)" if share < 0.9 else ""))
+
+
+def mode_notes(modes: dict) -> list[str]:
+    """What WAND's cost gate and adaptive speculative decoding decided on their best paths."""
+    notes = []
+    if wand := modes.get("wand"):
+        notes.append(f"- WAND ({wand['path']}): {wand['note']}; exits per stage (generated tokens): "
+                     f"{wand['exit_stage_counts']}. Gate: {wand['wand_reason']}.")
+    if adaptive := modes.get("speculative_adaptive"):
+        notes.append(f"- Adaptive speculative ({adaptive['path']}): {_adaptive_choice(adaptive)}.")
+    return notes
 
 
 def _pct(x: float | None) -> str:

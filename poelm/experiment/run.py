@@ -15,6 +15,7 @@ from pathlib import Path
 
 from poelm.atomic import atomic_write_bytes, atomic_write_json
 from poelm.model import GPTConfig
+from poelm.tracking import resolve_tracker
 from poelm.experiment.config import ARMS, PAPER, ExperimentConfig, alpha05_stop, fold_model_keys, load_config
 from poelm.experiment.report import experiment_plots, render_report
 from poelm.experiment.specialist import run_specialist
@@ -64,22 +65,16 @@ def horizon(cfg: ExperimentConfig) -> int:
 
 
 def arm_train_config(cfg: ExperimentConfig, arm: str):
+    """The TrainConfig of one arm: the experiment's training settings, its data, tokenizer and the
+    arm's model, in out/arms/ARM, resumed when it has a checkpoint."""
     from poelm.train import TrainConfig
 
     mode, alpha = next((m, a) for n, m, a in ARMS if n == arm)
     stop = None
     if arm == "poe_a05" and cfg.alpha05_stop_fraction < 1.0:
         stop = alpha05_stop(cfg, horizon(cfg))
-    return TrainConfig(
-        data=cfg.data, tokenizer=cfg.tokenizer, out=str(Path(cfg.out) / "arms" / arm),
-        model=cfg.model_config(mode, alpha),
-        total_batch_size=cfg.total_batch_size, device_batch_size=cfg.device_batch_size,
-        num_iterations=cfg.num_iterations, stop_at=stop, target_tokens=cfg.target_tokens,
-        target_param_data_ratio=cfg.target_param_data_ratio, eval_every=cfg.eval_every,
-        eval_tokens=cfg.eval_tokens, save_every=cfg.save_every, lr_scaling=cfg.lr_scaling,
-        matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr, unembedding_lr=cfg.unembedding_lr,
-        scalar_lr=cfg.scalar_lr, weight_decay=cfg.weight_decay, seed=cfg.seed, device=cfg.device,
-        dtype=cfg.dtype, compile=cfg.compile, resume=True)
+    return TrainConfig(data=cfg.data, tokenizer=cfg.tokenizer, out=str(Path(cfg.out) / "arms" / arm),
+                       model=cfg.model_config(mode, alpha), resume=True, stop_at=stop, **cfg.training())
 
 
 def run_arm(cfg: ExperimentConfig, arm: str, say) -> dict:
@@ -97,23 +92,20 @@ def run_arm(cfg: ExperimentConfig, arm: str, say) -> dict:
     return train(tc)
 
 
-def run_arm_torchrun(tc, nproc: int) -> dict:
-    import subprocess
+def torchrun_argv(tc, nproc: int) -> list[str]:
+    """The command that runs `poelm train` on `tc` under torchrun (its flags rebuild tc exactly)."""
     import sys
 
-    args = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "poelm", "train"]
-    from poelm.flags import model_flags
+    from poelm.flags import model_flags, setting_flags, untrained_fields
 
-    for f in dataclasses.fields(tc):
-        value = getattr(tc, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "model":
-            args += model_flags(value)
-        elif isinstance(value, bool):  # --compile is on/off/auto (None): its off must be said
-            args += [flag] if value else (["--no-compile"] if f.name == "compile" else [])
-        elif value is not None:
-            args += [flag, str(value)]
-    subprocess.run(args, check=True)
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "poelm", "train",
+            *setting_flags(tc, exclude=("model",)), *model_flags(tc.model, exclude=untrained_fields())]
+
+
+def run_arm_torchrun(tc, nproc: int) -> dict:
+    import subprocess
+
+    subprocess.run(torchrun_argv(tc, nproc), check=True)
     return json.loads((Path(tc.out) / "result.json").read_text())
 
 
@@ -155,7 +147,21 @@ def reused_parts(cfg: ExperimentConfig) -> dict[str, str]:
             for name, path in done.items() if path.exists()}
 
 
-def measure_inference(cfg: ExperimentConfig, say) -> dict:
+def run_seeds(cfg: ExperimentConfig, evals: dict[str, list[dict]], say) -> dict:
+    """Train the arms again for every further seed (poelm.experiment.seeds) and summarise all seeds."""
+    from poelm.experiment.seeds import extra_seed_configs, seed_summary
+
+    runs, seeds = [evals], [cfg.seed]
+    for sub in extra_seed_configs(cfg):
+        say(f"[seed {sub.seed}] the arms again -> {sub.out}")
+        for arm in sub.arms:
+            run_arm(sub, arm, say)
+        runs.append(eval_table(sub))
+        seeds.append(sub.seed)
+    return seed_summary(runs, seeds)
+
+
+def measure_inference(cfg: ExperimentConfig, say, show_progress: bool = False) -> dict:
     """PoE model: every mode against the best plain path (and the BP arm's plain speed) on
     validation and outside-text prompts; BP refusing the PoE modes."""
     from poelm.checkpoint import load_model
@@ -163,16 +169,18 @@ def measure_inference(cfg: ExperimentConfig, say) -> dict:
 
     arms = Path(cfg.out) / "arms"
     result: dict = {}
-    bp = load_model(arms / "bp")[0] if (arms / "bp").exists() else None
+    bp = load_model(arms / "bp") if (arms / "bp").exists() else None  # (model, tokenizer)
     if (arms / "poe").exists():
         model, tok = load_model(arms / "poe")
         say("[inference] timing plain (eager, compiled), stage 0, WAND and speculative decoding on the PoE arm "
             "and plain on the BP arm: validation and outside-text prompts, 1 thread ...")
         result["poe"] = measure_modes(model, tok, cfg.data, n_prompts=cfg.decode_prompts,
                                       max_new_tokens=cfg.decode_tokens, model_dir=resolve(arms / "poe"), repeats=3,
-                                      bp_model=bp, compile=cfg.decode_compile)
+                                      bp_model=bp and bp[0], compile=cfg.decode_compile, show_progress=show_progress)
+        if result["poe"]["cpu"].get("contended"):
+            say(f"[inference] warning: {result['poe']['cpu']['contended']}: the tokens/s are below this machine's")
     if bp is not None:
-        result["bp_refusals"] = bp_refusals(bp, load_model(arms / "bp")[1])
+        result["bp_refusals"] = bp_refusals(*bp)
     return result
 
 
@@ -207,6 +215,9 @@ def resolve(run_dir: Path) -> Path:
 
 def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    resolve_tracker(cfg.tracker)  # its package is installed, before anything starts
+    if cfg.seeds < 1:
+        raise ValueError(f"seeds {cfg.seeds}: every arm trains at least once; give --seeds 1 or more")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "experiment.json"
@@ -215,8 +226,8 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
         now = json.loads(json.dumps(dataclasses.asdict(cfg)))
         for d in (old, now):  # the model as GPTConfig resolves it (defaults spelt out or not)
             d["model"] = GPTConfig(**d["model"]).to_dict()
-        diff = [k for k in old if k not in ("out", "arms", "decode_tokens", "decode_prompts", "decode_compile")
-                and old[k] != now.get(k)]
+        diff = [k for k in old if k not in ("out", "arms", "decode_tokens", "decode_prompts", "decode_compile",
+                                            "tracker", "seeds") and old[k] != now.get(k)]
         if diff:
             raise ValueError(f"{out} holds an experiment with other settings ({', '.join(diff)}); "
                              "use another --out or rerun with the same settings to resume")
@@ -232,11 +243,13 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
         results["arms"][arm] = run_arm(cfg, arm, say)
     evals = eval_table(cfg)
     results["evals"] = evals
+    if cfg.seeds > 1:
+        results["seeds"] = run_seeds(cfg, evals, say)
     results["gap"] = gap_trajectory(evals)
     results["gap_alpha05"] = gap_trajectory(evals, "poe_a05")
     results["alpha05_at_stop"] = alpha05_comparison(cfg, results)
     results["backout_compat"] = backout_compat(cfg)
-    results["inference"] = measure_inference(cfg, say)
+    results["inference"] = measure_inference(cfg, say, show_progress=not quiet)
     results["specialist"] = run_specialist(cfg, say)
     results["wall_seconds"] = round(time.time() - t0, 1)
     results["machine"] = machine_description()

@@ -15,19 +15,22 @@ from poelm.experiment.config import ExperimentConfig
 
 
 def specialist_train_config(cfg: ExperimentConfig):
+    """(TrainConfig, SftSettings) of the specialist stage."""
+    from poelm.sft import SftSettings
     from poelm.train import TrainConfig
 
     rows = cfg.specialist_batch_rows
     row_len = min(cfg.specialist_row_len, cfg.model_config("flat", 0.0).sequence_len)
-    return TrainConfig(
-        task="sft", init=str(Path(cfg.out) / "arms" / "poe"), data=cfg.specialist_data,
-        out=str(Path(cfg.out) / "specialist"), attach_layers=cfg.specialist_layers, row_len=row_len,
+    tc = TrainConfig(
+        init=str(Path(cfg.out) / "arms" / "poe"), data=cfg.specialist_data, out=str(Path(cfg.out) / "specialist"),
         total_batch_size=rows * row_len, device_batch_size=rows, num_iterations=cfg.specialist_steps,
         eval_every=max(1, cfg.specialist_steps // 4), save_every=max(1, cfg.specialist_steps // 2),
-        eval_prompts=cfg.specialist_eval_prompts, warmup_steps=min(10, cfg.specialist_steps // 10),
+        warmup_steps=min(10, cfg.specialist_steps // 10),
         lr_scaling=cfg.lr_scaling, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
         unembedding_lr=cfg.unembedding_lr, scalar_lr=cfg.scalar_lr, weight_decay=cfg.weight_decay, seed=cfg.seed,
         device=cfg.device, dtype=cfg.dtype, resume=True)
+    return tc, SftSettings(attach_layers=cfg.specialist_layers, row_len=row_len,
+                           eval_prompts=cfg.specialist_eval_prompts)
 
 
 def run_specialist(cfg: ExperimentConfig, say) -> dict | None:
@@ -43,7 +46,7 @@ def run_specialist(cfg: ExperimentConfig, say) -> dict | None:
     if not (Path(cfg.specialist_data) / MANIFEST).is_file():
         say(f"building the recall chat set into {cfg.specialist_data} ...")
         build_chat_data("recall", cfg.specialist_data)
-    tc = specialist_train_config(cfg)
+    tc, sft = specialist_train_config(cfg)
     out = Path(tc.out)
     done = out / "result.json"
     if done.exists():
@@ -52,7 +55,7 @@ def run_specialist(cfg: ExperimentConfig, say) -> dict | None:
     else:
         say(f"[specialist] {cfg.specialist_layers} new layer(s) on the PoE arm, {cfg.specialist_steps} SFT steps "
             f"on {cfg.specialist_data} -> {out}")
-        result = train(tc, SftTask())
+        result = train(tc, SftTask(sft))
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [r for r in evals if r.get("type") == "eval"]
     model, _ = load_model(out)
@@ -90,21 +93,3 @@ def specialist_report(s: dict) -> list[str]:
                   f"({s['trainable_params']:,} trainable parameters). Bits per assistant token, not bits per byte "
                   "(what the released stage cards report).", ""]
     return lines
-
-
-def specialist_plot(out: Path, s: dict) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from poelm.plots import save_figure
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    curve = s["curve"]
-    ax.plot([r["step"] for r in curve], [r["assistant_bits"] for r in curve], marker="o", label="base + specialist")
-    if s.get("base"):
-        ax.axhline(s["base"]["assistant_bits"], color="gray", ls="--", label="base (PoE arm)")
-    ax.set_xlabel("SFT step"), ax.set_ylabel("held-out bits per assistant token")
-    ax.set_title("specialist on the frozen PoE base (recall)"), ax.grid(alpha=0.3), ax.legend()
-    return save_figure(fig, out / "specialist.png")

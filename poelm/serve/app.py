@@ -4,10 +4,12 @@
     app = create_app(registry, scheduler, metrics, ServeConfig())      # a FastAPI app
 
 Routes: GET /health, GET /metrics, GET /v1/models, POST /v1/completions,
-POST /v1/chat/completions (streamed as server-sent events ending in `data: [DONE]`).
+POST /v1/chat/completions (streamed as server-sent events ending in `data: [DONE]`), and vLLM's
+POST /tokenize and POST /detokenize.
 Every error is {"error": {"message", "type", "param", "code"}} with one line of message:
 400 bad request, 401 missing/wrong bearer token, 404 unknown model or route, 408 body not sent
-within --header-timeout, 413 body too large, 503 (+ Retry-After) queue full or shutting down,
+within --header-timeout, 413 body too large, 503 (+ Retry-After) models still loading (/health
+says "loading"), queue full or shutting down,
 504 per-request timeout. Connections are bounded by guard.py (header deadline, connection cap).
 """
 
@@ -25,12 +27,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from poelm.engine import ContextLengthError, DecodeOptions, OptionError
+from poelm.engine import ContextLengthError, ConstraintError, DecodeOptions, OptionError, compile_constraint
+from poelm.engine.options import POE, TOP, request_fields, request_param, shown
 from poelm.serve.guard import ConnectionGuard
 from poelm.serve.metrics import Metrics
 from poelm.serve.models import ModelRegistry, ServedModel
-from poelm.serve.protocol import (ApiError, ChatRequest, CompletionRequest, PoeOptions, Sampling, chat_logprobs,
-                                  check_unsupported, completion_logprobs, parse_request, usage)
+from poelm.serve.protocol import (ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, PoeOptions, Sampling,
+                                  TokenizeChatRequest, TokenizeRequest, chat_logprobs, check_unsupported,
+                                  completion_logprobs, parse_request, request_constraint, usage)
 from poelm.serve.scheduler import LOGPROB_MODES, Job, Scheduler
 
 API_KEY_ENV = "POELM_API_KEY"
@@ -54,26 +58,42 @@ class ServeConfig:
 # Requests -> jobs
 
 
-REQUEST_FIELDS = {"max_new_tokens": "max_tokens", "stop_strings": "stop", "temperature": "temperature",
-                  "top_k": "top_k", "top_p": "top_p", "repetition_penalty": "repetition_penalty", "seed": "seed"}
-
-
-def option_param(option: str | None) -> str | None:
-    """The request field of a DecodeOptions field: a top-level one, else poe.<name> (None: no one field)."""
-    if option is None:
-        return None
-    return REQUEST_FIELDS.get(option, f"poe.{option}")
-
-
 def decode_options(req: Sampling, served: ServedModel, max_tokens: int, stop: list[str]) -> DecodeOptions:
+    """The request's DecodeOptions: the generated fields (`poe` and top-level) by name, OpenAI's
+    own fields with OpenAI's defaults (temperature and top_p 1)."""
     poe = req.poe or PoeOptions()
-    options = dict(mode=poe.mode, stage=poe.stage, stages=poe.stages, logop_alpha=poe.logop_alpha,
-                   draft_stage=poe.draft_stage, gamma=poe.gamma, adaptive_gamma=poe.adaptive_gamma,
-                   draft_threshold=poe.draft_threshold, wand_factor=poe.wand_factor, force=poe.force,
-                   max_new_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-                   top_k=req.top_k, top_p=1.0 if req.top_p is None else req.top_p,
-                   repetition_penalty=req.repetition_penalty, seed=req.seed, stop_strings=stop)
+    options = {f.name: getattr(poe, f.name) for f in request_fields(POE)}
+    options.update({f.name: getattr(req, f.name) for f in request_fields(TOP)})
+    options.update(max_new_tokens=max_tokens, stop_strings=stop, temperature=1.0 if req.temperature is None else req.temperature,
+                   top_p=1.0 if req.top_p is None else req.top_p)
+    if req.logit_bias is not None:
+        options["logit_bias"] = token_keys(req.logit_bias, served.model.config.vocab_size)
     return served.engine.options(options)  # the engine's validation: one line per bad value, BP refusal
+
+
+def structured(req: Sampling, served: ServedModel, opts: DecodeOptions) -> None:
+    """Compile the request's structured-output field into opts.constraint (ApiError(400) naming the field)."""
+    found = request_constraint(req)
+    if found is None:
+        return
+    field, constraint = found
+    try:
+        opts.constraint = compile_constraint(constraint, served.engine.tokenizer, served.engine.stop_ids(opts),
+                                             served.model.config.vocab_size)
+    except ConstraintError as e:
+        raise ApiError(400, f"{field}: {e.detail}", param=field) from None
+
+
+def token_keys(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
+    """logit_bias's JSON keys (strings) -> integers, 400 for a key that is not one (the engine
+    refuses an integer that is not a token id of the model, in the same words)."""
+    out = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()):
+            raise ApiError(400, f"logit_bias key {shown(key)} is not a token id of this model: ids lie in "
+                           f"[0, {vocab_size})", param="logit_bias")
+        out[int(key)] = value
+    return out
 
 
 def check_common(req: Sampling, config: ServeConfig, context: int, max_tokens: int | None, param: str) -> tuple[int, list[str]]:
@@ -114,6 +134,12 @@ def prompts_of(req: CompletionRequest) -> list:
     return [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
 
 
+def echo_texts(req: CompletionRequest, served: ServedModel) -> list[str]:
+    """echo: each row's prompt as text (token ids decoded), in the order of the job's rows."""
+    tok = served.engine.tokenizer
+    return [q if isinstance(q, str) else tok.decode(q) for q in prompts_of(req) for _ in range(req.n)]
+
+
 def completion_job(req: CompletionRequest, served: ServedModel, config: ServeConfig, loop) -> tuple[Job, int]:
     """-> (job, prompt tokens)."""
     context = served.model.config.sequence_len
@@ -122,6 +148,9 @@ def completion_job(req: CompletionRequest, served: ServedModel, config: ServeCon
     if not prompts:
         raise ApiError(400, "prompt is empty: give a string, a list of strings or token ids", param="prompt")
     ids = [check_prompt(encode(served, q, "prompt"), config, context) for q in prompts]
+    if req.echo and req.logprobs is not None:
+        raise ApiError(400, "echo with logprobs is not supported (the prompt's logprobs are not computed); drop one",
+                       param="echo")
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
         raise ApiError(400, f"logprobs must lie in 0..{MAX_COMPLETION_LOGPROBS}, got {req.logprobs}", param="logprobs")
     return make_job(req, served, ids, max_tokens, stop, req.logprobs, config, loop), sum(map(len, ids))
@@ -159,9 +188,10 @@ def make_job(req: Sampling, served: ServedModel, prompts: list[list[int]], max_t
     try:
         opts = decode_options(req, served, max_tokens, stop)
     except OptionError as e:
-        raise ApiError(400, str(e), param=option_param(e.option)) from None
+        raise ApiError(400, str(e), param=request_param(e.option)) from None
     except ValueError as e:
         raise ApiError(400, str(e)) from None
+    structured(req, served, opts)
     try:
         model = served.variant(req.poe.head_mode if req.poe else None)
     except ValueError as e:
@@ -172,6 +202,31 @@ def make_job(req: Sampling, served: ServedModel, prompts: list[list[int]], max_t
     rows = [ids for ids in prompts for _ in range(req.n)]
     return Job(served, model, rows, opts, served.engine.stop_ids(opts), loop, stream=req.stream, logprobs=logprobs,
                timeout_s=config.request_timeout)
+
+
+def tokenize_kind(data: dict) -> type:
+    return TokenizeChatRequest if "messages" in data else TokenizeRequest
+
+
+def tokenized(req: TokenizeRequest | TokenizeChatRequest, served: ServedModel) -> dict:
+    """vLLM's /tokenize answer: count, max_model_len, tokens (and token_strs when asked)."""
+    from poelm.chat import check_chat_tokenizer, render_prompt
+
+    tok = served.engine.tokenizer
+    try:
+        if isinstance(req, TokenizeChatRequest):
+            check_chat_tokenizer(tok, served.id)
+            ids = render_prompt(tok, [{"role": m.role, "content": m.content} for m in req.messages])
+        else:
+            ids = list(tok.encode(req.prompt))
+            bos = served.engine.bos_id()
+            if req.add_special_tokens and bos is not None and (not ids or ids[0] != bos):
+                ids = [bos] + ids
+    except ValueError as e:
+        param = "messages" if isinstance(req, TokenizeChatRequest) else "prompt"
+        raise ApiError(400, f"{param}: {e}", param=param) from None
+    return {"count": len(ids), "max_model_len": served.model.config.sequence_len, "tokens": ids,
+            "token_strs": [tok.decode([i]) for i in ids] if req.return_token_strs else None}
 
 
 # -----------------------------------------------------------------------------
@@ -199,8 +254,12 @@ def merge_chunks(payloads: list[list[tuple]]) -> list[tuple]:
 class Responder:
     """The response objects of one request (completion or chat, whole or streamed)."""
 
-    def __init__(self, job: Job, chat: bool, prompt_tokens: int, include_usage: bool):
+    def __init__(self, job: Job, chat: bool, prompt_tokens: int, include_usage: bool, continuous_usage: bool = False,
+                 echo: list[str] | None = None):
+        """continuous_usage: usage in every chunk (vLLM's stream_options); echo: each row's prompt
+        text, put before its completion."""
         self.job, self.chat, self.prompt_tokens, self.include_usage = job, chat, prompt_tokens, include_usage
+        self.continuous_usage, self.echo = continuous_usage, echo
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.tok = job.served.engine.tokenizer
@@ -224,7 +283,7 @@ class Responder:
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": job.text(b), "refusal": None}
             else:
-                choice["text"] = job.text(b)
+                choice["text"] = (self.echo[b] if self.echo else "") + job.text(b)
             choices.append(choice)
         return dict(self.head(False), choices=choices, usage=self.usage(), poe=job.poe)
 
@@ -238,6 +297,8 @@ class Responder:
         out = dict(self.head(True), choices=[choice])
         if finish is not None and self.job.poe is not None:
             out["poe"] = self.job.poe
+        if self.continuous_usage:
+            out["usage"] = self.usage()
         return sse(out)
 
     async def stream(self):
@@ -247,6 +308,8 @@ class Responder:
                 for b in range(len(job.rows)):
                     yield sse(dict(self.head(True), choices=[{"index": b, "delta": {"role": "assistant", "content": ""},
                                                               "logprobs": None, "finish_reason": None}]))
+            for b, text in enumerate(self.echo or ()):
+                yield self.chunk(b, 0, text, [], None)
             while True:
                 events = [await job.events.get()]
                 while not job.events.empty():  # the client fell behind: what waits goes out in one write
@@ -339,8 +402,9 @@ def create_app(registry: ModelRegistry, scheduler: Scheduler, metrics: Metrics, 
 
     @app.get("/health")
     async def health():
-        ok = scheduler.alive() and not scheduler.draining
-        return JSONResponse({"status": "ok" if ok else "unavailable", "models": list(registry.models),
+        ok = scheduler.alive() and not scheduler.draining and not registry.loading
+        status = "ok" if ok else "loading" if registry.loading else "unavailable"
+        return JSONResponse({"status": status, "models": list(registry.models),
                              **scheduler.load()}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
@@ -350,6 +414,7 @@ def create_app(registry: ModelRegistry, scheduler: Scheduler, metrics: Metrics, 
 
     @app.get("/v1/models")
     async def models():
+        registry.check_loaded()
         return {"object": "list", "data": [m.card() for m in registry.models.values()]}
 
     @app.get("/v1/models/{model_id}")
@@ -368,9 +433,11 @@ def create_app(registry: ModelRegistry, scheduler: Scheduler, metrics: Metrics, 
         except ApiError as e:
             metrics.refused(served.id, e.status)
             raise
-        metrics.prompt_tokens.labels(served.id).inc(prompt_tokens * req.n)
+        metrics.prompted(served.id, prompt_tokens * req.n)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        responder = Responder(job, chat, prompt_tokens, include_usage)
+        continuous = include_usage and req.stream_options.continuous_usage_stats  # as vLLM: with include_usage
+        echo = echo_texts(req, served) if not chat and req.echo else None
+        responder = Responder(job, chat, prompt_tokens, include_usage, continuous, echo)
         if req.stream:
             return StreamingResponse(responder.stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -386,6 +453,22 @@ def create_app(registry: ModelRegistry, scheduler: Scheduler, metrics: Metrics, 
                 raise payload
             if kind == "end":
                 return responder.whole()
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req = parse_request(tokenize_kind, await read_body(request, config.max_body_bytes, config.header_timeout))
+        served = registry.get(req.model) if req.model is not None else registry.first()
+        return tokenized(req, served)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req = parse_request(DetokenizeRequest, await read_body(request, config.max_body_bytes, config.header_timeout))
+        served = registry.get(req.model) if req.model is not None else registry.first()
+        vocab = served.model.config.vocab_size
+        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"tokens: {bad} is not a token id of this model: ids lie in [0, {vocab})", param="tokens")
+        return {"prompt": served.engine.tokenizer.decode(req.tokens)}
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -7,6 +7,13 @@ poelm_requests_total{model,status}, poelm_prompt_tokens_total / poelm_completion
 poelm_time_to_first_token_seconds, poelm_request_seconds{model}, and the PoE statistics
 poelm_stages_per_token{model,mode} (per request, batch scope) and
 poelm_speculative_drafted_total / poelm_speculative_accepted_total{model}.
+
+Beside them, vLLM's metric names with a `poelm:` prefix (same suffixes and types), so dashboards
+made for vLLM read poelm: poelm:num_requests_running / _waiting, poelm:kv_cache_usage_perc,
+poelm:prompt_tokens_total / poelm:generation_tokens_total{model_name},
+poelm:time_to_first_token_seconds, poelm:inter_token_latency_seconds,
+poelm:e2e_request_latency_seconds{model_name} and poelm:spec_decode_num_drafts_total /
+_num_draft_tokens_total / _num_accepted_tokens_total{model_name}.
 """
 
 from __future__ import annotations
@@ -17,6 +24,31 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 STAGE_BUCKETS = (1, 1.25, 1.5, 2, 2.5, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+class VllmNames:
+    """vLLM's metrics under the prefix `poelm:` (their names, suffixes, types and label model_name)."""
+
+    def __init__(self, r: CollectorRegistry):
+        self.running = Gauge("poelm:num_requests_running", "requests with rows in the running batch", registry=r)
+        self.waiting = Gauge("poelm:num_requests_waiting", "requests waiting in the queue", registry=r)
+        self.kv_usage = Gauge("poelm:kv_cache_usage_perc", "KV cache usage, 0..1: rows holding a cache over "
+                              "--max-batch (each row's cache spans the context)", registry=r)
+        self.prompt_tokens = Counter("poelm:prompt_tokens", "prompt tokens of accepted requests", ["model_name"], registry=r)
+        self.generation_tokens = Counter("poelm:generation_tokens", "generated tokens of finished requests",
+                                         ["model_name"], registry=r)
+        self.ttft = Histogram("poelm:time_to_first_token_seconds", "submit to first generated token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("poelm:inter_token_latency_seconds", "time between a request's generated tokens",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("poelm:e2e_request_latency_seconds", "submit to last token", ["model_name"],
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.drafts = Counter("poelm:spec_decode_num_drafts", "speculative verify passes (batch scope)", ["model_name"],
+                              registry=r)
+        self.draft_tokens = Counter("poelm:spec_decode_num_draft_tokens", "speculative draft tokens (batch scope)",
+                                    ["model_name"], registry=r)
+        self.accepted_tokens = Counter("poelm:spec_decode_num_accepted_tokens", "speculative draft tokens accepted "
+                                       "(batch scope)", ["model_name"], registry=r)
 
 
 class Metrics:
@@ -37,18 +69,45 @@ class Metrics:
                                 buckets=STAGE_BUCKETS, registry=r)
         self.drafted = Counter("poelm_speculative_drafted", "speculative draft tokens (batch scope)", ["model"], registry=r)
         self.accepted = Counter("poelm_speculative_accepted", "speculative draft tokens accepted (batch scope)", ["model"], registry=r)
+        self.vllm = VllmNames(r)
+
+
+    # what the HTTP side and the scheduler report: each event updates poelm's metric and vLLM's
+    def prompted(self, model: str, tokens: int) -> None:
+        self.prompt_tokens.labels(model).inc(tokens)
+        self.vllm.prompt_tokens.labels(model).inc(tokens)
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+        self.vllm.ttft.observe(seconds)
+
+    def next_tokens(self, seconds: float, tokens: int) -> None:
+        """`tokens` new tokens of one request arrived `seconds` after its previous ones."""
+        for _ in range(tokens):
+            self.vllm.itl.observe(seconds / tokens)
+
+    def batch(self, requests: int, waiting: int, rows: int, max_batch: int) -> None:
+        self.vllm.running.set(requests)
+        self.vllm.waiting.set(waiting)
+        self.vllm.kv_usage.set(rows / max_batch)
 
     def finished(self, job) -> None:
-        model = job.served.id
+        model, v = job.served.id, self.vllm
+        tokens, seconds = sum(len(t) for t in job.collector.tokens), time.monotonic() - job.t_submit
         self.requests.labels(model, "200").inc()
-        self.completion_tokens.labels(model).inc(sum(len(t) for t in job.collector.tokens))
-        self.latency.labels(model).observe(time.monotonic() - job.t_submit)
+        self.completion_tokens.labels(model).inc(tokens)
+        v.generation_tokens.labels(model).inc(tokens)
+        self.latency.labels(model).observe(seconds)
+        v.e2e.labels(model).observe(seconds)
         poe = job.poe or {}
         if "mean_stages_per_token" in poe:
             self.stages.labels(model, poe["mode"]).observe(poe["mean_stages_per_token"])
         if poe.get("drafted"):
             self.drafted.labels(model).inc(poe["drafted"])
             self.accepted.labels(model).inc(poe["accepted"])
+            v.drafts.labels(model).inc(poe.get("verify_passes") or 0)
+            v.draft_tokens.labels(model).inc(poe["drafted"])
+            v.accepted_tokens.labels(model).inc(poe["accepted"])
 
     def failed(self, job, status: int) -> None:
         self.requests.labels(job.served.id, str(status)).inc()

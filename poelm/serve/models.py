@@ -52,18 +52,37 @@ class ServedModel:
     def card(self) -> dict:
         cfg = self.model.config
         return {"id": self.id, "object": "model", "created": self.created, "owned_by": "poelm",
+                "max_model_len": cfg.sequence_len,  # vLLM's name for the context
                 "poe": {"poe_mode": cfg.poe_mode, "stages": cfg.n_stages, "layers": cfg.n_layer,
                         "context": cfg.sequence_len, "specialist": self.delta is not None,
                         "wand_calibrated": self.engine.calibration is not None}}
 
 
 class ModelRegistry:
-    def __init__(self, models: list[ServedModel]):
+    def __init__(self, models: list[ServedModel], loading: bool = False):
+        """loading: the models are still being loaded (`loaded` ends it); requests get 503 until then."""
         self.models = {m.id: m for m in models}
+        self.loading = loading
+
+    def loaded(self, other: ModelRegistry) -> None:
+        """Take the models of `other` (loaded in the background) and start answering."""
+        self.models, self.loading = other.models, False
+
+    def first(self) -> ServedModel:
+        """The base model (the one a request that names none is for)."""
+        self.check_loaded()
+        return next(iter(self.models.values()))
+
+    def check_loaded(self) -> None:
+        from poelm.serve.protocol import ApiError
+
+        if self.loading:
+            raise ApiError(503, "the server is still loading its models; retry shortly", retry_after=1)
 
     def get(self, model_id: str) -> ServedModel:
         from poelm.serve.protocol import ApiError
 
+        self.check_loaded()
         if model_id not in self.models:
             raise ApiError(404, f"model {model_id!r} does not exist; this server has {', '.join(self.models)}",
                            param="model", code="model_not_found")

@@ -5,19 +5,26 @@
 
 Requests are checked strictly (types are not coerced: "10" is not an integer); a field this
 server does not implement is refused by name rather than ignored, except the ones that
-change nothing at their default value (echo=false, presence_penalty=0, ...). Extra fields
-beyond OpenAI's: `repetition_penalty`, `top_k` and `poe` (the PoE decoding mode).
+change nothing at their default value (best_of=1, suffix=""). The decoding fields are
+generated from DecodeOptions (poelm/engine/options.py): the top-level ones beyond OpenAI's
+(`repetition_penalty`, `top_k`, `min_p`, `stop_token_ids`, `ignore_eos`, `min_tokens`, ...) and
+`poe` (the PoE decoding mode), with the Python API's names and defaults.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import types
+import typing
+from dataclasses import MISSING
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, create_model
 
-from poelm.engine import MODES
+from poelm.engine import Constraint, DecodeOptions
+from poelm.engine.options import POE, TOP, request_fields
+from poelm.engine.registry import option_choices
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                408: "timeout", 413: "invalid_request_error", 503: "server_overloaded", 504: "timeout", 500: "server_error"}
@@ -43,34 +50,112 @@ class ApiError(Exception):
 
 
 Number = Union[StrictInt, float]  # strict mode: an int is a valid float, a string or bool is not
+STRICT = {bool: StrictBool, int: StrictInt, float: Number, str: StrictStr}  # a Python type's strict request type
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class PoeOptions(Strict):
-    """The PoE decoding mode of a request (docs/poe.md §2-6), e.g. {"mode": "speculative", "gamma": 4}."""
+def request_type(hint, choices: tuple[str, ...] | None):
+    """The strict pydantic type of a DecodeOptions field's type hint (a JSON object's keys are
+    strings: dict[int, float] is carried as dict[str, number])."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next(a for a in args if a is not type(None)) if isinstance(hint, types.UnionType) else hint
+    if choices:
+        base = Literal[choices]
+    elif typing.get_origin(base) is list:
+        base = list[STRICT[typing.get_args(base)[0]]]
+    elif typing.get_origin(base) is dict:
+        base = dict[StrictStr, STRICT[typing.get_args(base)[1]]]
+    else:
+        base = STRICT[base]
+    return base | None if optional else base
 
-    mode: Literal[MODES] = "final"
-    stage: StrictInt | None = None
-    stages: list[StrictInt] | None = None
-    logop_alpha: Number | None = None
-    draft_stage: StrictInt = 0
-    gamma: StrictInt = 4
-    adaptive_gamma: StrictBool = False
-    draft_threshold: Number | None = None
-    wand_factor: Number = 1.0
-    head_mode: Literal["dual", "base", "spec"] | None = None
-    force: StrictBool = False  # run a PoE mode on a BP model anyway (research)
+
+def option_fields(where: str) -> dict:
+    """create_model's field definitions of the DecodeOptions fields a request carries at `where`:
+    the same names and defaults as the Python API."""
+    hints, choices = typing.get_type_hints(DecodeOptions), option_choices()
+    out = {}
+    for f in request_fields(where):
+        default = Field(default_factory=f.default_factory) if f.default is MISSING else f.default
+        out[f.name] = (request_type(hints[f.name], choices.get(f.name)), default)
+    return out
+
+
+PoeOptions = create_model(
+    "PoeOptions", __base__=Strict, __doc__="The PoE decoding mode of a request (docs/poe.md §2-6), e.g. "
+    '{"mode": "speculative", "gamma": 4}: the DecodeOptions fields declared for `poe`, and the readout head.',
+    head_mode=(Literal["dual", "base", "spec"] | None, None), **option_fields(POE))
 
 
 class StreamOptions(Strict):
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # vLLM's: usage in every chunk
 
 
-class Sampling(Strict):
-    """Fields both endpoints share."""
+class JsonSchemaFormat(Strict):
+    """response_format.json_schema: the schema the reply must match (`strict` changes nothing: it always must)."""
+
+    name: StrictStr
+    description: StrictStr | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(Strict):
+    """vLLM's structured_outputs: one of a JSON schema, a regex, a Lark/GBNF grammar, a choice of strings."""
+
+    json_: dict | StrictStr | None = Field(None, alias="json")
+    regex: StrictStr | None = None
+    grammar: StrictStr | None = None
+    choice: list[StrictStr] | None = None
+
+
+class Structured(Strict):
+    """The structured-output fields (request_constraint reads the one a request sets)."""
+
+    response_format: ResponseFormat | None = None
+    guided_json: dict | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_grammar: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+
+GUIDED = {"json": "json_schema", "regex": "regex", "grammar": "grammar", "choice": "choice"}  # vLLM's key -> kind
+
+
+def request_constraint(req: Structured) -> tuple[str, Constraint] | None:
+    """(the request field, its Constraint) of the structured-output field a request sets (None:
+    free text); ApiError(400) for a json_schema format without a schema or more than one field."""
+    found = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        found.append(("response_format", Constraint("json_object")))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise ApiError(400, "response_format of type json_schema needs json_schema.schema", param="response_format.json_schema")
+        found.append(("response_format.json_schema.schema", Constraint("json_schema", fmt.json_schema.schema_)))
+    for key, kind in GUIDED.items():
+        for name, value in ((f"guided_{key}", getattr(req, f"guided_{key}")),
+                            (f"structured_outputs.{key}", getattr(req.structured_outputs, "json_" if key == "json" else key, None))):
+            if value is not None:
+                found.append((name, Constraint(kind, value)))
+    if len(found) > 1:
+        raise ApiError(400, f"give one structured-output field, not both {found[0][0]} and {found[1][0]}", param=found[1][0])
+    return found[0] if found else None
+
+
+class OpenAISampling(Structured):
+    """Fields both endpoints share that OpenAI declares (its names and defaults)."""
 
     model: StrictStr
     n: StrictInt = 1
@@ -78,15 +163,14 @@ class Sampling(Strict):
     stream_options: StreamOptions | None = None
     temperature: Number | None = None  # None: the OpenAI default 1
     top_p: Number | None = None
-    seed: StrictInt | None = None
     stop: StrictStr | list[StrictStr] | None = None
-    presence_penalty: Number | None = None  # accepted at 0 only
-    frequency_penalty: Number | None = None
-    logit_bias: dict[str, Number] | None = None  # accepted empty only
     user: StrictStr | None = None  # ignored
-    repetition_penalty: Number = 1.0
-    top_k: StrictInt = 0
     poe: PoeOptions | None = None
+
+
+Sampling = create_model("Sampling", __base__=OpenAISampling, __doc__="Fields both endpoints share: OpenAI's, and "
+                        "the top-level DecodeOptions fields (repetition_penalty, top_k, min_p, logit_bias, ...).",
+                        **option_fields(TOP))
 
 
 class CompletionRequest(Sampling):
@@ -113,8 +197,49 @@ class ChatRequest(Sampling):
     top_logprobs: StrictInt | None = None  # 0..20, needs logprobs=true
 
 
-def parse_request(kind: type[Strict], body: bytes) -> Strict:
-    """JSON bytes -> a request model, or ApiError(400) with one line naming the field."""
+class TokenizeRequest(Strict):
+    """vLLM's POST /tokenize of a prompt."""
+
+    model: StrictStr | None = None  # None: the first model
+    prompt: StrictStr
+    add_special_tokens: StrictBool = True  # prepend <|bos|>
+    return_token_strs: StrictBool = False
+
+
+class TokenizeChatRequest(Strict):
+    """vLLM's POST /tokenize of a conversation (rendered as for a chat completion)."""
+
+    model: StrictStr | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: Literal[True] = True  # the rendering ends with <|assistant_start|>
+    return_token_strs: StrictBool = False
+
+
+class DetokenizeRequest(Strict):
+    model: StrictStr | None = None
+    tokens: list[StrictInt]
+
+
+def parse_request(kind, body: bytes) -> Strict:
+    """JSON bytes -> a request model, or ApiError(400) with one line naming the field. `kind`: the
+    model's class, or a function of the JSON object that picks it."""
+    data = parse_json(body)
+    if not isinstance(kind, type):
+        kind = kind(data)
+    try:
+        return kind.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("str", "int", "list", "float", "union", "literal")))
+        if err["type"] == "extra_forbidden":
+            raise ApiError(400, f"unsupported field {where!r}: this server does not implement it", param=where) from None
+        if err["type"] == "missing":
+            raise ApiError(400, f"missing required field {where!r}", param=where) from None
+        raise ApiError(400, f"{where}: {err['msg']} (got {_short(err.get('input'))})", param=where) from None
+
+
+def parse_json(body: bytes) -> dict:
+    """A request body -> its JSON object, or ApiError(400)."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -123,16 +248,7 @@ def parse_request(kind: type[Strict], body: bytes) -> Strict:
         raise ApiError(400, "the request body nests arrays or objects too deeply to parse; flatten it") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, not {type(data).__name__}")
-    try:
-        return kind.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("str", "int", "list", "float", "union")))
-        if err["type"] == "extra_forbidden":
-            raise ApiError(400, f"unsupported field {where!r}: this server does not implement it", param=where) from None
-        if err["type"] == "missing":
-            raise ApiError(400, f"missing required field {where!r}", param=where) from None
-        raise ApiError(400, f"{where}: {err['msg']} (got {_short(err.get('input'))})", param=where) from None
+    return data
 
 
 def _short(value) -> str:
@@ -142,17 +258,7 @@ def _short(value) -> str:
 
 def check_unsupported(req: Sampling) -> None:
     """Refuse OpenAI features this server does not implement unless at their no-op value."""
-    if req.presence_penalty not in (None, 0):
-        raise ApiError(400, "presence_penalty is not supported; use repetition_penalty (an extra field)",
-                       param="presence_penalty")
-    if req.frequency_penalty not in (None, 0):
-        raise ApiError(400, "frequency_penalty is not supported; use repetition_penalty (an extra field)",
-                       param="frequency_penalty")
-    if req.logit_bias:
-        raise ApiError(400, "logit_bias is not supported", param="logit_bias")
     if isinstance(req, CompletionRequest):
-        if req.echo:
-            raise ApiError(400, "echo is not supported", param="echo")
         if req.best_of not in (None, 1):
             raise ApiError(400, "best_of is not supported; use n", param="best_of")
         if req.suffix:

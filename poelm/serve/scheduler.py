@@ -45,6 +45,19 @@ from poelm.engine import LOGPROB_MODES, DecodeOptions, DecodeStats, NonFiniteLog
 from poelm.serve.protocol import FINISH_REASONS, ApiError
 
 
+# DecodeOptions fields that are not the decoder's: applied per row (the Collector), spent on the
+# prompt, or the same for every request of a model; and those that matter only when sampling
+PER_ROW = {"max_new_tokens", "stop_strings", "seed", "add_bos", "keep_cache", "calibration"}
+SAMPLED_ONLY = ("temperature", "top_k", "top_p", "min_p")
+
+
+def hashable(value):
+    """A DecodeOptions value as part of a dict key (lists -> tuples, dicts -> sorted item tuples)."""
+    if isinstance(value, dict):
+        return tuple(sorted(value.items()))
+    return tuple(value) if isinstance(value, list) else value
+
+
 @dataclass
 class TokenLogprob:
     token: int
@@ -70,7 +83,8 @@ class LogprobSampler(Sampler):
             chosen = lp.gather(-1, tokens[:, None])[:, 0].tolist()
             if self.top:
                 values, ids = lp.topk(self.top, dim=-1)
-                tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+                tops = [[(t, x) for t, x in zip(i, v) if x != -math.inf]  # a constraint's masked tokens are no alternatives
+                        for i, v in zip(ids.tolist(), values.tolist())]
             else:
                 tops = [[] for _ in chosen]
             if not all(math.isfinite(v) for v in chosen + [v for top in tops for _, v in top]):
@@ -99,6 +113,7 @@ class Job:
         self.t_submit = time.monotonic()
         self.deadline = self.t_submit + self.timeout_s
         self.t_first: float | None = None
+        self.t_last: float | None = None  # when its rows last got tokens
         self.collector = Collector(len(self.rows), self.opts, self.served.engine.tokenizer, self.stop_ids)
         self.sent = [""] * len(self.rows)  # text already streamed per row
         self.sent_entries = [0] * len(self.rows)  # logprob entries already streamed per row
@@ -114,9 +129,10 @@ class Job:
     @property
     def key(self) -> tuple:
         o = self.opts
-        sampler = None if o.greedy else (o.temperature, o.top_k, o.top_p, id(self) if o.seed is not None else None)
-        return (self.served.id, self.model.config.head_mode, o.mode, o.stage, tuple(o.stages or ()), o.logop_alpha,
-                o.draft_stage, o.gamma, o.adaptive_gamma, o.draft_threshold, o.wand_factor, o.repetition_penalty, sampler)
+        sampler = None if o.greedy else (*(getattr(o, f) for f in SAMPLED_ONLY), id(self) if o.seed is not None else None)
+        decoder = tuple(hashable(getattr(o, f.name)) for f in fields(DecodeOptions)
+                        if f.name not in PER_ROW and f.name not in SAMPLED_ONLY)
+        return (self.served.id, self.model.config.head_mode, decoder, sampler)
 
     def finish_reason(self, row: int) -> str:
         return FINISH_REASONS[self.collector.reason[row]]
@@ -253,6 +269,8 @@ class Scheduler:
             self._flush()
             self.metrics.batch_rows.set(self.running_rows)
             self.metrics.decoders.set(len(self.batches))
+            running = {job for batch in self.batches.values() for job, _ in batch.rows.values()}
+            self.metrics.batch(len(running), len(self.queue), self.running_rows, self.max_batch)
 
     def _admit(self) -> list[Job]:
         """Pop queued jobs FIFO while their rows fit (under the lock); expired/cancelled ones end."""
@@ -286,12 +304,14 @@ class Scheduler:
                     job = group[0]
                     decoder = make_decoder(job.model, job.opts, job.model.config.sequence_len)
                     if job.opts.mode in LOGPROB_MODES:
-                        decoder.sampler = LogprobSampler(job.opts, decoder.device)
+                        rows, decoder.sampler = decoder.sampler.rows, LogprobSampler(job.opts, decoder.device)
+                        decoder.sampler.rows = rows
                     batch = self.batches[key] = Batch(key, decoder, lazy=job.opts.mode in LOGPROB_MODES)
                 new_rows = sum(len(job.rows) for job in group)
                 if len(batch.decoder.rows) + new_rows > self.max_batch:
                     self._compact(batch)  # dead rows make room (else they stay: a dead row's step costs less than a copy)
-                handles = batch.decoder.add_rows([row for job in group for row in job.rows])
+                handles = batch.decoder.add_rows([row for job in group for row in job.rows],
+                                                 [job.opts.constraint for job in group for _ in job.rows])
             except Exception as e:  # a bug or a broken model: its requests fail, the server goes on
                 error = decoder_error(e, "prefilling")
                 for job in group:
@@ -376,7 +396,9 @@ class Scheduler:
             added = len(col.tokens[row]) - before
             if job.t_first is None:
                 job.t_first = now
-                self.metrics.ttft.observe(now - job.t_submit)
+                self.metrics.first_token(now - job.t_submit)
+            elif added and job.t_last is not None:
+                self.metrics.next_tokens(now - job.t_last, added)
             if handle in lps and added:
                 job.entries[row].append(lps[handle])
             if col.reason[row] is None and dec.is_full(handle):
@@ -384,6 +406,8 @@ class Scheduler:
             if col.reason[row] is not None:
                 leaving.append(handle)
             touched.setdefault(job, []).append(row)
+        for job in touched:
+            job.t_last = now
         for job in touched:  # a job's poe stats are read before its rows leave
             if all(job.collector.reason[r] is not None for r in job.handles.values()):
                 job.poe = self._poe_stats(job, batch)

@@ -1,0 +1,98 @@
+"""What decoding costs on this machine: the measured seconds of each stage's layers, each exit
+test and WAND's staged step, at batch 1 (docs/poe.md §4). The cost models of WAND (which exit
+tests pay) and adaptive speculative decoding (which draft stage and gamma) read them;
+`poelm calibrate` stores them with the bounds.
+
+    costs = measure_costs(model)       # {"stage_s": K x [s at 1, 8 positions], "test_s": ..., ...}
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from poelm.engine.decoders import PlainDecoder, new_cache
+from poelm.engine.options import DecodeOptions
+from poelm.engine.sampling import top_gap
+from poelm.engine.wand import WandDecoder
+from poelm.model import GPT, SOFTCAP
+
+COST_POSITIONS = (1, 8)  # positions per timed pass: a decode step, and a verify pass's order of size
+
+
+@torch.no_grad()
+def measure_costs(model: GPT, repeats: int = 5, context: int = 32) -> dict:
+    """What the pieces of a cached decode step cost on this machine, in seconds at batch 1
+    (the median of `repeats` timed passes after a warm-up), at each of COST_POSITIONS positions
+    per pass: {"device", "threads", "positions", "stage_s": K x [seconds per position count]
+    (stage k's layers; stage 0's include the embedding), "test_s": K x [...] (stage k's exit
+    test: its readout, top-2 and the host read; the last stage's: the final readout's),
+    "wand_overhead_s": wand_overhead(...)}.
+    The figures hold for this machine only: `poelm calibrate` measures them again."""
+    cfg, device = model.config, model.lm_head.weight.device
+    K, wide = cfg.n_stages, COST_POSITIONS[-1]
+    context = max(1, min(context, cfg.sequence_len - wide))
+    ids = torch.randint(cfg.vocab_size, (1, context + wide), generator=torch.Generator().manual_seed(0)).to(device)
+    cache = new_cache(model, 1, context + wide)
+    x = model.embed(ids[:, :context], cache, 0)
+    model.run_layers(x, x, ids[:, :context], 0, cfg.n_layer, cache, 0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    stage_s, test_s = [[] for _ in range(K)], [[] for _ in range(K)]
+    for n in COST_POSITIONS:
+        laps = [_timed_pass(model, cache, ids[:, context:context + n], context, sync) for _ in range(repeats + 1)][1:]
+        for k in range(K):
+            stage_s[k].append(float(np.median([lap[k] for lap in laps])))
+            test_s[k].append(float(np.median([lap[K + k] for lap in laps])))
+    return {"device": device.type, "threads": torch.get_num_threads(), "positions": list(COST_POSITIONS),
+            "stage_s": stage_s, "test_s": test_s,
+            "wand_overhead_s": wand_overhead(model, sum(t[0] for t in test_s[:-1]), repeats, sync)}
+
+
+def _timed_pass(model: GPT, cache, idx: torch.Tensor, start: int, sync) -> list[float]:
+    """One pass over idx (1, n) at `start` -> seconds of the K stages, then of the K exit tests."""
+    cfg = model.config
+    bl = cfg.backout_layer if cfg.backout else -1
+    laps, lasts, x_mid, first = [], [], None, 0
+    sync()
+    t = time.perf_counter()
+    x = x0 = model.embed(idx, cache, start)
+    for end in cfg.stage_ends:
+        x, kept = model.run_layers(x, x0, idx, first, end + 1, cache, start, keep={bl} if bl >= 0 else set())
+        x_mid, first = kept.get(bl, x_mid), end + 1
+        lasts.append(x)
+        sync()
+        laps.append(time.perf_counter() - t)
+        t = time.perf_counter()
+    for k, last in enumerate(lasts):
+        r = model.readout(last, k) if k < len(lasts) - 1 else model.readout(x, None, x_mid, lasts)
+        top_gap(r).tolist()
+        laps.append(time.perf_counter() - t)
+        t = time.perf_counter()
+    return laps
+
+
+def wand_overhead(model: GPT, tests_s: float, repeats: int, sync, steps: int = 16) -> float:
+    """Seconds per token that a WAND step testing every stage but exiting nowhere costs beyond a
+    plain step, its tests (`tests_s` together) excluded: the kept inputs and one layer call per
+    stage. The bounds put every threshold just under the largest gap a soft-capped readout can
+    have, so each test runs and none passes. Plain and WAND steps alternate (a busy machine slows
+    both alike); after as many steps of warm-up, the medians of repeats x steps steps of each
+    are compared."""
+    K, V = model.config.n_stages, model.config.vocab_size
+    never = DecodeOptions(mode="wand", calibration={"wand_bounds": [0.0] * (K - 1) + [2 * SOFTCAP * (1 - 1e-6)]})
+    prompt, n = [i % V for i in range(1, 17)], repeats * steps
+    decoders = [PlainDecoder(model, DecodeOptions(), len(prompt) + 2 * n + 1),
+                WandDecoder(model, never, len(prompt) + 2 * n + 1)]
+    times: list[list[float]] = [[], []]
+    for dec in decoders:
+        dec.add_rows([prompt])
+    for i in range(2 * n):  # the first n steps warm up (a fresh decoder's first steps run slow on the CPU)
+        for dec, t in zip(decoders, times if i >= n else ([], [])):
+            sync()
+            t0 = time.perf_counter()
+            dec.step()
+            sync()
+            t.append(time.perf_counter() - t0)
+    return max(0.0, float(np.median(times[1]) - np.median(times[0])) - tests_s)

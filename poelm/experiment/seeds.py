@@ -1,0 +1,124 @@
+"""Seeds with error bars: `poelm experiment --seeds N` trains every arm N times (seed, seed+1,
+...); this module lays out the extra seeds' runs, and summarises all of them: mean ± std of every
+final bpb (final readout, each stage, Log-OP) and of each PoE arm's gap to BP, the gap's per-step
+band, and whether the BP-vs-PoE and α orderings exceed the seed noise.
+
+    out/arms/ARM                      the first seed (the experiment's own layout)
+    out/seeds/seedS/arms/ARM          seed S = seed + 1, seed + 2, ...
+
+An ordering exceeds the seed noise when the mean of its per-seed (paired) difference is more
+than two standard errors from zero; with one seed there is no noise estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from pathlib import Path
+
+GAP_ARMS = {"poe": "PoE α=0", "poe_a05": "PoE α=0.5"}
+
+
+def extra_seed_configs(cfg) -> list:
+    """The ExperimentConfig of each seed after the first (same settings, its own seed and out)."""
+    return [dataclasses.replace(cfg, seed=cfg.seed + i, out=str(Path(cfg.out) / "seeds" / f"seed{cfg.seed + i}"))
+            for i in range(1, cfg.seeds)]
+
+
+def mean_std(values: list[float]) -> dict:
+    """{"mean", "std" (sample; 0 for one value), "n", "values"}."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "values": values}
+
+
+def final_gap_pct(evals: dict[str, list[dict]], arm: str) -> float | None:
+    if not evals.get(arm) or not evals.get("bp"):
+        return None
+    return 100 * (evals[arm][-1]["bpb"] / evals["bp"][-1]["bpb"] - 1)
+
+
+def ordering(diffs: list[float], better: str, worse: str) -> dict:
+    """Whether `better` beats `worse` beyond the seed noise, from per-seed differences (worse - better)."""
+    stats = mean_std(diffs)
+    n = stats["n"]
+    if n < 2:
+        return {**stats, "verdict": "one seed: no noise estimate"}
+    se = stats["std"] / math.sqrt(n)
+    exceeds = abs(stats["mean"]) > 2 * se
+    sign = f"{better} better than {worse}" if stats["mean"] > 0 else f"{worse} better than {better}"
+    return {**stats, "se": se, "exceeds_noise": exceeds,
+            "verdict": f"{sign} by {abs(stats['mean']):.4f} bpb, " +
+                       (f"beyond the seed noise (|mean| > 2 standard errors = {2 * se:.4f})" if exceeds else
+                        f"within the seed noise (|mean| <= 2 standard errors = {2 * se:.4f})")}
+
+
+def seed_summary(runs: list[dict[str, list[dict]]], seeds: list[int]) -> dict:
+    """Summary of each seed's eval records per arm ({arm: [eval records]}, one dict per seed)."""
+    arms = [a for a in runs[0] if all(r.get(a) for r in runs)]
+    finals = {}
+    for arm in arms:
+        lasts = [r[arm][-1] for r in runs]
+        finals[arm] = {"final": mean_std([e["bpb"] for e in lasts]), "logop": mean_std([e["logop"] for e in lasts]),
+                       "stages": [mean_std([e["stages"][k] for e in lasts]) for k in range(len(lasts[0]["stages"]))]}
+    gaps = {arm: mean_std([final_gap_pct(r, arm) for r in runs]) for arm in GAP_ARMS if arm in arms and "bp" in arms}
+    band = {arm: gap_band(runs, arm) for arm in gaps}
+    orders = {}
+    if "bp" in arms and "poe" in arms:
+        orders["bp_vs_poe"] = ordering([r["poe"][-1]["bpb"] - r["bp"][-1]["bpb"] for r in runs], "BP", "PoE α=0")
+    if "poe" in arms and "poe_a05" in arms:
+        orders["alpha"] = ordering([r["poe_a05"][-1]["bpb"] - r["poe"][-1]["bpb"] for r in runs],
+                                   "PoE α=0", "PoE α=0.5")
+    return {"seeds": seeds, "finals": finals, "gap_pct": gaps, "gap_band": band, "orderings": orders}
+
+
+def gap_band(runs: list[dict[str, list[dict]]], arm: str) -> list[dict]:
+    """Per eval step that every seed has: mean and std of the gap (%) of `arm` to BP."""
+    per_seed = []
+    for r in runs:
+        bp = {e["step"]: e["bpb"] for e in r["bp"]}
+        per_seed.append({e["step"]: 100 * (e["bpb"] / bp[e["step"]] - 1) for e in r[arm]
+                         if e["step"] in bp and e["step"] > 0})
+    steps = sorted(set.intersection(*(set(s) for s in per_seed)))
+    return [{"step": s, **{k: v for k, v in mean_std([g[s] for g in per_seed]).items() if k != "values"}}
+            for s in steps]
+
+
+def draw_gap_band(ax, summary: dict) -> None:
+    """The gap's mean ± std band over the seeds on the gap plot's axes."""
+    for arm, band in summary["gap_band"].items():
+        if band:
+            steps = [b["step"] for b in band]
+            mean = [b["mean"] for b in band]
+            ax.fill_between(steps, [m - b["std"] for m, b in zip(mean, band)],
+                            [m + b["std"] for m, b in zip(mean, band)], alpha=0.2,
+                            label=f"{GAP_ARMS[arm]} vs BP: mean ± std over {len(summary['seeds'])} seeds")
+
+
+def seed_report(summary: dict | None) -> list[str]:
+    """The report's section on the seeds (nothing with one seed)."""
+    if not summary:
+        return []
+    n = len(summary["seeds"])
+    seeds = ", ".join(map(str, summary["seeds"]))
+    lines = [f"## Seeds: mean ± std over {n} seeds ({seeds})", "",
+             "| arm | final | " + " | ".join(f"stage {k}" for k in range(_stages(summary))) + " | Log-OP |",
+             "|---|---|" + "---|" * (_stages(summary) + 1)]
+    for arm, f in summary["finals"].items():
+        cells = [_pm(f["final"]), *(_pm(s) for s in f["stages"]), _pm(f["logop"])]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for arm, g in summary["gap_pct"].items():
+        lines.append(f"- final gap {GAP_ARMS[arm]} vs BP: {g['mean']:+.2f} % ± {g['std']:.2f} %")
+    names = {"bp_vs_poe": "BP vs PoE α=0", "alpha": "α=0 vs α=0.5"}
+    for key, o in summary["orderings"].items():
+        lines.append(f"- {names[key]}: {o['verdict']}")
+    return lines + [""]
+
+
+def _pm(s: dict) -> str:
+    return f"{s['mean']:.4f} ± {s['std']:.4f}"
+
+
+def _stages(summary: dict) -> int:
+    return len(next(iter(summary["finals"].values()))["stages"]) if summary["finals"] else 0
