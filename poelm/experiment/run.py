@@ -172,8 +172,8 @@ def measure_inference(cfg: ExperimentConfig, say, show_progress: bool = False) -
     bp = load_model(arms / "bp") if (arms / "bp").exists() else None  # (model, tokenizer)
     if (arms / "poe").exists():
         model, tok = load_model(arms / "poe")
-        say("[inference] timing plain (eager, compiled), stage 0, WAND and speculative decoding on the PoE arm "
-            "and plain on the BP arm: validation and outside-text prompts, 1 thread ...")
+        say("[inference] timing plain, stage 0, WAND and speculative decoding (fixed and adaptive), eager and "
+            "compiled, on the PoE arm and plain on the BP arm: validation and outside-text prompts, 1 thread ...")
         result["poe"] = measure_modes(model, tok, cfg.data, n_prompts=cfg.decode_prompts,
                                       max_new_tokens=cfg.decode_tokens, model_dir=resolve(arms / "poe"), repeats=3,
                                       bp_model=bp and bp[0], compile=cfg.decode_compile, show_progress=show_progress)
