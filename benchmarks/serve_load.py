@@ -13,7 +13,10 @@ after another; all clients run on one event loop in one thread) and reports: thr
 and the CPU cores the client and the server used (the client shares the machine's cores).
 The gain of continuous batching (goal >= 5x) is N = 32's throughput over the same requests
 sent one at a time ("in sequence": the same prompts, so the same token counts and early
-stops). Then the PoE modes (stage 0, Log-OP, WAND, speculative) at N = 32. Every request has
+stops). Streaming's cost: N = 32 streamed against the same requests answered whole (goal <= 1.2x).
+The server decodes in its engine process (the default; --in-process: in the HTTP process);
+its CPU counts both processes, and the box's load average is reported (other work on the
+machine slows every figure; the same ratios per server CPU second are less sensitive to it). Then the PoE modes (stage 0, Log-OP, WAND, speculative) at N = 32. Every request has
 a timeout and the server is stopped (SIGTERM) at the end, whatever happens. A random model's speculative
 acceptance and WAND exits say nothing about a trained one; this measures the serving path.
 """
@@ -73,11 +76,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, threads: int, max_batch: int, in_process: bool) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "poelm", "serve", str(model), "--name", "bench", "--port", str(port),
-                             "--threads", str(threads), "--max-batch", str(max_batch), "--max-queue", "256"], env=env)
+                             "--threads", str(threads), "--max-batch", str(max_batch), "--max-queue", "256",
+                             *(["--in-process"] if in_process else [])], env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -92,14 +96,24 @@ def start_server(model: Path, threads: int, max_batch: int) -> tuple[subprocess.
     raise SystemExit("poelm serve did not answer /health within 120 s")
 
 
-async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, poe: dict | None) -> dict:
-    """A greedy streaming completion -> {ttft, latency, tokens} or {error}."""
-    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, poe: dict | None,
+                      stream: bool = True) -> dict:
+    """A greedy completion, streamed or whole -> {ttft (None when whole), latency, tokens} or {error}."""
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
     if poe:
         body["poe"] = poe
     t0 = time.perf_counter()
     ttft, tokens = None, 0
+    if not stream:
+        try:
+            r = await client.post(url + "/v1/completions", json=body)
+        except httpx.HTTPError as e:
+            return {"error": f"{type(e).__name__}: {e}"}
+        if r.status_code != 200:
+            return {"error": f"HTTP {r.status_code}: {r.text[:200]!r}"}
+        return {"ttft": None, "latency": time.perf_counter() - t0, "tokens": r.json()["usage"]["completion_tokens"]}
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -125,9 +139,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process pid so far (Linux /proc)."""
+    """User + system CPU seconds of process pid and its live children so far (Linux /proc): the
+    server and its engine process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    kids = children.read_text().split() if children.exists() else []
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(cpu_seconds(int(k)) for k in kids)
 
 
 def workload(clients: int, per_client: int) -> list[list[str]]:
@@ -135,22 +152,23 @@ def workload(clients: int, per_client: int) -> list[list[str]]:
     return [[f"client {c} request {r}: once upon a time" for r in range(per_client)] for c in range(clients)]
 
 
-async def clients_run(url: str, prompts: list[list[str]], max_tokens: int, poe: dict | None, timeout: float) -> list[dict]:
+async def clients_run(url: str, prompts: list[list[str]], max_tokens: int, poe: dict | None, timeout: float,
+                      stream: bool = True) -> list[dict]:
     """One concurrent client per prompt list, all on one event loop (one thread: the client's own
     CPU stays small and is measured), each sending its prompts one after another."""
     limits = httpx.Limits(max_connections=len(prompts), max_keepalive_connections=len(prompts))
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         async def client_loop(mine: list[str]) -> list[dict]:
-            return [await one_request(client, url, prompt, max_tokens, poe) for prompt in mine]
+            return [await one_request(client, url, prompt, max_tokens, poe, stream) for prompt in mine]
 
         return [out for outs in await asyncio.gather(*(client_loop(mine) for mine in prompts)) for out in outs]
 
 
 def load(url: str, prompts: list[list[str]], max_tokens: int, poe: dict | None, timeout: float,
-         server_pid: int | None = None) -> dict:
+         server_pid: int | None = None, stream: bool = True) -> dict:
     t0, cpu0 = time.perf_counter(), time.process_time()
     server0 = cpu_seconds(server_pid) if server_pid else 0.0
-    results = asyncio.run(clients_run(url, prompts, max_tokens, poe, timeout))
+    results = asyncio.run(clients_run(url, prompts, max_tokens, poe, timeout, stream))
     wall = time.perf_counter() - t0
     client_cores = (time.process_time() - cpu0) / wall
     server_cores = (cpu_seconds(server_pid) - server0) / wall if server_pid else float("nan")
@@ -161,7 +179,8 @@ def load(url: str, prompts: list[list[str]], max_tokens: int, poe: dict | None, 
             "tokens": sum(r["tokens"] for r in ok), "wall_s": wall, "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
             "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
             "latency_p50_s": percentile(lat, 0.5), "latency_p99_s": percentile(lat, 0.99),
-            "client_cpu_cores": client_cores, "server_cpu_cores": server_cores}
+            "client_cpu_cores": client_cores, "server_cpu_cores": server_cores,
+            "tokens_per_server_cpu_s": sum(r["tokens"] for r in ok) / max(server_cores * wall, 1e-9)}
 
 
 def row(name: str, r: dict) -> str:
@@ -182,12 +201,14 @@ def main(argv: list[str] | None = None) -> dict:
                    help="the server's torch threads (1: the other core serves HTTP and the client)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--no-modes", action="store_true", help="skip the PoE modes under load")
+    p.add_argument("--in-process", action="store_true", help="serve with --in-process (no engine process)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else random_model(Path(tmp), args.depth, args.width, 256)
-        proc, url = start_server(model, args.threads, max(counts))
+        load_before = os.getloadavg()[0]
+        proc, url = start_server(model, args.threads, max(counts), args.in_process)
         try:
             load(url, workload(max(counts), 1), 4, None, args.timeout)  # warm-up, at every batch size up to N
             by_clients, step_rows = {}, {}
@@ -199,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
                 step_rows[n] = (after[0] - before[0]) / max(after[1] - before[1], 1.0)
             most = workload(max(counts), args.requests_per_client)
             one_at_a_time = load(url, [[p for mine in most for p in mine]], args.max_tokens, None, args.timeout, proc.pid)
+            whole = load(url, most, args.max_tokens, None, args.timeout, proc.pid, stream=False)
             modes = {} if args.no_modes else {name: load(url, most, args.max_tokens, poe, args.timeout, proc.pid)
                                               for name, poe in MODES.items()}
         finally:
@@ -208,10 +230,16 @@ def main(argv: list[str] | None = None) -> dict:
             except subprocess.TimeoutExpired:
                 proc.kill()
     ratio = by_clients[max(counts)]["tokens_per_s"] / one_at_a_time["tokens_per_s"]
-    out = {"by_clients": by_clients, "one_at_a_time": one_at_a_time, "modes": modes, "batching_gain": ratio,
-           "errors": sum(r["errors"] for r in [*by_clients.values(), one_at_a_time, *modes.values()]),
+    streaming_cost = whole["tokens_per_s"] / by_clients[max(counts)]["tokens_per_s"]
+    per_cpu = {"batching_gain": by_clients[max(counts)]["tokens_per_server_cpu_s"] / one_at_a_time["tokens_per_server_cpu_s"],
+               "streaming_cost": whole["tokens_per_server_cpu_s"] / by_clients[max(counts)]["tokens_per_server_cpu_s"]}
+    out = {"by_clients": by_clients, "one_at_a_time": one_at_a_time, "whole": whole, "modes": modes,
+           "batching_gain": ratio, "streaming_cost": streaming_cost, "per_server_cpu_s": per_cpu,
+           "errors": sum(r["errors"] for r in [*by_clients.values(), one_at_a_time, whole, *modes.values()]),
+           "load_average": [load_before, os.getloadavg()[0]],
            "setup": {"model": args.model or f"random d{args.depth} w{args.width}", "max_tokens": args.max_tokens,
-                     "requests_per_client": args.requests_per_client, "server_threads": args.threads}}
+                     "requests_per_client": args.requests_per_client, "server_threads": args.threads,
+                     "engine": "in-process" if args.in_process else "engine process"}}
     out["step_rows_mean"] = step_rows
     if args.json:
         print(json.dumps(out, indent=2))
@@ -221,11 +249,16 @@ def main(argv: list[str] | None = None) -> dict:
     for n, r in by_clients.items():
         print(row("final", r))
     print(row("in sequence", one_at_a_time))
+    print(row("not streamed", whole))
     for name, r in modes.items():
         print(row(name, r))
     print(f"continuous batching: {ratio:.1f}x the throughput of one request at a time "
           f"({max(counts)} clients vs their {len(most) * args.requests_per_client} requests in sequence); mean rows per decode step {step_rows[max(counts)]:.1f}; "
           f"errors {out['errors']}")
+    print(f"streaming costs {streaming_cost:.2f}x not streaming ({max(counts)} clients); {out['setup']['engine']}; "
+          f"load average {load_before:.1f} before, {out['load_average'][1]:.1f} after (on {os.cpu_count()} cores)")
+    print(f"per server CPU second (less sensitive to other work on the box): batching {per_cpu['batching_gain']:.1f}x, "
+          f"streaming costs {per_cpu['streaming_cost']:.2f}x")
     return out
 
 

@@ -193,14 +193,13 @@ def load_model_dir(path: Path, device="cpu", dtype: torch.dtype = torch.float32)
 
 def load_tokenizer_if_any(path: Path, config: GPTConfig | None = None):
     """The tokenizer stored in a directory (or None); its vocab must match the model's."""
-    has = any((path / n).exists() for n in ("tokenizer.json", "tokenizer.pkl"))
-    if not has:
-        return None
-    from poelm.tokenizer import Tokenizer
+    from poelm.tokenizer import TOKEN_BYTES_NAME, Tokenizer, has_tokenizer
 
+    if not has_tokenizer(path):
+        return None
     tok = Tokenizer.load(path)
-    if not (path / "token_bytes.pt").exists():
-        warnings.warn(f"{path / 'token_bytes.pt'} is missing: token byte lengths (for bits per byte) are "
+    if not (path / TOKEN_BYTES_NAME).exists():
+        warnings.warn(f"{path / TOKEN_BYTES_NAME} is missing: token byte lengths (for bits per byte) are "
                       "recomputed from the tokenizer's vocabulary", stacklevel=2)
     if config is not None:
         check_tokenizer(tok, config, str(path))

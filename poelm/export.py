@@ -42,10 +42,11 @@ import torch
 
 from poelm.atomic import atomic_dir, atomic_write_json
 from poelm.checkpoint import CONFIG_NAME, GENERATION_CONFIG_NAME, check_replaceable, save_model
-from poelm.chat import ASSISTANT_END
+from poelm.chat import ASSISTANT_END, BOS
 from poelm.codec import to_config_json
 from poelm.model import GPT, GPTConfig
 from poelm.outputs import EXPORT_KIND, mark_output
+from poelm.tokenizer import TOKENIZER_JSON_NAME
 
 
 def hf_config(model: GPT, tokenizer=None, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -64,7 +65,7 @@ def tokenizer_files(tokenizer, sequence_len: int) -> dict[str, dict]:
     from poelm.chat import CHAT_SPECIALS, CHAT_TEMPLATE
     from poelm.hf import TOKENIZER_CLASS
 
-    special = {"bos_token": "<|bos|>", "eos_token": "<|bos|>", "pad_token": "<|bos|>"}
+    special = {"bos_token": BOS, "eos_token": BOS, "pad_token": BOS}
     specials = tokenizer.special_tokens
     added = {str(i): {"content": name, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
                       "special": True} for name, i in sorted(specials.items(), key=lambda kv: kv[1])}
@@ -115,7 +116,7 @@ def export_model(model: GPT, tokenizer, out_dir: str | Path, dtype: torch.dtype 
         atomic_write_json(stage / CONFIG_NAME, hf_config(model, tokenizer, dtype))
         if not gen:
             (stage / GENERATION_CONFIG_NAME).unlink(missing_ok=True)
-        (stage / "tokenizer.json").unlink(missing_ok=True)
+        (stage / TOKENIZER_JSON_NAME).unlink(missing_ok=True)
         if tokenizer is not None:
             for name, obj in tokenizer_files(tokenizer, model.config.sequence_len).items():
                 atomic_write_json(stage / name, obj)

@@ -49,14 +49,23 @@ def format_bytes(n: int) -> str:
     return f"{n / 1024 ** k:,.1f} {UNITS[k]}"
 
 
-def check_fits(config: GPTConfig, source: str, device: torch.device | str = "cpu") -> None:
-    """Refuse (ValueError naming `source` and the size fields) a model larger than the memory its
-    device has available; the meta device holds no data and always fits."""
+def fit_problem(config: GPTConfig, device: torch.device | str = "cpu") -> str | None:
+    """Why the model of `config` does not fit in the memory its device has available (naming
+    the size fields), or None; the meta device holds no data and always fits."""
     if torch.device(device).type == "meta":
-        return
+        return None
     need, have = implied_bytes(config), available_bytes(device)
-    if need > have:
-        sizes = ", ".join(f"{name}={getattr(config, name)}" for name in SIZE_FIELDS)
-        raise ValueError(f"{source}: {sizes} imply {format_bytes(need)} of float32 weights and rotary "
-                         f"tables, more than the {format_bytes(have)} of memory available on "
-                         f"{torch.device(device)}; fix those fields or load it on a device with more memory")
+    if need <= have:
+        return None
+    sizes = ", ".join(f"{name}={getattr(config, name)}" for name in SIZE_FIELDS)
+    return (f"{sizes} imply {format_bytes(need)} of float32 weights and rotary tables, more than the "
+            f"{format_bytes(have)} of memory available on {torch.device(device)}; fix those fields or load it on a "
+            "device with more memory")
+
+
+def check_fits(config: GPTConfig, source: str, device: torch.device | str = "cpu") -> None:
+    """Refuse (ValueError naming `source`, then fit_problem's sentence) a model larger than the
+    memory its device has available."""
+    problem = fit_problem(config, device)
+    if problem is not None:
+        raise ValueError(f"{source}: {problem}")

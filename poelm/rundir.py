@@ -15,6 +15,7 @@ Layout (formats of poelm's own runs):
     step_NNNNNN/          a model directory (config.json, model.safetensors, tokenizer) plus
                           optim_rank{r}.pt, loader_rank{r}.json and trainer.json (written last)
     latest                the name of the newest complete step directory
+    result.json           the final metrics, written when the run finishes
 
 A checkpoint is written into a per-process temporary directory and renamed into place, and
 `latest` moves only after that, so a crash or `kill -9` at any point leaves the previous
@@ -50,6 +51,8 @@ from poelm.jsonfile import parse_json_object
 
 LOCK_NAME = ".lock"
 METRICS_NAME = "metrics.jsonl"
+SETTINGS_NAME = "train_config.json"
+RESULT_NAME = "result.json"
 
 
 class CheckpointSaveError(OSError):

@@ -27,18 +27,20 @@ class SettingError(ValueError):
     """A bad value of one setting. Its message names settings as the caller says them: str()
     as Python parameters (`device`, `compile=False`), `render` as the caller says them (the
     CLI: `--device`, `--no-compile`). `say` is either say(name, off) of the one setting or a
-    template whose fields are setting names ("{num_iterations} 0 ... from {target_tokens}")."""
+    template whose fields are setting names ("{num_iterations} 0 ... from {target_tokens}"),
+    except the fields given in `values`, which are put in as they are (paths, numbers: text
+    that is never read as a template)."""
 
-    def __init__(self, setting: str, say: Callable[[str, str], str] | str):
-        self.setting, self.say = setting, say
+    def __init__(self, setting: str, say: Callable[[str, str], str] | str, **values):
+        self.setting, self.say, self.values = setting, say, values
         super().__init__(self.render(lambda s: s, lambda s: f"{s}=False"))
 
     def render(self, name: Callable[[str], str], off: Callable[[str], str]) -> str:
         """The message with each setting s said as name(s) (a boolean turned off: off(s))."""
         if callable(self.say):
             return self.say(name(self.setting), off(self.setting))
-        settings = {field for _, field, _, _ in string.Formatter().parse(self.say) if field}
-        return self.say.format_map({s: name(s) for s in settings})
+        settings = {field for _, field, _, _ in string.Formatter().parse(self.say) if field} - set(self.values)
+        return self.say.format_map({**{s: name(s) for s in settings}, **self.values})
 
 
 class RunStopped(Exception):

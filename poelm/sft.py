@@ -129,13 +129,13 @@ MAX_DERIVED_ROWS = 32
 def base_batch_settings(spec: str) -> dict | None:
     """{"total_batch_size", "device_batch_size"} the base MODEL was trained with (its checkpoint's
     trainer.json keeps the run's settings); None when MODEL is not a training run's checkpoint."""
-    from poelm.checkpoint import model_dir
+    from poelm.checkpoint import TRAINER_NAME, model_dir
     from poelm.jsonfile import read_json_object
 
     directory = model_dir(spec)
-    if directory is None or not (directory / "trainer.json").is_file():
+    if directory is None or not (directory / TRAINER_NAME).is_file():
         return None
-    settings = read_json_object(directory / "trainer.json", "the trainer state").get("train_config") or {}
+    settings = read_json_object(directory / TRAINER_NAME, "the trainer state").get("train_config") or {}
     batch = {k: settings.get(k) for k in ("total_batch_size", "device_batch_size")}
     return batch if all(isinstance(v, int) and v > 0 for v in batch.values()) else None
 
@@ -146,7 +146,7 @@ def sft_batch(spec: str, data: str, row_len: int | None, world: int = 1, total: 
     flags given win; the others follow the base run's batch (its tokens per step, in rows of
     this run's length, as nanochat's chat SFT inherits the pretraining batch), else the chat
     set's size (an epoch of about DERIVED_STEPS_PER_EPOCH steps, one accumulation step)."""
-    from poelm.checkpoint import model_dir
+    from poelm.checkpoint import CONFIG_NAME, model_dir
     from poelm.codec import from_config_json
     from poelm.jsonfile import read_json_object
 
@@ -155,7 +155,7 @@ def sft_batch(spec: str, data: str, row_len: int | None, world: int = 1, total: 
     directory = model_dir(spec)
     if directory is None:
         raise ValueError(f"poelm sft needs MODEL as a directory (a run or model directory), got {spec!r}")
-    context = from_config_json(read_json_object(directory / "config.json", "the model config")).sequence_len
+    context = from_config_json(read_json_object(directory / CONFIG_NAME, "the model config")).sequence_len
     seq_len = min(row_len or context, context)
     base = base_batch_settings(spec)
     if base is not None:

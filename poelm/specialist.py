@@ -103,16 +103,22 @@ def warm_chat_rows(wte: torch.Tensor, vocab_size: int) -> None:
         wte[i] = row.to(torch.bfloat16).to(wte.dtype)  # bf16 values: the bf16 delta holds them exactly
 
 
-def planned_config(parent: GPTConfig, n_layers: int, source: str, device="cpu") -> GPTConfig:
-    """specialist_config, refused (naming `source`) when it is no valid config or cannot fit on device."""
-    from poelm.memory import check_fits
+def planned_config(parent: GPTConfig, n_layers: int, source: str | None = None, device="cpu") -> GPTConfig:
+    """specialist_config, refused when it is no valid config or cannot fit on device: naming
+    `source` (where n_layers was read), else the setting n_layers (the CLI says --layers)."""
+    from poelm.memory import fit_problem
 
     try:
         config = specialist_config(parent, n_layers)
     except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
-    check_fits(config, source, device)
-    return config
+        config, problem = None, str(e)
+    else:
+        problem = fit_problem(config, device)
+    if problem is None:
+        return config
+    if source is None:
+        raise SettingError("n_layers", "{n_layers} {n}: {problem}", n=n_layers, problem=problem)
+    raise ValueError(f"{source}: {problem}")
 
 
 def attach(base: GPT, n_layers: int, force: bool = False, source: str | None = None) -> GPT:
@@ -121,7 +127,8 @@ def attach(base: GPT, n_layers: int, force: bool = False, source: str | None = N
     a zero lm_head_stage, so the new model starts out predicting exactly what the base does (up
     to the warm chat rows). A base that is a specialist makes a cascade (its head folded into
     lm_head). Everything but the new blocks and lm_head_stage is frozen. A BP base is refused
-    unless force (docs/poe.md section 6). source names where n_layers came from in errors (default: --layers)."""
+    unless force (docs/poe.md section 6). source names where n_layers came from in errors (default:
+    the setting n_layers)."""
     if not isinstance(n_layers, int) or n_layers < 1:
         raise SettingError("n_layers", lambda n, off: f"{n} {n_layers}: a specialist needs at least 1 new layer")
     if not base.config.is_poe() and not force:
@@ -132,7 +139,7 @@ def attach(base: GPT, n_layers: int, force: bool = False, source: str | None = N
                          f"(this one: per_stage_head={base.config.per_stage_head}, "
                          f"final_readout={base.config.final_readout})")
     ref = base.lm_head.weight
-    config = planned_config(base.config, n_layers, source or f"--layers {n_layers}", ref.device)
+    config = planned_config(base.config, n_layers, source, ref.device)
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=ref.device)

@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from poelm.model import GPT, GPTConfig, rmsnorm, softcap_cross_entropy
 from poelm.optim import Comm, MuonAdamW
+from poelm.runtime import SettingError
 
 WHY_NOT = {  # poe_mode -> why it cannot train stage-parallel
     "none": "backprop sends gradients back through every stage boundary",
@@ -77,20 +78,22 @@ def check_mesh(config: GPTConfig, world: int, *, task=None, compile: bool = Fals
     """Refuse what stage-parallel training cannot do, with one line each; `task` (a
     poelm.train.Task, None: pretraining) says whether it can be trained so."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise ValueError(f"--stage-parallel runs one process per stage: launch it with torchrun, e.g. "
-                         f"`torchrun --nproc_per_node {config.n_stages} -m poelm train --stage-parallel ...` "
-                         f"(world = {config.n_stages} stages x replicas)")
+        raise SettingError("stage_parallel", "{stage_parallel} runs one process per stage: launch it with torchrun, "
+                           "e.g. `{example}` (world = {k} stages x replicas)", k=config.n_stages,
+                           example=f"torchrun --nproc_per_node {config.n_stages} -m poelm train --stage-parallel ...")
     if config.poe_mode != "flat":
-        raise ValueError(f"--stage-parallel trains --poe-mode flat only: with {config.poe_mode}, "
-                         f"{WHY_NOT[config.poe_mode]}")
+        raise SettingError("stage_parallel", "{stage_parallel} trains {poe_mode} flat only: with {mode}, {why}",
+                           mode=config.poe_mode, why=WHY_NOT[config.poe_mode])
     if task is not None and not task.stage_parallel:
-        raise ValueError(f"--stage-parallel trains pretraining runs; task {task.name} is not supported")
+        raise SettingError("stage_parallel", "{stage_parallel} trains pretraining runs; task {task} is not supported",
+                           task=task.name)
     if compile:
-        raise ValueError("--compile is not supported with --stage-parallel (each rank runs its layers eagerly)")
+        raise SettingError("compile", "{compile} is not supported with {stage_parallel} (each rank runs its layers "
+                           "eagerly)")
     if world % config.n_stages:
-        raise ValueError(f"--stage-parallel: the world of {world} process(es) is not a multiple of the "
-                         f"{config.n_stages} stages {list(config.poe_stage_layers)}; launch K x R processes "
-                         f"(e.g. --nproc_per_node {config.n_stages})")
+        raise SettingError("stage_parallel", "{stage_parallel}: the world of {world} process(es) is not a multiple of "
+                           "the {k} stages {layers}; launch K x R processes (e.g. --nproc_per_node {k})", world=world,
+                           k=config.n_stages, layers=list(config.poe_stage_layers))
 
 
 def make_mesh(config: GPTConfig, rank: int, world: int) -> Mesh:

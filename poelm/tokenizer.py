@@ -48,6 +48,11 @@ SPECIAL_TOKENS = [
     "<|output_start|>", "<|output_end|>",
 ]
 JSON_FORMAT = "poelm-tokenizer-v1"
+# the files of a tokenizer directory: the encoding as JSON (read first) or as a pickle, and the
+# byte length of every token (for bits per byte)
+TOKENIZER_JSON_NAME = "tokenizer.json"
+TOKENIZER_PICKLE_NAME = "tokenizer.pkl"
+TOKEN_BYTES_NAME = "token_bytes.pt"
 
 
 class Tokenizer:
@@ -145,11 +150,11 @@ class Tokenizer:
             raise RuntimeError("saving needs poelm installed (this is the standalone copy of an export)")
         d = Path(dir)
         d.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(d / "tokenizer.json", json.dumps(self.to_json()).encode())
-        atomic_write_bytes(d / "tokenizer.pkl", pickle.dumps(self.enc))
+        atomic_write_bytes(d / TOKENIZER_JSON_NAME, json.dumps(self.to_json()).encode())
+        atomic_write_bytes(d / TOKENIZER_PICKLE_NAME, pickle.dumps(self.enc))
         buf = io.BytesIO()
         torch.save(self.token_bytes(), buf)
-        atomic_write_bytes(d / "token_bytes.pt", buf.getvalue())
+        atomic_write_bytes(d / TOKEN_BYTES_NAME, buf.getvalue())
 
     @classmethod
     def load(cls, dir: str | os.PathLike) -> "Tokenizer":
@@ -158,17 +163,22 @@ class Tokenizer:
         if not d.is_dir():
             raise FileNotFoundError(f"tokenizer directory {d} not found; train one first "
                                     "(Tokenizer.train(...).save(dir)) or pass a nanochat tokenizer dir")
-        if (d / "tokenizer.json").is_file():
-            return cls(_encoding_from_json(d / "tokenizer.json"))
-        if (d / "tokenizer.pkl").is_file():
-            return cls(_encoding_from_pickle(d / "tokenizer.pkl"))
+        if (d / TOKENIZER_JSON_NAME).is_file():
+            return cls(_encoding_from_json(d / TOKENIZER_JSON_NAME))
+        if (d / TOKENIZER_PICKLE_NAME).is_file():
+            return cls(_encoding_from_pickle(d / TOKENIZER_PICKLE_NAME))
         raise FileNotFoundError(f"no tokenizer.json or tokenizer.pkl in {d}; "
                                 "train one first (Tokenizer.train(...).save(dir))")
 
 
+def has_tokenizer(dir: str | os.PathLike) -> bool:
+    """Whether `dir` holds a tokenizer (tokenizer.json or tokenizer.pkl)."""
+    return any((Path(dir) / n).exists() for n in (TOKENIZER_JSON_NAME, TOKENIZER_PICKLE_NAME))
+
+
 def load_token_bytes(dir: str | os.PathLike) -> torch.Tensor:
     """token_bytes.pt from `dir` (weights_only); computed from the encoding if missing."""
-    path = Path(dir) / "token_bytes.pt"
+    path = Path(dir) / TOKEN_BYTES_NAME
     if not path.is_file():
         warnings.warn(f"{path} missing; computing token byte lengths from the tokenizer")
         return Tokenizer.load(dir).token_bytes()

@@ -30,12 +30,13 @@ import torch
 import torch.distributed as dist
 
 from poelm.atomic import atomic_write_json
-from poelm.checkpoint import build_model, check_tokenizer, load_state_into, read_safetensors
+from poelm.checkpoint import (CONFIG_NAME, TRAINER_NAME, WEIGHTS_NAME, build_model, check_tokenizer, load_state_into,
+                              read_safetensors)
 from poelm.flags import resume_mutable, setting
 from poelm.model import ATTENTION_BACKENDS, GPT, GPTConfig
 from poelm.optim import LR_SCALING
 from poelm.progress import progress
-from poelm.rundir import METRICS_NAME, MetricsLog, RunDir, set_rng_state
+from poelm.rundir import METRICS_NAME, RESULT_NAME, SETTINGS_NAME, MetricsLog, RunDir, set_rng_state
 from poelm.runtime import RunStopped, SettingError, check_bf16, check_compiler, parse_device, parse_dtype
 from poelm.tracking import TRACKERS, Tracker, open_tracker, resolve_tracker
 
@@ -323,7 +324,8 @@ class Pretraining(Task):
         from poelm.tokenizer import Tokenizer
 
         if not tc.tokenizer:
-            raise ValueError("--tokenizer DIR is required (train one with `poelm tokenizer train --data DIR --out DIR`)")
+            raise SettingError("tokenizer", "{tokenizer} DIR is required (train one with `poelm tokenizer train "
+                                            "--data DIR --out DIR`)")
         tokenizer = Tokenizer.load(tc.tokenizer)
         config = tc.model_config(tokenizer.vocab_size)
         check_tokenizer(tokenizer, config, tc.tokenizer)
@@ -386,7 +388,7 @@ def prepare(tc: TrainConfig, task: Task, rt: Runtime, run: RunDir) -> RunSetup:
     from poelm.optim import build_optimizer, effective_hparams
 
     if not Path(tc.data).is_dir():
-        raise FileNotFoundError(f"--data {tc.data} does not exist; build {task.data_hint}")
+        raise SettingError("data", "{data} {path} does not exist; build {hint}", path=tc.data, hint=task.data_hint)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     tokenizer, config, seq_len = task.start(tc, rt)
@@ -412,14 +414,14 @@ def prepare(tc: TrainConfig, task: Task, rt: Runtime, run: RunDir) -> RunSetup:
     start_step, loader_state, state, rng = 0, None, {}, None
     point = run.resume_point()
     if point is not None and not tc.resume:
-        raise ValueError(f"{run.path} already holds a run (checkpoint {point.path.name}); pass --resume to continue it "
-                         "or choose another --out")
+        raise SettingError("resume", "{run} already holds a run (checkpoint {point}); pass {resume} to continue it or "
+                           "choose another {out}", run=run.path, point=point.path.name)
     say = print if rt.master and not tc.quiet else (lambda *a, **k: None)
     if tc.resume and point is None:
         say(f"--resume: no checkpoint in {run.path} yet; starting a fresh run", flush=True)
     if tc.extend_to is not None and point is None:
-        raise ValueError("--extend-to N changes the horizon of a run being resumed; this run has no checkpoint yet "
-                         "(set the horizon with --num-iterations instead)")
+        raise SettingError("extend_to", "{extend_to} N changes the horizon of a run being resumed; this run has no "
+                           "checkpoint yet (set the horizon with {num_iterations} instead)")
     if tc.resume and point is not None:
         if point.note:
             say(f"--resume: {point.note}", flush=True)
@@ -428,8 +430,8 @@ def prepare(tc: TrainConfig, task: Task, rt: Runtime, run: RunDir) -> RunSetup:
         rule = f"horizon: {num_iterations:,} steps (resumed from {point.path.name})"
         if tc.extend_to is not None and tc.extend_to != num_iterations:
             if tc.extend_to < start_step:
-                raise ValueError(f"--extend-to {tc.extend_to} is below the checkpoint's step {start_step}; "
-                                 f"give a horizon of at least {start_step} steps")
+                raise SettingError("extend_to", "{extend_to} {steps} is below the checkpoint's step {start}; give a "
+                                   "horizon of at least {start} steps", steps=tc.extend_to, start=start_step)
             rule = (f"horizon: {num_iterations:,} -> {tc.extend_to:,} steps (--extend-to, resumed from "
                     f"{point.path.name}; the LR schedule is re-laid over the new horizon)")
             state["extended"] = state.get("extended", []) + [{"at_step": start_step, "from": num_iterations,
@@ -447,14 +449,15 @@ def init_from(model: GPT, spec: str) -> None:
     start, _ = load_model(spec)
     diff = config_diff(start.config, model.config)
     if diff:
-        raise ValueError(f"--init {spec} has another architecture ({'; '.join(diff)}); give the model flags it was "
-                         "trained with")
+        raise SettingError("init", "{init} {spec} has another architecture ({diff}); give the model settings it was "
+                           "trained with", spec=spec, diff="; ".join(diff))
     load_state_into(model, start.state_dict(), spec)
 
 
-def resume_settings_diff(saved: dict, now: dict, mutable: set[str] | None = None) -> list[str]:
-    """The trajectory settings that differ between the run's record and this invocation;
-    `mutable`: those a resume may change (default: TrainConfig's fields marked so)."""
+def resume_settings_diff(saved: dict, now: dict, mutable: set[str] | None = None) -> list[tuple[str, object, object]]:
+    """(setting, recorded value, value now) of each trajectory setting that differs between the
+    run's record and this invocation; `mutable`: those a resume may change (default:
+    TrainConfig's fields marked so)."""
     mutable = resume_mutable(TrainConfig) if mutable is None else mutable
     diff = []
     for key in sorted(set(saved) & set(now)):
@@ -466,8 +469,19 @@ def resume_settings_diff(saved: dict, now: dict, mutable: set[str] | None = None
         if isinstance(a, list | tuple) or isinstance(b, list | tuple):
             a, b = list(a) if a is not None else None, list(b) if b is not None else None
         if a != b:
-            diff.append(f"--{key.replace('_', '-')} {saved[key]!r} (now {now[key]!r})")
+            diff.append((key, saved[key], now[key]))
     return diff
+
+
+def changed_settings_error(path: Path, changed: list[tuple[str, object, object]]) -> SettingError:
+    """The refusal of a resume whose trajectory settings differ from the run's record: each
+    setting named (the CLI says its flag) with its recorded value and this invocation's."""
+    said = "; ".join(f"{{{key}}} {{was_{i}}} (now {{now_{i}}})" for i, (key, _, _) in enumerate(changed))
+    values = {k: repr(v) for i, (_, a, b) in enumerate(changed) for k, v in ((f"was_{i}", a), (f"now_{i}", b))}
+    hint = " or {extend_to} N to change the horizon" if any(key == "num_iterations" for key, _, _ in changed) else ""
+    return SettingError("resume", "{resume}: {path} was started with other settings: " + said + "; resume with the "
+                        "run's own settings (see {record})" + hint, path=path, record=path / SETTINGS_NAME,
+                        **values)
 
 
 def resume_into(run: RunDir, point, tc: TrainConfig, task: Task, rt: Runtime, tokenizer, config: GPTConfig,
@@ -476,36 +490,37 @@ def resume_into(run: RunDir, point, tc: TrainConfig, task: Task, rt: Runtime, to
     Returns (trainer state, this rank's loader state, its RNG states: the caller sets them
     last, so nothing that runs while the run is set up draws from them)."""
     from poelm.codec import from_config_json
-    from poelm.tokenizer import Tokenizer
+    from poelm.tokenizer import Tokenizer, has_tokenizer
 
     ckpt = point.path
-    saved_config = from_config_json(run.read_json(ckpt / "config.json"))
+    saved_config = from_config_json(run.read_json(ckpt / CONFIG_NAME))
     if saved_config.vocab_size != config.vocab_size:
-        raise ValueError(f"--resume: tokenizer {tc.tokenizer} has {config.vocab_size} tokens but the model in "
-                         f"{ckpt} was trained with a {saved_config.vocab_size}-token tokenizer; pass the run's "
-                         "own tokenizer (it is saved in every checkpoint)")
-    if any((ckpt / n).exists() for n in ("tokenizer.json", "tokenizer.pkl")) and \
-            not same_tokenizer(Tokenizer.load(ckpt), tokenizer):
-        raise ValueError(f"--resume: tokenizer {tc.tokenizer} does not match the one {ckpt} was trained with "
-                         "(same size, different merges or specials); pass the run's own tokenizer")
+        raise SettingError("resume", "{resume}: tokenizer {tokenizer} has {vocab} tokens but the model in {ckpt} was "
+                           "trained with a {saved}-token tokenizer; pass the run's own tokenizer (it is saved in "
+                           "every checkpoint)", tokenizer=tc.tokenizer, vocab=config.vocab_size, ckpt=ckpt,
+                           saved=saved_config.vocab_size)
+    if has_tokenizer(ckpt) and not same_tokenizer(Tokenizer.load(ckpt), tokenizer):
+        raise SettingError("resume", "{resume}: tokenizer {tokenizer} does not match the one {ckpt} was trained with "
+                           "(same size, different merges or specials); pass the run's own tokenizer",
+                           tokenizer=tc.tokenizer, ckpt=ckpt)
     diff = config_diff(saved_config, config)
     if diff:
-        raise ValueError(f"--resume: {ckpt} was trained with another architecture ({'; '.join(diff)})")
+        raise SettingError("resume", "{resume}: {ckpt} was trained with another architecture ({diff})", ckpt=ckpt,
+                           diff="; ".join(diff))
     shards = run.shards_of(ckpt)
     if shards != rt.world:
-        raise ValueError(f"--resume: {ckpt} was written by {shards} process(es), this run has {rt.world}; "
-                         "resume with the same number of processes (optimizer state is sharded per rank)")
-    state = run.read_json(ckpt / "trainer.json")
+        raise SettingError("resume", "{resume}: {ckpt} was written by {shards} process(es), this run has {world}; "
+                           "resume with the same number of processes (optimizer state is sharded per rank)",
+                           ckpt=ckpt, shards=shards, world=rt.world)
+    state = run.read_json(ckpt / TRAINER_NAME)
     saved_settings = state.get("train_config")
-    if saved_settings is None and (run.path / "train_config.json").is_file():  # runs of poelm 0.1
-        saved_settings = run.read_json(run.path / "train_config.json")
+    if saved_settings is None and (run.path / SETTINGS_NAME).is_file():  # runs of poelm 0.1
+        saved_settings = run.read_json(run.path / SETTINGS_NAME)
     changed = resume_settings_diff(saved_settings or {}, {**dataclasses.asdict(tc), **task.record()},
                                    resume_mutable(TrainConfig) | task.resume_mutable())
     if changed:
-        hint = " or --extend-to N to change the horizon" if any(c.startswith("--num-iterations") for c in changed) else ""
-        raise ValueError(f"--resume: {run.path} was started with other settings: {'; '.join(changed)}; resume with "
-                         f"the run's own settings (see {run.path / 'train_config.json'}){hint}")
-    load_state_into(model, read_safetensors(ckpt / "model.safetensors"), str(ckpt))
+        raise changed_settings_error(run.path, changed)
+    load_state_into(model, read_safetensors(ckpt / WEIGHTS_NAME), str(ckpt))
     blob = run.read_shard(ckpt)  # on the CPU: RNG states must be; the optimizer moves its state to the params
     optimizer.load_state_dict(blob["optimizer"])
     loader_state = run.read_json(ckpt / f"loader_rank{rt.rank}.json")
@@ -544,7 +559,7 @@ def run_locked(tc: TrainConfig, task: Task, rt: Runtime, run: RunDir) -> dict:
         dist.broadcast(pid, 0)
         run_id = str(int(pid))
     if rt.master:
-        atomic_write_json(out / "train_config.json", settings)
+        atomic_write_json(out / SETTINGS_NAME, settings)
         task.begin(out)
     log = MetricsLog(out / METRICS_NAME, rt.master, resumed_step=start_step if setup.resumed else None)
     say = (lambda *a: print(*a, flush=True)) if rt.master and not tc.quiet else (lambda *a: None)
@@ -657,7 +672,7 @@ def run_locked(tc: TrainConfig, task: Task, rt: Runtime, run: RunDir) -> dict:
               "eval": last_eval, "out": str(out), "cropped_fraction": getattr(loader, "cropped_fraction", None)}
     result.update(task.finish(tc, model, tokenizer, say))
     if rt.master:
-        atomic_write_json(out / "result.json", result)
+        atomic_write_json(out / RESULT_NAME, result)
         try:
             from poelm.plots import plot_run
             plot_run(out)

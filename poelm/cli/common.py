@@ -80,10 +80,10 @@ def parse_compose(text: str) -> list[str]:
 
 def chat_stop_ids(tokenizer, spec: str) -> list[int]:
     """<|assistant_end|> and <|bos|>, after checking that `tokenizer` has the chat specials."""
-    from poelm.chat import check_chat_tokenizer
+    from poelm.chat import ASSISTANT_END, check_chat_tokenizer
 
     check_chat_tokenizer(tokenizer, spec)
-    return [tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_token_id]
+    return [tokenizer.encode_special(ASSISTANT_END), tokenizer.bos_token_id]
 
 
 def decode_prompt(prompt: str) -> str:

@@ -18,6 +18,7 @@ def decoding_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> 
     declares each, with its help), then the model and device flags."""
     from poelm.engine.options import DecodeOptions
     from poelm.engine.registry import option_choices
+    from poelm.model import HEAD_MODES
 
     add_setting_flags(p.add_argument_group("decoding (DecodeOptions)"), DecodeOptions, exclude=python_only_options(),
                       choices=option_choices())
@@ -27,7 +28,7 @@ def decoding_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> 
                    help="plain modes: decode with an inductor-compiled step (faster at small batch; the first "
                         "call compiles for ~10-20 s)")
     p.add_argument("--delta", default=None, help="specialist delta directory to load onto MODEL (its base)")
-    p.add_argument("--head-mode", choices=("dual", "base", "spec"), default=None,
+    p.add_argument("--head-mode", choices=HEAD_MODES, default=None,
                    help="specialist readout: dual = both heads, base = lm_head, spec = lm_head_stage "
                         "(default: the model's own, dual)")
     p.add_argument("--compose", default=None, metavar="DELTA1,DELTA2",

@@ -34,31 +34,50 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=at_least(1), default=None, help="prompt tokens at most (default: the context)")
     p.add_argument("--max-n", type=at_least(1), default=8, help="choices (n) per request at most")
     p.add_argument("--max-body-bytes", type=at_least(1), default=1 << 20, help="request body bytes at most (413 beyond)")
+    p.add_argument("--kv-cache-bytes", type=at_least(0), default=256 << 20,
+                   help="bytes of prompt K/V kept for prefix caching (least recently used evicted; 0 = off)")
+    p.add_argument("--in-process", action="store_true",
+                   help="decode in the HTTP process (one process) instead of an engine process beside it")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="warning",
                    help="uvicorn's log level")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
     import uvicorn
 
     from poelm.runtime import parse_device
     from poelm.serve.app import API_KEY_ENV, ServeConfig, create_app
+    from poelm.serve.engine_proc import EngineProcess
     from poelm.serve.guard import BACKLOG, MAX_HEADER_BYTES, ConnectionGuard, bind_socket, fit_fd_limit
     from poelm.serve.metrics import Metrics
     from poelm.serve.models import ModelRegistry, load_models, parse_deltas
+    from poelm.serve.prefix_cache import PrefixCache
     from poelm.serve.scheduler import Scheduler
 
     device = parse_device(args.device)
     max_connections = fit_fd_limit(args.max_connections)
     sock = bind_socket(args.host, args.port)  # before the model loads: a busy port or bad host fails at once
+    scheduler = None
     try:
-        sys.setswitchinterval(0.0005)  # the scheduler gets the GIL back sooner from the event loop between torch ops
+        if not args.in_process:
+            torch.set_num_threads(1)  # this process never runs the model; the engine gets the --threads chosen
+        sys.setswitchinterval(0.0005)  # the scheduler or reader thread gets the GIL back sooner from the event loop
         api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
         deltas = parse_deltas(args.delta or [])
         registry = ModelRegistry([], loading=True)  # /health answers 503 "loading" until load() is done
         metrics = Metrics()
-        scheduler = Scheduler(args.max_batch, args.max_queue, metrics)
+        if args.in_process:
+            cache = PrefixCache(args.kv_cache_bytes) if args.kv_cache_bytes else None
+            scheduler = Scheduler(args.max_batch, args.max_queue, metrics, prefix_cache=cache)
+        else:
+            choice = getattr(args, "thread_choice", None)
+            threads = choice.threads if choice is not None else 0
+            spec = dict(model=args.model, deltas=deltas, name=args.name, device=args.device, threads=threads,
+                        kv_cache_bytes=args.kv_cache_bytes)
+            scheduler = EngineProcess(spec, args.max_batch, args.max_queue, metrics)
+            scheduler.start()  # it imports torch while this process loads the models
         config = ServeConfig(api_key=api_key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
                              max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n,
                              request_timeout=args.request_timeout, header_timeout=args.header_timeout)
@@ -72,7 +91,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         def load() -> None:
             try:
-                registry.loaded(load_models(args.model, deltas, name=args.name, device=device))
+                # with an engine process, this copy serves tokenizers and option checks only
+                models = load_models(args.model, deltas, name=args.name, device=device if args.in_process else "cpu")
+                if not args.in_process:
+                    scheduler.connect()  # the engine loads its models; requests go to it from now on
+                registry.loaded(models)
             except BaseException as e:  # said by main() once the server has stopped
                 failed.append(e)
                 server.should_exit = True
@@ -84,6 +107,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.run(sockets=[sock])
     finally:
         sock.close()
+        if isinstance(scheduler, EngineProcess) and not scheduler.stopping:  # the server never ran its lifespan
+            scheduler.drain()
+            scheduler.stop()
     if failed:
         raise failed[0]
     return 0

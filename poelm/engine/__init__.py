@@ -59,6 +59,7 @@ import time
 
 import torch
 
+from poelm.chat import ASSISTANT_END, BOS
 from poelm.checkpoint import GENERATION_CONFIG_NAME
 from poelm.contention import CpuClock
 from poelm.engine.calibrate import (calibrate, check_calibration, check_cost_model, load_calibration,
@@ -143,7 +144,7 @@ class Engine:
         if self.tokenizer is None:
             return set()
         specials = getattr(self.tokenizer, "special_tokens", {}) or {}
-        ids = {specials[n] for n in ("<|bos|>", "<|assistant_end|>") if n in specials}
+        ids = {specials[n] for n in (BOS, ASSISTANT_END) if n in specials}
         if self.bos_id() is not None:
             ids.add(self.bos_id())
         return ids

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from poelm.atomic import atomic_write_json
-from poelm.engine.costs import measure_costs
 from poelm.checkpoint import GENERATION_CONFIG_NAME, resolve_run_dir
 from poelm.engine.options import CALIBRATION_KEYS, WAND_TARGETS, _check, refuse_bp
 from poelm.engine.sampling import top_gap
+from poelm.engine.speculative import decode_costs
 from poelm.engine.wand import wand_exit_rule
 from poelm.jsonfile import check_field, read_json_object
 from poelm.outputs import amending
@@ -69,7 +69,7 @@ def calibrate(model: GPT, token_batches: Iterable, quantile: float = 0.99, targe
     "wand_target", "wand_calibration_tokens", "wand_exit_rates": {"factors": EXIT_RATE_FACTORS,
     "rates": per factor, P(exit at k | reached k) for k < K-1 under teacher forcing},
     "stage_agreement": how often z_k's argmax is the final readout's (k < K-1),
-    "decode_costs": measure_costs(model)}."""
+    "decode_costs": measure_costs(model) with speculative_overhead_s (speculative.decode_costs)}."""
     refuse_bp(model, "WAND calibration", force)
     _check(0 < quantile <= 1, f"quantile must lie in (0, 1], got {quantile!r}")
     _check(target in WAND_TARGETS, f"WAND target must be one of {', '.join(WAND_TARGETS)}, got {target!r}")
@@ -112,7 +112,7 @@ def calibrate(model: GPT, token_batches: Iterable, quantile: float = 0.99, targe
             "wand_exit_rates": {"factors": list(EXIT_RATE_FACTORS),
                                 "rates": [exit_rates([torch.cat(g) for g in gaps], wand_exit_rule(bounds, f))
                                           for f in EXIT_RATE_FACTORS]},
-            "stage_agreement": [a / n_read for a in agree], "decode_costs": measure_costs(model)}
+            "stage_agreement": [a / n_read for a in agree], "decode_costs": decode_costs(model)}
 
 
 EXIT_RATE_FACTORS = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # wand_factor values the exit rates are stored at
@@ -188,7 +188,8 @@ def _check_costs(costs: dict, path, fix: str) -> None:
     positions = check_field(costs, "positions", list, f"{path}: decode_costs", fix)
     if not positions or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in positions):
         raise ValueError(f"{path}: decode_costs field 'positions' must be a list of integers >= 1; {fix}")
-    check_field(costs, "wand_overhead_s", float, f"{path}: decode_costs", fix, required=False, low=0)
+    for key in ("wand_overhead_s", "speculative_overhead_s"):
+        check_field(costs, key, float, f"{path}: decode_costs", fix, required=False, low=0)
     for key in ("stage_s", "test_s"):
         rows = check_field(costs, key, list, f"{path}: decode_costs", fix)
         if not all(isinstance(r, list) and len(r) == len(positions) and all(map(_is_bound, r)) for r in rows):

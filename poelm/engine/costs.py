@@ -38,7 +38,7 @@ def measure_costs(model: GPT, repeats: int = 5, context: int = 32) -> dict:
     cache = new_cache(model, 1, context + wide)
     x = model.embed(ids[:, :context], cache, 0)
     model.run_layers(x, x, ids[:, :context], 0, cfg.n_layer, cache, 0)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(model)
     stage_s, test_s = [[] for _ in range(K)], [[] for _ in range(K)]
     for n in COST_POSITIONS:
         laps = [_timed_pass(model, cache, ids[:, context:context + n], context, sync) for _ in range(repeats + 1)][1:]
@@ -77,22 +77,40 @@ def wand_overhead(model: GPT, tests_s: float, repeats: int, sync, steps: int = 1
     """Seconds per token that a WAND step testing every stage but exiting nowhere costs beyond a
     plain step, its tests (`tests_s` together) excluded: the kept inputs and one layer call per
     stage. The bounds put every threshold just under the largest gap a soft-capped readout can
-    have, so each test runs and none passes. Plain and WAND steps alternate (a busy machine slows
-    both alike); after as many steps of warm-up, the medians of repeats x steps steps of each
-    are compared."""
-    K, V = model.config.n_stages, model.config.vocab_size
+    have, so each test runs and none passes (step_overhead compares the steps)."""
+    K = model.config.n_stages
     never = DecodeOptions(mode="wand", calibration={"wand_bounds": [0.0] * (K - 1) + [2 * SOFTCAP * (1 - 1e-6)]})
-    prompt, n = [i % V for i in range(1, 17)], repeats * steps
-    decoders = [PlainDecoder(model, DecodeOptions(), len(prompt) + 2 * n + 1),
-                WandDecoder(model, never, len(prompt) + 2 * n + 1)]
+    n = repeats * steps
+    wand = WandDecoder(model, never, len(TIMING_PROMPT) + 2 * n + 1)
+    wand.add_rows([timing_prompt(model)])
+    return max(0.0, step_overhead(model, wand, n, sync) - tests_s)
+
+
+TIMING_PROMPT = range(1, 17)  # the token ids (mod the vocabulary) of the overhead timings' one row
+
+
+def timing_prompt(model: GPT) -> list[int]:
+    return [i % model.config.vocab_size for i in TIMING_PROMPT]
+
+
+def step_overhead(model: GPT, other, n: int, sync) -> float:
+    """Seconds a step of decoder `other` (one row of timing_prompt, room for 2n more steps) costs
+    beyond a plain step of the same row. Plain and `other` steps alternate (a busy machine slows
+    both alike); after n steps of each as warm-up (a fresh decoder's first steps run slow on the
+    CPU), the medians of n steps of each are compared."""
+    plain = PlainDecoder(model, DecodeOptions(), len(TIMING_PROMPT) + 2 * n + 1)
+    plain.add_rows([timing_prompt(model)])
     times: list[list[float]] = [[], []]
-    for dec in decoders:
-        dec.add_rows([prompt])
-    for i in range(2 * n):  # the first n steps warm up (a fresh decoder's first steps run slow on the CPU)
-        for dec, t in zip(decoders, times if i >= n else ([], [])):
+    for i in range(2 * n):
+        for dec, t in zip((plain, other), times if i >= n else ([], [])):
             sync()
             t0 = time.perf_counter()
             dec.step()
             sync()
             t.append(time.perf_counter() - t0)
-    return max(0.0, float(np.median(times[1]) - np.median(times[0])) - tests_s)
+    return float(np.median(times[1]) - np.median(times[0]))
+
+
+def device_sync(model: GPT):
+    """A function that waits for the model's device (CUDA), else does nothing."""
+    return torch.cuda.synchronize if model.lm_head.weight.device.type == "cuda" else (lambda: None)

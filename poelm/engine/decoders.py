@@ -169,6 +169,37 @@ class Decoder:
         self._append(cache, rows, seen, x0)
         return [r.handle for r in rows]
 
+    def add_prefixed_row(self, prompt: list[int], prefix: torch.Tensor, grammar=None) -> int:
+        """Add one row whose first m positions already have K/V (prefix: (2, end_layer, kv heads,
+        m, head_dim), e.g. from a prefix cache; m < len(prompt)): only the rest of the prompt is
+        prefilled -> its handle. The row continues exactly as add_rows([prompt], [grammar]) would
+        (grammar: its compiled constraint; None: opts.constraint)."""
+        m = prefix.shape[3]
+        cache = new_cache(self.model, 1, self.max_len, n_layers=self.end_layer)
+        for layer in range(self.end_layer):
+            cache.k[layer][0, :, :m] = prefix[0, layer]
+            cache.v[layer][0, :, :m] = prefix[1, layer]
+        cache.tokens[0, :m] = torch.tensor(prompt[:m], device=self.device)
+        cache.lengths, cache.n_tokens = [m] * self.end_layer, m
+        if len(prompt) - 1 > m:  # the last token stays pending
+            idx = torch.tensor([prompt[m:-1]], device=self.device)
+            x = x0 = self.model.embed(idx, cache, m)
+            self.model.run_layers(x, x0, idx, 0, self.end_layer, cache, m)
+        row = Row(self._next_handle, list(prompt), len(prompt) - 1, gamma=self.opts.gamma)
+        row.matcher = row_matcher(grammar if grammar is not None else self.opts.constraint)
+        self._next_handle += 1
+        seen = torch.zeros(1, self.cfg.vocab_size, dtype=torch.bool, device=self.device)
+        seen[0, torch.tensor(prompt, device=self.device)] = True
+        self._append(cache, [row], seen, None)
+        return row.handle
+
+    def prompt_kv(self, handle: int, n: int) -> torch.Tensor:
+        """K/V of a row's first n positions, (2, end_layer, kv heads, n, head_dim): complete in every
+        mode for prompt positions right after add_rows / add_prefixed_row (the prefill runs every layer)."""
+        b = next(i for i, r in enumerate(self.rows) if r.handle == handle)
+        pad, c = self.rows[b].pad, self.cache
+        return torch.stack([torch.stack([c.k[i][b, :, pad:pad + n], c.v[i][b, :, pad:pad + n]]) for i in range(self.end_layer)], 1)
+
     def _prefill(self, cache: KVCache, prompts: list[list[int]], P: int):
         idx = torch.tensor([[0] * (P - len(p) + 1) + p[:-1] for p in prompts], device=self.device)  # (B, P)
         x = x0 = self.model.embed(idx, cache, 0)

@@ -12,9 +12,11 @@ the row's next step. The cache holds `gamma + 1` scratch slots past the capacity
 of one row never depend on another row's room.
 
 With `adaptive`, a DraftChooser picks every pass's draft stage and gamma (0 = a plain pass:
-the pending token through every layer, no drafts) from the acceptance measured so far in
-this decoder and the measured stage costs; the tokens stay those of plain decoding (greedy)
-or distributed as the target (sampling) whatever it picks.
+the pending token through every layer, no drafts, run as the plain decoder's step) from the
+acceptance measured so far in this decoder, the measured stage costs and the measured overhead
+of a speculative pass (speculative_overhead); it drafts only where that is expected to beat
+plain decoding by MARGIN. The tokens stay those of plain decoding (greedy) or distributed as
+the target (sampling) whatever it picks.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import weakref
 import torch
 
 from poelm.engine.constrain import masked
-from poelm.engine.costs import measure_costs
+from poelm.engine.costs import TIMING_PROMPT, device_sync, measure_costs, step_overhead, timing_prompt
 from poelm.engine.decoders import Capabilities, Decoder
 from poelm.engine.options import MAX_GAMMA, DecodeOptions, ModeRefused, _check
 from poelm.engine.sampling import NonFiniteLogits, Sampler
@@ -32,7 +34,36 @@ from poelm.model import GPT
 
 
 EMA_WEIGHT = 0.1  # weight of each drafted token's outcome in a stage's acceptance estimate
-_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> measure_costs(model)
+MARGIN = 0.05  # drafting runs only where its expected speed-up over plain exceeds 1 + MARGIN
+_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {"costs": ..., "overhead": ...}
+
+
+def speculative_overhead(model: GPT, repeats: int = 5, steps: int = 16) -> float:
+    """Seconds per pass that the speculative decoder's own work costs beyond a plain step: a pass
+    that drafts nothing (the pending token through the draft and the verify layers, the final
+    readout, the acceptance read and the row updates) timed against plain steps (step_overhead)."""
+    n = repeats * steps
+    spec = SpeculativeDecoder(model, DecodeOptions(mode="speculative", gamma=1), len(TIMING_PROMPT) + 2 * n + 1)
+    spec.add_rows([timing_prompt(model)])
+    spec.rows[0].gamma = 0  # no drafts: every pass is a verify pass of the pending token alone
+    return max(0.0, step_overhead(model, spec, n, device_sync(model)))
+
+
+def decode_costs(model: GPT) -> dict:
+    """measure_costs(model) with "speculative_overhead_s" where the model decodes speculatively
+    (its final readout is the last stage's): what `poelm calibrate` stores."""
+    costs = measure_costs(model)
+    if model.config.final_readout == "last":
+        costs["speculative_overhead_s"] = speculative_overhead(model)
+    return costs
+
+
+def _measured(model: GPT, key: str, measure) -> object:
+    """measure() once per model and process (the costs of a model that has no calibration)."""
+    done = _MEASURED.setdefault(model, {})
+    if key not in done:
+        done[key] = measure()
+    return done[key]
 
 
 def expected_tokens(a: float, gamma: int) -> float:
@@ -43,21 +74,28 @@ def expected_tokens(a: float, gamma: int) -> float:
 class DraftChooser:
     """The (draft stage, gamma) of each adaptive pass: the most expected tokens per second.
 
-    Costs are measure_costs' (batch 1): a pass drafting g tokens from stage d costs (g + 1)
-    positions through stages 0..d one at a time, g readouts of stage d, and one verify pass of
+    Costs are decode_costs' (batch 1): a pass drafting g tokens from stage d costs (g + 1)
+    positions through stages 0..d one at a time, g readouts of stage d, one verify pass of
     stages d+1..K-1 and the final readout over g + 1 positions (interpolated between the measured
-    position counts); g = 0 is a plain pass, speed-up 1. Acceptance per stage is an exponential
-    moving average over drafted tokens, starting from the calibration's stage agreement (or
-    unknown: the first pass from draft_stage drafts the full gamma to measure it). When no choice
-    beats plain, plain passes run, and every `probe` of them one drafting pass measures again."""
+    position counts), and the speculative pass's own overhead; g = 0 is a plain step, speed-up 1.
+    Acceptance per stage is an exponential moving average over drafted tokens, starting from the
+    calibration's stage agreement (or unknown: the first pass from draft_stage drafts the full
+    gamma to measure it). When no choice beats plain by MARGIN, plain steps run, and every
+    `probe` of them one drafting pass measures again."""
 
     def __init__(self, costs: dict, stages: list[int], gamma_max: int, priors: list[float] | None, probe: int):
         self.stage_s, self.test_s, self.positions = costs["stage_s"], costs["test_s"], costs["positions"]
+        self.overhead_s = costs.get("speculative_overhead_s", 0.0)
         self.stages, self.gamma_max, self.probe = stages, gamma_max, probe
         self.acceptance: dict[int, float | None] = {d: priors[d] if priors else None for d in stages}
+        K = len(self.stage_s)
+        self.plain_s = sum(self._cost(self.stage_s, k, 1) for k in range(K)) + self._cost(self.test_s, K - 1, 1)
+        self.pass_s = {(d, g): self._pass_cost(d, g) for d in stages for g in range(1, gamma_max + 1)}
         self.plain_run = 0  # plain passes since the last drafting pass
         self.counts = {"passes": 0, "fallback_passes": 0, "probes": 0}
         self.choice: tuple[int, int, float] | None = None
+        self._best_cached: tuple[int, int, float] | None = None  # until an acceptance estimate moves
+        self.spent_s = self.yielded = 0.0  # predicted seconds of the passes so far, their tokens per row
 
     def _cost(self, table: list[list[float]], k: int, n: int) -> float:
         """Seconds of table[k] at n positions, linear between the first and last measured counts."""
@@ -65,36 +103,47 @@ class DraftChooser:
         slope = max(0.0, (c1 - c0) / (p1 - p0)) if p1 > p0 else 0.0
         return c0 + slope * (n - p0)
 
-    def speedup(self, d: int, g: int, a: float) -> float:
-        """Expected tokens per second of a (d, g) pass over plain decoding's."""
+    def _pass_cost(self, d: int, g: int) -> float:
+        """Predicted seconds of a pass drafting g >= 1 tokens from stage d."""
         K = len(self.stage_s)
-        plain = sum(self._cost(self.stage_s, k, 1) for k in range(K)) + self._cost(self.test_s, K - 1, 1)
         draft = (g + 1) * sum(self._cost(self.stage_s, k, 1) for k in range(d + 1)) + g * self._cost(self.test_s, d, 1)
         verify = sum(self._cost(self.stage_s, k, g + 1) for k in range(d + 1, K)) + self._cost(self.test_s, K - 1, g + 1)
-        return plain * expected_tokens(a, g) / (draft + verify)
+        return draft + verify + self.overhead_s
+
+    def speedup(self, d: int, g: int, a: float) -> float:
+        """Expected tokens per second of a (d, g) pass over plain decoding's (g = 0: a plain step, 1)."""
+        return 1.0 if g == 0 else self.plain_s * expected_tokens(a, g) / max(self.pass_s[d, g], 1e-12)
 
     def _best(self) -> tuple[int, int, float]:
         """The drafting (d, g >= 1) of the highest expected speed-up; an unmeasured stage: its full gamma."""
         unknown = [d for d in self.stages if self.acceptance[d] is None]
         if unknown:
             return unknown[0], self.gamma_max, float("nan")
-        return max(((d, g, self.speedup(d, g, self.acceptance[d])) for d in self.stages
-                    for g in range(1, self.gamma_max + 1)), key=lambda c: c[2])
+        if self._best_cached is None:
+            self._best_cached = max(((d, g, self.speedup(d, g, self.acceptance[d])) for d, g in self.pass_s),
+                                    key=lambda c: c[2])
+        return self._best_cached
 
     def next_pass(self) -> tuple[int, int]:
-        """(draft stage, gamma) of the next pass; gamma 0: a plain pass."""
+        """(draft stage, gamma) of the next pass; gamma 0: a plain step."""
         d, g, speedup = self._best()
         self.counts["passes"] += 1
-        if speedup < 1:  # nan (an unmeasured stage) drafts
+        if speedup <= 1 + MARGIN:  # nan (an unmeasured stage) drafts
             if self.plain_run < self.probe:
                 self.plain_run += 1
                 self.counts["fallback_passes"] += 1
                 self.choice = (d, 0, 1.0)
+                self.spent_s += self.plain_s
                 return d, 0
             self.counts["probes"] += 1
         self.plain_run = 0
         self.choice = (d, g, speedup)
+        self.spent_s += self.pass_s[d, g]
         return d, g
+
+    def passed(self, tokens_per_row: float) -> None:
+        """The pass just chosen yielded this many tokens per row (on average over the batch)."""
+        self.yielded += tokens_per_row
 
     def observe(self, d: int, proposed: int, accepted: int) -> None:
         """One row's pass: `accepted` of `proposed` drafts from stage d (the first rejection ends it)."""
@@ -102,6 +151,7 @@ class DraftChooser:
         if not outcomes:
             return
         a = self.acceptance[d]
+        self._best_cached = None
         if a is None:
             a = sum(outcomes) / len(outcomes)
         else:
@@ -112,7 +162,8 @@ class DraftChooser:
     def report(self) -> dict:
         d, g, speedup = self.choice
         return dict(self.counts, draft_stage=d, gamma=g, expected_speedup=None if speedup != speedup else speedup,
-                    acceptance={str(s): a for s, a in self.acceptance.items()})
+                    acceptance={str(s): a for s, a in self.acceptance.items()},
+                    predicted_speedup=self.yielded * self.plain_s / self.spent_s if self.spent_s else None)
 
 
 class SpeculativeDecoder(Decoder):
@@ -155,27 +206,57 @@ class SpeculativeDecoder(Decoder):
         self.chooser = self._chooser() if opts.adaptive else None
 
     def _chooser(self) -> DraftChooser:
-        """Adaptive: costs and stage agreement from the calibration, else costs measured now (once per model)."""
+        """Adaptive: costs and stage agreement from the calibration; costs it lacks are measured now
+        (once per model and process)."""
         calib = self.opts.calibration or {}
         costs = calib.get("decode_costs")
         if costs is None:
-            if self.model not in _MEASURED:
-                _MEASURED[self.model] = measure_costs(self.model)
-            costs = _MEASURED[self.model]
+            costs = _measured(self.model, "costs", lambda: decode_costs(self.model))
+        elif "speculative_overhead_s" not in costs:  # a calibration written before it was measured
+            costs = dict(costs, speculative_overhead_s=_measured(self.model, "overhead",
+                                                                 lambda: speculative_overhead(self.model)))
         priors = calib.get("stage_agreement")
         stages = list(range(self.cfg.n_stages - 1)) if priors else [self.d]
         return DraftChooser(costs, stages, self.opts.gamma, priors, self.opts.adaptive_probe)
 
-    def _choose(self) -> None:
-        """Adaptive: this pass's draft stage and gamma (every row's)."""
+    def _choose(self) -> int:
+        """Adaptive: this pass's draft stage and gamma (every row's) -> gamma."""
         self.d, gamma = self.chooser.next_pass()
         self.split = self.cfg.stage_ends[self.d] + 1
         for r in self.rows:
             r.gamma = gamma
+        return gamma
+
+    def _plain_pass(self) -> dict[int, list[int]]:
+        """Adaptive, drafting does not pay: the plain decoder's step (every layer, the final readout, the pick)."""
+        B, L = len(self.rows), self.cfg.n_layer
+        if self._compiled is not None and not self.constrained():
+            self._begin_static()
+            slots = [r.slots for r in self.rows]
+            logits = self._compiled[2](self.pending(), torch.tensor(slots, device=self.device))
+            self._static_written(max(slots) + 1, min(slots) == max(slots))
+        else:
+            logits = self._plain_logits(self.pending(), self.starts())
+        self.stats.layer_passes += L * B
+        self.stats.layer_calls += L * B
+        self.stats.verify_passes += B
+        out = self._emit(self.sampler.pick(masked(logits, self.allowed()), self.seen))
+        self.chooser.passed(1.0)
+        self.stats.gamma, self.stats.draft_stage = 0, self.d
+        self.stats.speculative_choice = self.chooser.report()
+        return out
+
+    def _plain_logits(self, ids: torch.Tensor, start) -> torch.Tensor:
+        """ids (B, 1) at `start` through every layer -> the final readout (B, V)."""
+        x = x0 = self.model.embed(ids, self.cache, start)
+        x, kept = self.model.run_layers(x, x0, ids, 0, self.cfg.n_layer, self.cache, start,
+                                        keep={self.bl} if self.bl >= 0 else set())
+        mid = kept.get(self.bl)
+        return self.model.readout(x[:, -1], None, mid[:, -1] if mid is not None else None)
 
     def _step(self) -> dict[int, list[int]]:
-        if self.chooser is not None:
-            self._choose()
+        if self.chooser is not None and self._choose() == 0:
+            return self._plain_pass()
         if self._compiled is not None and not self.constrained():  # a constraint's masks come from the host per draft
             return self._static_pass()
         model, opts, sampler = self.model, self.opts, self.sampler
@@ -273,6 +354,7 @@ class SpeculativeDecoder(Decoder):
             out[r.handle] = accepted
         self.stats.gamma, self.stats.draft_stage = self.rows[0].gamma, self.d
         if self.chooser is not None:
+            self.chooser.passed(sum(map(len, out.values())) / len(out))
             self.stats.speculative_choice = self.chooser.report()
         return out
 
@@ -306,10 +388,11 @@ class SpeculativeDecoder(Decoder):
 
     # --- the compiled pass -----------------------------------------------------------------
     def _compile_graphs(self, compiler):
-        """Two graphs: a draft step (stage d's layers over one position, its readout and the
-        pick) and a verify pass (the last draft through stage d's layers, the deeper layers over
-        [pending, drafts], the final readout and every row's acceptance)."""
-        return compiler(self._draft_graph), compiler(self._verify_graph)
+        """Three graphs: a draft step (stage d's layers over one position, its readout and the
+        pick), a verify pass (the last draft through stage d's layers, the deeper layers over
+        [pending, drafts], the final readout and every row's acceptance) and, for adaptive
+        decoding's plain passes, the plain step (compiled when first called)."""
+        return compiler(self._draft_graph), compiler(self._verify_graph), compiler(self._plain_logits)
 
     def _width(self) -> int:
         """Drafts per compiled pass (every row drafts as many; a row proposes at most its own
@@ -327,7 +410,7 @@ class SpeculativeDecoder(Decoder):
     def _static_pass(self) -> dict[int, list[int]]:
         """One pass of compiled graphs: G draft steps, one verify pass, one host read."""
         opts, B, G = self.opts, len(self.rows), self._width()
-        draft, verify = self._compiled
+        draft, verify, _ = self._compiled
         self._begin_static()
         slot0 = [r.slots for r in self.rows]
         n_max = [max(0, min(r.gamma, G, self.capacity - r.slots - 1, opts.max_new_tokens - r.produced - 1))

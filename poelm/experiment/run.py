@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 from poelm.atomic import atomic_write_bytes, atomic_write_json
+from poelm.jsonfile import read_json_object
 from poelm.model import GPTConfig
+from poelm.rundir import RESULT_NAME
 from poelm.tracking import resolve_tracker
 from poelm.experiment.config import ARMS, PAPER, ExperimentConfig, alpha05_stop, fold_model_keys, load_config
 from poelm.experiment.report import experiment_plots, render_report
@@ -26,6 +28,7 @@ from poelm.experiment.specialist import run_specialist
 
 def ensure_data(cfg: ExperimentConfig, say) -> None:
     from poelm import corpus
+    from poelm.tokenizer import Tokenizer, has_tokenizer
 
     data = Path(cfg.data)
     if not (data.is_dir() and any(data.glob("*.parquet"))):
@@ -38,9 +41,7 @@ def ensure_data(cfg: ExperimentConfig, say) -> None:
             corpus.build_corpus(cfg.data_source, data)
     train, val = corpus.list_shards(data)  # raises a clear error without a validation shard
     tok_dir = Path(cfg.tokenizer)
-    if not any((tok_dir / n).exists() for n in ("tokenizer.json", "tokenizer.pkl")):
-        from poelm.tokenizer import Tokenizer
-
+    if not has_tokenizer(tok_dir):
         say(f"training a {cfg.vocab_size}-token tokenizer into {tok_dir} ...")
         t0 = time.time()
         tok = Tokenizer.train(corpus.iter_documents(train), cfg.vocab_size)
@@ -80,10 +81,10 @@ def arm_train_config(cfg: ExperimentConfig, arm: str):
 def run_arm(cfg: ExperimentConfig, arm: str, say) -> dict:
     """Train one arm (resuming when it has a checkpoint); skip it when finished."""
     tc = arm_train_config(cfg, arm)
-    done = Path(tc.out) / "result.json"
+    done = Path(tc.out) / RESULT_NAME
     if done.exists():
         say(f"[{arm}] finished earlier: skipped")
-        return json.loads(done.read_text())
+        return read_json_object(done, f"arm {arm}'s result")
     say(f"[{arm}] training poe_mode={tc.model.poe_mode} alpha={tc.model.poe_alpha} -> {tc.out}")
     if cfg.nproc > 1:
         return run_arm_torchrun(tc, cfg.nproc)
@@ -106,7 +107,7 @@ def run_arm_torchrun(tc, nproc: int) -> dict:
     import subprocess
 
     subprocess.run(torchrun_argv(tc, nproc), check=True)
-    return json.loads((Path(tc.out) / "result.json").read_text())
+    return read_json_object(Path(tc.out) / RESULT_NAME, "the arm's result")
 
 
 def eval_table(cfg: ExperimentConfig) -> dict[str, list[dict]]:
@@ -141,8 +142,8 @@ def alpha05_comparison(cfg: ExperimentConfig, results: dict) -> dict | None:
 
 def reused_parts(cfg: ExperimentConfig) -> dict[str, str]:
     """Arms (and the specialist) finished by an earlier call, with when they finished (local time)."""
-    done = {arm: Path(cfg.out) / "arms" / arm / "result.json" for arm in cfg.arms}
-    done["specialist"] = Path(cfg.out) / "specialist" / "result.json"
+    done = {arm: Path(cfg.out) / "arms" / arm / RESULT_NAME for arm in cfg.arms}
+    done["specialist"] = Path(cfg.out) / "specialist" / RESULT_NAME
     return {name: time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
             for name, path in done.items() if path.exists()}
 
@@ -222,7 +223,8 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "experiment.json"
     if saved.exists():
-        old = fold_model_keys(json.loads(saved.read_text()), str(saved))  # poelm 0.1 kept model keys flat
+        # poelm 0.1 kept the model's keys flat
+        old = fold_model_keys(read_json_object(saved, "the experiment's settings"), str(saved))
         now = json.loads(json.dumps(dataclasses.asdict(cfg)))
         for d in (old, now):  # the model as GPTConfig resolves it (defaults spelt out or not)
             d["model"] = GPTConfig(**d["model"]).to_dict()

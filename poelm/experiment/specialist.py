@@ -8,27 +8,27 @@ the base's Δlogit (exactly 0) and the delta's size and tensor count.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from poelm.experiment.config import ExperimentConfig
 
 
 def specialist_train_config(cfg: ExperimentConfig):
-    """(TrainConfig, SftSettings) of the specialist stage."""
+    """(TrainConfig, SftSettings) of the specialist stage: the experiment's training settings
+    (ArmTraining's fields, as every arm takes them) but the batch, horizon and schedule of the
+    stage, SFT from the PoE arm's weights in out/specialist, on one process (SFT trains no
+    stage-parallel run), resumed when it has a checkpoint."""
     from poelm.sft import SftSettings
     from poelm.train import TrainConfig
 
     rows = cfg.specialist_batch_rows
     row_len = min(cfg.specialist_row_len, cfg.model_config("flat", 0.0).sequence_len)
-    tc = TrainConfig(
-        init=str(Path(cfg.out) / "arms" / "poe"), data=cfg.specialist_data, out=str(Path(cfg.out) / "specialist"),
-        total_batch_size=rows * row_len, device_batch_size=rows, num_iterations=cfg.specialist_steps,
-        eval_every=max(1, cfg.specialist_steps // 4), save_every=max(1, cfg.specialist_steps // 2),
-        warmup_steps=min(10, cfg.specialist_steps // 10),
-        lr_scaling=cfg.lr_scaling, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
-        unembedding_lr=cfg.unembedding_lr, scalar_lr=cfg.scalar_lr, weight_decay=cfg.weight_decay, seed=cfg.seed,
-        device=cfg.device, dtype=cfg.dtype, resume=True)
+    steps = cfg.specialist_steps
+    stage = dict(total_batch_size=rows * row_len, device_batch_size=rows, num_iterations=steps,
+                 eval_every=max(1, steps // 4), save_every=max(1, steps // 2), warmup_steps=min(10, steps // 10),
+                 stage_parallel=False, extend_to=None)
+    tc = TrainConfig(init=str(Path(cfg.out) / "arms" / "poe"), data=cfg.specialist_data,
+                     out=str(Path(cfg.out) / "specialist"), resume=True, **{**cfg.training(), **stage})
     return tc, SftSettings(attach_layers=cfg.specialist_layers, row_len=row_len,
                            eval_prompts=cfg.specialist_eval_prompts)
 
@@ -39,8 +39,11 @@ def run_specialist(cfg: ExperimentConfig, say) -> dict | None:
         return None
     from poelm.chatdata import MANIFEST, build_chat_data
     from poelm.checkpoint import load_model
+    from poelm.jsonfile import read_json_object
+    from poelm.plots import read_metrics
+    from poelm.rundir import RESULT_NAME
     from poelm.sft import SftTask
-    from poelm.specialist import delta_size, find_lineage, save_delta, trainable_parameters
+    from poelm.specialist import DELTA_META, delta_size, find_lineage, save_delta, trainable_parameters
     from poelm.train import train
 
     if not (Path(cfg.specialist_data) / MANIFEST).is_file():
@@ -48,19 +51,18 @@ def run_specialist(cfg: ExperimentConfig, say) -> dict | None:
         build_chat_data("recall", cfg.specialist_data)
     tc, sft = specialist_train_config(cfg)
     out = Path(tc.out)
-    done = out / "result.json"
+    done = out / RESULT_NAME
     if done.exists():
         say("[specialist] finished earlier: skipped")
-        result = json.loads(done.read_text())
+        result = read_json_object(done, "the specialist's result")
     else:
         say(f"[specialist] {cfg.specialist_layers} new layer(s) on the PoE arm, {cfg.specialist_steps} SFT steps "
             f"on {cfg.specialist_data} -> {out}")
         result = train(tc, SftTask(sft))
-    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    evals = [r for r in evals if r.get("type") == "eval"]
+    evals = read_metrics(out)[1]
     model, _ = load_model(out)
     delta_dir = out / "delta"
-    if not (delta_dir / "delta.json").exists():
+    if not (delta_dir / DELTA_META).exists():
         info = find_lineage(out)
         save_delta(model, delta_dir, info["base"], info["base_hash"])
     tensors, size = delta_size(model)

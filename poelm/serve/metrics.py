@@ -13,7 +13,8 @@ made for vLLM read poelm: poelm:num_requests_running / _waiting, poelm:kv_cache_
 poelm:prompt_tokens_total / poelm:generation_tokens_total{model_name},
 poelm:time_to_first_token_seconds, poelm:inter_token_latency_seconds,
 poelm:e2e_request_latency_seconds{model_name} and poelm:spec_decode_num_drafts_total /
-_num_draft_tokens_total / _num_accepted_tokens_total{model_name}.
+_num_draft_tokens_total / _num_accepted_tokens_total{model_name}, and the prefix cache's
+poelm:prefix_cache_queries_total / poelm:prefix_cache_hits_total (prompt tokens looked up / reused).
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ class VllmNames:
                                     ["model_name"], registry=r)
         self.accepted_tokens = Counter("poelm:spec_decode_num_accepted_tokens", "speculative draft tokens accepted "
                                        "(batch scope)", ["model_name"], registry=r)
+        self.prefix_queries = Counter("poelm:prefix_cache_queries", "prompt tokens looked up in the prefix cache",
+                                      registry=r)
+        self.prefix_hits = Counter("poelm:prefix_cache_hits", "prompt tokens whose K/V came from the prefix cache",
+                                   registry=r)
 
 
 class Metrics:
@@ -90,6 +95,10 @@ class Metrics:
         self.vllm.running.set(requests)
         self.vllm.waiting.set(waiting)
         self.vllm.kv_usage.set(rows / max_batch)
+
+    def prefix_cache(self, queries: int, hits: int) -> None:
+        self.vllm.prefix_queries.inc(queries)
+        self.vllm.prefix_hits.inc(hits)
 
     def finished(self, job) -> None:
         model, v = job.served.id, self.vllm

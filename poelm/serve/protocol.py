@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from poelm.engine import Constraint, DecodeOptions
 from poelm.engine.options import POE, TOP, request_fields
 from poelm.engine.registry import option_choices
+from poelm.model import HEAD_MODES
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                408: "timeout", 413: "invalid_request_error", 503: "server_overloaded", 504: "timeout", 500: "server_error"}
@@ -88,7 +89,7 @@ def option_fields(where: str) -> dict:
 PoeOptions = create_model(
     "PoeOptions", __base__=Strict, __doc__="The PoE decoding mode of a request (docs/poe.md §2-6), e.g. "
     '{"mode": "speculative", "gamma": 4}: the DecodeOptions fields declared for `poe`, and the readout head.',
-    head_mode=(Literal["dual", "base", "spec"] | None, None), **option_fields(POE))
+    head_mode=(Literal[HEAD_MODES] | None, None), **option_fields(POE))
 
 
 class StreamOptions(Strict):

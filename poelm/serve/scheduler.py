@@ -23,8 +23,13 @@ running, queued requests wait until they fill the free rows or the oldest has wa
 join_wait_s, then join in one prefill. In the plain modes (final/stage/logop, whose rows never
 affect each other) a finished row stays in the decoder as a dead row (its tokens are ignored)
 until half the rows are dead, joining rows need its place (at most max_batch rows in a
-decoder) or it would reach the context; then all dead rows leave in one compaction. Each loop
-hands each event loop its requests' events in one call.
+decoder) or it would reach the context; then all dead rows leave in one compaction. Rows of a
+cancelled or expired request leave at once (with the dead rows). Each loop hands each event
+loop its requests' events in one call.
+
+With a prefix cache (prefix_cache.py), a joining row reuses the K/V of the longest prefix of
+its prompt already computed and prefills only the rest. In a server with an engine process
+(engine_proc.py) this scheduler runs there and its events become one message per loop.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from poelm.engine import LOGPROB_MODES, DecodeOptions, DecodeStats, NonFiniteLogits, Sampler, Collector, make_decoder
+from poelm.serve.prefix_cache import PrefixCache, add_rows
 from poelm.serve.protocol import FINISH_REASONS, ApiError
 
 
@@ -169,6 +175,30 @@ def decoder_error(e: Exception, doing: str) -> ApiError:
     return ApiError(500, f"internal error while {doing}: {type(e).__name__}: {e}")
 
 
+def check_rows(rows: int, max_batch: int) -> None:
+    """ApiError(400) for a request of more rows (prompts x n) than one batch holds."""
+    if rows > max_batch:
+        raise ApiError(400, f"this request needs {rows} rows (prompts x n) but the server runs at most "
+                       f"{max_batch} (--max-batch); lower n or send fewer prompts", param="n")
+
+
+def stream_chunk(job: Job, rows: list[int]) -> list[tuple]:
+    """What rows of a streamed job add since the last chunk: the payload of one ("chunk", ...)
+    event, [(row, text offset, text delta, logprob entries, finish reason or None)] (may be empty)."""
+    col, chunk = job.collector, []
+    for row in rows:
+        finished = col.reason[row] is not None
+        text = (col.text(row) if finished else col.stable_text(row)) or ""
+        start = len(job.sent[row])
+        delta = text[start:] if text.startswith(job.sent[row]) else ""
+        job.sent[row] += delta
+        entries = (job.logprob_entries(row) if finished else job.entries[row])[job.sent_entries[row]:]
+        job.sent_entries[row] += len(entries)
+        if delta or entries or finished:
+            chunk.append((row, start, delta, entries, job.finish_reason(row) if finished else None))
+    return chunk
+
+
 def deliver(items: list[tuple[Job, tuple]]) -> None:
     """On the event loop: put each event on its job's queue."""
     for job, event in items:
@@ -190,11 +220,13 @@ def stats_delta(now: DecodeStats, then: DecodeStats) -> DecodeStats:
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, max_queue: int, metrics, retry_after_s: int = 1, join_wait_s: float = 0.05):
+    def __init__(self, max_batch: int, max_queue: int, metrics, retry_after_s: int = 1, join_wait_s: float = 0.05,
+                 prefix_cache: PrefixCache | None = None):
         if max_batch < 1 or max_queue < 1:  # a request always waits in the queue, if only until the next loop
             raise ValueError(f"max_batch and max_queue must be >= 1 (--max-batch, --max-queue), got {max_batch} and {max_queue}")
         self.max_batch, self.max_queue, self.metrics, self.retry_after_s = max_batch, max_queue, metrics, retry_after_s
         self.join_wait_s = join_wait_s  # the longest a queued request waits for others to join with it
+        self.prefix_cache = prefix_cache  # None: every prompt is prefilled whole
         self.cond = threading.Condition()
         self.queue: deque[Job] = deque()
         self.batches: dict[tuple, Batch] = {}
@@ -212,10 +244,7 @@ class Scheduler:
         return self.thread.is_alive()
 
     def check_rows(self, rows: int) -> None:
-        """ApiError(400) for a request of more rows (prompts x n) than one batch holds."""
-        if rows > self.max_batch:
-            raise ApiError(400, f"this request needs {rows} rows (prompts x n) but the server runs at most "
-                           f"{self.max_batch} (--max-batch); lower n or send fewer prompts", param="n")
+        check_rows(rows, self.max_batch)
 
     def submit(self, job: Job) -> None:
         self.check_rows(len(job.rows))
@@ -310,8 +339,8 @@ class Scheduler:
                 new_rows = sum(len(job.rows) for job in group)
                 if len(batch.decoder.rows) + new_rows > self.max_batch:
                     self._compact(batch)  # dead rows make room (else they stay: a dead row's step costs less than a copy)
-                handles = batch.decoder.add_rows([row for job in group for row in job.rows],
-                                                 [job.opts.constraint for job in group for _ in job.rows])
+                handles = self._add_rows(batch, [row for job in group for row in job.rows],
+                                         [job.opts.constraint for job in group for _ in job.rows])
             except Exception as e:  # a bug or a broken model: its requests fail, the server goes on
                 error = decoder_error(e, "prefilling")
                 for job in group:
@@ -330,6 +359,16 @@ class Scheduler:
                     batch.rows[h] = (job, row)
             self._want_logprobs(batch)
 
+    def _add_rows(self, batch: Batch, rows: list[list[int]], grammars: list) -> list[int]:
+        """Prefill rows (each with its compiled constraint or None) into a batch's decoder, through
+        the prefix cache (its counters go to the metrics)."""
+        pc = self.prefix_cache
+        before = (pc.queries, pc.hits) if pc is not None else (0, 0)
+        handles = add_rows(batch.decoder, rows, pc, batch.key[:2], grammars)
+        if pc is not None:
+            self.metrics.prefix_cache(pc.queries - before[0], pc.hits - before[1])
+        return handles
+
     def _want_logprobs(self, batch: Batch) -> None:
         sampler = batch.decoder.sampler
         if isinstance(sampler, LogprobSampler):
@@ -337,21 +376,23 @@ class Scheduler:
             sampler.top = max(wanted) if wanted else None
 
     def _drop_gone(self, batch: Batch) -> None:
-        """Rows of jobs whose client left or whose time ran out leave before the step."""
+        """Rows of jobs whose client left or whose time ran out leave the decoder before the step, at
+        once (not as dead rows: a cancelled request frees its rows and their cache now)."""
         now = time.monotonic()
         gone = {job for job, _ in batch.rows.values() if job.cancelled or now > job.deadline}
+        if gone:
+            self._leave(batch, [h for h, (j, _) in batch.rows.items() if j in gone], at_once=True)
         for job in gone:
-            self._leave(batch, [h for h, (j, _) in batch.rows.items() if j is job])
             self._end_gone(job)
 
-    def _leave(self, batch: Batch, handles: list[int]) -> None:
+    def _leave(self, batch: Batch, handles: list[int], at_once: bool = False) -> None:
         if not handles:
             return
         for h in handles:
             job, _ = batch.rows.pop(h)
             job.live -= 1
             self.running_rows -= 1
-        if batch.lazy and batch.rows and len(batch.dead) + len(handles) < len(batch.rows):
+        if not at_once and batch.lazy and batch.rows and len(batch.dead) + len(handles) < len(batch.rows):
             batch.dead.update(handles)
         elif batch.rows:  # a decoder without live rows is dropped whole
             batch.decoder.remove_rows(handles + sorted(batch.dead))
@@ -425,18 +466,7 @@ class Scheduler:
         return out
 
     def _push_deltas(self, job: Job, rows: list[int]) -> None:
-        """One ("chunk", [(row, text offset, text delta, logprob entries, finish reason or None)]) event."""
-        col, chunk = job.collector, []
-        for row in rows:
-            finished = col.reason[row] is not None
-            text = (col.text(row) if finished else col.stable_text(row)) or ""
-            start = len(job.sent[row])
-            delta = text[start:] if text.startswith(job.sent[row]) else ""
-            job.sent[row] += delta
-            entries = (job.logprob_entries(row) if finished else job.entries[row])[job.sent_entries[row]:]
-            job.sent_entries[row] += len(entries)
-            if delta or entries or finished:
-                chunk.append((row, start, delta, entries, job.finish_reason(row) if finished else None))
+        chunk = stream_chunk(job, rows)
         if chunk:
             self.outbox.append((job, ("chunk", chunk)))
 

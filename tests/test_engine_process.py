@@ -1,0 +1,288 @@
+"""The engine process of `poelm serve` (poelm/serve/engine_proc.py) and the prefix cache
+(poelm/serve/prefix_cache.py): prefix caching gives the same tokens as none in every PoE mode,
+reuses a chat's earlier turns, stays within its budget; the engine process answers like the
+in-process scheduler, reports its prefix counters, and a crash of it is a 503 and an unhealthy
+/health, never a hang.
+Run: .venv/bin/pytest -q tests/test_engine_process.py"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from poelm.tokenizer import SPECIAL_TOKENS
+from test_chat_cli import byte_tokenizer  # noqa: E402  (tests/ is on sys.path, like conftest)
+
+SYSTEM = "You are a terse assistant who answers in one line. Rules: be kind, be brief. "
+MODES = {"final": {}, "stage": dict(stage=1), "logop": dict(stages=[0, 2]),
+         "wand": dict(wand_factor=0.0), "speculative": dict(draft_stage=0, gamma=3)}
+
+
+def build(tok, seed: int = 0):
+    from poelm.model import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=4, n_embd=32, n_head=2, vocab_size=tok.vocab_size, sequence_len=256, poe_every=1))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def served():
+    from poelm.engine import Engine
+    from poelm.serve.models import ServedModel
+
+    tok = byte_tokenizer(SPECIAL_TOKENS)
+    model = build(tok)
+    # every stage tested, exits at the first stage whose gap is positive: lazy back-fill on every step
+    calibration = {"wand_bounds": [0.0, 1.0, 1.0, 1.0], "wand_quantile": 0.99, "wand_target": "final",
+                   "wand_calibration_tokens": 1}
+    return ServedModel("tiny", Engine(model, tok, calibration))
+
+
+async def decode(served, prompts: list[list[int]], mode: str, cache, max_new: int = 12) -> list[list[int]]:
+    """Each prompt through the in-process scheduler, one after the other -> its new tokens."""
+    from poelm.serve.metrics import Metrics
+    from poelm.serve.scheduler import Job, Scheduler
+
+    scheduler = Scheduler(max_batch=8, max_queue=8, metrics=Metrics(), prefix_cache=cache)
+    scheduler.start()
+    out = []
+    try:
+        for ids in prompts:
+            opts = served.engine.options(dict(mode=mode, max_new_tokens=max_new, stop_token_ids=[], **MODES[mode]))
+            job = Job(served, served.model, [ids], opts, set(), asyncio.get_running_loop())
+            scheduler.submit(job)
+            while True:
+                kind, payload = await job.events.get()
+                assert kind != "error", payload
+                if kind == "end":
+                    break
+            out.append(job.collector.tokens[0])
+    finally:
+        scheduler.stop()
+    return out
+
+
+def chat_prompts(served) -> list[list[int]]:
+    """Two users with one system prompt, then the first user's second turn (its first turn a prefix)."""
+    enc = served.engine.encode_prompt
+    first = enc(SYSTEM + "User: what is a product of experts?")
+    return [first, enc(SYSTEM + "User: name a colour."), first + enc("Assistant: many models voting. User: more?",
+                                                                     add_bos=False)]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_prefix_cache_gives_the_same_tokens_in_every_mode(served, mode):
+    from poelm.serve.prefix_cache import PrefixCache
+
+    prompts = chat_prompts(served)
+    cache = PrefixCache(1 << 24)
+    plain = asyncio.run(decode(served, prompts, mode, None))
+    cached = asyncio.run(decode(served, prompts, mode, cache))
+    assert cached == plain
+    # the second user reuses the system prompt's blocks, the second turn the whole first turn
+    assert cache.hits >= (len(prompts[0]) - 1) // 16 * 16 + (len(SYSTEM) // 16) * 16
+    assert cache.queries == sum(len(p) - 1 for p in prompts)
+
+
+def test_prefix_cache_stays_within_its_budget_and_evicts_the_least_recent(served):
+    from poelm.serve.prefix_cache import BLOCK, PrefixCache, add_rows
+    from poelm.engine import make_decoder
+
+    model = served.model
+    opts = served.engine.options(dict(max_new_tokens=4))
+    block_bytes = 2 * model.config.n_layer * model.config.n_kv_head * BLOCK * model.config.head_dim * 4
+    cache = PrefixCache(3 * block_bytes)
+    a, b = list(range(1, 50)), list(range(100, 149))  # 3 full blocks each before the pending token
+    dec = make_decoder(model, opts, model.config.sequence_len)
+    with torch.no_grad():
+        add_rows(dec, [a], cache, ("tiny", None))
+        assert cache.bytes == 3 * block_bytes and len(cache.blocks) == 3
+        add_rows(dec, [b], cache, ("tiny", None))
+    assert cache.bytes <= cache.budget and len(cache.blocks) == 3
+    assert cache.lookup(("tiny", None, dec.end_layer), a + [7]) is None  # a's blocks went first
+    assert cache.lookup(("tiny", None, dec.end_layer), b + [7]).shape[3] == 3 * BLOCK
+    with pytest.raises(ValueError, match="--kv-cache-bytes"):
+        PrefixCache(-1)
+
+
+def test_a_cancelled_request_leaves_the_decoder_at_once(served):
+    """A plain-mode row that finishes stays as a dead row until a compaction; a cancelled one leaves now."""
+    from poelm.serve.metrics import Metrics
+    from poelm.serve.prefix_cache import PrefixCache
+    from poelm.serve.scheduler import Job, Scheduler
+
+    async def run() -> int:
+        scheduler = Scheduler(max_batch=4, max_queue=4, metrics=Metrics(), prefix_cache=PrefixCache(1 << 20))
+        scheduler.start()
+        opts = served.engine.options(dict(max_new_tokens=200, stop_token_ids=[]))
+        jobs = [Job(served, served.model, [served.engine.encode_prompt(f"row {i}")], opts, set(),
+                    asyncio.get_running_loop(), stream=True) for i in range(3)]
+        for job in jobs:
+            scheduler.submit(job)
+        for job in jobs:
+            assert (await job.events.get())[0] == "chunk"
+        jobs[0].cancelled = True
+        while (await jobs[0].events.get())[0] != "end":
+            pass
+        with scheduler.cond:
+            rows = len(jobs[1].batch.decoder.rows)
+        scheduler.stop()
+        return rows
+
+    assert asyncio.run(run()) == 2
+
+
+def test_the_engine_side_speaks_json_and_rows_a_stop_string_ended_leave(served):
+    """The engine's scheduler over a socket pair: a submit, one message per step with every row's
+    tokens, a row the server ended (stop string) gets no more, and the job ends with its PoE stats."""
+    import dataclasses
+    import socket
+    from multiprocessing.connection import Connection
+
+    from poelm.serve.engine_proc import EngineScheduler, Link
+    from poelm.serve.metrics import Metrics
+    from poelm.serve.models import ModelRegistry
+
+    ours, theirs = socket.socketpair()
+    engine, server = Link(Connection(ours.detach())), Link(Connection(theirs.detach()))
+    scheduler = EngineScheduler(engine, ModelRegistry([served]), 4, 4, Metrics())
+    step = scheduler._step
+    scheduler._step = lambda batch: time.sleep(0.005) or step(batch)  # this test reads as fast as it decodes
+    scheduler.start()
+    opts = served.engine.options(dict(max_new_tokens=200, stop_token_ids=[]))
+    enc = served.engine.encode_prompt
+    scheduler.accept(json.loads(json.dumps({
+        "op": "submit", "id": 7, "model": "tiny", "head_mode": None, "rows": [enc("one"), enc("two")],
+        "opts": {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}, "stop_ids": [], "logprobs": None,
+        "timeout": 60})))
+    try:
+        first = server.recv()
+        assert first["adm"] == [7] and sorted(r[1] for r in first["t"]) == [0, 1]
+        scheduler.finish(7, [0])
+        rows = [sorted(r[1] for r in server.recv()["t"]) for _ in range(8)]
+        assert rows[2:] == [[1]] * 6  # the steps already sent or running still carry row 0
+        scheduler.finish(7, [1])
+        msg = server.recv()
+        while not msg["end"]:
+            msg = server.recv()
+        assert msg["end"][0][0] == 7 and msg["end"][0][1]["mode"] == "final"
+    finally:
+        scheduler.stop()
+
+
+# -----------------------------------------------------------------------------
+# `poelm serve` with its engine process
+
+
+@pytest.fixture(scope="module")
+def model_dir(served, tmp_path_factory):
+    from poelm.checkpoint import save_model
+
+    root = tmp_path_factory.mktemp("engine") / "tiny"
+    save_model(served.model, root, served.engine.tokenizer)
+    return root
+
+
+def engine_pid(server) -> int:
+    children = open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def metric(url: str, name: str) -> float:
+    import httpx
+
+    lines = httpx.get(url + "/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(name + " "))
+
+
+def test_engine_process_answers_like_generate_and_reuses_a_chats_earlier_turns(model_dir, served):
+    import httpx
+    from test_serve import Server
+
+    from poelm.chat import render_prompt
+
+    def expected(messages: list[dict]) -> str:
+        ids = render_prompt(served.engine.tokenizer, messages)
+        return served.engine.generate(ids, max_new_tokens=10).text
+
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "what is a product of experts?"}]
+    body = {"model": "tiny", "max_tokens": 10, "temperature": 0}
+    srv = Server(str(model_dir))
+    try:
+        assert engine_pid(srv)  # the default decodes in a child process
+        first = httpx.post(srv.url + "/v1/chat/completions", json={**body, "messages": messages}).json()
+        turn = messages + [first["choices"][0]["message"], {"role": "user", "content": "and a colour?"}]
+        second = httpx.post(srv.url + "/v1/chat/completions", json={**body, "messages": turn}).json()
+        assert first["choices"][0]["message"]["content"] == expected(messages)
+        assert second["choices"][0]["message"]["content"] == expected([{"role": m["role"], "content": m["content"]}
+                                                                       for m in turn])
+        # the second turn reuses the first turn's prompt (over 100 tokens) in blocks of 16
+        queries, hits = metric(srv.url, "poelm:prefix_cache_queries_total"), metric(srv.url, "poelm:prefix_cache_hits_total")
+        assert queries > hits >= 96
+        # a stop string ends its row in the server process: one finishing chunk per row, the text cut
+        two = {**body, "prompt": ["Once upon", "A product"], "max_tokens": 24}
+        texts = [c["text"] for c in httpx.post(srv.url + "/v1/completions", json=two).json()["choices"]]
+        at = next(i for i in range(1, len(texts[0]) - 1) if "\ufffd" not in texts[0][i:i + 2] and texts[0][i:i + 2] not in
+                  texts[1] and texts[0][i:i + 2] not in texts[0][:i + 1])  # its first occurrence
+        stop = texts[0][at:at + 2]
+        chunks = [json.loads(line[6:]) for line in
+                  httpx.post(srv.url + "/v1/completions", json={**two, "stop": stop, "stream": True}).text.splitlines()
+                  if line.startswith("data: {")]
+        finishes = [(c["choices"][0]["index"], c["choices"][0]["finish_reason"]) for c in chunks
+                    if c["choices"][0]["finish_reason"]]
+        assert sorted(finishes) == [(0, "stop"), (1, "length")]
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == 0) == texts[0][:at]
+        # a client that leaves mid-stream frees its rows
+        with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "prompt": "x", "max_tokens": 200, "stream": True}) as r:
+            next(r.iter_lines())
+        deadline = time.monotonic() + 5
+        while httpx.get(srv.url + "/health").json()["running_rows"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(srv.url + "/health").json()["running_rows"] == 0
+        # SIGTERM to the engine alone: it drains and exits, the server says so once and is unhealthy
+        os.kill(engine_pid(srv), signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while httpx.get(srv.url + "/health").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(srv.url + "/health").status_code == 503
+    finally:
+        assert srv.stop() in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after its graceful exit
+    assert srv.proc.stderr.read().count("the engine process drained and exited after SIGTERM") == 1
+
+
+def test_an_engine_crash_is_503_for_requests_in_flight_and_an_unhealthy_server(model_dir):
+    import httpx
+    from test_serve import Server
+
+    srv = Server(str(model_dir), "--max-batch", "4")
+    try:
+        body = {"model": "tiny", "prompt": "Once", "max_tokens": 250, "temperature": 0, "n": 2}
+        with ThreadPoolExecutor(1) as pool:
+            whole = pool.submit(httpx.post, srv.url + "/v1/completions", json=body, timeout=30)
+            with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+                lines = r.iter_lines()
+                next(lines)
+                os.kill(engine_pid(srv), signal.SIGKILL)
+                rest = [line for line in lines if line]
+            assert whole.result().status_code == 503
+        assert rest[-1] == "data: [DONE]" and "engine process exited" in json.loads(rest[-2][6:])["error"]["message"]
+        health = httpx.get(srv.url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"
+        assert httpx.post(srv.url + "/v1/completions", json=body).status_code == 503
+    finally:
+        srv.stop()
+    err = srv.proc.stderr.read()
+    assert err.count("the engine process exited with code -9") == 1 and "Traceback" not in err, err

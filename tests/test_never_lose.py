@@ -1,0 +1,151 @@
+"""Modes that never lose to plain decoding (docs/poe.md §4-5): the speculative decoder's own
+per-pass overhead, measured and stored with the calibration, enters adaptive drafting's cost
+model, which drafts only where it expects to beat plain by a margin and otherwise runs the plain
+step; and WAND's staged step compiled per stage. Decisions are asserted from injected costs and
+acceptances (never from wall-clock time)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from poelm.engine import Engine, load_calibration, save_calibration
+from poelm.engine import speculative
+from poelm.engine.calibrate import read_generation_config
+from poelm.engine.costs import COST_POSITIONS
+from poelm.engine.speculative import MARGIN, DraftChooser, speculative_overhead
+from tests.conftest import tiny_model
+from tests.test_compiled_modes import assert_decisive
+
+K = 4  # the tiny model's stages (one layer each)
+N_NEW = 60
+
+
+def costs(stage=(1e-3, 1.5e-3), test=(2e-4, 5e-4), overhead: float | None = 2e-4) -> dict:
+    """A cost model shaped like a measured one: every stage's layers `stage`, every test `test` (1, 8 positions)."""
+    out = {"device": "cpu", "threads": 1, "positions": list(COST_POSITIONS),
+           "stage_s": [list(stage) for _ in range(K)], "test_s": [list(test) for _ in range(K)]}
+    if overhead is not None:
+        out["speculative_overhead_s"] = overhead
+    return out
+
+
+def prompts() -> list[list[int]]:
+    return [list(range(3, 15)), [7, 8, 9, 10, 11]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=3).eval()
+
+
+# -----------------------------------------------------------------------------
+# The chooser's arithmetic
+
+
+def test_the_pass_overhead_enters_the_expected_speed():
+    flat = costs(stage=(1e-3, 1e-3), test=(0.0, 0.0), overhead=None)
+    free = DraftChooser(flat, [0], 4, [0.5], probe=8)
+    taxed = DraftChooser(dict(flat, speculative_overhead_s=1e-3), [0], 4, [0.5], probe=8)
+    # plain: 4 stages; (d=0, g=1): 2 x stage 0 + stages 1..3 = 5 stages (+ 1 of overhead) for 1.5 tokens
+    assert free.speedup(0, 1, 0.5) == pytest.approx(4 * 1.5 / 5)
+    assert taxed.speedup(0, 1, 0.5) == pytest.approx(4 * 1.5 / 6)
+
+
+@pytest.mark.parametrize("overhead,drafts", [(0.0, True), (1e-3, False)])
+def test_the_overhead_can_turn_drafting_into_plain(overhead, drafts):
+    """At acceptance 0.42, (d=0, g=1) is 4 x 1.42 / 5 = 1.14x without the pass overhead and
+    4 x 1.42 / 6 = 0.95x with one stage's worth of it."""
+    chooser = DraftChooser(costs(stage=(1e-3, 1e-3), test=(0.0, 0.0), overhead=overhead), [0], 1, [0.42], probe=8)
+    assert chooser.speedup(0, 1, 0.42) == pytest.approx(4 * 1.42 / (6 if overhead else 5))
+    assert chooser.next_pass() == ((0, 1) if drafts else (0, 0))
+
+
+def test_a_gain_inside_the_margin_runs_plain():
+    # 4 (1 + a) / 5 = 1.04 at a = 0.3: more than plain, less than 1 + MARGIN
+    chooser = DraftChooser(costs(stage=(1e-3, 1e-3), test=(0.0, 0.0), overhead=0.0), [0], 1, [0.3], probe=100)
+    assert 1 < chooser.speedup(0, 1, 0.3) < 1 + MARGIN
+    assert [chooser.next_pass()[1] for _ in range(5)] == [0] * 5
+
+
+# -----------------------------------------------------------------------------
+# A random-weight model: low acceptance
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    return tiny_model(seed=3, noise=0.2).eval()  # stages that agree with the last on 4 - 22 % of drafts
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("prior", [None, [0.05, 0.05, 0.2]])
+def test_random_model_adaptive_runs_plain_and_keeps_plain_speed(random_model, batch, prior):
+    """Acceptance on a random model is low: with measured-like costs, and the acceptance measured
+    by its first pass or the calibration's agreement as the prior, the chooser runs the plain step
+    for most passes, and its predicted speed over the passes it ran (with the acceptance they
+    met) stays within 10 % of plain; greedy tokens stay plain greedy's."""
+    calib = {"decode_costs": costs()} | ({"stage_agreement": prior} if prior else {})
+    rows = prompts()[:batch]
+    plain = Engine(random_model).generate(rows, max_new_tokens=N_NEW, stop_token_ids=[])
+    out = Engine(random_model, calibration=calib).generate(rows, mode="speculative", adaptive=True, gamma=4,
+                                                    max_new_tokens=N_NEW, stop_token_ids=[])
+    assert [g.tokens for g in out] == [g.tokens for g in plain]
+    choice = out[0].stats["speculative_choice"]
+    assert choice["fallback_passes"] >= 0.75 * choice["passes"] and out[0].stats["drafted"] > 0
+    assert choice["acceptance"][str(choice["draft_stage"])] < 0.6  # the estimate came down to what drafting measured
+    assert choice["predicted_speedup"] >= 0.9
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_compiled_adaptive_plain_passes_run_the_compiled_plain_step(random_model, batch):
+    """Compiled, a pass that does not draft is the compiled plain step: the tokens are eager plain greedy's."""
+    rows = prompts()[:batch]
+    calib = {"decode_costs": costs(), "stage_agreement": [0.05, 0.05, 0.2]}
+    plain = Engine(random_model).generate(rows, max_new_tokens=20, stop_token_ids=[])
+    torch._dynamo.reset()
+    out = Engine(random_model, calibration=calib, compile="aot_eager").generate(
+        rows, mode="speculative", adaptive=True, gamma=4, max_new_tokens=20, stop_token_ids=[])
+    assert [g.tokens for g in out] == [g.tokens for g in plain]
+    assert out[0].stats["speculative_choice"]["fallback_passes"] > 0
+    for p, g in zip(rows, plain):
+        assert_decisive(random_model, p, g.tokens)
+
+
+def test_predicted_speed_accounts_every_pass():
+    chooser = DraftChooser(costs(stage=(1e-3, 1e-3), test=(0.0, 0.0), overhead=0.0), [0], 1, [1.0], probe=8)
+    assert chooser.next_pass() == (0, 1)  # 5 stages' time for the pass
+    chooser.passed(2.0)  # both tokens
+    assert chooser.report()["predicted_speedup"] == pytest.approx(2 * 4 / 5)
+
+
+# -----------------------------------------------------------------------------
+# The overhead: measured, stored, validated, measured once per model without a calibration
+
+
+def test_speculative_overhead_is_measured_and_stored(model, tmp_path):
+    overhead = speculative_overhead(model, repeats=1, steps=4)
+    assert isinstance(overhead, float) and 0 <= overhead < 1
+    calib = {"wand_bounds": [0.0, 0.3, 0.3, 0.3], "decode_costs": costs(overhead=overhead)}
+    (tmp_path / "generation_config.json").write_text("{}")
+    save_calibration(tmp_path, calib)
+    assert load_calibration(tmp_path)["decode_costs"]["speculative_overhead_s"] == overhead
+
+
+def test_a_bad_stored_overhead_is_one_line(tmp_path):
+    path = tmp_path / "generation_config.json"
+    path.write_text(json.dumps({"wand_bounds": [0.0, 0.3], "decode_costs": costs(overhead=-1.0)}))
+    with pytest.raises(ValueError, match="field 'speculative_overhead_s' must be >= 0") as err:
+        read_generation_config(path)
+    assert "\n" not in str(err.value) and "poelm calibrate" in str(err.value)
+
+
+def test_a_calibration_without_the_overhead_measures_it_once_per_model(monkeypatch):
+    model = tiny_model(seed=4).eval()
+    calls = []
+    monkeypatch.setattr(speculative, "speculative_overhead", lambda m: calls.append(m) or 3e-4)
+    engine = Engine(model, calibration={"decode_costs": costs(overhead=None), "stage_agreement": [0.0] * (K - 1)})
+    for _ in range(2):
+        engine.generate([1, 2, 3], mode="speculative", adaptive=True, max_new_tokens=4, stop_token_ids=[])
+    assert calls == [model]
