@@ -37,7 +37,7 @@ demo: $(STAMP) $(SDISTS)
 readme-results: $(STAMP)
 	$(PY) scripts/readme_results.py runs/demo/results.json
 
-bench: $(STAMP)
+bench: $(STAMP) $(SDISTS)
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/serve_load.py

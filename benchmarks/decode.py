@@ -1,32 +1,37 @@
-"""Decode-speed benchmark, in one run, ratios last:
+"""Decode-speed benchmark, in one run, ratios and a JSON summary last:
 
 1. plain decoding against transformers: poelm's engine vs transformers `generate` on poelm's
    own export (remote code) and on a stock `LlamaForCausalLM` of the same depth, width, heads,
    vocabulary and MLP width (random weights), batch 1 / 8 / 32, greedy (--shape-*; default the
    issue's d4 x 128, vocab 4,096, 200 new tokens), and "plain, compiled" (Engine(compile=True):
    the inductor-compiled step; its first call per batch size, the compile, is reported apart);
-2. every PoE mode over plain on a trained benchmark model: stage k prefix pruning, Log-OP of
-   stages {0, 1}, WAND, speculative from every draft stage, greedy and sampled (T = 0.8), with
-   top-1 agreement with full depth on held-out text (teacher-forced), WAND's exit histogram,
-   acceptance rate and tokens per verify pass;
-3. MBU-style figures: bytes of weights read per token against time per token (and the
-   bandwidth that implies) for the plain rows;
+2. every PoE mode on a model trained on real text (the default corpus: Shakespeare, Milton,
+   King James; or --model RUN): plain eager and compiled, stage k prefix pruning, Log-OP of
+   stages {0, 1}, WAND, speculative from every draft stage, greedy and sampled (T = 0.8), each
+   eager and compiled where the engine compiles it, on prompts from the validation split and
+   from English text outside the corpus (poelm/outside_text.py). Every ratio is over the best
+   plain path of the same run (sampled rows: over the best plain sampling path), with top-1
+   agreement with full depth on held-out text of the set (teacher-forced), WAND's exits,
+   acceptance and tokens per verify pass;
+3. the roofline of the plain and stage-0 paths: bytes of weights + KV cache read per decode
+   step, the batch-1 ceiling they imply at this machine's measured memory bandwidth, MBU (the
+   share of that bandwidth the path uses), TTFT and TPOT;
 4. elastic depth on disk: size and plain decode speed of `poelm export --stages K` models of
    the trained model next to the full model.
 
-    .venv/bin/python benchmarks/decode.py                        # trains a tiny PoE model on the fly
-    .venv/bin/python benchmarks/decode.py --corpus synthetic     # no corpus needed
-    .venv/bin/python benchmarks/decode.py --model runs/tiny --data data/default
+    .venv/bin/python benchmarks/decode.py                         # trains a PoE model on data/default
+    .venv/bin/python benchmarks/decode.py --model runs/demo/arms/poe --data data/default
+    .venv/bin/python benchmarks/decode.py --corpus synthetic      # the synthetic language (labelled)
     .venv/bin/python benchmarks/decode.py --steps 400 --gamma 6 --out runs/bench/decode.png --json
 
 Without --model it trains a depth-8 PoE model (4 stages of 2 layers, flat, alpha 0) for a few
-hundred AdamW steps, on the default corpus when data/default and data/tokenizer exist
-(`poelm data build`, `poelm tokenizer train`), else on a synthetic but structured token
-language: a sparse Markov chain (easy for the first stage) with phrases copied from earlier in
-the document (which needs attention over the context, so deeper stages help). Every timing
-interleaves the sides it compares over --repeats and reports the median repeat (the machine
-may be shared). Speculative greedy output is checked to equal plain greedy; poelm's greedy
-output is checked to equal transformers' on the export.
+hundred AdamW steps on the default corpus (built into --data and a --vocab tokenizer trained
+into --tokenizer when missing). `--corpus synthetic` trains on a synthetic token language
+instead: a sparse Markov chain plus phrases copied from earlier in the document; it loops, so
+greedy acceptance there (~100 %) says nothing about text. Every timing interleaves the paths
+it compares over --repeats and reports the median repeat (the machine may be shared).
+Speculative greedy output is checked to equal plain greedy; poelm's greedy output is checked
+to equal transformers' on the export.
 """
 
 
@@ -45,8 +50,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from poelm.engine import Engine, calibrate  # noqa: E402
-from poelm.contention import CpuClock  # noqa: E402
-from poelm.inference_bench import agreement, timed_modes  # noqa: E402
+from poelm.experiment.report import mode_notes  # noqa: E402
+from poelm.inference_bench import OUTSIDE_SOURCE, heldout_batches, measure_sets, outside_set, prompts_from  # noqa: E402
 from poelm.model import GPT, GPTConfig  # noqa: E402
 
 BOS = 0
@@ -241,24 +246,22 @@ def shape_section(args) -> dict:
 # 2. PoE modes on the trained benchmark model
 
 
-def mode_table(args, cfg) -> dict[str, dict]:
-    """Every mode this benchmark times on the trained model (Engine.generate kwargs)."""
+def extra_modes(args, cfg) -> dict[str, dict]:
+    """The modes this benchmark times beyond inference_bench's (Engine.generate kwargs)."""
     K = cfg.n_stages
-    modes = {"plain": dict(mode="final")}
-    modes.update({f"stage{k}": dict(mode="stage", stage=k) for k in range(K - 1)})
+    modes = {f"stage{k}": dict(mode="stage", stage=k) for k in range(1, K - 1)}
     modes["logop{0,1}"] = dict(mode="logop", stages=[0, 1])
-    modes["wand"] = dict(mode="wand", wand_factor=args.wand_factor)
-    modes.update({f"spec_d{k}": dict(mode="speculative", draft_stage=k, gamma=args.gamma) for k in range(K - 1)})
     sampled = {"plain@T0.8": dict(mode="final")}
-    sampled.update({f"spec_d{k}@T0.8": dict(mode="speculative", draft_stage=k, gamma=args.gamma) for k in range(K - 1)})
+    sampled.update({f"speculative_d{k}@T0.8": dict(mode="speculative", draft_stage=k, gamma=args.gamma)
+                    for k in range(K - 1)})
     for kw in sampled.values():
         kw.update(temperature=0.8, seed=args.seed)
     return {**modes, **sampled}
 
 
 @torch.no_grad()
-def teacher_forced_agreement(model: GPT, heldout: torch.Tensor, calib: dict, factor: float) -> dict[str, float]:
-    """Top-1 agreement with full depth on held-out text of every greedy approximate mode."""
+def teacher_forced_agreement(model: GPT, heldout: torch.Tensor) -> dict[str, float]:
+    """Top-1 agreement with full depth on held-out text of every stage readout and of Log-OP {0, 1}."""
     from poelm.engine import logop
 
     final, stage_logits = model(heldout, return_stage_logits=True)
@@ -266,11 +269,11 @@ def teacher_forced_agreement(model: GPT, heldout: torch.Tensor, calib: dict, fac
     agree = lambda logits: (logits.argmax(-1) == full).float().mean().item()  # noqa: E731
     out = {f"stage{k}": agree(z) for k, z in enumerate(stage_logits[:-1])}
     out["logop{0,1}"] = agree(logop(stage_logits[:2], model.config.poe_alpha))
-    out["wand"] = agreement(model, heldout, calib, factor)["wand_top1_agreement"]
     return out
 
 
 def synthetic_setup(args):
+    """(model, tokenizer None, calibration batches, prompt sets) on the synthetic language."""
     lang = SyntheticLanguage(args.vocab, seed=args.seed)
     rng = random.Random(args.seed)
 
@@ -282,43 +285,121 @@ def synthetic_setup(args):
     model = train_tiny(args, lang.vocab_size, batches())
     rng_eval = random.Random(args.seed + 1)
     calib = [lang.batch(rng_eval, 8, 128)[:, :-1] for _ in range(2)]
-    return model, calib, lang.batch(rng_eval, 8, 128)[:, :-1], lang.batch(rng_eval, args.prompts, 32)[:, :-1]
+    heldout = lang.batch(rng_eval, 8, 128)[:, :-1]
+    prompts = [row[:16].tolist() for row in lang.batch(rng_eval, args.prompts, 32)[:, :-1]]
+    source = "the synthetic language (it loops: acceptance and agreement are inflated)"
+    return model, None, calib, {"synthetic": (prompts, heldout, source)}
 
 
-def corpus_setup(args, data_dir: Path, tokenizer_dir: Path):
-    from poelm.dataloader import BestFitLoader, val_batches
+def ensure_corpus(args) -> tuple[Path, object]:
+    """The default corpus in --data and a --vocab tokenizer in --tokenizer, built when missing."""
+    from poelm import corpus
     from poelm.tokenizer import Tokenizer
 
-    tok = Tokenizer.load(tokenizer_dir)
-    loader = BestFitLoader(data_dir, tok, args.batch_size, 128, split="train")
-    model = train_tiny(args, tok.vocab_size, iter(loader))
-    val = [x for x, _ in val_batches(data_dir, tok, 8, 128, 8 * 128 * 4)]
-    return model, val[:2], val[2], val[3][: args.prompts]
+    data, tok_dir = Path(args.data), Path(args.tokenizer)
+    if not any(data.glob("*.parquet")):
+        print(f"building the default corpus into {data} ...", flush=True)
+        corpus.build_corpus("default", data)
+    if not any((tok_dir / n).exists() for n in ("tokenizer.json", "tokenizer.pkl")):
+        print(f"training a {args.vocab}-token tokenizer into {tok_dir} ...", flush=True)
+        Tokenizer.train(corpus.iter_documents(corpus.list_shards(data)[0]), args.vocab).save(tok_dir)
+    return data, Tokenizer.load(tok_dir)
 
 
-def load_external(args):
-    from poelm.checkpoint import load_model
-    from poelm.dataloader import val_batches
-
-    model, tokenizer = load_model(args.model)
-    if args.data is None or tokenizer is None:
-        raise SystemExit("--model needs --data DIR (held-out text) and a model with a tokenizer")
+def text_sets(args, model: GPT, tokenizer, data: Path) -> tuple[list, dict]:
+    """(calibration batches, prompt sets): half the validation tokens calibrate WAND, the other
+    half give prompts and agreement; the outside text is the second set."""
     T = min(128, model.config.sequence_len)
-    batches = [x for x, _ in val_batches(args.data, tokenizer, 4, T, 4 * T * 4)]
-    return model, batches[:2], batches[2], batches[3]
+    val = heldout_batches(str(data), tokenizer, T, 8 * T * 4, batch_size=8)
+    half = max(1, len(val) // 2)
+    rest = val[half:] or val
+    return val[:half], {"validation": (prompts_from(rest, args.prompts, 16), torch.cat(rest),
+                                       f"the validation split of {data}"),
+                        "outside": (*outside_set(tokenizer, T, args.prompts, 16), OUTSIDE_SOURCE)}
+
+
+def poe_setup(args):
+    """(model, tokenizer, calibration batches, prompt sets, what the model was trained on)."""
+    from poelm.checkpoint import load_model
+    from poelm.dataloader import BestFitLoader
+
+    if args.corpus == "synthetic":
+        return *synthetic_setup(args), "synthetic language (labelled option)"
+    if args.model:
+        model, tokenizer = load_model(args.model)
+        if tokenizer is None:
+            raise SystemExit(f"--model {args.model} has no tokenizer: the text prompts need one")
+        return model, tokenizer, *text_sets(args, model, tokenizer, Path(args.data)), f"model {args.model}"
+    data, tokenizer = ensure_corpus(args)
+    model = train_tiny(args, tokenizer.vocab_size, iter(BestFitLoader(data, tokenizer, args.batch_size, 128,
+                                                                      split="train")))
+    return model, tokenizer, *text_sets(args, model, tokenizer, data), f"trained here on {data}"
+
+
+def measure_bandwidth(n_bytes: int = 2 ** 27, repeats: int = 5) -> float:
+    """This machine's memory bandwidth in bytes/s as this process sees it (a copy reads and writes
+    n_bytes; the best of `repeats`, with the current torch threads)."""
+    src = torch.ones(n_bytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n_bytes / best
+
+
+def kv_bytes(model: GPT, n_layers: int, context: float) -> float:
+    """Bytes of K and V one decode step reads over n_layers at this context (windows respected)."""
+    cfg = model.config
+    per_position = 2 * cfg.n_kv_head * cfg.head_dim * model.lm_head.weight.element_size()
+    return sum(min(context, w) for w in cfg.window_sizes()[:n_layers]) * per_position
+
+
+def roofline(model: GPT, n_layers: int, row: dict, prompt_tokens: int, new_tokens: int, bandwidth: float) -> dict:
+    """Bytes read per step (weights + KV at the mean context), the batch-1 ceiling at `bandwidth`,
+    MBU, TTFT and TPOT of a measured path."""
+    w = weight_bytes(model, n_layers)
+    kv = kv_bytes(model, n_layers, prompt_tokens + new_tokens / 2)
+    step = w + kv
+    return {"weight_bytes": w, "kv_bytes": kv, "bytes_per_step": step, "ceiling_tokens_per_s": bandwidth / step,
+            "tokens_per_s": row["tokens_per_s"], "mbu": step * row["tokens_per_s"] / bandwidth,
+            "ttft_ms": 1e3 * row["ttft_s"], "tpot_ms": 1e3 * row["tpot_s"]}
+
+
+def poe_section(args) -> dict:
+    model, tokenizer, calib_batches, sets, trained_on = poe_setup(args)
+    cfg = model.config
+    calib = calibrate(model, calib_batches)
+    measured = measure_sets(model, tokenizer, sets, calib, args.new_tokens, gamma=args.gamma,
+                            wand_factor=args.wand_factor, repeats=args.repeats, threads=args.threads,
+                            compile=not args.no_compile, extra_modes=extra_modes(args, cfg))
+    bandwidth = measure_bandwidth()
+    layers_of = {"plain": cfg.n_layer, "stage0": cfg.stage_ends[0] + 1}
+    for name, rep in measured["sets"].items():
+        rep["agreement"].update(teacher_forced_agreement(model, sets[name][1]))
+        rep["roofline"] = {p: roofline(model, layers_of[p.split(":")[0]], r, rep["prompt_tokens"],
+                                       rep["max_new_tokens"], bandwidth)
+                           for p, r in rep["paths"].items() if p.split(":")[0] in layers_of}
+    return {"trained_on": trained_on, "memory_bandwidth_bytes_per_s": bandwidth,
+            "model": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "stages": list(cfg.poe_stage_layers),
+                      "vocab_size": cfg.vocab_size, "params": model.num_params()},
+            "new_tokens": args.new_tokens, "wand_factor": args.wand_factor, **measured}, model, sets
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="benchmark this model instead of training one")
-    p.add_argument("--data", default=None, help="with --model: corpus dir for calibration / held-out text")
-    p.add_argument("--corpus", default="auto", help="training text: auto (data/default + data/tokenizer if they "
-                                                    "exist, else synthetic), synthetic, or a corpus dir")
-    p.add_argument("--tokenizer", default="data/tokenizer", help="tokenizer dir for --corpus DIR")
+    p.add_argument("--model", default=None, help="benchmark this PoE model (with --data) instead of training one")
+    p.add_argument("--data", default="data/default", help="corpus dir: training text (built when missing) and "
+                                                          "held-out validation text")
+    p.add_argument("--corpus", default="default", choices=("default", "synthetic"),
+                   help="train on the default corpus (in --data), or on the synthetic language (labelled as such)")
+    p.add_argument("--tokenizer", default="data/tokenizer-1k", help="tokenizer dir (trained with --vocab when missing)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--depth", type=int, default=8)
     p.add_argument("--width", type=int, default=192)
-    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=1024, help="vocabulary of the tokenizer or synthetic language")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -327,6 +408,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--gamma", type=int, default=4)
     p.add_argument("--wand-factor", type=float, default=1.0)
+    p.add_argument("--no-compile", action="store_true", help="time the eager paths only")
     p.add_argument("--shape-depth", type=int, default=4, help="section 1: depth of the random model")
     p.add_argument("--shape-width", type=int, default=128, help="section 1: width (heads of 64)")
     p.add_argument("--shape-vocab", type=int, default=4096, help="section 1: vocabulary")
@@ -345,60 +427,21 @@ def main(argv: list[str] | None = None) -> dict:
         print("== 1. plain decoding vs transformers (random weights) ==", flush=True)
         results["vs_transformers"] = shape_section(args)
 
-    print("== 2. PoE modes on the trained benchmark model ==", flush=True)
-    corpus = args.corpus
-    if corpus == "auto":
-        corpus = "data/default" if Path("data/default").is_dir() and Path(args.tokenizer).is_dir() else "synthetic"
-    if args.model:
-        corpus = f"model {args.model}, data {args.data}"
-        model, calib_batches, heldout, prompt_batch = load_external(args)
-    elif corpus == "synthetic":
-        model, calib_batches, heldout, prompt_batch = synthetic_setup(args)
-    else:
-        model, calib_batches, heldout, prompt_batch = corpus_setup(args, Path(corpus), Path(args.tokenizer))
-    prompts = [row[:16].tolist() for row in prompt_batch[: args.prompts]]
-    cfg = model.config
-    calib = calibrate(model, calib_batches)
-    agree = teacher_forced_agreement(model, heldout, calib, args.wand_factor)
-    wand_tf = agreement(model, heldout, calib, args.wand_factor)["wand_teacher_forced_stages_per_token"]
-
-    engine = Engine(model, calibration=calib)
-    modes = mode_table(args, cfg)
-    clock = CpuClock.start()
-    timing = timed_modes(engine, prompts, modes, args.new_tokens, args.repeats)
-    cpu = clock.report(torch.get_num_threads())
-    if cpu["contended"]:
-        print(f"warning: {cpu['contended']}: these tokens/s are below this machine's", file=sys.stderr)
-    outputs = timing.pop("_outputs")
-    wand_runs = [engine.generate(q, max_new_tokens=args.new_tokens, stop_token_ids=[], **modes["wand"]).stats
-                 for q in prompts]
-    exits = [sum(col) for col in zip(*(s["exit_stage_counts"] for s in wand_runs))]
-    greedy_base, sampled_base = timing["plain"]["tokens_per_s"], timing["plain@T0.8"]["tokens_per_s"]
-    for name, r in timing.items():
-        r["speedup"] = r["tokens_per_s"] / (sampled_base if name.endswith("@T0.8") else greedy_base)
-        r["top1_agreement"] = 1.0 if name.startswith(("plain", "spec")) else agree[name]
-        if name.startswith("spec") and "@" not in name:
-            r["identical_to_plain"] = outputs[name] == outputs["plain"]
-    layers_of = {"plain": cfg.n_layer, **{f"stage{k}": cfg.stage_ends[k] + 1 for k in range(cfg.n_stages - 1)}}
-    for name, n_layers in layers_of.items():
-        timing[name]["mbu"] = mbu(weight_bytes(model, n_layers), 1, timing[name]["tokens_per_s"])
-    results["poe_modes"] = {
-        "corpus": corpus, "model": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "stages": list(cfg.poe_stage_layers),
-                                    "vocab_size": cfg.vocab_size, "params": model.num_params()},
-        "prompts": len(prompts), "new_tokens": args.new_tokens, "gamma": args.gamma, "wand_factor": args.wand_factor,
-        "wand_bounds": calib["wand_bounds"], "wand_exit_stage_counts": exits,
-        "wand_teacher_forced_stages_per_token": wand_tf, "modes": timing, "cpu": cpu}
-    results["elastic_depth"] = elastic_depth(args, model, prompts)
+    print("== 2. PoE modes on a model trained on text ==", flush=True)
+    results["poe_modes"], model, sets = poe_section(args)
+    results["elastic_depth"] = elastic_depth(args, model, next(iter(sets.values()))[0])
     report(args, results)
-    speedups = {name: r["speedup"] for name, r in timing.items()}
+    first = next(iter(results["poe_modes"]["sets"].values()))
     out = Path(args.out)
-    plot(speedups, out, f"{cfg.n_layer}x{cfg.n_embd} PoE, CPU {args.threads} thread(s), batch 1; sampled modes over "
-                        f"plain sampling")
+    plot({name: r["speedup"] for name, r in first["paths"].items()}, out,
+         f"{model.config.n_layer}x{model.config.n_embd} PoE, CPU {args.threads} thread(s), batch 1, {first['source']}; "
+         "over the best plain path (sampled: over plain sampling)")
     if args.json:
         out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str))
     report_elastic(results)
     print(f"chart: {out}")
     ratios(results)
+    print(json.dumps(summary(results), default=str))
     return results
 
 
@@ -440,22 +483,32 @@ def report(args, results: dict) -> None:
     pm = results["poe_modes"]
     mdl = pm["model"]
     print(f"\n2. {mdl['n_layer']} layers x {mdl['n_embd']}, stages {mdl['stages']}, {mdl['params'] / 1e6:.2f}M params "
-          f"({pm['corpus']}); {pm['prompts']} prompts x {pm['new_tokens']} new tokens, batch 1, median of {args.repeats}")
-    print(f"WAND bounds {[round(b, 3) for b in pm['wand_bounds']]} (F={pm['wand_factor']}), exits per stage "
-          f"{pm['wand_exit_stage_counts']}, teacher-forced {pm['wand_teacher_forced_stages_per_token']:.2f} stages/token")
-    print(f"{'mode':<14} {'tok/s':>7} {'speedup':>8} {'top-1 agr':>9} {'layers/tok':>10} {'accept':>7} {'tok/verify':>10}"
-          f" {'same as greedy':>14}")
-    for name, r in pm["modes"].items():
-        acc, tpv = r.get("acceptance_rate"), r.get("tokens_per_verify")
-        print(f"{name:<14} {r['tokens_per_s']:7.0f} {r['speedup']:7.2f}x {r['top1_agreement']:9.4f} "
-              f"{r['mean_layer_calls_per_token']:10.2f} {'' if acc is None else f'{acc:.3f}':>7} "
-              f"{'' if tpv is None else f'{tpv:.2f}':>10} {str(r.get('identical_to_plain', '')):>14}")
-    print("\n3. weights read per token vs time per token (batch 1, trained model)")
-    for name, r in pm["modes"].items():
-        if "mbu" in r:
-            m = r["mbu"]
-            print(f"{name:<14} {m['weight_bytes_per_token'] / 1e6:7.3f} MB/token {m['us_per_token']:8.1f} us/token "
-                  f"-> {m['weight_gb_per_s']:.2f} GB/s of weights")
+          f"({pm['trained_on']}); batch 1, {pm['threads']} thread(s), median of {pm['repeats']}, the process got "
+          f"{100 * pm['cpu']['cpu_share']:.0f} % of a core per thread")
+    if pm["cpu"].get("contended"):
+        print(f"warning: {pm['cpu']['contended']}: these tokens/s are below this machine's", file=sys.stderr)
+    print(f"WAND bounds {[round(b, 3) for b in pm['wand_bounds']]} (F={pm['wand_factor']})")
+    for rep in pm["sets"].values():
+        agree = rep["agreement"]
+        print(f"\nprompts from {rep['source']}: {rep['prompts']} x {rep['prompt_tokens']} tokens, "
+              f"{rep['max_new_tokens']} new; best plain path {rep['best_plain']} "
+              f"({rep['modes']['plain']['tokens_per_s']:.0f} tok/s)")
+        print(f"{'path':<26} {'tok/s':>7} {'vs best':>8} {'top-1 agr':>9} {'stages/tok':>10} {'accept':>7} "
+              f"{'tok/verify':>10} {'same as greedy':>14}")
+        for name, r in rep["paths"].items():
+            a = agree.get(name.split(":")[0])
+            acc, tpv = r.get("acceptance"), r.get("tokens_per_verify")
+            print(f"{name:<26} {r['tokens_per_s']:7.0f} {r['speedup']:7.2f}x {'' if a is None else f'{a:.4f}':>9} "
+                  f"{r['mean_stages_per_token']:10.2f} {'' if acc is None else f'{acc:.3f}':>7} "
+                  f"{'' if tpv is None else f'{tpv:.2f}':>10} {str(r.get('identical_to_plain', '')):>14}")
+        for line in mode_notes(rep["modes"]):
+            print(line[2:])
+        print(f"\n3. roofline at {pm['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s measured memory bandwidth "
+              f"(copy), batch 1, KV at the mean context")
+        for name, r in rep["roofline"].items():
+            print(f"{name:<18} weights {r['weight_bytes'] / 1e6:.2f} MB + KV {r['kv_bytes'] / 1e6:.3f} MB per step -> "
+                  f"ceiling {r['ceiling_tokens_per_s']:,.0f} tok/s; measured {r['tokens_per_s']:,.0f} tok/s, "
+                  f"MBU {100 * r['mbu']:.2f} %, TTFT {r['ttft_ms']:.2f} ms, TPOT {r['tpot_ms']:.3f} ms")
 
 
 def report_elastic(results: dict) -> None:
@@ -480,13 +533,34 @@ def ratios(results: dict) -> None:
             if "poelm_compiled" in b[1]:
                 print(f"poelm compiled batch {max(b)} / batch 1 tokens_per_s: "
                       f"{b[max(b)]['poelm_compiled'] / b[1]['poelm_compiled']:.2f}")
-    for name, r in results["poe_modes"]["modes"].items():
-        if not name.startswith("plain"):
-            base = "plain@T0.8" if name.endswith("@T0.8") else "plain"
-            print(f"{name}/{base} tokens_per_s: {r['speedup']:.2f}")
+    for set_name, rep in results["poe_modes"]["sets"].items():
+        for name, r in rep["paths"].items():
+            base = rep["best_plain"] if "@" not in name else "best plain sampling"
+            print(f"{set_name}: {name}/{base} tokens_per_s: {r['speedup']:.2f}")
     elastic = list(results["elastic_depth"].values())
     for name, r in list(results["elastic_depth"].items())[1:]:
         print(f"export {name}/full tokens_per_s: {r['tokens_per_s'] / elastic[0]['tokens_per_s']:.2f}")
+
+
+def summary(results: dict) -> dict:
+    """The JSON line printed last: per prompt set, the best plain path and each mode's best path
+    over it, agreement, and the plain path's roofline."""
+    pm = results["poe_modes"]
+    out = {"trained_on": pm["trained_on"], "model": pm["model"], "threads": pm["threads"],
+           "cpu_share": pm["cpu"]["cpu_share"], "memory_bandwidth_gb_s": pm["memory_bandwidth_bytes_per_s"] / 1e9,
+           "sets": {}}
+    for name, rep in pm["sets"].items():
+        plain = rep["best_plain"]
+        out["sets"][name] = {
+            "source": rep["source"], "best_plain": plain,
+            "best_plain_tokens_per_s": rep["modes"]["plain"]["tokens_per_s"],
+            "modes": {m: {k: r[k] for k in ("path", "tokens_per_s", "speedup", "agreement", "acceptance",
+                                            "identical_to_plain", "gate", "adaptive") if k in r}
+                      for m, r in rep["modes"].items()},
+            "speedups": {p: round(r["speedup"], 3) for p, r in rep["paths"].items()},
+            "roofline": {k: rep["roofline"][plain][k] for k in ("bytes_per_step", "ceiling_tokens_per_s", "mbu",
+                                                                 "ttft_ms", "tpot_ms")}}
+    return out
 
 
 if __name__ == "__main__":

@@ -1,19 +1,29 @@
-"""Measure a PoE model's inference modes against plain decoding in one run: tokens/s and
-speedup of stage 0 (prefix pruning), WAND and self-speculative decoding, top-1 agreement
-with full depth on held-out text, acceptance and tokens per verify pass.
+"""Measure a PoE model's inference modes against the best plain path in one run: tokens/s of
+plain, stage 0 (prefix pruning), WAND (its cost gate deciding which exit tests run) and
+self-speculative decoding (every fixed draft stage, and adaptive: draft stage and gamma chosen
+per pass from measured acceptance and costs), each eager and compiled, on two prompt sets: the
+validation split and English text from outside the corpus (poelm.outside_text). Every speedup
+is over the faster plain path of the same run; agreement is teacher-forced top-1 agreement with
+full depth on held-out text of the set (the WAND bounds and decode costs are calibrated on other
+validation tokens, at the threads the paths are timed with).
 
     from poelm.inference_bench import measure_modes
-    report = measure_modes(model, tokenizer, "data/default", n_prompts=4, max_new_tokens=96)
-    report["modes"]["speculative"]["speedup"]
+    report = measure_modes(model, tokenizer, "data/default", n_prompts=4, max_new_tokens=128)
+    report["sets"]["outside"]["modes"]["speculative"]["speedup"]
 
-Used by `poelm experiment` and benchmarks/decode.py. All modes decode the same prompts
-greedily with the same number of new tokens; each mode is warmed up once, then the modes
-are timed interleaved (median of `repeats`).
+Used by `poelm experiment` and benchmarks/decode.py. All paths decode the same prompts
+greedily, batch 1, one torch thread, the same number of new tokens; each path is warmed up
+with a full-length generation (a compiled path compiles there), then the paths are timed
+interleaved, median of `repeats`. A path the engine refuses (ValueError: e.g. speculative on a
+model whose final readout is a Log-OP) is left out. report["cpu"] says whether other processes
+took the cores while timing (poelm.contention).
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,7 +32,10 @@ from poelm.contention import CpuClock
 from poelm.engine import (Engine, calibrate, capabilities, load_calibration, modes_with, save_calibration,
                           wand_teacher_forced)
 from poelm.model import GPT
+from poelm.outside_text import PARAGRAPHS
 from poelm.progress import progress
+
+OUTSIDE_SOURCE = "poelm/outside_text.py (English prose outside the corpus)"
 
 
 def heldout_batches(data_dir: str, tokenizer, seq_len: int, n_tokens: int, batch_size: int = 4) -> list:
@@ -36,109 +49,225 @@ def prompts_from(batches: list[torch.Tensor], n_prompts: int, prompt_len: int) -
     return [r.tolist() for r in rows]
 
 
-def timed_modes(engine: Engine, prompts: list[list[int]], modes: dict[str, dict], new_tokens: int,
-                repeats: int = 1, show_progress: bool = False) -> dict[str, dict]:
-    """Greedy-decode every prompt in every mode (kwargs of Engine.generate per mode name);
-    the modes are interleaved per repeat and the median repeat is kept, so load on the
-    machine hits every mode alike. result["_outputs"][name] holds the generated ids. show_progress:
-    plain progress lines when stdout is not a terminal (poelm.progress)."""
-    for kw in modes.values():  # warm-up
-        engine.generate(prompts[0], max_new_tokens=8, stop_token_ids=[], **kw)
-    runs: dict[str, list[dict]] = {name: [] for name in modes}
+def outside_set(tokenizer, seq_len: int, n_prompts: int, prompt_len: int) -> tuple[list[list[int]], torch.Tensor]:
+    """(prompts, held-out rows) from the outside text: each paragraph opens with <|bos|>; a
+    prompt is a paragraph's first prompt_len tokens, the rows are the whole text in rows of seq_len."""
+    docs = [[tokenizer.bos_token_id, *tokenizer.encode(p)] for p in PARAGRAPHS]
+    prompts = [d[:prompt_len] for d in docs[:n_prompts]]
+    stream = [t for d in docs for t in d]
+    n_rows = max(1, len(stream) // seq_len)
+    width = min(seq_len, len(stream))
+    return prompts, torch.tensor(stream[:n_rows * width]).view(n_rows, width)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's CPU threads set to n inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def timed_paths(paths: dict[str, tuple[Engine, dict]], prompts: list[list[int]], new_tokens: int,
+                repeats: int = 1, show_progress: bool = False) -> tuple[dict[str, dict], dict[str, list[list[int]]]]:
+    """Greedy-decode every prompt on every path (an engine and its generate kwargs), batch 1;
+    the paths are interleaved per repeat and the median repeat kept, so load on the machine hits
+    every path alike. A path whose engine refuses its kwargs (ValueError) is dropped.
+    show_progress: plain progress lines when stdout is not a terminal (poelm.progress).
+    Returns (per path: tokens/s and the mode's stats, per path: the generated ids)."""
+    usable = {}
+    for name, (engine, kw) in paths.items():  # warm-up at full length: compiled paths compile here
+        try:
+            engine.generate(prompts[0], max_new_tokens=new_tokens, stop_token_ids=[], **kw)
+        except ValueError:
+            continue
+        usable[name] = (engine, kw)
+    runs: dict[str, list[float]] = {name: [] for name in usable}
+    stats: dict[str, list[dict]] = {}
     outputs: dict[str, list[list[int]]] = {}
-    with progress("inference timing", repeats * len(modes) * len(prompts), enabled=show_progress, tokens_per_item=new_tokens,
-                  final=False) as shown:
+    with progress("inference timing", repeats * len(usable) * len(prompts), enabled=show_progress,
+                  tokens_per_item=new_tokens, final=False) as shown:
         done = 0
         for _ in range(repeats):
-            for name, kw in modes.items():
+            for name, (engine, kw) in usable.items():
                 tokens = wall = 0
-                stats, outs = [], []
+                stats[name], outputs[name] = [], []
                 for prompt in prompts:
                     out = engine.generate(prompt, max_new_tokens=new_tokens, stop_token_ids=[], **kw)
                     tokens, wall = tokens + len(out.tokens), wall + out.stats["wall_s"]
-                    stats.append(out.stats)
-                    outs.append(out.tokens)
+                    stats[name].append(out.stats)
+                    outputs[name].append(out.tokens)
                     done += 1
                     shown.update(done, name)
-                runs[name].append({"tokens_per_s": tokens / wall, "stats": stats})
-                outputs[name] = outs
-    result = {}
-    for name, rs in runs.items():
-        stats = rs[0]["stats"]
-        entry = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
-                 "tokens_per_s_runs": [r["tokens_per_s"] for r in rs],
-                 "mean_layers_per_token": statistics.mean(s.get("mean_layers_per_token", 0) for s in stats),
-                 "mean_layer_calls_per_token": statistics.mean(s.get("mean_layer_calls_per_token", 0) for s in stats),
-                 "mean_stages_per_token": statistics.mean(s.get("mean_stages_per_token", 0) for s in stats)}
-        if modes[name].get("mode") == "speculative":
-            drafted = sum(s["drafted"] for s in stats)
-            entry["acceptance_rate"] = sum(s["accepted"] for s in stats) / max(drafted, 1)
-            entry["tokens_per_verify"] = sum(s["new_tokens"] for s in stats) / sum(s["verify_passes"] for s in stats)
-        result[name] = entry
-    result["_outputs"] = outputs
-    return result
+                runs[name].append(tokens / wall)
+    return {name: {"tokens_per_s": statistics.median(rs), "tokens_per_s_runs": rs, **summary(stats[name])}
+            for name, rs in runs.items()}, outputs
+
+
+def summary(stats: list[dict]) -> dict:
+    """What a mode did over the prompts: stages and layers per token, TTFT/TPOT; WAND: its exits
+    and which exit tests its cost gate ran (and why); speculative: acceptance, and adaptive: the
+    (draft stage, gamma) each prompt ended on and how many passes fell back to plain."""
+    out = {"mean_stages_per_token": statistics.mean(s.get("mean_stages_per_token", 0) for s in stats),
+           "mean_layers_per_token": statistics.mean(s.get("mean_layers_per_token", 0) for s in stats),
+           "ttft_s": statistics.median(s["time_to_first_token_s"] for s in stats),
+           "tpot_s": statistics.median((s["wall_s"] - s["time_to_first_token_s"]) / max(s["new_tokens"] - 1, 1)
+                                       for s in stats)}
+    if "exit_stage_counts" in stats[0]:
+        out["exit_stage_counts"] = [sum(c) for c in zip(*(s["exit_stage_counts"] for s in stats))]
+        out["wand_tested_stages"], out["wand_reason"] = stats[0]["wand_tested_stages"], stats[0]["wand_reason"]
+    if "drafted" in stats[0]:
+        out["acceptance"] = sum(s["accepted"] for s in stats) / max(sum(s["drafted"] for s in stats), 1)
+        out["tokens_per_verify"] = (sum(s["new_tokens"] for s in stats) /
+                                    max(sum(s["verify_passes"] for s in stats), 1))
+    choices = [s["speculative_choice"] for s in stats if s.get("speculative_choice")]
+    if choices:
+        out["adaptive"] = {"last_choice": [[c["draft_stage"], c["gamma"]] for c in choices],
+                           "passes": sum(c["passes"] for c in choices),
+                           "fallback_passes": sum(c["fallback_passes"] for c in choices),
+                           "probes": sum(c["probes"] for c in choices)}
+    return out
 
 
 @torch.no_grad()
-def agreement(model: GPT, heldout: torch.Tensor, calib: dict, factor: float) -> dict:
-    """Teacher-forced top-1 agreement with full depth of stage 0 and of WAND on heldout (B, T)."""
+def agreement(model: GPT, heldout: torch.Tensor, calib: dict, factor: float,
+              wand_stages: list[int] | None = None) -> dict:
+    """Teacher-forced top-1 agreement with full depth on heldout (B, T): of stage 0, of WAND as
+    its cost gate runs it (exit tests at wand_stages only; None: every stage), and of WAND under
+    the bounds alone (every stage tested)."""
     final, stage_logits = model(heldout, return_stage_logits=True)
     full = final.argmax(-1)
-    tf = wand_teacher_forced(model, heldout, calib, factor)
-    return {"stage0_top1_agreement": (stage_logits[0].argmax(-1) == full).float().mean().item(),
-            "wand_top1_agreement": (tf["pred"] == full).float().mean().item(),
-            "wand_teacher_forced_stages_per_token": tf["depth"].float().mean().item()}
+    gated = wand_teacher_forced(model, heldout, calib, factor, stages=wand_stages)
+    bounds = wand_teacher_forced(model, heldout, calib, factor)
+    return {"stage0": (stage_logits[0].argmax(-1) == full).float().mean().item(),
+            "wand": (gated["pred"] == full).float().mean().item(),
+            "wand_stages_per_token": gated["depth"].float().mean().item(),
+            "wand_bounds_only": (bounds["pred"] == full).float().mean().item(),
+            "wand_bounds_only_stages_per_token": bounds["depth"].float().mean().item(), "tokens": heldout.numel()}
 
 
-def measure_modes(model: GPT, tokenizer, data_dir: str, n_prompts: int = 4, max_new_tokens: int = 96,
-                  prompt_len: int = 32, gamma: int = 4, draft_stage: int = 0, wand_factor: float = 1.0,
-                  heldout_tokens: int = 2 ** 14, model_dir: str | Path | None = None, repeats: int = 1,
-                  show_progress: bool = False) -> dict:
-    """Plain, stage 0, WAND and speculative greedy decoding (every draft stage) of the same
-    prompts, timed in this process (result["cpu"]: the timed span's CPU share of wall x threads and
-    whether other processes contended for the cores, poelm.contention); WAND is calibrated on held-out text (and stored in
-    model_dir if given). modes["speculative"] is the requested draft stage."""
-    seq = min(model.config.sequence_len, 256)
-    batches = heldout_batches(data_dir, tokenizer, seq, heldout_tokens)
-    prompts = prompts_from(batches, n_prompts, prompt_len)
-    calib = load_calibration(model_dir) if model_dir else None
-    if calib is None:
-        calib = calibrate(model, batches)
-        if model_dir:
-            save_calibration(model_dir, calib)
-    engine = Engine(model, tokenizer, calibration=calib)
-    draft_stages = sorted({draft_stage, *range(model.config.n_stages - 1)})
+def poe_paths(model: GPT, tokenizer, calib: dict, gamma: int, wand_factor: float, bp_model: GPT | None = None,
+              compile: bool = True, extra_modes: dict[str, dict] | None = None) -> dict[str, tuple[Engine, dict]]:
+    """Every path to time: each mode eager and (with compile) compiled, speculative from every
+    draft stage with a fixed gamma and adaptive (gamma its largest), extra_modes (name ->
+    Engine.generate kwargs), the BP model's plain paths."""
+    kinds = {"eager": False, **({"compiled": True} if compile else {})}
     modes = {"plain": dict(mode="final"), "stage0": dict(mode="stage", stage=0),
              "wand": dict(mode="wand", wand_factor=wand_factor),
-             **{f"speculative_d{k}": dict(mode="speculative", draft_stage=k, gamma=gamma) for k in draft_stages}}
-    for kw in modes.values():
-        kw["add_bos"] = False  # held-out rows already start with <|bos|>
-    clock = CpuClock.start()
-    timing = timed_modes(engine, prompts, modes, max_new_tokens, repeats, show_progress)
-    cpu = clock.report(torch.get_num_threads()) if engine.device.type == "cpu" else {}  # contended? (CPU only)
-    outputs = timing.pop("_outputs")
-    agree = agreement(model, torch.cat(batches), calib, wand_factor)
-    base = timing["plain"]["tokens_per_s"]
+             **{f"speculative_d{k}": dict(mode="speculative", draft_stage=k, gamma=gamma)
+                for k in range(model.config.n_stages - 1)},
+             "speculative_adaptive": dict(mode="speculative", adaptive=True, gamma=gamma), **(extra_modes or {})}
+    paths = {}
+    for kind, c in kinds.items():
+        engine = Engine(model, tokenizer, calibration=calib, compile=c)
+        paths.update({f"{name}:{kind}": (engine, dict(kw, add_bos=False))  # every prompt starts with <|bos|>
+                      for name, kw in modes.items()})
+        if bp_model is not None:
+            paths[f"bp_plain:{kind}"] = (Engine(bp_model, tokenizer, compile=c), dict(mode="final", add_bos=False))
+    return dict(sorted(paths.items(), key=lambda kv: list(modes).index(kv[0].split(":")[0])
+                       if kv[0].split(":")[0] in modes else len(modes)))
+
+
+def best_path(timing: dict[str, dict], mode: str) -> str | None:
+    """The fastest measured path of a mode (eager or compiled)."""
+    names = [n for n in timing if n.split(":")[0] == mode]
+    return max(names, key=lambda n: timing[n]["tokens_per_s"]) if names else None
+
+
+def wand_gate(row: dict) -> str:
+    """What WAND's cost gate decided on a path: the stages it tests, or plain."""
+    tested = row.get("wand_tested_stages") or []
+    return f"exit tests at stage(s) {', '.join(map(str, tested))}" if tested else "no exit test pays: decodes as plain"
+
+
+def set_report(timing: dict[str, dict], outputs: dict, agree: dict, model: GPT, wand_factor: float) -> dict:
+    """One prompt set: every path, the best plain path and each mode's best path against it."""
+    plain = best_path(timing, "plain")
+    reference = outputs["plain:eager"]
+    for name, row in timing.items():  # a sampled path (name@T) is compared with plain sampling
+        sampled = "@" in name
+        ref = best_path(timing, "plain@" + name.split("@")[1].split(":")[0]) if sampled else plain
+        row["speedup"] = row["tokens_per_s"] / timing[ref or plain]["tokens_per_s"]
+        row["identical_to_plain"] = None if sampled or name.startswith("bp_") else outputs[name] == reference
     cfg = model.config
-    result = {
-        "plain": {"tokens_per_s": base, "agreement": 1.0},
-        "stage0": {"tokens_per_s": timing["stage0"]["tokens_per_s"], "agreement": agree["stage0_top1_agreement"],
-                   "note": f"layers run per token: {cfg.poe_stage_layers[0]} of {cfg.n_layer}"},
-        "wand": {"tokens_per_s": timing["wand"]["tokens_per_s"], "agreement": agree["wand_top1_agreement"],
-                 "identical_to_plain": outputs["wand"] == outputs["plain"],
-                 "note": f"mean stages per token {agree['wand_teacher_forced_stages_per_token']:.2f} of "
-                         f"{cfg.n_stages} (F={wand_factor})"},
-    }
-    sweep = [{"draft_stage": k, "gamma": gamma, "tokens_per_s": timing[f"speculative_d{k}"]["tokens_per_s"],
-              "acceptance": timing[f"speculative_d{k}"]["acceptance_rate"],
-              "tokens_per_verify": timing[f"speculative_d{k}"]["tokens_per_verify"],
-              "identical_to_plain": outputs[f"speculative_d{k}"] == outputs["plain"],
-              "note": f"draft stage {k}, gamma {gamma}"} for k in draft_stages]
-    for row in [*result.values(), *sweep]:
-        row["speedup"] = row["tokens_per_s"] / base
-    result["speculative"] = next(r for r in sweep if r["draft_stage"] == draft_stage)
-    return {"modes": result, "speculative_sweep": sweep, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
-            "wand_bounds": calib["wand_bounds"], "cpu": cpu}
+    sweep = [dict(timing[p], draft_stage=k, path=p) for k in range(cfg.n_stages - 1)
+             if (p := best_path(timing, f"speculative_d{k}"))]
+    modes = {"plain": dict(timing[plain], path=plain, agreement=1.0)}
+    if p := best_path(timing, "stage0"):
+        modes["stage0"] = dict(timing[p], path=p, agreement=agree["stage0"],
+                               note=f"layers run per token: {cfg.poe_stage_layers[0]} of {cfg.n_layer}")
+    if p := best_path(timing, "wand"):
+        modes["wand"] = dict(timing[p], path=p, agreement=agree["wand"], gate=wand_gate(timing[p]),
+                             note=f"{wand_gate(timing[p])}; mean stages per token "
+                                  f"{agree['wand_stages_per_token']:.2f} of {cfg.n_stages} teacher-forced "
+                                  f"(F={wand_factor}; the bounds alone: {agree['wand_bounds_only_stages_per_token']:.2f}"
+                                  f" at {100 * agree['wand_bounds_only']:.1f} % agreement)")
+    if sweep:
+        modes["speculative"] = dict(max(sweep, key=lambda r: r["tokens_per_s"]))
+        modes["speculative"]["note"] = f"best fixed draft stage {modes['speculative']['draft_stage']}"
+    if p := best_path(timing, "speculative_adaptive"):
+        modes["speculative_adaptive"] = dict(timing[p], path=p)
+    out = {"best_plain": plain, "modes": modes, "speculative_sweep": sweep, "agreement": agree,
+           "paths": {n: r for n, r in timing.items() if not n.startswith("bp_")}}
+    if bp := best_path(timing, "bp_plain"):
+        out["bp_plain"] = dict(timing[bp], path=bp)
+    return out
+
+
+def measure_sets(model: GPT, tokenizer, sets: dict[str, tuple], calib: dict, max_new_tokens: int = 128,
+                 gamma: int = 4, wand_factor: float = 1.0, repeats: int = 3, bp_model: GPT | None = None,
+                 threads: int = 1, compile: bool = True, extra_modes: dict[str, dict] | None = None,
+                 show_progress: bool = False) -> dict:
+    """Time every path on each prompt set (name -> (prompts, held-out rows (B, T), source)) with
+    `threads` torch threads, and measure agreement on the set's held-out rows (WAND's at the exit
+    tests its gate ran)."""
+    paths = poe_paths(model, tokenizer, calib, gamma, wand_factor, bp_model, compile, extra_modes)
+    report = {}
+    with torch_threads(threads):
+        clock = CpuClock.start()
+        for name, (prompts, heldout, source) in sets.items():
+            timing, outputs = timed_paths(paths, prompts, max_new_tokens, repeats, show_progress)
+            tested = next((r["wand_tested_stages"] for n, r in timing.items() if n.split(":")[0] == "wand"), None)
+            agree = agreement(model, heldout, calib, wand_factor, tested)
+            report[name] = dict(set_report(timing, outputs, agree, model, wand_factor), source=source,
+                                prompts=len(prompts), prompt_tokens=len(prompts[0]), max_new_tokens=max_new_tokens)
+        cpu = clock.report(threads) if model.lm_head.weight.device.type == "cpu" else {}  # contended? (CPU only)
+    return {"sets": report, "threads": threads, "repeats": repeats, "gamma": gamma, "cpu": cpu,
+            "wand_bounds": calib["wand_bounds"], "decode_costs": calib.get("decode_costs")}
+
+
+def bench_calibration(model: GPT, batches: list[torch.Tensor], model_dir: str | Path | None, threads: int) -> dict:
+    """The calibration stored in model_dir when its decode costs were measured at `threads`
+    threads, else a new one from batches (bounds, exit rates and costs measured now, at those
+    threads), stored in model_dir if given."""
+    calib = load_calibration(model_dir) if model_dir else None
+    if calib is None or (calib.get("decode_costs") or {}).get("threads") != threads:
+        with torch_threads(threads):
+            calib = calibrate(model, batches)
+        if model_dir:
+            save_calibration(model_dir, calib)
+    return calib
+
+
+def measure_modes(model: GPT, tokenizer, data_dir: str, n_prompts: int = 4, max_new_tokens: int = 128,
+                  prompt_len: int = 32, heldout_tokens: int = 2 ** 14, model_dir: str | Path | None = None,
+                  threads: int = 1, **options) -> dict:
+    """Every mode of a PoE model (and the BP model's plain paths, with bp_model=) on validation
+    prompts and outside-text prompts (measure_sets' options). WAND and the adaptive speculative
+    decoder use a calibration of the first half of heldout_tokens validation tokens
+    (bench_calibration); agreement on the validation set is measured on the second half."""
+    seq = min(model.config.sequence_len, 256)
+    batches = heldout_batches(data_dir, tokenizer, seq, heldout_tokens)
+    half = max(1, len(batches) // 2)
+    calib = bench_calibration(model, batches[:half], model_dir, threads)
+    rest = batches[half:] or batches
+    sets = {"validation": (prompts_from(rest, n_prompts, prompt_len), torch.cat(rest), "the validation split")}
+    if tokenizer is not None:
+        sets["outside"] = (*outside_set(tokenizer, seq, n_prompts, prompt_len), OUTSIDE_SOURCE)
+    return measure_sets(model, tokenizer, sets, calib, max_new_tokens, threads=threads, **options)
 
 
 def bp_refusals(model: GPT, tokenizer) -> dict[str, str]:

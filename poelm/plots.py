@@ -114,3 +114,74 @@ def plot_task_compare(result: dict, path: Path) -> Path:
     ax.set_ylabel("points (final readout)"), ax.set_title(f"downstream tasks: {models[-1]} - {models[0]} above")
     ax.grid(alpha=0.3, axis="y"), ax.legend()
     return save_figure(fig, Path(path))
+
+
+def plot_experiment(out: Path, results: dict, paper_gap_pct: float, bands: list[tuple]) -> list[Path]:
+    """The 3-way experiment's bpb curves, bpb per stage readout and PoE-vs-BP gap (with `bands`:
+    (steps, low, high, label) of the seeds' mean +- std) -> the PNGs written."""
+    written = []
+    evals = results["evals"]
+    labels = {"bp": "BP (none)", "poe": "PoE flat α=0", "poe_a05": "PoE flat α=0.5"}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for arm, recs in evals.items():
+        if recs:
+            ax.plot([r["step"] for r in recs if r["step"] > 0], [r["bpb"] for r in recs if r["step"] > 0],
+                    marker="o", ms=3, label=labels.get(arm, arm))
+    ax.set_xlabel("step"), ax.set_ylabel("val bits per byte"), ax.set_title("3-way experiment: final readout")
+    ax.grid(alpha=0.3), ax.legend()
+    written.append(save_figure(fig, out / "bpb_curves.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(1, len(evals))
+    lasts = {arm: recs[-1] for arm, recs in evals.items() if recs}
+    values_all = []
+    for j, (arm, last) in enumerate(lasts.items()):
+        values = last["stages"] + [last["logop"], last["bpb"]]
+        values_all += values
+        ax.bar([i + j * width for i in range(len(values))], values, width, label=labels.get(arm, arm))
+    n = max((len(last["stages"]) for last in lasts.values()), default=0)
+    ax.set_xticks([i + width * (len(lasts) - 1) / 2 for i in range(n + 2)],
+                  [f"stage {k}" for k in range(n)] + ["Log-OP", "final"])
+    if values_all:
+        lo, hi = min(values_all), max(values_all)
+        ax.set_ylim(lo - 0.15 * (hi - lo + 1e-3), hi + 0.1 * (hi - lo + 1e-3))
+    ax.set_ylabel("val bits per byte"), ax.set_title("bpb per stage readout (final step)")
+    ax.grid(alpha=0.3, axis="y"), ax.legend()
+    written.append(save_figure(fig, out / "bpb_per_stage.png"))
+
+    if results["gap"]:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([g["step"] for g in results["gap"]], [g["gap_pct"] for g in results["gap"]], marker="o",
+                label="PoE α=0 vs BP (this run)")
+        if results.get("gap_alpha05"):
+            ax.plot([g["step"] for g in results["gap_alpha05"]], [g["gap_pct"] for g in results["gap_alpha05"]],
+                    marker="s", label="PoE α=0.5 vs BP (this run)")
+        for steps, low, high, label in bands:
+            ax.fill_between(steps, low, high, alpha=0.2, label=label)
+        ax.axhline(paper_gap_pct, ls="--", color="gray", label=f"paper final gap (+{paper_gap_pct:.2f} %)")
+        ax.set_xlabel("step"), ax.set_ylabel("bpb gap (%, positive: PoE worse)"), ax.set_title("PoE-vs-BP gap trajectory")
+        ax.grid(alpha=0.3), ax.legend()
+        written.append(save_figure(fig, out / "gap.png"))
+
+    return written
+
+
+def plot_speedups(out: Path, sets: dict) -> Path:
+    """Each decoding path's speed over the best plain path, per prompt set, labelled with its tokens/s."""
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(sets)
+    names = list(next(iter(sets.values()))["paths"])
+    for j, (set_name, rep) in enumerate(sets.items()):
+        xs = [i + j * width for i in range(len(names))]
+        values = [rep["paths"].get(n, {}).get("speedup", 0.0) for n in names]
+        bars = ax.bar(xs, values, width, label=f"{set_name} prompts")
+        for bar, n in zip(bars, names):
+            if n in rep["paths"]:
+                ax.annotate(f"{rep['paths'][n]['tokens_per_s']:.0f}", (bar.get_x() + bar.get_width() / 2,
+                            bar.get_height()), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks([i + width * (len(sets) - 1) / 2 for i in range(len(names))], names, rotation=30, ha="right")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_ylabel("speed over the best plain path (labels: tok/s)")
+    ax.set_title("PoE decoding paths, greedy, batch 1, 1 thread (this machine, this run)")
+    ax.legend()
+    return save_figure(fig, out / "speedups.png")

@@ -65,6 +65,9 @@ class TrainConfig:
     device_batch_size: int = setting(32, "rows per forward pass per rank")
     num_iterations: int = setting(-1, "optimizer steps; -1 = derive from --target-tokens or "
                                       "--target-param-data-ratio")
+    stop_at: int | None = setting(None, "stop after this step, under the learning-rate schedule of the whole "
+                                        "horizon (a run cut short; its checkpoint is the one compared)",
+                                  shown="the horizon", resume=True)
     target_tokens: int = setting(-1, "training tokens; -1 = use the ratio below")
     target_param_data_ratio: float = setting(20.0, "tokens per total parameter (released runs: 20)")
     # optimizer
@@ -123,6 +126,9 @@ def check_config(tc: TrainConfig, task: Task | None = None) -> None:
         raise SettingError("num_iterations", f"{{num_iterations}} {tc.num_iterations} would train no steps: give a "
                            "step count >= 1, or -1 to derive the horizon from {target_tokens} or "
                            "{target_param_data_ratio}")
+    if tc.stop_at is not None and (tc.stop_at < 1 or 0 < tc.num_iterations < tc.stop_at):
+        raise SettingError("stop_at", f"{{stop_at}} {tc.stop_at}: give a step between 1 and the horizon "
+                           "({num_iterations})")
     if tc.target_tokens == 0 or tc.target_tokens < -1:
         raise SettingError("target_tokens", f"{{target_tokens}} {tc.target_tokens} would train on no tokens: give a "
                            "count >= 1, or -1 to use {target_param_data_ratio}")
@@ -595,12 +601,15 @@ def run_locked(tc: TrainConfig, task: Task, rt: Runtime, run: RunDir) -> dict:
         tracker.log({"type": "eval", **result}, step)
         say(evaluate.line(step, result))
 
-    with progress(f"train {out.name}", num_iterations, start_step, rt.master and not tc.quiet) as bar, \
+    stop = min(tc.stop_at or num_iterations, num_iterations)
+    if stop < num_iterations:
+        say(f"stopping at step {stop:,} of the {num_iterations:,}-step schedule (--stop-at)")
+    with progress(f"train {out.name}", stop, start_step, rt.master and not tc.quiet) as bar, \
             (open_tracker(tc.tracker, out, settings) if rt.master else Tracker()) as tracker:
         if setup.rng is not None:  # the last thing before the first step (imports and set-up may draw)
             set_rng_state(setup.rng)
         while True:
-            last = step == num_iterations
+            last = step == stop
             if tc.eval_every > 0 and (step % tc.eval_every == 0 or last) and (step > start_step or step == 0 or last) \
                     and last_eval.get("step") != step:
                 do_eval(step)

@@ -16,14 +16,16 @@ from pathlib import Path
 
 from poelm.atomic import atomic_write_bytes
 from poelm.experiment import PAPER, alpha_ordering
+from poelm.experiment.report import bpb_at, headline, inference_section, reuse_line, stopped_arm_line
 from poelm.experiment.specialist import specialist_report
 
 START, END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
 LABELS = {"bp": "BP (`none`)", "poe": "PoE `flat` α=0", "poe_a05": "PoE `flat` α=0.5"}
 PAPER_COLUMN = {"bp": f"{PAPER['bp_bpb']:.4f}", "poe": f"{PAPER['poe_bpb']:.4f} (+{PAPER['gap_pct_final']} %)",
-                "poe_a05": "tracked worse than α=0, stopped at 53 %"}
+                "poe_a05": f"tracked worse than α=0, stopped at step {PAPER['alpha05_stop_step']:,} of "
+                           f"{PAPER['horizon_steps']:,}"}
 PLOTS = {"bpb_per_stage.png": "demo_bpb_per_stage.png", "bpb_curves.png": "demo_bpb_curves.png",
-         "specialist.png": "demo_specialist.png"}
+         "speedups.png": "demo_speedups.png", "specialist.png": "demo_specialist.png"}
 
 
 def results_section(results: dict) -> str:
@@ -36,29 +38,31 @@ def results_section(results: dict) -> str:
                                                     for a, r in lasts.items()), default=0)
     val = f"{cfg['eval_tokens']:,} validation tokens" if cfg.get("eval_tokens") else "validation tokens"
     train_min = sum(r.get("train_seconds", 0.0) for r in results["arms"].values()) / 60
-    resumed = results.get("resumed_arms") or []
-    if resumed:  # an earlier call trained them: this call's wall time says nothing about a full run
-        timing = (f"Training of the {len(lasts)} arms: **{train_min:.1f} minutes** (arms {', '.join(resumed)} were "
-                  f"trained by an earlier call; the call that wrote these numbers took "
-                  f"{results['wall_seconds'] / 60:.1f} min for the rest). ")
+    if results.get("reused") or results.get("resumed_arms"):  # this call's wall time is not a full run's
+        timing = f"Training of the {len(lasts)} arms: **{train_min:.1f} minutes**. {reuse_line(results)} "
     else:
         timing = (f"**{results['wall_seconds'] / 60:.1f} minutes wall time** for the `poelm experiment` call that "
                   f"wrote these numbers (corpus, tokenizer, {len(lasts)} arms, inference modes, specialist; "
-                  f"{train_min:.1f} of them training the arms). ")
+                  f"{train_min:.1f} of them training the arms). "
+                  + (f"Code: commit {results['commit']}. " if results.get("commit") else ""))
     lines = [f"Machine: {results['machine']}. " + timing + f"Depth {model['n_layer']}, width {model['n_embd']}, vocab "
              f"{cfg['vocab_size']:,}, sequence {model['sequence_len']}, {tokens_per_arm:,} tokens per arm "
              f"({cfg['total_batch_size']:,} per step), corpus `{cfg['data_source']}`; LRs matrix "
              f"{cfg['matrix_lr']:g}, embedding {cfg['embedding_lr']:g}, unembedding {cfg['unembedding_lr']:g}, "
              f"scalar {cfg['scalar_lr']:g} (scaling `{cfg['lr_scaling']}`), Muon wd {cfg['weight_decay']:g}; "
              f"the same fixed {val} for every eval.", ""]
-    lines += three_way_table(lasts)
+    top = headline(results)
+    if top:
+        lines += ["**Headline** (PoE α=0 against BP, final step; speeds against the best plain path of the same run):",
+                  ""] + top + [""]
+    lines += three_way_table(lasts, results["evals"])
     for key, name in (("gap", "α=0"), ("gap_alpha05", "α=0.5")):
         if results.get(key):
             steps = ", ".join(f"{g['gap_pct']:+.1f} % ({g['step']})" for g in results[key])
             lines += ["", f"Gap of PoE {name} over BP by step: {steps}."]
-    ordering = alpha_ordering(results)
-    if ordering:
-        lines += ["", ordering]
+    for line in (stopped_arm_line(results), alpha_ordering(results)):
+        if line:
+            lines += ["", line]
     lines += ["", f"Paper (d24, 27.7 B tokens): the gap of α=0 went from +{PAPER['gap_pct_step1000']} % at "
               f"step 1000 to +{PAPER['gap_pct_final']} % at the end."]
     lines += ["", "![bpb per stage](docs/demo_bpb_per_stage.png)", "", "![bpb curves](docs/demo_bpb_curves.png)"]
@@ -66,6 +70,8 @@ def results_section(results: dict) -> str:
         lines += ["", f"`{arm}` final readout with the reference code's backout on the plain path (never trained "
                   f"that way; off by default): {row['with_backout']:.4f} bpb vs {row['without_backout']:.4f} without."]
     lines += inference_table((results.get("inference") or {}).get("poe"))
+    if (results.get("inference") or {}).get("poe"):
+        lines += ["![decode speeds](docs/demo_speedups.png)", ""]
     if results.get("specialist"):  # the same text as the run's report.md
         lines += [""] + ["#" + line if line.startswith("## ") else line
                          for line in specialist_report(results["specialist"])]
@@ -73,7 +79,7 @@ def results_section(results: dict) -> str:
     return "\n".join(lines)
 
 
-def three_way_table(lasts: dict[str, dict]) -> list[str]:
+def three_way_table(lasts: dict[str, dict], evals: dict) -> list[str]:
     n = max((len(r["stages"]) for r in lasts.values()), default=0)
     columns = {"final": {a: r["bpb"] for a, r in lasts.items()}, "logop": {a: r["logop"] for a, r in lasts.items()},
                **{k: {a: r["stages"][k] for a, r in lasts.items()} for k in range(n)}}
@@ -83,11 +89,11 @@ def three_way_table(lasts: dict[str, dict]) -> list[str]:
         v = columns[c][arm]
         return f"**{v:.4f}**" if v == best[c] and len(lasts) > 1 else f"{v:.4f}"
 
-    bp = lasts.get("bp")
     rows = ["| arm | final bpb | " + " | ".join(f"stage {k}" for k in range(n)) + " | Log-OP | gap vs BP | "
             "paper (d24, 27.7 B tokens) |", "|---|---|" + "---|" * n + "---|---|---|"]
     for arm, r in lasts.items():
-        gap = f"{100 * (r['bpb'] / bp['bpb'] - 1):+.2f} %" if bp and arm != "bp" else "—"
+        bp_then = bpb_at(evals, "bp", r["step"])  # an arm stopped early compares at its own step
+        gap = f"{100 * (r['bpb'] / bp_then - 1):+.2f} % (step {r['step']})" if bp_then and arm != "bp" else "—"
         rows.append(f"| {LABELS.get(arm, arm)} | {cell('final', arm)} | "
                     + " | ".join(cell(k, arm) for k in range(n))
                     + f" | {cell('logop', arm)} | {gap} | {PAPER_COLUMN.get(arm, '—')} |")
@@ -95,24 +101,10 @@ def three_way_table(lasts: dict[str, dict]) -> list[str]:
 
 
 def inference_table(poe: dict | None) -> list[str]:
+    """report.md's inference tables, one heading level down."""
     if not poe:
         return []
-    lines = ["", "### Inference modes (PoE α=0 arm of that run, greedy, batch 1)", "",
-             f"{poe.get('prompts', '?')} prompts × {poe.get('max_new_tokens', '?')} new tokens, timed in the same run "
-             "against plain decoding (`runs/demo/report.md`):", "",
-             "| mode | tokens/s | vs plain | top-1 agreement with full depth | notes |", "|---|---|---|---|---|"]
-    modes = poe["modes"]
-    for name in ("plain", "stage0", "wand"):
-        m = modes.get(name)
-        if m:
-            agree = "—" if name == "plain" else f"{100 * m['agreement']:.1f} %"
-            lines.append(f"| {name} | {m['tokens_per_s']:.1f} | {m['speedup']:.2f}× | {agree} | {m.get('note', '')} |")
-    for r in poe.get("speculative_sweep") or []:
-        same = "identical output" if r["identical_to_plain"] else "OUTPUT DIFFERS"
-        lines.append(f"| speculative, draft stage {r['draft_stage']}, γ = {r['gamma']} | {r['tokens_per_s']:.1f} | "
-                     f"{r['speedup']:.2f}× | {same} | {100 * (r['acceptance'] or 0):.0f} % acceptance, "
-                     f"{r['tokens_per_verify'] or 0:.1f} tokens per verify |")
-    return lines
+    return [""] + ["#" + line if line.startswith("##") else line for line in inference_section(poe)]
 
 
 def rewrite(readme: str, section: str) -> str:

@@ -16,7 +16,7 @@ from poelm import experiment as exp
 
 MICRO = dict(model=dict(n_layer=2, n_embd=32, n_head=2, sequence_len=32, poe_every=1), vocab_size=300, total_batch_size=256,
              device_batch_size=8, num_iterations=4, eval_every=2, eval_tokens=512, save_every=2,
-             decode_tokens=8, decode_prompts=2, device="cpu", dtype="fp32",
+             decode_tokens=8, decode_prompts=2, decode_compile=False, device="cpu", dtype="fp32",
              specialist_steps=4, specialist_batch_rows=4, specialist_eval_prompts=2)
 
 
@@ -66,24 +66,34 @@ def test_experiment_end_to_end_and_resume(micro, monkeypatch):
     results = exp.run_experiment(micro)
     assert any("[bp] finished earlier: skipped" in s for s in said)
     assert any("[poe] finished earlier: skipped" in s for s in said)
+    # stdout is not a terminal: plain progress lines; the alpha=0.5 arm runs 2 of the 4 steps' schedule
+    assert any(s.startswith("stopping at step 2 of the 4-step schedule") for s in said)
+    assert any(s.startswith("train poe_a05: step 2/2 (100%) | loss ") and "tok/s" in s and "| ETA 0s" in s
+               for s in said)
     assert (out / "arms" / "bp" / "result.json").read_bytes() == bp_result  # not retrained
 
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["arms"]) == {"bp", "poe", "poe_a05"}
     for arm in ("bp", "poe", "poe_a05"):
-        evals = saved["evals"][arm]
-        assert [r["step"] for r in evals] == [0, 2, 4]
+        evals = saved["evals"][arm]  # the alpha=0.5 arm stops at the eval step nearest 53 % (2 of 4)
+        assert [r["step"] for r in evals] == ([0, 2] if arm == "poe_a05" else [0, 2, 4])
         assert len(evals[-1]["stages"]) == 2 and evals[-1]["logop"] > 0
     # identical architecture, data and seed: step-0 evaluations agree across arms
     assert saved["evals"]["bp"][0]["stages"] == saved["evals"]["poe"][0]["stages"]
     assert [g["step"] for g in saved["gap"]] == [2, 4]
-    modes = saved["inference"]["poe"]["modes"]
-    assert set(modes) == {"plain", "stage0", "wand", "speculative"}
+    sets = saved["inference"]["poe"]["sets"]  # validation and outside-text prompts
+    assert set(sets) == {"validation", "outside"} and "bp_plain" in sets["validation"]
+    modes = sets["validation"]["modes"]
+    assert set(modes) == {"plain", "stage0", "wand", "speculative", "speculative_adaptive"}
     assert modes["speculative"]["identical_to_plain"] is True
+    assert set(saved["reused"]) == {"bp", "poe"}  # finished by the interrupted call
     assert set(saved["inference"]["bp_refusals"]) == {"stage", "logop", "wand", "speculative"}
     report = (out / "report.md").read_text()
     assert "| poe |" in report and "gap vs BP" in report and "refuses" in report
-    final = {arm: saved["evals"][arm][-1]["bpb"] for arm in ("bp", "poe", "poe_a05")}
+    assert "## Headline" in report and "Reused from an earlier call: bp (finished " in report
+    # the arms compared where the alpha=0.5 arm stopped (step 2)
+    final = {arm: next(r["bpb"] for r in saved["evals"][arm] if r["step"] == 2) for arm in ("bp", "poe", "poe_a05")}
+    assert saved["alpha05_at_stop"]["bpb"] == final and saved["alpha05_at_stop"]["step"] == 2
     alpha = "α=0 better than α=0.5, as in" if final["poe"] < final["poe_a05"] else "α=0.5 better than α=0, not as in"
     assert f"(BP {final['bp']:.4f}, PoE α=0 {final['poe']:.4f}, PoE α=0.5 {final['poe_a05']:.4f}): {alpha}" in report
     spec = saved["specialist"]  # the specialist stage on the PoE arm

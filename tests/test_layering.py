@@ -21,7 +21,7 @@ FLOORS = {
     "poelm.jsonfile": 0, "poelm.memory": 0, "poelm.contention": 0, "poelm.progress": 0,
     # 1: files, data and settings around the model
     "poelm.flags": 1, "poelm.codec": 1, "poelm.presets": 1, "poelm.tokenizer": 1, "poelm.outputs": 1,
-    "poelm.corpus": 1, "poelm.dataloader": 1, "poelm.chatdata": 1, "poelm.plots": 1, "poelm.checkpoint": 1,
+    "poelm.corpus": 1, "poelm.dataloader": 1, "poelm.chatdata": 1, "poelm.outside_text": 1, "poelm.plots": 1, "poelm.checkpoint": 1,
     "poelm.evaluate": 1, "poelm.optim": 1, "poelm.hf": 1, "poelm.tracking": 1,
     # 2: inference and training
     "poelm.engine": 2, "poelm.inference_bench": 2, "poelm.train": 2, "poelm.rundir": 2, "poelm.stage_parallel": 2,

@@ -29,13 +29,26 @@ def _results(a0: float, a05: float) -> dict:
     arms = {arm: {"step": 300, "train_seconds": 400.0} for arm in evals}
     gap = [{"step": 150, "bp": 1.9, "poe": 2.0, "gap_pct": 5.263}, {"step": 300, "bp": 1.6123, "poe": a0,
                                                                     "gap_pct": 100 * (a0 / 1.6123 - 1)}]
-    speculative = {"draft_stage": 0, "gamma": 4, "tokens_per_s": 320.0, "acceptance": 0.44, "tokens_per_verify": 2.7,
-                   "identical_to_plain": True, "speedup": 1.1}
-    inference = {"poe": {"prompts": 4, "max_new_tokens": 96, "speculative_sweep": [speculative], "modes": {
-        "plain": {"tokens_per_s": 290.9, "agreement": 1.0, "speedup": 1.0},
-        "stage0": {"tokens_per_s": 888.8, "agreement": 0.681, "speedup": 3.055, "note": "layers run per token: 1 of 4"},
-        "wand": {"tokens_per_s": 232.6, "agreement": 1.0, "speedup": 0.8, "note": "mean stages per token 3.95 of 4"},
-        "speculative": speculative}}}
+    def path(tps, speedup, **kw):
+        return {"tokens_per_s": tps, "speedup": speedup, "identical_to_plain": True, "mean_stages_per_token": 4.0,
+                "ttft_s": 0.01, "tpot_s": 0.003, **kw}
+
+    speculative = path(320.0, 1.1, acceptance=0.44, tokens_per_verify=2.7)
+    wand = path(232.6, 0.8, exit_stage_counts=[0, 0, 0, 384], wand_tested_stages=[],
+                wand_reason="no exit test pays (...): decodes as plain")
+    paths = {"plain:eager": path(290.9, 1.0), "stage0:eager": path(888.8, 3.055), "wand:eager": wand,
+             "speculative_d0:eager": speculative}
+    validation = {"source": "the validation split", "prompts": 4, "prompt_tokens": 32, "max_new_tokens": 96,
+                  "best_plain": "plain:eager", "paths": paths, "agreement": {"stage0": 0.681, "wand": 1.0},
+                  "speculative_sweep": [dict(speculative, draft_stage=0, path="speculative_d0:eager")],
+                  "modes": {"plain": dict(paths["plain:eager"], path="plain:eager", agreement=1.0),
+                            "stage0": dict(paths["stage0:eager"], path="stage0:eager", agreement=0.681),
+                            "wand": dict(wand, path="wand:eager", agreement=1.0, gate="no exit test pays: decodes as plain",
+                                         note="no exit test pays: decodes as plain; mean stages per token 4.00 of 4"),
+                            "speculative": dict(speculative, draft_stage=0, path="speculative_d0:eager")}}
+    inference = {"poe": {"threads": 1, "repeats": 3, "gamma": 4, "cpu": {"threads": 1, "cpu_share": 0.95, "contended": None},
+                         "wand_bounds": [1.0, 1.0, 1.0, 0.0],
+                         "sets": {"validation": validation}}}
     return {"config": cfg, "model": {**cfg["model"], "poe_stage_layers": [1, 1, 1, 1]}, "evals": evals, "arms": arms, "gap": gap, "gap_alpha05": [], "inference": inference,
             "backout_compat": {"poe": {"without_backout": a0, "with_backout": 1.6999}},
             "wall_seconds": 1234.5, "machine": "2 CPU cores (x86_64), torch 2.13.0, fp32"}
@@ -55,13 +68,15 @@ def test_section_rewritten_from_results_and_outside_untouched(tmp_path):
     assert head == "# poelm\n\nintro text 1.8065\n\n" and tail == "\n\n## Layout\nrest\n"
     assert "9.9999" not in section
     assert "| BP (`none`) | **1.6123** | 2.4000 | 2.1000 | 1.9000 | **1.6201** | 1.9500 | — |" in section
-    assert "| PoE `flat` α=0 | 1.6543 | **1.8000** |" in section and "| +2.60 % |" in section
-    assert "| PoE `flat` α=0.5 | 1.6789 |" in section and "| +4.13 % |" in section
+    assert "| PoE `flat` α=0 | 1.6543 | **1.8000** |" in section and "| +2.60 % (step 300) |" in section
+    assert "| PoE `flat` α=0.5 | 1.6789 |" in section and "| +4.13 % (step 300) |" in section
     assert "+5.3 % (150), +2.6 % (300)" in section
     assert "α=0 better than α=0.5, as in the paper; BP better than both PoE arms, as in the paper" in section
     assert "**20.6 minutes wall time**" in section and "20.0 of them training" in section
-    assert "| stage0 | 888.8 | 3.06× | 68.1 % |" in section
-    assert "| speculative, draft stage 0, γ = 4 | 320.0 | 1.10× | identical output | 44 % acceptance" in section
+    assert "| stage0:eager | 888.8 | 3.06× | 68.1 % | yes |" in section
+    assert "| speculative_d0:eager | 320.0 | 1.10× | — | yes | 44 % | 2.70 |" in section
+    assert "PoE costs **+2.60 %** bpb and buys **1.10×** decode (speculative, exact" in section
+    assert "**0.80×** (WAND at 100.0 % agreement; no exit test pays: decodes as plain)" in section
     assert "1.6999 bpb vs 1.6543 without" in section
     assert not (tmp_path / "docs").exists()  # no plots beside this results.json: nothing copied
 

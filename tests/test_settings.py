@@ -117,7 +117,7 @@ def test_unset_experiment_flags_keep_the_preset():
     from poelm.cli.experiment import experiment_config
 
     cfg = experiment_config(build_parser().parse_args(["experiment", "tiny"]))
-    assert (cfg.total_batch_size, cfg.num_iterations, cfg.lr_scaling, cfg.compile) == (8192, 300, "off", None)
+    assert (cfg.total_batch_size, cfg.num_iterations, cfg.lr_scaling, cfg.compile) == (8192, 226, "off", None)
 
 
 @pytest.mark.parametrize("changed", [False, True])

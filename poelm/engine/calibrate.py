@@ -239,9 +239,11 @@ def load_calibration(model_dir: str | os.PathLike) -> dict | None:
 
 @torch.no_grad()
 def wand_teacher_forced(model: GPT, idx: torch.Tensor, calib: dict, factor: float = 1.0,
-                        logop_alpha: float | None = None) -> dict[str, torch.Tensor]:
-    """The WAND decision at every position of idx (B, T) under teacher forcing:
-    {"pred": (B, T) WAND argmax, "depth": (B, T) stages used, "full": (B, T) target argmax}."""
+                        logop_alpha: float | None = None, stages: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """The WAND decision at every position of idx (B, T) under teacher forcing, exits tested at
+    `stages` only (those the decoder's cost gate tests: DecodeStats.wand_tested_stages; None: every
+    stage but the last): {"pred": (B, T) WAND argmax, "depth": (B, T) stages used, "full": (B, T)
+    target argmax}."""
     calib = check_calibration(calib, model)
     cfg = model.config
     alpha = cfg.poe_alpha if logop_alpha is None else logop_alpha
@@ -252,6 +254,8 @@ def wand_teacher_forced(model: GPT, idx: torch.Tensor, calib: dict, factor: floa
     depth = torch.full_like(pred, cfg.n_stages)
     decided = torch.zeros_like(pred, dtype=torch.bool)
     for k, r in enumerate(running[:-1]):
+        if stages is not None and k not in stages:
+            continue
         exits = ~decided & (top_gap(r) > thresholds[k])
         pred = torch.where(exits, r.argmax(-1), pred)
         depth = torch.where(exits, torch.full_like(depth, k + 1), depth)

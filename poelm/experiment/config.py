@@ -20,14 +20,15 @@ from poelm.model import GPTConfig
 # The paper's figures (docs/poe.md §1, docs/training.md): d24, 27.7 B ClimbMix tokens.
 PAPER = {"bp_bpb": 0.676788, "poe_bpb": 0.720935, "gap_pct_final": 6.52, "gap_pct_step1000": 4.32,
          "speculative_speedup": 1.87, "speculative_acceptance": 0.88, "wand_speedup": 1.82,
-         "wand_agreement": 1.0, "stage0_cost_ratio": 4.0}
+         "wand_agreement": 1.0, "stage0_cost_ratio": 4.0, "alpha05_stop_step": 14000, "horizon_steps": 26430}
 ARMS = (("bp", "none", 0.0), ("poe", "flat", 0.0), ("poe_a05", "flat", 0.5))
 
 
 # TrainConfig fields an experiment sets itself: data, tokenizer and out are the experiment's own
 # (each arm trains in out/arms/ARM), the model is `model` below, every arm resumes, and arms of
-# different objectives cannot start from one model's weights (init)
-EXPERIMENT_OWN = ("data", "tokenizer", "out", "model", "resume", "init")
+# different objectives cannot start from one model's weights (init); the alpha=0.5 arm's stop is
+# alpha05_stop_fraction below (stop_at)
+EXPERIMENT_OWN = ("data", "tokenizer", "out", "model", "resume", "init", "stop_at")
 # the experiment's defaults where they are not TrainConfig's
 TRAINING_DEFAULTS = {"total_batch_size": 8192, "eval_every": 50, "save_every": 50}
 
@@ -59,9 +60,13 @@ class ExperimentConfig(ArmTraining):
     # GPTConfig fields shared by every arm (each arm sets poe_mode and poe_alpha itself); fields
     # left out take GPTConfig's defaults and derivations
     model: dict = field(default_factory=dict)
+    # the alpha=0.5 arm stops at this fraction of the horizon under the full schedule (the paper's run
+    # stopped at step 14,000 of 26,430) and is compared with the others at that step; 1: not stopped
+    alpha05_stop_fraction: float = PAPER["alpha05_stop_step"] / PAPER["horizon_steps"]
     arms: list[str] = field(default_factory=lambda: [a[0] for a in ARMS])
-    decode_tokens: int = 96  # new tokens per prompt in the inference-mode measurement
+    decode_tokens: int = 128  # new tokens per prompt in the inference-mode measurement
     decode_prompts: int = 4
+    decode_compile: bool = True  # also time the compiled paths (speeds are over the faster plain path)
     # the specialist stage (docs/poe.md section 7) on the PoE arm; 0 steps: off
     specialist_steps: int = 0
     specialist_layers: int = 1
@@ -86,21 +91,23 @@ class ExperimentConfig(ArmTraining):
 
 
 EXPERIMENTS: dict[str, dict] = {
-    # About 25 minutes on 2 CPU cores (fp32): 3 arms x 300 steps x 8,192 tokens (2.46 M tokens per arm), then
-    # a 1-layer specialist on the PoE arm, 200 SFT steps on the recall chat set.
+    # About 30 minutes on 2 quiet CPU cores (fp32): depth 8 in 4 stages of 2 layers (so a stage costs more
+    # than a WAND exit test and a draft stage is a quarter of the model), 3 arms x 226 steps x 8,192 tokens
+    # (1.85 M tokens per arm; the alpha=0.5 arm stops at step 120, 53 %, as the paper's did), then a 1-layer
+    # specialist on the PoE arm, 200 SFT steps on the recall chat set. Evals every 40 steps land on step 120.
     # Literal LRs (lr_scaling off): nanochat's rules would put s_B = sqrt(8192 / 2^19) = 1/8 on every LR
     # and start the Muon wd at 0.82 (its d12 has 24x the scaling params): too slow and too strong for
-    # 300 steps. These are the effective values this preset trained with before the rules were exact
-    # (the flags x (128/768)^-0.5 on every AdamW LR, Muon lr 0.02, wd 0.2), then tuned on the BP arm
-    # alone as the paper's were (all arms use them): the four LRs x a factor, 300 steps, final BP val bpb
-    # x1 1.5858 | x2 1.5447 | x3 1.5640 | x4 1.5653 (wd 0.2 kept); x2 taken.
-    "tiny": dict(name="tiny", model=dict(n_layer=4, n_embd=128, n_head=2, sequence_len=256, poe_every=1),
+    # a few hundred steps. These are the values tuned for the 4 x 128 version of this preset on its BP arm
+    # alone, as the paper's were (all arms use them): the flags x (128/768)^-0.5 on every AdamW LR, Muon
+    # lr 0.02, wd 0.2, then the four LRs x a factor, 300 steps, final BP val bpb
+    # x1 1.5858 | x2 1.5447 | x3 1.5640 | x4 1.5653; x2 taken (not re-swept at depth 8: same width).
+    "tiny": dict(name="tiny", model=dict(n_layer=8, n_embd=128, n_head=2, sequence_len=256, poe_every=2),
                  vocab_size=1024,
-                 total_batch_size=8192, device_batch_size=32, num_iterations=300, eval_every=50,
-                 eval_tokens=2 ** 16, save_every=50, tokenizer="data/tokenizer-1k",
+                 total_batch_size=8192, device_batch_size=32, num_iterations=226, eval_every=40,
+                 eval_tokens=2 ** 16, save_every=40, tokenizer="data/tokenizer-1k",
                  lr_scaling="off", matrix_lr=0.04, embedding_lr=1.47, unembedding_lr=0.0392, scalar_lr=2.45,
-                 weight_decay=0.2, specialist_steps=200,
-                 compute_note="about 25 minutes on 2 CPU cores (fp32), specialist stage included"),
+                 weight_decay=0.2, specialist_steps=200, decode_tokens=128,
+                 compute_note="about 30 minutes on 2 quiet CPU cores (fp32), specialist and inference included"),
     # A wider model for longer on CPU: depth 8, 256 wide, 4 x 2 stages, 9.8 M tokens per arm.
     # Literal LRs (lr_scaling off) for the same reason as tiny: flags x (256/768)^-0.5 on the AdamW LRs.
     "cpu-long": dict(name="cpu-long", model=dict(n_layer=8, n_embd=256, n_head=4, sequence_len=512, poe_every=2),
@@ -185,7 +192,23 @@ def load_config(preset_or_file: str | None, overrides: dict) -> ExperimentConfig
     bad = [a for a in cfg.arms if a not in {n for n, _, _ in ARMS}]
     if bad:
         raise ValueError(f"unknown arm(s) {', '.join(bad)}; choose from {', '.join(n for n, _, _ in ARMS)}")
+    check_stop(cfg, name)
     return cfg
+
+
+def alpha05_stop(cfg: ExperimentConfig, horizon: int) -> int:
+    """The step the alpha=0.5 arm stops at: the eval step nearest alpha05_stop_fraction of the
+    horizon (so every arm has an eval there to compare), at least one eval in, at most the horizon."""
+    target = cfg.alpha05_stop_fraction * horizon
+    every = cfg.eval_every if 0 < cfg.eval_every < horizon else 1
+    return min(horizon, every * max(1, round(target / every)))
+
+
+def check_stop(cfg: ExperimentConfig, where: str) -> None:
+    """Refuse an alpha05_stop_fraction outside (0, 1] in one line naming it."""
+    if not 0.0 < cfg.alpha05_stop_fraction <= 1.0:
+        raise ValueError(f"{where}: alpha05_stop_fraction {cfg.alpha05_stop_fraction}: give a fraction in (0, 1], "
+                         "e.g. 0.53 (the paper's 14,000 of 26,430 steps) or 1 to train the alpha=0.5 arm in full")
 
 
 def read_experiment_file(path: str) -> dict:

@@ -18,7 +18,7 @@ from poelm.jsonfile import read_json_object
 from poelm.model import GPTConfig
 from poelm.rundir import RESULT_NAME
 from poelm.tracking import resolve_tracker
-from poelm.experiment.config import ARMS, PAPER, ExperimentConfig, fold_model_keys, load_config
+from poelm.experiment.config import ARMS, PAPER, ExperimentConfig, alpha05_stop, fold_model_keys, load_config
 from poelm.experiment.report import experiment_plots, render_report
 from poelm.experiment.specialist import run_specialist
 
@@ -49,14 +49,33 @@ def ensure_data(cfg: ExperimentConfig, say) -> None:
         say(f"tokenizer trained in {time.time() - t0:.1f} s")
 
 
+def horizon(cfg: ExperimentConfig) -> int:
+    """The arms' number of steps (as the trainer derives it when not given in steps)."""
+    if cfg.num_iterations > 0:
+        return cfg.num_iterations
+    import torch
+
+    from poelm.model import GPT
+    from poelm.schedule import resolve_horizon
+    from poelm.tokenizer import Tokenizer
+
+    config = dataclasses.replace(cfg.model_config("none", 0.0), vocab_size=Tokenizer.load(cfg.tokenizer).vocab_size)
+    with torch.device("meta"):
+        params = GPT(config).num_params()
+    return resolve_horizon(-1, cfg.target_tokens, cfg.target_param_data_ratio, params, cfg.total_batch_size)[0]
+
+
 def arm_train_config(cfg: ExperimentConfig, arm: str):
     """The TrainConfig of one arm: the experiment's training settings, its data, tokenizer and the
     arm's model, in out/arms/ARM, resumed when it has a checkpoint."""
     from poelm.train import TrainConfig
 
     mode, alpha = next((m, a) for n, m, a in ARMS if n == arm)
+    stop = None
+    if arm == "poe_a05" and cfg.alpha05_stop_fraction < 1.0:
+        stop = alpha05_stop(cfg, horizon(cfg))
     return TrainConfig(data=cfg.data, tokenizer=cfg.tokenizer, out=str(Path(cfg.out) / "arms" / arm),
-                       model=cfg.model_config(mode, alpha), resume=True, **cfg.training())
+                       model=cfg.model_config(mode, alpha), resume=True, stop_at=stop, **cfg.training())
 
 
 def run_arm(cfg: ExperimentConfig, arm: str, say) -> dict:
@@ -105,6 +124,30 @@ def gap_trajectory(evals: dict[str, list[dict]], arm: str = "poe") -> list[dict]
             for r in evals.get(arm, []) if r["step"] in bp and r["step"] > 0]
 
 
+def at_step(evals: dict[str, list[dict]], step: int) -> dict[str, float]:
+    """Final-readout bpb of every arm that has an eval at this step."""
+    return {arm: r["bpb"] for arm, recs in evals.items() for r in recs if r["step"] == step}
+
+
+def alpha05_comparison(cfg: ExperimentConfig, results: dict) -> dict | None:
+    """The alpha=0.5 arm against the others at the step it stopped at (as the paper's run)."""
+    a05 = results["arms"].get("poe_a05")
+    if not a05:
+        return None
+    step, total = a05["step"], a05.get("num_iterations", a05["step"])
+    bpb = at_step(results["evals"], step)
+    return {"step": step, "horizon": total, "fraction": step / total, "bpb": bpb,
+            "gap_pct": {arm: 100 * (b / bpb["bp"] - 1) for arm, b in bpb.items() if arm != "bp" and "bp" in bpb}}
+
+
+def reused_parts(cfg: ExperimentConfig) -> dict[str, str]:
+    """Arms (and the specialist) finished by an earlier call, with when they finished (local time)."""
+    done = {arm: Path(cfg.out) / "arms" / arm / RESULT_NAME for arm in cfg.arms}
+    done["specialist"] = Path(cfg.out) / "specialist" / RESULT_NAME
+    return {name: time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+            for name, path in done.items() if path.exists()}
+
+
 def run_seeds(cfg: ExperimentConfig, evals: dict[str, list[dict]], say) -> dict:
     """Train the arms again for every further seed (poelm.experiment.seeds) and summarise all seeds."""
     from poelm.experiment.seeds import extra_seed_configs, seed_summary
@@ -120,23 +163,25 @@ def run_seeds(cfg: ExperimentConfig, evals: dict[str, list[dict]], say) -> dict:
 
 
 def measure_inference(cfg: ExperimentConfig, say, show_progress: bool = False) -> dict:
-    """PoE model: stage 0, WAND and speculative against plain decoding; BP refusing them."""
+    """PoE model: every mode against the best plain path (and the BP arm's plain speed) on
+    validation and outside-text prompts; BP refusing the PoE modes."""
     from poelm.checkpoint import load_model
-    from poelm.inference_bench import measure_modes, bp_refusals
+    from poelm.inference_bench import bp_refusals, measure_modes
 
     arms = Path(cfg.out) / "arms"
     result: dict = {}
+    bp = load_model(arms / "bp") if (arms / "bp").exists() else None  # (model, tokenizer)
     if (arms / "poe").exists():
         model, tok = load_model(arms / "poe")
-        say("[inference] measuring plain, stage 0, WAND and speculative decoding on the PoE arm ...")
+        say("[inference] timing plain, stage 0, WAND and speculative decoding (fixed and adaptive), eager and "
+            "compiled, on the PoE arm and plain on the BP arm: validation and outside-text prompts, 1 thread ...")
         result["poe"] = measure_modes(model, tok, cfg.data, n_prompts=cfg.decode_prompts,
                                       max_new_tokens=cfg.decode_tokens, model_dir=resolve(arms / "poe"), repeats=3,
-                                      show_progress=show_progress)
+                                      bp_model=bp and bp[0], compile=cfg.decode_compile, show_progress=show_progress)
         if result["poe"]["cpu"].get("contended"):
             say(f"[inference] warning: {result['poe']['cpu']['contended']}: the tokens/s are below this machine's")
-    if (arms / "bp").exists():
-        model, tok = load_model(arms / "bp")
-        result["bp_refusals"] = bp_refusals(model, tok)
+    if bp is not None:
+        result["bp_refusals"] = bp_refusals(*bp)
     return result
 
 
@@ -183,7 +228,8 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
         now = json.loads(json.dumps(dataclasses.asdict(cfg)))
         for d in (old, now):  # the model as GPTConfig resolves it (defaults spelt out or not)
             d["model"] = GPTConfig(**d["model"]).to_dict()
-        diff = [k for k in old if k not in ("out", "arms", "decode_tokens", "decode_prompts", "tracker", "seeds") and old[k] != now.get(k)]
+        diff = [k for k in old if k not in ("out", "arms", "decode_tokens", "decode_prompts", "decode_compile",
+                                            "tracker", "seeds") and old[k] != now.get(k)]
         if diff:
             raise ValueError(f"{out} holds an experiment with other settings ({', '.join(diff)}); "
                              "use another --out or rerun with the same settings to resume")
@@ -192,7 +238,9 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
     ensure_data(cfg, say)
     results = {"config": dataclasses.asdict(cfg), "model": cfg.model_config("flat", 0.0).to_dict(), "arms": {},
                "paper": PAPER}
-    results["resumed_arms"] = [a for a in cfg.arms if (Path(cfg.out) / "arms" / a / RESULT_NAME).exists()]
+    results["reused"] = reused_parts(cfg)
+    results["resumed_arms"] = [a for a in cfg.arms if a in results["reused"]]
+    results["started"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(t0))
     for arm in cfg.arms:
         results["arms"][arm] = run_arm(cfg, arm, say)
     evals = eval_table(cfg)
@@ -201,17 +249,37 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
         results["seeds"] = run_seeds(cfg, evals, say)
     results["gap"] = gap_trajectory(evals)
     results["gap_alpha05"] = gap_trajectory(evals, "poe_a05")
+    results["alpha05_at_stop"] = alpha05_comparison(cfg, results)
     results["backout_compat"] = backout_compat(cfg)
     results["inference"] = measure_inference(cfg, say, show_progress=not quiet)
     results["specialist"] = run_specialist(cfg, say)
     results["wall_seconds"] = round(time.time() - t0, 1)
     results["machine"] = machine_description()
+    results["commit"] = code_commit()
     atomic_write_json(out / "results.json", results)
     results["plots"] = [str(p) for p in experiment_plots(out, results)]
     atomic_write_bytes(out / "report.md", render_report(results).encode())
     atomic_write_json(out / "results.json", results)
     say(f"report: {out / 'report.md'}")
     return results
+
+
+def code_commit() -> str | None:
+    """The git commit of the poelm sources that ran (with "+changes" when they differ from it);
+    None outside a git checkout."""
+    import subprocess
+
+    src = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=src, capture_output=True, text=True,
+                              timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=src, capture_output=True, text=True,
+                               timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def machine_description() -> str:

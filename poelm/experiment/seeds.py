@@ -84,15 +84,16 @@ def gap_band(runs: list[dict[str, list[dict]]], arm: str) -> list[dict]:
             for s in steps]
 
 
-def draw_gap_band(ax, summary: dict) -> None:
-    """The gap's mean ± std band over the seeds on the gap plot's axes."""
+def gap_bands(summary: dict) -> list[tuple[list, list, list, str]]:
+    """The gap's mean +- std over the seeds, per arm: (steps, low, high, label) for the gap plot."""
+    bands = []
     for arm, band in summary["gap_band"].items():
         if band:
-            steps = [b["step"] for b in band]
             mean = [b["mean"] for b in band]
-            ax.fill_between(steps, [m - b["std"] for m, b in zip(mean, band)],
-                            [m + b["std"] for m, b in zip(mean, band)], alpha=0.2,
-                            label=f"{GAP_ARMS[arm]} vs BP: mean ± std over {len(summary['seeds'])} seeds")
+            bands.append(([b["step"] for b in band], [m - b["std"] for m, b in zip(mean, band)],
+                          [m + b["std"] for m, b in zip(mean, band)],
+                          f"{GAP_ARMS[arm]} vs BP: mean ± std over {len(summary['seeds'])} seeds"))
+    return bands
 
 
 def seed_report(summary: dict | None) -> list[str]:
