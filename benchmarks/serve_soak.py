@@ -40,14 +40,14 @@ PREAMBLES = ["You are a careful assistant. Answer briefly and exactly.",
              "Translate the sentence below into plain words, keeping its meaning."]
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of process pid and its live children (Linux /proc), in bytes."""
-    total = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            total = int(line.split()[1]) * 1024
+def rss_bytes(pid: int) -> tuple[int, int]:
+    """Resident memory of process pid and of its live children and their descendants (Linux
+    /proc), in bytes: (the HTTP process, the engine process) for `poelm serve`."""
+    own = next(int(line.split()[1]) * 1024 for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+               if line.startswith("VmRSS:"))
     children = Path(f"/proc/{pid}/task/{pid}/children")
-    return total + sum(rss_bytes(int(k)) for k in (children.read_text().split() if children.exists() else []))
+    kids = children.read_text().split() if children.exists() else []
+    return own, sum(sum(rss_bytes(int(k))) for k in kids)
 
 
 async def soak(url: str, clients: int, seconds: float, max_tokens: int, pid: int, timeout: float) -> dict:
@@ -73,7 +73,9 @@ async def soak(url: str, clients: int, seconds: float, max_tokens: int, pid: int
     async def sampler() -> None:
         t0 = time.monotonic()
         while True:
-            samples.append({"t_s": round(time.monotonic() - t0), "rss_mib": rss_bytes(pid) / 2**20,
+            http, engine = rss_bytes(pid)
+            samples.append({"t_s": round(time.monotonic() - t0), "rss_mib": (http + engine) / 2**20,
+                            "http_mib": http / 2**20, "engine_mib": engine / 2**20,
                             "load1": os.getloadavg()[0], "requests": counts["requests"]})
             if time.monotonic() >= deadline:
                 return
@@ -109,11 +111,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(result, indent=1))
     else:
         for s in result["samples"]:
-            print(f"t={s['t_s']:>4}s  rss {s['rss_mib']:7.1f} MiB  load {s['load1']:5.2f}  requests {s['requests']}")
+            print(f"t={s['t_s']:>4}s  rss {s['rss_mib']:7.1f} MiB (http {s['http_mib']:6.1f}, engine "
+                  f"{s['engine_mib']:7.1f})  load {s['load1']:5.2f}  requests {s['requests']}")
         for message, n in result["error_messages"].items():
             print(f"error x{n}: {message}")
-        print(f"{args.clients} clients, {args.minutes:g} min: {result['requests']} requests, {result['tokens']} tokens, "
-              f"{result['errors']} errors, server exit {result['server_exit']}; mean load {result['load1_mean']:.2f}")
+        print(f"{args.clients} clients, {args.minutes:g} min: {result['requests']} requests, {result['tokens']} "
+              f"tokens, {result['errors']} errors, server exit {result['server_exit']}; "
+              f"mean load {result['load1_mean']:.2f}")
         print(f"RSS (HTTP + engine) start {result['rss_start_mib']:.1f} MiB, end {result['rss_end_mib']:.1f} MiB, "
               f"max {result['rss_max_mib']:.1f} MiB")
     return result
