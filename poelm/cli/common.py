@@ -39,6 +39,19 @@ def emit(args: argparse.Namespace, result: dict, text: str | None = None) -> Non
         print(text)
 
 
+def checked_tasks(args, models: list[str]) -> tuple[list[str], object]:
+    """`--tasks` (and `--include-path`) of eval/compare checked before any model loads: an unknown
+    task or a broken task file is refused, as is a MODEL that does not resolve -> (tasks, manager)."""
+    from poelm.downstream import parse_tasks, require_lm_eval, task_manager
+
+    tasks = parse_tasks(args.tasks)
+    require_lm_eval()
+    manager = task_manager(tasks, args.include_path)
+    for spec in models:
+        check_model(spec)
+    return tasks, manager
+
+
 def check_model(spec: str) -> None:
     """Raise the one-line error load_model would, without loading anything (hub ids pass)."""
     from poelm.checkpoint import looks_like_hub_id, model_dir

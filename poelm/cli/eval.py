@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from poelm.cli.common import CliError, check_model, check_seq_len, emit, parse_compose, val_progress, with_threads
+from poelm.cli.common import CliError, check_seq_len, checked_tasks, emit, parse_compose, val_progress, with_threads
 from poelm.flags import at_least
 
 
@@ -120,12 +120,9 @@ def eval_compose(args: argparse.Namespace) -> int:
 
 def eval_tasks(args: argparse.Namespace) -> int:
     """`poelm eval MODEL --tasks T1,T2 [--include-path DIR] [--limit N]`: a table task x readout."""
-    from poelm.downstream import evaluate_tasks, parse_tasks, require_lm_eval, task_manager, task_table
+    from poelm.downstream import evaluate_tasks, task_table
 
-    tasks = parse_tasks(args.tasks)
-    require_lm_eval()
-    manager = task_manager(tasks, args.include_path)  # an unknown task or a broken file: refused before loading
-    check_model(args.model)
+    tasks, manager = checked_tasks(args, [args.model])
     result = evaluate_tasks(args.model, tasks, args.include_path, args.limit, args.device, args.batch_size,
                             args.force, manager=manager)
     emit(args, result, task_table(result))

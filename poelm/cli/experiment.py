@@ -8,7 +8,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from poelm.cli.common import CliError, check_model, emit, threads_note, with_threads
+from poelm.cli.common import CliError, check_model, checked_tasks, emit, threads_note, with_threads
 from poelm.flags import add_model_flags, add_setting_flags, at_least, model_kwargs, untrained_fields
 
 
@@ -108,18 +108,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def compare_on_tasks(args: argparse.Namespace) -> int:
     """`poelm compare BP POE --tasks T1,T2`: points per task and their difference, table and PNG."""
-    from poelm.downstream import parse_tasks, require_lm_eval, task_manager
     from poelm.experiment.compare import compare_tasks, task_compare_table
     from poelm.plots import plot_task_compare
 
-    tasks = parse_tasks(args.tasks)
-    require_lm_eval()
-    manager = task_manager(tasks, args.include_path)  # an unknown task or a broken file: refused before loading
-    for spec in args.models:
-        check_model(spec)
+    tasks, manager = checked_tasks(args, args.models)
     result = compare_tasks(args.models, tasks, args.include_path, args.limit, args.device, args.batch_size, manager)
     result["plot"] = str(plot_task_compare(result, Path(args.plot or "compare_tasks.png")))
     emit(args, result, task_compare_table(result) + f"\nplot: {result['plot']}")
