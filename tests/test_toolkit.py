@@ -356,6 +356,26 @@ def test_seed_summary_mean_std_band_and_orderings():
     assert not alpha["exceeds_noise"] and "within the seed noise" in alpha["verdict"]  # +0.001, -0.002, +0.002
 
 
+
+def test_seed_summary_compares_an_early_stopped_arm_at_its_own_step():
+    """The α=0.5 arm stops early (53 % of the schedule): its gap to BP and its ordering against α=0
+    are taken at the step it stopped at, never against the other arms' final step."""
+    from poelm.experiment.seeds import seed_summary, seed_report
+
+    runs = []
+    for shift in (0.0, 0.01, -0.01):
+        ev = evals_of([3.0, 2.0 + shift, 1.0 + shift], [3.0, 2.1 + shift, 1.1 + shift], [3.0, 2.2 + shift, 9.9])
+        ev["poe_a05"] = ev["poe_a05"][:2]  # stopped at step 2
+        runs.append(ev)
+    s = seed_summary(runs, [1, 2, 3])
+    assert s["final_steps"] == {"bp": 4, "poe": 4, "poe_a05": 2}
+    gaps = [100 * ((2.2 + d) / (2.0 + d) - 1) for d in (0.0, 0.01, -0.01)]
+    assert s["gap_pct"]["poe_a05"]["values"] == pytest.approx(gaps)
+    assert s["orderings"]["alpha"]["mean"] == pytest.approx(0.1)  # 2.2 - 2.1 at step 2, every seed
+    assert s["orderings"]["alpha"]["verdict"].startswith("PoE α=0 better than PoE α=0.5 by 0.1000 bpb")
+    report = "\n".join(seed_report(s))
+    assert "final gap PoE α=0.5 vs BP (step 2)" in report and "α=0 vs α=0.5 (step 2)" in report
+
 def test_experiment_seeds_end_to_end(micro):
     import poelm.experiment as exp
 

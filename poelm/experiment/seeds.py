@@ -32,10 +32,19 @@ def mean_std(values: list[float]) -> dict:
             "n": len(values), "values": values}
 
 
-def final_gap_pct(evals: dict[str, list[dict]], arm: str) -> float | None:
-    if not evals.get(arm) or not evals.get("bp"):
-        return None
-    return 100 * (evals[arm][-1]["bpb"] / evals["bp"][-1]["bpb"] - 1)
+def bpb_at(evals: dict[str, list[dict]], arm: str, step: int) -> float:
+    """The final-readout bpb of `arm` at its eval of `step` (the experiments eval every arm there)."""
+    for e in evals[arm]:
+        if e["step"] == step:
+            return e["bpb"]
+    raise LookupError(f"{arm} has no eval at step {step}")
+
+
+def final_gap_pct(evals: dict[str, list[dict]], arm: str) -> float:
+    """The gap (%) of `arm` to BP at `arm`'s last eval step: an arm stopped early (the α=0.5 arm
+    stops at 53 % of the schedule) is compared with BP at the step it stopped at, not at BP's end."""
+    step = evals[arm][-1]["step"]
+    return 100 * (evals[arm][-1]["bpb"] / bpb_at(evals, "bp", step) - 1)
 
 
 def ordering(diffs: list[float], better: str, worse: str) -> dict:
@@ -66,10 +75,12 @@ def seed_summary(runs: list[dict[str, list[dict]]], seeds: list[int]) -> dict:
     orders = {}
     if "bp" in arms and "poe" in arms:
         orders["bp_vs_poe"] = ordering([r["poe"][-1]["bpb"] - r["bp"][-1]["bpb"] for r in runs], "BP", "PoE α=0")
-    if "poe" in arms and "poe_a05" in arms:
-        orders["alpha"] = ordering([r["poe_a05"][-1]["bpb"] - r["poe"][-1]["bpb"] for r in runs],
-                                   "PoE α=0", "PoE α=0.5")
-    return {"seeds": seeds, "finals": finals, "gap_pct": gaps, "gap_band": band, "orderings": orders}
+    if "poe" in arms and "poe_a05" in arms:  # at the step the α=0.5 arm stopped at
+        orders["alpha"] = ordering([r["poe_a05"][-1]["bpb"] - bpb_at(r, "poe", r["poe_a05"][-1]["step"])
+                                    for r in runs], "PoE α=0", "PoE α=0.5")
+    steps = {arm: runs[0][arm][-1]["step"] for arm in arms}
+    return {"seeds": seeds, "finals": finals, "final_steps": steps, "gap_pct": gaps, "gap_band": band,
+            "orderings": orders}
 
 
 def gap_band(runs: list[dict[str, list[dict]]], arm: str) -> list[dict]:
@@ -109,9 +120,11 @@ def seed_report(summary: dict | None) -> list[str]:
         cells = [_pm(f["final"]), *(_pm(s) for s in f["stages"]), _pm(f["logop"])]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines.append("")
+    steps = summary.get("final_steps", {})
+    at = lambda arm: f" (step {steps[arm]})" if arm in steps else ""  # noqa: E731
     for arm, g in summary["gap_pct"].items():
-        lines.append(f"- final gap {GAP_ARMS[arm]} vs BP: {g['mean']:+.2f} % ± {g['std']:.2f} %")
-    names = {"bp_vs_poe": "BP vs PoE α=0", "alpha": "α=0 vs α=0.5"}
+        lines.append(f"- final gap {GAP_ARMS[arm]} vs BP{at(arm)}: {g['mean']:+.2f} % ± {g['std']:.2f} %")
+    names = {"bp_vs_poe": "BP vs PoE α=0", "alpha": "α=0 vs α=0.5" + at("poe_a05")}
     for key, o in summary["orderings"].items():
         lines.append(f"- {names[key]}: {o['verdict']}")
     return lines + [""]
