@@ -376,6 +376,31 @@ def test_seed_summary_compares_an_early_stopped_arm_at_its_own_step():
     report = "\n".join(seed_report(s))
     assert "final gap PoE α=0.5 vs BP (step 2)" in report and "α=0 vs α=0.5 (step 2)" in report
 
+
+def test_one_seed_report_states_the_measured_noise_of_its_preset(tmp_path, monkeypatch, micro):
+    """A one-seed run states the seed noise recorded for its preset by a multi-seed run
+    (scripts/record_seed_noise.py), and only when it ran with the settings that were measured."""
+    import dataclasses
+    import poelm.experiment.seeds as seeds
+    from poelm.experiment.config import trajectory_settings
+
+    runs = [evals_of([3.0, 2.0, 1.00 + d], [3.0, 2.1, 1.10 + d], [3.0, 2.1, 1.10 + d]) for d in (0.0, 0.02, -0.02)]
+    config = json.loads(json.dumps(dataclasses.asdict(micro)))
+    record = {micro.name: {"measured": "2026-12-05 15:00", "commit": "abc1234",
+                           "settings": trajectory_settings(config), "summary": seeds.seed_summary(runs, [1, 2, 3])}}
+    monkeypatch.setattr(seeds, "MEASURED_NOISE", tmp_path / "noise.json")
+    (tmp_path / "noise.json").write_text(json.dumps(record))
+    here = evals_of([3.0, 2.0, 1.0], [3.0, 2.1, 1.5], [3.0, 2.1, 1.1])  # a gap of +50 %: far outside
+    lines = "\n".join(seeds.measured_noise_report(config, here))
+    assert f"## Seed noise of the `{micro.name}` preset (measured: 3 seeds, 2026-12-05 15:00, commit abc1234)" in lines
+    assert "| bp | 1.0000 ± 0.0200 |" in lines
+    assert "this run's +50.00 % is outside 2 std of that mean" in lines
+    assert "BP vs PoE α=0: BP better than PoE α=0 by 0.1000 bpb, beyond the seed noise" in lines
+    other = {**config, "seed": config["seed"] + 1}  # other settings: the record does not apply
+    assert "does not apply here" in "\n".join(seeds.measured_noise_report(other, here))
+    config["out"] = "elsewhere"  # where a run writes is not a trajectory setting
+    assert "does not apply" not in "\n".join(seeds.measured_noise_report(config, here))
+
 def test_experiment_seeds_end_to_end(micro):
     import poelm.experiment as exp
 

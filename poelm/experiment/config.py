@@ -9,6 +9,7 @@ ExperimentConfig, whose training settings are TrainConfig's own fields (ArmTrain
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import types
 import typing
@@ -45,6 +46,18 @@ def _arm_training() -> type:
 
 
 ArmTraining = _arm_training()
+
+
+# settings that change neither an arm's trajectory nor its evals: a rerun may differ in these
+NOT_TRAJECTORY = ("out", "arms", "decode_tokens", "decode_prompts", "decode_compile", "tracker", "seeds")
+
+
+def trajectory_settings(cfg: dict) -> dict:
+    """An experiment's settings (dataclasses.asdict form) without NOT_TRAJECTORY, the model as
+    GPTConfig resolves it (defaults spelt out): equal dicts train equal arms."""
+    kept = {k: v for k, v in json.loads(json.dumps(cfg)).items() if k not in NOT_TRAJECTORY}
+    kept["model"] = GPTConfig(**kept["model"]).to_dict()
+    return kept
 
 
 @dataclass

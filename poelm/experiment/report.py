@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from poelm.experiment.config import PAPER
-from poelm.experiment.seeds import gap_bands, seed_report
+from poelm.experiment.seeds import gap_bands, measured_noise_report, seed_report
 from poelm.experiment.specialist import specialist_report
 from poelm.plots import plot_experiment, plot_specialist, plot_speedups
 
@@ -158,7 +158,8 @@ def render_report(results: dict) -> str:
         lines += ["## The BP model refuses the PoE modes", ""]
         lines += [f"- `{mode}`: {msg}" for mode, msg in inf["bp_refusals"].items()]
         lines.append("")
-    lines += seed_report(results.get("seeds"))
+    lines += seed_report(results.get("seeds")) if results.get("seeds") else measured_noise_report(
+        results["config"], results["evals"])
     if results.get("specialist"):
         lines += specialist_report(results["specialist"])
     lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in results.get("plots", [])]

@@ -8,17 +8,16 @@ eval table and gap, the PoE inference modes, the specialist stage, then report a
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
 
 from poelm.atomic import atomic_write_bytes, atomic_write_json
 from poelm.jsonfile import read_json_object
-from poelm.model import GPTConfig
 from poelm.rundir import RESULT_NAME
 from poelm.tracking import resolve_tracker
-from poelm.experiment.config import ARMS, PAPER, ExperimentConfig, alpha05_stop, fold_model_keys, load_config
+from poelm.experiment.config import (ARMS, PAPER, ExperimentConfig, alpha05_stop, fold_model_keys, load_config,
+                                     trajectory_settings)
 from poelm.experiment.report import experiment_plots, render_report
 from poelm.experiment.specialist import run_specialist
 
@@ -225,11 +224,8 @@ def run_experiment(cfg: ExperimentConfig, quiet: bool = False) -> dict:
     if saved.exists():
         # poelm 0.1 kept the model's keys flat
         old = fold_model_keys(read_json_object(saved, "the experiment's settings"), str(saved))
-        now = json.loads(json.dumps(dataclasses.asdict(cfg)))
-        for d in (old, now):  # the model as GPTConfig resolves it (defaults spelt out or not)
-            d["model"] = GPTConfig(**d["model"]).to_dict()
-        diff = [k for k in old if k not in ("out", "arms", "decode_tokens", "decode_prompts", "decode_compile",
-                                            "tracker", "seeds") and old[k] != now.get(k)]
+        old, now = trajectory_settings(old), trajectory_settings(dataclasses.asdict(cfg))
+        diff = [k for k in old if old[k] != now.get(k)]
         if diff:
             raise ValueError(f"{out} holds an experiment with other settings ({', '.join(diff)}); "
                              "use another --out or rerun with the same settings to resume")

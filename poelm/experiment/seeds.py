@@ -13,9 +13,16 @@ than two standard errors from zero; with one seed there is no noise estimate.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 from pathlib import Path
+
+from poelm.experiment.config import trajectory_settings
+
+# The seed noise of each preset, measured by a multi-seed run (scripts/record_seed_noise.py writes
+# it); a one-seed run of the same settings (`make demo`) states it in its report.
+MEASURED_NOISE = Path(__file__).with_name("seed_noise.json")
 
 GAP_ARMS = {"poe": "PoE α=0", "poe_a05": "PoE α=0.5"}
 
@@ -126,6 +133,44 @@ def seed_report(summary: dict | None) -> list[str]:
         lines.append(f"- final gap {GAP_ARMS[arm]} vs BP{at(arm)}: {g['mean']:+.2f} % ± {g['std']:.2f} %")
     names = {"bp_vs_poe": "BP vs PoE α=0", "alpha": "α=0 vs α=0.5" + at("poe_a05")}
     for key, o in summary["orderings"].items():
+        lines.append(f"- {names[key]}: {o['verdict']}")
+    return lines + [""]
+
+
+def measured_noise(config: dict) -> dict | None:
+    """The recorded multi-seed summary of this experiment's preset (config: dataclasses.asdict of
+    its ExperimentConfig), with "applies": whether it was measured with these very settings."""
+    if not MEASURED_NOISE.exists():
+        return None
+    record = json.loads(MEASURED_NOISE.read_text()).get(config.get("name"))
+    if record is None:
+        return None
+    return {**record, "applies": record["settings"] == trajectory_settings(config)}
+
+
+def measured_noise_report(config: dict, evals: dict[str, list[dict]]) -> list[str]:
+    """The report's section for a one-seed run: how large the seed noise of its preset was in a
+    measured multi-seed run, and whether this run's gaps stand out from it."""
+    m = measured_noise(config)
+    if m is None:
+        return []
+    s = m["summary"]
+    head = (f"## Seed noise of the `{config['name']}` preset (measured: {len(s['seeds'])} seeds, "
+            f"{m['measured']}, commit {m['commit']})")
+    if not m["applies"]:
+        return [head, "", "This run's settings differ from those the noise was measured with, so it does not "
+                "apply here; run `poelm experiment --seeds N` to measure it.", ""]
+    lines = [head, "", "| arm | final bpb, mean ± std over the seeds |", "|---|---|"]
+    lines += [f"| {arm} | {_pm(f['final'])} |" for arm, f in s["finals"].items()]
+    lines.append("")
+    names = {"bp_vs_poe": "BP vs PoE α=0", "alpha": "α=0 vs α=0.5"}
+    for arm, g in s["gap_pct"].items():
+        here = final_gap_pct(evals, arm) if evals.get(arm) and evals.get("bp") else None
+        verdict = "" if here is None else (
+            f"; this run's {here:+.2f} % is " +
+            ("within" if abs(here - g["mean"]) <= 2 * g["std"] else "outside") + " 2 std of that mean")
+        lines.append(f"- gap {GAP_ARMS[arm]} vs BP: {g['mean']:+.2f} % ± {g['std']:.2f} % over the seeds{verdict}")
+    for key, o in s["orderings"].items():
         lines.append(f"- {names[key]}: {o['verdict']}")
     return lines + [""]
 
