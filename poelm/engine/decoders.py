@@ -7,6 +7,7 @@ A decoder owns a KV cache and a batch of rows; a scheduler drives it step by ste
     new = dec.step()                                 # {handle: [new token ids]}: one, or several (speculative)
     dec.remove_row(handles[0]); dec.rollback(handles[1], 2)
     dec.stats.to_dict(); dec.is_full(handle)
+    dec.kv(handle, 0, dec.computed(handle))         # a row's complete K/V (a prefix cache keeps it)
 
 A row's last token is pending: prefill runs the prompt but its last token, and every step
 feeds each row's pending token(s) and samples the next. Rows are ragged: each keeps its own
@@ -201,8 +202,8 @@ class Decoder:
         return r.slots - r.pad
 
     def kv(self, handle: int, start: int, end: int) -> torch.Tensor:
-        """K/V of a row's positions start..end-1 (all < computed(handle)): (2, end_layer, kv heads,
-        end - start, head_dim), a copy (e.g. for a prefix cache)."""
+        """K/V of a row's positions start..end-1, (2, end_layer, kv heads, end - start, head_dim), a
+        copy (e.g. for a prefix cache); final below computed(handle)."""
         b = next(i for i, r in enumerate(self.rows) if r.handle == handle)
         a, c = self.rows[b].pad + start, self.cache
         return torch.stack([torch.stack([c.k[i][b, :, a:a + end - start], c.v[i][b, :, a:a + end - start]])
