@@ -205,9 +205,8 @@ class Decoder:
         """K/V of a row's positions start..end-1, (2, end_layer, kv heads, end - start, head_dim), a
         copy (e.g. for a prefix cache); final below computed(handle)."""
         b = next(i for i, r in enumerate(self.rows) if r.handle == handle)
-        a, c = self.rows[b].pad + start, self.cache
-        return torch.stack([torch.stack([c.k[i][b, :, a:a + end - start], c.v[i][b, :, a:a + end - start]])
-                            for i in range(self.end_layer)], 1)
+        lo, hi, c = self.rows[b].pad + start, self.rows[b].pad + end, self.cache  # the positions' slots
+        return torch.stack([torch.stack([c.k[i][b, :, lo:hi], c.v[i][b, :, lo:hi]]) for i in range(self.end_layer)], 1)
 
     def _prefill(self, cache: KVCache, prompts: list[list[int]], P: int):
         idx = torch.tensor([[0] * (P - len(p) + 1) + p[:-1] for p in prompts], device=self.device)  # (B, P)
