@@ -10,16 +10,21 @@ of recomputing them.
 The cache holds blocks of BLOCK tokens: a block's key is a BLAKE2 digest chained over the root
 (model, head mode, the layers the decoder keeps) and every token up to the block's end, so a
 block is found only after the very same tokens; its value is the K/V of those positions in
-every layer the decoder runs. Blocks are copied out of the decoder twice per row: right after
-its prefill (the prompt), and when the row leaves (finished, stopped, cancelled or expired:
+every layer the decoder runs. New blocks are copied out of the decoder at two moments: after
+a row's prefill (the prompt), and when the row leaves (finished, stopped, cancelled or expired:
 prompt + generated tokens, so a chat's next turn, whose prompt repeats the reply, reuses it).
 Only positions the decoder reports complete (Decoder.computed) are taken: never the pending
 last token (no K/V yet), never WAND's positions whose deeper stages still wait for their lazy
-back-fill, never speculative's rejected draft slots (past the row's slots). A joining row takes
-the longest chain of cached blocks before its pending token and prefills only the rest
-(Decoder.add_prefixed_row). The blocks' bytes stay within the budget: the least recently used
-go first, and a hit refreshes the later blocks of its chain before the earlier ones, so a chain
-is cut from its tail.
+back-fill, never speculative's rejected draft slots (past the row's slots). Cached K/V are those
+a prefill would compute, up to the rounding of a computation of another shape (a reply's came
+from decode steps, a prompt's from a prefill of another length): the logits move by no more
+than test_engine.py's cross-shape bound, so no token changes where its decision is wider than
+that (tests/test_engine_process.py checks both).
+
+A joining row takes the longest chain of cached blocks before its pending token and prefills
+only the rest (Decoder.add_prefixed_row). The blocks' bytes stay within the budget: the least
+recently used go first, and a hit or an insert refreshes the later blocks of its chain before
+the earlier ones, so a chain is cut from its tail.
 """
 
 from __future__ import annotations
