@@ -29,9 +29,9 @@ loop its requests' events in one call.
 
 With a prefix cache (prefix_cache.py), a joining row reuses the K/V of the longest prefix of
 its prompt already computed and prefills only the rest; a leaving row (finished, stopped,
-cancelled or expired) leaves the K/V of its prompt and generated tokens there, before its
-decoder drops it, so a chat's next turn reuses the reply too. With compile (a torch.compile backend:
-`poelm serve --compile`), decoders run their compiled steps; every mode keeps finished rows as
+cancelled or expired) leaves the K/V of its prompt and generated tokens there before its
+decoder drops it, so a chat's next turn reuses the reply too. With compile (a torch.compile
+backend: `poelm serve --compile`), decoders run their compiled steps; every mode keeps finished rows as
 dead rows, and before each step a decoder's batch is padded with dead rows to its bucket
 (compiled.py), so its graphs are one per bucket, compiled by the warm-up; rows that join a
 compiled decoder first compact its dead rows. In a server with an engine process
