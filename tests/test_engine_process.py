@@ -1,14 +1,16 @@
 """The engine process of `poelm serve` (poelm/serve/engine_proc.py) and the prefix cache
 (poelm/serve/prefix_cache.py): prefix caching gives the same tokens as none in every PoE mode,
-reuses a chat's earlier turns, stays within its budget; the engine process answers like the
-in-process scheduler, reports its prefix counters, and a crash of it is a 503 and an unhealthy
-/health, never a hang.
+reuses a chat's earlier turns and the replies to them (only K/V each mode has completed; a
+cancelled row's too), stays within its budget; the engine process answers like the in-process
+scheduler, reports its prefix counters, and a crash of it is a 503 and an unhealthy /health,
+never a hang.
 Run: .venv/bin/pytest -q tests/test_engine_process.py"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import time
@@ -23,6 +25,10 @@ from test_chat_cli import byte_tokenizer  # noqa: E402  (tests/ is on sys.path, 
 SYSTEM = "You are a terse assistant who answers in one line. Rules: be kind, be brief. "
 MODES = {"final": {}, "stage": dict(stage=1), "logop": dict(stages=[0, 2]),
          "wand": dict(wand_factor=0.0), "speculative": dict(draft_stage=0, gamma=3)}
+
+# every stage tested; at wand_factor 0, exits at the first stage whose gap is positive: lazy back-fill on every step
+CALIBRATION = {"wand_bounds": [0.0, 1.0, 1.0, 1.0], "wand_quantile": 0.99, "wand_target": "final",
+               "wand_calibration_tokens": 1}
 
 
 def build(tok, seed: int = 0):
@@ -44,31 +50,36 @@ def served():
 
     tok = byte_tokenizer(SPECIAL_TOKENS)
     model = build(tok)
-    # every stage tested, exits at the first stage whose gap is positive: lazy back-fill on every step
-    calibration = {"wand_bounds": [0.0, 1.0, 1.0, 1.0], "wand_quantile": 0.99, "wand_target": "final",
-                   "wand_calibration_tokens": 1}
-    return ServedModel("tiny", Engine(model, tok, calibration))
+    return ServedModel("tiny", Engine(model, tok, CALIBRATION))
 
 
-async def decode(served, prompts: list[list[int]], mode: str, cache, max_new: int = 12) -> list[list[int]]:
-    """Each prompt through the in-process scheduler, one after the other -> its new tokens."""
+async def turn(scheduler, served, ids: list[int], mode: str, max_new: int, poe: dict) -> list[int]:
+    """One prompt through a running in-process scheduler -> its new tokens."""
+    from poelm.serve.scheduler import Job
+
+    opts = served.engine.options(dict(mode=mode, max_new_tokens=max_new, stop_token_ids=[], **poe))
+    job = Job(served, served.model, [ids], opts, set(), asyncio.get_running_loop())
+    scheduler.submit(job)
+    while True:
+        kind, payload = await job.events.get()
+        assert kind != "error", payload
+        if kind == "end":
+            return job.collector.tokens[0]
+
+
+async def decode(served, prompts: list, mode: str, cache, max_new: int = 12, poe: dict | None = None) -> list[list[int]]:
+    """Each prompt through the in-process scheduler, one after the other -> its new tokens. A
+    prompt may be a function of the replies so far (a chat's next turn)."""
     from poelm.serve.metrics import Metrics
-    from poelm.serve.scheduler import Job, Scheduler
+    from poelm.serve.scheduler import Scheduler
 
     scheduler = Scheduler(max_batch=8, max_queue=8, metrics=Metrics(), prefix_cache=cache)
     scheduler.start()
     out = []
     try:
         for ids in prompts:
-            opts = served.engine.options(dict(mode=mode, max_new_tokens=max_new, stop_token_ids=[], **MODES[mode]))
-            job = Job(served, served.model, [ids], opts, set(), asyncio.get_running_loop())
-            scheduler.submit(job)
-            while True:
-                kind, payload = await job.events.get()
-                assert kind != "error", payload
-                if kind == "end":
-                    break
-            out.append(job.collector.tokens[0])
+            ids = ids(out) if callable(ids) else ids
+            out.append(await turn(scheduler, served, ids, mode, max_new, MODES[mode] if poe is None else poe))
     finally:
         scheduler.stop()
     return out
@@ -96,8 +107,128 @@ def test_prefix_cache_gives_the_same_tokens_in_every_mode(served, mode):
     assert cache.queries == sum(len(p) - 1 for p in prompts)
 
 
+# WAND at a factor where tokens exit at every stage: some steps back-fill, some leave a lagging tail
+TURN_MODES = {**MODES, "wand": dict(wand_factor=0.5)}
+
+
+def mode_readouts(model, mode: str, poe: dict, ids: list[int]) -> list[tuple[torch.Tensor, float]]:
+    """Per position of ids, (readout, threshold) pairs whose top-2 gap decides the greedy token of
+    `mode`: the readout it picks from (threshold None: its argmax), and for WAND also each stage's
+    exit test up to the exit (the gap against its threshold), all from one full forward pass."""
+    from poelm.engine.sampling import logop, top_gap
+    from poelm.engine.wand import wand_exit_rule
+
+    with torch.no_grad():
+        final, stages = model(torch.tensor([ids]), return_stage_logits=True)
+    final, stages = final[0], [z[0] for z in stages]  # (T, V) each
+    if mode in ("final", "speculative"):
+        return [(final, None)]
+    if mode == "stage":
+        return [(stages[poe["stage"]], None)]
+    if mode == "logop":
+        return [(logop([stages[k] for k in poe["stages"]], model.config.poe_alpha), None)]
+    thresholds = wand_exit_rule(CALIBRATION["wand_bounds"], poe["wand_factor"])  # the first exit picks
+    readouts = stages[:-1] + [final]
+    out, exited = [], torch.zeros(len(ids), dtype=torch.bool)
+    for z, th in zip(readouts, thresholds):
+        gap = top_gap(z)
+        exits = (gap > th) & ~exited
+        out += [(torch.where(exited[:, None], torch.inf, z), th), (torch.where(exits[:, None], z, torch.inf), None)]
+        exited |= exits
+    return out
+
+
+def assert_decisive_turn(model, mode: str, poe: dict, prompt: list[int], tokens: list[int]) -> None:
+    """Every greedy decision behind `tokens` wins by more than what computations of other shapes
+    change (test_engine's CROSS_SHAPE_BOUND on logits; x4: a log-softmax moves twice a logit,
+    Log-OP adds two stages): a cached K/V made by decode steps instead of a prefill changes no token."""
+    from test_engine import CROSS_SHAPE_BOUND
+
+    bound = 4 * CROSS_SHAPE_BOUND
+    for z, th in mode_readouts(model, mode, poe, prompt + tokens[:-1]):
+        if th is not None and math.isinf(th):  # a test every gap passes (or none): no decision
+            continue
+        z = z[len(prompt) - 1:]
+        top2 = z[torch.isfinite(z).all(-1)].topk(2, dim=-1).values  # the positions this readout decides
+        gap = top2[:, 0] - top2[:, 1]
+        margin = gap if th is None else (gap - th).abs()
+        if len(margin):
+            assert margin.min().item() > 2 * bound, f"near-tie ({margin.min().item():.2e}) in {mode}: pick another prompt"
+
+
+@pytest.mark.parametrize("mode", list(TURN_MODES))
+def test_a_chats_next_turn_reuses_the_reply_with_the_same_tokens_in_every_mode(served, mode):
+    """Turn 2 repeats turn 1's prompt and reply: with the cache it reuses the reply's blocks
+    (turn 1's row left them as it finished) and gives the tokens it gives without."""
+    from poelm.serve.prefix_cache import BLOCK, PrefixCache
+
+    poe, first = TURN_MODES[mode], chat_prompts(served)[0]
+    more = served.engine.encode_prompt(" User: and more?", add_bos=False)
+    turns = [first, lambda replies: first + replies[0] + more]
+    plain = asyncio.run(decode(served, turns, mode, None, max_new=40, poe=poe))
+    cache = PrefixCache(1 << 24)
+    cached = asyncio.run(decode(served, turns, mode, cache, max_new=40, poe=poe))
+    assert cached == plain
+    assert_decisive_turn(served.model, mode, poe, first + plain[0] + more, plain[1])
+    hits = cache.hits  # all turn 2's: turn 1 found the cache empty
+    through_reply = (len(first) + len(plain[0]) - 1) // BLOCK * BLOCK  # the reply's last token was pending
+    assert hits > (len(first) - 1) // BLOCK * BLOCK  # more than the prompt alone
+    if mode == "wand":  # its tail whose deeper stages wait for their back-fill is not cached
+        assert through_reply - 2 * BLOCK <= hits <= through_reply
+    else:
+        assert hits == through_reply
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.5])
+def test_wand_reports_complete_only_the_positions_its_back_fill_will_not_touch(served, factor):
+    """WAND's computed(): positions before its lagging tail are final (a flush leaves their K/V
+    bit-identical), every position of the tail is not (the flush writes its deeper layers); at
+    factor 0 every token exits at stage 0, so nothing past the prompt is complete."""
+    from poelm.engine import make_decoder
+
+    prompt = chat_prompts(served)[0]
+    dec = make_decoder(served.model, served.engine.options(dict(mode="wand", wand_factor=factor, max_new_tokens=64)), 256)
+    with torch.no_grad():
+        h = dec.add_rows([prompt])[0]
+        while len(dec.row(h).seq) < len(prompt) + 16 or not max(dec.lag):
+            dec.step()
+        n, end = dec.computed(h), len(dec.row(h).seq) - 1
+        before = dec.kv(h, 0, end)  # (2, layers, heads, end, dim)
+        dec.flush()
+        after = dec.kv(h, 0, end)
+    assert n < end
+    assert torch.equal(before[:, :, :, :n], after[:, :, :, :n])
+    changed = (before[:, :, :, n:] != after[:, :, :, n:]).transpose(2, 3).flatten(3).any(-1).any(1).any(0)  # (end - n,)
+    assert changed.all()
+    if factor == 0.0:
+        assert n == len(prompt) - 1
+
+
+def test_speculative_reports_complete_no_rejected_draft(served):
+    """Speculative's computed(): the row's own ids up to its pending one, never the rejected
+    drafts the verify pass wrote past them."""
+    from poelm.engine import make_decoder
+
+    prompt = chat_prompts(served)[0]
+    dec = make_decoder(served.model, served.engine.options(dict(mode="speculative", draft_stage=0, gamma=3,
+                                                                max_new_tokens=64)), 256)
+    rejecting = 0  # passes that rejected a draft: it sits in the slot right past the complete positions
+    with torch.no_grad():
+        h = dec.add_rows([prompt])[0]
+        for _ in range(12):
+            refused = dec.stats.drafted - dec.stats.accepted
+            dec.step()
+            r, n = dec.row(h), dec.computed(h)
+            assert n == len(r.seq) - 1
+            assert dec.cache.tokens[0, r.pad:r.pad + n].tolist() == r.seq[:n]
+            if dec.stats.drafted - dec.stats.accepted > refused:
+                rejecting += 1
+                assert dec.cache.tokens[0, r.pad + n].item() != r.seq[n]  # greedy: the target's token differs
+    assert rejecting > 0
+
+
 def test_prefix_cache_stays_within_its_budget_and_evicts_the_least_recent(served):
-    from poelm.serve.prefix_cache import BLOCK, PrefixCache, add_rows
+    from poelm.serve.prefix_cache import BLOCK, PrefixCache, add_rows, cache_row
     from poelm.engine import make_decoder
 
     model = served.model
@@ -113,18 +244,31 @@ def test_prefix_cache_stays_within_its_budget_and_evicts_the_least_recent(served
     assert cache.bytes <= cache.budget and len(cache.blocks) == 3
     assert cache.lookup(("tiny", None, dec.end_layer), a + [7]) is None  # a's blocks went first
     assert cache.lookup(("tiny", None, dec.end_layer), b + [7]).shape[3] == 3 * BLOCK
+    with torch.no_grad():  # b's row generates two more blocks and leaves: its chain is cut from the tail
+        for _ in range(2 * BLOCK):
+            dec.step()
+        row = dec.rows[1]
+        cache_row(dec, row.handle, row.seq, cache, ("tiny", None))
+    assert cache.bytes <= cache.budget and len(cache.blocks) == 3
+    assert cache.lookup(("tiny", None, dec.end_layer), row.seq).shape[3] == 3 * BLOCK
+    cache.budget = 5 * block_bytes  # room for it: prompt and generated blocks, all but the pending token
+    cache_row(dec, row.handle, row.seq, cache, ("tiny", None))
+    assert cache.bytes == cache.budget and cache.lookup(("tiny", None, dec.end_layer), row.seq).shape[3] == 5 * BLOCK
     with pytest.raises(ValueError, match="--kv-cache-bytes"):
         PrefixCache(-1)
 
 
-def test_a_cancelled_request_leaves_the_decoder_at_once(served):
-    """A plain-mode row that finishes stays as a dead row until a compaction; a cancelled one leaves now."""
+def test_a_cancelled_request_leaves_the_decoder_at_once_and_its_tokens_in_the_cache(served):
+    """A plain-mode row that finishes stays as a dead row until a compaction; a cancelled one
+    leaves now, its cache rows freed, its prompt and the tokens it got so far left in the prefix cache."""
     from poelm.serve.metrics import Metrics
-    from poelm.serve.prefix_cache import PrefixCache
+    from poelm.serve.prefix_cache import BLOCK, PrefixCache
     from poelm.serve.scheduler import Job, Scheduler
 
-    async def run() -> int:
-        scheduler = Scheduler(max_batch=4, max_queue=4, metrics=Metrics(), prefix_cache=PrefixCache(1 << 20))
+    cache = PrefixCache(1 << 20)
+
+    async def run() -> tuple[int, int, list[int]]:
+        scheduler = Scheduler(max_batch=4, max_queue=4, metrics=Metrics(), prefix_cache=cache)
         scheduler.start()
         opts = served.engine.options(dict(max_new_tokens=200, stop_token_ids=[]))
         jobs = [Job(served, served.model, [served.engine.encode_prompt(f"row {i}")], opts, set(),
@@ -133,15 +277,21 @@ def test_a_cancelled_request_leaves_the_decoder_at_once(served):
             scheduler.submit(job)
         for job in jobs:
             assert (await job.events.get())[0] == "chunk"
+        while len(jobs[0].collector.tokens[0]) < 2 * BLOCK:  # mid-stream, past a block of its own tokens
+            assert (await jobs[0].events.get())[0] == "chunk"
         jobs[0].cancelled = True
         while (await jobs[0].events.get())[0] != "end":
             pass
         with scheduler.cond:
-            rows = len(jobs[1].batch.decoder.rows)
+            decoder = jobs[1].batch.decoder
+            rows, cache_rows = len(decoder.rows), decoder.cache.k[0].shape[0]
         scheduler.stop()
-        return rows
+        return rows, cache_rows, jobs[0].rows[0] + jobs[0].collector.tokens[0]
 
-    assert asyncio.run(run()) == 2
+    rows, cache_rows, ids = asyncio.run(run())
+    assert rows == cache_rows == 2
+    kv = cache.lookup(("tiny", served.model.config.head_mode, served.model.config.n_layer), ids + [0])
+    assert kv.shape[3] == (len(ids) - 1) // BLOCK * BLOCK >= 2 * BLOCK  # all but its pending token
 
 
 def test_the_engine_side_speaks_json_and_rows_a_stop_string_ended_leave(served):
@@ -264,6 +414,39 @@ def test_engine_process_answers_like_generate_and_reuses_a_chats_earlier_turns(m
     finally:
         assert srv.stop() in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after its graceful exit
     assert srv.proc.stderr.read().count("the engine process drained and exited after SIGTERM") == 1
+
+
+def test_a_two_turn_chat_through_the_openai_client_reuses_the_first_reply(model_dir, served):
+    """Turn 2 of a chat (the openai client, a real server with its engine process) finds turn 1's
+    prompt and reply in the cache, through the reply's last full block. The reply is kept to
+    lowercase ASCII (guided_regex) so the chat template re-encodes it to the ids generated (a
+    byte tokenizer; see README: a BPE reply re-encodes alike when the model's split is the canonical one)."""
+    import openai
+    from test_serve import Server
+
+    from poelm.chat import render_prompt
+    from poelm.serve.prefix_cache import BLOCK
+
+    tok = served.engine.tokenizer
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "what is a product of experts?"}]
+    srv = Server(str(model_dir))
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        first = client.chat.completions.create(model="tiny", messages=messages, max_tokens=40, temperature=0,
+                                               extra_body={"guided_regex": "[a-z ]{40}"})
+        reply = first.choices[0].message.content
+        turn = messages + [{"role": "assistant", "content": reply}, {"role": "user", "content": "and a colour?"}]
+        before = metric(srv.url, "poelm:prefix_cache_hits_total")
+        second = client.chat.completions.create(model="tiny", messages=turn, max_tokens=10, temperature=0)
+        hits = metric(srv.url, "poelm:prefix_cache_hits_total") - before
+    finally:
+        srv.stop()
+    prompt, prompt2 = render_prompt(tok, messages), render_prompt(tok, turn)
+    assert prompt2[:len(prompt) + 40] == prompt + tok.encode(reply) and len(reply) == 40  # the ids turn 1 generated
+    assert hits == (len(prompt) + 40 - 1) // BLOCK * BLOCK > (len(prompt) - 1) // BLOCK * BLOCK  # its last id was pending
+    expected = served.engine.generate(prompt2, max_new_tokens=10)
+    assert_decisive_turn(served.model, "final", {}, prompt2, expected.tokens)
+    assert second.choices[0].message.content == expected.text
 
 
 def test_an_engine_crash_is_503_for_requests_in_flight_and_an_unhealthy_server(model_dir):

@@ -35,7 +35,8 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-n", type=at_least(1), default=8, help="choices (n) per request at most")
     p.add_argument("--max-body-bytes", type=at_least(1), default=1 << 20, help="request body bytes at most (413 beyond)")
     p.add_argument("--kv-cache-bytes", type=at_least(0), default=256 << 20,
-                   help="bytes of prompt K/V kept for prefix caching (least recently used evicted; 0 = off)")
+                   help="bytes of K/V (prompts and the replies to them) kept for prefix caching "
+                        "(least recently used evicted; 0 = off)")
     p.add_argument("--in-process", action="store_true",
                    help="decode in the HTTP process (one process) instead of an engine process beside it")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")

@@ -7,6 +7,7 @@ A decoder owns a KV cache and a batch of rows; a scheduler drives it step by ste
     new = dec.step()                                 # {handle: [new token ids]}: one, or several (speculative)
     dec.remove_row(handles[0]); dec.rollback(handles[1], 2)
     dec.stats.to_dict(); dec.is_full(handle)
+    dec.kv(handle, 0, dec.computed(handle))         # a row's complete K/V (a prefix cache keeps it)
 
 A row's last token is pending: prefill runs the prompt but its last token, and every step
 feeds each row's pending token(s) and samples the next. Rows are ragged: each keeps its own
@@ -109,7 +110,8 @@ class DecodeStats:
 
 
 class Decoder:
-    """The protocol: add_rows (prefill), step, remove_row, rollback, is_full, stats.
+    """The protocol: add_rows (prefill), step, remove_row, rollback, is_full, stats; computed
+    and kv read a row's finished K/V out (a prefix cache).
 
     Subclasses set `end_layer` (layers the prefill runs), implement `_step`, and may extend
     `_append` / `_keep` for per-row state of their own."""
@@ -193,12 +195,18 @@ class Decoder:
         self._append(cache, [row], seen, None)
         return row.handle
 
-    def prompt_kv(self, handle: int, n: int) -> torch.Tensor:
-        """K/V of a row's first n positions, (2, end_layer, kv heads, n, head_dim): complete in every
-        mode for prompt positions right after add_rows / add_prefixed_row (the prefill runs every layer)."""
+    def computed(self, handle: int) -> int:
+        """How many leading ids of a row's seq have K/V in every layer this decoder runs: all but
+        the pending one (a mode that defers layers, WAND, subtracts the positions they still lack)."""
+        r = self.row(handle)
+        return r.slots - r.pad
+
+    def kv(self, handle: int, start: int, end: int) -> torch.Tensor:
+        """K/V of a row's positions start..end-1, (2, end_layer, kv heads, end - start, head_dim), a
+        copy (e.g. for a prefix cache); final below computed(handle)."""
         b = next(i for i, r in enumerate(self.rows) if r.handle == handle)
-        pad, c = self.rows[b].pad, self.cache
-        return torch.stack([torch.stack([c.k[i][b, :, pad:pad + n], c.v[i][b, :, pad:pad + n]]) for i in range(self.end_layer)], 1)
+        lo, hi, c = self.rows[b].pad + start, self.rows[b].pad + end, self.cache  # the positions' slots
+        return torch.stack([torch.stack([c.k[i][b, :, lo:hi], c.v[i][b, :, lo:hi]]) for i in range(self.end_layer)], 1)
 
     def _prefill(self, cache: KVCache, prompts: list[list[int]], P: int):
         idx = torch.tensor([[0] * (P - len(p) + 1) + p[:-1] for p in prompts], device=self.device)  # (B, P)

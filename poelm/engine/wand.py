@@ -144,6 +144,11 @@ class WandDecoder(PlainDecoder):
         """Slots that may hold kept inputs: a stage's inputs are kept where its layers wrote K/V."""
         return max(self.cache.lengths, default=0) if self.cache is not None else 0
 
+    def computed(self, handle: int) -> int:
+        """Positions with K/V in every layer: not the last max(lag) ones, whose deeper stages wait
+        for their back-fill (the same count for every row)."""
+        return super().computed(handle) - max(self.lag)
+
     def rollback(self, handle: int, n: int) -> None:
         self.flush()
         super().rollback(handle, n)

@@ -9,7 +9,7 @@ every PoE decoding mode per request and specialists by model name.
 Parts: models.py (the base and its specialists, base weights shared), protocol.py (request
 and response shapes, OpenAI error objects), scheduler.py (the continuous-batching thread that
 drives the engine's decoder protocol), prefix_cache.py (prompts reuse the K/V of prefixes
-already computed), engine_proc.py (the scheduler in an engine process beside the HTTP one: the
+already computed, earlier replies included), engine_proc.py (the scheduler in an engine process beside the HTTP one: the
 default of `poelm serve`), metrics.py (Prometheus), app.py (routes, API key, limits, streaming;
 the command is poelm/cli/serve.py). Benchmark: benchmarks/serve_load.py.
 """

@@ -1,24 +1,36 @@
-"""Exact prefix caching: prompts that begin with tokens already prefilled (a shared system
-prompt, the earlier turns of a chat) reuse their keys and values instead of recomputing them.
+"""Exact prefix caching: prompts that begin with tokens already computed (a shared system
+prompt, the earlier turns of a chat, the replies to them) reuse their keys and values instead
+of recomputing them.
 
     cache = PrefixCache(budget_bytes=256 << 20)
     handles = add_rows(decoder, prompts, cache, ("base", None), grammars)   # prefill only what is new
+    cache_row(decoder, handle, tokens, cache, ("base", None))          # a finished row: prompt + reply
     cache.queries, cache.hits                                          # prompt tokens asked / reused
 
 The cache holds blocks of BLOCK tokens: a block's key is a BLAKE2 digest chained over the root
 (model, head mode, the layers the decoder keeps) and every token up to the block's end, so a
 block is found only after the very same tokens; its value is the K/V of those positions in
-every layer the decoder runs, copied out of the decoder right after a prefill (prompt positions
-are then complete in every mode: WAND's lazy back-fill and speculative's scratch slots only ever
-touch positions after the prompt). A joining row takes the longest chain of cached blocks
-before its pending token and prefills only the rest (Decoder.add_prefixed_row). The blocks'
-bytes stay within the budget: the least recently used go first, and a hit refreshes the later
-blocks of its chain before the earlier ones, so a chain is cut from its tail.
+every layer the decoder runs. New blocks are copied out of the decoder at two moments: after
+a row's prefill (the prompt), and when the row leaves (finished, stopped, cancelled or expired:
+prompt + generated tokens, so a chat's next turn, whose prompt repeats the reply, reuses it).
+Only positions the decoder reports complete (Decoder.computed) are taken: never the pending
+last token (no K/V yet), never WAND's positions whose deeper stages still wait for their lazy
+back-fill, never speculative's rejected draft slots (past the row's slots). Cached K/V are those
+a prefill would compute, up to the rounding of a computation of another shape (a reply's came
+from decode steps, a prompt's from a prefill of another length): the logits move by no more
+than test_engine.py's cross-shape bound, so no token changes where its decision is wider than
+that (tests/test_engine_process.py checks both).
+
+A joining row takes the longest chain of cached blocks before its pending token and prefills
+only the rest (Decoder.add_prefixed_row). The blocks' bytes stay within the budget: the least
+recently used go first, and a hit or an insert refreshes the later blocks of its chain before
+the earlier ones, so a chain is cut from its tail.
 """
 
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import OrderedDict
 
 import torch
@@ -43,7 +55,7 @@ class PrefixCache:
         out = []
         for i in range(len(tokens) // BLOCK):
             block = tokens[i * BLOCK:(i + 1) * BLOCK]
-            h = hashlib.blake2b(h + b"".join(t.to_bytes(4, "little") for t in block), digest_size=16).digest()
+            h = hashlib.blake2b(h + struct.pack(f"<{BLOCK}I", *block), digest_size=16).digest()
             out.append(h)
         return out
 
@@ -63,20 +75,21 @@ class PrefixCache:
         self.hits += len(found) * BLOCK
         return torch.cat([self.blocks[d] for d in found], dim=3)
 
-    def insert(self, root: tuple, prompt: list[int], kv_of) -> None:
-        """Cache the full blocks of prompt's computed positions; kv_of(n) -> their K/V (first n positions)."""
+    def insert(self, root: tuple, tokens: list[int], kv_of) -> None:
+        """Cache the full blocks of `tokens`, every one of them computed; kv_of(start, end) -> the
+        K/V of positions start..end-1 (only the blocks not yet cached are read)."""
         if not self.budget:
             return
-        digests = self.digests(root, prompt[:-1])
+        digests = self.digests(root, tokens)
         new = [i for i, d in enumerate(digests) if d not in self.blocks]
-        if not new:
-            return
-        kv = kv_of(len(digests) * BLOCK)
-        for i in new:
-            block = kv[:, :, :, i * BLOCK:(i + 1) * BLOCK].clone()
-            self.blocks[digests[i]] = block
-            self.bytes += block.numel() * block.element_size()
-        for d in reversed(digests[:new[0]]):
+        if new:
+            first = new[0] * BLOCK
+            kv = kv_of(first, len(digests) * BLOCK)  # (2, layers, heads, positions from the first new block, dim)
+            for i in new:
+                block = kv[:, :, :, i * BLOCK - first:(i + 1) * BLOCK - first].clone()
+                self.blocks[digests[i]] = block
+                self.bytes += block.numel() * block.element_size()
+        for d in reversed(digests):  # the chain's head ends up the most recent: eviction cuts tails first
             self.blocks.move_to_end(d)
         self.evict()
 
@@ -103,5 +116,15 @@ def add_rows(decoder, prompts: list[list[int]], cache: PrefixCache | None, root:
         if kv is not None:
             handles[i] = decoder.add_prefixed_row(prompts[i], kv, grammars[i])
     for p, h in zip(prompts, handles):
-        cache.insert(root, p, lambda n, h=h: decoder.prompt_kv(h, n))
+        cache.insert(root, p[:-1], lambda a, b, h=h: decoder.kv(h, a, b))  # the pending last token has no K/V
     return handles
+
+
+def cache_row(decoder, handle: int, tokens: list[int], cache: PrefixCache | None, root: tuple) -> None:
+    """Cache the full blocks of a row's ids `tokens` (prompt + the generated ids the caller kept,
+    a prefix of the decoder's row) as far as the decoder has computed them: once, as the row leaves."""
+    if cache is None or not cache.budget:
+        return
+    n = min(len(tokens), decoder.computed(handle))
+    cache.insert((*root, decoder.end_layer), tokens[:n], lambda a, b: decoder.kv(handle, a, b))
+

@@ -28,8 +28,10 @@ cancelled or expired request leave at once (with the dead rows). Each loop hands
 loop its requests' events in one call.
 
 With a prefix cache (prefix_cache.py), a joining row reuses the K/V of the longest prefix of
-its prompt already computed and prefills only the rest. With compile (a torch.compile backend:
-`poelm serve --compile`), decoders run their compiled steps; every mode keeps finished rows as
+its prompt already computed and prefills only the rest; a leaving row (finished, stopped,
+cancelled or expired) leaves the K/V of its prompt and generated tokens there before its
+decoder drops it, so a chat's next turn reuses the reply too. With compile (a torch.compile
+backend: `poelm serve --compile`), decoders run their compiled steps; every mode keeps finished rows as
 dead rows, and before each step a decoder's batch is padded with dead rows to its bucket
 (compiled.py), so its graphs are one per bucket, compiled by the warm-up; rows that join a
 compiled decoder first compact its dead rows. In a server with an engine process
@@ -52,7 +54,7 @@ import torch
 
 from poelm.engine import LOGPROB_MODES, DecodeOptions, DecodeStats, NonFiniteLogits, Sampler, Collector, make_decoder
 from poelm.serve.compiled import PAD_TOKEN, allow_graphs, bucket
-from poelm.serve.prefix_cache import PrefixCache, add_rows
+from poelm.serve.prefix_cache import PrefixCache, add_rows, cache_row
 from poelm.serve.protocol import FINISH_REASONS, ApiError
 
 
@@ -399,7 +401,8 @@ class Scheduler:
         if not handles:
             return
         for h in handles:
-            job, _ = batch.rows.pop(h)
+            job, row = batch.rows.pop(h)
+            self._cache_row(batch, h, job, row)
             job.live -= 1
             self.running_rows -= 1
         if not at_once and batch.lazy and batch.rows and len(batch.dead) + len(handles) < len(batch.rows):
@@ -408,6 +411,13 @@ class Scheduler:
             batch.decoder.remove_rows(handles + sorted(batch.dead))
             batch.dead.clear()
         self._want_logprobs(batch)
+
+    def _cache_row(self, batch: Batch, handle: int, job: Job, row: int) -> None:
+        """A leaving row's prompt + generated ids (those its job kept: none past a stop token) go
+        to the prefix cache as far as the decoder computed their K/V, for a next turn that repeats them."""
+        if self.prefix_cache is not None:
+            kept = len(job.rows[row]) + len(job.collector.tokens[row])
+            cache_row(batch.decoder, handle, batch.decoder.row(handle).seq[:kept], self.prefix_cache, batch.key[:2])
 
     def _pad(self, batch: Batch) -> None:
         """Compiled: dead rows fill the decoder's batch up to its bucket (one prefill-free join)."""
