@@ -1,7 +1,8 @@
 """`poelm serve` (poelm/serve/) through the real `openai` client against a server in a subprocess
 on a free 127.0.0.1 port: results equal `poelm generate`, streaming, stop strings, n, seeds,
 32 concurrent requests, PoE modes, logprobs, every bad request, overload, disconnects, SIGTERM,
-specialists sharing the base's weights and a delta on the wrong base.
+specialists sharing the base's weights, a delta on the wrong base (refused by the engine process
+or in one process) and the HTTP side's models on the meta device.
 Run: .venv/bin/pytest -q tests/test_serve.py"""
 
 from __future__ import annotations

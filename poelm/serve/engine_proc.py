@@ -18,9 +18,11 @@ the context. When the HTTP side falls behind, the messages waiting go to the eve
 call, so a stream writes the tokens of several steps at once.
 
 The HTTP side holds its models on the meta device (configs, tokenizers, calibration: no
-weights, poelm/serve/models.py); what needs the weights, such as a delta's base hash, the
-engine checks while it loads, and bad input found there comes back over the socket as one line
-(EngineStartError: `poelm serve` says it and exits 2). If the engine process dies, the HTTP side writes one line, fails every request in flight with a
+weights; poelm/serve/models.py). What needs the weights, such as a delta's base hash, the
+engine checks while it loads: its first message is {"ready": true}, or {"error": one line} for
+bad input found there (EngineStartError: `poelm serve` says the line and exits 2).
+
+If the engine process dies, the HTTP side writes one line, fails every request in flight with a
 503 error object and /health answers 503. SIGTERM to the server drains it, then stops the
 engine; SIGTERM to the engine alone makes it refuse new work and exit once idle.
 """
