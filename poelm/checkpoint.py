@@ -182,13 +182,25 @@ def load_model_dir(path: Path, device="cpu", dtype: torch.dtype = torch.float32)
         raise FileNotFoundError(f"{cfg_path} is missing: not a poelm/Hugging Face model directory")
     config = read_config_json(cfg_path)
     check_fits(config, str(cfg_path), device)
-    state = read_safetensors(path / WEIGHTS_NAME)
-    model = build_model(config, device="meta")
-    model.to_empty(device=device)
+    weights = path / WEIGHTS_NAME
+    model = with_weights(build_model(config, device="meta"), lambda: read_safetensors(weights), device, dtype, str(weights))
+    return model, load_tokenizer_if_any(path, config)
+
+
+def on_meta(device: torch.device | str) -> bool:
+    """Whether `device` is the meta device, where a load builds the model from its config alone."""
+    return torch.device(device).type == "meta"
+
+
+def with_weights(model: GPT, read_state, device, dtype: torch.dtype, source: str) -> GPT:
+    """The meta-device `model` in dtype on `device`, in eval mode, holding the state dict that
+    read_state() returns (read from `source`); on the meta device no weight is read: the model
+    is its config alone (what a process that never runs it needs to check requests)."""
     model.to(dtype)
-    load_state_into(model, state, source=str(path / WEIGHTS_NAME))
-    tokenizer = load_tokenizer_if_any(path, config)
-    return model.eval(), tokenizer
+    if not on_meta(device):
+        model.to_empty(device=device)
+        load_state_into(model, read_state(), source=source)
+    return model.eval()
 
 
 def load_tokenizer_if_any(path: Path, config: GPTConfig | None = None):
@@ -256,6 +268,19 @@ def load_nanochat_dir(path: Path, device="cpu", dtype=torch.float32, step: int |
     except ValueError as e:
         raise ValueError(f"{meta_file}: {e}") from None
     check_fits(config, str(meta_file), device)
+    model = with_weights(build_model(config, device="meta"), lambda: read_torch_state(model_file), device, dtype,
+                         str(model_file))
+    tokenizer = None
+    candidates = [Path(tokenizer_dir)] if tokenizer_dir else [path, path.parent / "tokenizer", path.parent.parent / "tokenizer"]
+    for cand in candidates:
+        tokenizer = load_tokenizer_if_any(cand, config) if cand.is_dir() else None
+        if tokenizer is not None:
+            break
+    return model, tokenizer
+
+
+def read_torch_state(model_file: Path) -> dict:
+    """The state dict of a nanochat model_*.pt (tensors only: nothing else is unpickled)."""
     try:
         state = torch.load(model_file, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:  # truncated zip, foreign or corrupt pickle
@@ -263,17 +288,7 @@ def load_nanochat_dir(path: Path, device="cpu", dtype=torch.float32, step: int |
                          f"{str(e).splitlines()[0][:120]}); re-download or re-save it") from None
     if not isinstance(state, dict):
         raise ValueError(f"{model_file} holds a {type(state).__name__}, not a state dict; re-save it with torch.save(model.state_dict())")
-    model = build_model(config, device="meta")
-    model.to_empty(device=device)
-    model.to(dtype)
-    load_state_into(model, state, source=str(model_file))
-    tokenizer = None
-    candidates = [Path(tokenizer_dir)] if tokenizer_dir else [path, path.parent / "tokenizer", path.parent.parent / "tokenizer"]
-    for cand in candidates:
-        tokenizer = load_tokenizer_if_any(cand, config) if cand.is_dir() else None
-        if tokenizer is not None:
-            break
-    return model.eval(), tokenizer
+    return state
 
 
 def save_nanochat_dir(model: GPT, out_dir: str | Path, step: int, meta_extra: dict | None = None,
@@ -448,8 +463,8 @@ def load_model(spec: str | Path, device="cpu", dtype: torch.dtype = torch.float3
                tokenizer_dir: str | Path | None = None, **overrides) -> tuple[GPT, object]:
     """Load MODEL: a preset name (random init), a model directory, a nanochat checkpoint
     directory, the --out directory of `poelm train` (its latest checkpoint) or a hub id.
-    Returns (model in eval mode, tokenizer or None). A specialist delta on it:
-    poelm.specialist.load_with_delta."""
+    Returns (model in eval mode, tokenizer or None); on device "meta", the model built from its
+    config alone (no weight is read). A specialist delta on it: poelm.specialist.load_with_delta."""
     from poelm.presets import PRESETS, get_preset
 
     name = str(spec)

@@ -330,16 +330,18 @@ def load_delta(base: GPT, delta_dir: str | os.PathLike, base_hash: str | None = 
     The base must be the one the delta was made for (content hash). Weights come back as the
     bf16 values the delta holds; the base's own tensors (and the base rows of wte and of the
     lambdas) are the base's, untouched. delta.json is checked against the base and against the
-    header of delta.safetensors before a layer is built."""
-    return _load_delta(base, Path(delta_dir), base_hash or base_content_hash(base), ())
+    header of delta.safetensors before a layer is built. A base on the meta device (its config
+    alone) gives the specialist on the meta device after those checks: no tensor is read and the
+    content hash, which needs the base's weights, is left to the load that has them."""
+    on_meta = base.lm_head.weight.is_meta
+    return _load_delta(base, Path(delta_dir), None if on_meta else base_hash or base_content_hash(base), ())
 
 
-def _load_delta(base: GPT, delta_dir: Path, have: str, children: tuple[Path, ...]) -> GPT:
-    from poelm.checkpoint import check_finite, read_safetensors
-
+def _load_delta(base: GPT, delta_dir: Path, have: str | None, children: tuple[Path, ...]) -> GPT:
+    """have: the base's content hash (None: a base on the meta device, not checked)."""
     meta = read_delta_meta(delta_dir)
     path = delta_dir / DELTA_META
-    if have != meta["base_hash"]:
+    if have is not None and have != meta["base_hash"]:
         raise ValueError(f"{delta_dir} is a delta for base {meta['base']} ({meta['base_hash']}) but the given base "
                          f"hashes to {have}; load it onto {meta['base']}")
     parent = base
@@ -363,14 +365,25 @@ def _load_delta(base: GPT, delta_dir: Path, have: str, children: tuple[Path, ...
                          f"{DELTA_FIX}")
     # a delta on a BP base was forced when it was made
     model = attach(parent, new, force=True, source=f"{path} new_layers={new}")
+    if not model.lm_head.weight.is_meta:  # the meta device holds no weights to put in
+        _put_delta_weights(model, delta_dir / DELTA_WEIGHTS)
+    return with_head_mode(model, meta.get("head_mode") or "dual")
+
+
+def _put_delta_weights(model: GPT, path: Path) -> None:
+    """Copy a delta.safetensors into the specialist `model` just attached: every tensor it names
+    (checked against delta_names and their shapes), of wte only the chat rows and of the
+    lambdas only the new layers'."""
+    from poelm.checkpoint import check_finite, read_safetensors
+
     cfg = model.config
-    state = read_safetensors(delta_dir / DELTA_WEIGHTS)
+    state = read_safetensors(path)
     expected = delta_names(model)
     own = model.state_dict()
     if sorted(state) != sorted(expected) or any(state[n].shape != own[n].shape for n in expected):
-        raise ValueError(f"{delta_dir / DELTA_WEIGHTS} does not hold this specialist's tensors "
+        raise ValueError(f"{path} does not hold this specialist's tensors "
                          f"({len(state)} found, {len(expected)} expected: {', '.join(expected[:3])} ...)")
-    check_finite(state, str(delta_dir / DELTA_WEIGHTS))
+    check_finite(state, str(path))
     F, rows = cfg.frozen_layers, chat_token_ids(cfg.vocab_size)
     with torch.no_grad():
         for name in expected:
@@ -381,7 +394,6 @@ def _load_delta(base: GPT, delta_dir: Path, have: str, children: tuple[Path, ...
                 own[name][F:] = t[F:]
             else:
                 own[name].copy_(t)
-    return with_head_mode(model, meta.get("head_mode") or "dual")
 
 
 # -----------------------------------------------------------------------------

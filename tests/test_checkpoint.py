@@ -49,6 +49,30 @@ def test_nanochat_import_identical_logits(tmp_path, prefix):
     assert _same_logits(model, loaded)
 
 
+@pytest.mark.parametrize("layout", ["model dir", "nanochat dir", "preset"])
+def test_a_load_on_the_meta_device_reads_the_config_alone(tmp_path, layout):
+    """On the meta device (what `poelm serve`'s HTTP process holds) MODEL is the config the real
+    load gives, every tensor without storage, and no weight is read: it loads with its weights
+    file broken, which the real load refuses."""
+    from poelm.presets import get_preset
+
+    model = tiny_model(per_stage_head=True).eval()
+    if layout == "model dir":
+        save_model(model, tmp_path / "m")
+        weights = tmp_path / "m" / "model.safetensors"
+    elif layout == "nanochat dir":
+        save_nanochat_dir(model, tmp_path / "m", step=3)
+        weights = tmp_path / "m" / "model_000003.pt"
+    spec, config = (tmp_path / "m", model.config) if layout != "preset" else ("tiny", get_preset("tiny"))
+    if layout != "preset":
+        weights.write_bytes(b"garbage, not weights")
+        with pytest.raises(ValueError, match="not a readable"):
+            load_model(spec)
+    held, _ = load_model(spec, device="meta")
+    assert held.config == config and not held.training
+    assert all(t.is_meta for t in [*held.parameters(), *held.buffers()])
+
+
 # --- metas written the way the PoE fork writes them ------------------------------------------
 # jaepil/nanochat scripts/base_train.py, save_checkpoint(..., meta_data): "model_config" is
 # asdict() of nanochat/gpt.py's GPTConfig, built from the flags: sequence_len (--max-seq-len),

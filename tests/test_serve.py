@@ -1,13 +1,15 @@
 """`poelm serve` (poelm/serve/) through the real `openai` client against a server in a subprocess
 on a free 127.0.0.1 port: results equal `poelm generate`, streaming, stop strings, n, seeds,
 32 concurrent requests, PoE modes, logprobs, every bad request, overload, disconnects, SIGTERM,
-specialists sharing the base's weights and a delta on the wrong base.
+specialists sharing the base's weights, a delta on the wrong base (refused by the engine process
+or in one process) and the HTTP side's models on the meta device.
 Run: .venv/bin/pytest -q tests/test_serve.py"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -325,11 +327,44 @@ def test_api_key_required_and_server_healthy_after_bad_requests(server, client):
     assert httpx.get(server.url + "/nowhere", headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
 
 
-def test_a_delta_on_the_wrong_base_refuses_at_start_up(models):
+@pytest.mark.parametrize("mode", [[], ["--in-process"]], ids=["engine-process", "in-process"])
+def test_a_delta_on_the_wrong_base_refuses_at_start_up(models, mode):
+    """The engine process finds it (the base's hash needs the weights) and says so over its socket:
+    one line from the server, exit 2; in one process, the server's own load finds it."""
     r = subprocess.run([sys.executable, "-m", "poelm", "serve", str(models / "base"), "--delta", f"x={models / 'wrong'}",
-                        "--port", str(free_port())], env=env(), capture_output=True, text=True, timeout=120)
+                        "--port", str(free_port()), *mode], env=env(), capture_output=True, text=True, timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("poelm: error: ") and "is a delta for base" in lines[0]
+
+
+def test_the_http_side_holds_configs_alone_and_checks_requests_as_the_weights_would(models):
+    """Beside an engine process the server loads on the meta device: no parameter or buffer of
+    any model has storage, yet configs, cards, tokenizer and request checks are the real load's.
+    A delta on the wrong base passes there (its hash needs the weights); the real load refuses it."""
+    from poelm.serve.models import load_models
+
+    deltas = {"chat": str(models / "chat")}
+    meta = load_models(str(models / "base"), {**deltas, "x": str(models / "wrong")}, name="base", device="meta")
+    real = load_models(str(models / "base"), deltas, name="base")
+    assert list(meta.models) == ["base", "base+chat", "base+x"]
+    for model_id, served in meta.models.items():
+        tensors = [*served.model.parameters(), *served.model.buffers()]
+        assert tensors and all(t.is_meta for t in tensors), model_id
+    for model_id, served in real.models.items():
+        held = meta.get(model_id)
+        assert held.model.config == served.model.config
+        assert {**held.card(), "created": 0} == {**served.card(), "created": 0}
+        assert held.engine.tokenizer.vocab_size == served.engine.tokenizer.vocab_size
+        for options in (dict(mode="speculative", draft_stage=0, gamma=3), dict(mode="logop", stages=[0, 2])):
+            assert held.engine.options(options) == served.engine.options(options)
+        for options in (dict(mode="stage", stage=9), dict(mode="wand")):  # out of range, no calibration
+            with pytest.raises(ValueError) as theirs:
+                served.engine.options(options)
+            with pytest.raises(ValueError, match=re.escape(str(theirs.value))):
+                held.engine.options(options)
+    assert meta.get("base+chat").variant("base").config.head_mode == "base"
+    with pytest.raises(ValueError, match="is a delta for base"):
+        load_models(str(models / "base"), {"x": str(models / "wrong")}, name="base")
 
 
 def test_specialists_share_the_frozen_base_weights(models):

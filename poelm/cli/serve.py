@@ -87,7 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             spec = dict(model=args.model, deltas=deltas, name=args.name, device=args.device, threads=threads,
                         kv_cache_bytes=args.kv_cache_bytes, compile=backend)
             scheduler = EngineProcess(spec, args.max_batch, args.max_queue, metrics)
-            scheduler.start()  # it imports torch while this process loads the models
+            scheduler.start()  # it imports torch while this process reads the models' configs
         config = ServeConfig(api_key=api_key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
                              max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n,
                              request_timeout=args.request_timeout, header_timeout=args.header_timeout)
@@ -101,10 +101,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         def load() -> None:
             try:
-                # with an engine process, this copy serves tokenizers and option checks only
-                models = load_models(args.model, deltas, name=args.name, device=device if args.in_process else "cpu")
-                if not args.in_process:
-                    scheduler.connect()  # the engine loads its models and warms up; requests go to it from now on
+                # with an engine process, configs on the meta device (no weights): tokenizers and option checks only
+                models = load_models(args.model, deltas, name=args.name, device=device if args.in_process else "meta")
+                if not args.in_process:  # the engine loads the weights (checks a delta's base hash) and warms up
+                    scheduler.connect()  # requests go to it from now on
                 elif backend:
                     warm_up(models, args.max_batch, backend)
                 registry.loaded(models)

@@ -6,7 +6,8 @@ every PoE decoding mode per request and specialists by model name.
          -d '{"model": "base", "prompt": "Once upon a time", "max_tokens": 32, "temperature": 0,
               "poe": {"mode": "speculative", "draft_stage": 0, "gamma": 4}}'
 
-Parts: models.py (the base and its specialists, base weights shared), protocol.py (request
+Parts: models.py (the base and its specialists, base weights shared; beside an engine process the
+HTTP side holds their configs alone, on the meta device), protocol.py (request
 and response shapes, OpenAI error objects), scheduler.py (the continuous-batching thread that
 drives the engine's decoder protocol), prefix_cache.py (prompts reuse the K/V of prefixes
 already computed, earlier replies included), engine_proc.py (the scheduler in an engine process beside the HTTP one: the

@@ -3,7 +3,7 @@ own, so HTTP, tokenisation and streaming (the server's process) never wait for t
 
     engine = EngineProcess(spec, max_batch=32, max_queue=64, metrics=Metrics())   # the HTTP side
     engine.start()       # spawns `python -m poelm.serve.engine_proc FD` (it imports torch meanwhile)
-    engine.connect()     # sends it the spec; returns once its models loaded
+    engine.connect()     # sends it the spec; returns once its models loaded (EngineStartError: refused)
     engine.submit(job)   # the Scheduler's interface: check_rows, submit, drain, stop, alive, load
 
 Messages cross a socket pair as length-prefixed JSON (multiprocessing.connection's framing of
@@ -16,6 +16,11 @@ load and the prefix cache's counters ("pc"). The HTTP side keeps each request's 
 detokenises, cuts stop strings and streams; the engine ends rows at stop tokens, max_tokens and
 the context. When the HTTP side falls behind, the messages waiting go to the event loops in one
 call, so a stream writes the tokens of several steps at once.
+
+The HTTP side holds its models on the meta device (configs, tokenizers, calibration: no
+weights; poelm/serve/models.py). What needs the weights, such as a delta's base hash, the
+engine checks while it loads: its first message is {"ready": true}, or {"error": one line} for
+bad input found there (EngineStartError: `poelm serve` says the line and exits 2).
 
 If the engine process dies, the HTTP side writes one line, fails every request in flight with a
 503 error object and /health answers 503. SIGTERM to the server drains it, then stops the
@@ -42,6 +47,12 @@ from poelm.serve.scheduler import Job, Scheduler, TokenLogprob, check_rows, deli
 
 POLL_S = 0.05  # how often the HTTP side looks for requests whose client left
 MAX_COALESCED = 16  # engine messages handed to the event loops together when the HTTP side fell behind
+
+
+class EngineStartError(ValueError):
+    """The engine process refused its models at start-up: bad input that only the weights show
+    (a delta made for another base, a weights file that does not match its config); the message
+    is the engine's one line."""
 
 
 class Link:
@@ -87,7 +98,7 @@ class EngineProcess:
         self.reader = threading.Thread(target=self._read, name="poelm-engine-reader", daemon=True)
 
     def start(self) -> None:
-        """Start the engine process (once): it imports torch while this process loads its copy of the models."""
+        """Start the engine process (once): it imports torch while this process reads the models' configs."""
         if self.proc is not None:
             return
         ours, theirs = socket.socketpair()
@@ -98,14 +109,16 @@ class EngineProcess:
 
     def connect(self) -> None:
         """Send the engine its spec and wait until it has loaded its models and compiled their graphs
-        (compile; OSError if it exits first)."""
+        (compile; EngineStartError if it refused them, OSError if it exits first)."""
         self.start()
         try:
             self.link.send(self.spec)
-            self.link.recv()  # {"ready": true}
+            answer = self.link.recv()  # {"ready": true} or {"error": one line}
         except (EOFError, OSError):
             raise OSError(f"the engine process exited with code {self.proc.wait()} while loading the models "
                           "(its error is above)") from None
+        if "error" in answer:
+            raise EngineStartError(answer["error"])
         self.reader.start()
 
     def alive(self) -> bool:
@@ -481,7 +494,7 @@ def main(fd: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which drains and then stops us
     term = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: term.set())
-    import torch  # while the server loads the models: the spec comes once they loaded there
+    import torch  # while the server reads the models' configs: the spec comes once it has checked them
 
     from poelm.runtime import parse_device
     from poelm.serve.compiled import warm_up
@@ -497,7 +510,11 @@ def main(fd: int) -> int:
         return 0
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    registry = load_models(spec["model"], spec["deltas"], name=spec["name"], device=parse_device(spec["device"]))
+    try:
+        registry = load_models(spec["model"], spec["deltas"], name=spec["name"], device=parse_device(spec["device"]))
+    except (ValueError, OSError) as e:  # bad input the server could not see without the weights: one line back
+        link.send({"error": (str(e).strip().splitlines() or [type(e).__name__])[0]})
+        return 2
     cache = PrefixCache(spec["kv_cache_bytes"]) if spec["kv_cache_bytes"] else None
     # the server keeps its queue within --max-queue; here, what it sent before hearing of admissions fits too
     queue = spec["max_queue"] + spec["max_batch"]

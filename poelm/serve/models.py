@@ -9,6 +9,12 @@ tensors; `share_base` then points every specialist tensor that is bit-identical 
 at the base's own tensor, so the frozen trunk (blocks, lm_head, value embeddings) exists once
 in memory whatever the number of specialists. What a delta changes (its new blocks,
 lm_head_stage, wte with its warm chat rows, the extended lambdas) stays the specialist's own.
+
+    load_models("runs/base", deltas, device="meta")    # configs, tokenizer, calibration: no weights
+
+On the meta device (the HTTP process beside an engine process, which never runs a model) each
+model is its config alone, every parameter without storage: enough to check requests, tokenise
+and answer /v1/models. A delta's base hash needs the weights: the engine process checks it.
 """
 
 from __future__ import annotations
@@ -124,8 +130,9 @@ def parse_deltas(items: list[str]) -> dict[str, str]:
 
 
 def load_models(spec: str, deltas: dict[str, str] | None = None, name: str | None = None, device="cpu") -> ModelRegistry:
-    """MODEL as `name` (default: its directory name) and each delta as `name+NAME`."""
-    from poelm.checkpoint import load_model, model_dir
+    """MODEL as `name` (default: its directory name) and each delta as `name+NAME`; on device
+    "meta", their configs alone (no weight is read, a delta's base hash is not checked)."""
+    from poelm.checkpoint import load_model, model_dir, on_meta
     from poelm.engine import load_calibration
     from poelm.specialist import base_content_hash, load_delta
 
@@ -138,9 +145,11 @@ def load_models(spec: str, deltas: dict[str, str] | None = None, name: str | Non
     directory = model_dir(str(spec))
     calibration = load_calibration(directory) if directory is not None else None
     served = [ServedModel(base_id, Engine(model, tokenizer, calibration))]
-    base_hash = base_content_hash(model) if deltas else None
+    weights = not on_meta(device)
+    base_hash = base_content_hash(model) if deltas and weights else None
     for delta_name, delta_dir in (deltas or {}).items():
         spec_model = load_delta(model, delta_dir, base_hash).eval()
-        share_base(spec_model, model)
+        if weights:
+            share_base(spec_model, model)
         served.append(ServedModel(f"{base_id}+{delta_name}", Engine(spec_model, tokenizer), delta=str(delta_dir)))
     return ModelRegistry(served)
