@@ -229,6 +229,81 @@ def test_speculative_greedy_with_backout_and_penalty(draft_stage):
 
 
 @torch.no_grad()
+def processed_readout(model: GPT, prompt: list[int], tokens: list[int], **opts) -> torch.Tensor:
+    """The full forward's final readout at each position of `tokens` (T, V), processed as a plain
+    step there processes it: seen = the prompt and the tokens before, generated = the tokens before."""
+    T, V = len(tokens), model.config.vocab_size
+    logits = full_logits(model, prompt + tokens[:-1])[len(prompt) - 1:]
+    before = torch.zeros(T, V)  # (T, V): counts of the tokens generated before each position
+    for i in range(1, T):
+        before[i] = before[i - 1]
+        before[i, tokens[i - 1]] += 1
+    seen = before > 0
+    seen[:, prompt] = True
+    return Sampler(DecodeOptions(**opts), torch.device("cpu")).penalise(logits, seen, (before, torch.arange(T)))
+
+
+ROW_PENALTIES = [dict(presence_penalty=1.5), dict(frequency_penalty=0.8),
+                 dict(presence_penalty=-0.5, frequency_penalty=0.7, repetition_penalty=1.2, logit_bias={65: 1.5})]
+
+
+@pytest.mark.parametrize("opts", ROW_PENALTIES)
+def test_speculative_greedy_with_presence_frequency_penalty_is_plain_greedy(opts, rand_model):
+    """Each verify position counts the drafts before it as generated, and a rejected draft leaves
+    the counts: greedy speculative gives plain greedy's tokens, row by row and in a ragged batch."""
+    engine = Engine(rand_model)
+    rows = prompts()[1:] + [text_prompt_ids("the red cat sat on")]
+    plain = [engine.generate(row, max_new_tokens=40, **opts).tokens for row in rows]
+    for row, tokens in zip(rows, plain):
+        assert tokens != engine.generate(row, max_new_tokens=40).tokens  # the penalties change every row
+        assert_decisive(rand_model, row, tokens, processed_readout(rand_model, row, tokens, **opts))
+    for gamma, draft in ((2, 0), (5, 1)):
+        kw = dict(mode="speculative", gamma=gamma, draft_stage=draft, max_new_tokens=40, **opts)
+        alone = [engine.generate(row, **kw) for row in rows]
+        assert [g.tokens for g in alone] == plain
+        assert all(g.stats["acceptance_rate"] < 1 for g in alone)  # drafts were rejected: their counts rolled back
+        assert [g.tokens for g in engine.generate(rows, **kw)] == plain
+
+
+def test_speculative_min_tokens_masks_stop_ids_per_position(rand_model):
+    """A stop id that greedy takes wherever it is allowed (logit_bias +100) ends the row right at
+    min_tokens, wherever that falls in a draft/verify pass; speculative gives plain's tokens."""
+    engine = Engine(rand_model)
+    rows = prompts()[1:]
+    stop = 65
+    opts = dict(logit_bias={stop: 100.0}, stop_token_ids=[stop, 66], max_new_tokens=20)
+    for min_tokens in (1, 3, 6, 9):  # the first, inside and last positions of passes of gamma 3 and 4
+        plain = [engine.generate(row, min_tokens=min_tokens, **opts).tokens for row in rows]
+        for row, tokens in zip(rows, plain):
+            assert tokens[-1] == stop and len(tokens) == min_tokens + 1
+            assert_decisive(rand_model, row, tokens, processed_readout(rand_model, row, tokens, min_tokens=min_tokens,
+                                                                       **opts))
+        for gamma in (3, 4):
+            kw = dict(mode="speculative", gamma=gamma, min_tokens=min_tokens, **opts)
+            assert [engine.generate(row, **kw).tokens for row in rows] == plain
+            assert [g.tokens for g in engine.generate(rows, **kw)] == plain
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_speculative_drafts_apply_the_targets_rule_at_each_position(temperature):
+    """On a model whose blocks are identities the draft stage reads out the target's logits, so
+    a draft that penalises and masks as the target does at its position is always accepted (a
+    draft counting only the tokens before the pass is rejected as soon as its drafts repeat)."""
+    model = random_model(seed=5, noise=0.0)
+    engine = Engine(model)
+    tied = {65: 10.0, 66: 10.0, 67: 9.0}  # the likeliest tokens by far: the penalties choose among them
+    for opts in (dict(logit_bias=tied, presence_penalty=1.0, frequency_penalty=0.6),
+                 dict(logit_bias={**tied, 70: 30.0}, min_tokens=3, stop_token_ids=[70])):
+        out = engine.generate(prompts()[1], mode="speculative", gamma=4, max_new_tokens=30, temperature=temperature,
+                              seed=0, **opts)
+        assert out.stats["acceptance_rate"] == 1.0 and out.stats["drafted"] >= 3
+        if "min_tokens" in opts:
+            assert out.tokens[3:] == [70]  # the stop id, masked at the first three positions of the first pass
+        else:
+            assert len(set(out.tokens[:4])) > 1  # the penalties moved the first pass off its first token
+
+
+@torch.no_grad()
 def full_depth_cache(model: GPT, ids: list[int]):
     cache = new_cache(model, 1, 128)
     model.forward_cached(torch.tensor([ids]), cache)

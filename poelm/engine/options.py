@@ -113,8 +113,7 @@ def request_param(name: str | None) -> str | None:
     return f"poe.{key}" if f.metadata["request"] == POE else key
 
 
-# options that read each row's own generated tokens (Sampler.rows): a decoder whose sampler
-# sees drafted positions without their rows (speculative) cannot honour them
+# options that read each row's own generated tokens (Sampler.generated): off, they cost no work
 ROW_OPTIONS = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "min_tokens": 0}
 
 
