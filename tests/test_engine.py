@@ -327,26 +327,34 @@ def test_speculative_rollback_leaves_full_depth_cache(rand_model):
     assert_cache_equal(out.cache, full_depth_cache(rand_model, fed), len(fed))
 
 
+SAMPLED = [dict(temperature=0.9, top_k=6, repetition_penalty=1.3),
+           dict(temperature=0.9, presence_penalty=1.2, frequency_penalty=0.8, min_tokens=2, stop_token_ids=[2])]
+
+
+@pytest.mark.parametrize("opts", SAMPLED, ids=["repetition", "presence-frequency-min_tokens"])
 @torch.no_grad()
-def test_speculative_sampling_matches_target_distribution():
-    """Leviathan/Chen: the first tokens' empirical distribution equals the target's."""
+def test_speculative_sampling_matches_target_distribution(opts):
+    """Leviathan/Chen: the first tokens' empirical distribution equals the target's, its logits
+    processed at each position as a plain step's (the penalties count the tokens before it, the
+    stop id is masked before min_tokens), over the rows of one batch."""
     V = 8
     model = random_model(seed=11, noise=0.3, n_layer=2, n_embd=32, vocab_size=V)
     engine = Engine(model)
     prompt = [0, 3, 5]
-    opts = dict(temperature=0.9, top_k=6, repetition_penalty=1.3)
     sampler = Sampler(DecodeOptions(**opts), torch.device("cpu"))
 
-    def target(prefix: list[int], stage: int | None = None) -> torch.Tensor:
+    def target(prefix: list[int], stage: int | None = None, sampler: Sampler = sampler) -> torch.Tensor:
         idx = torch.tensor([prefix])
         logits = model(idx)[0, -1] if stage is None else model(idx, return_stage_logits=True)[1][stage][0, -1]
         seen = torch.zeros(1, V, dtype=torch.bool)
         seen[0, prefix] = True
-        return sampler.probs(sampler.penalise(logits[None], seen))[0]
+        new = prefix[len(prompt):]
+        counts = torch.zeros(1, V).index_add_(1, torch.tensor(new, dtype=torch.long), torch.ones(1, len(new)))
+        return sampler.probs(sampler.penalise(logits[None], seen, (counts, torch.tensor([len(new)]))))[0]
 
-    def joint(stage=None) -> torch.Tensor:  # (V, V) p(t1, t2)
-        p1 = target(prompt, stage)
-        return torch.stack([p1[a] * target(prompt + [a], stage) for a in range(V)])
+    def joint(**kw) -> torch.Tensor:  # (V, V) p(t1, t2)
+        p1 = target(prompt, **kw)
+        return torch.stack([p1[a] * target(prompt + [a], **kw) for a in range(V)])
 
     exact = joint()
     exact3 = torch.zeros(V)
@@ -354,22 +362,22 @@ def test_speculative_sampling_matches_target_distribution():
         for b in range(V):
             if exact[a, b] > 0:
                 exact3 += exact[a, b] * target(prompt + [a, b])
-    N = 1500
+    N = 3000
+    out = engine.generate([prompt] * N, mode="speculative", gamma=3, max_new_tokens=3, seed=0, **opts)
     counts, counts3 = torch.zeros(V, V), torch.zeros(V)
-    accepted = drafted = 0
-    for seed in range(N):
-        out = engine.generate(prompt, mode="speculative", gamma=3, max_new_tokens=3, seed=seed, **opts)
-        a, b, c = out.tokens
+    for g in out:
+        a, b, c = g.tokens
         counts[a, b] += 1
         counts3[c] += 1
-        accepted, drafted = accepted + out.stats["accepted"], drafted + out.stats["drafted"]
-    assert 0.05 < accepted / drafted < 0.95  # both the accept and the resample paths ran
+    assert 0.05 < out[0].stats["acceptance_rate"] < 0.95  # both the accept and the resample paths ran
     assert chi2(counts.flatten(), exact.flatten(), N) < chi2_limit(counts.numel())
     assert chi2(counts3, exact3, N) < chi2_limit(V)
-    # the test has power: the draft's own distribution is far from the target (and from the samples)
-    draft = joint(stage=0)
+    # the test has power: the draft's own distribution and the unprocessed target's are far from
+    # the target (and from the samples)
     tv_samples = 0.5 * (counts / N - exact).abs().sum().item()
-    assert 0.5 * (draft - exact).abs().sum().item() > 3 * tv_samples
+    assert 0.5 * (joint(stage=0) - exact).abs().sum().item() > 3 * tv_samples
+    unprocessed = joint(sampler=Sampler(DecodeOptions(temperature=opts["temperature"]), torch.device("cpu")))
+    assert 0.5 * (unprocessed - exact).abs().sum().item() > 3 * tv_samples
 
 
 def chi2(observed: torch.Tensor, expected_probs: torch.Tensor, n: int) -> float:
