@@ -52,13 +52,21 @@ def check_finite(probs: torch.Tensor) -> torch.Tensor:
 class Sampler:
     """Repetition penalty, temperature, top-k, top-p and a seeded generator (transformers' order)."""
 
-    def __init__(self, opts: DecodeOptions, device: torch.device):
+    def __init__(self, opts: DecodeOptions, device: torch.device, vocab_size: int | None = None):
+        """vocab_size: build the logit_bias and stop-id vectors now (a compiled graph then reads
+        them rather than building them on its first call and recompiling on its second)."""
         self.opts = opts
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(opts.seed if opts.seed is not None else int(torch.randint(2 ** 62, ()).item()))
         self.rows: Callable[[], list] | None = None  # -> the decoder's rows (.seq, .produced), one per logits row
         self._bias: torch.Tensor | None = None  # (V,) of logit_bias
         self._stop: torch.Tensor | None = None  # (V,) bool of stop_token_ids (the min_tokens mask)
+        if vocab_size is not None:
+            like = torch.empty(0, vocab_size, device=device)  # fp32, as the model's readouts
+            if opts.logit_bias:
+                self.bias(like)
+            if opts.min_tokens and opts.stop_token_ids:
+                self.stop_mask(like)
 
     def penalise(self, logits: torch.Tensor, seen: torch.Tensor | None,
                  generated: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
