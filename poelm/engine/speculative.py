@@ -6,7 +6,10 @@
 Stage d drafts up to gamma tokens per row through layers <= d's boundary; one verify pass
 runs only the deeper layers over [pending, drafts] of every row, reusing the draft K/V and
 boundary residuals. Greedy: token-identical to plain greedy. Sampling: the Leviathan/Chen
-rule (the output distribution equals the target's). Rows accept different numbers of drafts
+rule (the output distribution equals the target's). Both hold with every logit processor: the
+draft and the target at position i count the drafts before i as emitted (repetition penalty's
+seen ids, presence/frequency counts, min_tokens' generated length: drafted_states), and the
+next pass counts only what was accepted. Rows accept different numbers of drafts
 and advance by different amounts (ragged slots); rejected slots are simply overwritten by
 the row's next step. The cache holds `gamma + 1` scratch slots past the capacity so drafts
 of one row never depend on another row's room.
