@@ -61,7 +61,7 @@ class Sampler:
         self.rows: Callable[[], list] | None = None  # -> the decoder's rows (.seq, .produced), one per logits row
         self._bias: torch.Tensor | None = None  # (V,) of logit_bias
         self._stop: torch.Tensor | None = None  # (V,) bool of stop_token_ids (the min_tokens mask)
-        if vocab_size is not None:
+        if vocab_size is not None and (opts.logit_bias or (opts.min_tokens and opts.stop_token_ids)):
             like = torch.empty(0, vocab_size, device=device)  # fp32, as the model's readouts
             if opts.logit_bias:
                 self.bias(like)
