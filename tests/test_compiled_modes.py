@@ -1,7 +1,8 @@
 """Every compilable mode on the compiled path (docs/poe.md "Decoding options"): compiled and eager
-decoding give the same greedy tokens at batch 1 and batch > 1, the graphs compile once (no
-recompilation across steps), compiled speculative sampling follows the target distribution, and
-the registry's `compilable` is what make_decoder accepts.
+decoding give the same greedy tokens at batch 1 and batch > 1 (speculative also with presence /
+frequency penalty, logit_bias and min_tokens: plain greedy's tokens), the graphs compile once (no
+recompilation across steps), compiled speculative sampling follows the target distribution (its
+logits processed per position), and the registry's `compilable` is what make_decoder accepts.
 
 The compiled side uses the "aot_eager" backend: the traced graph runs the same aten kernels as
 eager decoding (only the compiled attention's three q/k/v matmuls differ from eager's one fused
@@ -16,7 +17,7 @@ from torch._dynamo.utils import counters
 
 from poelm.engine import Engine, capabilities, make_decoder
 from poelm.engine.options import DecodeOptions
-from poelm.engine.registry import COMPILABLE_MODES, MODES
+from poelm.engine.registry import COMPILABLE_MODES, MODE_OPTIONS, MODES
 from poelm.engine.sampling import Sampler
 from tests.conftest import tiny_model
 
@@ -31,6 +32,7 @@ WAND_STAGED = {"wand_bounds": [0.0, 0.02, 0.02, 0.02]}  # no costs: every stage 
 CASES = [("final", {}), ("stage", dict(stage=1)), ("logop", dict(stages=[0, 2])),
          ("speculative", dict(gamma=3)), ("speculative", dict(gamma=2, draft_stage=1, repetition_penalty=1.3)),
          ("speculative", dict(gamma=2, adaptive_gamma=True)),
+         ("speculative", dict(gamma=3, presence_penalty=1.5, frequency_penalty=0.5, logit_bias={40: 1.0})),
          ("wand", dict(calibration=WAND_PLAIN)), ("wand", dict(calibration=WAND_STAGED, wand_factor=1.0))]
 
 
@@ -45,12 +47,19 @@ def generate(model, prompts, compiled: bool, **opts) -> list:
 
 
 @torch.no_grad()
-def assert_decisive(model, prompt: list[int], tokens: list[int], penalty: float = 1.0) -> None:
-    """Every greedy token wins the full forward's readout by more than cross-shape rounding
-    (with a repetition penalty the readout differs per position: not checked)."""
-    if penalty != 1.0:
-        return
-    logits = model(torch.tensor([prompt + tokens[:-1]]))[0][len(prompt) - 1:]
+def assert_decisive(model, prompt: list[int], tokens: list[int], **opts) -> None:
+    """Every greedy token wins the full forward's readout, processed as a plain step processes it
+    at its position (opts: the penalties, logit_bias, min_tokens), by more than cross-shape rounding."""
+    T, V = len(tokens), model.config.vocab_size
+    logits = model(torch.tensor([prompt + tokens[:-1]]))[0][len(prompt) - 1:]  # (T, V)
+    before = torch.zeros(T, V)  # counts of the tokens generated before each position
+    for i in range(1, T):
+        before[i] = before[i - 1]
+        before[i, tokens[i - 1]] += 1
+    seen = before > 0
+    seen[:, prompt] = True
+    sampling = {k: v for k, v in opts.items() if k not in MODE_OPTIONS}
+    logits = Sampler(DecodeOptions(**sampling), torch.device("cpu")).penalise(logits, seen, (before, torch.arange(T)))
     top2 = logits.topk(2, dim=-1).values
     assert (top2[:, 0] - top2[:, 1]).min().item() > 1e-4
 
@@ -70,14 +79,32 @@ def test_compiled_greedy_tokens_equal_eager_without_recompiling(model, mode, opt
         # a draft and a verify graph per batch size (rows advance unevenly: a row that fills its
         # context leaves first) and per width (adaptive_gamma: powers of two, <= 4 here)
         assert graphs <= 2 * batch * (3 if opts.get("adaptive_gamma") else 1) and compiled[0].stats["drafted"] > 0
-        plain = generate(model, prompts, False, repetition_penalty=opts.get("repetition_penalty", 1.0))
+        plain = generate(model, prompts, False, **{k: v for k, v in opts.items() if k not in MODE_OPTIONS})
         assert [g.tokens for g in compiled] == [g.tokens for g in plain]  # and so plain greedy's
     elif mode == "wand" and opts["calibration"] is WAND_STAGED:
         assert graphs == 0 and sum(compiled[0].stats["exit_stage_counts"][:-1]) > 0  # staged: eager, exits early
     else:
         assert graphs == 1  # one graph for every step: no recompilation
     for p, g in zip(prompts, eager):
-        assert_decisive(model, p, g.tokens, opts.get("repetition_penalty", 1.0))
+        assert_decisive(model, p, g.tokens, **(opts if mode == "speculative" else {}))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_compiled_speculative_min_tokens_masks_stop_ids_per_position(model, batch):
+    """A stop id that greedy takes wherever it is allowed ends every row right at min_tokens, the
+    boundary inside the compiled pass (gamma 4: positions 0..4): compiled, eager and plain agree."""
+    prompts, stop = PROMPTS[:batch], 40
+    opts = dict(logit_bias={stop: 100.0}, max_new_tokens=N_NEW, stop_token_ids=[stop])
+    for min_tokens in (2, 7):
+        eager = Engine(model).generate(prompts, mode="speculative", gamma=4, min_tokens=min_tokens, **opts)
+        plain = Engine(model).generate(prompts, min_tokens=min_tokens, **opts)
+        torch._dynamo.reset()  # a fresh recompile budget (the graphs' code objects are shared by every decoder)
+        compiled = Engine(model, compile=BACKEND).generate(prompts, mode="speculative", gamma=4, min_tokens=min_tokens,
+                                                           **opts)
+        assert [g.tokens for g in compiled] == [g.tokens for g in eager] == [g.tokens for g in plain]
+        for p, g in zip(prompts, plain):
+            assert g.tokens[-1] == stop and len(g.tokens) == min_tokens + 1
+            assert_decisive(model, p, g.tokens, min_tokens=min_tokens, **opts)
 
 
 def test_compiled_step_compiles_once_across_passes(model):
@@ -105,14 +132,18 @@ def test_registry_compilable_is_what_make_decoder_accepts(model, mode):
     assert set(COMPILABLE_MODES) == set(MODES)  # every mode has a compiled path
 
 
+@pytest.mark.parametrize("opts", [dict(temperature=0.9, top_k=6, repetition_penalty=1.3),
+                                  dict(temperature=0.9, presence_penalty=1.2, frequency_penalty=0.8, min_tokens=1,
+                                       stop_token_ids=[2])], ids=["repetition", "presence-frequency-min_tokens"])
 @torch.no_grad()
-def test_compiled_speculative_sampling_matches_target_distribution():
+def test_compiled_speculative_sampling_matches_target_distribution(opts):
     """Leviathan/Chen in the compiled verify pass, every row of a large batch at once: the
-    empirical joint of the first two tokens equals the target's, and the draft's own differs."""
+    empirical joint of the first two tokens equals the target's (processed at each position as
+    a plain step's: the penalties count the tokens before it, the stop id is masked before
+    min_tokens), and the draft's own differs."""
     V, N = 8, 3000
     model = tiny_model(seed=11, noise=0.3, n_layer=2, n_embd=32, vocab_size=V).eval()
     prompt = [0, 3, 5]
-    opts = dict(temperature=0.9, top_k=6, repetition_penalty=1.3)
     sampler = Sampler(DecodeOptions(**opts), torch.device("cpu"))
 
     def dist(prefix: list[int], stage: int | None = None) -> torch.Tensor:
@@ -120,7 +151,9 @@ def test_compiled_speculative_sampling_matches_target_distribution():
         logits = model(idx)[0, -1] if stage is None else model(idx, return_stage_logits=True)[1][stage][0, -1]
         seen = torch.zeros(1, V, dtype=torch.bool)
         seen[0, prefix] = True
-        return sampler.probs(sampler.penalise(logits[None], seen))[0]
+        new = prefix[len(prompt):]
+        counts = torch.zeros(1, V).index_add_(1, torch.tensor(new, dtype=torch.long), torch.ones(1, len(new)))
+        return sampler.probs(sampler.penalise(logits[None], seen, (counts, torch.tensor([len(new)]))))[0]
 
     def joint(stage=None) -> torch.Tensor:
         p1 = dist(prompt, stage)
@@ -139,6 +172,7 @@ def test_compiled_speculative_sampling_matches_target_distribution():
     for t in got.values():
         counts[t[0], t[1]] += 1
     assert 0.05 < dec.stats.accepted / dec.stats.drafted < 0.95  # both the accept and the resample paths ran
+    assert counts[exact == 0].sum() == 0  # impossible pairs (the masked stop id first) never appear
     keep = exact.flatten() * N >= 5  # Pearson's chi-square over cells expected >= 5 times, the rest pooled
     obs = torch.cat([counts.flatten()[keep], counts.flatten()[~keep].sum()[None]])
     exp = torch.cat([exact.flatten()[keep], exact.flatten()[~keep].sum()[None]]) * N

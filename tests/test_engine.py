@@ -229,6 +229,81 @@ def test_speculative_greedy_with_backout_and_penalty(draft_stage):
 
 
 @torch.no_grad()
+def processed_readout(model: GPT, prompt: list[int], tokens: list[int], **opts) -> torch.Tensor:
+    """The full forward's final readout at each position of `tokens` (T, V), processed as a plain
+    step there processes it: seen = the prompt and the tokens before, generated = the tokens before."""
+    T, V = len(tokens), model.config.vocab_size
+    logits = full_logits(model, prompt + tokens[:-1])[len(prompt) - 1:]
+    before = torch.zeros(T, V)  # (T, V): counts of the tokens generated before each position
+    for i in range(1, T):
+        before[i] = before[i - 1]
+        before[i, tokens[i - 1]] += 1
+    seen = before > 0
+    seen[:, prompt] = True
+    return Sampler(DecodeOptions(**opts), torch.device("cpu")).penalise(logits, seen, (before, torch.arange(T)))
+
+
+ROW_PENALTIES = [dict(presence_penalty=1.5), dict(frequency_penalty=0.8),
+                 dict(presence_penalty=-0.5, frequency_penalty=0.7, repetition_penalty=1.2, logit_bias={65: 1.5})]
+
+
+@pytest.mark.parametrize("opts", ROW_PENALTIES)
+def test_speculative_greedy_with_presence_frequency_penalty_is_plain_greedy(opts, rand_model):
+    """Each verify position counts the drafts before it as generated, and a rejected draft leaves
+    the counts: greedy speculative gives plain greedy's tokens, row by row and in a ragged batch."""
+    engine = Engine(rand_model)
+    rows = prompts()[1:] + [text_prompt_ids("the red cat sat on")]
+    plain = [engine.generate(row, max_new_tokens=40, **opts).tokens for row in rows]
+    for row, tokens in zip(rows, plain):
+        assert tokens != engine.generate(row, max_new_tokens=40).tokens  # the penalties change every row
+        assert_decisive(rand_model, row, tokens, processed_readout(rand_model, row, tokens, **opts))
+    for gamma, draft in ((2, 0), (5, 1)):
+        kw = dict(mode="speculative", gamma=gamma, draft_stage=draft, max_new_tokens=40, **opts)
+        alone = [engine.generate(row, **kw) for row in rows]
+        assert [g.tokens for g in alone] == plain
+        assert all(g.stats["acceptance_rate"] < 1 for g in alone)  # drafts were rejected: their counts rolled back
+        assert [g.tokens for g in engine.generate(rows, **kw)] == plain
+
+
+def test_speculative_min_tokens_masks_stop_ids_per_position(rand_model):
+    """A stop id that greedy takes wherever it is allowed (logit_bias +100) ends the row right at
+    min_tokens, wherever that falls in a draft/verify pass; speculative gives plain's tokens."""
+    engine = Engine(rand_model)
+    rows = prompts()[1:]
+    stop = 65
+    opts = dict(logit_bias={stop: 100.0}, stop_token_ids=[stop, 66], max_new_tokens=20)
+    for min_tokens in (1, 3, 6, 9):  # the first, inside and last positions of passes of gamma 3 and 4
+        plain = [engine.generate(row, min_tokens=min_tokens, **opts).tokens for row in rows]
+        for row, tokens in zip(rows, plain):
+            assert tokens[-1] == stop and len(tokens) == min_tokens + 1
+            assert_decisive(rand_model, row, tokens, processed_readout(rand_model, row, tokens, min_tokens=min_tokens,
+                                                                       **opts))
+        for gamma in (3, 4):
+            kw = dict(mode="speculative", gamma=gamma, min_tokens=min_tokens, **opts)
+            assert [engine.generate(row, **kw).tokens for row in rows] == plain
+            assert [g.tokens for g in engine.generate(rows, **kw)] == plain
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_speculative_drafts_apply_the_targets_rule_at_each_position(temperature):
+    """On a model whose blocks are identities the draft stage reads out the target's logits, so
+    a draft that penalises and masks as the target does at its position is always accepted (a
+    draft counting only the tokens before the pass is rejected as soon as its drafts repeat)."""
+    model = random_model(seed=5, noise=0.0)
+    engine = Engine(model)
+    tied = {65: 10.0, 66: 10.0, 67: 9.0}  # the likeliest tokens by far: the penalties choose among them
+    for opts in (dict(logit_bias=tied, presence_penalty=1.0, frequency_penalty=0.6),
+                 dict(logit_bias={**tied, 70: 30.0}, min_tokens=3, stop_token_ids=[70])):
+        out = engine.generate(prompts()[1], mode="speculative", gamma=4, max_new_tokens=30, temperature=temperature,
+                              seed=0, **opts)
+        assert out.stats["acceptance_rate"] == 1.0 and out.stats["drafted"] >= 3
+        if "min_tokens" in opts:
+            assert out.tokens[3:] == [70]  # the stop id, masked at the first three positions of the first pass
+        else:
+            assert len(set(out.tokens[:4])) > 1  # the penalties moved the first pass off its first token
+
+
+@torch.no_grad()
 def full_depth_cache(model: GPT, ids: list[int]):
     cache = new_cache(model, 1, 128)
     model.forward_cached(torch.tensor([ids]), cache)
@@ -252,26 +327,34 @@ def test_speculative_rollback_leaves_full_depth_cache(rand_model):
     assert_cache_equal(out.cache, full_depth_cache(rand_model, fed), len(fed))
 
 
+SAMPLED = [dict(temperature=0.9, top_k=6, repetition_penalty=1.3),
+           dict(temperature=0.9, presence_penalty=1.2, frequency_penalty=0.8, min_tokens=2, stop_token_ids=[2])]
+
+
+@pytest.mark.parametrize("opts", SAMPLED, ids=["repetition", "presence-frequency-min_tokens"])
 @torch.no_grad()
-def test_speculative_sampling_matches_target_distribution():
-    """Leviathan/Chen: the first tokens' empirical distribution equals the target's."""
+def test_speculative_sampling_matches_target_distribution(opts):
+    """Leviathan/Chen: the first tokens' empirical distribution equals the target's, its logits
+    processed at each position as a plain step's (the penalties count the tokens before it, the
+    stop id is masked before min_tokens), over the rows of one batch."""
     V = 8
     model = random_model(seed=11, noise=0.3, n_layer=2, n_embd=32, vocab_size=V)
     engine = Engine(model)
     prompt = [0, 3, 5]
-    opts = dict(temperature=0.9, top_k=6, repetition_penalty=1.3)
     sampler = Sampler(DecodeOptions(**opts), torch.device("cpu"))
 
-    def target(prefix: list[int], stage: int | None = None) -> torch.Tensor:
+    def target(prefix: list[int], stage: int | None = None, sampler: Sampler = sampler) -> torch.Tensor:
         idx = torch.tensor([prefix])
         logits = model(idx)[0, -1] if stage is None else model(idx, return_stage_logits=True)[1][stage][0, -1]
         seen = torch.zeros(1, V, dtype=torch.bool)
         seen[0, prefix] = True
-        return sampler.probs(sampler.penalise(logits[None], seen))[0]
+        new = prefix[len(prompt):]
+        counts = torch.zeros(1, V).index_add_(1, torch.tensor(new, dtype=torch.long), torch.ones(1, len(new)))
+        return sampler.probs(sampler.penalise(logits[None], seen, (counts, torch.tensor([len(new)]))))[0]
 
-    def joint(stage=None) -> torch.Tensor:  # (V, V) p(t1, t2)
-        p1 = target(prompt, stage)
-        return torch.stack([p1[a] * target(prompt + [a], stage) for a in range(V)])
+    def joint(**kw) -> torch.Tensor:  # (V, V) p(t1, t2)
+        p1 = target(prompt, **kw)
+        return torch.stack([p1[a] * target(prompt + [a], **kw) for a in range(V)])
 
     exact = joint()
     exact3 = torch.zeros(V)
@@ -279,22 +362,22 @@ def test_speculative_sampling_matches_target_distribution():
         for b in range(V):
             if exact[a, b] > 0:
                 exact3 += exact[a, b] * target(prompt + [a, b])
-    N = 1500
+    N = 3000
+    out = engine.generate([prompt] * N, mode="speculative", gamma=3, max_new_tokens=3, seed=0, **opts)
     counts, counts3 = torch.zeros(V, V), torch.zeros(V)
-    accepted = drafted = 0
-    for seed in range(N):
-        out = engine.generate(prompt, mode="speculative", gamma=3, max_new_tokens=3, seed=seed, **opts)
-        a, b, c = out.tokens
+    for g in out:
+        a, b, c = g.tokens
         counts[a, b] += 1
         counts3[c] += 1
-        accepted, drafted = accepted + out.stats["accepted"], drafted + out.stats["drafted"]
-    assert 0.05 < accepted / drafted < 0.95  # both the accept and the resample paths ran
+    assert 0.05 < out[0].stats["acceptance_rate"] < 0.95  # both the accept and the resample paths ran
     assert chi2(counts.flatten(), exact.flatten(), N) < chi2_limit(counts.numel())
     assert chi2(counts3, exact3, N) < chi2_limit(V)
-    # the test has power: the draft's own distribution is far from the target (and from the samples)
-    draft = joint(stage=0)
+    # the test has power: the draft's own distribution and the unprocessed target's are far from
+    # the target (and from the samples)
     tv_samples = 0.5 * (counts / N - exact).abs().sum().item()
-    assert 0.5 * (draft - exact).abs().sum().item() > 3 * tv_samples
+    assert 0.5 * (joint(stage=0) - exact).abs().sum().item() > 3 * tv_samples
+    unprocessed = joint(sampler=Sampler(DecodeOptions(temperature=opts["temperature"]), torch.device("cpu")))
+    assert 0.5 * (unprocessed - exact).abs().sum().item() > 3 * tv_samples
 
 
 def chi2(observed: torch.Tensor, expected_probs: torch.Tensor, n: int) -> float:

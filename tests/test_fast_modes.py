@@ -185,13 +185,17 @@ def test_expected_tokens_and_the_chooser_arithmetic():
     assert sure.acceptance[0] == pytest.approx(0.9)
 
 
-@pytest.mark.parametrize("calib,regime", [(spec_calib([0.95, 0.95, 0.95]), "drafts"),
-                                          (spec_calib([0.0, 0.0, 0.0]), "falls back"),
-                                          (None, "measures")])
-def test_adaptive_speculative_greedy_is_plain_greedy(model, calib, regime):
-    plain = Engine(model).generate(prompts(), max_new_tokens=30, stop_token_ids=[])
+PENALTIES = dict(presence_penalty=1.0, frequency_penalty=0.5)  # plain passes and drafting passes count alike
+
+
+@pytest.mark.parametrize("calib,regime,opts", [(spec_calib([0.95, 0.95, 0.95]), "drafts", {}),
+                                               (spec_calib([0.0, 0.0, 0.0]), "falls back", {}),
+                                               (None, "measures", {}),
+                                               (spec_calib([0.0, 0.0, 0.0]), "falls back", PENALTIES)])
+def test_adaptive_speculative_greedy_is_plain_greedy(model, calib, regime, opts):
+    plain = Engine(model).generate(prompts(), max_new_tokens=30, stop_token_ids=[], **opts)
     out = Engine(model, calibration=calib).generate(prompts(), mode="speculative", adaptive=True, gamma=4,
-                                                    adaptive_probe=4, max_new_tokens=30, stop_token_ids=[])
+                                                    adaptive_probe=4, max_new_tokens=30, stop_token_ids=[], **opts)
     assert [g.tokens for g in out] == [g.tokens for g in plain]
     choice = out[0].stats["speculative_choice"]
     assert set(choice) >= {"draft_stage", "gamma", "expected_speedup", "fallback_passes", "probes", "acceptance"}

@@ -1,7 +1,8 @@
 """The fields, endpoints and metric names users of vLLM expect of `poelm serve`, through the real
 openai client or httpx against a server on 127.0.0.1: continuous_usage_stats, logit_bias, min_p,
-stop_token_ids, ignore_eos, min_tokens, echo, presence/frequency penalty, /tokenize,
-/detokenize, max_model_len, /health 503 while loading, poelm:* metrics.
+stop_token_ids, ignore_eos, min_tokens and presence/frequency penalty (speculative mode too; a
+min_tokens above max_tokens is a 400 in the request's names), echo, /tokenize, /detokenize,
+max_model_len, /health 503 while loading, poelm:* metrics.
 Run: .venv/bin/pytest -q tests/test_serve_fields.py"""
 
 from __future__ import annotations
@@ -102,10 +103,21 @@ def test_ignore_eos_and_min_tokens(server, client, tok):
     assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens == 1
     on = complete(client, logit_bias=forced, extra_body={"ignore_eos": True})
     assert on.choices[0].finish_reason == "length" and on.usage.completion_tokens == 6
-    late = complete(client, logit_bias=forced, extra_body={"min_tokens": 3})
-    assert late.choices[0].finish_reason == "stop" and late.usage.completion_tokens == 4  # 3 masked, then <|bos|>
+    for poe in ({}, {"poe": {"mode": "speculative", "gamma": 4}}):  # the boundary inside a draft/verify pass
+        late = complete(client, logit_bias=forced, extra_body={"min_tokens": 3, **poe})
+        assert late.choices[0].finish_reason == "stop" and late.usage.completion_tokens == 4  # 3 masked, then <|bos|>
+
+
+def test_min_tokens_above_max_tokens_is_a_400_in_the_requests_names(server):
     status, error = error_of(server, {"min_tokens": 5})
-    assert status == 400 and error["param"] == "min_tokens" and "above max_new_tokens 4" in error["message"]
+    assert status == 400 and error["param"] == "min_tokens"
+    assert error["message"] == "min_tokens 5 is above max_tokens 4: give min_tokens <= max_tokens"
+    chat = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "min_tokens": 5}
+    for field in ("max_tokens", "max_completion_tokens"):
+        r = httpx.post(server.url + "/v1/chat/completions", json={**chat, field: 3}, timeout=30)
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == "min_tokens"
+        assert error["message"] == f"min_tokens 5 is above {field} 3: give min_tokens <= {field}"
 
 
 def test_echo_puts_the_prompt_before_the_completion(client, server):
@@ -126,8 +138,10 @@ def test_presence_and_frequency_penalties(client, server, tok):
     alternating = complete(client, logit_bias=tied, presence_penalty=2.0).choices[0].text
     assert set(alternating) == {"A", "B"} and alternating != free
     assert complete(client, logit_bias=tied, frequency_penalty=2.0).choices[0].text.count(free[0]) < 6
-    status, error = error_of(server, {"presence_penalty": 1.0, "poe": {"mode": "speculative"}})
-    assert status == 400 and error["param"] == "presence_penalty"
+    speculative = {"poe": {"mode": "speculative", "gamma": 3}}  # drafts penalised as emitted: plain greedy's text
+    assert complete(client, logit_bias=tied, presence_penalty=2.0, extra_body=speculative).choices[0].text == alternating
+    mixed = dict(logit_bias=tied, presence_penalty=-0.5, frequency_penalty=1.5)
+    assert (complete(client, **mixed, extra_body=speculative).choices[0].text == complete(client, **mixed).choices[0].text)
 
 
 def test_tokenize_and_detokenize(server, tok):

@@ -137,7 +137,7 @@ class Decoder:
         self.capacity = capacity  # a row that fills this many slots is full (the context limit)
         self.max_len = capacity + scratch  # speculative drafts may run past a row's capacity
         self.device = model.lm_head.weight.device
-        self.sampler = Sampler(opts, self.device)
+        self.sampler = Sampler(opts, self.device, self.cfg.vocab_size)
         self.rows: list[Row] = []
         self.cache: KVCache | None = None
         self.seen = torch.zeros(0, self.cfg.vocab_size, dtype=torch.bool, device=self.device)  # (B, V)

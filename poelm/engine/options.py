@@ -8,6 +8,7 @@ value); each mode's own checks belong to its decoder (registry.validate_options 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 from poelm.flags import comma_ints, finite_float, id_floats, setting
@@ -113,8 +114,7 @@ def request_param(name: str | None) -> str | None:
     return f"poe.{key}" if f.metadata["request"] == POE else key
 
 
-# options that read each row's own generated tokens (Sampler.rows): a decoder whose sampler
-# sees drafted positions without their rows (speculative) cannot honour them
+# options that read each row's own generated tokens (Sampler.generated): off, they cost no work
 ROW_OPTIONS = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "min_tokens": 0}
 
 
@@ -136,16 +136,30 @@ class Generation:
 
 
 class OptionError(ValueError):
-    """A bad decoding option, one line; `option` names its DecodeOptions field (None: no one field)."""
+    """A bad decoding option, one line; `option` names its DecodeOptions field (None: no one field).
+    `template`, where the message names other fields too: the message with each DecodeOptions
+    field as {field}, so that an interface says them in its own names (said)."""
 
-    def __init__(self, message: str, option: str | None = None):
+    def __init__(self, message: str, option: str | None = None, template: str | None = None):
         super().__init__(message)
-        self.option = option
+        self.option, self.template = option, template
+
+    def said(self, name: Callable[[str], str]) -> str:
+        """The message with each DecodeOptions field it names spelt name(field) (the server: its request field)."""
+        if self.template is None:
+            return str(self)
+        return self.template.format_map({f.name: name(f.name) for f in fields(DecodeOptions)})
 
 
 def _check(ok: bool, message: str, option: str | None = None) -> None:
     if not ok:
         raise OptionError(message, option)
+
+
+def _check_naming(ok: bool, template: str, option: str) -> None:
+    """_check of a message that names DecodeOptions fields as {field} (OptionError.said)."""
+    if not ok:
+        raise OptionError(template.format_map({f.name: f.name for f in fields(DecodeOptions)}), option, template)
 
 
 class ContextLengthError(ValueError):
@@ -208,8 +222,8 @@ def check_common(opts: DecodeOptions, model: GPT) -> None:
                    f"logit_bias key {shown(i)} is not a token id of this model: ids lie in [0, {cfg.vocab_size})", "logit_bias")
             _check(isinstance(b, (int, float)) and -100 <= b <= 100, f"logit_bias values must lie in [-100, 100], "
                    f"got {shown(b)} for token {i}", "logit_bias")
-    _check(opts.min_tokens <= opts.max_new_tokens, f"min_tokens {opts.min_tokens} is above max_new_tokens "
-           f"{opts.max_new_tokens}: give min_tokens <= max_new_tokens", "min_tokens")
+    _check_naming(opts.min_tokens <= opts.max_new_tokens, f"{{min_tokens}} {opts.min_tokens} is above {{max_new_tokens}} "
+                  f"{opts.max_new_tokens}: give {{min_tokens}} <= {{max_new_tokens}}", "min_tokens")
     if opts.logop_alpha is not None:
         _check(math.isfinite(opts.logop_alpha), f"logop_alpha must be finite, got {shown(opts.logop_alpha)}", "logop_alpha")
 

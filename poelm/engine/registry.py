@@ -12,7 +12,7 @@ modes themselves: a new mode is one decoder class with its `modes` declaration, 
 from __future__ import annotations
 
 from poelm.engine.decoders import Capabilities, Decoder, PlainDecoder, compiled_cache_len
-from poelm.engine.options import DecodeOptions, OptionError, _check, check_common, row_options
+from poelm.engine.options import DecodeOptions, _check, check_common
 from poelm.engine.speculative import SpeculativeDecoder
 from poelm.engine.wand import WandDecoder
 from poelm.model import GPT
@@ -50,9 +50,6 @@ def ignored_options(opts: DecodeOptions) -> list[str]:
 
 COMPILABLE_MODES = modes_with(compilable=True)
 LOGPROB_MODES = modes_with(logprobs=True)
-# decoders that sample drafted positions the sampler's rows do not hold yet: the options that read
-# a row's generated tokens (presence/frequency penalty, min_tokens) are refused there
-DRAFTING = (SpeculativeDecoder,)
 
 
 def option_choices() -> dict[str, tuple[str, ...]]:
@@ -66,9 +63,6 @@ def validate_options(opts: DecodeOptions, model: GPT) -> None:
     calibration is checked where one is chosen (Engine.options)."""
     _check(opts.mode in DECODERS, f"unknown mode {opts.mode!r}; choose one of {', '.join(MODES)}", "mode")
     check_common(opts, model)
-    for name in row_options(opts) if issubclass(DECODERS[opts.mode], DRAFTING) else ():
-        raise OptionError(f"{name} is not available in mode {opts.mode} (its drafts are sampled before they join "
-                          "the row); use another mode or leave it off", name)
     DECODERS[opts.mode].check(opts, model)
 
 

@@ -52,52 +52,73 @@ def check_finite(probs: torch.Tensor) -> torch.Tensor:
 class Sampler:
     """Repetition penalty, temperature, top-k, top-p and a seeded generator (transformers' order)."""
 
-    def __init__(self, opts: DecodeOptions, device: torch.device):
+    def __init__(self, opts: DecodeOptions, device: torch.device, vocab_size: int | None = None):
+        """vocab_size: build the logit_bias and stop-id vectors now (a compiled graph then reads
+        them rather than building them on its first call and recompiling on its second)."""
         self.opts = opts
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(opts.seed if opts.seed is not None else int(torch.randint(2 ** 62, ()).item()))
         self.rows: Callable[[], list] | None = None  # -> the decoder's rows (.seq, .produced), one per logits row
         self._bias: torch.Tensor | None = None  # (V,) of logit_bias
+        self._stop: torch.Tensor | None = None  # (V,) bool of stop_token_ids (the min_tokens mask)
+        if vocab_size is not None and (opts.logit_bias or (opts.min_tokens and opts.stop_token_ids)):
+            like = torch.empty(0, vocab_size, device=device)  # fp32, as the model's readouts
+            if opts.logit_bias:
+                self.bias(like)
+            if opts.min_tokens and opts.stop_token_ids:
+                self.stop_mask(like)
 
-    def penalise(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+    def penalise(self, logits: torch.Tensor, seen: torch.Tensor | None,
+                 generated: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """logits (N, V) or (N, T, V), seen alike (bool) -> the processed logits: repetition penalty
-        (logit/penalty if > 0 else logit*penalty on seen ids), then the row penalties, logit_bias
-        and the min_tokens mask (of (N, V) logits: one per row)."""
+        (logit/penalty if > 0 else logit*penalty on seen ids), then the presence/frequency penalties
+        and the min_tokens mask (row_penalties), then logit_bias. generated: (counts, lengths) of the
+        ids each row generated before each position, shaped like logits and logits[..., 0]
+        (default: the rows' now, `generated`; a speculative pass counts its drafts too)."""
         rp = self.opts.repetition_penalty
         if rp != 1.0 and seen is not None:
             big = torch.finfo(logits.dtype).max  # a tiny penalty would divide a positive logit to inf
             logits = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp).clamp(-big, big), logits)
         if row_options(self.opts):
-            logits = self.row_penalties(logits)
+            if generated is None:
+                generated = self.generated(logits.shape[-1], logits.dtype, logits.device)
+            logits = self.row_penalties(logits, generated)
         if self.opts.logit_bias:
             logits = logits + self.bias(logits)
         return logits
 
-    def generated(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """-> (counts (N, V) of the ids each row generated, the rows' generated lengths)."""
+    def generated(self, vocab: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (counts (N, V) of the ids each row generated, in dtype; the rows' generated lengths
+        (N,)) from the decoder's rows."""
         if self.rows is None:
             raise RuntimeError("presence/frequency penalty and min_tokens read the decoder's rows: make the decoder "
                                "with poelm.engine.registry.make_decoder")
         rows = self.rows()
-        counts = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
+        counts = torch.zeros(len(rows), vocab, dtype=dtype, device=device)
         for b, r in enumerate(rows):
             if r.produced:
-                ids = torch.tensor(r.seq[len(r.seq) - r.produced:], device=logits.device)
-                counts[b].index_add_(0, ids, torch.ones(len(ids), dtype=logits.dtype, device=logits.device))
-        return counts, [r.produced for r in rows]
+                ids = torch.tensor(r.seq[len(r.seq) - r.produced:], device=device)
+                counts[b].index_add_(0, ids, torch.ones(len(ids), dtype=dtype, device=device))
+        return counts, torch.tensor([r.produced for r in rows], device=device)
 
-    def row_penalties(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits (N, V) - frequency * count - presence * [count > 0] of each row's generated ids,
-        and -inf at the stop ids of rows with fewer than min_tokens new tokens."""
+    def row_penalties(self, logits: torch.Tensor, generated: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """logits (..., V) - frequency * count - presence * [count > 0] of each row's generated ids,
+        and -inf at the stop ids where the row has fewer than min_tokens new tokens; generated:
+        (counts (..., V), lengths (...)) at these positions."""
         o = self.opts
-        counts, lengths = self.generated(logits)
+        counts, lengths = generated
         logits = logits - o.frequency_penalty * counts - o.presence_penalty * (counts > 0).to(logits.dtype)
-        short = [b for b, n in enumerate(lengths) if n < o.min_tokens]
-        if short and o.stop_token_ids:
-            rows = torch.tensor(short, device=logits.device)[:, None]
-            logits = logits.index_put((rows, torch.tensor(list(o.stop_token_ids), device=logits.device)[None]),
-                                      torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+        if o.min_tokens and o.stop_token_ids:
+            logits = logits.masked_fill((lengths < o.min_tokens)[..., None] & self.stop_mask(logits), float("-inf"))
         return logits
+
+    def stop_mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """(V,) bool: the stop ids (built once, on the logits' device)."""
+        if self._stop is None or self._stop.device != logits.device:
+            stop = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            stop[torch.tensor(list(self.opts.stop_token_ids), device=logits.device)] = True
+            self._stop = stop
+        return self._stop
 
     def bias(self, logits: torch.Tensor) -> torch.Tensor:
         """The (V,) logit_bias vector on the logits' device and dtype (built once)."""

@@ -6,7 +6,10 @@
 Stage d drafts up to gamma tokens per row through layers <= d's boundary; one verify pass
 runs only the deeper layers over [pending, drafts] of every row, reusing the draft K/V and
 boundary residuals. Greedy: token-identical to plain greedy. Sampling: the Leviathan/Chen
-rule (the output distribution equals the target's). Rows accept different numbers of drafts
+rule (the output distribution equals the target's). Both hold with every logit processor: the
+draft and the target at position i count the drafts before i as emitted (repetition penalty's
+seen ids, presence/frequency counts, min_tokens' generated length: drafted_states), and the
+next pass counts only what was accepted. Rows accept different numbers of drafts
 and advance by different amounts (ragged slots); rejected slots are simply overwritten by
 the row's next step. The cache holds `gamma + 1` scratch slots past the capacity so drafts
 of one row never depend on another row's room.
@@ -28,7 +31,7 @@ import torch
 from poelm.engine.constrain import masked
 from poelm.engine.costs import TIMING_PROMPT, device_sync, measure_costs, step_overhead, timing_prompt
 from poelm.engine.decoders import Capabilities, Decoder
-from poelm.engine.options import MAX_GAMMA, DecodeOptions, ModeRefused, _check
+from poelm.engine.options import MAX_GAMMA, DecodeOptions, ModeRefused, _check, row_options
 from poelm.engine.sampling import NonFiniteLogits, Sampler
 from poelm.model import GPT
 
@@ -64,6 +67,33 @@ def _measured(model: GPT, key: str, measure) -> object:
     if key not in done:
         done[key] = measure()
     return done[key]
+
+
+def with_draft(generated: tuple[torch.Tensor, torch.Tensor], token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """generated (counts (B, V), lengths (B,)) with one drafted token (B,) per row counted as emitted."""
+    counts, lengths = generated
+    return counts.scatter_add(1, token[:, None], torch.ones_like(counts[:, :1])), lengths + 1
+
+
+def drafted_states(drafts: torch.Tensor, seen: torch.Tensor | None, generated: tuple[torch.Tensor, torch.Tensor] | None):
+    """The sampler's state at each verify position i, the drafts before i counted as emitted (so
+    the target's penalties and min_tokens mask at i are the draft's at i, and a plain step's after
+    those drafts): drafts (B, G), seen (B, V) bool (None: no repetition penalty), generated
+    (counts (B, V), lengths (B,); None: no presence/frequency penalty or min_tokens) ->
+    (seen (B, G+1, V) or None, (counts (B, G+1, V), lengths (B, G+1)) or None)."""
+    if seen is None and generated is None:
+        return None, None
+    B, G = drafts.shape
+    V = (seen if seen is not None else generated[0]).shape[-1]
+    hot = torch.nn.functional.one_hot(drafts, V)  # (B, G, V)
+    before = torch.cat([hot.new_zeros(B, 1, V), hot.cumsum(1)], 1)  # (B, G+1, V): each id's drafts before i
+    if seen is not None:
+        seen = seen[:, None] | (before > 0)
+    if generated is not None:
+        counts, lengths = generated
+        generated = (counts[:, None] + before.to(counts.dtype),
+                     lengths[:, None] + torch.arange(G + 1, device=drafts.device))
+    return seen, generated
 
 
 def expected_tokens(a: float, gamma: int) -> float:
@@ -204,6 +234,7 @@ class SpeculativeDecoder(Decoder):
         self.bl = cfg.backout_layer if cfg.backout else -1
         self.stats.draft_stage, self.stats.stages_per_token, self.stats.gamma = self.d, cfg.n_stages, opts.gamma
         self.chooser = self._chooser() if opts.adaptive else None
+        self.reads_rows = bool(row_options(opts))  # presence/frequency penalty or min_tokens: counts per position
 
     def _chooser(self) -> DraftChooser:
         """Adaptive: costs and stage agreement from the calibration; costs it lacks are measured now
@@ -268,7 +299,8 @@ class SpeculativeDecoder(Decoder):
         proposed = [0] * B
         drafting = [n > 0 for n in n_max]
         draft_seen = self.seen.clone()
-        arange = torch.arange(B, device=self.device)
+        generated = self._generated()  # before draft j: the drafts 0..j-1 counted as emitted
+        generated0 = generated
         feed = self.pending()  # (B, 1)
         xs, x0s, mids, drafts, qs = [], [], [], [], []
         allowed = []  # a constraint's (B, V) mask at each position: the drafts advance the rows' matchers
@@ -283,7 +315,8 @@ class SpeculativeDecoder(Decoder):
             allowed.append(self.allowed())
             if not any(drafting):
                 break
-            q_logits = masked(sampler.penalise(model.readout(x[:, -1], self.d), draft_seen), allowed[j])  # (B, V)
+            q_logits = masked(sampler.penalise(model.readout(x[:, -1], self.d), draft_seen, generated),
+                              allowed[j])  # (B, V)
             if opts.greedy:
                 token, q = q_logits.argmax(-1), None
                 top_prob = q_logits.softmax(-1).gather(1, token[:, None])[:, 0] if opts.draft_threshold else None
@@ -303,7 +336,9 @@ class SpeculativeDecoder(Decoder):
                 break
             self._advance_drafts(token, [p > j for p in proposed])
             drafts.append(token), qs.append(q)
-            draft_seen[arange, token] = True
+            draft_seen.scatter_(1, token[:, None], True)
+            if generated is not None:
+                generated = with_draft(generated, token)
             feed = token[:, None]
         n = len(drafts)
         # verify: layers [split, L) on [pending, drafts] of every row in one pass
@@ -315,11 +350,7 @@ class SpeculativeDecoder(Decoder):
         self.stats.layer_calls += (L - split) * B
         x_mid = torch.cat(mids[:n + 1], 1) if mid_in_draft else kept.get(bl)
         p_logits = model.readout(x, None, x_mid)  # (B, n+1, V)
-        if opts.repetition_penalty != 1.0:
-            rows_seen = self.seen.unsqueeze(1).repeat(1, n + 1, 1)  # (B, n+1, V)
-            for i, t in enumerate(drafts):
-                rows_seen[:, i + 1:] |= torch.nn.functional.one_hot(t, rows_seen.shape[-1]).bool()[:, None]
-            p_logits = sampler.penalise(p_logits, rows_seen)
+        p_logits = sampler.penalise(p_logits, *drafted_states(idx[:, 1:], self._seen_if_penalised(), generated0))
         if allowed[0] is not None:  # the target at each position is masked like the draft there
             p_logits = masked(p_logits, torch.stack(allowed, 1))
         drafts_host = torch.stack(drafts, 1).tolist() if n else [[] for _ in range(B)]  # (B, n)
@@ -331,6 +362,14 @@ class SpeculativeDecoder(Decoder):
             self.seen[b, torch.tensor(row_drafts[:n_acc] + [token], device=self.device)] = True
             outcomes.append((row_drafts, proposed[b], n_acc, token))
         return self._advance(slot0, outcomes)
+
+    def _generated(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rows' generated counts and lengths (Sampler.generated) where an option reads them; else None."""
+        return self.sampler.generated(self.cfg.vocab_size, torch.float32, self.device) if self.reads_rows else None
+
+    def _seen_if_penalised(self) -> torch.Tensor | None:
+        """seen (B, V) where a repetition penalty reads it; else None."""
+        return self.seen if self.opts.repetition_penalty != 1.0 else None
 
     def _advance(self, slot0: list[int], outcomes: list[tuple[list[int], int, int, int]]) -> dict[int, list[int]]:
         """Every row's pass outcome (its drafts, how many it proposed and accepted, the next token)
@@ -417,15 +456,17 @@ class SpeculativeDecoder(Decoder):
                  for r in self.rows]
         starts = torch.tensor(slot0, device=self.device)
         pending = self.pending()
-        feed, seen = pending, self.seen
+        feed, seen, generated = pending, self.seen, self._generated()
+        generated0 = generated
         xs, x0s, mids, drafts, qs, tops = [], [], [], [], [], []
         for j in range(G):
-            x, x0, mid, token, q, top, seen = draft(self.d, feed, starts + j, seen, self._noise(B, self.cfg.vocab_size))
+            x, x0, mid, token, q, top, seen, generated = draft(self.d, feed, starts + j, seen, generated,
+                                                               self._noise(B, self.cfg.vocab_size))
             xs.append(x), x0s.append(x0), mids.append(mid), drafts.append(token), qs.append(q), tops.append(top)
             feed = token[:, None]
         u = torch.rand(B, G, device=self.device, generator=self.sampler.gen) if not opts.greedy else None
         packed, new_ids = verify(self.d, pending, feed, starts, xs, x0s, mids, drafts, qs, tops,
-                                 torch.tensor(n_max, device=self.device), self.seen, u,
+                                 torch.tensor(n_max, device=self.device), self._seen_if_penalised(), generated0, u,
                                  self._noise(B, self.cfg.vocab_size))
         self.seen.scatter_(1, new_ids, True)
         host = packed.tolist()  # the one host read of the pass
@@ -446,13 +487,14 @@ class SpeculativeDecoder(Decoder):
         return x, x0, kept.get(bl)
 
     def _draft_graph(self, d: int, feed: torch.Tensor, starts: torch.Tensor, seen: torch.Tensor,
-                     noise: torch.Tensor | None):
+                     generated: tuple[torch.Tensor, torch.Tensor] | None, noise: torch.Tensor | None):
         """One draft step from stage d -> x, x0, mid, the draft token (B,), its distribution q
         (sampling; else None), the draft's top probability (B,; greedy: only for draft_threshold),
-        seen with the token added (only with a repetition penalty)."""
+        seen with the token added (only with a repetition penalty), generated with the token
+        counted (only with presence/frequency penalty or min_tokens; else None)."""
         x, x0, mid = self._draft_layers(feed, starts)
         sampler = self.sampler
-        z = sampler.penalise(self.model.readout(x[:, -1], d), seen)  # (B, V)
+        z = sampler.penalise(self.model.readout(x[:, -1], d), seen, generated)  # (B, V)
         if self.opts.greedy:
             token, q = z.argmax(-1), None
             top = z.softmax(-1).gather(1, token[:, None])[:, 0] if self.opts.draft_threshold is not None else None
@@ -462,13 +504,15 @@ class SpeculativeDecoder(Decoder):
             top = q.amax(-1)
         if self.opts.repetition_penalty != 1.0:
             seen = seen.scatter(1, token[:, None], True)
-        return x, x0, mid, token, q, top, seen
+        return x, x0, mid, token, q, top, seen, with_draft(generated, token) if generated is not None else None
 
     def _verify_graph(self, d: int, pending: torch.Tensor, last: torch.Tensor, starts: torch.Tensor, xs: list,
                       x0s: list, mids: list, drafts: list, qs: list, tops: list, n_max: torch.Tensor,
-                      seen: torch.Tensor, u: torch.Tensor | None, noise: torch.Tensor | None):
-        """The verify pass of G = len(drafts) drafts -> (packed (B, G + 4): the drafts, accepted
-        count, next token, proposed count, non-finite flag; the ids to mark seen (B, G + 1))."""
+                      seen: torch.Tensor | None, generated: tuple[torch.Tensor, torch.Tensor] | None,
+                      u: torch.Tensor | None, noise: torch.Tensor | None):
+        """The verify pass of G = len(drafts) drafts (seen, generated: the rows' before the pass,
+        None where no option reads them) -> (packed (B, G + 4): the drafts, accepted count, next
+        token, proposed count, non-finite flag; the ids to mark seen (B, G + 1))."""
         model, sampler, opts = self.model, self.sampler, self.opts
         G, L, split, bl = len(drafts), self.cfg.n_layer, self.split, self.bl
         x, x0, mid = self._draft_layers(last, starts + G)
@@ -478,9 +522,7 @@ class SpeculativeDecoder(Decoder):
         h, kept = model.run_layers(torch.cat(xs + [x], 1), torch.cat(x0s + [x0], 1), idx, split, L, self.cache,
                                    starts, keep={bl} if bl >= split else set())
         z = model.readout(h, None, torch.cat(mids + [mid], 1) if 0 <= bl < split else kept.get(bl))  # (B, G+1, V)
-        if opts.repetition_penalty != 1.0:  # position i sees the drafts before it
-            drafted = torch.nn.functional.one_hot(D, z.shape[-1]).cumsum(1) > 0  # (B, G, V)
-            z = sampler.penalise(z, torch.cat([seen[:, None], seen[:, None] | drafted], 1))
+        z = sampler.penalise(z, *drafted_states(D, seen, generated))  # position i counts the drafts before it
         ok = torch.ones(B, G, dtype=torch.long, device=z.device)
         if opts.draft_threshold is not None and G:  # a row stops drafting at its first unsure draft
             ok = (torch.stack(tops, 1) >= opts.draft_threshold).long()

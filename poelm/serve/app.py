@@ -153,7 +153,7 @@ def completion_job(req: CompletionRequest, served: ServedModel, config: ServeCon
                        param="echo")
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
         raise ApiError(400, f"logprobs must lie in 0..{MAX_COMPLETION_LOGPROBS}, got {req.logprobs}", param="logprobs")
-    return make_job(req, served, ids, max_tokens, stop, req.logprobs, config, loop), sum(map(len, ids))
+    return make_job(req, served, ids, max_tokens, stop, req.logprobs, config, loop, "max_tokens"), sum(map(len, ids))
 
 
 def chat_job(req: ChatRequest, served: ServedModel, config: ServeConfig, loop) -> tuple[Job, int]:
@@ -180,15 +180,19 @@ def chat_job(req: ChatRequest, served: ServedModel, config: ServeConfig, loop) -
         if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ApiError(400, f"top_logprobs must lie in 0..{MAX_TOP_LOGPROBS}, got {req.top_logprobs}", param="top_logprobs")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return make_job(req, served, [ids], max_tokens, stop, logprobs, config, loop), len(ids)
+    return make_job(req, served, [ids], max_tokens, stop, logprobs, config, loop, param), len(ids)
 
 
 def make_job(req: Sampling, served: ServedModel, prompts: list[list[int]], max_tokens: int, stop: list[str],
-             logprobs: int | None, config: ServeConfig, loop) -> Job:
+             logprobs: int | None, config: ServeConfig, loop, max_param: str) -> Job:
+    """max_param: the request field that gave max_tokens (a refusal names the request's fields)."""
     try:
         opts = decode_options(req, served, max_tokens, stop)
     except OptionError as e:
-        raise ApiError(400, str(e), param=request_param(e.option)) from None
+        def param(field: str | None) -> str | None:
+            return max_param if field == "max_new_tokens" else request_param(field)
+
+        raise ApiError(400, e.said(lambda field: param(field) or field), param=param(e.option)) from None
     except ValueError as e:
         raise ApiError(400, str(e)) from None
     structured(req, served, opts)
