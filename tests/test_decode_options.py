@@ -124,7 +124,9 @@ def test_a_bad_value_gets_the_same_refusal_everywhere(model_dir, server, capsys,
     capsys.readouterr()
     flag = setting_flag_names(FIELDS[name])[0]
     assert main(["generate", str(model_dir), "a", "--max-new-tokens", "2", "--mode", mode, flag, text]) == 2
-    assert capsys.readouterr().err == f"poelm: error: {flag}: {message}\n"
+    flags = {f: setting_flag_names(FIELDS[f])[0] for f in FIELDS}
+    cli = python.value.said(flags.get) if python.value.template else f"{flag}: {message}"  # it says its flags
+    assert capsys.readouterr().err == f"poelm: error: {cli}\n"
 
     body = {"model": "base", "prompt": "a", "max_tokens": 2}
     json_value = {str(k): v for k, v in value.items()} if isinstance(value, dict) else value

@@ -186,13 +186,15 @@ def decode_options(engine, options: dict):
     from poelm.engine import DecodeOptions, OptionError
     from poelm.flags import setting_flag_names
 
+    flags = {f.name: setting_flag_names(f)[0] for f in fields(DecodeOptions)}
     try:
         return engine.options(options)
     except OptionError as e:
-        field = next((f for f in fields(DecodeOptions) if f.name == e.option), None)
-        if field is None:
+        if e.option not in flags:
             raise
-        raise CliError(f"{setting_flag_names(field)[0]}: {e}") from None
+        if e.template is not None:  # the message names its fields: say each as its flag
+            raise CliError(e.said(lambda name: flags.get(name, name))) from None
+        raise CliError(f"{flags[e.option]}: {e}") from None
 
 
 def val_progress(args: argparse.Namespace, batches, what: str, batch_size: int, seq_len: int, tokens: int | None,
