@@ -875,7 +875,7 @@ def test_joining_rows_never_read_their_unzeroed_cache(kw, trained, trained_calib
         for _ in range(3):
             dec.step()
         handles += dec.add_rows(joining)  # left-padded, ragged against the first row
-        handles.append(dec.add_prefixed_row(joining[0], dec.prompt_kv(handles[1], 4)))
+        handles.append(dec.add_prefixed_row(joining[0], dec.kv(handles[1], 0, 4)))
         for _ in range(12):
             dec.step()
         return [dec.row(h).seq for h in handles]
