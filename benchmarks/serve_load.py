@@ -12,7 +12,8 @@ after another; all clients run on one event loop in one thread) and reports: thr
 (generated tokens / wall time), time to first token and latency p50/p99, errors (must be 0),
 the CPU cores the client and the server used (the client shares the machine's cores) and the
 CPU milliseconds per generated token of the server's HTTP process and of its engine process
-(/proc/PID/stat; on a loaded box this is steadier than tokens/s). --clients-only stops there.
+(/proc/PID/stat: less sensitive than tokens/s to other work on the box, though contention
+still inflates it). --clients-only stops there.
 The gain of continuous batching (goal >= 5x) is N = 32's throughput over the same requests
 sent one at a time ("in sequence": the same prompts, so the same token counts and early
 stops). Streaming's cost: N = 32 streamed against the same requests answered whole (goal <= 1.2x).
