@@ -9,8 +9,11 @@ depth-8 PoE model, 4 stages of 2 layers, byte tokenizer, WAND-calibrated on rand
 temporary directory), then for N = 1, 8, 32 clients runs a bounded number of greedy streaming
 completions (each client sends --requests-per-client requests of --max-tokens tokens, one
 after another; all clients run on one event loop in one thread) and reports: throughput
-(generated tokens / wall time), time to first token and latency p50/p99, errors (must be 0)
-and the CPU cores the client and the server used (the client shares the machine's cores).
+(generated tokens / wall time), time to first token and latency p50/p99, errors (must be 0),
+the CPU cores the client and the server used (the client shares the machine's cores) and the
+CPU milliseconds per generated token of the server's HTTP process and of its engine process
+(/proc/PID/stat: less sensitive than tokens/s to other work on the box, though contention
+still inflates it). --clients-only stops there.
 The gain of continuous batching (goal >= 5x) is N = 32's throughput over the same requests
 sent one at a time ("in sequence": the same prompts, so the same token counts and early
 stops). Streaming's cost: N = 32 streamed against the same requests answered whole (goal <= 1.2x).
@@ -138,13 +141,23 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
+def own_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process pid alone so far (Linux /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process pid and its live children so far (Linux /proc): the
     server and its engine process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return own_cpu_seconds(pid) + children_cpu_seconds(pid)
+
+
+def children_cpu_seconds(pid: int) -> float:
+    """CPU seconds of pid's live children and theirs (the server's engine process)."""
     children = Path(f"/proc/{pid}/task/{pid}/children")
     kids = children.read_text().split() if children.exists() else []
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(cpu_seconds(int(k)) for k in kids)
+    return sum(cpu_seconds(int(k)) for k in kids)
 
 
 def workload(clients: int, per_client: int) -> list[list[str]]:
@@ -167,26 +180,31 @@ async def clients_run(url: str, prompts: list[list[str]], max_tokens: int, poe: 
 def load(url: str, prompts: list[list[str]], max_tokens: int, poe: dict | None, timeout: float,
          server_pid: int | None = None, stream: bool = True) -> dict:
     t0, cpu0 = time.perf_counter(), time.process_time()
-    server0 = cpu_seconds(server_pid) if server_pid else 0.0
+    http0, engine0 = (own_cpu_seconds(server_pid), children_cpu_seconds(server_pid)) if server_pid else (0.0, 0.0)
     results = asyncio.run(clients_run(url, prompts, max_tokens, poe, timeout, stream))
     wall = time.perf_counter() - t0
     client_cores = (time.process_time() - cpu0) / wall
-    server_cores = (cpu_seconds(server_pid) - server0) / wall if server_pid else float("nan")
+    http_s = own_cpu_seconds(server_pid) - http0 if server_pid else float("nan")
+    engine_s = children_cpu_seconds(server_pid) - engine0 if server_pid else float("nan")
+    server_cores = (http_s + engine_s) / wall
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
+    tokens = max(sum(r["tokens"] for r in ok), 1)
     ttft, lat = [r["ttft"] for r in ok if r["ttft"] is not None], [r["latency"] for r in ok]
     return {"clients": len(prompts), "requests": len(results), "errors": len(errors), "first_error": errors[0] if errors else None,
             "tokens": sum(r["tokens"] for r in ok), "wall_s": wall, "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
             "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
             "latency_p50_s": percentile(lat, 0.5), "latency_p99_s": percentile(lat, 0.99),
             "client_cpu_cores": client_cores, "server_cpu_cores": server_cores,
-            "tokens_per_server_cpu_s": sum(r["tokens"] for r in ok) / max(server_cores * wall, 1e-9)}
+            "tokens_per_server_cpu_s": sum(r["tokens"] for r in ok) / max(server_cores * wall, 1e-9),
+            "http_cpu_ms_per_token": 1e3 * http_s / tokens, "engine_cpu_ms_per_token": 1e3 * engine_s / tokens}
 
 
 def row(name: str, r: dict) -> str:
     return (f"{name:>16} {r['clients']:>3} {r['requests']:>4} {r['tokens_per_s']:>8.1f} {r['ttft_p50_s'] * 1e3:>8.0f} "
             f"{r['ttft_p99_s'] * 1e3:>8.0f} {r['latency_p50_s']:>7.2f} {r['latency_p99_s']:>7.2f} {r['errors']:>4} "
-            f"{r['client_cpu_cores']:>6.2f} {r['server_cpu_cores']:>6.2f}")
+            f"{r['client_cpu_cores']:>6.2f} {r['server_cpu_cores']:>6.2f} {r['http_cpu_ms_per_token']:>6.3f} "
+            f"{r['engine_cpu_ms_per_token']:>6.3f}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -202,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--no-modes", action="store_true", help="skip the PoE modes under load")
     p.add_argument("--in-process", action="store_true", help="serve with --in-process (no engine process)")
+    p.add_argument("--clients-only", action="store_true",
+                   help="only the --clients runs (no in-sequence, whole or PoE-mode runs): the quick CPU-per-token check")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]
@@ -218,6 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
                                      proc.pid)
                 after = _step_rows(httpx.get(url + "/metrics", timeout=10).text)
                 step_rows[n] = (after[0] - before[0]) / max(after[1] - before[1], 1.0)
+            if args.clients_only:
+                return clients_report(by_clients, step_rows, load_before, args.json)
             most = workload(max(counts), args.requests_per_client)
             one_at_a_time = load(url, [[p for mine in most for p in mine]], args.max_tokens, None, args.timeout, proc.pid)
             whole = load(url, most, args.max_tokens, None, args.timeout, proc.pid, stream=False)
@@ -244,8 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(out, indent=2))
         return out
-    print(f"{'':>16} {'N':>3} {'reqs':>4} {'tok/s':>8} {'ttft50':>8} {'ttft99':>8} {'lat50':>7} {'lat99':>7} {'err':>4} "
-          f"{'client':>6} {'server':>6}   (ms for ttft, s for latency, CPU cores used by the client and the server)")
+    print(HEADER)
     for n, r in by_clients.items():
         print(row("final", r))
     print(row("in sequence", one_at_a_time))
@@ -259,6 +280,24 @@ def main(argv: list[str] | None = None) -> dict:
           f"load average {load_before:.1f} before, {out['load_average'][1]:.1f} after (on {os.cpu_count()} cores)")
     print(f"per server CPU second (less sensitive to other work on the box): batching {per_cpu['batching_gain']:.1f}x, "
           f"streaming costs {per_cpu['streaming_cost']:.2f}x")
+    return out
+
+
+HEADER = (f"{'':>16} {'N':>3} {'reqs':>4} {'tok/s':>8} {'ttft50':>8} {'ttft99':>8} {'lat50':>7} {'lat99':>7} {'err':>4} "
+          f"{'client':>6} {'server':>6} {'http':>6} {'engine':>6}   (ms for ttft, s for latency, CPU cores used by "
+          "the client and the server, CPU ms per generated token of the server's HTTP and engine processes)")
+
+
+def clients_report(by_clients: dict, step_rows: dict, load_before: float, as_json: bool) -> dict:
+    """--clients-only: the table of the client counts' runs and the load."""
+    out = {"by_clients": by_clients, "step_rows_mean": step_rows, "load_average": [load_before, os.getloadavg()[0]]}
+    if as_json:
+        print(json.dumps(out, indent=2))
+        return out
+    print(HEADER)
+    for r in by_clients.values():
+        print(row("final", r))
+    print(f"load average {load_before:.1f} before, {out['load_average'][1]:.1f} after (on {os.cpu_count()} cores)")
     return out
 
 

@@ -451,10 +451,14 @@ class KVCache:
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None,
-                 dtype: torch.dtype = torch.float32, pad: torch.Tensor | None = None):
+                 dtype: torch.dtype = torch.float32, pad: torch.Tensor | None = None, zeroed: bool = True):
+        """zeroed=False: K/V slots hold whatever memory held until written (no zero fill), for a
+        cache whose written slots are only copied into another's rows (append_rows copies those
+        alone): an attention may read unwritten slots under its mask, and 0 * NaN is NaN."""
         shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        alloc = torch.zeros if zeroed else torch.empty
+        self.k = [alloc(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [alloc(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.lengths = [0] * config.n_layer
         self.tokens = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.n_tokens = 0  # slots that went through embed()

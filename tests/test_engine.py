@@ -858,6 +858,42 @@ def test_poe_decoders_add_rows_mid_run(kw, trained, trained_calib):
         assert got[:len(alone)] == alone
 
 
+@pytest.mark.parametrize("kw", [dict(mode="final"), dict(mode="wand", wand_factor=0.5), dict(mode="speculative", gamma=3)],
+                         ids=lambda kw: kw["mode"])
+def test_joining_rows_never_read_their_unzeroed_cache(kw, trained, trained_calib, monkeypatch):
+    """Rows that join a running decoder prefill into a cache that is not zero-filled (only its
+    written slots are copied): poisoned with NaN, every row still gets the tokens of a zeroed run."""
+    import poelm.model
+    from poelm.engine import make_decoder
+
+    opts = Engine(trained, calibration=trained_calib).options(dict(kw, max_new_tokens=40))
+    first, joining = [text_prompt_ids("the red cat")], [text_prompt_ids("a big dog ran to the"), [BOS]]
+
+    def run() -> list[list[int]]:
+        dec = make_decoder(trained, opts, 100)
+        handles = dec.add_rows(first)
+        for _ in range(3):
+            dec.step()
+        handles += dec.add_rows(joining)  # left-padded, ragged against the first row
+        handles.append(dec.add_prefixed_row(joining[0], dec.kv(handles[1], 0, 4)))
+        for _ in range(12):
+            dec.step()
+        return [dec.row(h).seq for h in handles]
+
+    zeroed = run()
+    init, poisoned = poelm.model.KVCache.__init__, []
+
+    def nan_filled(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if not kwargs.get("zeroed", args[6] if len(args) > 6 else True):
+            poisoned.append(self)
+            for t in self.k + self.v:
+                t.fill_(float("nan"))
+
+    monkeypatch.setattr(poelm.model.KVCache, "__init__", nan_filled)
+    assert run() == zeroed and len(poisoned) == 2  # the joins' caches, never the decoder's own
+
+
 def test_wand_reports_exit_histogram_and_skips_impossible_tests(trained, trained_calib, monkeypatch):
     engine = Engine(trained, calibration=trained_calib)
     s = engine.generate(text_prompt_ids("the red cat"), mode="wand", max_new_tokens=20).stats

@@ -486,3 +486,23 @@ def test_merge_chunks_joins_each_rows_deltas_in_order():
     payloads = [[(0, 0, "a", ["e1"], None), (1, 0, "x", [], None)], [(0, 1, "é", ["e2", "e3"], None)],
                 [(1, 1, "", [], "length"), (0, 2, "b", [], "stop")]]
     assert merge_chunks(payloads) == [(0, 0, "aéb", ["e1", "e2", "e3"], "stop"), (1, 0, "x", [], "length")]
+
+
+def test_stream_chunk_template_writes_what_sse_of_the_chunk_dict_writes():
+    from types import SimpleNamespace
+
+    from poelm.serve.app import Responder, sse
+
+    job = SimpleNamespace(served=SimpleNamespace(id="modèl \"x\"", engine=SimpleNamespace(tokenizer=None)), logprobs=None,
+                          poe=None)
+    for chat in (False, True):
+        r = Responder(job, chat, prompt_tokens=3, include_usage=True)
+        head = {"id": r.id, "object": "chat.completion.chunk" if chat else "text_completion", "created": r.created,
+                "model": job.served.id}
+        for row, delta in [(0, ""), (3, 'a"b\\\n\t'), (12, "é😀\u2028\x00"), (1, " plain")]:
+            choice = {"index": row, "logprobs": None, "finish_reason": None}
+            if chat:
+                choice["delta"] = {"content": delta} if delta else {}
+            else:
+                choice["text"] = delta
+            assert r.chunk(row, 5, delta, [], None) == sse(dict(head, choices=[choice]))

@@ -31,14 +31,15 @@ from poelm.model import GPT, KVCache
 
 
 def new_cache(model: GPT, batch_size: int, capacity: int, pad: torch.Tensor | None = None,
-              n_layers: int | None = None) -> KVCache:
-    """A KV cache with K/V for the first n_layers layers only (default all)."""
+              n_layers: int | None = None, zeroed: bool = True) -> KVCache:
+    """A KV cache with K/V for the first n_layers layers only (default all); zeroed=False: its
+    unwritten K/V slots are not zero-filled (KVCache: only for a cache whose rows are appended)."""
     cfg = model.config
     if n_layers is not None and n_layers < cfg.n_layer:
         cfg = copy.copy(cfg)  # the cache reads n_layer, n_kv_head, head_dim; deeper layers get no memory
         cfg.n_layer = n_layers
     p = model.lm_head.weight
-    return KVCache(cfg, batch_size, capacity, p.device, p.dtype, pad)
+    return KVCache(cfg, batch_size, capacity, p.device, p.dtype, pad, zeroed)
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,8 @@ class Decoder:
         grammars: each row's compiled constraint (constrain.Grammar or None; default opts.constraint)."""
         P = max(len(p) for p in prompts) - 1  # the last token of each prompt stays pending
         pad = torch.tensor([P - len(p) + 1 for p in prompts], device=self.device)
-        cache = new_cache(self.model, len(prompts), self.max_len, pad if P > 0 else None, n_layers=self.end_layer)
+        cache = new_cache(self.model, len(prompts), self.max_len, pad if P > 0 else None, n_layers=self.end_layer,
+                          zeroed=not self._appends())
         x0 = self._prefill(cache, prompts, P) if P > 0 else None
         rows = []
         for p, n_pad in zip(prompts, pad.tolist() if P > 0 else [0] * len(prompts)):
@@ -177,7 +179,7 @@ class Decoder:
         prefilled -> its handle. The row continues exactly as add_rows([prompt], [grammar]) would
         (grammar: its compiled constraint; None: opts.constraint)."""
         m = prefix.shape[3]
-        cache = new_cache(self.model, 1, self.max_len, n_layers=self.end_layer)
+        cache = new_cache(self.model, 1, self.max_len, n_layers=self.end_layer, zeroed=not self._appends())
         for layer in range(self.end_layer):
             cache.k[layer][0, :, :m] = prefix[0, layer]
             cache.v[layer][0, :, :m] = prefix[1, layer]
@@ -214,8 +216,13 @@ class Decoder:
         self.model.run_layers(x, x0, idx, 0, self.end_layer, cache, 0)
         return x0
 
+    def _appends(self) -> bool:
+        """Whether new rows' cache is appended to this decoder's (its written slots copied: they
+        need no zero-filled cache of their own), or becomes it."""
+        return self.cache is not None and bool(self.rows)
+
     def _append(self, cache: KVCache, rows: list[Row], seen: torch.Tensor, x0) -> None:
-        if self.cache is None or not self.rows:
+        if not self._appends():
             self.cache = cache
         else:
             self.cache.append_rows(cache)
@@ -260,7 +267,14 @@ class Decoder:
             self.seen[b, torch.tensor(r.seq, device=self.device)] = True
 
     def is_full(self, handle: int) -> bool:
-        return self.row(handle).slots >= self.capacity
+        return self._full(self.row(handle))
+
+    def full_rows(self) -> set[int]:
+        """The handles of the rows that are full (is_full), in one pass over the rows."""
+        return {r.handle for r in self.rows if self._full(r)}
+
+    def _full(self, r: Row) -> bool:
+        return r.slots >= self.capacity
 
     def finish(self) -> KVCache:
         """The cache, complete for every row (one row: lengths set to its slots)."""

@@ -241,6 +241,9 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, allow_nan=False)}\n\n"  # NaN is not JSON
 
 
+json_str = json.JSONEncoder(ensure_ascii=False).encode  # a str as sse() writes it (one encoder, not one per call)
+
+
 def merge_chunks(payloads: list[list[tuple]]) -> list[tuple]:
     """Consecutive chunk events -> one (row, text offset, delta, logprob entries, finish) per row:
     deltas are whole characters, so joining them never splits one."""
@@ -267,6 +270,10 @@ class Responder:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.tok = job.served.engine.tokenizer
+        # the common chunk (no logprobs, not the last, no usage) as sse() writes it: this opening, the
+        # row, this middle, the delta as a JSON string, the close (what a chunk costs is per token)
+        self.opening = "data: " + json.dumps(self.head(True), ensure_ascii=False)[:-1] + ', "choices": [{"index": '
+        self.middle = ', "logprobs": null, "finish_reason": null, ' + ('"delta": ' if chat else '"text": ')
 
     def head(self, chunk: bool) -> dict:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
@@ -293,6 +300,12 @@ class Responder:
 
     def chunk(self, row: int, start: int, delta: str, entries, finish: str | None) -> str:
         """The SSE event of one choice's delta (text from offset start on)."""
+        if finish is None and self.job.logprobs is None and not self.continuous_usage:  # = sse(the dict below)
+            if self.chat:
+                value = '{"content": ' + json_str(delta) + "}" if delta else "{}"
+            else:
+                value = json_str(delta)
+            return f"{self.opening}{row}{self.middle}{value}}}]}}\n\n"
         choice = {"index": row, "logprobs": self.logprobs(entries, row, start), "finish_reason": finish}
         if self.chat:
             choice["delta"] = {"content": delta} if delta else {}
@@ -318,7 +331,9 @@ class Responder:
                 events = [await job.events.get()]
                 while not job.events.empty():  # the client fell behind: what waits goes out in one write
                     events.append(job.events.get_nowait())
-                out = [self.chunk(*c) for c in merge_chunks([payload for kind, payload in events if kind == "chunk"])]
+                payloads = [payload for kind, payload in events if kind == "chunk"]
+                merged = payloads[0] if len(payloads) == 1 else merge_chunks(payloads)  # one: nothing to merge
+                out = [self.chunk(*c) for c in merged]
                 kind, payload = events[-1]  # an end or error comes last
                 if kind == "error":
                     out.append(sse(payload.body()))

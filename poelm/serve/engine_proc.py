@@ -261,7 +261,8 @@ class EngineProcess:
             added = len(col.tokens[row]) - before
             if reason is not None and col.reason[row] is None:  # the context ended it
                 col.reason[row] = reason
-            job.entries[row] += [TokenLogprob(t, lp, [tuple(x) for x in top]) for t, lp, top in entries]
+            if entries:
+                job.entries[row] += [TokenLogprob(t, lp, [tuple(x) for x in top]) for t, lp, top in entries]
             if job.t_first is None and tokens:
                 job.t_first = now
                 self.metrics.first_token(now - job.t_submit)
@@ -336,6 +337,18 @@ class EngineProcess:
 
 # -----------------------------------------------------------------------------
 # The engine side
+
+
+class Unrecorded:
+    """The engine process's metrics: none. The HTTP process keeps the server's (from the messages),
+    so what the scheduler reports here would cost CPU per token for nobody: every metric, method
+    and update (.labels(...).inc(), .observe(x), .set(x), first_token(s), ...) is a no-op."""
+
+    def __getattr__(self, name: str) -> "Unrecorded":
+        return self
+
+    def __call__(self, *args, **kwargs) -> "Unrecorded":
+        return self
 
 
 class RecordingCollector(Collector):
@@ -498,7 +511,6 @@ def main(fd: int) -> int:
 
     from poelm.runtime import parse_device
     from poelm.serve.compiled import warm_up
-    from poelm.serve.metrics import Metrics
     from poelm.serve.models import load_models
     from poelm.serve.prefix_cache import PrefixCache
 
@@ -521,7 +533,7 @@ def main(fd: int) -> int:
     compile = spec["compile"]
     if compile:
         warm_up(registry, spec["max_batch"], compile)
-    scheduler = EngineScheduler(link, registry, spec["max_batch"], queue, Metrics(), prefix_cache=cache, compile=compile)
+    scheduler = EngineScheduler(link, registry, spec["max_batch"], queue, Unrecorded(), prefix_cache=cache, compile=compile)
     scheduler.start()
     link.send({"ready": True})
     try:

@@ -300,7 +300,7 @@ class Scheduler:
                 for batch in list(self.batches.values()):
                     self._drop_gone(batch)
                     if batch.rows:
-                        if any(batch.decoder.is_full(h) for h in batch.dead):
+                        if batch.dead and not batch.dead.isdisjoint(batch.decoder.full_rows()):
                             self._compact(batch)  # a dead row must not step past the context
                         self._pad(batch)
                         self._step(batch)
@@ -452,7 +452,7 @@ class Scheduler:
             return
         picked = getattr(dec.sampler, "last", None)
         lps = dict(zip(order, picked)) if picked is not None else {}
-        now = time.monotonic()
+        now, full = time.monotonic(), dec.full_rows()
         touched: dict[Job, list[int]] = {}
         leaving = []
         for handle, tokens in new.items():
@@ -471,7 +471,7 @@ class Scheduler:
                 self.metrics.next_tokens(now - job.t_last, added)
             if handle in lps and added:
                 job.entries[row].append(lps[handle])
-            if col.reason[row] is None and dec.is_full(handle):
+            if col.reason[row] is None and handle in full:
                 col.reason[row] = "context"
             if col.reason[row] is not None:
                 leaving.append(handle)
