@@ -480,6 +480,83 @@ def test_joins_wait_and_dead_rows_leave_in_one_compaction(models, monkeypatch):
     assert calls["remove_rows"] == [4, 2, 1]  # dead rows leave together (not 7 compactions), the last with its decoder
 
 
+def test_steady_load_keeps_buffers_bounded_and_frees_dropped_decoders_at_once(models):
+    """Greedy rows keep joining and leaving one decoder that never empties while seeded requests
+    (a decoder each) come and go, with Python's cyclic collector off: each request equals its own
+    generation, the greedy decoder's buffers stay within its rows' need (2 x max_batch rows), and
+    every decoder the scheduler drops is freed at once by reference counting. (A decoder -> sampler
+    -> decoder cycle kept each dropped decoder's KV cache until the cyclic collector ran, which a
+    busy engine process seldom does: its memory grew with every dropped decoder.)"""
+    import asyncio
+    import gc
+    import weakref
+
+    from poelm.serve import scheduler as sched
+    from poelm.serve.metrics import Metrics
+    from poelm.serve.models import load_models
+
+    served = load_models(str(models / "base")).models["base"]
+    max_batch, long_n = 4, 100
+    greedy = [(f"join {c}.{i} " + "xy"[: i % 3], 3 + (i + c) % 5) for c in range(2) for i in range(8)]
+    seeded = [(f"seed {i}", 6, 10 + i) for i in range(4)]
+    expected_long = served.engine.generate("anchor", max_new_tokens=long_n, stop_token_ids=[]).text
+    expected = {p: served.engine.generate(p, max_new_tokens=n, stop_token_ids=[]).text for p, n in greedy}
+    expected_seeded = {p: served.engine.generate(p, max_new_tokens=n, temperature=1.0, seed=s, stop_token_ids=[]).text
+                       for p, n, s in seeded}
+    made, greedy_steps = [], []  # weak references to every decoder; (rows, buffer rows) of each greedy step
+
+    class Watched(sched.Scheduler):
+        def _prefill(self, jobs):
+            before = {id(b.decoder) for b in self.batches.values()}
+            super()._prefill(jobs)
+            made.extend(weakref.ref(b.decoder) for b in self.batches.values() if id(b.decoder) not in before)
+
+        def _step(self, batch):
+            dec = batch.decoder
+            if batch.key[3] is None:  # the greedy decoder
+                greedy_steps.append((len(dec.rows), dec.cache.k[0].untyped_storage().nbytes() // dec.cache.k[0][0].nbytes))
+            super()._step(batch)
+
+    async def run() -> dict[str, str]:
+        loop = asyncio.get_running_loop()
+        scheduler = Watched(max_batch=max_batch, max_queue=16, metrics=Metrics())
+        scheduler.start()
+        texts = {}
+
+        async def request(prompt: str, **options) -> None:
+            opts = served.engine.options(dict(stop_token_ids=[], **options))
+            job = sched.Job(served, served.model, [served.engine.encode_prompt(prompt)], opts, set(), loop)
+            scheduler.submit(job)
+            while (await job.events.get())[0] != "end":
+                pass
+            texts[prompt] = job.text(0)
+
+        async def client(requests: list[tuple]) -> None:
+            for prompt, *options in requests:
+                keys = ("max_new_tokens", "seed") if options[1:] else ("max_new_tokens",)
+                await request(prompt, **dict(zip(keys, options)), **({"temperature": 1.0} if options[1:] else {}))
+
+        anchor = asyncio.create_task(request("anchor", max_new_tokens=long_n))
+        while not scheduler.batches:
+            await asyncio.sleep(0.001)
+        await asyncio.gather(client(greedy[:8]), client(greedy[8:]), client(seeded))
+        await anchor
+        scheduler.stop()
+        return texts
+
+    gc.disable()
+    try:
+        texts = asyncio.run(run())
+        alive = sum(ref() is not None for ref in made)
+    finally:
+        gc.enable()
+    assert texts == {"anchor": expected_long, **expected, **expected_seeded}
+    assert len(made) == 1 + len(seeded)  # the greedy decoder never emptied: every greedy row joined it
+    assert len(greedy_steps) >= long_n and all(1 <= rows <= max_batch for rows, _ in greedy_steps)
+    assert max(buffer for _, buffer in greedy_steps) <= 2 * max_batch
+    assert alive == 0
+
+
 def test_merge_chunks_joins_each_rows_deltas_in_order():
     from poelm.serve.app import merge_chunks
 

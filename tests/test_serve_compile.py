@@ -110,3 +110,22 @@ def test_compiled_server_answers_like_the_eager_one_without_compiling_after_warm
     assert graphs_compiled() == before  # the warm-up compiled every graph these requests use
     if mode != "wand":  # the staged WAND step runs eagerly
         assert warmed > 0
+
+
+def test_warm_up_leaves_no_decoder_cache_behind(served):
+    """Tracing leaves cyclic garbage holding the warm-up decoders' KV caches (every bucket's rows x
+    the context, per mode): the warm-up collects it, so the engine process does not keep that memory
+    until Python's cyclic collector next runs. Runs last: it resets dynamo to trace again."""
+    import gc
+
+    from poelm.model import KVCache
+    from poelm.serve.models import ModelRegistry
+
+    torch._dynamo.reset()
+    gc.disable()
+    try:
+        warm_up(ModelRegistry([served]), 2, BACKEND, temperatures=(0.0,))
+        alive = sum(type(o) is KVCache for o in gc.get_objects())  # type(): dynamo's dead weak proxies raise on isinstance
+    finally:
+        gc.enable()
+    assert alive == 0

@@ -20,6 +20,7 @@ mode -> Capabilities) and checks a mode's own options (`check`); registry.py col
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -329,11 +330,12 @@ class Decoder:
         position of a batch: they compile once per batch size and never across steps."""
         self._cuda_graphs = mode is not None and "reduce-overhead" in mode or mode == "max-autotune"
         self._marked = None
-        self._compiled = self._compile_graphs(
-            lambda fn: torch.compile(fn, backend=backend, mode=mode, dynamic=False, fullgraph=True))
+        self._compiled = self._compile_graphs(lambda method: CompiledMethod(
+            method, lambda fn: torch.compile(fn, backend=backend, mode=mode, dynamic=False, fullgraph=True)))
 
     def _compile_graphs(self, compiler):
-        """The compiled graph(s) of this decoder's step (compiler: a function -> its compiled form)."""
+        """The compiled graph(s) of this decoder's step (compiler: a method of the decoder -> its
+        compiled form, called like the method)."""
         raise NotImplementedError
 
     def _begin_static(self) -> None:
@@ -357,6 +359,19 @@ class Decoder:
         cache.lengths = [max(n, end) for n in cache.lengths]
         if uniform:
             cache.n_tokens = end
+
+
+class CompiledMethod:
+    """A decoder's method compiled as its function and called on the decoder through a weak
+    reference. The decoder holds its compiled graphs; were they to hold the decoder (a compiled
+    bound method), the cycle would keep a dropped decoder and its KV cache until Python's cyclic
+    collector ran, which a long-running server seldom does."""
+
+    def __init__(self, method, compiler):
+        self.fn, self.owner = compiler(method.__func__), weakref.ref(method.__self__)
+
+    def __call__(self, *args):
+        return self.fn(self.owner(), *args)
 
 
 class PlainDecoder(Decoder):

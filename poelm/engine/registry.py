@@ -11,6 +11,8 @@ modes themselves: a new mode is one decoder class with its `modes` declaration, 
 
 from __future__ import annotations
 
+import weakref
+
 from poelm.engine.decoders import Capabilities, Decoder, PlainDecoder, compiled_cache_len
 from poelm.engine.options import DecodeOptions, _check, check_common
 from poelm.engine.speculative import SpeculativeDecoder
@@ -81,6 +83,9 @@ def make_decoder(model: GPT, opts: DecodeOptions, capacity: int, compile: str | 
 
 
 def attached(dec: Decoder) -> Decoder:
-    """dec, its sampler reading the decoder's rows (the generated tokens of ROW_OPTIONS)."""
-    dec.sampler.rows = lambda: dec.rows
+    """dec, its sampler reading the decoder's rows (the generated tokens of ROW_OPTIONS) through a
+    weak reference: a decoder -> sampler -> decoder cycle would keep a dropped decoder and its KV
+    cache until Python's cyclic collector ran, which a long-running server seldom does."""
+    owner = weakref.ref(dec)
+    dec.sampler.rows = lambda: owner().rows
     return dec

@@ -14,6 +14,8 @@ the server says it is ready: the first requests pay no compile time.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 from torch._dynamo.utils import counters
 
@@ -61,7 +63,9 @@ def warm_options(served, temperatures: tuple[float, ...]) -> list:
 @torch.no_grad()
 def warm_up(registry, max_batch: int, backend: str, temperatures: tuple[float, ...] = (0.0, 1.0)) -> int:
     """Compile every model's default-option graphs at every bucket (two steps each), greedy and
-    sampled (OpenAI's default temperature is 1) -> the graphs compiled."""
+    sampled (OpenAI's default temperature is 1) -> the graphs compiled. Tracing leaves cyclic
+    garbage that holds the warm-up decoders' KV caches: it is collected here, once, rather than
+    whenever Python's cyclic collector next runs (seldom, in the engine process)."""
     allow_graphs(max_batch)
     before = graphs_compiled()
     for served in registry.models.values():
@@ -72,4 +76,5 @@ def warm_up(registry, max_batch: int, backend: str, temperatures: tuple[float, .
                 decoder.add_rows([[PAD_TOKEN, PAD_TOKEN]] * size)
                 decoder.step()
                 decoder.step()
+    gc.collect()
     return graphs_compiled() - before
