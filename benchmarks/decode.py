@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from poelm.engine import Engine, calibrate  # noqa: E402
 from poelm.experiment.report import mode_notes  # noqa: E402
 from poelm.inference_bench import (BATCH_SIZE, OUTSIDE_SOURCE, heldout_batches, measure_sets, outside_set,  # noqa: E402
-                                   prompts_from, setting_of)
+                                   prompts_from, setting_of, weight_bytes)
 from poelm.model import GPT, GPTConfig  # noqa: E402
 
 BOS = 0
@@ -146,13 +146,6 @@ def median_runs(sides: dict, repeats: int) -> dict[str, float]:
             n = fn()
             runs[name].append(n / (time.perf_counter() - t0))
     return {name: statistics.median(r) for name, r in runs.items()}
-
-
-def weight_bytes(model: GPT, n_layers: int | None = None) -> int:
-    """Bytes of weights one decode step reads: the blocks run plus the head (embedding rows are negligible)."""
-    blocks = model.transformer.h[: n_layers or model.config.n_layer]
-    n = sum(p.numel() * p.element_size() for p in blocks.parameters())
-    return n + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
 
 
 def mbu(bytes_per_step: int, batch: int, tokens_per_s: float) -> dict:

@@ -186,6 +186,14 @@ def poe_paths(model: GPT, tokenizer, calib: dict, gamma: int, wand_factor: float
                        if kv[0].split(":")[0] in modes else len(modes)))
 
 
+def weight_bytes(model: GPT, n_layers: int | None = None) -> int:
+    """Bytes of weights a batch-1 decode step reads: the first n_layers blocks (default all) and
+    the lm_head (the embedding and value-embedding rows it reads are negligible)."""
+    blocks = model.transformer.h[: n_layers or model.config.n_layer]
+    n = sum(p.numel() * p.element_size() for p in blocks.parameters())
+    return n + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+
+
 def best_path(timing: dict[str, dict], mode: str) -> str | None:
     """The fastest measured path of a mode (eager or compiled)."""
     names = [n for n in timing if n.split(":")[0] == mode]
@@ -312,8 +320,11 @@ def measure_sets(model: GPT, tokenizer, sets: dict[str, tuple], calib: dict, max
                                 sampled={"temperature": SAMPLED_TEMPERATURE, "seed": SAMPLING_SEED, "prompts": n_timed},
                                 batch_size=min(batch_size, len(prompts)))
         cpu = clock.report(threads) if model.lm_head.weight.device.type == "cpu" else {}  # contended? (CPU only)
+    stage0_layers = model.config.stage_ends[0] + 1
     return {"sets": report, "threads": threads, "repeats": repeats, "gamma": gamma, "cpu": cpu,
-            "wand_bounds": calib["wand_bounds"], "decode_costs": calib.get("decode_costs")}
+            "wand_bounds": calib["wand_bounds"], "decode_costs": calib.get("decode_costs"),
+            "weight_bytes": {"stage0": weight_bytes(model, stage0_layers), "full": weight_bytes(model),
+                             "stage0_layers": stage0_layers, "n_layer": model.config.n_layer}}
 
 
 def bench_calibration(model: GPT, batches: list[torch.Tensor], model_dir: str | Path | None, threads: int) -> dict:

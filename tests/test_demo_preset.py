@@ -79,6 +79,12 @@ def test_measure_modes_against_the_best_plain_path_on_both_prompt_sets(tiny_data
                       repeats=1, bp_model=bp, compile=False, batch_size=3)
     assert set(r["sets"]) == {"validation", "outside"} and r["threads"] == 1 and 0 < r["cpu"]["cpu_share"] <= 1.5
     assert r["decode_costs"]["threads"] == 1  # the calibration's costs were measured at the timed threads
+    layers = [sum(p.numel() * 4 for p in block.parameters()) for block in model.transformer.h]  # fp32
+    head = model.lm_head.weight.numel() * 4
+    k = model.config.stage_ends[0] + 1  # stage 0's blocks and the head, against every block and the head
+    assert k < model.config.n_layer and r["weight_bytes"] == {"stage0": sum(layers[:k]) + head,
+                                                              "full": sum(layers) + head, "stage0_layers": k,
+                                                              "n_layer": model.config.n_layer}
     for rep in r["sets"].values():
         plain = rep["modes"]["plain"]
         assert plain["path"] == rep["best_plain"] == "plain:eager" and plain["speedup"] == 1.0
@@ -177,6 +183,8 @@ def fake_results(reused: dict | None = None) -> dict:
                                 "bpb": {"bp": 1.70, "poe": 1.72, "poe_a05": 1.73},
                                 "gap_pct": {"poe": 100 * (1.72 / 1.70 - 1), "poe_a05": 100 * (1.73 / 1.70 - 1)}},
             "inference": {"poe": {"threads": 1, "repeats": 3, "gamma": 4, "wand_bounds": [1, 1, 1, 0],
+                                  "weight_bytes": {"stage0": 2_100_000, "full": 6_820_000, "stage0_layers": 2,
+                                                   "n_layer": 8},
                                   "cpu": {"threads": 1, "cpu_share": 0.47, "contended": "contended: CPU time 0.47"},
                                   "sets": {"validation": one_set("the validation split", 600.0, 380.0, 0.999),
                                            "outside": one_set("poelm/outside_text.py", 520.0, 360.0, 0.998)}}},
@@ -222,6 +230,8 @@ def test_report_headline_reuse_and_stop_on_fake_results(tmp_path):
     assert "- Adaptive speculative (speculative_adaptive:compiled): ended on d0/γ4, plain;" in report
     assert "| speculative_d0@T0.8:compiled | 494.0 | 1.30× | — | — | 50 % |" in report  # sampled: not compared
     assert "| plain@B8:compiled | 1600.0 | 1.00× | — | — |" in report
+    assert ("Weights read per batch-1 step: stage 0 2.10 MB (2 of 8 layers and the lm_head), full depth 6.82 MB: "
+            "even a bandwidth-bound step gives stage 0 at most 3.25×") in report
     assert "| speculative_d0@B8:compiled | 2080.0 | 1.30× | — | yes | 55 % |" in report
     assert ("- Batched speculative (speculative_d0@B8:compiled, the best fixed draft stage of the greedy rows): "
             "2080 tok/s against 1600 of plain@B8:compiled, 1.30×, 55 % acceptance.") in report

@@ -210,10 +210,21 @@ def inference_section(poe: dict) -> list[str]:
             b = rep["bp_plain"]
             lines.append(f"| BP arm, {b['path']} | {b['tokens_per_s']:.1f} | {b['speedup']:.2f}× | — | — | — | — | — |")
         lines += [""] + mode_notes(rep["modes"]) + [""]
+    lines += weight_bound(poe.get("weight_bytes"))
     lines += [f"Paper (1.3B on GPU): speculative {PAPER['speculative_speedup']}x at "
               f"{int(100 * PAPER['speculative_acceptance'])} % acceptance, WAND {PAPER['wand_speedup']}x at 100 % "
               "agreement, stage 0 about 4x cheaper per token.", ""]
     return lines
+
+
+def weight_bound(w: dict | None) -> list[str]:
+    """What bounds stage 0's batch-1 speed-up: the weights a step reads at its depth and at full depth."""
+    if not w:
+        return []
+    return [f"Weights read per batch-1 step: stage 0 {w['stage0'] / 1e6:.2f} MB ({w['stage0_layers']} of "
+            f"{w['n_layer']} layers and the lm_head), full depth {w['full'] / 1e6:.2f} MB: even a bandwidth-bound "
+            f"step gives stage 0 at most {w['full'] / w['stage0']:.2f}×, and the fixed cost of every step (dispatch, "
+            "host work), which stage 0 pays in full, keeps it below that.", ""]
 
 
 def _identical(same: bool | None) -> str:
