@@ -92,6 +92,18 @@ def test_compiled_step_compiles_once_across_passes(model):
     assert counters["stats"]["unique_graphs"] == graphs == 1  # one graph per pass: the drafts and the verify
 
 
+def test_adaptive_compiled_pass_holds_more_graphs_than_dynamos_default(model):
+    """Adaptive decoding compiles a pass graph per (draft stage, gamma) it tries: 3 x 4 here, more
+    than dynamo's default of 8 per function, past which a fullgraph compile fails hard."""
+    before = torch._dynamo.config.recompile_limit
+    try:
+        torch._dynamo.config.recompile_limit = 8
+        make_decoder(model, DecodeOptions(mode="speculative", adaptive=True, gamma=4), 16, compile=BACKEND)
+        assert torch._dynamo.config.recompile_limit >= 3 * 4 * 2  # every (stage, gamma), greedy and sampled
+    finally:
+        torch._dynamo.config.recompile_limit = before
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_registry_compilable_is_what_make_decoder_accepts(model, mode):
     opts = DecodeOptions(mode=mode, calibration=WAND_PLAIN)

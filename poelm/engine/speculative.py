@@ -35,6 +35,10 @@ from poelm.model import GPT
 
 EMA_WEIGHT = 0.1  # weight of each drafted token's outcome in a stage's acceptance estimate
 MARGIN = 0.05  # drafting runs only where its expected speed-up over plain exceeds 1 + MARGIN
+# graphs the compiled pass may hold: one per (draft stage, gamma) that adaptive decoding tries,
+# times greedy / sampled and the batch sizes seen; past dynamo's default (8 per function) a
+# fullgraph compile fails hard instead of falling back
+PASS_GRAPHS = 64
 _MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {"costs": ..., "overhead": ...}
 
 
@@ -393,7 +397,9 @@ class SpeculativeDecoder(Decoder):
         the deeper layers over [pending, drafts], the final readout and every row's acceptance),
         and, for adaptive decoding's plain passes, the plain step (compiled when first called).
         One graph per pass: every compiled call pays the same fixed dispatch (guards, wrappers),
-        so a pass costs one of them, as a plain step does."""
+        so a pass costs one of them, as a plain step does. Raises dynamo's graphs-per-function
+        limit to PASS_GRAPHS (never lowers it)."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, PASS_GRAPHS)
         return compiler(self._pass_graph), compiler(self._plain_logits)
 
     def _width(self) -> int:
