@@ -20,9 +20,9 @@ the kind (eager or compiled) of the best plain path and of the best speculative 
 Used by `poelm experiment` and benchmarks/decode.py. All paths decode the same prompts, one
 torch thread, the same number of new tokens (greedy and batch 1 unless their name says @T or
 @B); each path is warmed up with a full-length generation (a compiled path compiles there),
-then the paths of one setting are timed interleaved, median of `repeats`. A path the engine refuses (ValueError: e.g. speculative on a
-model whose final readout is a Log-OP) is left out. report["cpu"] says whether other processes
-took the cores while timing (poelm.contention).
+then the paths of one setting are timed interleaved, median of `repeats`. A path the engine
+refuses (ValueError: e.g. speculative on a model whose final readout is a Log-OP) is left out.
+report["cpu"] says whether other processes took the cores while timing (poelm.contention).
 """
 
 from __future__ import annotations
