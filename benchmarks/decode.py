@@ -7,10 +7,11 @@
    the inductor-compiled step; its first call per batch size, the compile, is reported apart);
 2. every PoE mode on a model trained on real text (the default corpus: Shakespeare, Milton,
    King James; or --model RUN): plain eager and compiled, stage k prefix pruning, Log-OP of
-   stages {0, 1}, WAND, speculative from every draft stage, greedy and sampled (T = 0.8), each
-   eager and compiled where the engine compiles it, on prompts from the validation split and
-   from English text outside the corpus (poelm/outside_text.py). Every ratio is over the best
-   plain path of the same run (sampled rows: over the best plain sampling path), with top-1
+   stages {0, 1}, WAND, speculative from every draft stage (greedy; the fastest one also
+   sampled at T = 0.8 and at batch 8), each eager and compiled where the engine compiles it, on
+   prompts from the validation split and from English text outside the corpus
+   (poelm/outside_text.py). Every ratio is over the best plain path of the same run (sampled and
+   batch-8 rows: over plain sampling / plain batch 8, poelm.inference_bench), with top-1
    agreement with full depth on held-out text of the set (teacher-forced), WAND's exits,
    acceptance and tokens per verify pass;
 3. the roofline of the plain and stage-0 paths: bytes of weights + KV cache read per decode
@@ -51,7 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from poelm.engine import Engine, calibrate  # noqa: E402
 from poelm.experiment.report import mode_notes  # noqa: E402
-from poelm.inference_bench import OUTSIDE_SOURCE, heldout_batches, measure_sets, outside_set, prompts_from  # noqa: E402
+from poelm.inference_bench import (BATCH_SIZE, OUTSIDE_SOURCE, heldout_batches, measure_sets, outside_set,  # noqa: E402
+                                   prompts_from, setting_of, weight_bytes)
 from poelm.model import GPT, GPTConfig  # noqa: E402
 
 BOS = 0
@@ -144,13 +146,6 @@ def median_runs(sides: dict, repeats: int) -> dict[str, float]:
             n = fn()
             runs[name].append(n / (time.perf_counter() - t0))
     return {name: statistics.median(r) for name, r in runs.items()}
-
-
-def weight_bytes(model: GPT, n_layers: int | None = None) -> int:
-    """Bytes of weights one decode step reads: the blocks run plus the head (embedding rows are negligible)."""
-    blocks = model.transformer.h[: n_layers or model.config.n_layer]
-    n = sum(p.numel() * p.element_size() for p in blocks.parameters())
-    return n + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
 
 
 def mbu(bytes_per_step: int, batch: int, tokens_per_s: float) -> dict:
@@ -246,17 +241,11 @@ def shape_section(args) -> dict:
 # 2. PoE modes on the trained benchmark model
 
 
-def extra_modes(args, cfg) -> dict[str, dict]:
+def extra_modes(cfg) -> dict[str, dict]:
     """The modes this benchmark times beyond inference_bench's (Engine.generate kwargs)."""
-    K = cfg.n_stages
-    modes = {f"stage{k}": dict(mode="stage", stage=k) for k in range(1, K - 1)}
+    modes = {f"stage{k}": dict(mode="stage", stage=k) for k in range(1, cfg.n_stages - 1)}
     modes["logop{0,1}"] = dict(mode="logop", stages=[0, 1])
-    sampled = {"plain@T0.8": dict(mode="final")}
-    sampled.update({f"speculative_d{k}@T0.8": dict(mode="speculative", draft_stage=k, gamma=args.gamma)
-                    for k in range(K - 1)})
-    for kw in sampled.values():
-        kw.update(temperature=0.8, seed=args.seed)
-    return {**modes, **sampled}
+    return modes
 
 
 @torch.no_grad()
@@ -286,7 +275,7 @@ def synthetic_setup(args):
     rng_eval = random.Random(args.seed + 1)
     calib = [lang.batch(rng_eval, 8, 128)[:, :-1] for _ in range(2)]
     heldout = lang.batch(rng_eval, 8, 128)[:, :-1]
-    prompts = [row[:16].tolist() for row in lang.batch(rng_eval, args.prompts, 32)[:, :-1]]
+    prompts = [row[:16].tolist() for row in lang.batch(rng_eval, max(args.prompts, BATCH_SIZE), 32)[:, :-1]]
     source = "the synthetic language (it loops: acceptance and agreement are inflated)"
     return model, None, calib, {"synthetic": (prompts, heldout, source)}
 
@@ -313,9 +302,9 @@ def text_sets(args, model: GPT, tokenizer, data: Path) -> tuple[list, dict]:
     val = heldout_batches(str(data), tokenizer, T, 8 * T * 4, batch_size=8)
     half = max(1, len(val) // 2)
     rest = val[half:] or val
-    return val[:half], {"validation": (prompts_from(rest, args.prompts, 16), torch.cat(rest),
-                                       f"the validation split of {data}"),
-                        "outside": (*outside_set(tokenizer, T, args.prompts, 16), OUTSIDE_SOURCE)}
+    n = max(args.prompts, BATCH_SIZE)  # the batch-8 rows decode the first 8
+    return val[:half], {"validation": (prompts_from(rest, n, 16), torch.cat(rest), f"the validation split of {data}"),
+                        "outside": (*outside_set(tokenizer, T, n, 16), OUTSIDE_SOURCE)}
 
 
 def poe_setup(args):
@@ -374,7 +363,7 @@ def poe_section(args) -> dict:
     calib = calibrate(model, calib_batches)
     measured = measure_sets(model, tokenizer, sets, calib, args.new_tokens, gamma=args.gamma,
                             wand_factor=args.wand_factor, repeats=args.repeats, threads=args.threads,
-                            compile=not args.no_compile, extra_modes=extra_modes(args, cfg))
+                            compile=not args.no_compile, extra_modes=extra_modes(cfg), n_prompts=args.prompts)
     bandwidth = measure_bandwidth()
     layers_of = {"plain": cfg.n_layer, "stage0": cfg.stage_ends[0] + 1}
     for name, rep in measured["sets"].items():
@@ -435,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     plot({name: r["speedup"] for name, r in first["paths"].items()}, out,
          f"{model.config.n_layer}x{model.config.n_embd} PoE, CPU {args.threads} thread(s), batch 1, {first['source']}; "
-         "over the best plain path (sampled: over plain sampling)")
+         "over the best plain path (@T0.8 / @B8: over plain of that setting)")
     if args.json:
         out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str))
     report_elastic(results)
@@ -535,7 +524,7 @@ def ratios(results: dict) -> None:
                       f"{b[max(b)]['poelm_compiled'] / b[1]['poelm_compiled']:.2f}")
     for set_name, rep in results["poe_modes"]["sets"].items():
         for name, r in rep["paths"].items():
-            base = rep["best_plain"] if "@" not in name else "best plain sampling"
+            base = rep["best_plain"] if setting_of(name) is None else f"best plain@{setting_of(name)}"
             print(f"{set_name}: {name}/{base} tokens_per_s: {r['speedup']:.2f}")
     elastic = list(results["elastic_depth"].values())
     for name, r in list(results["elastic_depth"].items())[1:]:
@@ -555,7 +544,7 @@ def summary(results: dict) -> dict:
             "source": rep["source"], "best_plain": plain,
             "best_plain_tokens_per_s": rep["modes"]["plain"]["tokens_per_s"],
             "modes": {m: {k: r[k] for k in ("path", "tokens_per_s", "speedup", "agreement", "acceptance",
-                                            "identical_to_plain", "gate", "adaptive") if k in r}
+                                            "identical_to_plain", "gate", "adaptive", "baseline") if k in r}
                       for m, r in rep["modes"].items()},
             "speedups": {p: round(r["speedup"], 3) for p, r in rep["paths"].items()},
             "roofline": {k: rep["roofline"][plain][k] for k in ("bytes_per_step", "ceiling_tokens_per_s", "mbu",

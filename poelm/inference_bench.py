@@ -7,16 +7,22 @@ is over the faster plain path of the same run; agreement is teacher-forced top-1
 full depth on held-out text of the set (the WAND bounds and decode costs are calibrated on other
 validation tokens, at the threads the paths are timed with).
 
+Beside the greedy batch-1 paths, two settings of the best fixed speculative path: sampled at
+SAMPLED_TEMPERATURE ("name@T0.8": exact in distribution; against plain sampling at that
+temperature, same seeds and prompts) and batched ("name@B8": BATCH_SIZE prompts decoded
+together; against plain decoding of the same batch), each timed beside its own plain path on
+the kind (eager or compiled) of the best plain path and of the best speculative path.
+
     from poelm.inference_bench import measure_modes
     report = measure_modes(model, tokenizer, "data/default", n_prompts=4, max_new_tokens=128)
     report["sets"]["outside"]["modes"]["speculative"]["speedup"]
 
-Used by `poelm experiment` and benchmarks/decode.py. All paths decode the same prompts
-greedily, batch 1, one torch thread, the same number of new tokens; each path is warmed up
-with a full-length generation (a compiled path compiles there), then the paths are timed
-interleaved, median of `repeats`. A path the engine refuses (ValueError: e.g. speculative on a
-model whose final readout is a Log-OP) is left out. report["cpu"] says whether other processes
-took the cores while timing (poelm.contention).
+Used by `poelm experiment` and benchmarks/decode.py. All paths decode the same prompts, one
+torch thread, the same number of new tokens (greedy and batch 1 unless their name says @T or
+@B); each path is warmed up with a full-length generation (a compiled path compiles there),
+then the paths of one setting are timed interleaved, median of `repeats`. A path the engine
+refuses (ValueError: e.g. speculative on a model whose final readout is a Log-OP) is left out.
+report["cpu"] says whether other processes took the cores while timing (poelm.contention).
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ from poelm.outside_text import PARAGRAPHS
 from poelm.progress import progress
 
 OUTSIDE_SOURCE = "poelm/outside_text.py (English prose outside the corpus)"
+SAMPLED_TEMPERATURE = 0.8  # the sampled setting's temperature
+SAMPLING_SEED = 0  # every sampled path starts every prompt from this seed
+BATCH_SIZE = 8  # prompts decoded together in the batched setting
 
 
 def heldout_batches(data_dir: str, tokenizer, seq_len: int, n_tokens: int, batch_size: int = 4) -> list:
@@ -72,34 +81,38 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def timed_paths(paths: dict[str, tuple[Engine, dict]], prompts: list[list[int]], new_tokens: int,
-                repeats: int = 1, show_progress: bool = False) -> tuple[dict[str, dict], dict[str, list[list[int]]]]:
-    """Greedy-decode every prompt on every path (an engine and its generate kwargs), batch 1;
-    the paths are interleaved per repeat and the median repeat kept, so load on the machine hits
-    every path alike. A path whose engine refuses its kwargs (ValueError) is dropped.
-    show_progress: plain progress lines when stdout is not a terminal (poelm.progress).
-    Returns (per path: tokens/s and the mode's stats, per path: the generated ids)."""
+                repeats: int = 1, show_progress: bool = False,
+                batch: int = 1) -> tuple[dict[str, dict], dict[str, list[list[int]]]]:
+    """Decode every prompt on every path (an engine and its generate kwargs), `batch` prompts
+    per generate call; the paths are interleaved per repeat and the median repeat kept, so load
+    on the machine hits every path alike. A path whose engine refuses its kwargs (ValueError) is
+    dropped. show_progress: plain progress lines when stdout is not a terminal (poelm.progress).
+    Returns (per path: tokens/s and the mode's stats, per path: the generated ids per prompt)."""
+    calls = [prompts[i:i + batch] for i in range(0, len(prompts), batch)] if batch > 1 else prompts
     usable = {}
     for name, (engine, kw) in paths.items():  # warm-up at full length: compiled paths compile here
         try:
-            engine.generate(prompts[0], max_new_tokens=new_tokens, stop_token_ids=[], **kw)
+            engine.generate(calls[0], max_new_tokens=new_tokens, stop_token_ids=[], **kw)
         except ValueError:
             continue
         usable[name] = (engine, kw)
     runs: dict[str, list[float]] = {name: [] for name in usable}
     stats: dict[str, list[dict]] = {}
     outputs: dict[str, list[list[int]]] = {}
-    with progress("inference timing", repeats * len(usable) * len(prompts), enabled=show_progress,
-                  tokens_per_item=new_tokens, final=False) as shown:
+    with progress("inference timing", repeats * len(usable) * len(calls), enabled=show_progress,
+                  tokens_per_item=new_tokens * batch, final=False) as shown:
         done = 0
         for _ in range(repeats):
             for name, (engine, kw) in usable.items():
                 tokens = wall = 0
                 stats[name], outputs[name] = [], []
-                for prompt in prompts:
-                    out = engine.generate(prompt, max_new_tokens=new_tokens, stop_token_ids=[], **kw)
-                    tokens, wall = tokens + len(out.tokens), wall + out.stats["wall_s"]
-                    stats[name].append(out.stats)
-                    outputs[name].append(out.tokens)
+                for call in calls:
+                    out = engine.generate(call, max_new_tokens=new_tokens, stop_token_ids=[], **kw)
+                    rows = out if batch > 1 else [out]  # a batch's rows share its decoder's stats and wall time
+                    n_new = sum(len(g.tokens) for g in rows)
+                    tokens, wall = tokens + n_new, wall + rows[0].stats["wall_s"]
+                    stats[name].append(dict(rows[0].stats, new_tokens=n_new))
+                    outputs[name] += [g.tokens for g in rows]
                     done += 1
                     shown.update(done, name)
                 runs[name].append(tokens / wall)
@@ -108,14 +121,16 @@ def timed_paths(paths: dict[str, tuple[Engine, dict]], prompts: list[list[int]],
 
 
 def summary(stats: list[dict]) -> dict:
-    """What a mode did over the prompts: stages and layers per token, TTFT/TPOT; WAND: its exits
+    """What a mode did over the generate calls (one stats dict each; new_tokens: of every row of
+    the call): stages and layers per token, TTFT/TPOT (TPOT per step of a row); WAND: its exits
     and which exit tests its cost gate ran (and why); speculative: acceptance, and adaptive: the
     (draft stage, gamma) each prompt ended on and how many passes fell back to plain."""
     out = {"mean_stages_per_token": statistics.mean(s.get("mean_stages_per_token", 0) for s in stats),
            "mean_layers_per_token": statistics.mean(s.get("mean_layers_per_token", 0) for s in stats),
            "ttft_s": statistics.median(s["time_to_first_token_s"] for s in stats),
-           "tpot_s": statistics.median((s["wall_s"] - s["time_to_first_token_s"]) / max(s["new_tokens"] - 1, 1)
-                                       for s in stats)}
+           "tpot_s": statistics.median((s["wall_s"] - s["time_to_first_token_s"])
+                                       / max(s["new_tokens"] / s.get("batch_size", 1) - 1, 1) for s in stats),
+           "batch_size": stats[0].get("batch_size", 1)}
     if "exit_stage_counts" in stats[0]:
         out["exit_stage_counts"] = [sum(c) for c in zip(*(s["exit_stage_counts"] for s in stats))]
         out["wand_tested_stages"], out["wand_reason"] = stats[0]["wand_tested_stages"], stats[0]["wand_reason"]
@@ -171,6 +186,14 @@ def poe_paths(model: GPT, tokenizer, calib: dict, gamma: int, wand_factor: float
                        if kv[0].split(":")[0] in modes else len(modes)))
 
 
+def weight_bytes(model: GPT, n_layers: int | None = None) -> int:
+    """Bytes of weights a batch-1 decode step reads: the first n_layers blocks (default all) and
+    the lm_head (the embedding and value-embedding rows it reads are negligible)."""
+    blocks = model.transformer.h[: n_layers or model.config.n_layer]
+    n = sum(p.numel() * p.element_size() for p in blocks.parameters())
+    return n + model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+
+
 def best_path(timing: dict[str, dict], mode: str) -> str | None:
     """The fastest measured path of a mode (eager or compiled)."""
     names = [n for n in timing if n.split(":")[0] == mode]
@@ -183,15 +206,48 @@ def wand_gate(row: dict) -> str:
     return f"exit tests at stage(s) {', '.join(map(str, tested))}" if tested else "no exit test pays: decodes as plain"
 
 
+def setting_of(name: str) -> str | None:
+    """The setting of a path name ("speculative_d1@T0.8:compiled" -> "T0.8"); None: greedy, batch 1."""
+    mode = name.split(":")[0]
+    return mode.split("@")[1] if "@" in mode else None
+
+
+def identical(name: str, outputs: dict, reference: list[list[int]]) -> bool | None:
+    """Whether a path's tokens equal its reference's: greedy batch 1, eager plain's; batched,
+    plain's of the same batch and kind (None for that plain path itself); sampled and the BP
+    model's paths: None (sampling is exact in distribution, not in tokens)."""
+    setting = setting_of(name)
+    if name.startswith("bp_") or (setting or "").startswith("T"):
+        return None
+    if setting is None:
+        return outputs[name] == reference
+    same_batch = f"plain@{setting}:{name.split(':')[1]}"
+    return None if name == same_batch else outputs[name] == outputs[same_batch]
+
+
+def setting_modes(timing: dict[str, dict]) -> dict[str, dict]:
+    """The speculative path of each setting (sampled, batched) with the plain path it is compared with."""
+    modes = {}
+    for key, prefix in (("speculative_sampled", "T"), ("speculative_batched", "B")):
+        names = [n for n in timing if (setting_of(n) or "").startswith(prefix) and n.startswith("speculative")]
+        if names:
+            p = max(names, key=lambda n: timing[n]["tokens_per_s"])
+            base = best_path(timing, f"plain@{setting_of(p)}")
+            modes[key] = dict(timing[p], path=p, draft_stage=int(p.split("@")[0].removeprefix("speculative_d")),
+                              baseline=base, baseline_tokens_per_s=timing[base]["tokens_per_s"])
+    return modes
+
+
 def set_report(timing: dict[str, dict], outputs: dict, agree: dict, model: GPT, wand_factor: float) -> dict:
-    """One prompt set: every path, the best plain path and each mode's best path against it."""
+    """One prompt set: every path, the best plain path and each mode's best path against it
+    (a sampled or batched path: against the best plain path of its setting)."""
     plain = best_path(timing, "plain")
     reference = outputs["plain:eager"]
-    for name, row in timing.items():  # a sampled path (name@T) is compared with plain sampling
-        sampled = "@" in name
-        ref = best_path(timing, "plain@" + name.split("@")[1].split(":")[0]) if sampled else plain
-        row["speedup"] = row["tokens_per_s"] / timing[ref or plain]["tokens_per_s"]
-        row["identical_to_plain"] = None if sampled or name.startswith("bp_") else outputs[name] == reference
+    for name, row in timing.items():
+        setting = setting_of(name)
+        ref = best_path(timing, f"plain@{setting}") if setting else plain
+        row["speedup"] = row["tokens_per_s"] / timing[ref]["tokens_per_s"]
+        row["identical_to_plain"] = identical(name, outputs, reference)
     cfg = model.config
     sweep = [dict(timing[p], draft_stage=k, path=p) for k in range(cfg.n_stages - 1)
              if (p := best_path(timing, f"speculative_d{k}"))]
@@ -210,6 +266,7 @@ def set_report(timing: dict[str, dict], outputs: dict, agree: dict, model: GPT, 
         modes["speculative"]["note"] = f"best fixed draft stage {modes['speculative']['draft_stage']}"
     if p := best_path(timing, "speculative_adaptive"):
         modes["speculative_adaptive"] = dict(timing[p], path=p)
+    modes.update(setting_modes(timing))
     out = {"best_plain": plain, "modes": modes, "speculative_sweep": sweep, "agreement": agree,
            "paths": {n: r for n, r in timing.items() if not n.startswith("bp_")}}
     if bp := best_path(timing, "bp_plain"):
@@ -217,26 +274,57 @@ def set_report(timing: dict[str, dict], outputs: dict, agree: dict, model: GPT, 
     return out
 
 
+def setting_paths(paths: dict[str, tuple[Engine, dict]], timing: dict[str, dict], prompts: list[list[int]],
+                  n_prompts: int, batch_size: int) -> dict[str, tuple[list[list[int]], int, dict]]:
+    """The sampled and batched settings after the greedy batch-1 timing: setting -> (its prompts,
+    prompts per generate call, its paths): plain and the fastest fixed speculative path's draft
+    stage, on the kinds (eager / compiled) of the best plain and the best speculative path. The
+    batched setting needs at least 2 prompts."""
+    spec = max((n for n in timing if n.startswith("speculative_d")), key=lambda n: timing[n]["tokens_per_s"], default=None)
+    if spec is None:
+        return {}
+    modes = ("plain", spec.split(":")[0])
+    kinds = sorted({best_path(timing, "plain").split(":")[1], spec.split(":")[1]})
+    sampled = dict(temperature=SAMPLED_TEMPERATURE, seed=SAMPLING_SEED)
+    batch = min(batch_size, len(prompts))
+    settings = {f"T{SAMPLED_TEMPERATURE:g}": (prompts[:n_prompts], 1, sampled)}
+    if batch >= 2:
+        settings[f"B{batch}"] = (prompts[:batch], batch, {})
+    return {setting: (rows, per_call, {f"{m}@{setting}:{k}": (paths[f"{m}:{k}"][0], dict(paths[f"{m}:{k}"][1], **kw))
+                                       for k in kinds for m in modes})
+            for setting, (rows, per_call, kw) in settings.items()}
+
+
 def measure_sets(model: GPT, tokenizer, sets: dict[str, tuple], calib: dict, max_new_tokens: int = 128,
                  gamma: int = 4, wand_factor: float = 1.0, repeats: int = 3, bp_model: GPT | None = None,
                  threads: int = 1, compile: bool = True, extra_modes: dict[str, dict] | None = None,
-                 show_progress: bool = False) -> dict:
+                 show_progress: bool = False, n_prompts: int | None = None, batch_size: int = BATCH_SIZE) -> dict:
     """Time every path on each prompt set (name -> (prompts, held-out rows (B, T), source)) with
-    `threads` torch threads, and measure agreement on the set's held-out rows (WAND's at the exit
-    tests its gate ran)."""
+    `threads` torch threads: greedy batch 1 on the first n_prompts prompts (None: all), then the
+    sampled setting on those and the batched one on the first batch_size (setting_paths); and
+    measure agreement on the set's held-out rows (WAND's at the exit tests its gate ran)."""
     paths = poe_paths(model, tokenizer, calib, gamma, wand_factor, bp_model, compile, extra_modes)
     report = {}
     with torch_threads(threads):
         clock = CpuClock.start()
         for name, (prompts, heldout, source) in sets.items():
-            timing, outputs = timed_paths(paths, prompts, max_new_tokens, repeats, show_progress)
+            n_timed = n_prompts or len(prompts)
+            timing, outputs = timed_paths(paths, prompts[:n_timed], max_new_tokens, repeats, show_progress)
+            for rows, per_call, setting in setting_paths(paths, timing, prompts, n_timed, batch_size).values():
+                t, o = timed_paths(setting, rows, max_new_tokens, repeats, show_progress, per_call)
+                timing.update(t), outputs.update(o)
             tested = next((r["wand_tested_stages"] for n, r in timing.items() if n.split(":")[0] == "wand"), None)
             agree = agreement(model, heldout, calib, wand_factor, tested)
             report[name] = dict(set_report(timing, outputs, agree, model, wand_factor), source=source,
-                                prompts=len(prompts), prompt_tokens=len(prompts[0]), max_new_tokens=max_new_tokens)
+                                prompts=n_timed, prompt_tokens=len(prompts[0]), max_new_tokens=max_new_tokens,
+                                sampled={"temperature": SAMPLED_TEMPERATURE, "seed": SAMPLING_SEED, "prompts": n_timed},
+                                batch_size=min(batch_size, len(prompts)))
         cpu = clock.report(threads) if model.lm_head.weight.device.type == "cpu" else {}  # contended? (CPU only)
+    stage0_layers = model.config.stage_ends[0] + 1
     return {"sets": report, "threads": threads, "repeats": repeats, "gamma": gamma, "cpu": cpu,
-            "wand_bounds": calib["wand_bounds"], "decode_costs": calib.get("decode_costs")}
+            "wand_bounds": calib["wand_bounds"], "decode_costs": calib.get("decode_costs"),
+            "weight_bytes": {"stage0": weight_bytes(model, stage0_layers), "full": weight_bytes(model),
+                             "stage0_layers": stage0_layers, "n_layer": model.config.n_layer}}
 
 
 def bench_calibration(model: GPT, batches: list[torch.Tensor], model_dir: str | Path | None, threads: int) -> dict:
@@ -264,10 +352,11 @@ def measure_modes(model: GPT, tokenizer, data_dir: str, n_prompts: int = 4, max_
     half = max(1, len(batches) // 2)
     calib = bench_calibration(model, batches[:half], model_dir, threads)
     rest = batches[half:] or batches
-    sets = {"validation": (prompts_from(rest, n_prompts, prompt_len), torch.cat(rest), "the validation split")}
+    wanted = max(n_prompts, options.get("batch_size", BATCH_SIZE))  # the batched setting's prompts too
+    sets = {"validation": (prompts_from(rest, wanted, prompt_len), torch.cat(rest), "the validation split")}
     if tokenizer is not None:
-        sets["outside"] = (*outside_set(tokenizer, seq, n_prompts, prompt_len), OUTSIDE_SOURCE)
-    return measure_sets(model, tokenizer, sets, calib, max_new_tokens, threads=threads, **options)
+        sets["outside"] = (*outside_set(tokenizer, seq, wanted, prompt_len), OUTSIDE_SOURCE)
+    return measure_sets(model, tokenizer, sets, calib, max_new_tokens, threads=threads, n_prompts=n_prompts, **options)
 
 
 def bp_refusals(model: GPT, tokenizer) -> dict[str, str]:

@@ -182,6 +182,7 @@ def plot_speedups(out: Path, sets: dict) -> Path:
     ax.set_xticks([i + width * (len(sets) - 1) / 2 for i in range(len(names))], names, rotation=30, ha="right")
     ax.axhline(1.0, color="black", lw=0.8)
     ax.set_ylabel("speed over the best plain path (labels: tok/s)")
-    ax.set_title("PoE decoding paths, greedy, batch 1, 1 thread (this machine, this run)")
+    ax.set_title("PoE decoding paths, greedy batch 1 (@T: sampled, @B: batched, each over plain of its setting),"
+                 " 1 thread", fontsize=9)
     ax.legend()
     return save_figure(fig, out / "speedups.png")

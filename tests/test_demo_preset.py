@@ -76,13 +76,34 @@ def test_measure_modes_against_the_best_plain_path_on_both_prompt_sets(tiny_data
     model = tiny_model(vocab_size=tok.vocab_size, sequence_len=64).eval()
     bp = tiny_model(seed=1, vocab_size=tok.vocab_size, sequence_len=64, poe_mode="none").eval()
     r = measure_modes(model, tok, str(data), n_prompts=2, max_new_tokens=6, prompt_len=8, heldout_tokens=1024,
-                      repeats=1, bp_model=bp, compile=False)
+                      repeats=1, bp_model=bp, compile=False, batch_size=3)
     assert set(r["sets"]) == {"validation", "outside"} and r["threads"] == 1 and 0 < r["cpu"]["cpu_share"] <= 1.5
     assert r["decode_costs"]["threads"] == 1  # the calibration's costs were measured at the timed threads
+    layers = [sum(p.numel() * 4 for p in block.parameters()) for block in model.transformer.h]  # fp32
+    head = model.lm_head.weight.numel() * 4
+    k = model.config.stage_ends[0] + 1  # stage 0's blocks and the head, against every block and the head
+    assert k < model.config.n_layer and r["weight_bytes"] == {"stage0": sum(layers[:k]) + head,
+                                                              "full": sum(layers) + head, "stage0_layers": k,
+                                                              "n_layer": model.config.n_layer}
     for rep in r["sets"].values():
         plain = rep["modes"]["plain"]
         assert plain["path"] == rep["best_plain"] == "plain:eager" and plain["speedup"] == 1.0
-        assert set(rep["modes"]) == {"plain", "stage0", "wand", "speculative", "speculative_adaptive"}
+        assert set(rep["modes"]) == {"plain", "stage0", "wand", "speculative", "speculative_adaptive",
+                                     "speculative_sampled", "speculative_batched"}
+        # the sampled and batched settings: the best fixed draft stage against plain of the same setting
+        d = rep["modes"]["speculative"]["draft_stage"]
+        sampled, batched = rep["modes"]["speculative_sampled"], rep["modes"]["speculative_batched"]
+        assert sampled["path"] == f"speculative_d{d}@T0.8:eager" and sampled["baseline"] == "plain@T0.8:eager"
+        assert batched["path"] == f"speculative_d{d}@B3:eager" and batched["baseline"] == "plain@B3:eager"
+        assert rep["batch_size"] == batched["batch_size"] == 3 and sampled["batch_size"] == 1
+        assert rep["sampled"] == {"temperature": 0.8, "seed": 0, "prompts": 2}
+        for mode in (sampled, batched):
+            base = rep["paths"][mode["baseline"]]
+            assert mode["baseline_tokens_per_s"] == base["tokens_per_s"] and base["speedup"] == 1.0
+            assert mode["speedup"] == pytest.approx(mode["tokens_per_s"] / base["tokens_per_s"])
+        assert sampled["identical_to_plain"] is None and rep["paths"]["plain@B3:eager"]["identical_to_plain"] is None
+        assert batched["identical_to_plain"]  # greedy: the batch's tokens are plain's of the same batch
+        assert sampled["acceptance"] is not None and batched["tokens_per_verify"] >= 1
         adaptive = rep["modes"]["speculative_adaptive"]
         assert adaptive["identical_to_plain"] and adaptive["adaptive"]["passes"] > 0  # exact, and it chose
         wand = rep["modes"]["wand"]  # the cost gate decided, and says so
@@ -90,9 +111,10 @@ def test_measure_modes_against_the_best_plain_path_on_both_prompt_sets(tiny_data
         if not wand["wand_tested_stages"]:  # plain: the same tokens, full depth
             assert wand["gate"].endswith("decodes as plain") and wand["agreement"] == 1.0
             assert rep["agreement"]["wand_stages_per_token"] == 4.0
-        # every speed is over the best plain path; speculative greedy is exact
+        # every greedy batch-1 speed is over the best plain path; speculative greedy is exact
         for name, row in rep["paths"].items():
-            assert row["speedup"] == pytest.approx(row["tokens_per_s"] / plain["tokens_per_s"])
+            if "@" not in name:
+                assert row["speedup"] == pytest.approx(row["tokens_per_s"] / plain["tokens_per_s"])
             assert row["ttft_s"] > 0 and row["tpot_s"] > 0
         assert all(row["identical_to_plain"] for row in rep["speculative_sweep"])
         assert [row["draft_stage"] for row in rep["speculative_sweep"]] == [0, 1, 2]
@@ -121,8 +143,17 @@ def fake_results(reused: dict | None = None) -> dict:
                  "speculative_adaptive:compiled": path(440.0, acceptance=0.5, tokens_per_verify=2.0,
                                                        adaptive={"last_choice": [[0, 4], [1, 0]], "passes": 90,
                                                                  "fallback_passes": 30, "probes": 2})}
+        paths.update({"plain@T0.8:compiled": path(380.0), "speculative_d0@T0.8:compiled": path(494.0, acceptance=0.5),
+                      "plain@B8:compiled": path(1600.0),
+                      "speculative_d0@B8:compiled": path(2080.0, acceptance=0.55, batch_size=8)})
+        for name, base in (("plain@T0.8:compiled", 380.0), ("speculative_d0@T0.8:compiled", 380.0),
+                           ("plain@B8:compiled", 1600.0), ("speculative_d0@B8:compiled", 1600.0)):
+            paths[name]["speedup"] = paths[name]["tokens_per_s"] / base
+        paths["plain@T0.8:compiled"]["identical_to_plain"] = paths["speculative_d0@T0.8:compiled"]["identical_to_plain"] = None
+        paths["plain@B8:compiled"]["identical_to_plain"] = None
         sweep = [dict(paths["speculative_d0:eager"], draft_stage=0, path="speculative_d0:eager")]
-        return {"source": source, "prompts": 4, "prompt_tokens": 32, "max_new_tokens": 128,
+        return {"source": source, "prompts": 4, "prompt_tokens": 32, "max_new_tokens": 128, "batch_size": 8,
+                "sampled": {"temperature": 0.8, "seed": 0, "prompts": 4},
                 "best_plain": "plain:compiled", "paths": paths, "speculative_sweep": sweep,
                 "agreement": {"stage0": 0.7, "wand": agree, "wand_stages_per_token": 3.9, "tokens": 8192},
                 "bp_plain": dict(path(410.0), path="bp_plain:compiled"),
@@ -132,7 +163,13 @@ def fake_results(reused: dict | None = None) -> dict:
                                        note=f"{gate}; mean stages per token 3.90 of 4"),
                           "speculative": dict(sweep[0]),
                           "speculative_adaptive": dict(paths["speculative_adaptive:compiled"],
-                                                       path="speculative_adaptive:compiled")}}
+                                                       path="speculative_adaptive:compiled"),
+                          "speculative_sampled": dict(paths["speculative_d0@T0.8:compiled"], draft_stage=0,
+                                                      path="speculative_d0@T0.8:compiled",
+                                                      baseline="plain@T0.8:compiled", baseline_tokens_per_s=380.0),
+                          "speculative_batched": dict(paths["speculative_d0@B8:compiled"], draft_stage=0,
+                                                      path="speculative_d0@B8:compiled",
+                                                      baseline="plain@B8:compiled", baseline_tokens_per_s=1600.0)}}
 
     evals = {"bp": [ev(0, 3.5), ev(120, 1.70), ev(226, 1.60)], "poe": [ev(0, 3.5), ev(120, 1.72), ev(226, 1.616)],
              "poe_a05": [ev(0, 3.5), ev(120, 1.73)]}
@@ -146,6 +183,8 @@ def fake_results(reused: dict | None = None) -> dict:
                                 "bpb": {"bp": 1.70, "poe": 1.72, "poe_a05": 1.73},
                                 "gap_pct": {"poe": 100 * (1.72 / 1.70 - 1), "poe_a05": 100 * (1.73 / 1.70 - 1)}},
             "inference": {"poe": {"threads": 1, "repeats": 3, "gamma": 4, "wand_bounds": [1, 1, 1, 0],
+                                  "weight_bytes": {"stage0": 2_100_000, "full": 6_820_000, "stage0_layers": 2,
+                                                   "n_layer": 8},
                                   "cpu": {"threads": 1, "cpu_share": 0.47, "contended": "contended: CPU time 0.47"},
                                   "sets": {"validation": one_set("the validation split", 600.0, 380.0, 0.999),
                                            "outside": one_set("poelm/outside_text.py", 520.0, 360.0, 0.998)}}},
@@ -169,9 +208,11 @@ def test_report_headline_reuse_and_stop_on_fake_results(tmp_path):
     assert top[0].startswith("- Prompts from the validation split: PoE costs **+1.00 %** bpb and buys **1.50×** decode "
                              "(speculative, exact: draft stage 0, 60 % acceptance) and **1.10×** (adaptive "
                              "speculative, exact: ended on d0/γ4, plain; 30 of 90 passes plain, 50 % acceptance) and "
-                             "**0.95×** (WAND at 99.9 % agreement; exit tests at stage(s) 0, 1), every speed over the "
-                             "best plain path (plain:compiled, 400 tok/s); the BP arm's plain path: 410 tok/s "
-                             "(bp_plain:compiled")
+                             "**0.95×** (WAND at 99.9 % agreement; exit tests at stage(s) 0, 1) and **1.30×** "
+                             "sampled at T = 0.8 (speculative, exact in distribution, against plain sampling) and "
+                             "**1.30×** at batch 8 (speculative, exact, against plain batch 8) and **1.25×** (stage 0 "
+                             "alone at 70.0 % agreement), the greedy batch-1 speeds over the best plain path "
+                             "(plain:compiled, 400 tok/s); the BP arm's plain path: 410 tok/s (bp_plain:compiled")
     assert "**1.30×** decode" in top[1] and "WAND at 99.8 % agreement" in top[1]  # the outside-text prompts
     assert reuse_line(results).startswith("Reused from an earlier call: bp (finished 2026-01-02 09:10), poe "
                                           "(finished 2026-01-02 09:25); this call (started 2026-01-02 10:00)")
@@ -187,6 +228,13 @@ def test_report_headline_reuse_and_stop_on_fake_results(tmp_path):
     assert "- WAND (wand:eager): exit tests at stage(s) 0, 1; mean stages per token 3.90 of 4; exits per stage " \
            "(generated tokens): [10, 5, 0, 497]. Gate: tested where the expected saving" in report
     assert "- Adaptive speculative (speculative_adaptive:compiled): ended on d0/γ4, plain;" in report
+    assert "| speculative_d0@T0.8:compiled | 494.0 | 1.30× | — | — | 50 % |" in report  # sampled: not compared
+    assert "| plain@B8:compiled | 1600.0 | 1.00× | — | — |" in report
+    assert ("Weights read per batch-1 step: stage 0 2.10 MB (2 of 8 layers and the lm_head), full depth 6.82 MB: "
+            "even a bandwidth-bound step gives stage 0 at most 3.25×") in report
+    assert "| speculative_d0@B8:compiled | 2080.0 | 1.30× | — | yes | 55 % |" in report
+    assert ("- Batched speculative (speculative_d0@B8:compiled, the best fixed draft stage of the greedy rows): "
+            "2080 tok/s against 1600 of plain@B8:compiled, 1.30×, 55 % acceptance.") in report
     # the README section says the same, from the same functions
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
@@ -219,7 +267,13 @@ def test_decode_benchmark_json_summary_on_real_text(tiny_data, tmp_path, capsys)
         roof = s["roofline"]
         assert roof["bytes_per_step"] > 0 and roof["ceiling_tokens_per_s"] > 0 and 0 < roof["mbu"]
         assert roof["ttft_ms"] > 0 and roof["tpot_ms"] > 0
-        assert "speculative_d0@T0.8:eager" in s["speedups"] and "logop{0,1}:eager" in s["speedups"]
+        d = s["modes"]["speculative"]["path"].split(":")[0]  # the best fixed draft stage, sampled and batched
+        assert f"{d}@T0.8:eager" in s["speedups"] and "logop{0,1}:eager" in s["speedups"]
+        assert s["modes"]["speculative_sampled"]["path"] == f"{d}@T0.8:eager"
+        batched = s["modes"]["speculative_batched"]  # batch 8, or every prompt the set has if fewer
+        n = batched["path"].split("@B")[1].split(":")[0]
+        assert batched["path"] == f"{d}@B{n}:eager" and 2 <= int(n) <= 8 and batched["baseline"] == f"plain@B{n}:eager"
+        assert s["speedups"][batched["baseline"]] == 1.0
 
 
 def test_train_stop_at_keeps_the_whole_schedule(tiny_data, tmp_path, capsys):

@@ -36,16 +36,25 @@ def _results(a0: float, a05: float) -> dict:
     speculative = path(320.0, 1.1, acceptance=0.44, tokens_per_verify=2.7)
     wand = path(232.6, 0.8, exit_stage_counts=[0, 0, 0, 384], wand_tested_stages=[],
                 wand_reason="no exit test pays (...): decodes as plain")
+    sampled = path(410.0, 1.32, acceptance=0.41, tokens_per_verify=2.5, identical_to_plain=None)
+    batched = path(1850.0, 1.25, acceptance=0.43, tokens_per_verify=2.6, batch_size=8)
     paths = {"plain:eager": path(290.9, 1.0), "stage0:eager": path(888.8, 3.055), "wand:eager": wand,
-             "speculative_d0:eager": speculative}
+             "speculative_d0:eager": speculative, "plain@T0.8:eager": path(310.6, 1.0, identical_to_plain=None),
+             "speculative_d0@T0.8:eager": sampled, "plain@B8:eager": path(1480.0, 1.0, identical_to_plain=None),
+             "speculative_d0@B8:eager": batched}
     validation = {"source": "the validation split", "prompts": 4, "prompt_tokens": 32, "max_new_tokens": 96,
+                  "batch_size": 8, "sampled": {"temperature": 0.8, "seed": 0, "prompts": 4},
                   "best_plain": "plain:eager", "paths": paths, "agreement": {"stage0": 0.681, "wand": 1.0},
                   "speculative_sweep": [dict(speculative, draft_stage=0, path="speculative_d0:eager")],
                   "modes": {"plain": dict(paths["plain:eager"], path="plain:eager", agreement=1.0),
                             "stage0": dict(paths["stage0:eager"], path="stage0:eager", agreement=0.681),
                             "wand": dict(wand, path="wand:eager", agreement=1.0, gate="no exit test pays: decodes as plain",
                                          note="no exit test pays: decodes as plain; mean stages per token 4.00 of 4"),
-                            "speculative": dict(speculative, draft_stage=0, path="speculative_d0:eager")}}
+                            "speculative": dict(speculative, draft_stage=0, path="speculative_d0:eager"),
+                            "speculative_sampled": dict(sampled, draft_stage=0, path="speculative_d0@T0.8:eager",
+                                                        baseline="plain@T0.8:eager", baseline_tokens_per_s=310.6),
+                            "speculative_batched": dict(batched, draft_stage=0, path="speculative_d0@B8:eager",
+                                                        baseline="plain@B8:eager", baseline_tokens_per_s=1480.0)}}
     inference = {"poe": {"threads": 1, "repeats": 3, "gamma": 4, "cpu": {"threads": 1, "cpu_share": 0.95, "contended": None},
                          "wand_bounds": [1.0, 1.0, 1.0, 0.0],
                          "sets": {"validation": validation}}}
@@ -77,6 +86,14 @@ def test_section_rewritten_from_results_and_outside_untouched(tmp_path):
     assert "| speculative_d0:eager | 320.0 | 1.10× | — | yes | 44 % | 2.70 |" in section
     assert "PoE costs **+2.60 %** bpb and buys **1.10×** decode (speculative, exact" in section
     assert "**0.80×** (WAND at 100.0 % agreement; no exit test pays: decodes as plain)" in section
+    # the sampled and batch-8 rows, each against plain of its own setting
+    assert ("**1.32×** sampled at T = 0.8 (speculative, exact in distribution, against plain sampling) and "
+            "**1.25×** at batch 8 (speculative, exact, against plain batch 8)") in section
+    assert "| speculative_d0@T0.8:eager | 410.0 | 1.32× | — | — | 41 % | 2.50 |" in section
+    assert "| plain@B8:eager | 1480.0 | 1.00× | — | — |" in section
+    assert "| speculative_d0@B8:eager | 1850.0 | 1.25× | — | yes | 43 % | 2.60 |" in section
+    assert "- Sampled speculative (speculative_d0@T0.8:eager, the best fixed draft stage of the greedy rows): " \
+           "410 tok/s against 311 of plain@T0.8:eager, 1.32×, 41 % acceptance." in section
     assert "1.6999 bpb vs 1.6543 without" in section
     assert not (tmp_path / "docs").exists()  # no plots beside this results.json: nothing copied
 

@@ -93,8 +93,8 @@ class Engine:
     def __init__(self, model: GPT, tokenizer=None, calibration: dict | None = None, compile: bool | str = False):
         """compile: decode with compiled steps, True = inductor, or a torch.compile backend name
         (static-shape graphs per batch size and cache bucket, the first call of each pays the
-        compile): the plain modes and WAND-as-plain one graph per step, speculative a draft-step
-        graph and a verify graph per pass; WAND's staged step (where an exit test pays) runs eagerly."""
+        compile): the plain modes and WAND-as-plain one graph per step, speculative one graph per
+        pass (its drafts and the verify); WAND's staged step (where an exit test pays) runs eagerly."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.calibration = calibration

@@ -38,6 +38,10 @@ from poelm.model import GPT
 
 EMA_WEIGHT = 0.1  # weight of each drafted token's outcome in a stage's acceptance estimate
 MARGIN = 0.05  # drafting runs only where its expected speed-up over plain exceeds 1 + MARGIN
+# graphs the compiled pass may hold: one per (draft stage, gamma) that adaptive decoding tries,
+# times greedy / sampled and the batch sizes seen; past dynamo's default (8 per function) a
+# fullgraph compile fails hard instead of falling back
+PASS_GRAPHS = 64
 _MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {"costs": ..., "overhead": ...}
 
 
@@ -264,7 +268,7 @@ class SpeculativeDecoder(Decoder):
         if self._compiled is not None and not self.constrained():
             self._begin_static()
             slots = [r.slots for r in self.rows]
-            logits = self._compiled[2](self.pending(), torch.tensor(slots, device=self.device))
+            logits = self._compiled[1](self.pending(), torch.tensor(slots, device=self.device))
             self._static_written(max(slots) + 1, min(slots) == max(slots))
         else:
             logits = self._plain_logits(self.pending(), self.starts())
@@ -427,16 +431,20 @@ class SpeculativeDecoder(Decoder):
 
     # --- the compiled pass -----------------------------------------------------------------
     def _compile_graphs(self, compiler):
-        """Three graphs: a draft step (stage d's layers over one position, its readout and the
-        pick), a verify pass (the last draft through stage d's layers, the deeper layers over
-        [pending, drafts], the final readout and every row's acceptance) and, for adaptive
-        decoding's plain passes, the plain step (compiled when first called)."""
-        return compiler(self._draft_graph), compiler(self._verify_graph), compiler(self._plain_logits)
+        """Two graphs: a pass (G draft steps from stage d, each stage d's layers over one position,
+        its readout and the pick, then the verify pass: the last draft through stage d's layers,
+        the deeper layers over [pending, drafts], the final readout and every row's acceptance),
+        and, for adaptive decoding's plain passes, the plain step (compiled when first called).
+        One graph per pass: every compiled call pays the same fixed dispatch (guards, wrappers),
+        so a pass costs one of them, as a plain step does. Raises dynamo's graphs-per-function
+        limit to PASS_GRAPHS (never lowers it)."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, PASS_GRAPHS)
+        return compiler(self._pass_graph), compiler(self._plain_logits)
 
     def _width(self) -> int:
         """Drafts per compiled pass (every row drafts as many; a row proposes at most its own
         gamma): the pass's gamma, or with adaptive_gamma the rows' largest as a power of two, so
-        the verify graphs are few."""
+        the pass graphs are few."""
         g = max(r.gamma for r in self.rows)
         return min(1 << (g - 1).bit_length(), MAX_GAMMA) if self.opts.adaptive_gamma and g else g
 
@@ -447,27 +455,18 @@ class SpeculativeDecoder(Decoder):
         return torch.empty(shape, device=self.device).exponential_(generator=self.sampler.gen)
 
     def _static_pass(self) -> dict[int, list[int]]:
-        """One pass of compiled graphs: G draft steps, one verify pass, one host read."""
-        opts, B, G = self.opts, len(self.rows), self._width()
-        draft, verify, _ = self._compiled
+        """One pass as one compiled graph (G draft steps, the verify pass), one host read."""
+        opts, B, G, V = self.opts, len(self.rows), self._width(), self.cfg.vocab_size
         self._begin_static()
         slot0 = [r.slots for r in self.rows]
         n_max = [max(0, min(r.gamma, G, self.capacity - r.slots - 1, opts.max_new_tokens - r.produced - 1))
                  for r in self.rows]
-        starts = torch.tensor(slot0, device=self.device)
-        pending = self.pending()
-        feed, seen, generated = pending, self.seen, self._generated()
-        generated0 = generated
-        xs, x0s, mids, drafts, qs, tops = [], [], [], [], [], []
-        for j in range(G):
-            x, x0, mid, token, q, top, seen, generated = draft(self.d, feed, starts + j, seen, generated,
-                                                               self._noise(B, self.cfg.vocab_size))
-            xs.append(x), x0s.append(x0), mids.append(mid), drafts.append(token), qs.append(q), tops.append(top)
-            feed = token[:, None]
+        noises = [self._noise(B, V) for _ in range(G)]  # the generator's draws in the eager pass's order
         u = torch.rand(B, G, device=self.device, generator=self.sampler.gen) if not opts.greedy else None
-        packed, new_ids = verify(self.d, pending, feed, starts, xs, x0s, mids, drafts, qs, tops,
-                                 torch.tensor(n_max, device=self.device), self._seen_if_penalised(), generated0, u,
-                                 self._noise(B, self.cfg.vocab_size))
+        packed, new_ids = self._compiled[0](self.d, G, self.pending(), torch.tensor(slot0, device=self.device),
+                                            torch.tensor(n_max, device=self.device), self.seen,
+                                            self._seen_if_penalised(), self._generated(), noises, u,
+                                            self._noise(B, V))
         self.seen.scatter_(1, new_ids, True)
         host = packed.tolist()  # the one host read of the pass
         if host and host[0][-1]:
@@ -477,6 +476,24 @@ class SpeculativeDecoder(Decoder):
         self.stats.layer_calls += (split * (G + 1) + L - split) * B
         self._static_written(max(slot0) + G + 1, all(s == slot0[0] for s in slot0))
         return self._advance(slot0, [(row[:G], row[G + 2], row[G], row[G + 1]) for row in host])
+
+    def _pass_graph(self, d: int, G: int, pending: torch.Tensor, starts: torch.Tensor, n_max: torch.Tensor,
+                    seen: torch.Tensor, seen_penalised: torch.Tensor | None,
+                    generated: tuple[torch.Tensor, torch.Tensor] | None, noises: list, u: torch.Tensor | None,
+                    noise: torch.Tensor | None):
+        """G draft steps from stage d (each row's from its pending (B, 1) at slots starts (B,); each
+        draft counts the ones before it as emitted), then their verify pass (seen_penalised,
+        generated: the rows' state before the pass, None where no option reads it) ->
+        _verify_graph's (packed, new_ids)."""
+        feed, draft_seen, draft_generated, steps = pending, seen, generated, []
+        for j in range(G):
+            *step, draft_seen, draft_generated = self._draft_graph(d, feed, starts + j, draft_seen, draft_generated,
+                                                                   noises[j])
+            steps.append(step)  # x, x0, mid, token, q, top
+            feed = step[3][:, None]
+        xs, x0s, mids, drafts, qs, tops = (list(col) for col in zip(*steps)) if steps else ([] for _ in range(6))
+        return self._verify_graph(d, pending, feed, starts, xs, x0s, mids, drafts, qs, tops, n_max, seen_penalised,
+                                  generated, u, noise)
 
     def _draft_layers(self, feed: torch.Tensor, starts: torch.Tensor):
         """feed (B, 1) at slots starts (B,) through layers [0, split) -> x, x0, the backout residual (or None)."""

@@ -59,11 +59,19 @@ def headline(results: dict) -> list[str]:
         if wand:
             buys.append(f"**{wand['speedup']:.2f}×** (WAND at {100 * wand['agreement']:.1f} % agreement; "
                         f"{wand['gate']})")
+        if sampled := m.get("speculative_sampled"):
+            buys.append(f"**{sampled['speedup']:.2f}×** sampled at T = {rep['sampled']['temperature']:g} "
+                        f"(speculative, exact in distribution, against plain sampling)")
+        if batched := m.get("speculative_batched"):
+            buys.append(f"**{batched['speedup']:.2f}×** at batch {batched['batch_size']} (speculative, "
+                        f"{_exact(batched)}, against plain batch {batched['batch_size']})")
+        if stage0 := m.get("stage0"):
+            buys.append(f"**{stage0['speedup']:.2f}×** (stage 0 alone at {100 * stage0['agreement']:.1f} % agreement)")
         bp_plain = rep.get("bp_plain")
         bp_line = (f"; the BP arm's plain path: {bp_plain['tokens_per_s']:.0f} tok/s ({bp_plain['path']}, "
                    f"{bp_plain['speedup']:.2f}× the PoE arm's)" if bp_plain else "")
         lines.append(f"- Prompts from {rep['source']}: PoE costs **{cost:+.2f} %** bpb and buys {' and '.join(buys)}, "
-                     f"every speed over the best plain path ({plain['path']}, {plain['tokens_per_s']:.0f} tok/s)"
+                     f"the greedy batch-1 speeds over the best plain path ({plain['path']}, {plain['tokens_per_s']:.0f} tok/s)"
                      f"{bp_line}.")
     lines.append(f"- Paper (d24, A100s): PoE costs +{PAPER['gap_pct_final']} % bpb and buys "
                  f"{PAPER['speculative_speedup']}× (speculative, {int(100 * PAPER['speculative_acceptance'])} % "
@@ -183,7 +191,10 @@ def inference_section(poe: dict) -> list[str]:
              f"Greedy, batch 1, {poe['threads']} torch thread(s), interleaved, median of {poe['repeats']}"
              + _cpu_note(poe.get("cpu") or {})
              + ". Agreement: teacher-forced top-1 agreement with full depth on held-out text of the set "
-             "(WAND calibrated on other validation tokens); identical: the same greedy tokens as eager plain.", ""]
+             "(WAND calibrated on other validation tokens); identical: the same greedy tokens as eager plain. "
+             "Paths named @T0.8 sample at T = 0.8 (seeded; speculative sampling is exact in distribution, not in "
+             "tokens) and paths named @B8 decode 8 prompts together; each is timed beside, and compared with, the "
+             "plain path of its own setting (identical: the batch's tokens are plain's of the same batch).", ""]
     for name, rep in poe["sets"].items():
         lines += [f"### Prompts from {rep['source']}: {rep['prompts']} × {rep['prompt_tokens']} tokens, "
                   f"{rep['max_new_tokens']} new tokens each", "",
@@ -193,17 +204,33 @@ def inference_section(poe: dict) -> list[str]:
         for path, r in rep["paths"].items():
             a = agree.get(path.split(":")[0])
             lines.append(f"| {path} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}× | "
-                         f"{'—' if a is None else f'{100 * a:.1f} %'} | {'yes' if r['identical_to_plain'] else 'no'} | "
+                         f"{'—' if a is None else f'{100 * a:.1f} %'} | {_identical(r['identical_to_plain'])} | "
                          f"{_pct(r.get('acceptance'))} | {_num(r.get('tokens_per_verify'))} | "
                          f"{r['mean_stages_per_token']:.2f} |")
         if rep.get("bp_plain"):
             b = rep["bp_plain"]
             lines.append(f"| BP arm, {b['path']} | {b['tokens_per_s']:.1f} | {b['speedup']:.2f}× | — | — | — | — | — |")
         lines += [""] + mode_notes(rep["modes"]) + [""]
+    lines += weight_bound(poe.get("weight_bytes"))
     lines += [f"Paper (1.3B on GPU): speculative {PAPER['speculative_speedup']}x at "
               f"{int(100 * PAPER['speculative_acceptance'])} % acceptance, WAND {PAPER['wand_speedup']}x at 100 % "
               "agreement, stage 0 about 4x cheaper per token.", ""]
     return lines
+
+
+def weight_bound(w: dict | None) -> list[str]:
+    """What bounds stage 0's batch-1 speed-up: the weights a step reads at its depth and at full depth."""
+    if not w:
+        return []
+    return [f"Weights read per batch-1 step: stage 0 {w['stage0'] / 1e6:.2f} MB ({w['stage0_layers']} of "
+            f"{w['n_layer']} layers and the lm_head), full depth {w['full'] / 1e6:.2f} MB: even a bandwidth-bound "
+            f"step gives stage 0 at most {w['full'] / w['stage0']:.2f}×, and the fixed cost of every step (dispatch, "
+            "host work), which stage 0 pays in full, keeps it below that.", ""]
+
+
+def _identical(same: bool | None) -> str:
+    """A path's "identical" cell: None where tokens are not compared (sampling, the batch's own plain path)."""
+    return "—" if same is None else "yes" if same else "no"
 
 
 def _cpu_note(cpu: dict) -> str:
@@ -223,6 +250,11 @@ def mode_notes(modes: dict) -> list[str]:
                      f"{wand['exit_stage_counts']}. Gate: {wand['wand_reason']}.")
     if adaptive := modes.get("speculative_adaptive"):
         notes.append(f"- Adaptive speculative ({adaptive['path']}): {_adaptive_choice(adaptive)}.")
+    for key, what in (("speculative_sampled", "Sampled"), ("speculative_batched", "Batched")):
+        if row := modes.get(key):
+            notes.append(f"- {what} speculative ({row['path']}, the best fixed draft stage of the greedy rows): "
+                         f"{row['tokens_per_s']:.0f} tok/s against {row['baseline_tokens_per_s']:.0f} of "
+                         f"{row['baseline']}, {row['speedup']:.2f}×, {_pct(row.get('acceptance'))} acceptance.")
     return notes
 
 

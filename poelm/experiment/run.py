@@ -173,7 +173,8 @@ def measure_inference(cfg: ExperimentConfig, say, show_progress: bool = False) -
     if (arms / "poe").exists():
         model, tok = load_model(arms / "poe")
         say("[inference] timing plain, stage 0, WAND and speculative decoding (fixed and adaptive), eager and "
-            "compiled, on the PoE arm and plain on the BP arm: validation and outside-text prompts, 1 thread ...")
+            "compiled, on the PoE arm and plain on the BP arm, then speculative sampled at T = 0.8 and at batch 8 "
+            "against plain of the same setting: validation and outside-text prompts, 1 thread ...")
         result["poe"] = measure_modes(model, tok, cfg.data, n_prompts=cfg.decode_prompts,
                                       max_new_tokens=cfg.decode_tokens, model_dir=resolve(arms / "poe"), repeats=3,
                                       bp_model=bp and bp[0], compile=cfg.decode_compile, show_progress=show_progress)
