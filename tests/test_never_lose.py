@@ -1,8 +1,8 @@
 """Modes that never lose to plain decoding (docs/poe.md §4-5): the speculative decoder's own
 per-pass overhead, measured and stored with the calibration, enters adaptive drafting's cost
 model, which drafts only where it expects to beat plain by a margin and otherwise runs the plain
-step; and WAND's staged step compiled per stage. Decisions are asserted from injected costs and
-acceptances (never from wall-clock time)."""
+step; and compiled WAND weighs its (eager) staged step against the compiled plain step, not the
+eager one. Decisions are asserted from injected costs and acceptances (never from wall-clock time)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from poelm.engine import Engine, load_calibration, save_calibration
-from poelm.engine import speculative
+from poelm.engine import speculative, wand
 from poelm.engine.calibrate import read_generation_config
 from poelm.engine.costs import COST_POSITIONS
 from poelm.engine.speculative import MARGIN, DraftChooser, speculative_overhead
@@ -149,3 +149,69 @@ def test_a_calibration_without_the_overhead_measures_it_once_per_model(monkeypat
     for _ in range(2):
         engine.generate([1, 2, 3], mode="speculative", adaptive=True, max_new_tokens=4, stop_token_ids=[])
     assert calls == [model]
+
+
+# -----------------------------------------------------------------------------
+# Compiled WAND: the staged step against the compiled plain step
+
+
+def wand_calib() -> dict:
+    """Stage 1 alone exits (rate 0.5): its test saves 0.5 x 2 stages x 929 us (1 ms less the 71 us
+    a back-filled position adds to the next deep pass) = 929 us per token against its 200 us and
+    100 us of staging, so the eager staged step beats eager plain by 629 us per token."""
+    return {"wand_bounds": [0.0, 0.3, 0.3, 0.3], "wand_exit_rates": {"factors": [1.0], "rates": [[0.0, 0.5, 0.0]]},
+            "decode_costs": dict(costs(overhead=None), wand_overhead_s=1e-4)}
+
+
+def wand_generate(model, compiled: bool, **kw) -> list:
+    engine = Engine(model, calibration=wand_calib(), compile="aot_eager" if compiled else False)
+    return engine.generate(prompts(), mode="wand", max_new_tokens=20, stop_token_ids=[], **kw)
+
+
+@pytest.mark.parametrize("saving,staged", [(1e-3, False), (5e-4, True)])
+def test_compiled_wand_weighs_the_staged_step_against_compiled_plain(monkeypatch, saving, staged):
+    """Eager, stage 1's test pays. Compiled, the staged step still runs eagerly and forgoes what the
+    compiled plain step saves over the eager one: where that is 1 ms per token (more than the
+    629 us the staged step wins) compiled WAND decodes as compiled plain, with plain greedy's
+    tokens and no exit; where it is 500 us, the staged step still wins and runs."""
+    model = tiny_model(seed=3).eval()  # a fresh model: the saving is measured once per model
+    monkeypatch.setattr(wand, "compiled_plain_saving", lambda m, backend, mode: saving)
+    assert wand_generate(model, False)[0].stats["wand_tested_stages"] == [1]
+    torch._dynamo.reset()
+    out = wand_generate(model, True)
+    stats = out[0].stats
+    staging = f"300 us of tests and staging + {1e6 * saving:.0f} us that the compiled plain step saves over the eager one"
+    assert stats["wand_tested_stages"] == ([1] if staged else [])
+    if staged:
+        assert f"929 us saved vs {staging}" in stats["wand_reason"]
+        return
+    assert stats["wand_reason"].startswith(f"compiled: the tests' expected saving (929 us per token) does not "
+                                           f"cover {staging}")
+    assert stats["wand_reason"].endswith("decodes as compiled plain")
+    assert stats["exit_stage_counts"][:-1] == [0] * (K - 1)
+    plain = Engine(model).generate(prompts(), max_new_tokens=20, stop_token_ids=[])
+    assert [g.tokens for g in out] == [g.tokens for g in plain]
+    for p, g in zip(prompts(), plain):
+        assert_decisive(model, p, g.tokens)
+
+
+def test_the_compiled_plain_saving_is_measured_once_per_model_and_backend(monkeypatch):
+    """Measured where the eager costs make a test pay, once per model, backend and mode; never
+    where they choose plain decoding already (compiled WAND then is compiled plain anyway)."""
+    model = tiny_model(seed=4).eval()
+    calls = []
+    monkeypatch.setattr(wand, "compiled_plain_saving", lambda m, backend, mode: calls.append(backend) or 0.0)
+    for backend in ("aot_eager", "aot_eager", "eager"):
+        torch._dynamo.reset()
+        Engine(model, calibration=wand_calib(), compile=backend).generate([1, 2, 3], mode="wand", max_new_tokens=2,
+                                                                          stop_token_ids=[])
+    plain_calib = dict(wand_calib(), wand_exit_rates={"factors": [1.0], "rates": [[0.0, 0.0, 0.0]]})
+    Engine(model, calibration=plain_calib, compile="aot_eager").generate([1, 2, 3], mode="wand", max_new_tokens=2,
+                                                                         stop_token_ids=[])
+    assert calls == ["aot_eager", "eager"]
+
+
+def test_the_compiled_plain_saving_is_measured(model):
+    torch._dynamo.reset()
+    saving = wand.compiled_plain_saving(model, "eager", repeats=1, steps=4)
+    assert isinstance(saving, float) and abs(saving) < 1

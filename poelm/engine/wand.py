@@ -18,7 +18,10 @@ A test runs only where it pays (exit_plan): where the calibration measured costs
 when P(exit at k | reached k) x the cost of the stages after k exceeds the test's cost. With no
 stage tested the decoder is the plain decoder of the target readout (one pass over every layer,
 no kept residuals), so WAND never pays for tests that cannot save. Compiled (compile_step), that
-plain decoder runs the compiled plain step; the staged step (some test pays) runs eagerly.
+plain decoder runs the compiled plain step while the staged step still runs eagerly: the gate
+is then taken against the compiled plain step, the staged step also having to win back what
+the compiled plain step saves over the eager one (compiled_plain_saving, measured once per
+model, backend and mode), so compiled WAND never runs a staged step slower than compiled plain.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import math
 import torch
 
 from poelm.engine.constrain import masked
-from poelm.engine.decoders import Capabilities, PlainDecoder, Row
+from poelm.engine.costs import TIMING_PROMPT, device_sync, measured, step_overhead, timing_prompt
+from poelm.engine.decoders import Capabilities, PlainDecoder, Row, compiled_cache_len
 from poelm.engine.options import DecodeOptions, _check
 from poelm.engine.sampling import logop, top_gap
 from poelm.model import GPT, KVCache, SOFTCAP, RowBuffers, StepPlan, logop_weight
@@ -51,13 +55,16 @@ def exit_rates_at(table: dict, factor: float) -> list[float]:
     return [0.0] * len(table["rates"][0])
 
 
-def exit_plan(calib: dict, factor: float, thresholds: list[float], max_gap: list[float]) -> tuple[list[bool], str]:
+def exit_plan(calib: dict, factor: float, thresholds: list[float], max_gap: list[float],
+              compiled_saving: float | None = None) -> tuple[list[bool], str]:
     """Whether each stage k < K-1 runs its exit test, and why. A test runs where some gap can pass
     it and, when the calibration holds exit rates and measured costs, where its expected saving
     (P(exit at k | reached k) at this factor x the cost of stages k+1 ... K-1 at batch 1, less
     what back-filling the skipped position adds to the next deep pass) exceeds its cost (stage
     k's readout, top-2 and host read); and only if, per token, the tests' expected saving
-    covers their expected cost plus the staged step's own overhead (else none runs)."""
+    covers their expected cost plus the staged step's own overhead (else none runs).
+    compiled_saving (compiled decoding): seconds per token that the compiled plain step saves
+    over the eager one, which the (eager) staged step forgoes: the tests' saving must cover it too."""
     K = len(thresholds)
     possible = [thresholds[k] < max_gap[k] for k in range(K - 1)]
     table, costs = calib.get("wand_exit_rates"), calib.get("decode_costs")
@@ -75,14 +82,48 @@ def exit_plan(calib: dict, factor: float, thresholds: list[float], max_gap: list
     overhead, reach, gain, spend = costs.get("wand_overhead_s", 0.0), 1.0, 0.0, 0.0
     for k in (k for k in range(K - 1) if tested[k]):
         gain, spend, reach = gain + reach * saving[k], spend + reach * test[k], reach * (1 - rates[k])
-    if any(tested) and gain > spend + overhead:
+    forgone = compiled_saving or 0.0
+    staging = f"{1e6 * (spend + overhead):.0f} us of tests and staging" + (
+        "" if compiled_saving is None else f" + {1e6 * forgone:.0f} us that the compiled plain step saves over "
+                                           f"the eager one, which the eager staged step forgoes")
+    if any(tested) and gain > spend + overhead + forgone:
         return tested, f"tested where the expected saving exceeds the test's cost ({figures}; per token " \
-                       f"{1e6 * gain:.0f} us saved vs {1e6 * (spend + overhead):.0f} us of tests and staging)"
+                       f"{1e6 * gain:.0f} us saved vs {staging})"
+    if any(tested) and compiled_saving is not None:
+        return [False] * (K - 1), f"compiled: the tests' expected saving ({1e6 * gain:.0f} us per token) does not " \
+                                  f"cover {staging} ({figures}): decodes as compiled plain"
     if any(tested):
         return [False] * (K - 1), f"the tests' expected saving ({1e6 * gain:.0f} us per token) does not cover " \
                                   f"their cost and the staged step's overhead ({1e6 * (spend + overhead):.0f} us; " \
                                   f"{figures}): decodes as plain"
     return tested, f"no exit test pays ({figures}): decodes as plain"
+
+
+def wand_overhead(model: GPT, tests_s: float, repeats: int = 5, steps: int = 16) -> float:
+    """Seconds per token that a WAND step testing every stage but exiting nowhere costs beyond a
+    plain step, its tests (`tests_s` together) excluded: the kept inputs and one layer call per
+    stage. The bounds put every threshold just under the largest gap a soft-capped readout can
+    have, so each test runs and none passes (step_overhead compares the steps)."""
+    K = model.config.n_stages
+    never = DecodeOptions(mode="wand", calibration={"wand_bounds": [0.0] * (K - 1) + [2 * SOFTCAP * (1 - 1e-6)]})
+    n = repeats * steps
+    wand = WandDecoder(model, never, len(TIMING_PROMPT) + 2 * n + 1)
+    wand.add_rows([timing_prompt(model)])
+    return max(0.0, step_overhead(model, wand, n, device_sync(model)) - tests_s)
+
+
+def compiled_plain_saving(model: GPT, backend, mode: str | None = None, repeats: int = 5, steps: int = 16) -> float:
+    """Seconds per token that the compiled plain step (this torch.compile backend and mode) saves
+    over the eager plain step at batch 1, on this machine: the two steps of one row timed
+    alternately (step_overhead; its warm-up steps include the compile). Negative where the
+    compiled step is the slower (a debugging backend)."""
+    n = repeats * steps
+    capacity = len(TIMING_PROMPT) + 2 * n + 1
+    compiled = PlainDecoder(model, DecodeOptions(), capacity,
+                            compiled_cache_len(capacity, model.config.sequence_len) - capacity)
+    compiled.compile_step(backend, mode)
+    compiled.add_rows([timing_prompt(model)])
+    return -step_overhead(model, compiled, n, device_sync(model))
 
 
 class WandDecoder(PlainDecoder):
@@ -114,9 +155,26 @@ class WandDecoder(PlainDecoder):
         self.x0 = self.boundary = None  # (B, max_len, d) and K-1 of them
         self._row_buffers = RowBuffers([1] * self.K)  # their rows: joined and removed in place
         self.stats.exit_stage_counts = [0] * self.K
-        self.tested, self.stats.wand_reason = exit_plan(calib, opts.wand_factor, self.thresholds, self.max_gap)
+        self._plan(None)
+
+    def _plan(self, compiled_saving: float | None) -> None:
+        """The stages whose exit test runs (exit_plan), and whether the step is staged at all."""
+        self.tested, self.stats.wand_reason = exit_plan(self.opts.calibration, self.opts.wand_factor,
+                                                        self.thresholds, self.max_gap, compiled_saving)
         self.stats.wand_tested_stages = [k for k, t in enumerate(self.tested) if t]
         self.staged = any(self.tested)  # else: the plain decoder of the target
+
+    def compile_step(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """The plain step compiled; the staged step stays eager, so where the eager costs make some
+        test pay, the gate is taken again against the compiled plain step (compiled_plain_saving,
+        measured once per model, backend and mode, before any row joins: the tokens of a run
+        never depend on its own timings)."""
+        super().compile_step(backend, mode)
+        if self.staged and self.opts.calibration.get("decode_costs") is not None:
+            self.flush()
+            saving = measured(self.model, ("compiled_plain_saving", backend, mode),
+                              lambda: compiled_plain_saving(self.model, backend, mode))
+            self._plan(saving)
 
     # --- rows ------------------------------------------------------------------------
     def _append(self, cache: KVCache, rows: list[Row], seen: torch.Tensor, x0) -> None:
