@@ -83,20 +83,29 @@ def timing_prompt(model: GPT) -> list[int]:
 
 def step_overhead(model: GPT, other, n: int, sync) -> float:
     """Seconds a step of decoder `other` (one row of timing_prompt, room for 2n more steps) costs
-    beyond a plain step of the same row. Plain and `other` steps alternate (a busy machine slows
-    both alike); after n steps of each as warm-up (a fresh decoder's first steps run slow on the
-    CPU), the medians of n steps of each are compared."""
+    beyond a plain step of the same row (step_times)."""
+    plain, theirs = step_times(model, [other], n, sync)
+    return theirs - plain
+
+
+def step_times(model: GPT, others: list, n: int, sync) -> list[float]:
+    """Seconds of an eager plain step of one row of timing_prompt, then of a step of each decoder
+    in `others` (each holding that row, room for 2n more steps). The decoders' steps alternate (a
+    busy machine slows all alike); after n steps of each as warm-up (a fresh decoder's first
+    steps run slow on the CPU; a compiled one's first compiles), the medians of n steps of each."""
     plain = PlainDecoder(model, DecodeOptions(), len(TIMING_PROMPT) + 2 * n + 1)
     plain.add_rows([timing_prompt(model)])
-    times: list[list[float]] = [[], []]
+    decoders = [plain, *others]
+    times: list[list[float]] = [[] for _ in decoders]
     for i in range(2 * n):
-        for dec, t in zip((plain, other), times if i >= n else ([], [])):
+        for dec, t in zip(decoders, times):
             sync()
             t0 = time.perf_counter()
             dec.step()
             sync()
-            t.append(time.perf_counter() - t0)
-    return float(np.median(times[1]) - np.median(times[0]))
+            if i >= n:
+                t.append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in times]
 
 
 def device_sync(model: GPT):
