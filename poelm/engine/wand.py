@@ -182,6 +182,8 @@ class WandDecoder(PlainDecoder):
         calib = opts.calibration
         self.target = calib.get("wand_target", "final")
         self.thresholds = wand_exit_rule(calib["wand_bounds"], opts.wand_factor)
+        # the compiled segments' thresholds: inputs, not constants (one graph for every wand_factor)
+        self._threshold_t = torch.tensor(self.thresholds, dtype=torch.float32, device=self.device)
         w = logop_weight(self.K, self.alpha)
         # the largest gap r_k can have: each soft-capped readout spans < 2 x SOFTCAP
         self.max_gap = [2 * SOFTCAP if self.target == "final" else 2 * SOFTCAP * w * (k + 1) for k in range(self.K)]
@@ -390,8 +392,8 @@ class WandDecoder(PlainDecoder):
         still, out_logits, lasts, x_mid = list(range(B)), [None] * B, [], None
         for s in range(self.K):
             slots, at = self._segment_slots(s, cur)
-            last, x_mid, r, exits = self._segments(s, self.pending() if s == 0 else None, slots, at, active, x_mid,
-                                                   lasts)
+            last, x_mid, r, exits = self._segments(s, self.pending() if s == 0 else None, slots, at, active,
+                                                   self._threshold_t[s], x_mid, lasts)
             self._segment_written(s, cur)
             lasts.append(last)
             if exits is None:  # an untested stage: no readout
@@ -429,10 +431,10 @@ class WandDecoder(PlainDecoder):
         return starts.unsqueeze(1) + torch.arange(width, device=self.device), torch.tensor([lag], device=self.device)
 
     def _segment(self, s: int, ids: torch.Tensor | None, slots: torch.Tensor, at: torch.Tensor, active: torch.Tensor,
-                 x_mid: torch.Tensor | None, lasts: list[torch.Tensor]):
+                 threshold: torch.Tensor, x_mid: torch.Tensor | None, lasts: list[torch.Tensor]):
         """Stage s of the compiled staged step (static shapes): its layers over every row's slots
         (B, W), the new slot at column `at` (1,) and scratch slots after it, then at the new slot its
-        readout and exit test. ids: the pending tokens (B, 1) that stage 0 embeds (W = 1); a later
+        readout and exit test (gap > threshold, a 0-d tensor). ids: the pending tokens (B, 1) that stage 0 embeds (W = 1); a later
         stage reads the kept boundary residuals of stage s-1. lasts: the earlier stages' residuals
         at the new slot (B, d) -> (its residual (B, d), x_mid, readout (B, V) or None (untested),
         exits (B,): the active rows whose test passes, every active row at the last stage)."""
@@ -455,7 +457,7 @@ class WandDecoder(PlainDecoder):
         if not self.tested[s]:
             return last, x_mid, None, None
         r = model.readout(last, s)
-        return last, x_mid, r, active & (top_gap(r) > self.thresholds[s])
+        return last, x_mid, r, active & (top_gap(r) > threshold)
 
     def _segment_written(self, s: int, cur: list[int]) -> None:
         """After stage s's segment: its layers' host lengths (the graph keeps none) up to the new
