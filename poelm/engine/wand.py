@@ -98,7 +98,8 @@ def exit_plan(calib: dict, factor: float, thresholds: list[float], max_gap: list
     return tested, f"no exit test pays ({figures}): decodes as plain"
 
 
-def compiled_plan(tested: list[bool], gain: float, spend: float, figures: str, compiled: dict) -> tuple[list[bool], str]:
+def compiled_plan(tested: list[bool], gain: float, spend: float, figures: str,
+                  compiled: dict) -> tuple[list[bool], str]:
     """The gate of compiled decoding: the tested stages (some test pays on eager costs: gain and
     spend, seconds per token saved and spent on tests and staging), or none, against the compiled
     plain step. compiled: compiled_step_costs; with "staged_s" the staged step is compiled, its
@@ -193,6 +194,7 @@ class WandDecoder(PlainDecoder):
         self._row_buffers = RowBuffers([1] * self.K)  # their rows: joined and removed in place
         self.stats.exit_stage_counts = [0] * self.K
         self._segments = None  # compiled: the staged step's segment (_segment)
+        self._columns = None  # its slot columns (_segment_slots)
         self._plan(None)
 
     def _plan(self, compiled: dict | None) -> None:
@@ -388,10 +390,11 @@ class WandDecoder(PlainDecoder):
         and exit test) and one host read of its exits."""
         B, cur = len(self.rows), [r.slots for r in self.rows]
         self._begin_static()
+        new_slots = torch.tensor(cur, device=self.device)  # (B,)
         active = torch.ones(B, dtype=torch.bool, device=self.device)  # rows that have not exited
         still, out_logits, lasts, x_mid = list(range(B)), [None] * B, [], None
         for s in range(self.K):
-            slots, at = self._segment_slots(s, cur)
+            slots, at = self._segment_slots(s, cur, new_slots)
             last, x_mid, r, exits = self._segments(s, self.pending() if s == 0 else None, slots, at, active,
                                                    self._threshold_t[s], x_mid, lasts)
             self._segment_written(s, cur)
@@ -412,10 +415,11 @@ class WandDecoder(PlainDecoder):
             active = active & ~exits
         return self._emit(self.sampler.pick(torch.stack(out_logits), self.seen))
 
-    def _segment_slots(self, s: int, cur: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _segment_slots(self, s: int, cur: list[int], new_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage s's slots this step, (B, W) of the narrowest SEGMENT_WIDTHS width that holds its
-        lagging slots and the new one (`cur`), and the new slot's column (1,). A lag past the widest
-        width, or one the cache has no room to pad, is back-filled eagerly first (the new slot alone)."""
+        lagging slots and the new one (`cur`, on the device `new_slots`), and the new slot's column
+        (1,). A lag past the widest width, or one the cache has no room to pad, is back-filled
+        eagerly first (the new slot alone)."""
         B, lag = len(cur), self.lag[s]
         width = next((w for w in SEGMENT_WIDTHS if w > lag), None)
         if width is None or max(cur) - lag + width > self.max_len:
@@ -427,17 +431,21 @@ class WandDecoder(PlainDecoder):
         n = self.cfg.stage_ends[s] + 1 - self.first_layer[s]
         self.stats.layer_passes += n * (lag + 1) * B
         self.stats.layer_calls += n * B
-        starts = torch.tensor([c - lag for c in cur], device=self.device)
-        return starts.unsqueeze(1) + torch.arange(width, device=self.device), torch.tensor([lag], device=self.device)
+        if self._columns is None:  # made once: (W,) 0 ... W-1 per width, (1,) [lag] per lag
+            self._columns = ({w: torch.arange(w, device=self.device) for w in SEGMENT_WIDTHS},
+                             [torch.tensor([k], device=self.device) for k in range(SEGMENT_WIDTHS[-1])])
+        columns, at = self._columns
+        return (new_slots - lag).unsqueeze(1) + columns[width], at[lag]
 
     def _segment(self, s: int, ids: torch.Tensor | None, slots: torch.Tensor, at: torch.Tensor, active: torch.Tensor,
                  threshold: torch.Tensor, x_mid: torch.Tensor | None, lasts: list[torch.Tensor]):
         """Stage s of the compiled staged step (static shapes): its layers over every row's slots
         (B, W), the new slot at column `at` (1,) and scratch slots after it, then at the new slot its
-        readout and exit test (gap > threshold, a 0-d tensor). ids: the pending tokens (B, 1) that stage 0 embeds (W = 1); a later
-        stage reads the kept boundary residuals of stage s-1. lasts: the earlier stages' residuals
-        at the new slot (B, d) -> (its residual (B, d), x_mid, readout (B, V) or None (untested),
-        exits (B,): the active rows whose test passes, every active row at the last stage)."""
+        readout and exit test (gap > threshold, a 0-d tensor). ids: the pending tokens (B, 1) that
+        stage 0 embeds (W = 1); a later stage reads the kept boundary residuals of stage s-1. lasts:
+        the earlier stages' residuals at the new slot (B, d) -> (its residual (B, d), x_mid, readout
+        (B, V) or None (untested), exits (B,): the active rows whose test passes, every active row
+        at the last stage)."""
         model, cfg = self.model, self.cfg
         rows = torch.arange(slots.shape[0], device=slots.device).unsqueeze(1)  # (B, 1)
         if s == 0:
