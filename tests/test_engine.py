@@ -358,7 +358,9 @@ def test_logop_final_readout_in_wand_calibrate_and_speculative(rand_model):
 
 @pytest.mark.parametrize("factor", [0.0, 0.05, 0.5])
 def test_wand_lazy_backfill_gives_full_depth_cache(factor, trained, trained_calib):
-    engine = Engine(trained, calibration=trained_calib)
+    # without the measured costs every stage that can exit is tested: exits here never hang on
+    # this machine's timings (a busy machine measures a staging overhead that gates every test off)
+    engine = Engine(trained, calibration={k: v for k, v in trained_calib.items() if k != "decode_costs"})
     row = text_prompt_ids("the naïve cat sat on the")
     out = engine.generate(row, mode="wand", wand_factor=factor, max_new_tokens=50, keep_cache=True)
     assert out.stats["mean_stages_per_token"] < 4  # tokens exited early
