@@ -1,8 +1,8 @@
 """Modes that never lose to plain decoding (docs/poe.md §4-5): the speculative decoder's own
 per-pass overhead, measured and stored with the calibration, enters adaptive drafting's cost
 model, which drafts only where it expects to beat plain by a margin and otherwise runs the plain
-step; and WAND's staged step compiled per stage. Decisions are asserted from injected costs and
-acceptances (never from wall-clock time)."""
+step; and compiled WAND weighs its (eager) staged step against the compiled plain step, not the
+eager one. Decisions are asserted from injected costs and acceptances (never from wall-clock time)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from poelm.engine import Engine, load_calibration, save_calibration
-from poelm.engine import speculative
+from poelm.engine import speculative, wand
 from poelm.engine.calibrate import read_generation_config
 from poelm.engine.costs import COST_POSITIONS
 from poelm.engine.speculative import MARGIN, DraftChooser, speculative_overhead
@@ -149,3 +149,87 @@ def test_a_calibration_without_the_overhead_measures_it_once_per_model(monkeypat
     for _ in range(2):
         engine.generate([1, 2, 3], mode="speculative", adaptive=True, max_new_tokens=4, stop_token_ids=[])
     assert calls == [model]
+
+
+# -----------------------------------------------------------------------------
+# Compiled WAND: the gate on compiled costs
+
+
+def wand_calib() -> dict:
+    """Stage 1 alone exits (rate 0.5): its test saves 0.5 x 2 stages x 929 us (1 ms less the 71 us
+    a back-filled position adds to the next deep pass) = 929 us per token against its 200 us and
+    100 us of staging, so on eager costs the staged step beats plain by 629 us per token."""
+    return {"wand_bounds": [0.0, 0.3, 0.3, 0.3], "wand_exit_rates": {"factors": [1.0], "rates": [[0.0, 0.5, 0.0]]},
+            "decode_costs": dict(costs(overhead=None), wand_overhead_s=1e-4)}
+
+
+def compiled_costs(staged_s: float) -> dict:
+    """compiled_step_costs' figures: the compiled plain step at half the eager one's 4 ms."""
+    return {"eager_plain_s": 4e-3, "compiled_plain_s": 2e-3, "staged_s": staged_s}
+
+
+def wand_generate(model, compiled: bool) -> list:
+    engine = Engine(model, calibration=wand_calib(), compile="aot_eager" if compiled else False)
+    return engine.generate(prompts(), mode="wand", max_new_tokens=20, stop_token_ids=[])
+
+
+@pytest.mark.parametrize("staged_s,staged", [(2.6e-3, False), (2.3e-3, True)])
+def test_compiled_wand_weighs_the_staged_step_against_compiled_plain(monkeypatch, staged_s, staged):
+    """Eager, stage 1's test pays. Compiled, its saving scales with the compiled / eager plain step
+    (929 x 0.5 = 464 us per token) and its cost is what the compiled staged step, exiting
+    nowhere, measured over the compiled plain step: at 600 us compiled WAND decodes as compiled
+    plain, with plain greedy's tokens and no exit; at 300 us the staged step runs."""
+    model = tiny_model(seed=3).eval()  # a fresh model: the costs are measured once per model
+    monkeypatch.setattr(wand, "compiled_step_costs", lambda m, backend, mode, tested: compiled_costs(staged_s))
+    assert wand_generate(model, False)[0].stats["wand_tested_stages"] == [1]
+    torch._dynamo.reset()
+    out = wand_generate(model, True)
+    stats = out[0].stats
+    figures = f"per token 464 us saved (the eager 929 us x 0.50, the compiled / eager plain step) vs " \
+              f"{1e6 * (staged_s - 2e-3):.0f} us that the compiled staged step's tests and staging cost"
+    assert stats["wand_tested_stages"] == ([1] if staged else []) and figures in stats["wand_reason"]
+    if staged:
+        assert stats["wand_reason"].startswith("compiled: tested where the expected saving exceeds the test's cost")
+        return
+    assert stats["wand_reason"].startswith("compiled: ") and stats["wand_reason"].endswith("decodes as compiled plain")
+    assert stats["exit_stage_counts"][:-1] == [0] * (K - 1)
+    plain = Engine(model).generate(prompts(), max_new_tokens=20, stop_token_ids=[])
+    assert [g.tokens for g in out] == [g.tokens for g in plain]
+    for p, g in zip(prompts(), plain):
+        assert_decisive(model, p, g.tokens)
+
+
+@pytest.mark.parametrize("forgone,tested", [(1e-3, False), (5e-4, True)])
+def test_an_eager_staged_step_also_forgoes_the_compiled_plain_saving(forgone, tested):
+    """Where the staged step runs eagerly (target logop), it must also win back what the compiled
+    plain step saves over the eager one: 929 us saved vs 300 us + 1 ms does not pay, vs 300 us +
+    500 us does."""
+    compiled = {"eager_plain_s": 4e-3, "compiled_plain_s": 4e-3 - forgone}
+    plan, why = wand.compiled_plan([False, True, False], 929e-6, 300e-6, "", compiled)
+    assert plan == [False, tested, False]
+    assert f"929 us saved vs 300 us of tests and staging + {1e6 * forgone:.0f} us that the compiled plain step " \
+           f"saves over the eager one" in why
+
+
+def test_compiled_costs_are_measured_once_per_model_backend_and_plan(monkeypatch):
+    """Measured where the eager costs make a test pay, once per model, backend, mode and plan; never
+    where they choose plain decoding already (compiled WAND then is compiled plain anyway)."""
+    model = tiny_model(seed=4).eval()
+    calls = []
+    monkeypatch.setattr(wand, "compiled_step_costs",
+                        lambda m, backend, mode, tested: calls.append((backend, tested)) or compiled_costs(2.3e-3))
+    for backend in ("aot_eager", "aot_eager", "eager"):
+        torch._dynamo.reset()
+        Engine(model, calibration=wand_calib(), compile=backend).generate([1, 2, 3], mode="wand", max_new_tokens=2,
+                                                                          stop_token_ids=[])
+    plain_calib = dict(wand_calib(), wand_exit_rates={"factors": [1.0], "rates": [[0.0, 0.0, 0.0]]})
+    Engine(model, calibration=plain_calib, compile="aot_eager").generate([1, 2, 3], mode="wand", max_new_tokens=2,
+                                                                         stop_token_ids=[])
+    assert calls == [("aot_eager", [False, True, False]), ("eager", [False, True, False])]
+
+
+def test_compiled_step_costs_are_measured(model):
+    torch._dynamo.reset()
+    measured = wand.compiled_step_costs(model, "eager", None, [False, True, False], repeats=1, steps=4)
+    assert set(measured) == {"eager_plain_s", "compiled_plain_s", "staged_s"}
+    assert all(isinstance(t, float) and 0 < t < 1 for t in measured.values())

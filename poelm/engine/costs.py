@@ -1,14 +1,17 @@
-"""What decoding costs on this machine: the measured seconds of each stage's layers, each exit
-test and WAND's staged step, at batch 1 (docs/poe.md §4). The cost models of WAND (which exit
-tests pay) and adaptive speculative decoding (which draft stage and gamma) read them;
-`poelm calibrate` stores them with the bounds.
+"""What decoding costs on this machine: the measured seconds of each stage's layers and each exit
+test at batch 1 (docs/poe.md §4), and the step timings the modes' own overheads are measured
+with (wand.wand_overhead, wand.compiled_plain_saving, speculative.speculative_overhead). The
+cost models of WAND (which exit tests pay) and adaptive speculative decoding (which draft stage
+and gamma) read them; `poelm calibrate` stores them with the bounds.
 
     costs = measure_costs(model)       # {"stage_s": K x [s at 1, 8 positions], "test_s": ..., ...}
+    measured(model, "key", measure)    # measure() once per model and process
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -16,10 +19,10 @@ import torch
 from poelm.engine.decoders import PlainDecoder, new_cache
 from poelm.engine.options import DecodeOptions
 from poelm.engine.sampling import top_gap
-from poelm.engine.wand import WandDecoder
-from poelm.model import GPT, SOFTCAP
+from poelm.model import GPT
 
 COST_POSITIONS = (1, 8)  # positions per timed pass: a decode step, and a verify pass's order of size
+_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: what was measured}
 
 
 @torch.no_grad()
@@ -28,9 +31,8 @@ def measure_costs(model: GPT, repeats: int = 5, context: int = 32) -> dict:
     (the median of `repeats` timed passes after a warm-up), at each of COST_POSITIONS positions
     per pass: {"device", "threads", "positions", "stage_s": K x [seconds per position count]
     (stage k's layers; stage 0's include the embedding), "test_s": K x [...] (stage k's exit
-    test: its readout, top-2 and the host read; the last stage's: the final readout's),
-    "wand_overhead_s": wand_overhead(...)}.
-    The figures hold for this machine only: `poelm calibrate` measures them again."""
+    test: its readout, top-2 and the host read; the last stage's: the final readout's)}
+    (speculative.decode_costs adds the modes' overheads). The figures hold for this machine only: `poelm calibrate` measures them again."""
     cfg, device = model.config, model.lm_head.weight.device
     K, wide = cfg.n_stages, COST_POSITIONS[-1]
     context = max(1, min(context, cfg.sequence_len - wide))
@@ -46,8 +48,7 @@ def measure_costs(model: GPT, repeats: int = 5, context: int = 32) -> dict:
             stage_s[k].append(float(np.median([lap[k] for lap in laps])))
             test_s[k].append(float(np.median([lap[K + k] for lap in laps])))
     return {"device": device.type, "threads": torch.get_num_threads(), "positions": list(COST_POSITIONS),
-            "stage_s": stage_s, "test_s": test_s,
-            "wand_overhead_s": wand_overhead(model, sum(t[0] for t in test_s[:-1]), repeats, sync)}
+            "stage_s": stage_s, "test_s": test_s}
 
 
 def _timed_pass(model: GPT, cache, idx: torch.Tensor, start: int, sync) -> list[float]:
@@ -73,19 +74,6 @@ def _timed_pass(model: GPT, cache, idx: torch.Tensor, start: int, sync) -> list[
     return laps
 
 
-def wand_overhead(model: GPT, tests_s: float, repeats: int, sync, steps: int = 16) -> float:
-    """Seconds per token that a WAND step testing every stage but exiting nowhere costs beyond a
-    plain step, its tests (`tests_s` together) excluded: the kept inputs and one layer call per
-    stage. The bounds put every threshold just under the largest gap a soft-capped readout can
-    have, so each test runs and none passes (step_overhead compares the steps)."""
-    K = model.config.n_stages
-    never = DecodeOptions(mode="wand", calibration={"wand_bounds": [0.0] * (K - 1) + [2 * SOFTCAP * (1 - 1e-6)]})
-    n = repeats * steps
-    wand = WandDecoder(model, never, len(TIMING_PROMPT) + 2 * n + 1)
-    wand.add_rows([timing_prompt(model)])
-    return max(0.0, step_overhead(model, wand, n, sync) - tests_s)
-
-
 TIMING_PROMPT = range(1, 17)  # the token ids (mod the vocabulary) of the overhead timings' one row
 
 
@@ -95,22 +83,39 @@ def timing_prompt(model: GPT) -> list[int]:
 
 def step_overhead(model: GPT, other, n: int, sync) -> float:
     """Seconds a step of decoder `other` (one row of timing_prompt, room for 2n more steps) costs
-    beyond a plain step of the same row. Plain and `other` steps alternate (a busy machine slows
-    both alike); after n steps of each as warm-up (a fresh decoder's first steps run slow on the
-    CPU), the medians of n steps of each are compared."""
+    beyond a plain step of the same row (step_times)."""
+    plain, theirs = step_times(model, [other], n, sync)
+    return theirs - plain
+
+
+def step_times(model: GPT, others: list, n: int, sync) -> list[float]:
+    """Seconds of an eager plain step of one row of timing_prompt, then of a step of each decoder
+    in `others` (each holding that row, room for 2n more steps). The decoders' steps alternate (a
+    busy machine slows all alike); after n steps of each as warm-up (a fresh decoder's first
+    steps run slow on the CPU; a compiled one's first compiles), the medians of n steps of each."""
     plain = PlainDecoder(model, DecodeOptions(), len(TIMING_PROMPT) + 2 * n + 1)
     plain.add_rows([timing_prompt(model)])
-    times: list[list[float]] = [[], []]
+    decoders = [plain, *others]
+    times: list[list[float]] = [[] for _ in decoders]
     for i in range(2 * n):
-        for dec, t in zip((plain, other), times if i >= n else ([], [])):
+        for dec, t in zip(decoders, times):
             sync()
             t0 = time.perf_counter()
             dec.step()
             sync()
-            t.append(time.perf_counter() - t0)
-    return float(np.median(times[1]) - np.median(times[0]))
+            if i >= n:
+                t.append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in times]
 
 
 def device_sync(model: GPT):
     """A function that waits for the model's device (CUDA), else does nothing."""
     return torch.cuda.synchronize if model.lm_head.weight.device.type == "cuda" else (lambda: None)
+
+
+def measured(model: GPT, key, measure) -> object:
+    """measure() once per model, key and process (costs a model's calibration lacks)."""
+    done = _MEASURED.setdefault(model, {})
+    if key not in done:
+        done[key] = measure()
+    return done[key]

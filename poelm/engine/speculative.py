@@ -24,15 +24,14 @@ the target (sampling) whatever it picks.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from poelm.engine.constrain import masked
-from poelm.engine.costs import TIMING_PROMPT, device_sync, measure_costs, step_overhead, timing_prompt
+from poelm.engine.costs import TIMING_PROMPT, device_sync, measure_costs, measured, step_overhead, timing_prompt
 from poelm.engine.decoders import Capabilities, Decoder
 from poelm.engine.options import MAX_GAMMA, DecodeOptions, ModeRefused, _check, row_options
 from poelm.engine.sampling import NonFiniteLogits, Sampler
+from poelm.engine.wand import wand_overhead
 from poelm.model import GPT
 
 
@@ -42,7 +41,6 @@ MARGIN = 0.05  # drafting runs only where its expected speed-up over plain excee
 # times greedy / sampled and the batch sizes seen; past dynamo's default (8 per function) a
 # fullgraph compile fails hard instead of falling back
 PASS_GRAPHS = 64
-_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {"costs": ..., "overhead": ...}
 
 
 def speculative_overhead(model: GPT, repeats: int = 5, steps: int = 16) -> float:
@@ -57,20 +55,14 @@ def speculative_overhead(model: GPT, repeats: int = 5, steps: int = 16) -> float
 
 
 def decode_costs(model: GPT) -> dict:
-    """measure_costs(model) with "speculative_overhead_s" where the model decodes speculatively
-    (its final readout is the last stage's): what `poelm calibrate` stores."""
+    """measure_costs(model) with "wand_overhead_s" (wand_overhead) and "speculative_overhead_s"
+    where the model decodes speculatively (its final readout is the last stage's): what `poelm
+    calibrate` stores."""
     costs = measure_costs(model)
+    costs["wand_overhead_s"] = wand_overhead(model, sum(t[0] for t in costs["test_s"][:-1]))
     if model.config.final_readout == "last":
         costs["speculative_overhead_s"] = speculative_overhead(model)
     return costs
-
-
-def _measured(model: GPT, key: str, measure) -> object:
-    """measure() once per model and process (the costs of a model that has no calibration)."""
-    done = _MEASURED.setdefault(model, {})
-    if key not in done:
-        done[key] = measure()
-    return done[key]
 
 
 def with_draft(generated: tuple[torch.Tensor, torch.Tensor], token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,9 +238,9 @@ class SpeculativeDecoder(Decoder):
         calib = self.opts.calibration or {}
         costs = calib.get("decode_costs")
         if costs is None:
-            costs = _measured(self.model, "costs", lambda: decode_costs(self.model))
+            costs = measured(self.model, "costs", lambda: decode_costs(self.model))
         elif "speculative_overhead_s" not in costs:  # a calibration written before it was measured
-            costs = dict(costs, speculative_overhead_s=_measured(self.model, "overhead",
+            costs = dict(costs, speculative_overhead_s=measured(self.model, "overhead",
                                                                  lambda: speculative_overhead(self.model)))
         priors = calib.get("stage_agreement")
         stages = list(range(self.cfg.n_stages - 1)) if priors else [self.d]

@@ -17,8 +17,15 @@ exit on their own, so each row gets the token it gets alone.
 A test runs only where it pays (exit_plan): where the calibration measured costs, at stage k
 when P(exit at k | reached k) x the cost of the stages after k exceeds the test's cost. With no
 stage tested the decoder is the plain decoder of the target readout (one pass over every layer,
-no kept residuals), so WAND never pays for tests that cannot save. Compiled (compile_step), that
-plain decoder runs the compiled plain step; the staged step (some test pays) runs eagerly.
+no kept residuals), so WAND never pays for tests that cannot save.
+
+Compiled (compile_step), that plain decoder runs the compiled plain step, and the staged step
+(target final, no constrained row) runs as one compiled segment per stage: its layers over the
+stage's lagging slots and the new one (static widths 1, 2, 4, 8: the slots after the new one are
+scratch that a later pass overwrites before any query sees them; a longer lag is back-filled
+eagerly first), its readout and exit test, one host read of the exits. The gate is then taken
+on compiled costs (compiled_step_costs, measured once per model, backend, mode and plan), so
+compiled WAND never runs a staged step that loses to the compiled plain step.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import math
 import torch
 
 from poelm.engine.constrain import masked
-from poelm.engine.decoders import Capabilities, PlainDecoder, Row
+from poelm.engine.costs import TIMING_PROMPT, device_sync, measured, step_overhead, step_times, timing_prompt
+from poelm.engine.decoders import Capabilities, PlainDecoder, Row, compiled_cache_len
 from poelm.engine.options import DecodeOptions, _check
 from poelm.engine.sampling import logop, top_gap
 from poelm.model import GPT, KVCache, SOFTCAP, RowBuffers, StepPlan, logop_weight
@@ -51,13 +59,16 @@ def exit_rates_at(table: dict, factor: float) -> list[float]:
     return [0.0] * len(table["rates"][0])
 
 
-def exit_plan(calib: dict, factor: float, thresholds: list[float], max_gap: list[float]) -> tuple[list[bool], str]:
+def exit_plan(calib: dict, factor: float, thresholds: list[float], max_gap: list[float],
+              compiled: dict | None = None) -> tuple[list[bool], str]:
     """Whether each stage k < K-1 runs its exit test, and why. A test runs where some gap can pass
     it and, when the calibration holds exit rates and measured costs, where its expected saving
     (P(exit at k | reached k) at this factor x the cost of stages k+1 ... K-1 at batch 1, less
     what back-filling the skipped position adds to the next deep pass) exceeds its cost (stage
     k's readout, top-2 and host read); and only if, per token, the tests' expected saving
-    covers their expected cost plus the staged step's own overhead (else none runs)."""
+    covers their expected cost plus the staged step's own overhead (else none runs).
+    compiled (compiled decoding, compiled_step_costs): that last check is taken on compiled
+    costs instead (compiled_plan)."""
     K = len(thresholds)
     possible = [thresholds[k] < max_gap[k] for k in range(K - 1)]
     table, costs = calib.get("wand_exit_rates"), calib.get("decode_costs")
@@ -75,6 +86,8 @@ def exit_plan(calib: dict, factor: float, thresholds: list[float], max_gap: list
     overhead, reach, gain, spend = costs.get("wand_overhead_s", 0.0), 1.0, 0.0, 0.0
     for k in (k for k in range(K - 1) if tested[k]):
         gain, spend, reach = gain + reach * saving[k], spend + reach * test[k], reach * (1 - rates[k])
+    if any(tested) and compiled is not None:
+        return compiled_plan(tested, gain, spend + overhead, figures, compiled)
     if any(tested) and gain > spend + overhead:
         return tested, f"tested where the expected saving exceeds the test's cost ({figures}; per token " \
                        f"{1e6 * gain:.0f} us saved vs {1e6 * (spend + overhead):.0f} us of tests and staging)"
@@ -83,6 +96,70 @@ def exit_plan(calib: dict, factor: float, thresholds: list[float], max_gap: list
                                   f"their cost and the staged step's overhead ({1e6 * (spend + overhead):.0f} us; " \
                                   f"{figures}): decodes as plain"
     return tested, f"no exit test pays ({figures}): decodes as plain"
+
+
+def compiled_plan(tested: list[bool], gain: float, spend: float, figures: str,
+                  compiled: dict) -> tuple[list[bool], str]:
+    """The gate of compiled decoding: the tested stages (some test pays on eager costs: gain and
+    spend, seconds per token saved and spent on tests and staging), or none, against the compiled
+    plain step. compiled: compiled_step_costs; with "staged_s" the staged step is compiled, its
+    saving the eager one scaled by compiled / eager plain step and its cost what the compiled
+    staged step, exiting nowhere, measured over the compiled plain step; without, the staged step
+    runs eagerly and also forgoes what the compiled plain step saves over the eager one."""
+    eager, plain = compiled["eager_plain_s"], compiled["compiled_plain_s"]
+    us = lambda t: f"{1e6 * t:.0f} us"  # noqa: E731
+    if "staged_s" in compiled:
+        saved, cost = gain * plain / eager, compiled["staged_s"] - plain
+        why = f"per token {us(saved)} saved (the eager {us(gain)} x {plain / eager:.2f}, the compiled / eager " \
+              f"plain step) vs {us(cost)} that the compiled staged step's tests and staging cost"
+    else:
+        saved, cost = gain, spend + eager - plain
+        why = f"the staged step runs eagerly: per token {us(gain)} saved vs {us(spend)} of tests and staging + " \
+              f"{us(eager - plain)} that the compiled plain step saves over the eager one"
+    if saved > cost:
+        return tested, f"compiled: tested where the expected saving exceeds the test's cost; {why} ({figures})"
+    return [False] * len(tested), f"compiled: {why} ({figures}): decodes as compiled plain"
+
+
+def never_exits(K: int) -> DecodeOptions:
+    """WAND options whose every threshold sits just under the largest gap a soft-capped readout can
+    have: each test runs and none passes (the timed staged steps)."""
+    return DecodeOptions(mode="wand", calibration={"wand_bounds": [0.0] * (K - 1) + [2 * SOFTCAP * (1 - 1e-6)]})
+
+
+def wand_overhead(model: GPT, tests_s: float, repeats: int = 5, steps: int = 16) -> float:
+    """Seconds per token that a WAND step testing every stage but exiting nowhere costs beyond a
+    plain step, its tests (`tests_s` together) excluded: the kept inputs and one layer call per
+    stage (step_overhead compares the steps)."""
+    n = repeats * steps
+    wand = WandDecoder(model, never_exits(model.config.n_stages), len(TIMING_PROMPT) + 2 * n + 1)
+    wand.add_rows([timing_prompt(model)])
+    return max(0.0, step_overhead(model, wand, n, device_sync(model)) - tests_s)
+
+
+def compiled_step_costs(model: GPT, backend, mode: str | None = None, tested: list[bool] | None = None,
+                        repeats: int = 5, steps: int = 16) -> dict:
+    """Seconds of a step at batch 1 on this machine, compiled with this torch.compile backend and
+    mode: {"eager_plain_s": the eager plain step, "compiled_plain_s": the compiled plain step,
+    "staged_s" (given `tested`): the compiled staged step running the exit tests of `tested` and
+    exiting nowhere}. One row each, timed alternately (step_times; its warm-up steps include the
+    compiles)."""
+    n = repeats * steps
+    capacity = len(TIMING_PROMPT) + 2 * n + 1
+    scratch = compiled_cache_len(capacity, model.config.sequence_len) - capacity
+    decoders = [PlainDecoder(model, DecodeOptions(), capacity, scratch)]
+    if tested is not None:
+        staged = WandDecoder(model, never_exits(model.config.n_stages), capacity, scratch)
+        staged.tested = list(tested)  # these tests only
+        decoders.append(staged)
+    for dec in decoders:
+        dec.compile_step(backend, mode)
+        dec.add_rows([timing_prompt(model)])
+    eager, plain, *staged_s = step_times(model, decoders, n, device_sync(model))
+    return {"eager_plain_s": eager, "compiled_plain_s": plain, **({"staged_s": staged_s[0]} if staged_s else {})}
+
+
+SEGMENT_WIDTHS = (1, 2, 4, 8)  # slots a compiled stage segment runs: the new one and up to 7 lagging
 
 
 class WandDecoder(PlainDecoder):
@@ -106,6 +183,8 @@ class WandDecoder(PlainDecoder):
         calib = opts.calibration
         self.target = calib.get("wand_target", "final")
         self.thresholds = wand_exit_rule(calib["wand_bounds"], opts.wand_factor)
+        # the compiled segments' thresholds: inputs, not constants (one graph for every wand_factor)
+        self._threshold_t = torch.tensor(self.thresholds, dtype=torch.float32, device=self.device)
         w = logop_weight(self.K, self.alpha)
         # the largest gap r_k can have: each soft-capped readout spans < 2 x SOFTCAP
         self.max_gap = [2 * SOFTCAP if self.target == "final" else 2 * SOFTCAP * w * (k + 1) for k in range(self.K)]
@@ -114,9 +193,36 @@ class WandDecoder(PlainDecoder):
         self.x0 = self.boundary = None  # (B, max_len, d) and K-1 of them
         self._row_buffers = RowBuffers([1] * self.K)  # their rows: joined and removed in place
         self.stats.exit_stage_counts = [0] * self.K
-        self.tested, self.stats.wand_reason = exit_plan(calib, opts.wand_factor, self.thresholds, self.max_gap)
+        self._segments = None  # compiled: the staged step's segment (_segment)
+        self._columns = None  # its slot columns (_segment_slots)
+        self._plan(None)
+
+    def _plan(self, compiled: dict | None) -> None:
+        """The stages whose exit test runs (exit_plan), and whether the step is staged at all."""
+        self.tested, self.stats.wand_reason = exit_plan(self.opts.calibration, self.opts.wand_factor,
+                                                        self.thresholds, self.max_gap, compiled)
         self.stats.wand_tested_stages = [k for k, t in enumerate(self.tested) if t]
         self.staged = any(self.tested)  # else: the plain decoder of the target
+
+    def compile_step(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """The plain step and (target final) the staged step's segments compiled. Where the eager
+        costs make some test pay, the gate is taken again on compiled costs (compiled_step_costs,
+        measured once per model, backend, mode and plan, before any row joins: the tokens of a
+        run never depend on its own timings)."""
+        super().compile_step(backend, mode)
+        if self.staged and self.opts.calibration.get("decode_costs") is not None:
+            self.flush()
+            tested = self.tested if self.target == "final" else None  # logop: the staged step runs eagerly
+            key = ("compiled_step_costs", backend, mode, None if tested is None else tuple(tested))
+            self._plan(measured(self.model, key, lambda: compiled_step_costs(self.model, backend, mode, tested)))
+
+    def _compile_graphs(self, compiler):
+        """The compiled plain step (no test pays) and the staged step's segment: one graph per stage,
+        width and batch size; dynamo's limit of graphs per function is raised to 8 batch sizes' worth."""
+        graphs = 1 + len(SEGMENT_WIDTHS) * (self.K - 1)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * graphs)
+        self._segments = compiler(self._segment)
+        return super()._compile_graphs(compiler)
 
     # --- rows ------------------------------------------------------------------------
     def _append(self, cache: KVCache, rows: list[Row], seen: torch.Tensor, x0) -> None:
@@ -209,6 +315,8 @@ class WandDecoder(PlainDecoder):
             self.stats.exit_stage_counts[-1] += len(new)
             self.stats.tests_skipped += (self.K - 1) * len(new)
             return new
+        if self._segments is not None and self.target == "final" and not self.constrained():
+            return self._compiled_step()
         model, cfg = self.model, self.cfg
         B = len(self.rows)
         start = self.starts()
@@ -279,3 +387,97 @@ class WandDecoder(PlainDecoder):
                     self.lag[j] += 1
                 break
         return self._emit(self.sampler.pick(masked(torch.stack(out_logits), allowed), self.seen))
+
+    # --- the compiled staged step --------------------------------------------------------
+    def _compiled_step(self) -> dict[int, list[int]]:
+        """The staged step as compiled segments (target final, no constraint): stage by stage while
+        some row has not exited, one segment (the stage's lagging slots and the new one, its readout
+        and exit test) and one host read of its exits."""
+        B, cur = len(self.rows), [r.slots for r in self.rows]
+        self._begin_static()
+        new_slots = torch.tensor(cur, device=self.device)  # (B,)
+        active = torch.ones(B, dtype=torch.bool, device=self.device)  # rows that have not exited
+        still, out_logits, lasts, x_mid = list(range(B)), [None] * B, [], None
+        for s in range(self.K):
+            slots, at = self._segment_slots(s, cur, new_slots)
+            last, x_mid, r, exits = self._segments(s, self.pending() if s == 0 else None, slots, at, active,
+                                                   self._threshold_t[s], x_mid, lasts)
+            self._segment_written(s, cur)
+            lasts.append(last)
+            if exits is None:  # an untested stage: no readout
+                self.stats.tests_skipped += len(still)
+                continue
+            passed = [True] * B if s == self.K - 1 else exits.tolist()  # the stage's one host read
+            for b in still:
+                if passed[b]:
+                    out_logits[b] = r[b]
+                    self.stats.exit_stage_counts[s] += 1
+            still = [b for b in still if not passed[b]]
+            if not still:
+                for j in range(s + 1, self.K):
+                    self.lag[j] += 1
+                break
+            active = active & ~exits
+        return self._emit(self.sampler.pick(torch.stack(out_logits), self.seen))
+
+    def _segment_slots(self, s: int, cur: list[int], new_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage s's slots this step, (B, W) of the narrowest SEGMENT_WIDTHS width that holds its
+        lagging slots and the new one (`cur`, on the device `new_slots`), and the new slot's column
+        (1,). A lag past the widest width, or one the cache has no room to pad, is back-filled
+        eagerly first (the new slot alone)."""
+        B, lag = len(cur), self.lag[s]
+        width = next((w for w in SEGMENT_WIDTHS if w > lag), None)
+        if width is None or max(cur) - lag + width > self.max_len:
+            if lag:
+                self._run_stage(s, cur, lag, None, set())
+            lag, width = 0, 1
+        self.stats.backfilled += self.lag[s] * B
+        self.lag[s] = 0
+        n = self.cfg.stage_ends[s] + 1 - self.first_layer[s]
+        self.stats.layer_passes += n * (lag + 1) * B
+        self.stats.layer_calls += n * B
+        if self._columns is None:  # made once: (W,) 0 ... W-1 per width, (1,) [lag] per lag
+            self._columns = ({w: torch.arange(w, device=self.device) for w in SEGMENT_WIDTHS},
+                             [torch.tensor([k], device=self.device) for k in range(SEGMENT_WIDTHS[-1])])
+        columns, at = self._columns
+        return (new_slots - lag).unsqueeze(1) + columns[width], at[lag]
+
+    def _segment(self, s: int, ids: torch.Tensor | None, slots: torch.Tensor, at: torch.Tensor, active: torch.Tensor,
+                 threshold: torch.Tensor, x_mid: torch.Tensor | None, lasts: list[torch.Tensor]):
+        """Stage s of the compiled staged step (static shapes): its layers over every row's slots
+        (B, W), the new slot at column `at` (1,) and scratch slots after it, then at the new slot its
+        readout and exit test (gap > threshold, a 0-d tensor). ids: the pending tokens (B, 1) that
+        stage 0 embeds (W = 1); a later stage reads the kept boundary residuals of stage s-1. lasts:
+        the earlier stages' residuals at the new slot (B, d) -> (its residual (B, d), x_mid, readout
+        (B, V) or None (untested), exits (B,): the active rows whose test passes, every active row
+        at the last stage)."""
+        model, cfg = self.model, self.cfg
+        rows = torch.arange(slots.shape[0], device=slots.device).unsqueeze(1)  # (B, 1)
+        if s == 0:
+            self.x0[rows, slots] = model.embed(ids, self.cache, slots[:, 0])
+        x0, idx = self.x0[rows, slots], self.cache.tokens[rows, slots]  # (B, W, d), (B, W)
+        x = x0 if s == 0 else self.boundary[s - 1][rows, slots]
+        first, end = self.first_layer[s], cfg.stage_ends[s] + 1
+        bl = cfg.backout_layer if cfg.backout else -1
+        out, kept = model.run_layers(x, x0, idx, first, end, self.cache, slots[:, 0],
+                                     keep={bl} if first <= bl < end else set())
+        if bl in kept:
+            x_mid = kept[bl].index_select(1, at)[:, 0]
+        last = out.index_select(1, at)[:, 0]
+        if s == self.K - 1:
+            return last, x_mid, model.readout(last, None, x_mid, [*lasts, last]), active
+        self.boundary[s][rows, slots] = out
+        if not self.tested[s]:
+            return last, x_mid, None, None
+        r = model.readout(last, s)
+        return last, x_mid, r, active & (top_gap(r) > threshold)
+
+    def _segment_written(self, s: int, cur: list[int]) -> None:
+        """After stage s's segment: its layers' host lengths (the graph keeps none) up to the new
+        slots, and after stage 0's embedding, the cache's token count where the rows agree."""
+        end = max(cur) + 1
+        lengths = self.cache.lengths
+        for i in range(self.first_layer[s], self.cfg.stage_ends[s] + 1):
+            lengths[i] = max(lengths[i], end)
+        if s == 0 and min(cur) == end - 1:
+            self.cache.n_tokens = end
