@@ -25,8 +25,9 @@ def decoding_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 64) -> 
     p.set_defaults(max_new_tokens=max_new_tokens)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="plain modes: decode with an inductor-compiled step (faster at small batch; the first "
-                        "call compiles for ~10-20 s)")
+                   help="every mode: decode with static-shape compiled steps (plain step, WAND's per-stage "
+                        "segments, one speculative pass); faster at small batch, the first call compiles for "
+                        "~10-20 s")
     p.add_argument("--delta", default=None, help="specialist delta directory to load onto MODEL (its base)")
     p.add_argument("--head-mode", choices=HEAD_MODES, default=None,
                    help="specialist readout: dual = both heads, base = lm_head, spec = lm_head_stage "
