@@ -84,7 +84,8 @@ def test_experiment_end_to_end_and_resume(micro, monkeypatch):
     sets = saved["inference"]["poe"]["sets"]  # validation and outside-text prompts
     assert set(sets) == {"validation", "outside"} and "bp_plain" in sets["validation"]
     modes = sets["validation"]["modes"]
-    assert set(modes) == {"plain", "stage0", "wand", "speculative", "speculative_adaptive"}
+    assert set(modes) == {"plain", "stage0", "wand", "speculative", "speculative_adaptive", "speculative_sampled",
+                          "speculative_batched"}  # the fastest fixed draft stage also at T = 0.8 and batch 8
     assert modes["speculative"]["identical_to_plain"] is True
     assert set(saved["reused"]) == {"bp", "poe"}  # finished by the interrupted call
     assert set(saved["inference"]["bp_refusals"]) == {"stage", "logop", "wand", "speculative"}
