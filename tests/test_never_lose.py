@@ -1,8 +1,8 @@
 """Modes that never lose to plain decoding (docs/poe.md §4-5): the speculative decoder's own
 per-pass overhead, measured and stored with the calibration, enters adaptive drafting's cost
 model, which drafts only where it expects to beat plain by a margin and otherwise runs the plain
-step; and compiled WAND weighs its (eager) staged step against the compiled plain step, not the
-eager one. Decisions are asserted from injected costs and acceptances (never from wall-clock time)."""
+step; compiled, adaptive drafting weighs the compiled pass against the compiled plain step; and
+compiled WAND weighs its staged step against the compiled plain step, not the eager one. Decisions are asserted from injected costs and acceptances (never from wall-clock time)."""
 
 from __future__ import annotations
 
@@ -99,8 +99,9 @@ def test_random_model_adaptive_runs_plain_and_keeps_plain_speed(random_model, ba
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_compiled_adaptive_plain_passes_run_the_compiled_plain_step(random_model, batch):
+def test_compiled_adaptive_plain_passes_run_the_compiled_plain_step(random_model, batch, monkeypatch):
     """Compiled, a pass that does not draft is the compiled plain step: the tokens are eager plain greedy's."""
+    monkeypatch.setattr(speculative, "compiled_pass_costs", lambda m, backend, mode, d, g: pass_costs(0.5, 0.5))
     rows = prompts()[:batch]
     calib = {"decode_costs": costs(), "stage_agreement": [0.05, 0.05, 0.2]}
     plain = Engine(random_model).generate(rows, max_new_tokens=20, stop_token_ids=[])
@@ -111,6 +112,80 @@ def test_compiled_adaptive_plain_passes_run_the_compiled_plain_step(random_model
     assert out[0].stats["speculative_choice"]["fallback_passes"] > 0
     for p, g in zip(rows, plain):
         assert_decisive(random_model, p, g.tokens)
+
+
+def pass_costs(pass_ratio: float, plain_ratio: float) -> dict:
+    """compiled_pass_costs' figures: the compiled pass and plain step at these fractions of the eager ones."""
+    return {"eager_plain_s": 4e-3, "compiled_plain_s": 4e-3 * plain_ratio,
+            "eager_pass_s": 1e-2, "compiled_pass_s": 1e-2 * pass_ratio}
+
+
+def test_compiled_costs_scale_the_speedup_by_the_two_compile_savings():
+    """Compiled / eager: pass 0.25, plain step 0.5, so every choice's speed-up doubles, and the
+    predicted speed-up is counted against the compiled plain step."""
+    eager = DraftChooser(costs(), [0, 1, 2], 4, [0.6] * 3, probe=8)
+    compiled = DraftChooser(costs(), [0, 1, 2], 4, [0.6] * 3, probe=8)
+    compiled.compiled(pass_costs(0.25, 0.5), 0, 4)
+    for d, g in eager.pass_s:
+        assert compiled.speedup(d, g, 0.6) == pytest.approx(2 * eager.speedup(d, g, 0.6))
+    assert compiled.next_pass() == eager.next_pass()
+    compiled.passed(2.0)
+    assert compiled.report()["predicted_speedup"] == pytest.approx(2 * compiled.plain_s / compiled.pass_s[0, 1])
+    assert compiled.report()["costs"] == "compiled costs: the eager pass x 0.25 (compiled / eager pass, d0/γ4), " \
+                                         "the plain step x 0.50 (compiled / eager plain step)"
+
+
+@pytest.mark.parametrize("agreement,pass_ratio,drafts", [(0.9, 1.0, False), (0.4, 0.25, True)])
+def test_compiled_adaptive_weighs_the_compiled_pass_against_compiled_plain(monkeypatch, agreement, pass_ratio, drafts):
+    """At agreement 0.9 the eager costs expect 1.68x from d0/γ4, but a pass that compiling does
+    not speed up against a plain step it halves gives 0.84x: compiled adaptive decoding runs the
+    compiled plain step, with plain greedy's tokens. At 0.4 the eager costs expect 1.00x (plain),
+    but a pass compiled to a quarter against a plain step halved gives 2.01x: it drafts."""
+    model = tiny_model(seed=5).eval()  # a fresh model: the compiled costs are measured once per model
+    monkeypatch.setattr(speculative, "compiled_pass_costs",
+                        lambda m, backend, mode, d, g: pass_costs(pass_ratio, 0.5))
+    calib = {"decode_costs": costs(), "stage_agreement": [agreement] * (K - 1)}
+    eager_speedup = DraftChooser(costs(), [0, 1, 2], 4, [agreement] * 3, probe=8)._best()[2]
+    assert (eager_speedup > 1 + MARGIN) != drafts
+    plain = Engine(model).generate(prompts(), max_new_tokens=20, stop_token_ids=[])
+    torch._dynamo.reset()
+    out = Engine(model, calibration=calib, compile="aot_eager").generate(
+        prompts(), mode="speculative", adaptive=True, gamma=4, adaptive_probe=1000, max_new_tokens=20,
+        stop_token_ids=[])
+    assert [g.tokens for g in out] == [g.tokens for g in plain]
+    stats = out[0].stats
+    choice = stats["speculative_choice"]
+    assert choice["costs"].startswith(f"compiled costs: the eager pass x {pass_ratio:.2f}")
+    if drafts:
+        assert stats["drafted"] > 0 and choice["fallback_passes"] < choice["passes"]
+    else:
+        assert stats["drafted"] == 0 and choice["fallback_passes"] == choice["passes"]
+        assert choice["reason"] == "plain: the best drafting, d0/γ4, is expected at 0.84x over plain, within " \
+                                   "1 + margin (1.05x)"
+    for p, g in zip(prompts(), plain):
+        assert_decisive(model, p, g.tokens)
+
+
+def test_compiled_pass_costs_are_measured_once_per_model_backend_and_reference(monkeypatch):
+    model = tiny_model(seed=6).eval()
+    calls = []
+    monkeypatch.setattr(speculative, "compiled_pass_costs",
+                        lambda m, backend, mode, d, g: calls.append((backend, d, g)) or pass_costs(0.5, 0.5))
+    calib = {"decode_costs": costs(), "stage_agreement": [0.0] * (K - 1)}
+    for backend, gamma in (("aot_eager", 4), ("aot_eager", 4), ("eager", 4), ("eager", 2)):
+        torch._dynamo.reset()
+        Engine(model, calibration=calib, compile=backend).generate([1, 2, 3], mode="speculative", adaptive=True,
+                                                                   gamma=gamma, max_new_tokens=2, stop_token_ids=[])
+    Engine(model, calibration=calib, compile="eager").generate([1, 2, 3], mode="speculative", gamma=4,
+                                                               max_new_tokens=2, stop_token_ids=[])  # not adaptive
+    assert calls == [("aot_eager", 0, 4), ("eager", 0, 4), ("eager", 0, 2)]
+
+
+def test_compiled_pass_costs_are_measured(model):
+    torch._dynamo.reset()
+    measured = speculative.compiled_pass_costs(model, "eager", None, 1, 2, repeats=1, steps=4)
+    assert set(measured) == {"eager_plain_s", "compiled_plain_s", "eager_pass_s", "compiled_pass_s"}
+    assert all(isinstance(t, float) and 0 < t < 1 for t in measured.values())
 
 
 def test_predicted_speed_accounts_every_pass():

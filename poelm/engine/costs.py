@@ -1,8 +1,9 @@
 """What decoding costs on this machine: the measured seconds of each stage's layers and each exit
 test at batch 1 (docs/poe.md §4), and the step timings the modes' own overheads are measured
-with (wand.wand_overhead, wand.compiled_plain_saving, speculative.speculative_overhead). The
-cost models of WAND (which exit tests pay) and adaptive speculative decoding (which draft stage
-and gamma) read them; `poelm calibrate` stores them with the bounds.
+with (wand.wand_overhead, wand.compiled_step_costs, speculative.speculative_overhead,
+speculative.compiled_pass_costs). The cost models of WAND (which exit tests pay) and adaptive
+speculative decoding (which draft stage and gamma) read them; `poelm calibrate` stores them
+with the bounds.
 
     costs = measure_costs(model)       # {"stage_s": K x [s at 1, 8 positions], "test_s": ..., ...}
     measured(model, "key", measure)    # measure() once per model and process
@@ -88,11 +89,13 @@ def step_overhead(model: GPT, other, n: int, sync) -> float:
     return theirs - plain
 
 
-def step_times(model: GPT, others: list, n: int, sync) -> list[float]:
+def step_times(model: GPT, others: list, n: int, sync, rewind: bool = False) -> list[float]:
     """Seconds of an eager plain step of one row of timing_prompt, then of a step of each decoder
     in `others` (each holding that row, room for 2n more steps). The decoders' steps alternate (a
     busy machine slows all alike); after n steps of each as warm-up (a fresh decoder's first
-    steps run slow on the CPU; a compiled one's first compiles), the medians of n steps of each."""
+    steps run slow on the CPU; a compiled one's first compiles), the medians of n steps of each.
+    rewind: after each step (untimed) every row is rolled back by what the step emitted, so every
+    step of every decoder runs at the same context, however many tokens a step emits."""
     plain = PlainDecoder(model, DecodeOptions(), len(TIMING_PROMPT) + 2 * n + 1)
     plain.add_rows([timing_prompt(model)])
     decoders = [plain, *others]
@@ -101,10 +104,12 @@ def step_times(model: GPT, others: list, n: int, sync) -> list[float]:
         for dec, t in zip(decoders, times):
             sync()
             t0 = time.perf_counter()
-            dec.step()
+            new = dec.step()
             sync()
             if i >= n:
                 t.append(time.perf_counter() - t0)
+            for handle, ids in new.items() if rewind else ():
+                dec.rollback(handle, len(ids))
     return [float(np.median(t)) for t in times]
 
 

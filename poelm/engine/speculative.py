@@ -20,6 +20,12 @@ acceptance measured so far in this decoder, the measured stage costs and the mea
 of a speculative pass (speculative_overhead); it drafts only where that is expected to beat
 plain decoding by MARGIN. The tokens stay those of plain decoding (greedy) or distributed as
 the target (sampling) whatever it picks.
+
+Compiled (compile_step), a pass is one graph and a plain pass the compiled plain step, and
+compiling saves the two unlike amounts. So the chooser weighs compiled costs: the eager pass
+costs scaled by compiled / eager pass, the plain step by compiled / eager plain step, both
+measured once per model, backend, mode and reference (draft stage, gamma) by compiled_pass_costs,
+before any row joins.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from __future__ import annotations
 import torch
 
 from poelm.engine.constrain import masked
-from poelm.engine.costs import TIMING_PROMPT, device_sync, measure_costs, measured, step_overhead, timing_prompt
-from poelm.engine.decoders import Capabilities, Decoder
+from poelm.engine.costs import (TIMING_PROMPT, device_sync, measure_costs, measured, step_overhead, step_times,
+                                timing_prompt)
+from poelm.engine.decoders import Capabilities, Decoder, PlainDecoder, compiled_cache_len
 from poelm.engine.options import MAX_GAMMA, DecodeOptions, ModeRefused, _check, row_options
 from poelm.engine.sampling import NonFiniteLogits, Sampler
 from poelm.engine.wand import wand_overhead
@@ -52,6 +59,30 @@ def speculative_overhead(model: GPT, repeats: int = 5, steps: int = 16) -> float
     spec.add_rows([timing_prompt(model)])
     spec.rows[0].gamma = 0  # no drafts: every pass is a verify pass of the pending token alone
     return max(0.0, step_overhead(model, spec, n, device_sync(model)))
+
+
+@torch.no_grad()
+def compiled_pass_costs(model: GPT, backend, mode: str | None, d: int, gamma: int, repeats: int = 5,
+                        steps: int = 16) -> dict:
+    """Seconds at batch 1 on this machine, compiled with this torch.compile backend and mode:
+    {"eager_plain_s", "compiled_plain_s": the plain step, "eager_pass_s", "compiled_pass_s": a
+    greedy pass drafting gamma tokens from stage d}. One row each, timed alternately (step_times;
+    its warm-up steps include the compiles), every row rolled back after each step so every step
+    runs at the prompt's context whatever a pass accepts; the compiled decoders share one cache
+    length, so their graphs attend over as many slots."""
+    n = repeats * steps
+    capacity = len(TIMING_PROMPT) + 2 * n + 1
+    scratch = compiled_cache_len(capacity + gamma + 1, model.config.sequence_len) - capacity
+    opts = DecodeOptions(mode="speculative", draft_stage=d, gamma=gamma)
+    decoders = [PlainDecoder(model, DecodeOptions(), capacity, scratch),
+                SpeculativeDecoder(model, opts, capacity, scratch), SpeculativeDecoder(model, opts, capacity, scratch)]
+    decoders[0].compile_step(backend, mode)
+    decoders[2].compile_step(backend, mode)
+    for dec in decoders:
+        dec.add_rows([timing_prompt(model)])
+    eager, plain, eager_pass, compiled_pass = step_times(model, decoders, n, device_sync(model), rewind=True)
+    return {"eager_plain_s": eager, "compiled_plain_s": plain, "eager_pass_s": eager_pass,
+            "compiled_pass_s": compiled_pass}
 
 
 def decode_costs(model: GPT) -> dict:
@@ -107,7 +138,8 @@ class DraftChooser:
     Acceptance per stage is an exponential moving average over drafted tokens, starting from the
     calibration's stage agreement (or unknown: the first pass from draft_stage drafts the full
     gamma to measure it). When no choice beats plain by MARGIN, plain steps run, and every
-    `probe` of them one drafting pass measures again."""
+    `probe` of them one drafting pass measures again. Compiled decoding: compiled() rescales
+    the costs."""
 
     def __init__(self, costs: dict, stages: list[int], gamma_max: int, priors: list[float] | None, probe: int):
         self.stage_s, self.test_s, self.positions = costs["stage_s"], costs["test_s"], costs["positions"]
@@ -120,8 +152,24 @@ class DraftChooser:
         self.plain_run = 0  # plain passes since the last drafting pass
         self.counts = {"passes": 0, "fallback_passes": 0, "probes": 0}
         self.choice: tuple[int, int, float] | None = None
+        self.why = ""  # the kind of the last choice: "unmeasured", "drafts", "plain" or "probe"
+        self.best: tuple[int, int, float] | None = None  # the best drafting (_best) at the last choice
+        self.basis = "eager costs"
         self._best_cached: tuple[int, int, float] | None = None  # until an acceptance estimate moves
         self.spent_s = self.yielded = 0.0  # predicted seconds of the passes so far, their tokens per row
+
+    def compiled(self, costs: dict, d: int, g: int) -> None:
+        """Weigh compiled costs (compiled_pass_costs, measured with a pass drafting g from stage d):
+        every pass's predicted seconds times compiled / eager pass, the plain step's times compiled
+        / eager plain step (compiling saves a pass's many layer calls and its host work unlike a
+        plain step's few; the one measured ratio stands for every (stage, gamma))."""
+        pass_ratio = costs["compiled_pass_s"] / costs["eager_pass_s"]
+        plain_ratio = costs["compiled_plain_s"] / costs["eager_plain_s"]
+        self.plain_s *= plain_ratio
+        self.pass_s = {k: s * pass_ratio for k, s in self.pass_s.items()}
+        self._best_cached = None
+        self.basis = f"compiled costs: the eager pass x {pass_ratio:.2f} (compiled / eager pass, d{d}/γ{g}), the " \
+                     f"plain step x {plain_ratio:.2f} (compiled / eager plain step)"
 
     def _cost(self, table: list[list[float]], k: int, n: int) -> float:
         """Seconds of table[k] at n positions, linear between the first and last measured counts."""
@@ -154,14 +202,16 @@ class DraftChooser:
         """(draft stage, gamma) of the next pass; gamma 0: a plain step."""
         d, g, speedup = self._best()
         self.counts["passes"] += 1
+        self.best, self.why = (d, g, speedup), "unmeasured" if speedup != speedup else "drafts"
         if speedup <= 1 + MARGIN:  # nan (an unmeasured stage) drafts
             if self.plain_run < self.probe:
                 self.plain_run += 1
                 self.counts["fallback_passes"] += 1
-                self.choice = (d, 0, 1.0)
+                self.choice, self.why = (d, 0, 1.0), "plain"
                 self.spent_s += self.plain_s
                 return d, 0
             self.counts["probes"] += 1
+            self.why = "probe"
         self.plain_run = 0
         self.choice = (d, g, speedup)
         self.spent_s += self.pass_s[d, g]
@@ -189,7 +239,17 @@ class DraftChooser:
         d, g, speedup = self.choice
         return dict(self.counts, draft_stage=d, gamma=g, expected_speedup=None if speedup != speedup else speedup,
                     acceptance={str(s): a for s, a in self.acceptance.items()},
-                    predicted_speedup=self.yielded * self.plain_s / self.spent_s if self.spent_s else None)
+                    predicted_speedup=self.yielded * self.plain_s / self.spent_s if self.spent_s else None,
+                    reason=self.reason(), costs=self.basis)
+
+    def reason(self) -> str:
+        """Why the last pass drafted or ran plain."""
+        d, g, speedup = self.best
+        return {"unmeasured": f"drafts d{d}/γ{g} to measure stage {d}'s acceptance",
+                "drafts": f"drafts d{d}/γ{g}: expected {speedup:.2f}x over plain, above 1 + margin ({1 + MARGIN:.2f}x)",
+                "probe": f"probes d{d}/γ{g} after {self.probe} plain passes (expected {speedup:.2f}x over plain)",
+                "plain": f"plain: the best drafting, d{d}/γ{g}, is expected at {speedup:.2f}x over plain, within "
+                         f"1 + margin ({1 + MARGIN:.2f}x)"}[self.why]
 
 
 class SpeculativeDecoder(Decoder):
@@ -245,6 +305,18 @@ class SpeculativeDecoder(Decoder):
         priors = calib.get("stage_agreement")
         stages = list(range(self.cfg.n_stages - 1)) if priors else [self.d]
         return DraftChooser(costs, stages, self.opts.gamma, priors, self.opts.adaptive_probe)
+
+    def compile_step(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """The pass and the plain step compiled. Adaptive: the chooser weighs compiled costs
+        (compiled_pass_costs for this decoder's draft stage and gamma, measured once per model,
+        backend and mode, before any row joins: the tokens of a run never depend on its own
+        timings)."""
+        super().compile_step(backend, mode)
+        if self.chooser is not None:
+            d, g = self.opts.draft_stage, self.opts.gamma
+            key = ("compiled_pass_costs", backend, mode, d, g)
+            self.chooser.compiled(measured(self.model, key, lambda: compiled_pass_costs(self.model, backend, mode, d, g)),
+                                  d, g)
 
     def _choose(self) -> int:
         """Adaptive: this pass's draft stage and gamma (every row's) -> gamma."""
