@@ -17,6 +17,7 @@ from pathlib import Path
 from poelm.atomic import atomic_write_bytes
 from poelm.experiment import PAPER, alpha_ordering
 from poelm.experiment.report import bpb_at, headline, inference_section, reuse_line, stopped_arm_line
+from poelm.experiment.seeds import measured_noise_report, seed_report
 from poelm.experiment.specialist import specialist_report
 
 START, END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
@@ -65,6 +66,10 @@ def results_section(results: dict) -> str:
             lines += ["", line]
     lines += ["", f"Paper (d24, 27.7 B tokens): the gap of α=0 went from +{PAPER['gap_pct_step1000']} % at "
               f"step 1000 to +{PAPER['gap_pct_final']} % at the end."]
+    noise = seed_report(results["seeds"]) if results.get("seeds") else measured_noise_report(results["config"],
+                                                                                             results["evals"])
+    if noise:  # the same text as the run's report.md
+        lines += [""] + ["##" + line if line.startswith("## ") else line for line in noise]
     lines += ["", "![bpb per stage](docs/demo_bpb_per_stage.png)", "", "![bpb curves](docs/demo_bpb_curves.png)"]
     for arm, row in (results.get("backout_compat") or {}).items():
         lines += ["", f"`{arm}` final readout with the reference code's backout on the plain path (never trained "

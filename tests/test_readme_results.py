@@ -95,6 +95,9 @@ def test_section_rewritten_from_results_and_outside_untouched(tmp_path):
     assert "- Sampled speculative (speculative_d0@T0.8:eager, the best fixed draft stage of the greedy rows): " \
            "410 tok/s against 311 of plain@T0.8:eager, 1.32×, 41 % acceptance." in section
     assert "1.6999 bpb vs 1.6543 without" in section
+    # one seed: the preset's recorded seed noise (poelm/experiment/seed_noise.json), which these
+    # made-up settings were not measured with
+    assert "#### Seed noise of the `tiny` preset (measured: " in section and "does not apply here" in section
     assert not (tmp_path / "docs").exists()  # no plots beside this results.json: nothing copied
 
     # a second run on other numbers replaces the section again, and says when α=0.5 wins
@@ -103,6 +106,14 @@ def test_section_rewritten_from_results_and_outside_untouched(tmp_path):
     text = readme.read_text()
     assert text.startswith(head) and text.endswith(tail) and "1.6543" not in text
     assert "α=0.5 better than α=0, not as in the paper" in text
+
+    # several seeds: their own mean ± std, as in the run's report
+    from poelm.experiment.seeds import seed_summary
+    several = _results(1.7000, 1.6500)
+    several["seeds"] = seed_summary([several["evals"], _results(1.7100, 1.6600)["evals"]], [42, 43])
+    results_path.write_text(json.dumps(several))
+    readme_results.main([str(results_path), "--readme", str(readme)])
+    assert "#### Seeds: mean ± std over 2 seeds (42, 43)" in readme.read_text()
 
 
 def test_readme_without_markers_refused():

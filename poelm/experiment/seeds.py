@@ -172,6 +172,8 @@ def measured_noise_report(config: dict, evals: dict[str, list[dict]]) -> list[st
         lines.append(f"- gap {GAP_ARMS[arm]} vs BP: {g['mean']:+.2f} % ± {g['std']:.2f} % over the seeds{verdict}")
     for key, o in s["orderings"].items():
         lines.append(f"- {names[key]}: {o['verdict']}")
+    if evals.get("poe_a05") and "alpha" not in s["orderings"]:
+        lines.append("- the α=0.5 arm was not in the measured run: the α ordering has no noise estimate")
     return lines + [""]
 
 
