@@ -44,21 +44,32 @@ def byte_tokenizer(specials):
     return Tokenizer(enc)
 
 
+def noisy_model(tok, seed: int = 0, **config):
+    """A tiny random GPT over tok's vocabulary (4 PoE stages of 1 layer unless config says
+    otherwise) whose weights carry N(0, 0.5) noise on top of the init, so that its readouts differ
+    by position and prompt; in eval mode."""
+    from poelm.model import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**dict(n_layer=4, n_embd=32, n_head=2, vocab_size=tok.vocab_size, sequence_len=128,
+                                    poe_every=1), **config}))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return model.eval()
+
+
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     """(model dir, Engine): a tiny random model whose <|assistant_end|> row copies (x1.05) the
     row of the third token greedy would answer HELLO with, so that reply ends at <|assistant_end|>."""
     from poelm.checkpoint import save_model
-    from poelm.model import GPT, GPTConfig
     from poelm.tokenizer import SPECIAL_TOKENS
 
     tok = byte_tokenizer(SPECIAL_TOKENS)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=tok.vocab_size, sequence_len=64, poe_every=1))
-    model.init_weights()
+    model = noisy_model(tok, n_layer=2, sequence_len=64)
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
         engine = Engine(model, tok)
         third = engine.generate(render_prompt(tok, [user(HELLO)]), max_new_tokens=3, stop_token_ids=[]).tokens[2]
         model.lm_head.weight[tok.encode_special("<|assistant_end|>")] = 1.05 * model.lm_head.weight[third]

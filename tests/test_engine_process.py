@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from poelm.tokenizer import SPECIAL_TOKENS
-from test_chat_cli import byte_tokenizer  # noqa: E402  (tests/ is on sys.path, like conftest)
+from test_chat_cli import byte_tokenizer, noisy_model  # noqa: E402  (tests/ is on sys.path, like conftest)
 
 SYSTEM = "You are a terse assistant who answers in one line. Rules: be kind, be brief. "
 MODES = {"final": {}, "stage": dict(stage=1), "logop": dict(stages=[0, 2]),
@@ -32,15 +32,7 @@ CALIBRATION = {"wand_bounds": [0.0, 1.0, 1.0, 1.0], "wand_quantile": 0.99, "wand
 
 
 def build(tok, seed: int = 0):
-    from poelm.model import GPT, GPTConfig
-
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(n_layer=4, n_embd=32, n_head=2, vocab_size=tok.vocab_size, sequence_len=256, poe_every=1))
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    return model.eval()
+    return noisy_model(tok, seed, sequence_len=256)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ import torch
 from poelm.cli import main
 from poelm.engine import BP_REFUSAL
 from poelm.tokenizer import SPECIAL_TOKENS
-from test_chat_cli import byte_tokenizer  # noqa: E402  (tests/ is on sys.path, like conftest)
+from test_chat_cli import byte_tokenizer, noisy_model  # noqa: E402  (tests/ is on sys.path, like conftest)
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key"
@@ -70,16 +70,7 @@ class Server:
 
 
 def build(tok, seed: int, **overrides):
-    from poelm.model import GPT, GPTConfig
-
-    torch.manual_seed(seed)
-    cfg = dict(n_layer=4, n_embd=32, n_head=2, vocab_size=tok.vocab_size, sequence_len=128, poe_every=1)
-    model = GPT(GPTConfig(**{**cfg, **overrides}))
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    return model.eval()
+    return noisy_model(tok, seed, **overrides)
 
 
 def make_reply_start_with_e_acute(model, tok) -> None:

@@ -18,7 +18,7 @@ import torch
 from poelm.engine.registry import MODES
 from poelm.serve.compiled import bucket, buckets, graphs_compiled, warm_up
 from poelm.tokenizer import SPECIAL_TOKENS
-from test_chat_cli import byte_tokenizer  # noqa: E402  (tests/ is on sys.path, like conftest)
+from test_chat_cli import byte_tokenizer, noisy_model  # noqa: E402  (tests/ is on sys.path, like conftest)
 
 BACKEND = "eager"
 MAX_BATCH = 4  # buckets 1, 2, 4: three live rows run with one padding row
@@ -29,17 +29,10 @@ CALIBRATION = {"wand_bounds": [0.0, 1.0], "wand_quantile": 0.99, "wand_target": 
 @pytest.fixture(scope="module")
 def served():
     from poelm.engine import Engine
-    from poelm.model import GPT, GPTConfig
     from poelm.serve.models import ServedModel
 
     tok = byte_tokenizer(SPECIAL_TOKENS)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=tok.vocab_size, sequence_len=128, poe_every=1))
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    return ServedModel("tiny", Engine(model.eval(), tok, CALIBRATION))
+    return ServedModel("tiny", Engine(noisy_model(tok, n_layer=2), tok, CALIBRATION))
 
 
 @pytest.fixture(scope="module")
