@@ -228,3 +228,35 @@ def test_a_dropped_decoder_frees_its_cache_at_once(model, mode, compiled):
     finally:
         gc.enable()
     assert alive == (False, False)
+
+
+def counting_dispatch(monkeypatch) -> list:
+    """Record every call that goes through torch.compile's own dispatch (CompiledMethod.COMPILED)."""
+    from poelm.engine.decoders import CompiledMethod
+    calls = []
+    for key, fn in list(CompiledMethod.COMPILED.items()):
+        def counted(*args, _fn=fn, _key=key):
+            calls.append(_key[0].__name__)
+            return _fn(*args)
+        monkeypatch.setitem(CompiledMethod.COMPILED, key, counted)
+    return calls
+
+
+def test_compiled_steps_skip_torch_compile_dispatch_once_built(model, monkeypatch):
+    """After a graph is built, steps check its guards themselves and call it directly: only the
+    first step of each variant goes through torch.compile (stage 1, then stage 2, whose guards
+    differ on the stage: each variant runs its own graph, the tokens are eager's); after
+    torch._dynamo.reset() the graph is built again (the old one is never called)."""
+    prompts = PROMPTS[:1]
+    eager = {s: generate(model, prompts, False, mode="stage", stage=s)[0].tokens for s in (1, 2)}
+    assert eager[1] != eager[2]
+    torch._dynamo.reset()
+    generate(model, prompts, True, mode="stage", stage=1)  # registers the shared torch.compile of the step
+    calls = counting_dispatch(monkeypatch)
+    for s in (1, 2, 1, 2):
+        assert generate(model, prompts, True, mode="stage", stage=s)[0].tokens == eager[s]
+    assert calls == ["forward"]  # stage 2's first step; every other step (79 of them) went direct
+    torch._dynamo.reset()
+    calls.clear()
+    assert generate(model, prompts, True, mode="stage", stage=2)[0].tokens == eager[2]
+    assert calls == ["forward"]
