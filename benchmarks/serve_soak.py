@@ -3,6 +3,7 @@ no request may fail.
 
     .venv/bin/python benchmarks/serve_soak.py                          # 10 minutes, 32 clients
     .venv/bin/python benchmarks/serve_soak.py --minutes 1 --clients 8 --json
+    .venv/bin/python benchmarks/serve_soak.py --poelm-args=--compile     # compiled steps
 
 Serves the random PoE model of benchmarks/guidellm_run.py (8 layers, 192 wide, vocab 4096) with
 its engine process (the default) on a free 127.0.0.1 port. Each client sends greedy streamed
@@ -96,11 +97,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the server")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds one request may take")
+    ap.add_argument("--poelm-args", default="", help="more flags for `poelm serve`, e.g. --poelm-args=--compile")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="poelm-soak-") as tmp:
         model, _ = build_model(Path(tmp))
-        proc, url = start_server(model, args.threads, args.clients, False)
+        proc, url = start_server(model, args.threads, args.clients, False, tuple(args.poelm_args.split()))
         try:
             result = asyncio.run(soak(url, args.clients, args.minutes * 60, args.max_tokens, proc.pid, args.timeout))
         finally:
@@ -115,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{s['engine_mib']:7.1f})  load {s['load1']:5.2f}  requests {s['requests']}")
         for message, n in result["error_messages"].items():
             print(f"error x{n}: {message}")
-        print(f"{args.clients} clients, {args.minutes:g} min: {result['requests']} requests, {result['tokens']} "
+        print(f"poelm serve {args.poelm_args or '(defaults)'}; "
+              f"{args.clients} clients, {args.minutes:g} min: {result['requests']} requests, {result['tokens']} "
               f"tokens, {result['errors']} errors, server exit {result['server_exit']}; "
               f"mean load {result['load1_mean']:.2f}")
         print(f"RSS (HTTP + engine) start {result['rss_start_mib']:.1f} MiB, end {result['rss_end_mib']:.1f} MiB, "
