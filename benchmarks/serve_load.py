@@ -91,14 +91,16 @@ def start_server(model: Path, threads: int, max_batch: int, in_process: bool,
     url = f"http://127.0.0.1:{port}"
     wait = 900 if "--compile" in extra else 120
     deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"poelm serve exited with status {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.3)
+    with httpx.Client(timeout=1) as client:  # one client: each httpx.get would build an SSL context
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SystemExit(f"poelm serve exited with status {proc.returncode}")
+            try:
+                if client.get(url + "/health").status_code == 200:
+                    return proc, url
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)  # 503 while it warms up: poll, do not spin
     proc.kill()
     raise SystemExit(f"poelm serve did not answer /health within {wait} s")
 
