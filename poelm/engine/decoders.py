@@ -384,8 +384,7 @@ class CompiledMethod:
         self.owner = weakref.ref(method.__self__)
         self.key = (fn, backend, mode)
         if self.key not in self.COMPILED:
-            self.COMPILED[self.key] = torch.compile(fn, backend=backend, mode=mode, options=_options(backend, mode),
-                                                    dynamic=False, fullgraph=True)
+            self.COMPILED[self.key] = torch.compile(fn, backend=backend, mode=mode, dynamic=False, fullgraph=True)
         self.compiled, self.fn = self.COMPILED[self.key], fn
         self.direct = not (mode and ("reduce-overhead" in mode or mode == "max-autotune"))
         params = inspect.signature(fn).parameters
@@ -419,14 +418,6 @@ class CompiledMethod:
             fn = self.functions[code] = types.FunctionType(code, f.__globals__, f.__name__, f.__defaults__, f.__closure__)
             fn.__kwdefaults__ = f.__kwdefaults__
         return fn
-
-
-def _options(backend, mode: str | None) -> dict | None:
-    """Inductor's options for a decoder's graphs: no size/stride asserts on the graph's inputs (the
-    guards checked every input's size and stride before the call; the asserts cost ~5 % of a
-    batch-1 step on CPU). Other backends and modes: their defaults (torch.compile takes a mode or
-    options, not both)."""
-    return {"size_asserts": False} if backend == "inductor" and mode is None else None
 
 
 def _cache_entries(code) -> list:
