@@ -51,8 +51,9 @@ def test_buckets_are_powers_of_two_up_to_max_batch():
 
 
 async def run_jobs(served, mode: str, compile: str | None) -> tuple[list[list[int]], list[int]]:
-    """Job A (two rows, 8 tokens); once it decodes, B (one row, 16) joins it (three live rows);
-    once A has left, C (one row, 5) joins B -> every row's tokens, and the decoder sizes seen."""
+    """Jobs A (two rows, 8 tokens) and B (one row, 16) start together (three live rows: queued
+    before the scheduler starts, so no machine is too slow for B to join A); once A has left, C
+    (one row, 5) joins B's running decoder -> every row's tokens, and the decoder sizes seen."""
     from poelm.serve.metrics import Metrics
     from poelm.serve.scheduler import Job, Scheduler
 
@@ -60,7 +61,6 @@ async def run_jobs(served, mode: str, compile: str | None) -> tuple[list[list[in
     sizes: list[int] = []
     step = scheduler._step
     scheduler._step = lambda batch: (sizes.append(len(batch.decoder.rows)), step(batch))
-    scheduler.start()
     enc = served.engine.tokenizer.encode
 
     def job(prompts: list[str], max_new: int) -> Job:
@@ -74,15 +74,11 @@ async def run_jobs(served, mode: str, compile: str | None) -> tuple[list[list[in
             if kind == "end":
                 return
 
-    async def started(j: Job) -> None:
-        while j.t_first is None and not j.done:
-            await asyncio.sleep(0.002)
-
     try:
         a, b, c = job(["Once upon a time", "The cat"], 8), job(["A product of experts"], 16), job(["Hello"], 5)
         scheduler.submit(a)
-        await started(a)
         scheduler.submit(b)
+        scheduler.start()
         await ended(a)
         scheduler.submit(c)
         await ended(b)
