@@ -332,7 +332,7 @@ class Decoder:
         position of a batch: they compile once per batch size and never across steps."""
         self._cuda_graphs = mode is not None and "reduce-overhead" in mode or mode == "max-autotune"
         self._marked = None
-        self._compiled = self._compile_graphs(lambda method: CompiledMethod(method, backend, mode))
+        self._compiled = self._compile_graphs(lambda method: CompiledMethod(method, backend, mode, not self._cuda_graphs))
 
     def _compile_graphs(self, compiler):
         """The compiled graph(s) of this decoder's step (compiler: a method of the decoder -> its
@@ -379,14 +379,14 @@ class CompiledMethod:
     COMPILED: dict[tuple, object] = {}  # (function, backend, mode) -> its torch.compile: one per key, so its entries are known
     BACKENDS: dict[tuple, object] = {}  # (function, backend, mode) -> the backend object its entries carry
 
-    def __init__(self, method, backend, mode: str | None = None):
+    def __init__(self, method, backend, mode: str | None = None, direct: bool = True):
         fn = method.__func__
         self.owner = weakref.ref(method.__self__)
         self.key = (fn, backend, mode)
         if self.key not in self.COMPILED:
             self.COMPILED[self.key] = torch.compile(fn, backend=backend, mode=mode, dynamic=False, fullgraph=True)
         self.compiled, self.fn = self.COMPILED[self.key], fn
-        self.direct = not (mode and ("reduce-overhead" in mode or mode == "max-autotune"))
+        self.direct = direct  # False: CUDA graphs, which torch.compile's dispatch replays
         params = inspect.signature(fn).parameters
         self.names = list(params)
         self.defaults = {k: v.default for k, v in params.items() if v.default is not inspect.Parameter.empty}
