@@ -577,9 +577,9 @@ class StepPlan:
             need = self.end
         else:
             self.start, self.end = start, start + T
-            positions = cache.positions(start, T) if cache is not None else torch.arange(start, start + T, device=device)
             need = start + T
-        cos, sin = model._rotary(positions, need + 1)
+            positions = cache.positions(start, T) if cache is not None and cache.has_pad else None
+        cos, sin = model._rotary(positions, need + 1) if positions is not None else model._rotary_span(start, T)
         self.cos, self.sin = as_dtype(cos, dtype), as_dtype(sin, dtype)
         self.backend = resolve_attention_backend(model.attention_backend, device, dtype)
         self.model = model
@@ -649,7 +649,8 @@ class CausalSelfAttention(nn.Module):
         """[W_q; W_k; W_v] (one matmul), concatenated once per weight version; not a parameter,
         so the state dict keeps the released names c_q / c_k / c_v."""
         ws = (self.c_q.weight, self.c_k.weight, self.c_v.weight)
-        key = tuple((w.data_ptr(), w._version, w.dtype) for w in ws)
+        key = (ws[0].data_ptr(), ws[0]._version, ws[1].data_ptr(), ws[1]._version, ws[2].data_ptr(), ws[2]._version,
+               ws[0].dtype)
         if self._fused is None or self._fused[0] != key:
             self._fused = (key, torch.cat([w.detach() for w in ws]))
         return self._fused[1]
@@ -855,27 +856,39 @@ class GPT(nn.Module):
         self._rotary_len = 0
 
     # --- helpers --------------------------------------------------------------
-    def _rotary(self, positions: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for positions (T,) or (B, T), all < need -> broadcastable to (B, T, 1, D/2)."""
+    def _rotary_tables(self, need: int) -> None:
+        """cos/sin tables (length, D/2) covering positions < need (rebuilt longer when not). Built as
+        normal tensors even when decoding (under inference_mode) builds them: training saves them."""
         device = self.lm_head.weight.device
         if need > self._rotary_len or self.rotary_cos.device != device:
             length = max(need, self.config.sequence_len * ROTARY_SPAN)
             hd = self.config.head_dim
-            inv_freq = 1.0 / (100000 ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
-            angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
-            self.rotary_cos, self.rotary_sin = angles.cos(), angles.sin()
+            with torch.inference_mode(False):
+                inv_freq = 1.0 / (100000 ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+                angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+                self.rotary_cos, self.rotary_sin = angles.cos(), angles.sin()
             self._rotary_len = length
+
+    def _rotary(self, positions: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for positions (T,) or (B, T), all < need -> broadcastable to (B, T, 1, D/2)."""
+        self._rotary_tables(need)
         pos = positions.clamp(min=0)
         cos, sin = self.rotary_cos[pos], self.rotary_sin[pos]
         if cos.dim() == 2:
             cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
         return cos.unsqueeze(2), sin.unsqueeze(2)
 
+    def _rotary_span(self, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of positions start ... start+T-1 (every row alike), views of the tables -> (1, T, 1, D/2)."""
+        self._rotary_tables(start + T + 1)
+        return self.rotary_cos[None, start:start + T, None], self.rotary_sin[None, start:start + T, None]
+
     def block_mask(self, T: int, window: int, device) -> object:
         """The FlexAttention block mask of a window over T positions, built once per shape."""
         key = (T, window, str(device))
         if key not in self._block_masks:
-            self._block_masks[key] = window_block_mask(T, window, device)
+            with torch.inference_mode(False):  # a mask first built while decoding serves training too
+                self._block_masks[key] = window_block_mask(T, window, device)
         return self._block_masks[key]
 
     def stage_of_layer(self, layer: int) -> int:
@@ -916,7 +929,7 @@ class GPT(nn.Module):
                 prev = torch.cat([rmsnorm(self.transformer.wte(cache.tokens[:, start - 1:start])), x[:, :-1]], dim=1)
             cache.tokens[:, start:start + T] = idx
             cache.n_tokens = start + T
-            positions = cache.positions(start, T)
+            positions = cache.positions(start, T) if cache.has_pad else None  # no pad: prev is 0 at position 0
         else:  # ragged rows (a list, or a (B,) tensor: the static step): row b continues at slot start[b]
             starts = start if isinstance(start, torch.Tensor) else torch.tensor(start, dtype=torch.long, device=idx.device)
             prev_id = cache.tokens.gather(1, (starts - 1).clamp(min=0).unsqueeze(1))  # (B, 1)
@@ -924,8 +937,10 @@ class GPT(nn.Module):
             slots = starts.unsqueeze(1) + torch.arange(T, device=idx.device)
             cache.tokens.scatter_(1, slots, idx)
             positions = slots - cache.pad.unsqueeze(1)
-        has_prev = (positions >= 1).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
         gate = self.smear_lambda * torch.sigmoid(gate_linear(self.smear_gate, x[..., :SMEAR_DIM]))
+        if positions is None:
+            return x + gate * prev
+        has_prev = (positions >= 1).unsqueeze(-1).to(x.dtype)  # (B, T, 1): a padded row's first token mixes nothing
         return x + gate * prev * has_prev
 
     def run_layers(self, x: torch.Tensor, x0: torch.Tensor, idx: torch.Tensor, start_layer: int, end_layer: int,

@@ -189,6 +189,26 @@ def test_batch_generation_equals_rows_alone(rand_model):
         assert out.tokens == engine.generate(r, max_new_tokens=25).tokens
 
 
+def test_training_after_generation_matches_a_model_that_never_generated():
+    """Decoding runs under torch.inference_mode (tables and fused weights it builds are inference
+    tensors): the same model must still train afterwards, with the gradients of a copy that never
+    decoded (the same computation on both sides: equal exactly), and decode again."""
+    used, fresh = random_model(3), random_model(3)
+    engine = Engine(used)
+    first = engine.generate([5, 6, 7], max_new_tokens=150, keep_cache=True)  # past sequence_len: longer rotary tables
+    engine.generate([1, 2], max_new_tokens=4, mode="speculative", draft_stage=0, gamma=2)
+    idx = torch.randint(0, BYTE_VOCAB, (2, 128), generator=torch.Generator().manual_seed(0))
+    for m in (used, fresh):
+        m.train()
+        m(idx[:, :-1], idx[:, 1:]).backward()
+    grads = [(name, a.grad, b.grad) for (name, a), b in zip(used.named_parameters(), fresh.parameters())]
+    assert sum(g is not None for _, g, _ in grads) > len(grads) // 2
+    for name, a, b in grads:
+        assert (a is None and b is None) or torch.equal(a, b), name
+    used.eval()
+    assert engine.generate([5, 6, 7], max_new_tokens=len(first.tokens)).tokens == first.tokens
+
+
 # -----------------------------------------------------------------------------
 # speculative decoding
 

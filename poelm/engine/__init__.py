@@ -203,14 +203,14 @@ class Session:
         self.first_token_s: float | None = None
         self.wall: float | None = None
         capacity = min(engine.model.config.sequence_len, max(len(r) for r in rows) + opts.max_new_tokens)
-        with torch.no_grad():
+        with torch.inference_mode():
             self.decoder = make_decoder(engine.model, opts, capacity, compile=engine.compile)
             self.index = {h: b for b, h in enumerate(self.decoder.add_rows(rows))} if opts.max_new_tokens > 0 else {}
         self.cache = None
         if opts.max_new_tokens == 0:
             self._close("max_new_tokens")
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def advance(self) -> bool:
         if self.wall is not None:
             return False

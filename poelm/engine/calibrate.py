@@ -58,7 +58,7 @@ def stage_swings(running: list[torch.Tensor]) -> list[torch.Tensor]:
     return swings
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def calibrate(model: GPT, token_batches: Iterable, quantile: float = 0.99, target: str = "final",
               logop_alpha: float | None = None, max_tokens: int | None = None, force: bool = False,
               chunk: int = 512) -> dict:
@@ -237,7 +237,7 @@ def load_calibration(model_dir: str | os.PathLike) -> dict | None:
     return {k: gen[k] for k in CALIBRATION_KEYS if k in gen}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def wand_teacher_forced(model: GPT, idx: torch.Tensor, calib: dict, factor: float = 1.0,
                         logop_alpha: float | None = None, stages: list[int] | None = None) -> dict[str, torch.Tensor]:
     """The WAND decision at every position of idx (B, T) under teacher forcing, exits tested at

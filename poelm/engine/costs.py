@@ -26,7 +26,7 @@ COST_POSITIONS = (1, 8)  # positions per timed pass: a decode step, and a verify
 _MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: what was measured}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def measure_costs(model: GPT, repeats: int = 5, context: int = 32) -> dict:
     """What the pieces of a cached decode step cost on this machine, in seconds at batch 1
     (the median of `repeats` timed passes after a warm-up), at each of COST_POSITIONS positions

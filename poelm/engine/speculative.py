@@ -61,7 +61,7 @@ def speculative_overhead(model: GPT, repeats: int = 5, steps: int = 16) -> float
     return max(0.0, step_overhead(model, spec, n, device_sync(model)))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def compiled_pass_costs(model: GPT, backend, mode: str | None, d: int, gamma: int, repeats: int = 5,
                         steps: int = 16) -> dict:
     """Seconds at batch 1 on this machine, compiled with this torch.compile backend and mode:

@@ -60,7 +60,7 @@ def warm_options(served, temperatures: tuple[float, ...]) -> list:
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def warm_up(registry, max_batch: int, backend: str, temperatures: tuple[float, ...] = (0.0, 1.0)) -> int:
     """Compile every model's default-option graphs at every bucket (two steps each), greedy and
     sampled (OpenAI's default temperature is 1) -> the graphs compiled. Tracing leaves cyclic

@@ -295,7 +295,7 @@ class Scheduler:
                     self._flush()
                     return
                 admitted = self._admit()
-            with torch.no_grad():
+            with torch.inference_mode():
                 self._prefill(admitted)
                 for batch in list(self.batches.values()):
                     self._drop_gone(batch)
