@@ -112,6 +112,23 @@ def check_compiler(device) -> None:
                                                      f"or $CXX); pass {off}")
 
 
+def pin_inductor_vec_isa() -> None:
+    """Name the CPU vector ISA inductor compiles for in its config (cpp.simdlen: the bit width it
+    would pick anyway, from $ATEN_CPU_CAPABILITY or the CPU) before an inductor compile.
+
+    torch 2.13's FX graph cache leaves the ISA out of its key, while the kernel source it caches
+    is written for one vector width and compiled again with the flags of whichever process loads
+    it: a graph cached under AVX-512 and loaded with ATEN_CPU_CAPABILITY=avx2 returns NaN logits
+    (its kernels load 16 floats into 8-float vectors), and the reverse aborts in malloc. The
+    config is part of the key, so a set simdlen keeps each ISA's graphs apart. A simdlen already
+    set is kept."""
+    from torch._inductor import config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    if config.cpp.simdlen is None:
+        config.cpp.simdlen = pick_vec_isa().bit_width()
+
+
 @dataclass(frozen=True)
 class ThreadChoice:
     """How many torch CPU threads a command runs with, and why."""

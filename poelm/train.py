@@ -37,7 +37,8 @@ from poelm.model import ATTENTION_BACKENDS, GPT, GPTConfig
 from poelm.optim import LR_SCALING
 from poelm.progress import progress
 from poelm.rundir import METRICS_NAME, RESULT_NAME, SETTINGS_NAME, MetricsLog, RunDir, set_rng_state
-from poelm.runtime import RunStopped, SettingError, check_bf16, check_compiler, parse_device, parse_dtype
+from poelm.runtime import (RunStopped, SettingError, check_bf16, check_compiler, parse_device, parse_dtype,
+                           pin_inductor_vec_isa)
 from poelm.tracking import TRACKERS, Tracker, open_tracker, resolve_tracker
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -578,7 +579,11 @@ def run_locked(tc: TrainConfig, task: Task, rt: Runtime, run: RunDir) -> dict:
 
         say(f"{balance_line(cfg)} x {sp.mesh.replicas} data-parallel replica(s)")
     model.attention_backend = tc.attention_backend
-    train_model = torch.compile(model) if use_compile(tc, rt.device) else model
+    if use_compile(tc, rt.device):
+        pin_inductor_vec_isa()  # inductor's FX graph cache would mix up CPU vector widths (runtime.py)
+        train_model = torch.compile(model)
+    else:
+        train_model = model
     flops_per_step = model.flops_per_token(setup.seq_len) * tc.total_batch_size
     peak = peak_flops(rt.device)
     ema = state.get("ema_loss", 0.0)

@@ -31,6 +31,7 @@ from poelm.engine.constrain import masked, masks, row_matcher
 from poelm.engine.options import DecodeOptions, _check, refuse_bp, shown
 from poelm.engine.sampling import Sampler, logop
 from poelm.model import GPT, KVCache
+from poelm.runtime import pin_inductor_vec_isa
 
 
 def new_cache(model: GPT, batch_size: int, capacity: int, pad: torch.Tensor | None = None,
@@ -384,6 +385,8 @@ class CompiledMethod:
         self.owner = weakref.ref(method.__self__)
         self.key = (fn, backend, mode)
         if self.key not in self.COMPILED:
+            if backend == "inductor":
+                pin_inductor_vec_isa()  # the FX graph cache would mix up CPU vector widths
             self.COMPILED[self.key] = torch.compile(fn, backend=backend, mode=mode, dynamic=False, fullgraph=True)
         self.compiled, self.fn = self.COMPILED[self.key], fn
         self.direct = direct  # False: CUDA graphs, which torch.compile's dispatch replays
