@@ -261,3 +261,19 @@ def test_compiled_steps_skip_torch_compile_dispatch_once_built(model, monkeypatc
     assert generate(model, prompts, True, mode="stage", stage=2)[0].tokens == eager[2]
     assert calls == ["forward"]
 
+
+def test_inductor_step_decodes_as_eager(model):
+    """The inductor graphs of a decoder give eager's greedy tokens (inductor's fused kernels round
+    differently from eager's: the tokens are checked decisive, as above), and steps after the
+    first call the graph directly. Inductor's CPU vector width is pinned in its config: torch's
+    FX graph cache would otherwise serve a graph cached by a process of another ISA (an AVX-512
+    graph under ATEN_CPU_CAPABILITY=avx2 returned NaN logits from its second step)."""
+    from poelm.engine.decoders import CompiledMethod, PlainDecoder
+    torch._dynamo.reset()
+    prompt = PROMPTS[0]
+    eager = generate(model, [prompt], False)[0].tokens
+    compiled = Engine(model, compile=True).generate([prompt], max_new_tokens=N_NEW, stop_token_ids=[])[0].tokens
+    assert compiled == eager
+    assert_decisive(model, prompt, eager)
+    assert (PlainDecoder.forward, "inductor", None) in CompiledMethod.COMPILED
+    assert torch._inductor.config.cpp.simdlen is not None  # the ISA in the FX graph cache key (runtime.pin_inductor_vec_isa)
