@@ -561,18 +561,24 @@ class StepPlan:
     start: an int (every row continues at that slot), a list of per-row start slots (ragged
     rows; writes scatter to each row's own slots) or a (B,) tensor of them: the static-shape
     step (every key slot of the cache with a mask; no host ints, so a compiled step is one
-    graph for every position; the caller keeps cache.lengths / n_tokens)."""
+    graph for every position; the caller keeps cache.lengths / n_tokens). `key_slots` (static
+    step only): the key slots to attend, 0 ... n-1 as a tensor (n at least every row's end; its
+    length may be a dynamic dimension of a compiled step: one graph for every n); default every
+    slot of the cache."""
 
     def __init__(self, model: "GPT", B: int, T: int, dtype: torch.dtype, device, cache: "KVCache | None",
-                 start: int | list[int] | torch.Tensor, windows: set[int]):
-        self.cache, self.T = cache, T
+                 start: int | list[int] | torch.Tensor, windows: set[int], key_slots: torch.Tensor | None = None):
+        self.cache, self.T, self.key_slots = cache, T, key_slots
         self.ragged = not isinstance(start, int)
         self.static = isinstance(start, torch.Tensor)
         if self.ragged:
             starts = start if self.static else torch.tensor(start, dtype=torch.long, device=device)  # (B,)
             self.slots = starts.unsqueeze(1) + torch.arange(T, device=device)  # (B, T)
             self.rows = torch.arange(B, device=device).unsqueeze(1)  # (B, 1)
-            self.start, self.end = (0, cache.max_len) if self.static else (min(start), max(start) + T)  # keys [.., end)
+            if self.static:  # keys [0, end)
+                self.start, self.end = 0, cache.max_len if key_slots is None else key_slots.shape[0]
+            else:
+                self.start, self.end = min(start), max(start) + T
             positions = self.slots - cache.pad.unsqueeze(1)
             need = self.end
         else:
@@ -602,7 +608,7 @@ class StepPlan:
                 return 0, window_mask(pos, pos, window), False, "sdpa"
         if not self.ragged and not cache.has_pad and T == 1:
             return lo, None, False, "sdpa"  # keys lo..start are exactly the window
-        k_slot = torch.arange(lo, self.end, device=device)
+        k_slot = self.key_slots if self.key_slots is not None else torch.arange(lo, self.end, device=device)
         if self.ragged:
             diff = self.slots.unsqueeze(-1) - k_slot  # (B, T, Tk)
             mask = (diff >= 0) & (diff <= window)
@@ -945,7 +951,8 @@ class GPT(nn.Module):
 
     def run_layers(self, x: torch.Tensor, x0: torch.Tensor, idx: torch.Tensor, start_layer: int, end_layer: int,
                    cache: KVCache | None = None, start: int | list[int] | torch.Tensor = 0, keep: set[int] = frozenset(),
-                   detach_stages: bool = False, plan: StepPlan | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                   detach_stages: bool = False, plan: StepPlan | None = None,
+                   key_slots: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run layers [start_layer, end_layer) on x (B, T, d) at slots start ... start+T-1
         (start: one slot for every row, or a list of per-row start slots for ragged rows).
 
@@ -953,10 +960,12 @@ class GPT(nn.Module):
         `detach_stages` cuts the residual (not x0) at every stage boundary (PoE flat). A
         specialist's layers after the frozen ones always see x and x0 detached. Rotary
         tables, the written slots and the masks are built once for all layers (StepPlan; or
-        passed in, one for several calls at the same slots, covering their layers' windows)."""
+        passed in, one for several calls at the same slots, covering their layers' windows).
+        key_slots: a static step's attended key slots (StepPlan)."""
         B, T, _ = x.shape
         if plan is None:
-            plan = StepPlan(self, B, T, x.dtype, x.device, cache, start, set(self.windows[start_layer:end_layer]))
+            plan = StepPlan(self, B, T, x.dtype, x.device, cache, start, set(self.windows[start_layer:end_layer]),
+                            key_slots)
         ends = set(self.config.stage_ends[:-1])
         resid, x0_mix = self._lambdas()
         kept = {}

@@ -277,3 +277,29 @@ def test_inductor_step_decodes_as_eager(model):
     assert_decisive(model, prompt, eager)
     assert (PlainDecoder.forward, "inductor", None) in CompiledMethod.COMPILED
     assert torch._inductor.config.cpp.simdlen is not None  # the ISA in the FX graph cache key (runtime.pin_inductor_vec_isa)
+
+
+@pytest.mark.parametrize("mode,opts", [("final", {}), ("speculative", dict(gamma=3))])
+def test_batched_compiled_steps_attend_the_written_keys_in_one_graph(model, mode, opts, monkeypatch):
+    """A compiled step of several rows attends key slots 0 ... n-1, n covering every row's slots so
+    far (not the whole cache), with n a dynamic size of one graph; a single row keeps its static
+    whole-cache graph. Tokens are eager's (checked above for the same cases)."""
+    from poelm.engine.decoders import MIN_KEY_SLOTS, Decoder
+
+    seen, real = [], Decoder._key_slots
+
+    def recording(self, end):
+        keys = real(self, end)
+        seen.append((len(self.rows), end, None if keys is None else keys.shape[0], self.cache.max_len))
+        return keys
+
+    monkeypatch.setattr(Decoder, "_key_slots", recording)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = generate(model, PROMPTS, True, mode=mode, **opts)
+    assert [g.tokens for g in compiled] == [g.tokens for g in generate(model, PROMPTS, False, mode=mode, **opts)]
+    batched = [(end, n, max_len) for rows, end, n, max_len in seen if rows > 1]
+    assert len({n for _, n, _ in batched}) > 3  # the span grows step by step ...
+    assert all(n == max(end, MIN_KEY_SLOTS) and n < max_len for end, n, max_len in batched)  # ... and no further
+    assert all(n is None for rows, _, n, _ in seen if rows == 1)
+    assert counters["stats"]["unique_graphs"] <= 2  # the batch's one graph (+ a row alone once the other left)

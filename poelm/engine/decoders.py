@@ -33,6 +33,8 @@ from poelm.engine.sampling import Sampler, logop
 from poelm.model import GPT, KVCache
 from poelm.runtime import pin_inductor_vec_isa
 
+MIN_KEY_SLOTS = 16  # a static step attends at least this many key slots (a dynamic size never 0 or 1)
+
 
 def new_cache(model: GPT, batch_size: int, capacity: int, pad: torch.Tensor | None = None,
               n_layers: int | None = None, zeroed: bool = True) -> KVCache:
@@ -150,6 +152,7 @@ class Decoder:
         self._next_handle = 0
         self._compiled = None  # compile_step: the compiled graph(s) of the step
         self._cuda_graphs, self._marked = False, None
+        self._slot_range = torch.arange(0, device=self.device)  # 0 ... max_len-1: static steps' key slots
 
     @classmethod
     def min_scratch(cls, opts: DecodeOptions) -> int:
@@ -354,6 +357,21 @@ class Decoder:
             self._marked = cache
         torch.compiler.cudagraph_mark_step_begin()
 
+    def _key_slots(self, end: int) -> torch.Tensor | None:
+        """The key slots a static step attends, 0 ... n-1 with n >= end (every row's slots so far),
+        as a dynamic dimension of its graph: one graph serves every n, and a step reads the keys
+        written so far rather than the whole cache. None (every slot, a static graph) for one row,
+        whose static graph was faster than the dynamic one on the demo's model (its attention
+        over a whole cache is small), and under CUDA graphs, whose replays need fixed shapes."""
+        if self._cuda_graphs or len(self.rows) == 1:
+            return None
+        max_len = self.cache.max_len
+        if self._slot_range.shape[0] != max_len:
+            self._slot_range = torch.arange(max_len, device=self.device)
+        keys = self._slot_range[:min(max_len, max(end, MIN_KEY_SLOTS))]
+        torch._dynamo.maybe_mark_dynamic(keys, 0)
+        return keys
+
     def _static_written(self, end: int, uniform: bool) -> None:
         """After a static step that wrote slots up to `end` (exclusive): the cache's host lengths
         (the graphs keep none); uniform: every row's slots now end there."""
@@ -473,13 +491,13 @@ class PlainDecoder(Decoder):
         return opts.mode
 
     def forward(self, idx: torch.Tensor, start: int | list[int] | torch.Tensor | None = None,
-                last_only: bool = True) -> torch.Tensor:
+                last_only: bool = True, key_slots: torch.Tensor | None = None) -> torch.Tensor:
         """Feed idx (B, T) at `start` (default: the cache's next slot; a (B,) tensor of slots:
-        the static-shape step) -> logits (B, V) of the last position, or (B, T, V)."""
+        the static-shape step, attending `key_slots`) -> logits (B, V) of the last position, or (B, T, V)."""
         cache, model = self.cache, self.model
         start = cache.n_tokens if start is None else start
         x = x0 = model.embed(idx, cache, start)
-        x, kept = model.run_layers(x, x0, idx, 0, self.end_layer, cache, start, keep=self.keep)
+        x, kept = model.run_layers(x, x0, idx, 0, self.end_layer, cache, start, keep=self.keep, key_slots=key_slots)
         sel = (lambda t: t[:, -1]) if last_only else (lambda t: t)  # noqa: E731
         if self.mode == "final":
             mid = kept.get(self.cfg.backout_layer)
@@ -497,8 +515,8 @@ class PlainDecoder(Decoder):
         """One compiled step -> logits (B, V); keeps the cache's host lengths (the graph does not)."""
         self._begin_static()
         slots = [r.slots for r in self.rows]
-        logits = self._compiled(self.pending(), torch.tensor(slots, device=self.device))
         end = max(slots) + 1
+        logits = self._compiled(self.pending(), torch.tensor(slots, device=self.device), True, self._key_slots(end))
         self._static_written(end, min(slots) == end - 1)
         return logits
 

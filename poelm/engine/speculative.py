@@ -332,7 +332,8 @@ class SpeculativeDecoder(Decoder):
         if self._compiled is not None and not self.constrained():
             self._begin_static()
             slots = [r.slots for r in self.rows]
-            logits = self._compiled[1](self.pending(), torch.tensor(slots, device=self.device))
+            logits = self._compiled[1](self.pending(), torch.tensor(slots, device=self.device),
+                                       self._key_slots(max(slots) + 1))
             self._static_written(max(slots) + 1, min(slots) == max(slots))
         else:
             logits = self._plain_logits(self.pending(), self.starts())
@@ -345,11 +346,12 @@ class SpeculativeDecoder(Decoder):
         self.stats.speculative_choice = self.chooser.report()
         return out
 
-    def _plain_logits(self, ids: torch.Tensor, start) -> torch.Tensor:
-        """ids (B, 1) at `start` through every layer -> the final readout (B, V)."""
+    def _plain_logits(self, ids: torch.Tensor, start, key_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, 1) at `start` through every layer -> the final readout (B, V). key_slots: a static
+        step's attended keys (Decoder._key_slots)."""
         x = x0 = self.model.embed(ids, self.cache, start)
         x, kept = self.model.run_layers(x, x0, ids, 0, self.cfg.n_layer, self.cache, start,
-                                        keep={self.bl} if self.bl >= 0 else set())
+                                        keep={self.bl} if self.bl >= 0 else set(), key_slots=key_slots)
         mid = kept.get(self.bl)
         return self.model.readout(x[:, -1], None, mid[:, -1] if mid is not None else None)
 
@@ -530,7 +532,7 @@ class SpeculativeDecoder(Decoder):
         packed, new_ids = self._compiled[0](self.d, G, self.pending(), torch.tensor(slot0, device=self.device),
                                             torch.tensor(n_max, device=self.device), self.seen,
                                             self._seen_if_penalised(), self._generated(), noises, u,
-                                            self._noise(B, V))
+                                            self._noise(B, V), self._key_slots(max(slot0) + G + 1))
         self.seen.scatter_(1, new_ids, True)
         host = packed.tolist()  # the one host read of the pass
         if host and host[0][-1]:
@@ -544,36 +546,37 @@ class SpeculativeDecoder(Decoder):
     def _pass_graph(self, d: int, G: int, pending: torch.Tensor, starts: torch.Tensor, n_max: torch.Tensor,
                     seen: torch.Tensor, seen_penalised: torch.Tensor | None,
                     generated: tuple[torch.Tensor, torch.Tensor] | None, noises: list, u: torch.Tensor | None,
-                    noise: torch.Tensor | None):
+                    noise: torch.Tensor | None, key_slots: torch.Tensor | None = None):
         """G draft steps from stage d (each row's from its pending (B, 1) at slots starts (B,); each
         draft counts the ones before it as emitted), then their verify pass (seen_penalised,
         generated: the rows' state before the pass, None where no option reads it) ->
-        _verify_graph's (packed, new_ids)."""
+        _verify_graph's (packed, new_ids). key_slots: the keys every step attends (Decoder._key_slots)."""
         feed, draft_seen, draft_generated, steps = pending, seen, generated, []
         for j in range(G):
             *step, draft_seen, draft_generated = self._draft_graph(d, feed, starts + j, draft_seen, draft_generated,
-                                                                   noises[j])
+                                                                   noises[j], key_slots)
             steps.append(step)  # x, x0, mid, token, q, top
             feed = step[3][:, None]
         xs, x0s, mids, drafts, qs, tops = (list(col) for col in zip(*steps)) if steps else ([] for _ in range(6))
         return self._verify_graph(d, pending, feed, starts, xs, x0s, mids, drafts, qs, tops, n_max, seen_penalised,
-                                  generated, u, noise)
+                                  generated, u, noise, key_slots)
 
-    def _draft_layers(self, feed: torch.Tensor, starts: torch.Tensor):
+    def _draft_layers(self, feed: torch.Tensor, starts: torch.Tensor, key_slots: torch.Tensor | None = None):
         """feed (B, 1) at slots starts (B,) through layers [0, split) -> x, x0, the backout residual (or None)."""
         bl = self.bl
         x = x0 = self.model.embed(feed, self.cache, starts)
         x, kept = self.model.run_layers(x, x0, feed, 0, self.split, self.cache, starts,
-                                        keep={bl} if 0 <= bl < self.split else set())
+                                        keep={bl} if 0 <= bl < self.split else set(), key_slots=key_slots)
         return x, x0, kept.get(bl)
 
     def _draft_graph(self, d: int, feed: torch.Tensor, starts: torch.Tensor, seen: torch.Tensor,
-                     generated: tuple[torch.Tensor, torch.Tensor] | None, noise: torch.Tensor | None):
+                     generated: tuple[torch.Tensor, torch.Tensor] | None, noise: torch.Tensor | None,
+                     key_slots: torch.Tensor | None = None):
         """One draft step from stage d -> x, x0, mid, the draft token (B,), its distribution q
         (sampling; else None), the draft's top probability (B,; greedy: only for draft_threshold),
         seen with the token added (only with a repetition penalty), generated with the token
         counted (only with presence/frequency penalty or min_tokens; else None)."""
-        x, x0, mid = self._draft_layers(feed, starts)
+        x, x0, mid = self._draft_layers(feed, starts, key_slots)
         sampler = self.sampler
         z = sampler.penalise(self.model.readout(x[:, -1], d), seen, generated)  # (B, V)
         if self.opts.greedy:
@@ -590,18 +593,18 @@ class SpeculativeDecoder(Decoder):
     def _verify_graph(self, d: int, pending: torch.Tensor, last: torch.Tensor, starts: torch.Tensor, xs: list,
                       x0s: list, mids: list, drafts: list, qs: list, tops: list, n_max: torch.Tensor,
                       seen: torch.Tensor | None, generated: tuple[torch.Tensor, torch.Tensor] | None,
-                      u: torch.Tensor | None, noise: torch.Tensor | None):
+                      u: torch.Tensor | None, noise: torch.Tensor | None, key_slots: torch.Tensor | None = None):
         """The verify pass of G = len(drafts) drafts (seen, generated: the rows' before the pass,
         None where no option reads them) -> (packed (B, G + 4): the drafts, accepted count, next
         token, proposed count, non-finite flag; the ids to mark seen (B, G + 1))."""
         model, sampler, opts = self.model, self.sampler, self.opts
         G, L, split, bl = len(drafts), self.cfg.n_layer, self.split, self.bl
-        x, x0, mid = self._draft_layers(last, starts + G)
+        x, x0, mid = self._draft_layers(last, starts + G, key_slots)
         B = x.shape[0]
         D = torch.stack(drafts, 1) if G else pending.new_zeros(B, 0)  # (B, G)
         idx = torch.cat([pending, D], 1)  # (B, G+1)
         h, kept = model.run_layers(torch.cat(xs + [x], 1), torch.cat(x0s + [x0], 1), idx, split, L, self.cache,
-                                   starts, keep={bl} if bl >= split else set())
+                                   starts, keep={bl} if bl >= split else set(), key_slots=key_slots)
         z = model.readout(h, None, torch.cat(mids + [mid], 1) if 0 <= bl < split else kept.get(bl))  # (B, G+1, V)
         z = sampler.penalise(z, *drafted_states(D, seen, generated))  # position i counts the drafts before it
         ok = torch.ones(B, G, dtype=torch.long, device=z.device)
