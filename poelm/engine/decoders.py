@@ -382,8 +382,9 @@ class Decoder:
 
 
 class CompiledMethod:
-    """A decoder's method compiled as its function (torch.compile, static shapes, full graph) and
-    called on the decoder through a weak reference. The decoder holds its compiled graphs; were
+    """A decoder's method compiled as its function (torch.compile, full graph, static shapes but for
+    the dimensions its caller marks dynamic: a batched step's key slots) and called on the decoder
+    through a weak reference. The decoder holds its compiled graphs; were
     they to hold the decoder (a compiled bound method), the cycle would keep a dropped decoder and
     its KV cache until Python's cyclic collector ran, which a long-running server seldom does.
 
