@@ -54,8 +54,8 @@ def nanochat_model(model: GPT):
     c = model.config
     if (c.n_embd // c.n_head != c.head_dim or c.intermediate_size not in (None, 4 * c.n_embd) or c.per_stage_head
             or c.final_readout != "last" or c.short_window is not None):
-        raise SystemExit("nanochat_engine: nanochat's GPT has head_dim = n_embd / n_head, a 4x MLP, the default short "
-                         "window, no stage heads and the last layer's readout; pick a model of that shape")
+        raise ValueError("nanochat's GPT has head_dim = n_embd / n_head, a 4x MLP, the default short window, no "
+                         "stage heads and the last layer's readout; pick a model of that shape")
     config = NanoConfig(sequence_len=c.sequence_len, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
                         n_kv_head=c.n_kv_head, n_embd=c.n_embd, window_pattern=c.window_pattern)
     nano = NanoGPT(config)
@@ -64,8 +64,8 @@ def nanochat_model(model: GPT):
         state["backout_lambda"] = torch.zeros_like(state["backout_lambda"])
     missing, unexpected = nano.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if k not in ("cos", "sin")]:
-        raise SystemExit(f"nanochat_engine: checkpoint keys differ from nanochat's: missing {missing}, "
-                         f"unexpected {unexpected}")
+        raise ValueError(f"the model's keys differ from nanochat's GPT (missing {missing}, unexpected {unexpected}): "
+                         "is the checkout a nanochat of the same architecture?")
     return nano.float().eval()
 
 
@@ -96,28 +96,32 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--nanochat", required=True, type=Path, help="a checkout of github.com/karpathy/nanochat")
     ap.add_argument("--model", required=True, help="a poelm model directory (e.g. runs/demo/arms/bp)")
     ap.add_argument("--data", default="data/default", help="its corpus directory (prompts from the validation split)")
-    ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prompts", type=int, default=4, help="prompts decoded per repeat")
+    ap.add_argument("--prompt-len", type=int, default=32, help="tokens per prompt")
+    ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats (the median is reported)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--no-compiled", action="store_true", help="leave out poelm's compiled step")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = ap.parse_args(argv)
     if not (args.nanochat / "nanochat" / "engine.py").is_file():
-        raise SystemExit(f"nanochat_engine: {args.nanochat} is not a nanochat checkout (no nanochat/engine.py); "
-                         "clone https://github.com/karpathy/nanochat and pass its path")
+        ap.error(f"{args.nanochat} is not a nanochat checkout (no nanochat/engine.py): clone "
+                 "https://github.com/karpathy/nanochat and pass its path")
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     model.eval()
     sys.path.insert(0, str(args.nanochat))
     from nanochat.engine import Engine as NanoEngine  # the checkout's own code
 
-    nano = NanoEngine(nanochat_model(model), NoSpecials())
+    try:
+        nano = NanoEngine(nanochat_model(model), NoSpecials())
+    except ValueError as e:
+        ap.error(str(e))
     prompts = prompts_from(heldout_batches(args.data, tok, model.config.sequence_len, 8192), args.prompts,
                            args.prompt_len)
     sides = {"nanochat": lambda: nanochat_decode(nano, prompts, args.new_tokens),

@@ -152,7 +152,6 @@ class Decoder:
         self._next_handle = 0
         self._compiled = None  # compile_step: the compiled graph(s) of the step
         self._cuda_graphs, self._marked = False, None
-        self._slot_range = torch.arange(0, device=self.device)  # 0 ... max_len-1: static steps' key slots
 
     @classmethod
     def min_scratch(cls, opts: DecodeOptions) -> int:
@@ -357,6 +356,16 @@ class Decoder:
             self._marked = cache
         torch.compiler.cudagraph_mark_step_begin()
 
+    def _static_plain_step(self, graph) -> torch.Tensor:
+        """One compiled single-position step: graph(pending ids (B, 1), the rows' slots (B,), the key
+        slots) -> its output; keeps the cache's host lengths (the graph does not)."""
+        self._begin_static()
+        slots = [r.slots for r in self.rows]
+        end = max(slots) + 1
+        out = graph(self.pending(), torch.tensor(slots, device=self.device), self._key_slots(end))
+        self._static_written(end, min(slots) == end - 1)
+        return out
+
     def _key_slots(self, end: int) -> torch.Tensor | None:
         """The key slots a static step attends, 0 ... n-1 with n >= end (every row's slots so far),
         as a dynamic dimension of its graph: one graph serves every n, and a step reads the keys
@@ -365,10 +374,7 @@ class Decoder:
         over a whole cache is small), and under CUDA graphs, whose replays need fixed shapes."""
         if self._cuda_graphs or len(self.rows) == 1:
             return None
-        max_len = self.cache.max_len
-        if self._slot_range.shape[0] != max_len:
-            self._slot_range = torch.arange(max_len, device=self.device)
-        keys = self._slot_range[:min(max_len, max(end, MIN_KEY_SLOTS))]
+        keys = torch.arange(min(self.cache.max_len, max(end, MIN_KEY_SLOTS)), device=self.device)
         torch._dynamo.maybe_mark_dynamic(keys, 0)
         return keys
 
@@ -513,13 +519,8 @@ class PlainDecoder(Decoder):
         return compiler(self.forward)
 
     def _static_step(self) -> torch.Tensor:
-        """One compiled step -> logits (B, V); keeps the cache's host lengths (the graph does not)."""
-        self._begin_static()
-        slots = [r.slots for r in self.rows]
-        end = max(slots) + 1
-        logits = self._compiled(self.pending(), torch.tensor(slots, device=self.device), True, self._key_slots(end))
-        self._static_written(end, min(slots) == end - 1)
-        return logits
+        """One compiled step -> logits (B, V)."""
+        return self._static_plain_step(lambda ids, starts, keys: self._compiled(ids, starts, True, keys))
 
     def _step(self) -> dict[int, list[int]]:
         logits = self._static_step() if self._compiled is not None else self.forward(self.pending(), self.starts())  # (B, V)

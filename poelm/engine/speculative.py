@@ -330,11 +330,7 @@ class SpeculativeDecoder(Decoder):
         """Adaptive, drafting does not pay: the plain decoder's step (every layer, the final readout, the pick)."""
         B, L = len(self.rows), self.cfg.n_layer
         if self._compiled is not None and not self.constrained():
-            self._begin_static()
-            slots = [r.slots for r in self.rows]
-            logits = self._compiled[1](self.pending(), torch.tensor(slots, device=self.device),
-                                       self._key_slots(max(slots) + 1))
-            self._static_written(max(slots) + 1, min(slots) == max(slots))
+            logits = self._static_plain_step(self._compiled[1])
         else:
             logits = self._plain_logits(self.pending(), self.starts())
         self.stats.layer_passes += L * B
