@@ -492,6 +492,8 @@ class KVCache:
                              f"{self.max_len} x {len(self.k)}")
         self._set(self._rows.append(self._tensors(), other._tensors(), max(self.lengths, default=0),
                                     max(other.lengths, default=0)))
+        # the joined rows' slots count as filled: a keep_rows before the next step copies them whole
+        self.lengths = [max(mine, theirs) for mine, theirs in zip(self.lengths, other.lengths)]
 
     def _tensors(self) -> list[torch.Tensor]:
         return self.k + self.v + [self.tokens, self.pad]
@@ -522,14 +524,21 @@ class RowBuffers:
         return t if dim is None else t.narrow(dim, 0, filled)
 
     def keep(self, views: list[torch.Tensor], index: list[int], filled: int) -> list[torch.Tensor]:
-        """Rows index (in that order) -> their views: rows before the first that moves stay put."""
+        """Rows index (in that order) -> their views: only the rows that change place are copied
+        (a row that takes the place of a leaving one moves alone; rows after a gap all shift)."""
         bufs = self._buffers(views)
-        first = next((j for j, b in enumerate(index) if b != j), len(index))  # rows [0, first) stay
-        if first < len(index):
-            idx = torch.tensor(index[first:], dtype=torch.long, device=bufs[0].device)
+        moved = [j for j, b in enumerate(index) if b != j]
+        if moved:
+            device = bufs[0].device
+            sources = torch.tensor([index[j] for j in moved], dtype=torch.long, device=device)
+            span = moved[-1] - moved[0] + 1 == len(moved)  # one run of rows: a slice write (faster than index_copy_)
+            targets = None if span else torch.tensor(moved, dtype=torch.long, device=device)
             for b, dim in zip(bufs, self.slot_dims):  # gathered before the write: sources may overlap targets
                 part = self._filled(b, dim, filled)
-                part[first:len(index)] = part.index_select(0, idx)
+                if span:
+                    part[moved[0]:moved[-1] + 1] = part.index_select(0, sources)
+                else:
+                    part.index_copy_(0, targets, part.index_select(0, sources))
         return [b[:len(index)] for b in bufs]
 
     def append(self, views: list[torch.Tensor], new: list[torch.Tensor] | None, filled: int,

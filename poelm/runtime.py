@@ -153,24 +153,26 @@ def free_cores() -> tuple[int, float]:
     return usable, load
 
 
-def choose_threads(requested: int | None, ceiling: int) -> ThreadChoice:
+def choose_threads(requested: int | None, ceiling: int, reserved: int = 0) -> ThreadChoice:
     """`requested`, else the free cores: the usable cores less the rounded 1-minute load (other
-    processes; a process started just now adds none yet), shared among the local ranks of a
-    torchrun job, at least 1 and at most `ceiling` (torch's own default: OMP_NUM_THREADS or the
-    physical cores)."""
+    processes; a process started just now adds none yet) and less `reserved` (cores the command
+    keeps for its own work beside the model, e.g. the server's HTTP side), shared among the local
+    ranks of a torchrun job, at least 1 and at most `ceiling` (torch's own default:
+    OMP_NUM_THREADS or the physical cores)."""
     if requested is not None:
         return ThreadChoice(requested, "--threads")
     usable, load = free_cores()
     ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    threads = max(1, min(ceiling, (usable - round(load)) // ranks))
-    why = f"{usable} usable cores, 1-minute load {load:.1f}" + (f", {ranks} local ranks" if ranks > 1 else "")
+    threads = max(1, min(ceiling, (usable - round(load) - reserved) // ranks))
+    why = (f"{usable} usable cores, 1-minute load {load:.1f}" + (f", {reserved} kept for the HTTP side" if reserved else "")
+           + (f", {ranks} local ranks" if ranks > 1 else ""))
     return ThreadChoice(threads, f"free cores: {why}; pass --threads N to choose")
 
 
-def set_threads(requested: int | None) -> ThreadChoice:
-    """Set torch's CPU threads to choose_threads(requested) and return the choice."""
+def set_threads(requested: int | None, reserved: int = 0) -> ThreadChoice:
+    """Set torch's CPU threads to choose_threads(requested, reserved=reserved) and return the choice."""
     import torch
 
-    choice = choose_threads(requested, torch.get_num_threads())
+    choice = choose_threads(requested, torch.get_num_threads(), reserved)
     torch.set_num_threads(choice.threads)
     return choice

@@ -920,6 +920,40 @@ def test_joining_rows_never_read_their_unzeroed_cache(kw, trained, trained_calib
     assert run() == zeroed and len(poisoned) == 2  # the joins' caches, never the decoder's own
 
 
+@pytest.mark.parametrize("kw", [dict(mode="final", repetition_penalty=1.3), dict(mode="wand", wand_factor=0.5),
+                                dict(mode="speculative", gamma=3)], ids=lambda kw: kw["mode"])
+def test_joining_rows_take_the_places_of_leaving_rows(kw, trained, trained_calib):
+    """replace_rows: a joined row takes a leaving row's batch place (the serving scheduler's join
+    into a dead row): the other rows keep their places and their cache, and every row, the joined
+    ones included, gets the tokens it gets alone. A joined row longer than the running rows keeps
+    all its K/V through a replacement or a removal before the next step."""
+    from poelm.engine import make_decoder
+
+    engine = Engine(trained, calibration=trained_calib)
+    opts = engine.options(dict(kw, max_new_tokens=40))
+    first = [text_prompt_ids("the red cat"), text_prompt_ids("a dog"), text_prompt_ids("one two three")]
+    joining = [text_prompt_ids("a big dog ran to the"), text_prompt_ids("and then the small cat sat")]
+    dec = make_decoder(trained, opts, 100)
+    handles = dec.add_rows(first)
+    for _ in range(3):
+        dec.step()
+    last = dec.cache.k[0][2].clone()
+    (joined,) = dec.add_rows(joining[:1])
+    dec.replace_rows([handles[1]], [joined])
+    assert [r.handle for r in dec.rows] == [handles[0], joined, handles[2]] and dec.seen.shape[0] == 3
+    assert torch.equal(dec.cache.k[0][2], last)  # the row after the replaced one kept its place
+    with pytest.raises(ValueError, match="no row"):
+        dec.replace_rows([handles[1]], [joined])  # it left
+    (later,) = dec.add_rows(joining[1:])
+    dec.remove_rows([handles[0]])  # a compaction before the joined row's first step
+    while len(dec.row(later).seq) < len(joining[1]) + 16:
+        dec.step()
+    for h, p in ((joined, joining[0]), (handles[2], first[2]), (later, joining[1])):
+        got = dec.row(h).seq[len(p):]
+        alone = engine.generate(p, max_new_tokens=len(got), stop_token_ids=[], **kw).tokens
+        assert got[:len(alone)] == alone
+
+
 def test_wand_reports_exit_histogram_and_skips_impossible_tests(trained, trained_calib, monkeypatch):
     engine = Engine(trained, calibration=trained_calib)
     s = engine.generate(text_prompt_ids("the red cat"), mode="wand", max_new_tokens=20).stats

@@ -34,6 +34,13 @@ def test_threads_default_is_the_free_cores(monkeypatch):
     assert runtime.choose_threads(None, ceiling=8).threads == 4  # 16 free cores shared by 4 ranks
     monkeypatch.setattr(runtime, "free_cores", lambda: (2, 7.0))
     assert runtime.choose_threads(None, ceiling=8).threads == 1  # never below 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(runtime, "free_cores", lambda: (4, 0.0))
+    served = runtime.choose_threads(None, ceiling=8, reserved=1)  # poelm serve keeps a core for its HTTP side
+    assert served.threads == 3 and "1 kept for the HTTP side" in served.why
+    from poelm.cli.main import build_parser
+    assert build_parser().parse_args(["serve", "m"]).reserved_cores == 1  # what main() passes for serve
+    assert not hasattr(build_parser().parse_args(["generate", "m", "hi"]), "reserved_cores")
 
 
 def test_contention_compares_cpu_time_with_wall_times_threads(monkeypatch):

@@ -118,3 +118,54 @@ def test_warm_up_leaves_no_decoder_cache_behind(served):
     finally:
         gc.enable()
     assert alive == 0
+
+
+@pytest.mark.parametrize("mode,compile", [("final", None), ("final", BACKEND), ("speculative", BACKEND)])
+def test_a_joining_request_takes_a_finished_rows_place_without_a_compaction(served, warmed, mode, compile):
+    """Four rows run (a full bucket) and one finishes, staying as a dead row; a request submitted
+    then joins and takes its place: the decoder keeps four rows, none leaves by compaction while
+    the others run, and every request gets the tokens it gets alone."""
+    from poelm.serve.metrics import Metrics
+    from poelm.serve.scheduler import Job, Scheduler
+
+    sizes, compactions, late = [], [], []
+
+    class Watched(Scheduler):
+        def _step(self, batch):
+            if batch.dead and late:  # the first step with a finished row: the late request arrives
+                self.submit(late.pop())
+            sizes.append(len(batch.decoder.rows))
+            super()._step(batch)
+
+        def _compact(self, batch):
+            compactions.append(len(sizes))
+            super()._compact(batch)
+
+    texts = ["Once upon a time", "The cat", "A product of experts", "Hello", "Late"]
+    lengths = [24, 24, 24, 3, 6]
+
+    async def run() -> list[list[int]]:
+        scheduler = Watched(max_batch=MAX_BATCH, max_queue=8, metrics=Metrics(), join_wait_s=0.0, compile=compile)
+        loop = asyncio.get_running_loop()
+        jobs = [Job(served, served.model, [served.engine.encode_prompt(text)],
+                    served.engine.options(dict(mode=mode, temperature=0.0, max_new_tokens=n, stop_token_ids=[])),
+                    set(), loop) for text, n in zip(texts, lengths)]
+        late.append(jobs[4])
+        try:
+            for job in jobs[:4]:
+                scheduler.submit(job)
+            scheduler.start()
+            for job in jobs:
+                while (await job.events.get())[0] != "end":
+                    pass
+        finally:
+            scheduler.stop()
+        return [job.collector.tokens[0] for job in jobs]
+
+    got = asyncio.run(run())
+    alone = [served.engine.generate(t, mode=mode, max_new_tokens=n, stop_token_ids=[]).tokens
+             for t, n in zip(texts, lengths)]
+    assert got == alone
+    assert not late  # the late request arrived while a finished row was dead
+    assert sizes[:12] == [4] * 12  # the late request (6 tokens) ran in the finished row's place
+    assert all(at >= 12 for at in compactions)  # nothing compacted until the short rows were done

@@ -143,7 +143,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             if cmd.threads:
                 p.add_argument("--threads", type=at_least(1), default=None,
                                help="torch CPU threads (default: the free cores, i.e. the usable cores less the "
-                                    "1-minute load average, at most torch's default; said in the output)")
+                                    "1-minute load average, at most torch's default, less one core for the HTTP "
+                                    "side in `poelm serve`; said in the output)")
         p.set_defaults(run=cmd.run)
     return parser
 
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "threads"):
             from poelm.runtime import set_threads
 
-            args.thread_choice = set_threads(args.threads)  # the handler says it (poelm.cli.common.threads_note)
+            # the handler says it (poelm.cli.common.threads_note); reserved_cores: a command's own work beside the model
+            args.thread_choice = set_threads(args.threads, getattr(args, "reserved_cores", 0))
         return int(func(args) or 0)
     except (ValueError, OSError) as e:  # bad input (CliError is a ValueError); any other error is a bug
         print(f"poelm: error: {error_line(e)}", file=sys.stderr)

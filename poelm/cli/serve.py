@@ -44,6 +44,9 @@ def serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode every mode with compiled static-shape steps, batches padded to powers of two; "
                         "the graphs compile at start-up, before /health says ready (default: on for CUDA)")
     p.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # tests: aot_eager
+    # the model's torch threads leave one core to the HTTP side (vLLM's CPU backend keeps one per rank for its
+    # front end too): on 2 cores, 2 threads beside a busy HTTP process and its clients ran slower than 1
+    p.set_defaults(reserved_cores=1)
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="warning",
                    help="uvicorn's log level")
 

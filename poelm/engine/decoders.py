@@ -248,6 +248,20 @@ class Decoder:
             return
         self._keep([b for b, r in enumerate(self.rows) if r.handle not in gone])
 
+    def replace_rows(self, leaving: list[int], joined: list[int]) -> None:
+        """Rows `joined` (added last) take the batch places of rows `leaving`, which leave, pair by
+        pair (joined rows beyond len(leaving) stay where they are): only the joined rows' cache is
+        copied, where removing `leaving` would shift every row after the first of them."""
+        if len(joined) < len(leaving):
+            raise ValueError(f"{len(leaving)} rows cannot leave in place of {len(joined)} joined rows")
+        place = {r.handle: b for b, r in enumerate(self.rows)}
+        unknown = (set(leaving) | set(joined)) - place.keys()
+        if unknown:
+            raise ValueError(f"no row {sorted(unknown)[0]} in this decoder")
+        taker = dict(zip(leaving, joined))
+        moved = set(joined[:len(leaving)])
+        self._keep([place[taker.get(r.handle, r.handle)] for r in self.rows if r.handle not in moved])
+
     def _keep(self, keep: list[int]) -> None:
         self.rows = [self.rows[b] for b in keep]
         self.seen = self.seen[keep]  # (len(keep), V): empty when the last row leaves, so add_rows appends cleanly

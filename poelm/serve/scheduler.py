@@ -18,24 +18,25 @@ left is dropped. Any error inside a decoder fails that decoder's requests with 5
 traceback goes to stderr; a model whose logits are NaN or inf gets one line naming that
 instead) and the server goes on.
 
-Joining and leaving copy a decoder's whole KV cache, so both are batched: while rows are
-running, queued requests wait until they fill the free rows or the oldest has waited
-join_wait_s, then join in one prefill. In the plain modes (final/stage/logop, whose rows never
-affect each other) a finished row stays in the decoder as a dead row (its tokens are ignored)
-until half the rows are dead, joining rows need its place (at most max_batch rows in a
-decoder) or it would reach the context; then all dead rows leave in one compaction. Rows of a
-cancelled or expired request leave at once (with the dead rows). Each loop hands each event
-loop its requests' events in one call.
+Joining prefills and leaving compacts, so both are batched: while rows are running, queued
+requests wait until they fill the free rows or the oldest has waited a time that grows with the
+running rows (join_wait_s at a full batch: _join_now), then join in one prefill. In the plain
+modes (final/stage/logop, whose rows never affect each other) a finished row stays in the
+decoder as a dead row (its tokens are ignored) until a joining row takes its place (only the
+joining row's cache is copied), half the rows are dead, or it would reach the context; then all
+dead rows leave in one compaction. Rows of a cancelled or expired request leave at once (with
+the dead rows). Each loop hands each event loop its requests' events in one call.
 
 With a prefix cache (prefix_cache.py), a joining row reuses the K/V of the longest prefix of
 its prompt already computed and prefills only the rest; a leaving row (finished, stopped,
 cancelled or expired) leaves the K/V of its prompt and generated tokens there before its
 decoder drops it, so a chat's next turn reuses the reply too. With compile (a torch.compile
-backend: `poelm serve --compile`), decoders run their compiled steps; every mode keeps finished rows as
-dead rows, and before each step a decoder's batch is padded with dead rows to its bucket
-(compiled.py), so its graphs are one per bucket, compiled by the warm-up; rows that join a
-compiled decoder first compact its dead rows. In a server with an engine process
-(engine_proc.py) this scheduler runs there and its events become one message per loop.
+backend: `poelm serve --compile`), decoders run their compiled steps; every mode keeps finished
+rows as dead rows, and before each step a decoder's batch is padded with dead rows to its
+bucket (compiled.py), so its graphs are one per bucket, compiled by the warm-up; rows that join
+a compiled decoder take the places of its dead rows, so its batch keeps its bucket. In a server
+with an engine process (engine_proc.py) this scheduler runs there and its events become one
+message per loop.
 """
 
 from __future__ import annotations
@@ -232,7 +233,7 @@ class Scheduler:
         if max_batch < 1 or max_queue < 1:  # a request always waits in the queue, if only until the next loop
             raise ValueError(f"max_batch and max_queue must be >= 1 (--max-batch, --max-queue), got {max_batch} and {max_queue}")
         self.max_batch, self.max_queue, self.metrics, self.retry_after_s = max_batch, max_queue, metrics, retry_after_s
-        self.join_wait_s = join_wait_s  # the longest a queued request waits for others to join with it
+        self.join_wait_s = join_wait_s  # the longest a queued request waits for others to join with it (a full batch)
         self.prefix_cache = prefix_cache  # None: every prompt is prefilled whole
         self.compile = compile  # a torch.compile backend: decoders run compiled steps at bucketed batch sizes
         self.cond = threading.Condition()
@@ -329,9 +330,14 @@ class Scheduler:
         return admitted
 
     def _join_now(self, now: float) -> bool:
-        """Queued requests join running rows once they fill the free rows or the oldest waited join_wait_s."""
+        """Queued requests join running rows once they fill the free rows or the oldest has waited
+        join_wait_s x the running share of max_batch: a join's prefill delays every running row's
+        next token, and prefilling rows together costs less per token than one by one, so the more
+        rows run, the longer queued requests wait to join together (on 2 cores, 8 streaming clients
+        were faster joining at once and 32 waiting 50 ms)."""
         queued_rows = sum(len(job.rows) for job in self.queue)
-        return queued_rows >= self.max_batch - self.running_rows or now - self.queue[0].t_submit >= self.join_wait_s
+        wait = self.join_wait_s * self.running_rows / self.max_batch
+        return queued_rows >= self.max_batch - self.running_rows or now - self.queue[0].t_submit >= wait
 
     def _prefill(self, jobs: list[Job]) -> None:
         groups: dict[tuple, list[Job]] = {}
@@ -349,10 +355,12 @@ class Scheduler:
                     lazy = job.opts.mode in LOGPROB_MODES or self.compile is not None
                     batch = self.batches[key] = Batch(key, decoder, lazy=lazy)
                 new_rows = sum(len(job.rows) for job in group)
-                if len(batch.decoder.rows) + new_rows > self.max_batch or self.compile:
-                    self._compact(batch)  # dead rows make room (else they stay: a dead row's step costs less than a copy)
+                places = self._free_places(batch, new_rows)
                 handles = self._add_rows(batch, [row for job in group for row in job.rows],
                                          [job.opts.constraint for job in group for _ in job.rows])
+                if places:  # joining rows take dead rows' places: no copy of the rows that stay
+                    batch.decoder.replace_rows(places, handles)
+                    batch.dead.difference_update(places)
             except Exception as e:  # a bug or a broken model: its requests fail, the server goes on
                 error = decoder_error(e, "prefilling")
                 for job in group:
@@ -370,6 +378,16 @@ class Scheduler:
                     job.handles[h] = row
                     batch.rows[h] = (job, row)
             self._want_logprobs(batch)
+
+    def _free_places(self, batch: Batch, new_rows: int) -> list[int]:
+        """The dead rows whose places new_rows joining rows take (the longest first: a batched
+        compiled step attends as many key slots as its longest row holds). Where the batch would
+        still exceed max_batch, every dead row leaves first instead (one compaction)."""
+        dead = sorted(batch.dead, key=lambda h: -batch.decoder.row(h).slots)[:new_rows]
+        if len(batch.decoder.rows) - len(dead) + new_rows > self.max_batch:
+            self._compact(batch)
+            return []
+        return dead
 
     def _add_rows(self, batch: Batch, rows: list[list[int]], grammars: list) -> list[int]:
         """Prefill rows (each with its compiled constraint or None) into a batch's decoder, through
