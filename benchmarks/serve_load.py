@@ -79,14 +79,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, threads: int, max_batch: int, in_process: bool,
+def start_server(model: Path, threads: int | None, max_batch: int, in_process: bool,
                  extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
-    """`poelm serve model` (extra: more of its flags, e.g. --compile) on a free loopback port, once
-    /health answers 200 (a compiling server warms up first: up to 15 minutes)."""
+    """`poelm serve model` (extra: more of its flags, e.g. --compile; threads None: serve's own
+    default) on a free loopback port, once /health answers 200 (a compiling server warms up
+    first: up to 15 minutes)."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    chosen = ["--threads", str(threads)] if threads is not None else []
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.Popen([sys.executable, "-m", "poelm", "serve", str(model), "--name", "bench", "--port", str(port),
-                             "--threads", str(threads), "--max-batch", str(max_batch), "--max-queue", "256",
+                             *chosen, "--max-batch", str(max_batch), "--max-queue", "256",
                              *(["--in-process"] if in_process else []), *extra], env=env)
     url = f"http://127.0.0.1:{port}"
     wait = 900 if "--compile" in extra else 120

@@ -227,6 +227,22 @@ def test_a_client_that_leaves_a_whole_request_costs_no_traceback(server):
     assert post(server, {"model": "long", "prompt": "a", "max_tokens": 2}).status_code == 200
 
 
+def test_a_client_that_leaves_while_sending_its_body_costs_no_traceback(server):
+    """guidellm closes its in-flight connections when a sweep's time is up, some of them in the
+    middle of a request body: the server answers nobody and logs nothing (it raised
+    ClientDisconnect through uvicorn's "Exception in ASGI application" traceback)."""
+    before = len(stderr_so_far(server))
+    for path in ("/v1/completions", "/tokenize"):
+        with socket.create_connection(("127.0.0.1", server.port)) as s:  # 10 of 100 body bytes, then gone
+            s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n" % path.encode()
+                      + b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":")
+            time.sleep(0.2)  # the handler is reading the body
+    time.sleep(0.3)
+    err = stderr_so_far(server)[before:]
+    assert "Traceback" not in err and "ClientDisconnect" not in err, err
+    assert post(server, {"model": "long", "prompt": "a", "max_tokens": 2}).status_code == 200
+
+
 def test_nan_logits_are_one_500_error_object_and_never_json_nan(models):
     """In-process: NaN logits end a request's logprobs (greedy) and samples with the 500 naming them."""
     from poelm.serve.app import sse

@@ -117,8 +117,9 @@ class DecodeStats:
 
 
 class Decoder:
-    """The protocol: add_rows (prefill), step, remove_row, rollback, is_full, stats; computed
-    and kv read a row's finished K/V out (a prefix cache).
+    """The protocol: add_rows (prefill), step, remove_row(s), replace_rows (joined rows into
+    leaving rows' places), rollback, is_full, stats; computed and kv read a row's finished K/V
+    out (a prefix cache).
 
     Subclasses set `end_layer` (layers the prefill runs), implement `_step`, and may extend
     `_append` / `_keep` for per-row state of their own."""

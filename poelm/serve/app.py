@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from poelm.engine import ContextLengthError, ConstraintError, DecodeOptions, OptionError, compile_constraint
 from poelm.engine.options import POE, TOP, request_fields, request_param, shown
@@ -410,6 +411,10 @@ def create_app(registry: ModelRegistry, scheduler: Scheduler, metrics: Metrics, 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
         return error_response(e)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, e: ClientDisconnect):
+        return Response(status_code=499)  # the client left while sending its request: never sent, no traceback
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
