@@ -400,6 +400,30 @@ def test_speculative_sampling_matches_target_distribution(opts):
     assert 0.5 * (unprocessed - exact).abs().sum().item() > 3 * tv_samples
 
 
+def test_sampler_draws_each_rows_distribution_and_never_a_zero_probability_token():
+    """Sampler.draw (inverse CDF in float64): per row, the counts of 60,000 draws fit the row's
+    distribution (chi-square), tokens of probability 0 (the first and last, masked ones between)
+    never come, a one-hot row always gives its token, and a seed gives the same draws again."""
+    from poelm.engine.sampling import Sampler
+
+    torch.manual_seed(3)
+    V, n = 50, 60_000
+    probs = torch.randn(3, V).mul(2).softmax(-1)
+    probs[0, [0, 7, 8, V - 1]] = 0.0
+    probs[1, :] = 0.0
+    probs[1, V - 1] = 1.0
+    probs[2, ::3] = 0.0
+    probs /= probs.sum(-1, keepdim=True)
+    sampler = Sampler(DecodeOptions(temperature=1.0, seed=5), torch.device("cpu"))
+    draws = torch.cat([sampler.draw(probs.repeat(100, 1)).view(100, 3) for _ in range(n // 100)])  # (n, 3)
+    for row in range(3):
+        counts = torch.bincount(draws[:, row], minlength=V)
+        assert chi2(counts, probs[row], n) < chi2_limit(V)
+    assert (draws[:, 1] == V - 1).all()
+    again = Sampler(DecodeOptions(temperature=1.0, seed=5), torch.device("cpu"))
+    assert torch.equal(again.draw(probs), Sampler(DecodeOptions(temperature=1.0, seed=5), torch.device("cpu")).draw(probs))
+
+
 def chi2(observed: torch.Tensor, expected_probs: torch.Tensor, n: int) -> float:
     """Pearson chi-square; cells with expected count < 5 are pooled; impossible cells must be empty."""
     expected = expected_probs.double() * n
