@@ -86,9 +86,10 @@ def start_server(model: Path, threads: int | None, max_batch: int, in_process: b
     first: up to 15 minutes)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    chosen = ["--threads", str(threads)] if threads is not None else []
+    chosen = []
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
+        chosen = ["--threads", str(threads)]
     proc = subprocess.Popen([sys.executable, "-m", "poelm", "serve", str(model), "--name", "bench", "--port", str(port),
                              *chosen, "--max-batch", str(max_batch), "--max-queue", "256",
                              *(["--in-process"] if in_process else []), *extra], env=env)

@@ -447,7 +447,8 @@ class KVCache:
     layers behind and back-fill them later; `crop(n)` rolls every layer back to n slots.
     Rows may also be ragged: `run_layers(..., start=[s_0, ..., s_{B-1}])` continues row b at
     slot s_b (the decoders keep each row's length; `lengths` then holds each layer's furthest
-    filled slot over the rows, `n_tokens` the uniform case only). `keep_rows` / `append_rows` remove and add rows between steps, in place (RowBuffers).
+    filled slot over the rows, `n_tokens` the uniform case only). `keep_rows` / `append_rows`
+    remove and add rows between steps, in place (RowBuffers).
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None,

@@ -381,13 +381,10 @@ class Scheduler:
 
     def _free_places(self, batch: Batch, new_rows: int) -> list[int]:
         """The dead rows whose places new_rows joining rows take (the longest first: a batched
-        compiled step attends as many key slots as its longest row holds). Where the batch would
-        still exceed max_batch, every dead row leaves first instead (one compaction)."""
-        dead = sorted(batch.dead, key=lambda h: -batch.decoder.row(h).slots)[:new_rows]
-        if len(batch.decoder.rows) - len(dead) + new_rows > self.max_batch:
-            self._compact(batch)
-            return []
-        return dead
+        compiled step attends as many key slots as its longest row holds). The decoder never
+        grows past max_batch rows: with enough dead rows it keeps its size, else it ends with its
+        live rows plus the joining ones, which admission keeps within max_batch."""
+        return sorted(batch.dead, key=lambda h: -batch.decoder.row(h).slots)[:new_rows]
 
     def _add_rows(self, batch: Batch, rows: list[list[int]], grammars: list) -> list[int]:
         """Prefill rows (each with its compiled constraint or None) into a batch's decoder, through
