@@ -185,19 +185,46 @@ def start_vllm(venv: Path, model: Path, threads: int | None) -> tuple[subprocess
     raise SystemExit("vLLM's server did not answer /health within 600 s")
 
 
+GUIDELLM_TRIES = 2  # guidellm 0.8 now and then stops mid-sweep (its worker waits on a sync event forever)
+
+
+def sweep_finished(command: list[str], env: dict, limit: float) -> bool:
+    """Run one guidellm sweep in its own process group -> False when it outlived `limit` seconds
+    (then it and its worker processes are killed); a failed run raises CalledProcessError."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        code = proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        return False
+    finally:  # a timeout or an interrupt: its own session does not see a Ctrl-C
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if code != 0:
+        raise subprocess.CalledProcessError(code, command[:2])
+    return True
+
+
 def run_guidellm(exe: Path, url: str, tok_dir: Path, stream: bool, args, out: Path) -> list[dict]:
     """One guidellm concurrency sweep against url -> a row per concurrency of its figures."""
     backend = (f"kind=openai_http,target={url},model=bench,request_format=/v1/completions,"
                f"stream={str(stream).lower()}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GUIDELLM__MAX_WORKER_PROCESSES": "1"}
     load_before = os.getloadavg()[0]
-    subprocess.run([str(exe), "run", "--backend", backend, "--profile", "kind=concurrent,streams=1",
-                    "--override", "profile.streams", args.streams,
-                    "--constraint", f"kind=max_duration,seconds={args.seconds}",
-                    "--data", f"kind=synthetic_text,prompt_tokens={args.prompt_tokens},"
-                              f"output_tokens={args.output_tokens}",
-                    "--tokenizer", f"kind=hf_auto,model={tok_dir}", "--output", f"kind=json,path={out}",
-                    "--disable-console"], env=env, check=True, stdout=subprocess.DEVNULL)
+    command = [str(exe), "run", "--backend", backend, "--profile", "kind=concurrent,streams=1",
+               "--override", "profile.streams", args.streams,
+               "--constraint", f"kind=max_duration,seconds={args.seconds}",
+               "--data", f"kind=synthetic_text,prompt_tokens={args.prompt_tokens},output_tokens={args.output_tokens}",
+               "--tokenizer", f"kind=hf_auto,model={tok_dir}", "--output", f"kind=json,path={out}",
+               "--disable-console"]
+    limit = len(args.streams.split(",")) * (args.seconds + 60) + 120
+    for attempt in range(1, GUIDELLM_TRIES + 1):
+        if sweep_finished(command, env, limit):
+            break
+        print(f"guidellm's sweep did not end within {limit} s (try {attempt} of {GUIDELLM_TRIES}); "
+              f"stopped it and its workers", file=sys.stderr)
+    else:
+        raise SystemExit(f"guidellm hung {GUIDELLM_TRIES} times against {url}: rerun the benchmark")
     load = (load_before, os.getloadavg()[0])
     rows = []
     for bench in json.loads(out.read_text())["benchmarks"]:

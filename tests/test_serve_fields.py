@@ -8,6 +8,7 @@ Run: .venv/bin/pytest -q tests/test_serve_fields.py"""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -127,6 +128,18 @@ def test_echo_puts_the_prompt_before_the_completion(client, server):
     assert streamed == PROMPT + plain
     status, error = error_of(server, {"echo": True, "logprobs": 1})
     assert status == 400 and error["param"] == "echo"
+
+
+def test_each_streamed_event_is_one_line_to_clients_that_split_at_unicode_line_breaks(server):
+    """httpx's iter_lines (guidellm reads streams with it) splits at U+0085, U+2028 and U+2029 as
+    str.splitlines does: text holding them must reach the client escaped, inside one line."""
+    prompt = "a\u2028b\x85c\u2029d"
+    body = {"model": "base", "prompt": prompt, "max_tokens": 3, "temperature": 0, "echo": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    text = "".join(c["text"] for c in (json.loads(line[6:]) for line in lines[:-1]) for c in c["choices"])
+    assert text.startswith(prompt) and len(text) > len(prompt)
 
 
 def test_presence_and_frequency_penalties(client, server, tok):

@@ -239,10 +239,14 @@ def tokenized(req: TokenizeRequest | TokenizeChatRequest, served: ServedModel) -
 
 
 def sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, allow_nan=False)}\n\n"  # NaN is not JSON
+    """One server-sent event of obj. ASCII JSON: SSE splits lines at CR and LF only, but clients that
+    read the stream with str.splitlines semantics (httpx's iter_lines, so guidellm) also split at
+    U+0085, U+2028 and U+2029, which ensure_ascii=False would write raw inside a JSON string and a
+    random model's text does produce; escaped, every client sees one line per event."""
+    return f"data: {json.dumps(obj, allow_nan=False)}\n\n"  # NaN is not JSON
 
 
-json_str = json.JSONEncoder(ensure_ascii=False).encode  # a str as sse() writes it (one encoder, not one per call)
+json_str = json.JSONEncoder().encode  # a str as sse() writes it (one encoder, not one per call)
 
 
 def merge_chunks(payloads: list[list[tuple]]) -> list[tuple]:
@@ -273,7 +277,7 @@ class Responder:
         self.tok = job.served.engine.tokenizer
         # the common chunk (no logprobs, not the last, no usage) as sse() writes it: this opening, the
         # row, this middle, the delta as a JSON string, the close (what a chunk costs is per token)
-        self.opening = "data: " + json.dumps(self.head(True), ensure_ascii=False)[:-1] + ', "choices": [{"index": '
+        self.opening = "data: " + json.dumps(self.head(True))[:-1] + ', "choices": [{"index": '
         self.middle = ', "logprobs": null, "finish_reason": null, ' + ('"delta": ' if chat else '"text": ')
 
     def head(self, chunk: bool) -> dict:
