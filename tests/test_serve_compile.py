@@ -169,3 +169,56 @@ def test_a_joining_request_takes_a_finished_rows_place_without_a_compaction(serv
     assert not late  # the late request arrived while a finished row was dead
     assert sizes[:12] == [4] * 12  # the late request (6 tokens) ran in the finished row's place
     assert all(at >= 12 for at in compactions)  # nothing compacted until the short rows were done
+
+
+@pytest.mark.parametrize("mode", ["final", "speculative"])
+def test_a_compiled_decoder_whose_rows_all_left_waits_idle_for_the_next_request(served, warmed, mode):
+    """Three requests finish; the compiled decoder stays, idle (its four rows dead, not counted as a
+    running decoder), and the next request of the same options joins it: the same decoder and cache
+    storage, cut to that request's bucket of one row, and every request gets the tokens it gets alone.
+    A seeded request's decoder is its own and is dropped when it ends."""
+    from poelm.serve.metrics import Metrics
+    from poelm.serve.scheduler import Job, Scheduler
+
+    texts, n = ["Once upon a time", "The cat", "A product of experts", "Hello"], 5
+    seen = []
+
+    async def run() -> list[list[int]]:
+        scheduler = Scheduler(max_batch=MAX_BATCH, max_queue=8, metrics=Metrics(), join_wait_s=0.0, compile=BACKEND)
+        loop = asyncio.get_running_loop()
+        opts = served.engine.options(dict(mode=mode, temperature=0.0, max_new_tokens=n, stop_token_ids=[]))
+        jobs = [Job(served, served.model, [served.engine.encode_prompt(t)], opts, set(), loop) for t in texts]
+        scheduler.start()
+        try:
+            for job in jobs[:3]:
+                scheduler.submit(job)
+            for job in jobs[:3]:
+                while (await job.events.get())[0] != "end":
+                    pass
+            await asyncio.sleep(0.05)
+            (batch,) = scheduler.batches.values()
+            seen.append((batch.idle, len(batch.decoder.rows), scheduler.load()["decoders"]))
+            decoder, storage = batch.decoder, batch.decoder.cache.k[0].untyped_storage().data_ptr()
+            scheduler.submit(jobs[3])
+            while (await jobs[3].events.get())[0] != "end":
+                pass
+            seen.append((jobs[3].batch is batch, batch.decoder is decoder,
+                         decoder.cache.k[0].untyped_storage().data_ptr() == storage, len(decoder.rows)))
+            seeded = Job(served, served.model, [served.engine.encode_prompt("Seed")],
+                         served.engine.options(dict(mode=mode, temperature=1.0, seed=3, max_new_tokens=2,
+                                                    stop_token_ids=[])), set(), loop)
+            scheduler.submit(seeded)
+            while (await seeded.events.get())[0] != "end":
+                pass
+            await asyncio.sleep(0.05)
+            seen.append(sorted(b.key == seeded.key for b in scheduler.batches.values()))
+        finally:
+            scheduler.stop()
+        return [job.collector.tokens[0] for job in jobs]
+
+    got = asyncio.run(run())
+    assert got == [served.engine.generate(t, mode=mode, max_new_tokens=n, stop_token_ids=[]).tokens for t in texts]
+    idle, rows, running = seen[0]
+    assert idle and running == 0 and rows == (4 if mode == "final" else 1)  # final: all four rows stay, dead
+    assert seen[1] == (True, True, True, 1)  # the same decoder and cache storage, cut to one row
+    assert seen[2] == [False]  # the seeded request's decoder left; the idle one stays
