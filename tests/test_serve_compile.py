@@ -222,3 +222,50 @@ def test_a_compiled_decoder_whose_rows_all_left_waits_idle_for_the_next_request(
     assert idle and running == 0 and rows == (4 if mode == "final" else 1)  # final: all four rows stay, dead
     assert seen[1] == (True, True, True, 1)  # the same decoder and cache storage, cut to one row
     assert seen[2] == [False]  # the seeded request's decoder left; the idle one stays
+
+
+@pytest.mark.parametrize("mode,compile", [("wand", None), ("speculative", None), ("wand", BACKEND),
+                                          ("speculative", BACKEND)])
+def test_each_requests_poe_statistics_count_its_own_rows_alone(served, warmed, mode, compile):
+    """Two requests of 3 and 12 tokens share one decoder: each one's statistics are its own rows'
+    (every WAND token exits once: its exits sum to its tokens; every speculative pass gives the
+    accepted drafts plus one token), where a batch-scoped window would give the short request the
+    long one's exits too; eager (no padding rows), the two requests' counts sum to the decoder's."""
+    from poelm.serve.metrics import Metrics
+    from poelm.serve.scheduler import Job, Scheduler
+
+    texts, lengths = ["Once upon a time", "A product of experts"], [3, 12]
+
+    async def run() -> list[Job]:
+        scheduler = Scheduler(max_batch=MAX_BATCH, max_queue=8, metrics=Metrics(), join_wait_s=0.0, compile=compile)
+        loop = asyncio.get_running_loop()
+        jobs = [Job(served, served.model, [served.engine.encode_prompt(t)],
+                    served.engine.options(dict(mode=mode, temperature=0.0, max_new_tokens=n, stop_token_ids=[])),
+                    set(), loop) for t, n in zip(texts, lengths)]
+        for job in jobs:
+            scheduler.submit(job)
+        scheduler.start()
+        try:
+            for job in jobs:
+                while (await job.events.get())[0] != "end":
+                    pass
+        finally:
+            scheduler.stop()
+        return jobs
+
+    jobs = asyncio.run(run())
+    assert jobs[0].batch is jobs[1].batch  # they shared a decoder
+    for job, n in zip(jobs, lengths):
+        assert job.decoded >= n == len(job.collector.tokens[0])
+        if mode == "wand":
+            assert sum(job.poe["exit_stage_counts"]) == job.decoded
+        else:
+            assert job.counts.accepted + job.counts.verify_passes == job.decoded
+            assert job.poe["verify_passes"] == job.counts.verify_passes and job.poe["accepted"] == job.counts.accepted
+    if compile is None:
+        total = jobs[0].batch.decoder.stats
+        for name in ("layer_passes", "layer_calls", "backfilled", "tests_skipped", "drafted", "accepted", "verify_passes"):
+            assert getattr(jobs[0].counts, name) + getattr(jobs[1].counts, name) == getattr(total, name), name
+        if mode == "wand":
+            assert [a + b for a, b in zip(jobs[0].poe["exit_stage_counts"], jobs[1].poe["exit_stage_counts"])] == \
+                total.exit_stage_counts

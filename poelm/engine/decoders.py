@@ -23,7 +23,8 @@ import copy
 import inspect
 import types
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import zip_longest
 
 import torch
 
@@ -71,6 +72,33 @@ class Row:
     produced: int = 0
     gamma: int = 0  # speculative: drafted tokens per verify pass (adaptive per row)
     matcher: object = None  # constrain.RowMatcher: the row's structured-output constraint (None: free)
+    counts: "RowCounts" = field(default_factory=lambda: RowCounts())  # its share of the decoder's counters
+
+
+COUNTERS = ("layer_passes", "layer_calls", "backfilled", "tests_skipped", "drafted", "accepted", "verify_passes")
+
+
+@dataclass
+class RowCounts:
+    """One row's share of its decoder's DecodeStats counters: the work the decoder ran for that row
+    (a batched pass counts for every row in it) and what the mode decided for it (its WAND exits,
+    its drafts and accepted drafts). A request's statistics are its rows' counts, exact whatever
+    else shared the batch."""
+
+    layer_passes: int = 0
+    layer_calls: int = 0
+    backfilled: int = 0
+    tests_skipped: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    verify_passes: int = 0
+    exit_stage_counts: list[int] = field(default_factory=list)
+
+    def add(self, other: "RowCounts") -> None:
+        for name in COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.exit_stage_counts = [a + b for a, b in zip_longest(self.exit_stage_counts, other.exit_stage_counts,
+                                                                fillvalue=0)]
 
 
 @dataclass
@@ -92,6 +120,12 @@ class DecodeStats:
     verify_passes: int = 0  # per row
     gamma: int | None = None
     speculative_choice: dict | None = None  # adaptive speculative: the draft stage and gamma chosen, fallbacks
+
+    def of_rows(self, counts: RowCounts) -> "DecodeStats":
+        """These stats (the mode's decisions, e.g. WAND's tested stages) with the counters of some
+        rows (RowCounts summed over them) in place of the decoder's totals."""
+        exits = [a for a, _ in zip_longest(counts.exit_stage_counts, self.exit_stage_counts, fillvalue=0)]
+        return replace(self, **{name: getattr(counts, name) for name in COUNTERS}, exit_stage_counts=exits)
 
     def to_dict(self, n_new: int) -> dict:
         out: dict = {"mode": self.mode}
@@ -271,6 +305,23 @@ class Decoder:
 
     def row(self, handle: int) -> Row:
         return next(r for r in self.rows if r.handle == handle)
+
+    def _count(self, rows: list[Row] | None = None, **per_row: int) -> None:
+        """Add each counter's amount per row to every row of `rows` (default: the batch) and, times
+        their number, to the decoder's totals."""
+        rows = self.rows if rows is None else rows
+        for name, amount in per_row.items():
+            setattr(self.stats, name, getattr(self.stats, name) + amount * len(rows))
+            for r in rows:
+                setattr(r.counts, name, getattr(r.counts, name) + amount)
+
+    def _exited(self, row: Row, stage: int) -> None:
+        """A token of `row` exited after `stage` (WAND)."""
+        self.stats.exit_stage_counts[stage] += 1
+        mine = row.counts.exit_stage_counts
+        if len(mine) <= stage:
+            mine.extend([0] * (stage + 1 - len(mine)))
+        mine[stage] += 1
 
     def rollback(self, handle: int, n: int) -> None:
         """Drop the last n ids of a row (generated or prompt, keeping at least one)."""
@@ -539,9 +590,7 @@ class PlainDecoder(Decoder):
 
     def _step(self) -> dict[int, list[int]]:
         logits = self._static_step() if self._compiled is not None else self.forward(self.pending(), self.starts())  # (B, V)
-        B = len(self.rows)
-        self.stats.layer_passes += self.end_layer * B
-        self.stats.layer_calls += self.end_layer * B
+        self._count(layer_passes=self.end_layer, layer_calls=self.end_layer)
         return self._emit(self.sampler.pick(masked(logits, self.allowed()), self.seen))
 
 

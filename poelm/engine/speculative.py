@@ -328,14 +328,12 @@ class SpeculativeDecoder(Decoder):
 
     def _plain_pass(self) -> dict[int, list[int]]:
         """Adaptive, drafting does not pay: the plain decoder's step (every layer, the final readout, the pick)."""
-        B, L = len(self.rows), self.cfg.n_layer
+        L = self.cfg.n_layer
         if self._compiled is not None and not self.constrained():
             logits = self._static_plain_step(self._compiled[1])
         else:
             logits = self._plain_logits(self.pending(), self.starts())
-        self.stats.layer_passes += L * B
-        self.stats.layer_calls += L * B
-        self.stats.verify_passes += B
+        self._count(layer_passes=L, layer_calls=L, verify_passes=1)
         out = self._emit(self.sampler.pick(masked(logits, self.allowed()), self.seen))
         self.chooser.passed(1.0)
         self.stats.gamma, self.stats.draft_stage = 0, self.d
@@ -375,8 +373,7 @@ class SpeculativeDecoder(Decoder):
             start = slot0[0] + j if all(s == slot0[0] for s in slot0) else [s + j for s in slot0]
             x = x0 = model.embed(feed, self.cache, start)
             x, kept = model.run_layers(x, x0, feed, 0, split, self.cache, start, keep={bl} if mid_in_draft else set())
-            self.stats.layer_passes += split * B
-            self.stats.layer_calls += split * B
+            self._count(layer_passes=split, layer_calls=split)
             xs.append(x), x0s.append(x0), mids.append(kept.get(bl))
             allowed.append(self.allowed())
             if not any(drafting):
@@ -412,8 +409,7 @@ class SpeculativeDecoder(Decoder):
         start = slot0[0] if all(s == slot0[0] for s in slot0) else slot0
         x, kept = model.run_layers(torch.cat(xs[:n + 1], 1), torch.cat(x0s[:n + 1], 1), idx, split, L, self.cache,
                                    start, keep={bl} if bl >= split else set())
-        self.stats.layer_passes += (L - split) * (n + 1) * B
-        self.stats.layer_calls += (L - split) * B
+        self._count(layer_passes=(L - split) * (n + 1), layer_calls=L - split)
         x_mid = torch.cat(mids[:n + 1], 1) if mid_in_draft else kept.get(bl)
         p_logits = model.readout(x, None, x_mid)  # (B, n+1, V)
         p_logits = sampler.penalise(p_logits, *drafted_states(idx[:, 1:], self._seen_if_penalised(), generated0))
@@ -449,9 +445,7 @@ class SpeculativeDecoder(Decoder):
             r.slots = s0 + 1 + n_acc  # rejected drafts' slots are rewritten by the next step
             r.seq += accepted
             r.produced += len(accepted)
-            self.stats.drafted += proposed
-            self.stats.accepted += n_acc
-            self.stats.verify_passes += 1
+            self._count([r], drafted=proposed, accepted=n_acc, verify_passes=1)
             if self.chooser is not None:
                 self.chooser.observe(self.d, proposed, n_acc)
             if self.opts.adaptive_gamma:
@@ -534,8 +528,7 @@ class SpeculativeDecoder(Decoder):
         if host and host[0][-1]:
             raise NonFiniteLogits()
         L, split = self.cfg.n_layer, self.split
-        self.stats.layer_passes += L * (G + 1) * B
-        self.stats.layer_calls += (split * (G + 1) + L - split) * B
+        self._count(layer_passes=L * (G + 1), layer_calls=split * (G + 1) + L - split)
         self._static_written(max(slot0) + G + 1, all(s == slot0[0] for s in slot0))
         return self._advance(slot0, [(row[:G], row[G + 2], row[G], row[G + 1]) for row in host])
 

@@ -293,9 +293,7 @@ class WandDecoder(PlainDecoder):
                 self.boundary[s][:, start:start + T] = out
             else:
                 self.boundary[s][torch.arange(len(ends), device=self.device).unsqueeze(1), slots] = out
-        B = len(ends)
-        self.stats.layer_passes += (end - first) * T * B
-        self.stats.layer_calls += (end - first) * B
+        self._count(layer_passes=(end - first) * T, layer_calls=end - first)  # ends: every row's
         return out, kept
 
     def flush(self) -> None:
@@ -306,14 +304,15 @@ class WandDecoder(PlainDecoder):
         for s in range(1, self.K):
             if self.lag[s]:
                 self._run_stage(s, ends, self.lag[s], None, set())
-                self.stats.backfilled += self.lag[s] * len(ends)
+                self._count(backfilled=self.lag[s])
                 self.lag[s] = 0
 
     def _step(self) -> dict[int, list[int]]:
         if not self.staged:  # every token takes the target's readout after the last stage
             new = super()._step()
-            self.stats.exit_stage_counts[-1] += len(new)
-            self.stats.tests_skipped += (self.K - 1) * len(new)
+            for r in self.rows:
+                self._exited(r, self.K - 1)
+            self._count(tests_skipped=self.K - 1)
             return new
         if self._segments is not None and self.target == "final" and not self.constrained():
             return self._compiled_step()
@@ -339,14 +338,14 @@ class WandDecoder(PlainDecoder):
         for s in range(self.K):
             keep = {bl} if self.first_layer[s] <= bl <= cfg.stage_ends[s] else set()
             out, kept = self._run_stage(s, ends, self.lag[s] + 1, x if s == 0 else None, keep, plan)
-            self.stats.backfilled += self.lag[s] * B
+            self._count(backfilled=self.lag[s])
             self.lag[s] = 0
             if bl in kept:
                 x_mid = kept[bl][:, -1]
             lasts.append(out[:, -1])
             last = s == self.K - 1
             if not last and not self.tested[s]:  # no gap can pass, or the test does not pay: no test
-                self.stats.tests_skipped += len(active)
+                self._count([self.rows[b] for b in active], tests_skipped=1)
                 if self.target == "final":  # nor a readout (the logop target sums every stage's)
                     continue
             act = torch.tensor(active, device=self.device) if len(active) < B else None
@@ -374,7 +373,7 @@ class WandDecoder(PlainDecoder):
             for a, (b, ex) in enumerate(zip(active, exits)):
                 if ex:
                     out_logits[b] = r[a] if self.target == "final" else logop([u[a] for u in used], self.alpha)
-                    self.stats.exit_stage_counts[s] += 1
+                    self._exited(self.rows[b], s)
                 else:
                     still.append(a)
             if self.target == "logop" and still and len(still) < len(active):
@@ -405,13 +404,13 @@ class WandDecoder(PlainDecoder):
             self._segment_written(s, cur)
             lasts.append(last)
             if exits is None:  # an untested stage: no readout
-                self.stats.tests_skipped += len(still)
+                self._count([self.rows[b] for b in still], tests_skipped=1)
                 continue
             passed = [True] * B if s == self.K - 1 else exits.tolist()  # the stage's one host read
             for b in still:
                 if passed[b]:
                     out_logits[b] = r[b]
-                    self.stats.exit_stage_counts[s] += 1
+                    self._exited(self.rows[b], s)
             still = [b for b in still if not passed[b]]
             if not still:
                 for j in range(s + 1, self.K):
@@ -425,17 +424,16 @@ class WandDecoder(PlainDecoder):
         lagging slots and the new one (`cur`, on the device `new_slots`), and the new slot's column
         (1,). A lag past the widest width, or one the cache has no room to pad, is back-filled
         eagerly first (the new slot alone)."""
-        B, lag = len(cur), self.lag[s]
+        lag = self.lag[s]
         width = next((w for w in SEGMENT_WIDTHS if w > lag), None)
         if width is None or max(cur) - lag + width > self.max_len:
             if lag:
                 self._run_stage(s, cur, lag, None, set())
             lag, width = 0, 1
-        self.stats.backfilled += self.lag[s] * B
+        self._count(backfilled=self.lag[s])
         self.lag[s] = 0
         n = self.cfg.stage_ends[s] + 1 - self.first_layer[s]
-        self.stats.layer_passes += n * (lag + 1) * B
-        self.stats.layer_calls += n * B
+        self._count(layer_passes=n * (lag + 1), layer_calls=n)
         if self._columns is None:  # made once: (W,) 0 ... W-1 per width, (1,) [lag] per lag
             self._columns = ({w: torch.arange(w, device=self.device) for w in SEGMENT_WIDTHS},
                              [torch.tensor([k], device=self.device) for k in range(SEGMENT_WIDTHS[-1])])

@@ -437,9 +437,8 @@ class EngineScheduler(Scheduler):
             col = job.collector
             for row in rows:
                 col.reason[row] = col.reason[row] or "stop_string"
-            if col.done:
-                job.poe = self._poe_stats(job, batch)
             self._leave(batch, [h for h, (j, row) in batch.rows.items() if j is job and row in rows])
+            self._poe_stats(job, batch)
             if job.live == 0:
                 self._end(job)
         super()._drop_gone(batch)

@@ -5,8 +5,9 @@
 poelm_requests_total{model,status}, poelm_prompt_tokens_total / poelm_completion_tokens_total
 {model}, poelm_queue_depth, poelm_batch_rows, poelm_step_rows (rows per decode step), poelm_decoders, poelm_rejected_total (503),
 poelm_time_to_first_token_seconds, poelm_request_seconds{model}, and the PoE statistics
-poelm_stages_per_token{model,mode} (per request, batch scope) and
-poelm_speculative_drafted_total / poelm_speculative_accepted_total{model}.
+poelm_stages_per_token{model,mode} (per request: its own rows' counts, whatever shared the batch) and
+poelm_speculative_drafted_total / poelm_speculative_accepted_total{model} and
+poelm_wand_exits_total{model,stage} (WAND tokens that exited after each stage).
 
 Beside them, vLLM's metric names with a `poelm:` prefix (same suffixes and types), so dashboards
 made for vLLM read poelm: poelm:num_requests_running / _waiting, poelm:kv_cache_usage_perc,
@@ -44,12 +45,11 @@ class VllmNames:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("poelm:e2e_request_latency_seconds", "submit to last token", ["model_name"],
                              buckets=LATENCY_BUCKETS, registry=r)
-        self.drafts = Counter("poelm:spec_decode_num_drafts", "speculative verify passes (batch scope)", ["model_name"],
-                              registry=r)
-        self.draft_tokens = Counter("poelm:spec_decode_num_draft_tokens", "speculative draft tokens (batch scope)",
-                                    ["model_name"], registry=r)
-        self.accepted_tokens = Counter("poelm:spec_decode_num_accepted_tokens", "speculative draft tokens accepted "
-                                       "(batch scope)", ["model_name"], registry=r)
+        self.drafts = Counter("poelm:spec_decode_num_drafts", "speculative verify passes", ["model_name"], registry=r)
+        self.draft_tokens = Counter("poelm:spec_decode_num_draft_tokens", "speculative draft tokens", ["model_name"],
+                                    registry=r)
+        self.accepted_tokens = Counter("poelm:spec_decode_num_accepted_tokens", "speculative draft tokens accepted",
+                                       ["model_name"], registry=r)
         self.prefix_queries = Counter("poelm:prefix_cache_queries", "prompt tokens looked up in the prefix cache",
                                       registry=r)
         self.prefix_hits = Counter("poelm:prefix_cache_hits", "prompt tokens whose K/V came from the prefix cache",
@@ -72,8 +72,10 @@ class Metrics:
         self.latency = Histogram("poelm_request_seconds", "submit to last token", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.stages = Histogram("poelm_stages_per_token", "mean stages run per generated token", ["model", "mode"],
                                 buckets=STAGE_BUCKETS, registry=r)
-        self.drafted = Counter("poelm_speculative_drafted", "speculative draft tokens (batch scope)", ["model"], registry=r)
-        self.accepted = Counter("poelm_speculative_accepted", "speculative draft tokens accepted (batch scope)", ["model"], registry=r)
+        self.drafted = Counter("poelm_speculative_drafted", "speculative draft tokens", ["model"], registry=r)
+        self.accepted = Counter("poelm_speculative_accepted", "speculative draft tokens accepted", ["model"], registry=r)
+        self.wand_exits = Counter("poelm_wand_exits", "WAND tokens that exited after each stage", ["model", "stage"],
+                                  registry=r)
         self.vllm = VllmNames(r)
 
 
@@ -111,6 +113,9 @@ class Metrics:
         poe = job.poe or {}
         if "mean_stages_per_token" in poe:
             self.stages.labels(model, poe["mode"]).observe(poe["mean_stages_per_token"])
+        for stage, count in enumerate(poe.get("exit_stage_counts") or ()):
+            if count:
+                self.wand_exits.labels(model, str(stage)).inc(count)
         if poe.get("drafted"):
             self.drafted.labels(model).inc(poe["drafted"])
             self.accepted.labels(model).inc(poe["accepted"])

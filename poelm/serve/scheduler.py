@@ -44,7 +44,6 @@ message per loop.
 from __future__ import annotations
 
 import asyncio
-import copy
 import math
 import sys
 import threading
@@ -55,7 +54,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from poelm.engine import LOGPROB_MODES, DecodeOptions, DecodeStats, NonFiniteLogits, Sampler, Collector, make_decoder
+from poelm.engine import LOGPROB_MODES, DecodeOptions, NonFiniteLogits, Sampler, Collector, make_decoder
+from poelm.engine.decoders import RowCounts
 from poelm.serve.compiled import PAD_TOKEN, allow_graphs, bucket
 from poelm.serve.prefix_cache import PrefixCache, add_rows, cache_row
 from poelm.serve.protocol import FINISH_REASONS, ApiError
@@ -137,8 +137,8 @@ class Job:
         self.handles: dict[int, int] = {}  # decoder handle -> row
         self.live = 0  # rows still in the decoder
         self.batch: Batch | None = None
-        self.stats_at_start: DecodeStats | None = None
-        self.tokens_at_start = 0
+        self.counts = RowCounts()  # the decoder's counters of this job's rows that left (its poe statistics)
+        self.decoded = 0  # tokens the decoder produced for those rows
         self.poe: dict | None = None
         self.done = False
 
@@ -173,7 +173,6 @@ class Batch:
     lazy: bool = False  # finished rows stay as dead rows until one compaction (plain modes)
     dead: set[int] = field(default_factory=set)  # handles of rows still in the decoder whose job left
     idle: bool = False  # every row left and the decoder stays, all rows dead, for its key's next request
-    tokens_out: int = 0  # tokens every decoder row (dead ones too) got so far: the stats' denominator
 
 
 def decoder_error(e: Exception, doing: str) -> ApiError:
@@ -214,20 +213,6 @@ def deliver(items: list[tuple[Job, tuple]]) -> None:
     """On the event loop: put each event on its job's queue."""
     for job, event in items:
         job.events.put_nowait(event)
-
-
-def stats_delta(now: DecodeStats, then: DecodeStats) -> DecodeStats:
-    """The decode work between two snapshots of one decoder's stats."""
-    out = copy.deepcopy(now)
-    for f in fields(DecodeStats):
-        a, b = getattr(now, f.name), getattr(then, f.name)
-        if f.name in ("stages_per_token", "draft_stage", "gamma", "mode"):
-            continue
-        if isinstance(a, list):
-            setattr(out, f.name, [x - (b[k] if k < len(b) else 0) for k, x in enumerate(a)])
-        elif isinstance(a, (int, float)):
-            setattr(out, f.name, a - b)
-    return out
 
 
 class Scheduler:
@@ -380,7 +365,6 @@ class Scheduler:
             it = iter(handles)
             for job in group:
                 job.batch, job.live = batch, len(job.rows)
-                job.stats_at_start, job.tokens_at_start = copy.deepcopy(batch.decoder.stats), batch.tokens_out
                 for row in range(len(job.rows)):
                     h = next(it)
                     job.handles[h] = row
@@ -426,6 +410,9 @@ class Scheduler:
         for h in handles:
             job, row = batch.rows.pop(h)
             self._cache_row(batch, h, job, row)
+            leaving = batch.decoder.row(h)
+            job.counts.add(leaving.counts)
+            job.decoded += leaving.produced
             job.live -= 1
             self.running_rows -= 1
         if not at_once and batch.lazy and batch.rows and len(batch.dead) + len(handles) < len(batch.rows):
@@ -508,7 +495,6 @@ class Scheduler:
         touched: dict[Job, list[int]] = {}
         leaving = []
         for handle, tokens in new.items():
-            batch.tokens_out += len(tokens)
             if handle in batch.dead:
                 continue
             job, row = batch.rows[handle]
@@ -530,21 +516,19 @@ class Scheduler:
             touched.setdefault(job, []).append(row)
         for job in touched:
             job.t_last = now
-        for job in touched:  # a job's poe stats are read before its rows leave
-            if all(job.collector.reason[r] is not None for r in job.handles.values()):
-                job.poe = self._poe_stats(job, batch)
         self._leave(batch, leaving)
+        for job in touched:
+            self._poe_stats(job, batch)
         for job, rows in touched.items():
             if job.stream:
                 self._push_deltas(job, rows)
             if job.live == 0 and not job.done:
                 self._end(job)
 
-    def _poe_stats(self, job: Job, batch: Batch) -> dict:
-        window = stats_delta(batch.decoder.stats, job.stats_at_start)
-        out = window.to_dict(batch.tokens_out - job.tokens_at_start)
-        out["batch_scope"] = True  # means over the decode batch while this request ran in it
-        return out
+    def _poe_stats(self, job: Job, batch: Batch) -> None:
+        """Once a job's last rows have left the batch: its PoE statistics, its rows' counters."""
+        if job.live == 0 and job.poe is None:
+            job.poe = batch.decoder.stats.of_rows(job.counts).to_dict(job.decoded)
 
     def _push_deltas(self, job: Job, rows: list[int]) -> None:
         chunk = stream_chunk(job, rows)
