@@ -327,6 +327,69 @@ def test_the_engine_side_speaks_json_and_rows_a_stop_string_ended_leave(served):
         scheduler.stop()
 
 
+def test_a_bug_in_the_scheduler_loop_fails_its_requests_at_once_and_refuses_later_ones(served):
+    """A bug outside any decoder (here in the padding step of the loop) ends the scheduler's thread:
+    the request it held fails with a 500 naming the error (not a wait for its timeout), the thread
+    is no longer alive (/health: unhealthy) and a later submit is a 503."""
+    from poelm.serve.metrics import Metrics
+    from poelm.serve.protocol import ApiError
+    from poelm.serve.scheduler import Job, Scheduler
+
+    class Broken(Scheduler):
+        def _pad(self, batch):
+            raise RuntimeError("boom")
+
+    async def run():
+        scheduler = Broken(max_batch=4, max_queue=4, metrics=Metrics())
+        loop = asyncio.get_running_loop()
+        job = Job(served, served.model, [served.engine.encode_prompt("one")],
+                  served.engine.options(dict(max_new_tokens=4, stop_token_ids=[])), set(), loop)
+        scheduler.submit(job)
+        scheduler.start()
+        kind, error = await asyncio.wait_for(job.events.get(), 30)
+        scheduler.thread.join(10)
+        return scheduler, kind, error
+
+    scheduler, kind, error = asyncio.run(run())
+    assert kind == "error" and error.status == 500
+    assert error.message == "internal error in the scheduler: RuntimeError: boom"
+    assert not scheduler.alive()
+    with pytest.raises(ApiError) as refused:
+        scheduler.submit(Job(served, served.model, [[1, 2]], served.engine.options({}), set(), None))
+    assert refused.value.status == 503
+
+
+def test_a_bug_in_the_engine_schedulers_loop_reports_its_requests_then_ends_the_engine(served, monkeypatch):
+    """In the engine process the same bug sends its requests' 500s to the server, then ends the
+    process (os._exit, recorded here), so the server sees its engine gone."""
+    import dataclasses
+    import socket
+    from multiprocessing.connection import Connection
+
+    from poelm.serve import engine_proc
+    from poelm.serve.engine_proc import EngineScheduler, Link
+    from poelm.serve.metrics import Metrics
+    from poelm.serve.models import ModelRegistry
+
+    exits = []
+    monkeypatch.setattr(engine_proc.os, "_exit", exits.append)
+    ours, theirs = socket.socketpair()
+    engine, server = Link(Connection(ours.detach())), Link(Connection(theirs.detach()))
+    scheduler = EngineScheduler(engine, ModelRegistry([served]), 4, 4, Metrics())
+    scheduler._pad = lambda batch: 1 / 0
+    opts = served.engine.options(dict(max_new_tokens=4, stop_token_ids=[]))
+    scheduler.accept({"op": "submit", "id": 3, "model": "tiny", "head_mode": None,
+                      "rows": [served.engine.encode_prompt("one")], "stop_ids": [], "logprobs": None, "timeout": 60,
+                      "opts": {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}})
+    scheduler.start()
+    msg = server.recv()
+    while not msg["err"]:
+        msg = server.recv()
+    scheduler.thread.join(10)
+    assert msg["err"][0][:3] == [3, 500, "internal error in the scheduler: ZeroDivisionError: division by zero"]
+    assert exits == [70]
+
+
 # -----------------------------------------------------------------------------
 # `poelm serve` with its engine process
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -443,6 +444,13 @@ class EngineScheduler(Scheduler):
                 self._end(job)
         super()._drop_gone(batch)
 
+    def _crash(self, error: ApiError) -> None:
+        """A bug in the loop: its requests' errors go to the server, then this process ends, so the
+        server sees its engine gone (/health unhealthy, later requests 503, one log line)."""
+        super()._crash(error)
+        sys.stderr.flush()
+        os._exit(70)
+
     def _flush(self) -> None:
         with self.cond:
             jobs = list(self.jobs.values())
@@ -466,7 +474,7 @@ class EngineScheduler(Scheduler):
         if not (rows or ends or errors or self.admitted or self.steps):
             return
         msg = {"t": rows, "end": ends, "err": errors, "adm": self.admitted, "steps": self.steps,
-               "load": [self.running_rows, len(self.batches), len(self.queue),
+               "load": [self.running_rows, self._running_decoders(), len(self.queue),
                         len({job for batch in self.batches.values() for job, _ in batch.rows.values()})]}
         if self.prefix_cache is not None:
             msg["pc"] = [self.prefix_cache.queries, self.prefix_cache.hits]

@@ -16,7 +16,8 @@ unseeded rows with equal options share. Each loop: drop cancelled (client gone) 
 (prefilled together per decoder), then step every decoder once. A decoder whose rows have all
 left is dropped (compiled: kept idle, below). Any error inside a decoder fails that decoder's requests with 500 (the
 traceback goes to stderr; a model whose logits are NaN or inf gets one line naming that
-instead) and the server goes on.
+instead) and the server goes on. A bug in the loop itself fails every request it holds with 500
+at once and ends the loop (later requests 503, /health unhealthy; an engine process exits).
 
 Joining prefills and leaving compacts, so both are batched: while rows are running, queued
 requests wait until they fill the free rows or the oldest has waited a time that grows with the
@@ -231,6 +232,7 @@ class Scheduler:
         self.outbox: list[tuple[Job, tuple]] = []  # events of this loop, handed over once per loop
         self.draining = False
         self.stopping = False
+        self.crashed = False  # the loop ended on a bug (_crash)
         self.thread = threading.Thread(target=self._run, name="poelm-scheduler", daemon=True)
 
     # --- the HTTP side ---------------------------------------------------------
@@ -248,6 +250,9 @@ class Scheduler:
         with self.cond:
             if self.draining:
                 raise ApiError(503, "the server is shutting down", retry_after=self.retry_after_s)
+            if self.crashed:
+                raise ApiError(503, "the scheduler stopped on an internal error (its traceback is in the server's "
+                               "log): restart the server")
             if len(self.queue) >= self.max_queue:
                 self.metrics.rejected.inc()
                 raise ApiError(503, f"the server is busy: {self.running_rows} rows running and {len(self.queue)} "
@@ -274,6 +279,25 @@ class Scheduler:
 
     # --- the loop --------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as e:  # a bug in this loop (a decoder's errors are caught per decoder): its traceback
+            traceback.print_exc()
+            self._crash(ApiError(500, f"internal error in the scheduler: {type(e).__name__}: {e}"))
+
+    def _crash(self, error: ApiError) -> None:
+        """After a bug in the loop: every request it holds fails with `error` at once (none waits for
+        its timeout), later ones get 503, and the loop's thread ends (/health: unhealthy)."""
+        with self.cond:
+            self.crashed = True
+            jobs = list(self.queue) + list({job: None for b in self.batches.values() for job, _ in b.rows.values()})
+            self.queue.clear()
+            self.batches.clear()
+        for job in jobs:
+            self._fail(job, error)
+        self._flush()
+
+    def _loop(self) -> None:
         if self.compile is not None:
             allow_graphs(self.max_batch)  # dynamo's settings are per thread
         while True:
