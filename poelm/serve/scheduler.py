@@ -14,9 +14,9 @@ its own, so its output depends on its seed only, never on what else is running; 
 unseeded rows with equal options share. Each loop: drop cancelled (client gone) and expired
 (per-request timeout) rows, admit queued requests FIFO while the rows fit in max_batch
 (prefilled together per decoder), then step every decoder once. A decoder whose rows have all
-left is dropped (compiled: kept idle, below). Any error inside a decoder fails that decoder's requests with 500 (the
-traceback goes to stderr; a model whose logits are NaN or inf gets one line naming that
-instead) and the server goes on. A bug in the loop itself fails every request it holds with 500
+left is dropped (compiled: kept idle, below). Any error inside a decoder fails that decoder's
+requests with 500 (the traceback goes to stderr; a model whose logits are NaN or inf gets one
+line naming that instead) and the server goes on. A bug in the loop itself fails every request it holds with 500
 at once and ends the loop (later requests 503, /health unhealthy; an engine process exits).
 
 Joining prefills and leaving compacts, so both are batched: while rows are running, queued
@@ -37,9 +37,9 @@ rows as dead rows, and before each step a decoder's batch is padded with dead ro
 bucket (compiled.py), so its graphs are one per bucket, compiled by the warm-up; rows that join
 a compiled decoder take the places of its dead rows, so its batch keeps its bucket. A compiled
 decoder whose rows have all left stays, idle (one at most), for the next request of its key,
-which keeps the first bucket of its dead rows to join into: its cache is not allocated again. In a server
-with an engine process (engine_proc.py) this scheduler runs there and its events become one
-message per loop.
+which keeps the first bucket of its dead rows to join into: its cache is not allocated again.
+In a server with an engine process (engine_proc.py) this scheduler runs there and its events
+become one message per loop.
 """
 
 from __future__ import annotations
