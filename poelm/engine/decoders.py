@@ -23,7 +23,7 @@ import copy
 import inspect
 import types
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from itertools import zip_longest
 
 import torch
@@ -75,9 +75,6 @@ class Row:
     counts: "RowCounts" = field(default_factory=lambda: RowCounts())  # its share of the decoder's counters
 
 
-COUNTERS = ("layer_passes", "layer_calls", "backfilled", "tests_skipped", "drafted", "accepted", "verify_passes")
-
-
 @dataclass
 class RowCounts:
     """One row's share of its decoder's DecodeStats counters: the work the decoder ran for that row
@@ -94,11 +91,14 @@ class RowCounts:
     verify_passes: int = 0
     exit_stage_counts: list[int] = field(default_factory=list)
 
-    def add(self, other: "RowCounts") -> None:
+    def add(self, other: RowCounts) -> None:
         for name in COUNTERS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.exit_stage_counts = [a + b for a, b in zip_longest(self.exit_stage_counts, other.exit_stage_counts,
                                                                 fillvalue=0)]
+
+
+COUNTERS = tuple(f.name for f in fields(RowCounts) if f.name != "exit_stage_counts")  # the scalar counters
 
 
 @dataclass

@@ -174,6 +174,7 @@ class Batch:
     lazy: bool = False  # finished rows stay as dead rows until one compaction (plain modes)
     dead: set[int] = field(default_factory=set)  # handles of rows still in the decoder whose job left
     idle: bool = False  # every row left and the decoder stays, all rows dead, for its key's next request
+    keeps_idle: bool = False  # it may (compiled, and its key is not one seeded request's own): _idle
 
 
 def decoder_error(e: Exception, doing: str) -> ApiError:
@@ -368,7 +369,9 @@ class Scheduler:
                         rows, decoder.sampler = decoder.sampler.rows, LogprobSampler(job.opts, decoder.device)
                         decoder.sampler.rows = rows
                     lazy = job.opts.mode in LOGPROB_MODES or self.compile is not None
-                    batch = self.batches[key] = Batch(key, decoder, lazy=lazy)
+                    seeded = not job.opts.greedy and job.opts.seed is not None  # a key of its own (Job.key)
+                    batch = self.batches[key] = Batch(key, decoder, lazy=lazy,
+                                                      keeps_idle=self.compile is not None and not seeded)
                 new_rows = sum(len(job.rows) for job in group)
                 if batch.idle:
                     self._wake(batch, new_rows)
@@ -444,21 +447,16 @@ class Scheduler:
         elif batch.rows:
             batch.decoder.remove_rows(handles + sorted(batch.dead))
             batch.dead.clear()
-        elif not at_once and self._keeps_idle(batch):
+        elif not at_once and batch.keeps_idle:
             self._idle(batch, handles)
         # else a decoder without live rows is dropped whole, with its batch
         self._want_logprobs(batch)
 
-    def _keeps_idle(self, batch: Batch) -> bool:
-        """Whether a compiled batch whose last rows finished stays, idle, for the next request of its
-        key: a new decoder would allocate a zeroed cache and grow it row by row as requests join
-        (at 32 rows x 512 slots, some 200 MB zeroed and copied: a tenth of an engine's time under
-        a closed-loop load whose requests end together). Seeded requests have a key of their own."""
-        seeded = batch.key[3] is not None and batch.key[3][-1] is not None
-        return self.compile is not None and not seeded
-
     def _idle(self, batch: Batch, handles: list[int]) -> None:
-        """Keep a batch, every row dead, as the one idle decoder (an older idle one is dropped)."""
+        """Keep a compiled batch whose last rows finished, every row dead, as the one idle decoder for
+        its key's next request (an older idle one is dropped): a new decoder would allocate a zeroed
+        cache and grow it row by row as requests join (at 32 rows x 512 slots, some 200 MB zeroed and
+        copied: a tenth of an engine's time under a closed-loop load whose requests end together)."""
         batch.dead.update(handles)
         batch.idle = True
         for other in [b for b in self.batches.values() if b.idle and b is not batch]:
